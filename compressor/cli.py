@@ -1,0 +1,166 @@
+"""The ``compress`` command: argument parsing and progress only; the work is in ``compressor.pipeline``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import CompressorError
+from .scoring import METHODS
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def user_errors(command):
+    """Turn a CompressorError into one sentence on stderr and exit status 1."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CompressorError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def calibration_options(command):
+    """Options shared by analyze and prune."""
+    options = [
+        click.option("--calib", default=None, metavar="TEXT|FILE|DIR",
+                      help="Calibration text: a file, a folder of .txt/.md/.rst files, or literal text "
+                           "[default: the embedded Python-docs text]."),
+        click.option("--samples", default=16, show_default=True, help="Calibration sequences."),
+        click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration sequence."),
+        click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass."),
+        click.option("--seed", default=0, show_default=True, help="Seed for choosing windows (and --method random)."),
+        click.option("--eps", default=1e-4, show_default=True, help="Threshold rank: count σ_i > eps·σ_1."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU). Weights are saved in "
+                          "the checkpoint's dtype."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(calib, samples, seq_len, batch_size, seed, eps):
+    from .pipeline import CalibrationSettings
+
+    return CalibrationSettings(calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, eps=eps)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="compressor")
+def main():
+    """Prune linear-attention heads chosen from how their recurrent states behave on calibration text."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for stats.safetensors [default: print a summary only].")
+@calibration_options
+@user_errors
+def analyze(model, out_dir, calib, samples, seq_len, batch_size, seed, eps, device, dtype):
+    """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
+    from .pipeline import analyze as run_analyze
+
+    stats = run_analyze(model, _settings(calib, samples, seq_len, batch_size, seed, eps), out_dir, device, dtype)
+    ranks = stats.per_layer("threshold_rank")
+    for i, layer in enumerate(stats.layers):
+        shown = " ".join(f"{r:5.1f}" for r in ranks[layer].tolist())
+        click.echo(f"layer {layer:3d}  mean threshold rank (bound {min(stats.state_shapes[i])}):  {shown}")
+    if out_dir is not None:
+        click.echo(f"wrote {out_dir / 'stats.safetensors'}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (required unless --dry-run).")
+@click.option("--state-reduction", default=0.389, show_default=True,
+              help="Remove heads until the recurrent state shrinks by at least this share (0 < R < 1).")
+@click.option("--method", default="joint", show_default=True, type=click.Choice(METHODS),
+              help="Head score: joint rank-norm (the paper's Eq. 14), rank, norm or random.")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
+@click.option("--remove", default="high", show_default=True, type=click.Choice(["high", "low"]),
+              help="Remove the highest scores (the paper's rule) or the lowest.")
+@click.option("--min-heads-per-layer", default=1, show_default=True, help="Heads every layer keeps.")
+@click.option("--stats", "stats_dir", type=click.Path(path_type=Path), default=None,
+              help="Reuse statistics written by `compress analyze --out` instead of calibrating.")
+@calibration_options
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
+              help="Text file for held-out perplexity before and after.")
+@click.option("--eval-samples", default=64, show_default=True, help="Evaluation sequences.")
+@click.option("--eval-seq-len", default=1024, show_default=True, help="Tokens per evaluation sequence.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and sizes; write nothing.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Reload the written folder and compare logits with the in-memory pruned model.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO_ID", help="Push the folder when done.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@user_errors
+def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_layer, stats_dir, calib, samples,
+          seq_len, batch_size, seed, eps, device, dtype, eval_path, eval_samples, eval_seq_len, dry_run, verify,
+          overwrite, max_shard_size, repo_id, private):
+    """Remove linear-attention heads and write a smaller checkpoint (MODEL: folder or Hub id)."""
+    from .pipeline import prune as run_prune
+
+    result = run_prune(
+        model, out_dir, state_reduction=state_reduction, method=method, alpha=alpha, remove=remove,
+        min_heads_per_layer=min_heads_per_layer, calibration=_settings(calib, samples, seq_len, batch_size, seed, eps),
+        stats=stats_dir, eval_path=eval_path, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device,
+        dtype=dtype, dry_run=dry_run, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
+        command=shlex.join(["compress", *sys.argv[1:]]),
+    )
+    click.echo(summary(result.record))
+    if result.out_dir is not None:
+        click.echo(f"wrote {result.out_dir}")
+    if repo_id is not None and result.out_dir is not None:
+        from .hub import push_folder
+
+        click.echo(f"pushed: {push_folder(result.out_dir, repo_id, private=private)}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to push to.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login]; never printed.")
+@click.option("--endpoint", default=None, help="Hub endpoint [default: huggingface.co].")
+@click.option("--force", is_flag=True, help="Push a folder that did not come from prune or failed verification.")
+@user_errors
+def push(folder, repo_id, private, revision, create_pr, token, endpoint, force):
+    """Upload a pruned FOLDER to the Hugging Face Hub as REPO_ID."""
+    from .hub import push_folder
+
+    url = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr, token=token,
+                      endpoint=endpoint, force=force)
+    click.echo(f"pushed: {url}")
+
+
+def summary(record: dict) -> str:
+    """A per-layer plan and the before/after sizes, as printed by prune."""
+    lines = [f"{'layer':>5}  {'heads':>11}  kept value heads"]
+    for layer, info in record["layers"].items():
+        kept = info["kept_heads"]
+        lines.append(f"{layer:>5}  {info['heads_before']:>4} -> {len(kept):<4}  {kept}")
+    before, after = record["state_bytes_before"], record["state_bytes_after"]
+    lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller)")
+    lines.append(f"parameters: {record['params_before']:,} -> {record['params_after']:,}")
+    evaluation = record.get("eval")
+    if evaluation:
+        lines.append(f"perplexity: {evaluation['perplexity_before']:.2f} -> {evaluation['perplexity_after']:.2f}")
+    if "verify" in record:
+        lines.append(f"verified: reloaded logits differ by {record['verify']['max_abs_logit_diff']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+class CompressorError(Exception):
+    """A user-facing error: one clear sentence."""

@@ -1,0 +1,35 @@
+"""The registry of prunable families, and the refusals for families whose heads cannot be removed exactly."""
+
+from __future__ import annotations
+
+from ..errors import CompressorError
+from .base import Family, HeadLayout, kept_indices
+from .qwen3_5 import QWEN3_5
+from .qwen3_next import QWEN3_NEXT
+
+FAMILIES: tuple[Family, ...] = (QWEN3_5, QWEN3_NEXT)
+
+REFUSED = {
+    "retnet": "RetNet fixes each head's decay by its index, so removing a head changes the others",
+    "mamba2": "Mamba2 shares B/C groups across heads, so heads cannot be removed one by one",
+    "hgrn2": "HGRN2 ties its state size to the head count",
+    "rwkv7": "RWKV7 ties its state layout to the head count",
+}
+
+__all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "kept_indices", "supported_model_types"]
+
+
+def supported_model_types() -> list[str]:
+    return [model_type for family in FAMILIES for model_type in family.model_types]
+
+
+def family_for(config) -> Family:
+    """The family of a transformers config, or a CompressorError naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(supported_model_types())
+    if model_type in REFUSED:
+        raise CompressorError(f"cannot prune model type '{model_type}': {REFUSED[model_type]} (supported: {supported}).")
+    raise CompressorError(f"cannot prune model type '{model_type}'; supported model types: {supported}.")

@@ -1,0 +1,127 @@
+"""Families described as data: which parameter carries which head on which axis, and how to rebuild a layer.
+
+A parameter axis is a sequence of segments. ``Flat`` lists every head of a kind one after another
+(``[q_0 … q_n | k_0 … k_n | v_0 … v_m]``); ``Grouped`` repeats its blocks once per key head, the value blocks
+holding only that key head's value heads (Qwen3-Next's ``[q_g | k_g | v_{V_g} | z_{V_g}]``). One generic
+function (``kept_indices``) turns a layout and a set of kept value heads into the indices to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+KEY, VALUE = "key", "value"
+
+
+@dataclass(frozen=True)
+class Block:
+    """``width`` rows per head of ``kind``: ``"key_dim"``, ``"value_dim"`` or ``1``."""
+
+    kind: Literal["key", "value"]
+    width: str | int
+
+
+@dataclass(frozen=True)
+class Flat:
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class Grouped:
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where the heads of one parameter lie: along ``axis``, in these ``segments``."""
+
+    axis: int
+    segments: tuple[Flat | Grouped, ...]
+
+
+def rows(*segments: Flat | Grouped) -> TensorLayout:
+    return TensorLayout(0, segments)
+
+
+def columns(*segments: Flat | Grouped) -> TensorLayout:
+    return TensorLayout(1, segments)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The heads of one linear-attention layer. ``value_to_key[j]`` is the key head that value head j reads."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_dim: int
+    value_dim: int
+    value_to_key: tuple[int, ...]
+
+    def width(self, block: Block) -> int:
+        return block.width if isinstance(block.width, int) else getattr(self, block.width)
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """Names of the config attributes that hold a layer's head layout."""
+
+    num_key_heads: str = "linear_num_key_heads"
+    num_value_heads: str = "linear_num_value_heads"
+    key_dim: str = "linear_key_head_dim"
+    value_dim: str = "linear_value_head_dim"
+    value_to_key: str = "linear_value_to_key_head"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A prunable model family.
+
+    ``tensors`` maps each per-head parameter of the mixer (relative name) to its layout; ``shared`` lists the
+    mixer's parameters that no head owns. A parameter in neither is an error, so nothing is left unsliced.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    mixer_attr: str
+    tensors: dict[str, TensorLayout]
+    shared: tuple[str, ...]
+    modeling_file: str
+    model_class: type
+    mixer_class: type
+    fields: ConfigFields = field(default_factory=ConfigFields)
+    state_matrix: str = "d_k × d_v per value head"
+
+
+def kept_indices(layout: TensorLayout, heads: HeadLayout, kept_values: list[int]) -> tuple[list[int], int]:
+    """(indices along ``layout.axis`` that belong to the kept value heads and the key heads they read,
+    the axis length the layout describes)."""
+    kept_keys = {heads.value_to_key[j] for j in kept_values}
+    kept_value_set = set(kept_values)
+    indices: list[int] = []
+    offset = 0
+
+    def take(first_head_row: int, width: int) -> None:
+        indices.extend(range(first_head_row, first_head_row + width))
+
+    for segment in layout.segments:
+        if isinstance(segment, Flat):
+            for block in segment.blocks:
+                width = heads.width(block)
+                count = heads.num_key_heads if block.kind == KEY else heads.num_value_heads
+                kept = kept_keys if block.kind == KEY else kept_value_set
+                for head in range(count):
+                    if head in kept:
+                        take(offset + head * width, width)
+                offset += count * width
+        else:
+            for key in range(heads.num_key_heads):
+                members = [j for j, k in enumerate(heads.value_to_key) if k == key]
+                for block in segment.blocks:
+                    width = heads.width(block)
+                    slots = [key in kept_keys] if block.kind == KEY else [j in kept_value_set for j in members]
+                    for slot, kept in enumerate(slots):
+                        if kept:
+                            take(offset + slot * width, width)
+                    offset += len(slots) * width
+    return indices, offset

@@ -1,0 +1,151 @@
+"""Upload an output folder of ``compress prune`` to the Hugging Face Hub.
+
+The token is the ``token`` argument, else ``HF_TOKEN``, else the saved login (huggingface_hub resolves the
+last two itself). It is only ever sent in the Authorization header: never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import json
+from fnmatch import fnmatch
+from pathlib import Path
+
+from huggingface_hub import CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .errors import CompressorError
+
+try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
+    from httpx2 import HTTPError as _HTTPError
+except ImportError:
+    from httpx import HTTPError as _HTTPError
+
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]  # shards of an earlier push that may be gone now
+LARGE_FOLDER_BYTES = 50 * 10**9
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    force: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Upload ``folder`` to the model repo ``repo_id`` (created if missing) and return the commit URL.
+
+    The upload is one commit that also deletes remote ``*.safetensors`` shards and indexes the folder no
+    longer has. With ``create_pr`` the commit goes to a new pull request and its URL is returned instead.
+    ``private`` only applies when the repo is created; without it the owner's default visibility applies.
+    A folder without ``compression.json``, or whose reload check did not pass, is refused unless ``force``.
+
+    With huggingface_hub 1.x a folder over 50 GB goes through ``upload_large_folder`` (resumable, several
+    commits), which cannot open a pull request; huggingface_hub 2.x streams large folders in ``upload_folder``.
+    """
+    folder = Path(folder)
+    record = _checked_record(folder, force)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise CompressorError(f"{repo_id!r} is not a valid Hub repo id (expected owner/name).") from None
+    message = commit_message or _commit_message(record)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        if hasattr(api, "upload_large_folder") and _size(folder) > LARGE_FOLDER_BYTES:
+            return _upload_large(api, folder, repo_id, revision=revision, create_pr=create_pr, message=message)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message,
+            delete_patterns=STALE_PATTERNS,
+        )
+    except HfHubHTTPError as err:
+        raise CompressorError(_http_error_message(err, repo_id)) from err
+    except OfflineModeIsEnabled as err:
+        raise CompressorError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload.") from err
+    except (_HTTPError, ConnectionError) as err:
+        raise CompressorError(
+            f"Could not reach the Hub at {api.endpoint} to push {repo_id} ({type(err).__name__}); check the network."
+        ) from err
+    except ValueError as err:  # raised by huggingface_hub before uploading, e.g. invalid README metadata
+        raise CompressorError(f"Cannot push {folder} to {repo_id}: {' '.join(str(err).split())}") from err
+    return info.pr_url or info.commit_url
+
+
+def _checked_record(folder: Path, force: bool) -> dict | None:
+    """The folder's compression.json record; refuse folders that did not come from a verified prune."""
+    if not folder.is_dir():
+        raise CompressorError(f"Cannot push {folder}: it is not a folder.")
+    record, problem = None, None
+    try:
+        record = json.loads((folder / "compression.json").read_text("utf-8"))
+    except FileNotFoundError:
+        problem = "it has no compression.json, so it did not come from `compress prune`"
+    except (OSError, ValueError):
+        problem = "its compression.json cannot be read"
+    if problem is None and not isinstance(record, dict):
+        problem, record = "its compression.json is not a compression record", None
+    if problem is None and (record.get("verify") or {}).get("passed") is not True:
+        problem = "its reload check did not pass or never ran (verify.passed in compression.json)"
+    if problem is not None and not force:
+        raise CompressorError(f"Refusing to push {folder}: {problem}; use --force to push it anyway.")
+    return record
+
+
+def _commit_message(record: dict | None) -> str:
+    """E.g. ``Upload pruned model: 12/32 linear-attention heads removed (joint, remove high)``."""
+    if record is None:
+        return "Upload model folder with compressor"
+    layers = (record.get("layers") or {}).values()
+    total = sum(layer.get("heads_before", 0) for layer in layers)
+    removed = total - sum(len(layer.get("kept_heads", ())) for layer in layers)
+    method = record.get("method") or {}
+    how = [str(method["name"])] if method.get("name") else []
+    how += [f"remove {method['remove']}"] if method.get("remove") else []
+    suffix = f" ({', '.join(how)})" if how else ""
+    return f"Upload pruned model: {removed}/{total} linear-attention heads removed{suffix}"
+
+
+def _size(folder: Path) -> int:
+    """Total bytes of the files under ``folder``."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _upload_large(api: HfApi, folder: Path, repo_id: str, *, revision, create_pr: bool, message: str) -> str:
+    """huggingface_hub 1.x, folders over 50 GB: ``upload_large_folder``, then one commit removing stale shards."""
+    if create_pr:
+        raise CompressorError(
+            f"Cannot open a pull request on {repo_id}: folders over 50 GB go through huggingface_hub's "
+            "upload_large_folder, which cannot; push to a branch with --revision or upgrade huggingface_hub to 2.x."
+        )
+    api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision)
+    stale = [
+        CommitOperationDelete(path_in_repo=path)
+        for path in api.list_repo_files(repo_id, revision=revision)
+        if any(fnmatch(path, pattern) for pattern in STALE_PATTERNS) and not (folder / path).is_file()
+    ]
+    if stale:
+        info = api.create_commit(repo_id, stale, commit_message=f"{message}: remove stale shards", revision=revision)
+        return info.commit_url
+    return f"{api.endpoint}/{repo_id}/tree/{revision or 'main'}"
+
+
+def _http_error_message(err: HfHubHTTPError, repo_id: str) -> str:
+    """One sentence for an error answer of the Hub (never echoes the token)."""
+    status = err.response.status_code
+    if status in (401, 403):
+        return (
+            f"The Hub refused access to {repo_id} (HTTP {status}): the token is missing or invalid, or lacks write "
+            f"access to {repo_id}; log in with `hf auth login`, set HF_TOKEN, or pass --token."
+        )
+    detail = (err.server_message or "").strip().splitlines()
+    return f"The Hub refused the push to {repo_id} (HTTP {status}){': ' + detail[0] if detail else ''}."

@@ -1,0 +1,85 @@
+"""Load a model and its tokenizer from a local folder or a Hub id, after checking its family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import CompressorError
+from .families import Family, family_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    family: Family
+    source: str
+    local_path: Path | None
+    save_dtype: torch.dtype
+    """The checkpoint's dtype: the pruned weights are written in it, whatever dtype computed them."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise CompressorError(f"unknown device '{device}'.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CompressorError(f"device '{device}' was asked for but no CUDA device is available.")
+    return resolved
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The compute dtype. 'auto' is the checkpoint's on a GPU and float32 on the CPU, where bf16/fp16 matrix
+    products and convolutions are an order of magnitude slower."""
+    if dtype == "auto":
+        return checkpoint_dtype if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CompressorError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``name`` (folder or Hub id) for pruning; a family it cannot prune fails before the weights load."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CompressorError(f"{path} is not a model folder: it has no config.json.")
+        local_path = path
+    elif _looks_like_hub_id(name):
+        local_path = None
+    else:
+        raise CompressorError(f"model folder {name} does not exist (and is not a Hub id of the form owner/name).")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as error:
+        raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
+    family = family_for(config)
+    torch_device = resolve_device(device)
+    save_dtype = checkpoint_dtype(config)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))
+    model = model.to(torch_device).eval()
+    if not isinstance(model, family.model_class):
+        raise CompressorError(f"'{name}' loaded as {type(model).__name__}, not as {family.model_class.__name__}.")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype)

@@ -1,0 +1,178 @@
+"""Gated delta rule recurrences: a PyTorch reference for CPU tensors, fla's Triton kernels for CUDA tensors.
+
+Shipped inside every output folder (imports only torch and, optionally, fla). All functions take heads that are
+already aligned: queries and keys have one head per value head (grouped heads are expanded by the caller), so
+one signature serves every head layout.
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay), beta [B, T, H]; states [B, H, K, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
+    from fla.modules.norm.l2norm import l2norm_fwd as _fla_l2norm
+    from fla.ops.common.chunk_o import chunk_fwd_o as _fla_fwd_o
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h as _fla_fwd_h
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra as _fla_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum as _fla_cumsum
+    from fla.ops.utils.constant import RCP_LN2 as _RCP_LN2
+
+    HAS_FLA = True
+except Exception:  # ImportError, or fla without triton
+    HAS_FLA = False
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalise the last dimension to unit L2 norm (fla's convention: x / sqrt(sum x² + eps))."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    chunk_size: int = 64,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked gated delta rule in float32 (WY representation, one sequential step per chunk).
+
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
+    chunk states [B, H, N, K, V] float32 or None)``: the state after each chunk of ``chunk_size`` tokens,
+    the last one after token T (N = ceil(T / chunk_size)).
+    """
+    out_dtype = v.dtype
+    batch, length, heads, key_dim = q.shape
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (key_dim**-0.5 if scale is None else scale)
+
+    pad = (-length) % chunk_size
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    chunks = (length + pad) // chunk_size
+    q, k, v = (x.reshape(batch, heads, chunks, chunk_size, -1) for x in (q, k, v))
+    beta = beta.reshape(batch, heads, chunks, chunk_size, 1)
+    g = g.reshape(batch, heads, chunks, chunk_size).cumsum(-1)
+
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    k_beta = k * beta
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v * beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * g.exp()[..., None]
+    k_decayed = k * (g[..., -1:] - g).exp()[..., None]
+    chunk_decay = g[..., -1].exp()[..., None, None]
+
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    states = []
+    for i in range(chunks):
+        v_new = u[:, :, i] - w[:, :, i] @ state
+        out[:, :, i] = q_decayed[:, :, i] @ state + attn[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + k_decayed[:, :, i].transpose(-1, -2) @ v_new
+        if return_chunk_states:
+            states.append(state)
+    out = out.reshape(batch, heads, -1, out.shape[-1])[:, :, :length].transpose(1, 2).to(out_dtype)
+    chunk_states = torch.stack(states, dim=2) if return_chunk_states else None
+    return out, (state if output_final_state else None), chunk_states
+
+
+def recurrent_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token gated delta rule in float32: the naive reference, and the decode step.
+
+    S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - k_t^T exp(g_t) S_{t-1}))^T,  o_t = S_t^T q_t.
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``.
+    """
+    out_dtype = v.dtype
+    key_dim = q.shape[-1]
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (key_dim**-0.5 if scale is None else scale)
+    batch, heads, length, _ = q.shape
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    for t in range(length):
+        state = state * g[:, :, t].exp()[..., None, None]
+        predicted = (state * k[:, :, t, :, None]).sum(-2)
+        delta = (v[:, :, t] - predicted) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
+        out[:, :, t] = (state * q[:, :, t, :, None]).sum(-2)
+    return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+def _chunk_fla_with_states(q, k, v, g, beta, initial_state, chunk_size=64):
+    """fla's chunked forward that also returns the states at chunk boundaries (no autograd)."""
+    q, k = _fla_l2norm(q.contiguous())[0], _fla_l2norm(k.contiguous())[0]
+    g = _fla_cumsum(g, chunk_size=chunk_size, scale=_RCP_LN2)
+    w, u, _ = _fla_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk_size)
+    h, v_new, final_state = _fla_fwd_h(
+        k=k, w=w, u=u, g=g, initial_state=initial_state, output_final_state=True, chunk_size=chunk_size
+    )
+    out = _fla_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5, chunk_size=chunk_size)
+    # h[:, i] is the state *before* chunk i; the state after chunk i is h[:, i + 1], and after the last, final_state.
+    chunk_states = torch.cat([h[:, 1:].float(), final_state[:, None].float()], dim=1).transpose(1, 2)
+    return out, final_state, chunk_states
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
+
+    A single token with an initial state takes the recurrent step; longer inputs the chunked form.
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
+    """
+    single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
+    if q.is_cuda and HAS_FLA:
+        if return_chunk_states:
+            with torch.no_grad():
+                out, final, states = _chunk_fla_with_states(q, k, v, g, beta, initial_state)
+            return out, (final if output_final_state else None), states
+        kernel = _fla_recurrent if single_step else _fla_chunk
+        out, final = kernel(
+            q, k, v, g=g, beta=beta, initial_state=initial_state,
+            output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+        )
+        return out, final, None
+    if single_step:
+        out, final = recurrent_gated_delta_rule_torch(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=True,
+        )
+        return out, final, None
+    return chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=True, return_chunk_states=return_chunk_states,
+    )

@@ -1,0 +1,164 @@
+"""A Gated DeltaNet token mixer whose value heads may map to key heads in any order, and whose layers may differ.
+
+Shipped inside every output folder (imports only torch, transformers and, optionally, fla). The mixin sits on
+top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its forward so that
+
+* value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
+* CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``);
+* a calibration run can receive every head's state at every chunk boundary through ``state_sink``.
+
+Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .gated_delta import gated_delta_rule
+
+VALUE_TO_KEY_FIELD = "linear_value_to_key_head"
+"""Per-layer config field: for each kept value head, the index of the kept key head it reads (or None)."""
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Depthwise causal convolution, computed in float32. x [B, C, T], weight [C, W] -> [B, C, T] in x's dtype."""
+    bias = None if bias is None else bias.float()
+    out = F.conv1d(x.float(), weight.float().unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
+    return ACT2FN[activation](out[..., : x.shape[-1]]).to(x.dtype)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    """One decode step of the causal convolution (float32); updates conv_state [B, C, W] in place. x [B, C, 1]."""
+    window = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window[..., -conv_state.shape[-1] :])
+    bias = None if bias is None else bias.float()
+    out = F.conv1d(window[..., -weight.shape[-1] :].float(), weight.float().unsqueeze(1), bias, groups=x.shape[1])
+    return ACT2FN[activation](out).to(x.dtype)
+
+
+def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int]:
+    """The stock grouping: value head j reads key head j // (num_value_heads / num_key_heads)."""
+    return [j * num_key_heads // num_value_heads for j in range(num_value_heads)]
+
+
+class PrunableGatedDeltaNetMixin:
+    """Forward pass shared by the pruned Gated DeltaNet mixers. Subclasses implement ``project``."""
+
+    state_sink: Callable[[int, torch.Tensor], None] | None = None
+    """Calibration hook: called with (layer index, chunk states [B, H_v, N, d_k, d_v] float32)."""
+
+    def set_value_to_key(self, value_to_key: list[int] | None) -> None:
+        """Set which key head each value head reads (None: the stock j // r grouping)."""
+        if value_to_key is None:
+            value_to_key = canonical_value_to_key(self.num_v_heads, self.num_k_heads)
+        if len(value_to_key) != self.num_v_heads or sorted(set(value_to_key)) != list(range(self.num_k_heads)):
+            raise ValueError(
+                f"layer {self.layer_idx}: value_to_key {value_to_key} must name each of the "
+                f"{self.num_k_heads} key heads for {self.num_v_heads} value heads"
+            )
+        self.value_to_key = list(value_to_key)
+        self._index_cache: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module:
+        """Turn a stock transformers mixer into this class in place (same parameters, new forward)."""
+        module.__class__ = cls
+        module.set_value_to_key(value_to_key)
+        return module
+
+    def key_index(self, device: torch.device) -> torch.Tensor:
+        """Long tensor [H_v]: the key head of every value head."""
+        if device not in self._index_cache:
+            self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
+        return self._index_cache[device]
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """hidden [B, T, D] -> [B, T, D]."""
+        if attention_mask is not None:
+            hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+        batch, length, _ = hidden_states.shape
+        conv_state = recurrent_state = None
+        if cache_params is not None:
+            conv_state = cache_params.get_conv_state(self.layer_idx, state_idx=0)
+            recurrent_state = cache_params.get_recurrent_state(self.layer_idx, state_idx=0)
+
+        mixed_qkv, z, b, a = self.project(hidden_states)
+        mixed_qkv = mixed_qkv.transpose(1, 2)
+        weight = self.conv1d.weight.squeeze(1)
+        if conv_state is not None and length == 1 and not cache_params.is_recording_past(self.layer_idx):
+            mixed_qkv = causal_conv1d_step(mixed_qkv, conv_state, weight, self.conv1d.bias, self.activation)
+        else:
+            if cache_params is not None:
+                mixed_qkv = cache_params.update_conv_state(
+                    mixed_qkv, self.layer_idx, conv_kernel_size=self.conv_kernel_size
+                )
+            mixed_qkv = causal_conv1d(mixed_qkv, weight, self.conv1d.bias, self.activation)[..., -length:]
+        mixed_qkv = mixed_qkv.transpose(1, 2)
+
+        query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        index = self.key_index(hidden_states.device)
+        query = query.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        key = key.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+
+        out, final_state, chunk_states = gated_delta_rule(
+            query, key, value, g, beta,
+            initial_state=recurrent_state,
+            output_final_state=cache_params is not None,
+            return_chunk_states=self.state_sink is not None,
+        )
+        if chunk_states is not None:
+            self.state_sink(self.layer_idx, chunk_states)
+        if cache_params is not None:
+            cache_params.update_recurrent_state(final_state, self.layer_idx)
+
+        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        return self.out_proj(out.reshape(batch, length, -1))
+
+
+@contextmanager
+def global_head_counts(config) -> Iterator[None]:
+    """Let stock constructors read per-layer attributes globally (they build full-size mixers, replaced next)."""
+    previous = config.__dict__.get("allow_global_per_layer_attribute_access")
+    config.allow_global_per_layer_attribute_access = True
+    try:
+        yield
+    finally:
+        if previous is None:
+            config.__dict__.pop("allow_global_per_layer_attribute_access", None)
+        else:
+            config.allow_global_per_layer_attribute_access = previous
+
+
+def install_mixers(model: nn.Module, mixer_cls: type, mixer_attr: str = "linear_attn") -> None:
+    """Give every linear-attention layer of ``model`` its own head counts and head map from the config.
+
+    Layers without overrides keep their stock module (adopted in place); overridden layers get a new mixer
+    built from ``config.per_layer_config[i]``.
+    """
+    config = model.config
+    for index, layer in enumerate(model.model.layers):
+        if not hasattr(layer, mixer_attr):
+            continue
+        layer_config = config.per_layer_config[index]
+        mixer = getattr(layer, mixer_attr)
+        if layer_config.linear_num_value_heads != mixer.num_v_heads or (
+            layer_config.linear_num_key_heads != mixer.num_k_heads
+        ):
+            mixer = mixer_cls(layer_config, index)
+            setattr(layer, mixer_attr, mixer)
+        mixer_cls.adopt(mixer, getattr(layer_config, VALUE_TO_KEY_FIELD, None))

@@ -1,0 +1,243 @@
+"""The calibrate-then-compress pipeline behind ``compress analyze`` and ``compress prune``.
+
+load ─▶ calibrate ─▶ statistics ─▶ score ─▶ plan ─▶ slim ─▶ export ─▶ verify ─▶ (push)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from . import __version__
+from .calibration import StateStatistics, collect_state_statistics, read_text, token_windows
+from .errors import CompressorError
+from .evaluation import max_logit_difference, perplexity
+from .export import copy_tokenizer_files, staging_folder, check_output_folder, write_json, write_model
+from .loading import LoadedModel, load_model
+from .scoring import plan_by_budget, score_heads
+from .slicing import PruningPlan, explicit_value_to_key, head_layout, linear_layers, planned_sizes, pruned_layout, slim
+
+VERIFY_TOLERANCE = 1e-4
+
+
+@dataclass
+class CalibrationSettings:
+    calib: str | None = None
+    samples: int = 16
+    seq_len: int = 2048
+    batch_size: int = 4
+    seed: int = 0
+    eps: float = 1e-4
+
+    def check(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CompressorError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class PruneResult:
+    plan: PruningPlan
+    record: dict
+    out_dir: Path | None
+    model: torch.nn.Module = field(repr=False)
+
+
+def analyze(
+    model: str | LoadedModel,
+    calibration: CalibrationSettings | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> StateStatistics:
+    """Measure every linear-attention head's state on the calibration text; save it when ``out_dir`` is given."""
+    calibration = calibration or CalibrationSettings()
+    calibration.check()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    text, source = read_text(calibration.calib)
+    tokens = token_windows(loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+    stats = collect_state_statistics(
+        loaded.model, loaded.family, tokens, calibration.batch_size, calibration.eps, progress=progress
+    )
+    stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
+    if out_dir is not None:
+        stats.save(Path(out_dir))
+    return stats
+
+
+def check_statistics(stats: StateStatistics, loaded: LoadedModel) -> None:
+    """Saved statistics must describe the model's linear-attention layers exactly."""
+    mixers = linear_layers(loaded.model, loaded.family)
+    layers = sorted(mixers)
+    heads = [mixers[i].num_v_heads for i in layers]
+    if stats.layers != layers or stats.heads != heads:
+        raise CompressorError(
+            f"the statistics describe layers {stats.layers} with {stats.heads} heads, but the model has layers "
+            f"{layers} with {heads} heads; run `compress analyze` on this model."
+        )
+
+
+def state_bytes(model: torch.nn.Module, family, dtype: torch.dtype) -> int:
+    """Bytes of the recurrent states of one sequence (all linear-attention layers, model dtype)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(m.num_v_heads * m.head_k_dim * m.head_v_dim * element for m in linear_layers(model, family).values())
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def versions() -> dict[str, str | None]:
+    found = {"compressor": __version__}
+    for package, name in (("torch", "torch"), ("transformers", "transformers"), ("flash-linear-attention", "fla"),
+                          ("triton", "triton")):
+        try:
+            found[name] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _layer_records(loaded, plan, scores, stats) -> dict[str, dict]:
+    ranks, norms = stats.per_layer("threshold_rank"), stats.per_layer("nuclear_norm")
+    records = {}
+    for index, mixer in linear_layers(loaded.model, loaded.family).items():
+        source = head_layout(mixer)
+        after = pruned_layout(source, plan.kept[index])
+        records[str(index)] = {
+            "heads_before": source.num_value_heads,
+            "kept_heads": plan.kept[index],
+            "key_heads_before": source.num_key_heads,
+            "kept_key_heads": sorted({source.value_to_key[j] for j in plan.kept[index]}),
+            "value_to_key": explicit_value_to_key(after),
+            "score": [round(float(x), 6) for x in scores[index]],
+            "rank": [round(float(x), 4) for x in ranks[index]],
+            "norm": [round(float(x), 6) for x in norms[index]],
+        }
+    return records
+
+
+def prune(
+    model: str | LoadedModel,
+    out_dir: str | Path | None,
+    state_reduction: float = 0.389,
+    method: str = "joint",
+    alpha: float = 0.5,
+    remove: str = "high",
+    min_heads_per_layer: int = 1,
+    calibration: CalibrationSettings | None = None,
+    stats: str | Path | StateStatistics | None = None,
+    eval_path: str | Path | None = None,
+    eval_samples: int = 64,
+    eval_seq_len: int = 1024,
+    device: str = "auto",
+    dtype: str = "auto",
+    dry_run: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+    command: str | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Remove linear-attention heads chosen by ``method`` until the recurrent state shrinks by ``state_reduction``.
+
+    Writes ``out_dir`` (weights, config, code, tokenizer, ``compression.json``, model card) atomically unless
+    ``dry_run``; returns the plan, the record and the pruned model (in memory).
+    """
+    calibration = calibration or CalibrationSettings()
+    calibration.check()
+    if not 0.0 < state_reduction < 1.0:
+        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
+    if not dry_run:
+        if out_dir is None:
+            raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
+        check_output_folder(Path(out_dir), overwrite)
+    if eval_path is not None and not Path(eval_path).is_file():
+        raise CompressorError(f"evaluation file {eval_path} does not exist.")
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    if isinstance(stats, (str, Path)):
+        stats = StateStatistics.load(Path(stats))
+    if stats is None:
+        stats = analyze(loaded, calibration, progress=progress)
+    check_statistics(stats, loaded)
+
+    scores = score_heads(stats, method, alpha, calibration.seed)
+    mixers = linear_layers(loaded.model, loaded.family)
+    element = torch.empty((), dtype=loaded.save_dtype).element_size()
+    head_bytes = {i: m.head_k_dim * m.head_v_dim * element for i, m in mixers.items()}
+    plan = plan_by_budget(scores, head_bytes, state_reduction, remove, min_heads_per_layer)
+
+    record = {
+        "format": 1,
+        "base_model": loaded.source,
+        "family": loaded.model.config.model_type,
+        "license": getattr(loaded.model.config, "license", None),
+        "method": {"name": method, "alpha": alpha, "remove": remove, "state_reduction": state_reduction,
+                   "min_heads_per_layer": min_heads_per_layer, "seed": calibration.seed},
+        "calibration": {"source": stats.settings.get("source"), "samples": stats.settings.get("samples"),
+                        "seq_len": stats.settings.get("seq_len"), "tokens": stats.settings.get("tokens"),
+                        "eps": stats.settings.get("eps")},
+        "layers": _layer_records(loaded, plan, scores, stats),
+        "dtype": {"compute": str(loaded.model.dtype).removeprefix("torch."),
+                  "saved": str(loaded.save_dtype).removeprefix("torch.")},
+        "state_bytes_before": state_bytes(loaded.model, loaded.family, loaded.save_dtype),
+        "params_before": parameter_count(loaded.model),
+        **planned_sizes(loaded.model, loaded.family, plan, loaded.save_dtype),
+        "versions": versions(),
+    }
+
+    eval_tokens = None
+    if eval_path is not None:
+        text, _ = read_text(str(eval_path))
+        eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, seed=0, what="evaluation")
+    if dry_run:
+        return PruneResult(plan=plan, record=record, out_dir=None, model=loaded.model)
+
+    if eval_tokens is not None:
+        record["eval"] = {"perplexity_before": perplexity(loaded.model, eval_tokens, progress=progress, desc="perplexity before")}
+    slim(loaded.model, loaded.family, plan)
+    if eval_tokens is not None:
+        after = perplexity(loaded.model, eval_tokens, progress=progress, desc="perplexity after")
+        record["eval"].update(perplexity_after=after, data=str(eval_path), tokens=int(eval_tokens.numel()))
+    if (record["state_bytes_after"], record["params_after"]) != (
+        state_bytes(loaded.model, loaded.family, loaded.save_dtype), parameter_count(loaded.model)
+    ):
+        raise CompressorError("internal error: the pruned model's size differs from the plan's; nothing was written.")
+
+    out_dir = Path(out_dir)
+    cast_parameters(loaded.model, loaded.save_dtype)
+    with staging_folder(out_dir, overwrite) as staging:
+        write_model(loaded.model, loaded.family, staging, max_shard_size)
+        copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
+        if verify:
+            check_tokens = token_windows(loaded.tokenizer, read_text(calibration.calib)[0], 2, 128, seed=1)
+            record["verify"] = verify_folder(loaded.model, staging, check_tokens)
+        write_json(staging / "compression.json", record)
+        from .card import render_card
+
+        (staging / "README.md").write_text(render_card(record, command=command))
+    return PruneResult(plan=plan, record=record, out_dir=out_dir, model=loaded.model)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters (not buffers such as rotary frequencies) to ``dtype``, as loading does."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def verify_folder(model: torch.nn.Module, folder: Path, tokens: torch.Tensor) -> dict:
+    """Reload ``folder`` through its shipped code and compare its logits with ``model``'s; raise on a mismatch."""
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype)
+    reloaded = reloaded.to(next(model.parameters()).device).eval()
+    difference = max_logit_difference(model, reloaded, tokens)
+    if not difference <= VERIFY_TOLERANCE:
+        raise CompressorError(f"verification failed: the reloaded model's logits differ by {difference:.3g}.")
+    return {"max_abs_logit_diff": difference, "passed": True, "tokens": int(tokens.numel())}

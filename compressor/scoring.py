@@ -1,0 +1,87 @@
+"""Score heads from their state statistics and turn a state-memory budget into a pruning plan."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .calibration import StateStatistics
+from .errors import CompressorError
+from .slicing import PruningPlan
+
+METHODS = ("joint", "rank", "norm", "random")
+REMOVE = ("high", "low")
+
+
+def score_heads(stats: StateStatistics, method: str, alpha: float = 0.5, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Layer index -> score per value head [H].
+
+    - ``joint``: the State Rank paper's Joint Rank-Norm score (Eq. 14),
+      α · mean_t(rank_h) / d + (1 − α) · mean_t(‖S_h‖_*) / max_h'(mean_t(‖S_h'‖_*)),
+      d = min(d_k, d_v) of the head's layer and the maximum taken over every head of the model;
+    - ``rank``: mean_t(threshold rank) / d; ``norm``: mean_t(nuclear norm) / its maximum;
+    - ``random``: uniform scores drawn with ``seed``.
+    """
+    if method not in METHODS:
+        raise CompressorError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise CompressorError(f"--alpha must lie in [0, 1], got {alpha}.")
+    ranks = stats.per_layer("threshold_rank")
+    norms = stats.per_layer("nuclear_norm")
+    bound = {layer: float(min(stats.state_shapes[i])) for i, layer in enumerate(stats.layers)}
+    largest_norm = max(float(n.max()) for n in norms.values()) or 1.0
+    rank_part = {layer: ranks[layer] / bound[layer] for layer in stats.layers}
+    norm_part = {layer: norms[layer] / largest_norm for layer in stats.layers}
+    if method == "joint":
+        return {layer: alpha * rank_part[layer] + (1 - alpha) * norm_part[layer] for layer in stats.layers}
+    if method == "rank":
+        return rank_part
+    if method == "norm":
+        return norm_part
+    generator = torch.Generator().manual_seed(seed)
+    return {layer: torch.rand(stats.heads[i], generator=generator) for i, layer in enumerate(stats.layers)}
+
+
+def plan_by_budget(
+    scores: dict[int, torch.Tensor],
+    head_bytes: dict[int, int],
+    state_reduction: float,
+    remove: str = "high",
+    min_heads_per_layer: int = 1,
+) -> PruningPlan:
+    """Remove heads in score order (highest first for ``remove='high'``) until the recurrent-state bytes fall by
+    at least ``state_reduction``, never leaving a layer with fewer than ``min_heads_per_layer`` heads.
+
+    ``head_bytes[layer]`` is the size of one head's state in that layer. Ties break by (layer, head).
+    """
+    if not 0.0 < state_reduction < 1.0:
+        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
+    if remove not in REMOVE:
+        raise CompressorError(f"--remove must be 'high' or 'low', got '{remove}'.")
+    if min_heads_per_layer < 1:
+        raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
+    total = sum(head_bytes[layer] * len(s) for layer, s in scores.items())
+    target = math.ceil(state_reduction * total - 1e-9)
+    sign = -1.0 if remove == "high" else 1.0
+    order = sorted(
+        ((layer, head) for layer, s in scores.items() for head in range(len(s))),
+        key=lambda lh: (sign * float(scores[lh[0]][lh[1]]), lh[0], lh[1]),
+    )
+    kept = {layer: set(range(len(s))) for layer, s in scores.items()}
+    removed, freed = [], 0
+    for layer, head in order:
+        if freed >= target:
+            break
+        if len(kept[layer]) <= min_heads_per_layer:
+            continue
+        kept[layer].discard(head)
+        removed.append((layer, head))
+        freed += head_bytes[layer]
+    if freed < target:
+        most = sum(head_bytes[layer] * max(len(s) - min_heads_per_layer, 0) for layer, s in scores.items()) / total
+        raise CompressorError(
+            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
+            f"per layer; at most {most:.1%} is possible."
+        )
+    return PruningPlan(kept={layer: sorted(heads) for layer, heads in kept.items()}, removed_by_rule=removed)

@@ -1,0 +1,158 @@
+"""Apply a pruning plan exactly: slice every per-head tensor, rebuild the mixers, rewrite the config."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import CompressorError
+from .families import Family, HeadLayout, kept_indices
+from .modeling.gated_deltanet import VALUE_TO_KEY_FIELD, canonical_value_to_key
+
+
+@dataclass
+class PruningPlan:
+    """Value heads to keep in each linear-attention layer, in the source model's numbering (sorted)."""
+
+    kept: dict[int, list[int]]
+    removed_by_rule: list[tuple[int, int]] = field(default_factory=list)
+    """(layer, head) in the order the scoring rule removed them."""
+
+
+def linear_layers(model: nn.Module, family: Family) -> dict[int, nn.Module]:
+    """Layer index -> linear-attention mixer, for every layer that has one."""
+    return {
+        index: getattr(layer, family.mixer_attr)
+        for index, layer in enumerate(model.model.layers)
+        if hasattr(layer, family.mixer_attr)
+    }
+
+
+def head_layout(mixer: nn.Module) -> HeadLayout:
+    return HeadLayout(
+        num_key_heads=mixer.num_k_heads,
+        num_value_heads=mixer.num_v_heads,
+        key_dim=mixer.head_k_dim,
+        value_dim=mixer.head_v_dim,
+        value_to_key=tuple(mixer.value_to_key),
+    )
+
+
+def pruned_layout(source: HeadLayout, kept_values: list[int]) -> HeadLayout:
+    """The layout after keeping ``kept_values``: key heads survive when one of their value heads does."""
+    kept_keys = sorted({source.value_to_key[j] for j in kept_values})
+    return HeadLayout(
+        num_key_heads=len(kept_keys),
+        num_value_heads=len(kept_values),
+        key_dim=source.key_dim,
+        value_dim=source.value_dim,
+        value_to_key=tuple(kept_keys.index(source.value_to_key[j]) for j in kept_values),
+    )
+
+
+def explicit_value_to_key(layout: HeadLayout) -> list[int] | None:
+    """The head map to write in the config, or None when the stock grouping (j // r) describes it."""
+    canonical = canonical_value_to_key(layout.num_value_heads, layout.num_key_heads)
+    even = layout.num_value_heads % layout.num_key_heads == 0
+    return None if even and list(layout.value_to_key) == canonical else list(layout.value_to_key)
+
+
+def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
+    """A copy of ``config`` with the new head counts, and ``auto_map`` pointing at the shipped modeling code.
+
+    Same counts in every layer and stock grouping: only the global fields change, so stock loaders (and other
+    engines) read the folder as an ordinary checkpoint. Otherwise ``per_layer_config`` carries each layer's
+    counts and head map, which stock code refuses to read globally (AmbiguousGlobalPerLayerAttributeError).
+    The shipped code is referenced either way: on CPU it keeps tensors away from fla's Triton kernels.
+    """
+    fields = family.fields
+    new = copy.deepcopy(config)
+    new.per_layer_config = None
+    module = family.modeling_file.removesuffix(".py")
+    new.auto_map = {"AutoModelForCausalLM": f"{module}.{family.model_class.__name__}"}
+    overrides = {
+        index: {
+            fields.num_value_heads: layout.num_value_heads,
+            fields.num_key_heads: layout.num_key_heads,
+            fields.value_to_key: explicit_value_to_key(layout),
+        }
+        for index, layout in layouts.items()
+    }
+    counts = {(o[fields.num_value_heads], o[fields.num_key_heads]) for o in overrides.values()}
+    if len(counts) == 1 and all(o[fields.value_to_key] is None for o in overrides.values()):
+        num_value, num_key = counts.pop()
+        setattr(new, fields.num_value_heads, num_value)
+        setattr(new, fields.num_key_heads, num_key)
+        new.__dict__.pop(fields.value_to_key, None)
+        new.architectures = [family.model_class.__mro__[1].__name__]
+        return new
+    setattr(new, fields.value_to_key, None)
+    new.per_layer_config = {str(index): override for index, override in overrides.items()}
+    new.architectures = [family.model_class.__name__]
+    return new
+
+
+def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int]) -> dict[str, torch.Tensor]:
+    """The mixer's state dict restricted to ``kept_values`` (and the key heads they read)."""
+    source = head_layout(mixer)
+    sliced = {}
+    for name, tensor in mixer.state_dict().items():
+        if name in family.shared:
+            sliced[name] = tensor
+            continue
+        if name not in family.tensors:
+            raise CompressorError(f"the {family.name} table does not say how to slice '{name}'.")
+        layout = family.tensors[name]
+        indices, size = kept_indices(layout, source, kept_values)
+        if size != tensor.shape[layout.axis]:
+            raise CompressorError(
+                f"the {family.name} table describes {size} entries of '{name}' but it has {tensor.shape[layout.axis]}."
+            )
+        index = torch.tensor(indices, dtype=torch.long, device=tensor.device)
+        sliced[name] = tensor.index_select(layout.axis, index).contiguous()
+    return sliced
+
+
+def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
+    """Physically remove the heads that ``plan`` drops, in place; ``model.config`` is replaced."""
+    mixers = linear_layers(model, family)
+    layouts = {index: pruned_layout(head_layout(mixers[index]), plan.kept[index]) for index in mixers}
+    old_config, new_config = model.config, pruned_config(model.config, family, layouts)
+    for index, mixer in mixers.items():
+        state = slice_mixer(mixer, family, plan.kept[index])
+        with torch.device("meta"):
+            new_mixer = family.mixer_class(new_config.per_layer_config[index], index)
+        new_mixer.load_state_dict(state, strict=True, assign=True)
+        family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], VALUE_TO_KEY_FIELD, None))
+        new_mixer.train(mixer.training)
+        setattr(model.model.layers[index], family.mixer_attr, new_mixer)
+    for module in model.modules():
+        if getattr(module, "config", None) is old_config:
+            module.config = new_config
+
+
+def planned_sizes(model: nn.Module, family: Family, plan: PruningPlan, dtype: torch.dtype) -> dict:
+    """Recurrent-state bytes (one sequence, in ``dtype``), parameter count and config kind after ``plan``,
+    computed without slicing anything."""
+    mixers = linear_layers(model, family)
+    element = torch.empty((), dtype=dtype).element_size()
+    removed_parameters, state = 0, 0
+    layouts = {}
+    for index, mixer in mixers.items():
+        source = head_layout(mixer)
+        layouts[index] = pruned_layout(source, plan.kept[index])
+        state += len(plan.kept[index]) * source.key_dim * source.value_dim * element
+        for name, tensor in mixer.state_dict().items():
+            if name in family.tensors:
+                layout = family.tensors[name]
+                kept, size = kept_indices(layout, source, plan.kept[index])
+                removed_parameters += tensor.numel() // size * (size - len(kept))
+    config = pruned_config(model.config, family, layouts)
+    return {
+        "per_layer_heads": config.is_heterogeneous,
+        "state_bytes_after": state,
+        "params_after": sum(p.numel() for p in model.parameters()) - removed_parameters,
+    }

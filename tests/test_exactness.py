@@ -1,0 +1,144 @@
+"""Removing heads equals masking them, for every family and arbitrary kept subsets; saved folders reload exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fresh_process import run_without_compressor
+from tiny_models import CONFIGS, tiny_model
+
+from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+from compressor.export import write_model
+from compressor.families import family_for
+from compressor.slicing import PruningPlan, linear_layers, slim
+
+TOLERANCE = 1e-4
+# Linear layers 0, 2, 3; 6 value heads over 3 key heads (value head j reads key head j // 2).
+PLANS = {
+    "uneven": {0: [0, 1, 2, 4], 2: [1, 5], 3: [0, 1, 2, 3, 4, 5]},  # layer 0: groups of 2, 1, 1
+    "single-and-odd": {0: [3], 2: [0, 2, 3, 4, 5], 3: [1, 2, 4]},
+    "even-uniform": {0: [0, 1, 4, 5], 2: [2, 3, 4, 5], 3: [0, 1, 2, 3]},  # stock grouping in every layer
+}
+
+
+def masked_copy(model: torch.nn.Module, kept: dict[int, list[int]]) -> torch.nn.Module:
+    """The model with the removed heads' output-projection columns set to zero."""
+    masked = copy.deepcopy(model)
+    family = family_for(masked.config)
+    for index, mixer in linear_layers(masked, family).items():
+        width = mixer.head_v_dim
+        with torch.no_grad():
+            for head in set(range(mixer.num_v_heads)) - set(kept[index]):
+                mixer.out_proj.weight[:, head * width : (head + 1) * width] = 0
+    return masked
+
+
+def input_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(seed))  # 2 full chunks + a partial
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_removing_heads_equals_masking_them(config_name, plan_name):
+    model = tiny_model(config_name)
+    kept = PLANS[plan_name]
+    ids = input_ids()
+    with torch.no_grad():
+        unmasked = model(ids).logits
+        masked = masked_copy(model, kept)(ids).logits
+        slim(model, family_for(model.config), PruningPlan(kept=kept))
+        pruned = model(ids).logits
+    assert (pruned - masked).abs().max().item() <= TOLERANCE
+    assert (pruned - unmasked).abs().max().item() > 1e-2, "the removed heads must matter for this check to mean anything"
+    for index, mixer in linear_layers(model, family_for(model.config)).items():
+        assert mixer.num_v_heads == len(kept[index])
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_removal_is_exact_in_float64(config_name):
+    """In float64 every head's arithmetic is identical: pruning and masking agree to rounding of 1e-12."""
+    model = tiny_model(config_name).double()
+    kept = PLANS["uneven"]
+    ids = input_ids(1)
+    with torch.no_grad():
+        masked = masked_copy(model, kept)(ids).logits
+        slim(model, family_for(model.config), PruningPlan(kept=kept))
+        assert (model(ids).logits - masked).abs().max().item() <= 1e-10
+
+
+def test_config_is_stock_only_for_even_uniform_plans():
+    uneven, even = tiny_model("qwen3_next_moe"), tiny_model("qwen3_next_moe")
+    slim(uneven, family_for(uneven.config), PruningPlan(kept=PLANS["uneven"]))
+    slim(even, family_for(even.config), PruningPlan(kept=PLANS["even-uniform"]))
+    assert uneven.config.is_heterogeneous and uneven.config.architectures == ["PrunedQwen3NextForCausalLM"]
+    assert uneven.config.per_layer_config[0].linear_value_to_key_head == [0, 0, 1, 2]
+    assert uneven.config.per_layer_config[2].linear_num_key_heads == 2
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        uneven.config.linear_num_value_heads  # a loader that ignores per-layer heads fails loudly
+    assert not even.config.is_heterogeneous and even.config.architectures == ["Qwen3NextForCausalLM"]
+    assert (even.config.linear_num_value_heads, even.config.linear_num_key_heads) == (4, 2)
+    assert not hasattr(even.config, "linear_value_to_key_head")
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_cached_generation_matches_the_masked_model(config_name):
+    """Prefill then token-by-token decode (conv and recurrent caches) gives the masked model's logits."""
+    model = tiny_model(config_name)
+    kept = PLANS["single-and-odd"]
+    masked = masked_copy(model, kept)
+    slim(model, family_for(model.config), PruningPlan(kept=kept))
+    prompt = input_ids(2)[:, :70]
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(prompt, **settings)
+        reference = masked.generate(prompt, **settings)
+        full = model(ours.sequences).logits  # one uncached pass over the whole generated text
+    assert torch.equal(ours.sequences, reference.sequences)
+    for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
+        assert (a - b).abs().max().item() <= TOLERANCE
+        assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= TOLERANCE
+
+
+def test_saved_folders_reload_without_compressor(tmp_path):
+    """Each family's folder loads in a fresh process where compressor cannot be imported, with the same logits,
+    and generates with its cache; an even uniform plan also loads into the stock class, weights complete."""
+    ids = input_ids(3)
+    expected = {}
+    for config_name in CONFIGS:
+        for plan_name in ("uneven", "even-uniform"):
+            model = tiny_model(config_name)
+            family = family_for(model.config)
+            slim(model, family, PruningPlan(kept=PLANS[plan_name]))
+            folder = tmp_path / f"{config_name}-{plan_name}"
+            write_model(model, family, folder, max_shard_size="200KB")
+            with torch.no_grad():
+                expected[folder.name] = model(ids).logits
+    assert any(p.name == "model.safetensors.index.json" for p in tmp_path.rglob("*")), "sharding was exercised"
+    torch.save({"ids": ids, "folders": sorted(expected)}, tmp_path / "inputs.pt")
+    run_without_compressor(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        inputs = torch.load("inputs.pt")
+        out = {}
+        for name in inputs["folders"]:
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
+            with torch.no_grad():
+                out[name] = model(inputs["ids"]).logits
+                model.generate(inputs["ids"][:, :20], max_new_tokens=3, do_sample=False, pad_token_id=0)
+            if name.endswith("even-uniform"):
+                stock_class = AutoModelForCausalLM._model_mapping[type(model.config)]
+                stock, info = stock_class.from_pretrained(name, output_loading_info=True)
+                assert type(stock).__module__.startswith("transformers."), type(stock)
+                assert not any(info.values()), info
+        torch.save(out, "logits.pt")
+        """,
+        tmp_path,
+    )
+    reloaded = torch.load(tmp_path / "logits.pt")
+    for name, logits in expected.items():
+        assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name

@@ -1,0 +1,66 @@
+"""Random-initialised tiny models of every supported family, for tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3_5TextConfig, Qwen3NextConfig
+
+import compressor  # noqa: F401  (registers the pruned model classes)
+
+LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=len(LAYER_TYPES),
+    layer_types=LAYER_TYPES,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    linear_num_key_heads=3,
+    linear_num_value_heads=6,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def qwen3_5_config() -> Qwen3_5TextConfig:
+    return Qwen3_5TextConfig(**COMMON)
+
+
+def qwen3_next_config(moe: bool = True) -> Qwen3NextConfig:
+    return Qwen3NextConfig(
+        **COMMON,
+        num_experts=4 if moe else 0,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[] if moe else list(range(len(LAYER_TYPES))),
+    )
+
+
+CONFIGS = {
+    "qwen3_5": qwen3_5_config,
+    "qwen3_next_moe": lambda: qwen3_next_config(moe=True),
+    "qwen3_next_dense": lambda: qwen3_next_config(moe=False),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A float32 model in eval mode whose decays and gates are spread enough to make every head matter."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # stronger weights than the tiny init, so differences show
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.1)
+    return model
