@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from fresh_process import run_without_compressor
-from tiny_models import CONFIGS, tiny_model
+from tiny_models import CONFIGS, PLANS, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
@@ -16,26 +14,8 @@ from compressor.families import family_for
 from compressor.slicing import PruningPlan, linear_layers, slim
 
 TOLERANCE = 1e-4
-# Linear layers 0, 2, 3; 6 value heads over 3 key heads (value head j reads key head j // 2).
-PLANS = {
-    "uneven": {0: [0, 1, 2, 4], 2: [1, 5], 3: [0, 1, 2, 3, 4, 5]},  # layer 0: groups of 2, 1, 1
-    "single-and-odd": {0: [3], 2: [0, 2, 3, 4, 5], 3: [1, 2, 4]},
-    "even-uniform": {0: [0, 1, 4, 5], 2: [2, 3, 4, 5], 3: [0, 1, 2, 3]},  # stock grouping in every layer
-}
 
-
-def masked_copy(model: torch.nn.Module, kept: dict[int, list[int]]) -> torch.nn.Module:
-    """The model with the removed heads' output-projection columns set to zero."""
-    masked = copy.deepcopy(model)
-    family = family_for(masked.config)
-    for index, mixer in linear_layers(masked, family).items():
-        width = mixer.head_v_dim
-        with torch.no_grad():
-            for head in set(range(mixer.num_v_heads)) - set(kept[index]):
-                mixer.out_proj.weight[:, head * width : (head + 1) * width] = 0
-    return masked
-
-
+TOLERANCE = 1e-4
 def input_ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(seed))  # 2 full chunks + a partial
 

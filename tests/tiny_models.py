@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 
 import compressor  # noqa: F401  (registers the pruned model classes)
+from compressor.families import family_for
+from compressor.slicing import linear_layers
 
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 COMMON = dict(
@@ -64,3 +68,25 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.1)
     return model
+
+
+# Linear layers 0, 2, 3; 6 value heads over 3 key heads (value head j reads key head j // 2).
+PLANS = {
+    "uneven": {0: [0, 1, 2, 4], 2: [1, 5], 3: [0, 1, 2, 3, 4, 5]},  # layer 0: groups of 2, 1, 1
+    "single-and-odd": {0: [3], 2: [0, 2, 3, 4, 5], 3: [1, 2, 4]},
+    "even-uniform": {0: [0, 1, 4, 5], 2: [2, 3, 4, 5], 3: [0, 1, 2, 3]},  # stock grouping in every layer
+}
+
+
+def masked_copy(model: torch.nn.Module, kept: dict[int, list[int]]) -> torch.nn.Module:
+    """The model with the removed heads' output-projection columns set to zero."""
+    masked = copy.deepcopy(model)
+    family = family_for(masked.config)
+    for index, mixer in linear_layers(masked, family).items():
+        width = mixer.head_v_dim
+        with torch.no_grad():
+            for head in set(range(mixer.num_v_heads)) - set(kept[index]):
+                mixer.out_proj.weight[:, head * width : (head + 1) * width] = 0
+    return masked
+
+

@@ -1,0 +1,85 @@
+"""The PyTorch recurrences against a naive per-token loop, and CPU tensors kept away from Triton."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
+
+
+def naive_states(q, k, v, g, beta):
+    """States after every token, by the textbook update on unnormalised inputs: [B, H, T, K, V]."""
+    q, k = (torch.nn.functional.normalize(x, dim=-1, eps=1e-6) for x in (q, k))
+    batch, length, heads, key_dim = k.shape
+    state = torch.zeros(batch, heads, key_dim, v.shape[-1], dtype=torch.float64)
+    states = []
+    for t in range(length):
+        kt, vt = k[:, t].double(), v[:, t].double()  # [B, H, K], [B, H, V]
+        decayed = state * g[:, t].double().exp()[..., None, None]
+        error = vt - torch.einsum("bhk,bhkv->bhv", kt, decayed)
+        state = decayed + torch.einsum("bhk,bhv->bhkv", kt, beta[:, t].double()[..., None] * error)
+        states.append(state)
+    return torch.stack(states, dim=2)
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    batch, length, heads, key_dim, value_dim = 2, 150, 3, 16, 8
+    q = torch.randn(batch, length, heads, key_dim, generator=generator)
+    k = torch.randn(batch, length, heads, key_dim, generator=generator)
+    v = torch.randn(batch, length, heads, value_dim, generator=generator)
+    g = -0.3 * torch.rand(batch, length, heads, generator=generator)
+    beta = torch.rand(batch, length, heads, generator=generator)
+    return q, k, v, g, beta
+
+
+def test_chunk_states_equal_the_naive_recurrence_at_every_boundary(inputs):
+    _, _, chunk_states = chunk_gated_delta_rule_torch(*inputs, use_qk_l2norm_in_kernel=True, return_chunk_states=True)
+    reference = naive_states(*inputs)
+    boundaries = [63, 127, 149]  # after 64, 128 and the last (partial) chunk
+    assert chunk_states.shape == (2, 3, 3, 16, 8)
+    assert torch.allclose(chunk_states.double(), reference[:, :, boundaries], atol=1e-5)
+
+
+def test_chunked_and_recurrent_outputs_agree_with_an_initial_state(inputs):
+    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(1))
+    out_chunk, final_chunk, _ = chunk_gated_delta_rule_torch(
+        *inputs, initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    out_step, final_step = recurrent_gated_delta_rule_torch(
+        *inputs, initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    assert (out_chunk - out_step).abs().max() < 1e-5
+    assert (final_chunk - final_step).abs().max() < 1e-5
+
+
+@pytest.fixture
+def triton_forbidden(monkeypatch):
+    """Make any Triton kernel launch fail loudly."""
+    triton = pytest.importorskip("triton")
+    import fla  # noqa: F401  (fla must be installed for this check to mean anything)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for CPU tensors")
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", refuse)
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", refuse)
+
+
+@pytest.mark.parametrize("config_name", ["qwen3_next_moe", "qwen3_5"])
+def test_cpu_forward_never_touches_triton(triton_forbidden, config_name):
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextForCausalLM
+
+    model = tiny_model(config_name)
+    ids = torch.randint(3, 96, (1, 80))
+    with torch.no_grad():
+        model(ids)
+        model.generate(ids[:, :10], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        stock_class = Qwen3NextForCausalLM if config_name.startswith("qwen3_next") else Qwen3_5ForCausalLM
+        stock = stock_class(model.config).eval()  # transformers' own classes call fla when it is importable
+        with pytest.raises(Exception, match="Triton kernel was launched|active drivers"):
+            stock(ids)
