@@ -39,14 +39,20 @@ def read_text(source: str | None) -> tuple[str, str]:
     return source, "literal text"
 
 
-def token_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int, what: str = "calibration") -> torch.Tensor:
-    """``samples`` non-overlapping windows of ``seq_len`` tokens, chosen with ``seed``: LongTensor [samples, seq_len]."""
+def token_windows(
+    tokenizer, text: str, samples: int | None, seq_len: int, seed: int, option: str = "--samples"
+) -> torch.Tensor:
+    """``samples`` non-overlapping windows of ``seq_len`` tokens chosen with ``seed`` (None: every window, in
+    order): LongTensor [samples, seq_len]. ``option`` names the option to lower in the error message."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     available = len(ids) // seq_len
-    if available < samples:
+    if samples is None:
+        samples = available
+    if available < max(samples, 1):
+        length_option = option.replace("samples", "seq-len")
         raise CompressorError(
-            f"the {what} text has {len(ids)} tokens, enough for {available} samples of {seq_len} tokens but "
-            f"{samples} were asked; lower --samples or --seq-len, or give more text."
+            f"the text has {len(ids)} tokens, enough for {available} samples of {seq_len} tokens but {max(samples, 1)} "
+            f"were asked; lower {option} or {length_option}, or give more text."
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len

@@ -98,7 +98,8 @@ def analyze(model, out_dir, calib, samples, seq_len, batch_size, seed, eps, devi
 @calibration_options
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
               help="Text file for held-out perplexity before and after.")
-@click.option("--eval-samples", default=64, show_default=True, help="Evaluation sequences.")
+@click.option("--eval-samples", default=None, type=int,
+              help="Evaluation sequences [default: every whole window of the file].")
 @click.option("--eval-seq-len", default=1024, show_default=True, help="Tokens per evaluation sequence.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and sizes; write nothing.")
 @click.option("--verify/--no-verify", default=True, show_default=True,

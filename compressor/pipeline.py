@@ -133,7 +133,7 @@ def prune(
     calibration: CalibrationSettings | None = None,
     stats: str | Path | StateStatistics | None = None,
     eval_path: str | Path | None = None,
-    eval_samples: int = 64,
+    eval_samples: int | None = None,
     eval_seq_len: int = 1024,
     device: str = "auto",
     dtype: str = "auto",
@@ -161,6 +161,10 @@ def prune(
         raise CompressorError(f"evaluation file {eval_path} does not exist.")
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    eval_tokens = None
+    if eval_path is not None:
+        text, _ = read_text(str(eval_path))
+        eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, 0, "--eval-samples")
     if isinstance(stats, (str, Path)):
         stats = StateStatistics.load(Path(stats))
     if stats is None:
@@ -192,10 +196,6 @@ def prune(
         "versions": versions(),
     }
 
-    eval_tokens = None
-    if eval_path is not None:
-        text, _ = read_text(str(eval_path))
-        eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, seed=0, what="evaluation")
     if dry_run:
         return PruneResult(plan=plan, record=record, out_dir=None, model=loaded.model)
 
@@ -216,8 +216,7 @@ def prune(
         write_model(loaded.model, loaded.family, staging, max_shard_size)
         copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
         if verify:
-            check_tokens = token_windows(loaded.tokenizer, read_text(calibration.calib)[0], 2, 128, seed=1)
-            record["verify"] = verify_folder(loaded.model, staging, check_tokens)
+            record["verify"] = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
         write_json(staging / "compression.json", record)
         from .card import render_card
 
@@ -231,6 +230,11 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
         if parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
     model.config.dtype = dtype
+
+
+def verification_tokens(config, shape: tuple[int, int] = (2, 256)) -> torch.Tensor:
+    """Seeded random token ids [2, 256]: comparing logits needs no meaningful text."""
+    return torch.randint(config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
 
 
 def verify_folder(model: torch.nn.Module, folder: Path, tokens: torch.Tensor) -> dict:
