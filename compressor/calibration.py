@@ -34,7 +34,7 @@ def read_text(source: str | None) -> tuple[str, str]:
         if not files:
             raise CompressorError(f"calibration folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}).")
         return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files), str(path)
-    if "\n" not in source and (path.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl", ".json") or "/" in source):
+    if not any(c.isspace() for c in source.strip()):  # one word: a mistyped path, not a text to calibrate on
         raise CompressorError(f"calibration file {source} does not exist.")
     return source, "literal text"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from functools import wraps
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_
         min_heads_per_layer=min_heads_per_layer, calibration=_settings(calib, samples, seq_len, batch_size, seed, eps),
         stats=stats_dir, eval_path=eval_path, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device,
         dtype=dtype, dry_run=dry_run, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
-        command=shlex.join(["compress", *sys.argv[1:]]),
+        command=command_line(click.get_current_context()),
     )
     click.echo(summary(result.record))
     if result.out_dir is not None:
@@ -148,6 +147,22 @@ def push(folder, repo_id, private, revision, create_pr, token, endpoint, force):
     url = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr, token=token,
                       endpoint=endpoint, force=force)
     click.echo(f"pushed: {url}")
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as the user gave it (options given on the command line only), for the model card."""
+    words = ["compress", ctx.info_name]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif param.is_flag:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
 
 
 def summary(record: dict) -> str:

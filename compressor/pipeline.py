@@ -18,7 +18,7 @@ from .errors import CompressorError
 from .evaluation import max_logit_difference, perplexity
 from .export import copy_tokenizer_files, staging_folder, check_output_folder, write_json, write_model
 from .loading import LoadedModel, load_model
-from .scoring import plan_by_budget, score_heads
+from .scoring import check_budget, check_budget_options, check_method, plan_by_budget, score_heads
 from .slicing import PruningPlan, explicit_value_to_key, head_layout, linear_layers, planned_sizes, pruned_layout, slim
 
 VERIFY_TOLERANCE = 1e-4
@@ -68,6 +68,15 @@ def analyze(
     if out_dir is not None:
         stats.save(Path(out_dir))
     return stats
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        parse_size_to_int(max_shard_size)
+    except ValueError:
+        raise CompressorError(f"--max-shard-size must look like 2GB or 500MB, got '{max_shard_size}'.") from None
 
 
 def check_statistics(stats: StateStatistics, loaded: LoadedModel) -> None:
@@ -151,30 +160,41 @@ def prune(
     """
     calibration = calibration or CalibrationSettings()
     calibration.check()
-    if not 0.0 < state_reduction < 1.0:
-        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
+    check_method(method, alpha)
+    check_budget_options(state_reduction, min_heads_per_layer)
     if not dry_run:
         if out_dir is None:
             raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
         check_output_folder(Path(out_dir), overwrite)
     if eval_path is not None and not Path(eval_path).is_file():
         raise CompressorError(f"evaluation file {eval_path} does not exist.")
+    if eval_samples is not None and eval_samples < 1:
+        raise CompressorError(f"--eval-samples must be at least 1, got {eval_samples}.")
+    if eval_seq_len < 2:
+        raise CompressorError(f"--eval-seq-len must be at least 2, got {eval_seq_len}.")
+    check_shard_size(max_shard_size)
+    if isinstance(stats, (str, Path)):
+        stats = StateStatistics.load(Path(stats))
+    elif stats is None:
+        read_text(calibration.calib)  # a missing calibration file fails before the model loads
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    if out_dir is not None and loaded.local_path is not None and Path(out_dir).resolve() == loaded.local_path.resolve():
+        raise CompressorError("the output folder is the source model's folder; choose another --out.")
+    mixers = linear_layers(loaded.model, loaded.family)
+    element = torch.empty((), dtype=loaded.save_dtype).element_size()
+    head_bytes = {i: m.head_k_dim * m.head_v_dim * element for i, m in mixers.items()}
+    check_budget({i: m.num_v_heads for i, m in mixers.items()}, head_bytes, state_reduction, min_heads_per_layer)
+    if stats is not None:
+        check_statistics(stats, loaded)
     eval_tokens = None
     if eval_path is not None:
         text, _ = read_text(str(eval_path))
         eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, 0, "--eval-samples")
-    if isinstance(stats, (str, Path)):
-        stats = StateStatistics.load(Path(stats))
     if stats is None:
         stats = analyze(loaded, calibration, progress=progress)
-    check_statistics(stats, loaded)
 
     scores = score_heads(stats, method, alpha, calibration.seed)
-    mixers = linear_layers(loaded.model, loaded.family)
-    element = torch.empty((), dtype=loaded.save_dtype).element_size()
-    head_bytes = {i: m.head_k_dim * m.head_v_dim * element for i, m in mixers.items()}
     plan = plan_by_budget(scores, head_bytes, state_reduction, remove, min_heads_per_layer)
 
     record = {

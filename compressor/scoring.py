@@ -14,6 +14,13 @@ METHODS = ("joint", "rank", "norm", "random")
 REMOVE = ("high", "low")
 
 
+def check_method(method: str, alpha: float) -> None:
+    if method not in METHODS:
+        raise CompressorError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise CompressorError(f"--alpha must lie in [0, 1], got {alpha}.")
+
+
 def score_heads(stats: StateStatistics, method: str, alpha: float = 0.5, seed: int = 0) -> dict[int, torch.Tensor]:
     """Layer index -> score per value head [H].
 
@@ -23,10 +30,7 @@ def score_heads(stats: StateStatistics, method: str, alpha: float = 0.5, seed: i
     - ``rank``: mean_t(threshold rank) / d; ``norm``: mean_t(nuclear norm) / its maximum;
     - ``random``: uniform scores drawn with ``seed``.
     """
-    if method not in METHODS:
-        raise CompressorError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise CompressorError(f"--alpha must lie in [0, 1], got {alpha}.")
+    check_method(method, alpha)
     ranks = stats.per_layer("threshold_rank")
     norms = stats.per_layer("nuclear_norm")
     bound = {layer: float(min(stats.state_shapes[i])) for i, layer in enumerate(stats.layers)}
@@ -43,6 +47,26 @@ def score_heads(stats: StateStatistics, method: str, alpha: float = 0.5, seed: i
     return {layer: torch.rand(stats.heads[i], generator=generator) for i, layer in enumerate(stats.layers)}
 
 
+def check_budget_options(state_reduction: float, min_heads_per_layer: int) -> None:
+    if not 0.0 < state_reduction < 1.0:
+        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
+    if min_heads_per_layer < 1:
+        raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
+
+
+def check_budget(head_counts: dict[int, int], head_bytes: dict[int, int], state_reduction: float,
+                 min_heads_per_layer: int = 1) -> None:
+    """Refuse a budget that no choice of heads can meet (checked before any calibration)."""
+    check_budget_options(state_reduction, min_heads_per_layer)
+    total = sum(head_bytes[layer] * count for layer, count in head_counts.items())
+    freeable = sum(head_bytes[layer] * max(count - min_heads_per_layer, 0) for layer, count in head_counts.items())
+    if freeable < math.ceil(state_reduction * total - 1e-9):
+        raise CompressorError(
+            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
+            f"per layer; at most {freeable / total:.1%} is possible."
+        )
+
+
 def plan_by_budget(
     scores: dict[int, torch.Tensor],
     head_bytes: dict[int, int],
@@ -55,12 +79,9 @@ def plan_by_budget(
 
     ``head_bytes[layer]`` is the size of one head's state in that layer. Ties break by (layer, head).
     """
-    if not 0.0 < state_reduction < 1.0:
-        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
     if remove not in REMOVE:
         raise CompressorError(f"--remove must be 'high' or 'low', got '{remove}'.")
-    if min_heads_per_layer < 1:
-        raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
+    check_budget({layer: len(s) for layer, s in scores.items()}, head_bytes, state_reduction, min_heads_per_layer)
     total = sum(head_bytes[layer] * len(s) for layer, s in scores.items())
     target = math.ceil(state_reduction * total - 1e-9)
     sign = -1.0 if remove == "high" else 1.0
@@ -78,10 +99,4 @@ def plan_by_budget(
         kept[layer].discard(head)
         removed.append((layer, head))
         freed += head_bytes[layer]
-    if freed < target:
-        most = sum(head_bytes[layer] * max(len(s) - min_heads_per_layer, 0) for layer, s in scores.items()) / total
-        raise CompressorError(
-            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
-            f"per layer; at most {most:.1%} is possible."
-        )
     return PruningPlan(kept={layer: sorted(heads) for layer, heads in kept.items()}, removed_by_rule=removed)

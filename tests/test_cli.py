@@ -1,0 +1,407 @@
+"""The ``compress`` command line, in-process through click's CliRunner (imports are paid once).
+
+One full ``compress prune`` (joint, --remove high, --eval, verify) and one ``compress analyze`` run per module
+are shared by several tests; everything else is a dry run, reuses the analyzed statistics, or fails early.
+Settings are tiny (4 × 512 tokens) so the file stays well under two minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import math
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import compressor
+import compressor.loading
+import compressor.pipeline
+from compressor.calibration import StateStatistics
+from compressor.cli import main
+
+EVAL_TEXT = Path(compressor.__file__).parent / "data" / "python-docs-eval.txt"
+SMALL = ["--samples", "4", "--seq-len", "512", "--batch-size", "4"]
+SMALL_EVAL = ["--eval-samples", "4", "--eval-seq-len", "512"]
+STATE_REDUCTION = 0.389
+LINEAR_LAYERS = ["0", "1", "3", "4"]
+HEADS, KEY_DIM, VALUE_DIM, BF16_BYTES = 8, 32, 32, 2
+HEAD_BYTES = KEY_DIM * VALUE_DIM * BF16_BYTES
+PLAN_LINE = re.compile(r"^\s*(\d+)\s+(\d+) -> (\d+)\s+(\[[\d, ]*\])\s*$")
+
+
+def invoke(*args) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def printed_plan(output: str) -> dict[str, list[int]]:
+    """Layer -> kept value heads, parsed from the summary table that prune prints."""
+    plan = {}
+    for line in output.splitlines():
+        match = PLAN_LINE.match(line)
+        if match:
+            plan[match[1]] = json.loads(match[4])
+            assert len(plan[match[1]]) == int(match[3])
+    return plan
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def assert_user_error(result: Result, *words: str) -> str:
+    """A non-zero exit with exactly one ``Error:`` line naming ``words``, and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{result.output}"
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    message = errors[0]
+    for word in words:
+        assert word in message, message
+    assert result.stdout.strip() == "", result.stdout  # no plan or summary printed on failure
+    return message
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the pipeline gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(compressor.pipeline, "load_model", refuse)
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Let load_model read the config but fail the test if it gets as far as loading weights."""
+
+    class Refuse:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("the weights were loaded before the bad input was refused")
+
+    monkeypatch.setattr(compressor.loading, "AutoModelForCausalLM", Refuse)
+
+
+@pytest.fixture(scope="module")
+def pruned(fixture_model_path, tmp_path_factory):
+    """One full prune (joint, remove high, R = 0.389, --eval, verify): (result, out folder)."""
+    out = tmp_path_factory.mktemp("e2e") / "pruned"
+    result = invoke(
+        "prune", fixture_model_path, "--out", out, "--remove", "high", "--state-reduction", STATE_REDUCTION,
+        *SMALL, "--eval", EVAL_TEXT, *SMALL_EVAL,
+    )
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def record(pruned) -> dict:
+    result, out = pruned
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "compression.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stats_dir(fixture_model_path, tmp_path_factory) -> Path:
+    """``compress analyze --out`` with the same settings as the shared prune."""
+    out = tmp_path_factory.mktemp("analyze") / "stats"
+    result = invoke("analyze", fixture_model_path, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert (out / "stats.safetensors").is_file()
+    assert "wrote" in result.stdout and "mean threshold rank" in result.stdout
+    return out
+
+
+# 1. End to end ---------------------------------------------------------------------------------------------
+
+
+def test_prune_exits_cleanly_and_prints_the_summary(pruned):
+    result, out = pruned
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "recurrent state per sequence" in result.stdout
+    assert "perplexity" in result.stdout
+    assert f"wrote {out}" in result.stdout
+    assert "verified" in result.stdout
+
+
+def test_prune_reaches_the_state_reduction(record):
+    before, after = record["state_bytes_before"], record["state_bytes_after"]
+    assert before == len(LINEAR_LAYERS) * HEADS * HEAD_BYTES
+    assert after <= (1 - STATE_REDUCTION) * before
+    assert after == sum(len(layer["kept_heads"]) * HEAD_BYTES for layer in record["layers"].values())
+
+
+def test_prune_record_follows_the_contract(record, fixture_model_path):
+    assert record["format"] == 1
+    assert record["base_model"] == str(fixture_model_path)
+    assert record["method"]["name"] == "joint"
+    assert record["method"]["alpha"] == 0.5
+    assert record["method"]["remove"] == "high"
+    calibration = record["calibration"]
+    assert calibration["source"]
+    assert (calibration["samples"], calibration["seq_len"], calibration["tokens"]) == (4, 512, 4 * 512)
+
+    assert sorted(record["layers"], key=int) == LINEAR_LAYERS
+    for layer in record["layers"].values():
+        assert layer["heads_before"] == HEADS
+        kept = layer["kept_heads"]
+        assert kept == sorted(set(kept)) and kept and all(0 <= h < HEADS for h in kept)
+        for metric in ("score", "rank", "norm"):
+            assert len(layer[metric]) == HEADS and all(math.isfinite(x) for x in layer[metric])
+        assert all(0 <= r <= min(KEY_DIM, VALUE_DIM) for r in layer["rank"])
+
+    assert 0 < record["params_after"] < record["params_before"]
+    evaluation = record["eval"]
+    for key in ("perplexity_before", "perplexity_after"):
+        assert math.isfinite(evaluation[key]) and evaluation[key] > 1
+    assert evaluation["data"] == str(EVAL_TEXT)
+    versions = record["versions"]
+    assert set(versions) >= {"compressor", "torch", "transformers", "fla"}
+    assert versions["compressor"] == compressor.__version__
+    assert versions["torch"] and versions["transformers"]
+    assert record["verify"]["passed"] is True
+
+
+def test_prune_config_matches_the_record(pruned, record):
+    _, out = pruned
+    config = json.loads((out / "config.json").read_text())
+    assert "AutoModelForCausalLM" in config["auto_map"]
+    kept = {layer: len(info["kept_heads"]) for layer, info in record["layers"].items()}
+    if config.get("per_layer_config"):
+        per_layer = {str(int(k)): v for k, v in config["per_layer_config"].items()}  # keys may be zero-padded
+        assert set(per_layer) == set(kept)
+        for layer, count in kept.items():
+            assert per_layer[layer].get("linear_num_value_heads", config["linear_num_value_heads"]) == count
+    else:  # the same count in every layer: only the global field changes
+        assert set(kept.values()) == {config["linear_num_value_heads"]}
+
+
+def test_prune_writes_a_complete_folder(pruned, record):
+    _, out = pruned
+    names = {p.name for p in out.iterdir()}
+    assert any(name.endswith(".safetensors") for name in names)
+    for name in ("config.json", "compression.json", "README.md", "tokenizer.json", "generation_config.json",
+                 "modeling_qwen3_5.py", "gated_delta.py", "gated_deltanet.py"):
+        assert name in names, sorted(names)
+    assert not [p.name for p in out.parent.iterdir() if ".partial-" in p.name]
+
+    card = (out / "README.md").read_text()
+    assert "Heads per layer" in card
+    for layer, info in record["layers"].items():
+        assert f"| {layer} | {info['heads_before']} → {len(info['kept_heads'])} |" in card
+
+
+# 2. Dry runs -----------------------------------------------------------------------------------------------
+
+
+def test_dry_run_remove_low_writes_nothing(fixture_model_path, tmp_path, record):
+    out = tmp_path / "low"
+    result = invoke("prune", fixture_model_path, "--out", out, "--remove", "low", "--dry-run", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and listing(tmp_path) == set()
+    plan = printed_plan(result.stdout)
+    assert sorted(plan, key=int) == LINEAR_LAYERS
+    assert "recurrent state per sequence" in result.stdout
+    assert "wrote" not in result.stdout
+    # Same calibration as the shared run, opposite direction: a different plan.
+    assert plan != {layer: info["kept_heads"] for layer, info in record["layers"].items()}
+
+
+def test_dry_run_random_writes_nothing(fixture_model_path, tmp_path, stats_dir):
+    out = tmp_path / "random"
+    args = ["prune", fixture_model_path, "--method", "random", "--seed", "1", "--dry-run", "--stats", stats_dir]
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and listing(tmp_path) == set()
+    assert "wrote" not in result.stdout
+    plan = printed_plan(result.stdout)
+    assert sorted(plan, key=int) == LINEAR_LAYERS
+    kept_bytes = sum(len(heads) for heads in plan.values()) * HEAD_BYTES
+    assert kept_bytes <= (1 - STATE_REDUCTION) * len(LINEAR_LAYERS) * HEADS * HEAD_BYTES
+
+    again = invoke(*args)  # --dry-run needs no --out; the same seed gives the same plan
+    assert again.exit_code == 0, again.output
+    assert printed_plan(again.stdout) == plan
+
+
+# 3. Saved statistics ---------------------------------------------------------------------------------------
+
+
+def test_prune_reuses_saved_statistics(fixture_model_path, tmp_path, stats_dir, record, monkeypatch):
+    def recalibrate(*args, **kwargs):
+        raise AssertionError("prune recalibrated instead of using --stats")
+
+    monkeypatch.setattr(compressor.pipeline, "collect_state_statistics", recalibrate)
+    out = tmp_path / "out2"
+    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert not out.exists()
+    # analyze used the shared run's settings, so the statistics and hence the plan are the same.
+    assert printed_plan(result.stdout) == {layer: info["kept_heads"] for layer, info in record["layers"].items()}
+
+
+def test_prune_refuses_statistics_of_another_model(fixture_model_path, tmp_path, stats_dir):
+    stats = StateStatistics.load(stats_dir)
+    stats.heads = [HEADS] * (len(stats.heads) - 1) + [HEADS - 1]
+    other = tmp_path / "other-stats"
+    stats.save(other)
+    before = listing(tmp_path)
+    result = invoke("prune", fixture_model_path, "--stats", other, "--out", tmp_path / "out", "--no-verify")
+    assert_user_error(result, "statistics", "compress analyze")
+    assert listing(tmp_path) == before
+
+
+def test_prune_refuses_a_missing_statistics_folder(fixture_model_path, tmp_path):
+    result = invoke("prune", fixture_model_path, "--stats", tmp_path / "nothing", "--dry-run")
+    assert_user_error(result, "no statistics", "compress analyze")
+    assert listing(tmp_path) == set()
+
+
+# 4. Bad inputs ---------------------------------------------------------------------------------------------
+
+
+def test_missing_model_folder(tmp_path, no_weights_load):
+    result = invoke("prune", tmp_path / "no-such-model", "--out", tmp_path / "out")
+    assert_user_error(result, "no-such-model", "does not exist")
+    assert listing(tmp_path) == set()
+
+
+def test_unsupported_model_type(tmp_path, no_weights_load):
+    from transformers import LlamaConfig
+
+    model = tmp_path / "llama"
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                vocab_size=32).save_pretrained(model)
+    before = listing(tmp_path)
+    result = invoke("prune", model, "--out", tmp_path / "out")
+    assert_user_error(result, "llama", "supported model types", "qwen3_5_text")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("reduction", ["1.5", "0", "1", "-0.2"])
+def test_state_reduction_out_of_range(fixture_model_path, tmp_path, no_model_load, reduction):
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--state-reduction", reduction)
+    assert_user_error(result, "--state-reduction", "strictly between 0 and 1")
+    assert listing(tmp_path) == set()
+
+
+def test_budget_that_cannot_be_met(fixture_model_path, tmp_path, stats_dir):
+    # Refused only once statistics exist (here reused; without --stats it comes after calibrating).
+    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", tmp_path / "out",
+                    "--state-reduction", "0.95", "--min-heads-per-layer", "2")
+    message = assert_user_error(result, "95.0%", "cannot be met", "2 head(s)")
+    assert "75.0%" in message  # 2 of 8 heads kept in every layer
+    assert listing(tmp_path) == set()
+
+
+def test_existing_output_folder_needs_overwrite(fixture_model_path, tmp_path, stats_dir, no_model_load):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify")
+    assert_user_error(result, "already exists", "--overwrite")
+    assert listing(tmp_path) == {"out", "out/keep.txt"}
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_the_output_folder(fixture_model_path, tmp_path, stats_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify", "--overwrite")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert "keep.txt" not in names
+    assert {"config.json", "compression.json", "README.md", "tokenizer.json"} <= names
+    assert "verify" not in json.loads((out / "compression.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left beside it
+
+
+def test_output_path_that_is_a_file(fixture_model_path, tmp_path, no_model_load):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    result = invoke("prune", fixture_model_path, "--out", out, "--overwrite")
+    assert_user_error(result, "not a folder")
+    assert out.read_text() == "not a folder"
+
+
+def test_missing_eval_file(fixture_model_path, tmp_path, no_model_load):
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--eval", tmp_path / "missing.txt")
+    assert_user_error(result, "evaluation file", "does not exist")
+    assert listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--eval-samples", "0"], ["--eval-samples", "at least 1"]),
+        (["--eval-seq-len", "1"], ["--eval-seq-len", "at least 2"]),
+        (["--max-shard-size", "banana"], ["--max-shard-size", "banana"]),
+        (["--alpha", "2"], ["--alpha", "[0, 1]"]),
+        (["--min-heads-per-layer", "0"], ["--min-heads-per-layer", "at least 1"]),
+        (["--calib", "my_corpus"], ["calibration file", "my_corpus", "does not exist"]),
+    ],
+)
+def test_bad_options_fail_before_the_model_loads(fixture_model_path, tmp_path, no_model_load, options, words):
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", *options, *SMALL)
+    assert_user_error(result, *words)
+    assert listing(tmp_path) == set()
+
+
+def test_output_folder_may_not_be_the_source(tmp_path, fixture_model_path):
+    source = tmp_path / "model"
+    shutil.copytree(fixture_model_path, source)
+    before = listing(source)
+    result = invoke("prune", source, "--out", source, "--overwrite", *SMALL)
+    assert_user_error(result, "source model's folder")
+    assert listing(source) == before
+
+
+def test_missing_calibration_file(fixture_model_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", fixture_model_path, "--out", "out", "--calib", "missing.txt", *SMALL)
+    assert_user_error(result, "calibration file", "missing.txt", "does not exist")
+    assert listing(tmp_path) == set()
+
+
+def test_zero_samples(fixture_model_path, tmp_path, no_model_load):
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--samples", "0")
+    assert_user_error(result, "--samples", "at least 1")
+    assert listing(tmp_path) == set()
+
+
+def test_calibration_text_too_short(fixture_model_path, tmp_path):
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--calib", "just a few words", *SMALL)
+    assert_user_error(result, "tokens", "--samples", "--seq-len")
+    assert listing(tmp_path) == set()
+
+
+def test_prune_needs_out_or_dry_run(fixture_model_path, tmp_path, no_model_load, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", fixture_model_path)
+    assert_user_error(result, "--out", "--dry-run")
+    assert listing(tmp_path) == set()
+
+
+# 5. Help ---------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_commands_and_options():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for command in ("analyze", "prune", "push"):
+        assert command in result.stdout
+
+    result = invoke("prune", "--help")
+    assert result.exit_code == 0, result.output
+    for option in ("--out", "--state-reduction", "--method", "--alpha", "--remove", "--min-heads-per-layer",
+                   "--stats", "--calib", "--samples", "--seq-len", "--eval", "--dry-run", "--overwrite",
+                   "--no-verify", "--push-to-hub"):
+        assert option in result.stdout, option
+    for method in ("joint", "rank", "norm", "random"):
+        assert method in result.stdout
