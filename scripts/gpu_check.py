@@ -65,16 +65,18 @@ def gpu_versus_cpu(samples: int, seq_len: int) -> dict:
         "mean_threshold_rank_equal_share": (rank_cpu == rank_gpu).float().mean().item(),
         "nuclear_norm_max_rel_diff": ((norm_cpu - norm_gpu).abs() / norm_cpu.abs().clamp_min(1e-6)).max().item(),
         "head_order_identical": bool(
-            torch.equal(rank_cpu.mean(0).argsort(-1, stable=True), rank_gpu.mean(0).argsort(-1, stable=True))
+            torch.equal(rank_cpu.mean(0).argsort(dim=-1, stable=True), rank_gpu.mean(0).argsort(dim=-1, stable=True))
         ),
     }
 
 
-def exactness_on_cuda() -> dict:
-    """Removing heads equals masking them with fla's kernels (float32), every tiny family, uneven groups."""
-    from test_exactness import PLANS, masked_copy
-    from tiny_models import CONFIGS, tiny_model
+def exactness_on_cuda(use_fla: bool) -> dict:
+    """Removing heads equals masking them on CUDA (float32), every tiny family, uneven groups; with fla's kernels,
+    or with the PyTorch recurrence on CUDA tensors (to tell kernel numerics from slicing)."""
+    from compressor.modeling import gated_delta
+    from tiny_models import CONFIGS, PLANS, masked_copy, tiny_model
 
+    gated_delta.HAS_FLA = use_fla
     results = {}
     for name in CONFIGS:
         model = tiny_model(name).cuda()
@@ -84,6 +86,7 @@ def exactness_on_cuda() -> dict:
             masked = masked_copy(model, kept)(ids).logits
             slim(model, family_for(model.config), PruningPlan(kept=kept))
             results[name] = (model(ids).logits - masked).abs().max().item()
+    gated_delta.HAS_FLA = True
     return results
 
 
@@ -144,16 +147,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--small", action="store_true", help="tiny settings, to check the script runs")
+    parser.add_argument("--with-fla-exactness", action="store_true", help="also pruned-vs-masked through fla")
     args = parser.parse_args()
     small = args.small
     results = {"device": torch.cuda.get_device_name(), "versions": versions()}
     steps = [
-        ("gpu_vs_cpu", lambda: gpu_versus_cpu(2 if small else 8, 512 if small else 1024)),
-        ("exactness_cuda_fp32", exactness_on_cuda),
         ("rules_on_fixture_ppl", lambda: rules_on_fixture(2 if small else 8, 512 if small else 1024,
                                                           4 if small else None)),
+        ("gpu_vs_cpu", lambda: gpu_versus_cpu(2 if small else 8, 512 if small else 1024)),
+        ("exactness_cuda_fp32_torch_path", lambda: exactness_on_cuda(use_fla=False)),
         ("capture_cost", lambda: capture_cost(small)),
     ]
+    if "--with-fla-exactness" in sys.argv:  # Triton compiles for every tiny shape: minutes
+        steps.append(("exactness_cuda_fp32_fla", lambda: exactness_on_cuda(use_fla=True)))
     for name, step in steps:
         start = time.perf_counter()
         try:
