@@ -13,14 +13,8 @@ import torch
 import torch.nn.functional as F
 
 try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
-    from fla.modules.norm.l2norm import l2norm_fwd as _fla_l2norm
-    from fla.ops.common.chunk_o import chunk_fwd_o as _fla_fwd_o
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h as _fla_fwd_h
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent
-    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra as _fla_fwd_intra
-    from fla.ops.utils import chunk_local_cumsum as _fla_cumsum
-    from fla.ops.utils.constant import RCP_LN2 as _RCP_LN2
 
     HAS_FLA = True
 except Exception:  # ImportError, or fla without triton
@@ -125,20 +119,6 @@ def recurrent_gated_delta_rule_torch(
     return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
 
 
-def _chunk_fla_with_states(q, k, v, g, beta, initial_state, chunk_size=64):
-    """fla's chunked forward that also returns the states at chunk boundaries (no autograd)."""
-    q, k = _fla_l2norm(q.contiguous())[0], _fla_l2norm(k.contiguous())[0]
-    g = _fla_cumsum(g, chunk_size=chunk_size, scale=_RCP_LN2)
-    w, u, _ = _fla_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk_size)
-    h, v_new, final_state = _fla_fwd_h(
-        k=k, w=w, u=u, g=g, initial_state=initial_state, output_final_state=True, chunk_size=chunk_size
-    )
-    out = _fla_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5, chunk_size=chunk_size)
-    # h[:, i] is the state *before* chunk i; the state after chunk i is h[:, i + 1], and after the last, final_state.
-    chunk_states = torch.cat([h[:, 1:].float(), final_state[:, None].float()], dim=1).transpose(1, 2)
-    return out, final_state, chunk_states
-
-
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,14 +132,23 @@ def gated_delta_rule(
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form.
+    Chunk states are always computed by the PyTorch recurrence in strict float32 (no TF32), on any device:
+    fla's Triton kernels multiply in TF32, whose noise (about 1e-3 of the state's scale) swamps the singular
+    values that a threshold rank at eps = 1e-4 counts.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
+    if return_chunk_states:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return chunk_gated_delta_rule_torch(
+                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=True, return_chunk_states=True,
+            )
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     if q.is_cuda and HAS_FLA:
-        if return_chunk_states:
-            with torch.no_grad():
-                out, final, states = _chunk_fla_with_states(q, k, v, g, beta, initial_state)
-            return out, (final if output_final_state else None), states
         kernel = _fla_recurrent if single_step else _fla_chunk
         out, final = kernel(
             q, k, v, g=g, beta=beta, initial_state=initial_state,
@@ -174,5 +163,5 @@ def gated_delta_rule(
         return out, final, None
     return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=True, return_chunk_states=return_chunk_states,
+        use_qk_l2norm_in_kernel=True,
     )
