@@ -119,15 +119,13 @@ def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_
         min_heads_per_layer=min_heads_per_layer, calibration=_settings(calib, samples, seq_len, batch_size, seed, eps),
         stats=stats_dir, eval_path=eval_path, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device,
         dtype=dtype, dry_run=dry_run, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
-        command=command_line(click.get_current_context()),
+        command=command_line(click.get_current_context()), push_to_hub=repo_id, private=private,
     )
     click.echo(summary(result.record))
     if result.out_dir is not None:
         click.echo(f"wrote {result.out_dir}")
-    if repo_id is not None and result.out_dir is not None:
-        from .hub import push_folder
-
-        click.echo(f"pushed: {push_folder(result.out_dir, repo_id, private=private)}")
+    if "pushed" in result.record:
+        click.echo(f"pushed: {result.record['pushed']}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -151,12 +151,15 @@ def prune(
     overwrite: bool = False,
     max_shard_size: str = "2GB",
     command: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Remove linear-attention heads chosen by ``method`` until the recurrent state shrinks by ``state_reduction``.
 
     Writes ``out_dir`` (weights, config, code, tokenizer, ``compression.json``, model card) atomically unless
-    ``dry_run``; returns the plan, the record and the pruned model (in memory).
+    ``dry_run``, then pushes it to the Hub as ``push_to_hub`` when given; returns the plan, the record and the
+    pruned model (in memory).
     """
     calibration = calibration or CalibrationSettings()
     calibration.check()
@@ -240,7 +243,11 @@ def prune(
         write_json(staging / "compression.json", record)
         from .card import render_card
 
-        (staging / "README.md").write_text(render_card(record, command=command))
+        (staging / "README.md").write_text(render_card(record, command=command, repo_id=push_to_hub))
+    if push_to_hub is not None:
+        from .hub import push_folder
+
+        record["pushed"] = push_folder(out_dir, push_to_hub, private=private)
     return PruneResult(plan=plan, record=record, out_dir=out_dir, model=loaded.model)
 
 
