@@ -271,6 +271,14 @@ def test_missing_model_folder(tmp_path, no_weights_load):
     assert listing(tmp_path) == set()
 
 
+def test_unreachable_hub_id(tmp_path, no_weights_load, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", "nobody/no-such-model", "--out", "out")
+    assert_user_error(result, "nobody/no-such-model", "offline, or not on the Hub")
+    assert listing(tmp_path) == set()
+
+
 def test_unsupported_model_type(tmp_path, no_weights_load):
     from transformers import LlamaConfig
 

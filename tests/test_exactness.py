@@ -122,3 +122,17 @@ def test_saved_folders_reload_without_compressor(tmp_path):
     reloaded = torch.load(tmp_path / "logits.pt")
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
+
+
+def test_after_import_compressor_folders_load_without_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen3_5")
+    family = family_for(model.config)
+    slim(model, family, PruningPlan(kept=PLANS["uneven"]))
+    write_model(model, family, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is family.model_class
+    ids = input_ids(4)
+    with torch.no_grad():
+        assert (reloaded(ids).logits - model(ids).logits).abs().max().item() <= TOLERANCE
