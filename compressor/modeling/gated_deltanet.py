@@ -12,6 +12,7 @@ Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' he
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -132,12 +133,17 @@ class PrunableGatedDeltaNetMixin:
 
 @contextmanager
 def global_head_counts(config) -> Iterator[None]:
-    """Let stock constructors read per-layer attributes globally (they build full-size mixers, replaced next)."""
+    """Let stock constructors read per-layer attributes globally (they build full-size mixers, replaced next),
+    without transformers' warning about it."""
     previous = config.__dict__.get("allow_global_per_layer_attribute_access")
     config.allow_global_per_layer_attribute_access = True
+    heterogeneity_logger = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+    level = heterogeneity_logger.level
+    heterogeneity_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        heterogeneity_logger.setLevel(level)
         if previous is None:
             config.__dict__.pop("allow_global_per_layer_attribute_access", None)
         else:
