@@ -413,3 +413,13 @@ def test_help_lists_commands_and_options():
         assert option in result.stdout, option
     for method in ("joint", "rank", "norm", "random"):
         assert method in result.stdout
+
+
+def test_push_refuses_a_folder_that_prune_did_not_write(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_never_printed")
+    result = invoke("push", folder, "someone/model")
+    message = assert_user_error(result, "Refusing to push", "--force")
+    assert "hf_secret_never_printed" not in result.output + message
