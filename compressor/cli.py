@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .scoring import METHODS
+from .selection import PRUNE_METHODS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -64,20 +64,22 @@ def main():
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder for stats.safetensors [default: print a summary only].")
+              help="Folder for stats.safetensors, report.json, report.md and figures [default: print a summary only].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @calibration_options
 @user_errors
-def analyze(model, out_dir, calib, samples, seq_len, batch_size, seed, eps, device, dtype):
+def analyze(model, out_dir, overwrite, calib, samples, seq_len, batch_size, seed, eps, device, dtype):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
     from .pipeline import analyze as run_analyze
 
-    stats = run_analyze(model, _settings(calib, samples, seq_len, batch_size, seed, eps), out_dir, device, dtype)
+    stats = run_analyze(model, _settings(calib, samples, seq_len, batch_size, seed, eps), out_dir, device, dtype,
+                        overwrite=overwrite)
     ranks = stats.per_layer("threshold_rank")
     for i, layer in enumerate(stats.layers):
         shown = " ".join(f"{r:5.1f}" for r in ranks[layer].tolist())
         click.echo(f"layer {layer:3d}  mean threshold rank (bound {min(stats.state_shapes[i])}):  {shown}")
     if out_dir is not None:
-        click.echo(f"wrote {out_dir / 'stats.safetensors'}")
+        click.echo(f"wrote {out_dir / 'stats.safetensors'} and the report {out_dir / 'report.md'}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -86,12 +88,17 @@ def analyze(model, out_dir, calib, samples, seq_len, batch_size, seed, eps, devi
               help="Output folder (required unless --dry-run).")
 @click.option("--state-reduction", default=0.389, show_default=True,
               help="Remove heads until the recurrent state shrinks by at least this share (0 < R < 1).")
-@click.option("--method", default="joint", show_default=True, type=click.Choice(METHODS),
-              help="Head score: joint rank-norm (the paper's Eq. 14), rank, norm or random.")
+@click.option("--method", default="joint", show_default=True, type=click.Choice(PRUNE_METHODS),
+              help="Head score: joint rank-norm (the paper's Eq. 14); threshold rank, stable_rank, entropy_rank; "
+                   "nuclear norm, frobenius; random; loss (each head's own loss increase when masked, one forward "
+                   "pass over 2 x 256 calibration tokens per head); or auto (try every rule at both ends and keep "
+                   "the lowest loss on held-out calibration windows; ignores --remove).")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
 @click.option("--remove", default="high", show_default=True, type=click.Choice(["high", "low"]),
               help="Remove the highest scores (the paper's rule) or the lowest.")
 @click.option("--min-heads-per-layer", default=1, show_default=True, help="Heads every layer keeps.")
+@click.option("--auto-holdout", default=0.25, show_default=True,
+              help="With --method auto: share of the calibration windows held out to compare the rules.")
 @click.option("--stats", "stats_dir", type=click.Path(path_type=Path), default=None,
               help="Reuse statistics written by `compress analyze --out` instead of calibrating.")
 @calibration_options
@@ -108,8 +115,8 @@ def analyze(model, out_dir, calib, samples, seq_len, batch_size, seed, eps, devi
 @click.option("--push-to-hub", "repo_id", default=None, metavar="REPO_ID", help="Push the folder when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
 @user_errors
-def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_layer, stats_dir, calib, samples,
-          seq_len, batch_size, seed, eps, device, dtype, eval_path, eval_samples, eval_seq_len, dry_run, verify,
+def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_layer, auto_holdout, stats_dir, calib,
+          samples, seq_len, batch_size, seed, eps, device, dtype, eval_path, eval_samples, eval_seq_len, dry_run, verify,
           overwrite, max_shard_size, repo_id, private):
     """Remove linear-attention heads and write a smaller checkpoint (MODEL: folder or Hub id)."""
     from .pipeline import prune as run_prune
@@ -117,7 +124,8 @@ def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_
     result = run_prune(
         model, out_dir, state_reduction=state_reduction, method=method, alpha=alpha, remove=remove,
         min_heads_per_layer=min_heads_per_layer, calibration=_settings(calib, samples, seq_len, batch_size, seed, eps),
-        stats=stats_dir, eval_path=eval_path, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device,
+        stats=stats_dir, auto_holdout=auto_holdout, eval_path=eval_path, eval_samples=eval_samples,
+        eval_seq_len=eval_seq_len, device=device,
         dtype=dtype, dry_run=dry_run, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
         command=command_line(click.get_current_context()), push_to_hub=repo_id, private=private,
     )
@@ -165,7 +173,14 @@ def command_line(ctx: click.Context) -> str:
 
 def summary(record: dict) -> str:
     """A per-layer plan and the before/after sizes, as printed by prune."""
-    lines = [f"{'layer':>5}  {'heads':>11}  kept value heads"]
+    lines = []
+    for candidate in record["method"].get("candidates", []):
+        seed = "" if candidate["seed"] is None else f" (seed {candidate['seed']})"
+        lines.append(f"auto candidate {candidate['name']}{seed}, remove {candidate['remove']}: "
+                     f"held-out perplexity {candidate['perplexity']:.2f}")
+    if "chosen" in record["method"]:
+        lines.append(f"auto chose {record['method']['chosen']}, remove {record['method']['remove']}")
+    lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record["layers"].items():
         kept = info["kept_heads"]
         lines.append(f"{layer:>5}  {info['heads_before']:>4} -> {len(kept):<4}  {kept}")
@@ -175,6 +190,8 @@ def summary(record: dict) -> str:
     evaluation = record.get("eval")
     if evaluation:
         lines.append(f"perplexity: {evaluation['perplexity_before']:.2f} -> {evaluation['perplexity_after']:.2f}")
+        lines.append(f"copy recall accuracy: {evaluation['recall_accuracy_before']:.1%} -> "
+                     f"{evaluation['recall_accuracy_after']:.1%}")
     if "verify" in record:
         lines.append(f"verified: reloaded logits differ by {record['verify']['max_abs_logit_diff']:.3g}")
     return "\n".join(lines)

@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 from . import __version__
 from .calibration import StateStatistics, collect_state_statistics, read_text, token_windows
 from .errors import CompressorError
-from .evaluation import max_logit_difference, perplexity
+from .evaluation import copy_recall, max_logit_difference, perplexity, recall_spans
 from .export import copy_tokenizer_files, staging_folder, check_output_folder, write_json, write_model
 from .loading import LoadedModel, load_model
 from .scoring import check_budget, check_budget_options, check_method, plan_by_budget, score_heads
+from .selection import PRUNE_METHODS, choose_plan, held_out_count, loss_scores, loss_windows, split_windows
 from .slicing import PruningPlan, explicit_value_to_key, head_layout, linear_layers, planned_sizes, pruned_layout, slim
 
 VERIFY_TOLERANCE = 1e-4
@@ -45,6 +46,8 @@ class PruneResult:
     record: dict
     out_dir: Path | None
     model: torch.nn.Module = field(repr=False)
+    candidates: list[dict] | None = None
+    """With ``method='auto'``: every candidate rule's held-out loss and perplexity (``Candidate.summary``)."""
 
 
 def analyze(
@@ -54,19 +57,38 @@ def analyze(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> StateStatistics:
-    """Measure every linear-attention head's state on the calibration text; save it when ``out_dir`` is given."""
+    """Measure every linear-attention head's state on the calibration text.
+
+    With ``out_dir``, also calibrate on each half of the samples (for the consistency figures; the statistics
+    themselves come from all samples) and write ``stats.safetensors``, ``report.json``, ``report.md`` and the
+    figures atomically; an existing non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
     calibration = calibration or CalibrationSettings()
     calibration.check()
+    if out_dir is not None:
+        check_output_folder(Path(out_dir), overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
     text, source = read_text(calibration.calib)
     tokens = token_windows(loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
-    stats = collect_state_statistics(
-        loaded.model, loaded.family, tokens, calibration.batch_size, calibration.eps, progress=progress
-    )
-    stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
+
+    def collect(windows: torch.Tensor) -> StateStatistics:
+        stats = collect_state_statistics(
+            loaded.model, loaded.family, windows, calibration.batch_size, calibration.eps, progress=progress
+        )
+        stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
+        return stats
+
+    stats = collect(tokens)
     if out_dir is not None:
-        stats.save(Path(out_dir))
+        from .analysis import write_report
+
+        half = len(tokens) // 2
+        halves = (collect(tokens[:half]), collect(tokens[half:])) if half else None
+        with staging_folder(Path(out_dir), overwrite) as staging:
+            stats.save(staging)
+            write_report(stats, halves, staging)
     return stats
 
 
@@ -141,6 +163,7 @@ def prune(
     min_heads_per_layer: int = 1,
     calibration: CalibrationSettings | None = None,
     stats: str | Path | StateStatistics | None = None,
+    auto_holdout: float = 0.25,
     eval_path: str | Path | None = None,
     eval_samples: int | None = None,
     eval_seq_len: int = 1024,
@@ -160,10 +183,20 @@ def prune(
     Writes ``out_dir`` (weights, config, code, tokenizer, ``compression.json``, model card) atomically unless
     ``dry_run``, then pushes it to the Hub as ``push_to_hub`` when given; returns the plan, the record and the
     pruned model (in memory).
+
+    ``method='loss'`` scores each head by how much masking it alone raises the next-token loss on 2 × 256
+    calibration tokens (one forward pass per head). ``method='auto'`` holds out ``auto_holdout`` of the
+    calibration windows, scores heads on the rest, and keeps the plan (of every rule × both ends, and random
+    with 3 seeds) whose masked model has the lowest held-out loss; ``remove`` is then ignored and ``stats``
+    refused.
     """
     calibration = calibration or CalibrationSettings()
     calibration.check()
-    check_method(method, alpha)
+    check_method(method, alpha, PRUNE_METHODS)
+    if method == "auto":
+        if stats is not None:
+            raise CompressorError("--method auto calibrates on its own scoring windows; drop --stats.")
+        held_out_count(calibration.samples, auto_holdout)
     check_budget_options(state_reduction, min_heads_per_layer)
     if not dry_run:
         if out_dir is None:
@@ -178,7 +211,7 @@ def prune(
     check_shard_size(max_shard_size)
     if isinstance(stats, (str, Path)):
         stats = StateStatistics.load(Path(stats))
-    elif stats is None:
+    if stats is None or method == "loss":
         read_text(calibration.calib)  # a missing calibration file fails before the model loads
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
@@ -194,11 +227,27 @@ def prune(
     if eval_path is not None:
         text, _ = read_text(str(eval_path))
         eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, 0, "--eval-samples")
+    if method in ("auto", "loss"):
+        text, source = read_text(calibration.calib)
+        tokens = token_windows(loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+        scoring_tokens, held_out = split_windows(tokens, auto_holdout) if method == "auto" else (tokens, None)
+        if stats is None:
+            stats = collect_state_statistics(loaded.model, loaded.family, scoring_tokens, calibration.batch_size,
+                                             calibration.eps, progress=progress)
+            stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
+        loss = loss_scores(loaded.model, loaded.family, loss_windows(scoring_tokens), calibration.batch_size)
     if stats is None:
         stats = analyze(loaded, calibration, progress=progress)
 
-    scores = score_heads(stats, method, alpha, calibration.seed)
-    plan = plan_by_budget(scores, head_bytes, state_reduction, remove, min_heads_per_layer)
+    candidates = None
+    if method == "auto":
+        chosen, tried = choose_plan(loaded.model, loaded.family, stats, loss, held_out, head_bytes, state_reduction,
+                                    min_heads_per_layer, alpha, calibration.seed, calibration.batch_size)
+        scores, plan, remove = chosen.scores, chosen.plan, chosen.remove
+        candidates = [candidate.summary() for candidate in tried]
+    else:
+        scores = loss if method == "loss" else score_heads(stats, method, alpha, calibration.seed)
+        plan = plan_by_budget(scores, head_bytes, state_reduction, remove, min_heads_per_layer)
 
     record = {
         "format": 1,
@@ -219,15 +268,24 @@ def prune(
         "versions": versions(),
     }
 
+    if candidates is not None:
+        record["method"].update(chosen=chosen.name, chosen_seed=chosen.seed, auto_holdout=auto_holdout,
+                                held_out_tokens=int(held_out.numel()), candidates=candidates)
+
     if dry_run:
-        return PruneResult(plan=plan, record=record, out_dir=None, model=loaded.model)
+        return PruneResult(plan=plan, record=record, out_dir=None, model=loaded.model, candidates=candidates)
 
     if eval_tokens is not None:
-        record["eval"] = {"perplexity_before": perplexity(loaded.model, eval_tokens, progress=progress, desc="perplexity before")}
+        spans = recall_spans(eval_tokens)
+        record["eval"] = {"perplexity_before": perplexity(loaded.model, eval_tokens, progress=progress, desc="perplexity before"),
+                          "recall_accuracy_before": copy_recall(loaded.model, spans)}
     slim(loaded.model, loaded.family, plan)
     if eval_tokens is not None:
         after = perplexity(loaded.model, eval_tokens, progress=progress, desc="perplexity after")
-        record["eval"].update(perplexity_after=after, data=str(eval_path), tokens=int(eval_tokens.numel()))
+        record["eval"].update(perplexity_after=after, recall_accuracy_after=copy_recall(loaded.model, spans),
+                              recall_probe=f"{spans.shape[0]} spans of {spans.shape[1]} evaluation tokens, each "
+                                           "repeated; greedy accuracy on the second copy",
+                              data=str(eval_path), tokens=int(eval_tokens.numel()))
     if (record["state_bytes_after"], record["params_after"]) != (
         state_bytes(loaded.model, loaded.family, loaded.save_dtype), parameter_count(loaded.model)
     ):
@@ -248,7 +306,7 @@ def prune(
         from .hub import push_folder
 
         record["pushed"] = push_folder(out_dir, push_to_hub, private=private)
-    return PruneResult(plan=plan, record=record, out_dir=out_dir, model=loaded.model)
+    return PruneResult(plan=plan, record=record, out_dir=out_dir, model=loaded.model, candidates=candidates)
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -1,0 +1,236 @@
+"""The ``compress analyze`` report: per-head summaries, a low-/high-rank split, consistency, figures, Markdown.
+
+Heads are flattened layer-major: head j of the i-th linear-attention layer; NaN padding (layers with fewer heads
+than the widest) is dropped everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .calibration import StateStatistics
+from .metrics import METRICS
+
+GROUPS = ("low-rank", "high-rank")
+CONSISTENCY_METRICS = ("threshold_rank", "nuclear_norm")
+EARLY_STEP = 128
+FIGURES = {
+    "heatmap": "final_rank_heatmap.png",
+    "curves": "rank_over_time.png",
+    "histogram": "final_rank_histogram.png",
+}
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of ``values`` [n], ties sharing their average rank: [n] float64."""
+    values = values.double()
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    _, inverse = values.unique(return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.bincount(inverse).double()
+    return (sums / counts)[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman rank correlation of ``a`` and ``b`` [n]; None when either is constant or n < 2."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    if len(a) < 2 or denominator == 0:
+        return None
+    return float((ra * rb).sum() / denominator)
+
+
+def flat(stats: StateStatistics, values: torch.Tensor) -> torch.Tensor:
+    """[layer, head] padded values -> [heads] in layer-major order."""
+    return torch.cat([values[i, :h] for i, h in enumerate(stats.heads)])
+
+
+def largest_gap_split(values: torch.Tensor) -> tuple[float | None, torch.Tensor]:
+    """Split ``values`` [n] at the largest gap of log(1 + value) in sorted order.
+
+    Returns (threshold on the value scale: the gap's midpoint in log space, mapped back; high [n] bool, True above
+    the threshold). With fewer than two distinct values there is no gap: (None, all False).
+    """
+    logs = torch.log1p(values.double()).sort().values
+    if len(logs) < 2 or logs[-1] == logs[0]:
+        return None, torch.zeros(len(values), dtype=torch.bool)
+    gap = int((logs[1:] - logs[:-1]).argmax())
+    threshold = math.expm1(float(logs[gap] + logs[gap + 1]) / 2)
+    return threshold, values.double() > threshold
+
+
+def step_index(times: torch.Tensor, tokens: int) -> int:
+    """Index of the boundary at ``tokens`` tokens, or of the first one after it (the last one if none)."""
+    later = (times >= tokens).nonzero()
+    return int(later[0]) if len(later) else len(times) - 1
+
+
+def consistency(stats: StateStatistics, halves: tuple[StateStatistics, StateStatistics] | None) -> dict:
+    """Spearman correlations of the heads' ordering, for threshold rank and nuclear norm:
+    ``early_vs_final`` (values at t = 128 against the last step) and ``halves`` (time means on two disjoint halves
+    of the calibration samples; None without halves)."""
+    early = step_index(stats.times, EARLY_STEP)
+    result = {"early_step_tokens": int(stats.times[early]), "final_step_tokens": int(stats.times[-1])}
+    for name in CONSISTENCY_METRICS:
+        series = stats.mean[name]  # [time, layer, head]
+        result[name] = {
+            "early_vs_final": spearman(flat(stats, series[early]), flat(stats, series[-1])),
+            "halves": None if halves is None else spearman(
+                *(flat(half, half.mean[name].mean(0)) for half in halves)
+            ),
+        }
+    return result
+
+
+def build_report(
+    stats: StateStatistics, halves: tuple[StateStatistics, StateStatistics] | None = None
+) -> dict:
+    """Everything ``report.json`` holds: settings, per-head final and time-mean metrics with group labels, the
+    stratification and the consistency figures."""
+    mean_rank = flat(stats, stats.mean["threshold_rank"].mean(0))
+    threshold, high = largest_gap_split(mean_rank)
+    labels = [GROUPS[int(h)] for h in high]
+    layers, offset = [], 0
+    for i, layer in enumerate(stats.layers):
+        heads = []
+        for j in range(stats.heads[i]):
+            heads.append({
+                "head": j,
+                "group": labels[offset + j],
+                "final": {m: round(float(stats.mean[m][-1, i, j]), 6) for m in METRICS},
+                "mean": {m: round(float(stats.mean[m][:, i, j].mean()), 6) for m in METRICS},
+            })
+        share = sum(h["group"] == "high-rank" for h in heads) / len(heads)
+        layers.append({"layer": layer, "state_shape": list(stats.state_shapes[i]), "heads": heads,
+                       "share": {"low-rank": round(1 - share, 6), "high-rank": round(share, 6)}})
+        offset += stats.heads[i]
+    return {
+        "settings": {**stats.settings, "times": stats.times.tolist()},
+        "layers": layers,
+        "stratification": {
+            "rule": "largest gap in sorted log(1 + time-mean threshold rank) over all heads; high-rank above it",
+            "threshold_rank": None if threshold is None else round(threshold, 4),
+            "heads": {"low-rank": labels.count("low-rank"), "high-rank": labels.count("high-rank")},
+        },
+        "consistency": consistency(stats, halves),
+    }
+
+
+def write_figures(stats: StateStatistics, report: dict, folder: Path) -> dict[str, str]:
+    """Write the three PNGs of ``FIGURES`` into ``folder``; returns their file names by key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = stats.mean["threshold_rank"][-1]  # [layer, head], NaN padded
+    figure, axes = plt.subplots(figsize=(max(4, 0.45 * final.shape[1] + 2), max(3, 0.35 * len(stats.layers) + 1.5)))
+    image = axes.imshow(final.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set(xlabel="value head", ylabel="layer", title=f"Threshold rank at t = {int(stats.times[-1])}")
+    axes.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers])
+    figure.colorbar(image, ax=axes, label="threshold rank")
+    figure.tight_layout()
+    figure.savefig(folder / FIGURES["heatmap"], dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    colours = {"low-rank": "tab:blue", "high-rank": "tab:red"}
+    for i, layer in enumerate(report["layers"]):
+        for head in layer["heads"]:
+            axes.plot(stats.times.numpy(), stats.mean["threshold_rank"][:, i, head["head"]].numpy(),
+                      color=colours[head["group"]], alpha=0.6, linewidth=1)
+    for group, colour in colours.items():
+        axes.plot([], [], color=colour, label=f"{group}: {report['stratification']['heads'][group]}")
+    axes.set(xlabel="tokens seen", ylabel="threshold rank (mean over samples)", title="Threshold rank over time")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(folder / FIGURES["curves"], dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    axes.hist(flat(stats, final).numpy(), bins=30, color="tab:gray")
+    threshold = report["stratification"]["threshold_rank"]
+    if threshold is not None:
+        axes.axvline(threshold, color="black", linestyle="--", label=f"split of time means ({threshold:.1f})")
+        axes.legend()
+    axes.set(xlabel=f"threshold rank at t = {int(stats.times[-1])}", ylabel="heads", title="Final threshold ranks")
+    figure.tight_layout()
+    figure.savefig(folder / FIGURES["histogram"], dpi=120)
+    plt.close(figure)
+    return dict(FIGURES)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render_markdown(report: dict, figures: dict[str, str]) -> str:
+    """``report.md``: settings, stratification, consistency, per-layer tables and the embedded figures."""
+    settings, strata, agreement = report["settings"], report["stratification"], report["consistency"]
+    threshold = strata["threshold_rank"]
+    lines = [
+        f"# State-rank analysis of {settings.get('model', 'the model')}",
+        "",
+        f"Calibration: {settings.get('samples')} samples × {settings.get('seq_len')} tokens from "
+        f"{settings.get('source')}, seed {settings.get('seed')}; threshold rank counts σ_i > {settings.get('eps')}·σ_1; "
+        f"states measured every 64 tokens up to t = {agreement['final_step_tokens']}.",
+        "",
+        "## Low-rank and high-rank heads",
+        "",
+        f"Rule: {strata['rule']}. "
+        + ("All heads have the same mean rank: no split." if threshold is None else
+           f"Threshold: mean threshold rank {threshold:.2f}; {strata['heads']['low-rank']} low-rank and "
+           f"{strata['heads']['high-rank']} high-rank heads."),
+        "",
+        "| layer | heads | low-rank share | high-rank share | mean rank (min … max) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for layer in report["layers"]:
+        ranks = [h["mean"]["threshold_rank"] for h in layer["heads"]]
+        lines.append(f"| {layer['layer']} | {len(ranks)} | {layer['share']['low-rank']:.0%} | "
+                     f"{layer['share']['high-rank']:.0%} | {sum(ranks) / len(ranks):.1f} "
+                     f"({min(ranks):.1f} … {max(ranks):.1f}) |")
+    lines += [
+        "",
+        "## Consistency (Spearman correlation of the heads' ordering)",
+        "",
+        f"| metric | t = {agreement['early_step_tokens']} vs t = {agreement['final_step_tokens']} | "
+        "two disjoint halves of the samples |",
+        "| --- | --- | --- |",
+    ]
+    for name in CONSISTENCY_METRICS:
+        lines.append(f"| {name.replace('_', ' ')} | {_figure(agreement[name]['early_vs_final'])} | "
+                     f"{_figure(agreement[name]['halves'])} |")
+    lines += [
+        "",
+        "## Figures",
+        "",
+        f"![Final threshold rank per layer and head]({figures['heatmap']})",
+        "",
+        f"![Threshold rank over time, coloured by group]({figures['curves']})",
+        "",
+        f"![Histogram of final threshold ranks]({figures['histogram']})",
+        "",
+        "Per-head final and time-mean values of every metric are in `report.json`; the full time series "
+        "(mean and standard deviation over samples) in `stats.safetensors`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    stats: StateStatistics, halves: tuple[StateStatistics, StateStatistics] | None, folder: Path
+) -> dict:
+    """Write ``report.json``, ``report.md`` and the figures into ``folder``; return the report."""
+    report = build_report(stats, halves)
+    figures = write_figures(stats, report, folder)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (folder / "report.md").write_text(render_markdown(report, figures))
+    return report
