@@ -63,7 +63,7 @@ def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: 
     Returns the names of the modeling files written.
     """
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    shipped = [*SHIPPED_HELPERS, family.modeling_file]
+    shipped = [*SHIPPED_HELPERS, *family.helpers, family.modeling_file]
     package = resources.files("compressor.modeling")
     for name in shipped:
         (folder / name).write_text(package.joinpath(name).read_text())

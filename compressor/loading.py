@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from .errors import CompressorError
 from .families import Family, family_for
+from .families.fla_support import check_config as check_fla_config
+from .families.fla_support import require_fla
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,10 +73,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     else:
         raise CompressorError(f"model folder {name} does not exist (and is not a Hub id of the form owner/name).")
     try:
+        require_fla(PretrainedConfig.get_config_dict(name)[0].get("model_type"))
         config = AutoConfig.from_pretrained(name)
     except OSError as error:
         raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
     family = family_for(config)
+    check_fla_config(config)
     torch_device = resolve_device(device)
     save_dtype = checkpoint_dtype(config)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))

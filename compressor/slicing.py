@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import CompressorError
 from .families import Family, HeadLayout, kept_indices
-from .modeling.gated_deltanet import VALUE_TO_KEY_FIELD, canonical_value_to_key
+from .modeling.gated_deltanet import canonical_value_to_key
 
 
 @dataclass
@@ -28,6 +28,7 @@ def linear_layers(model: nn.Module, family: Family) -> dict[int, nn.Module]:
         index: getattr(layer, family.mixer_attr)
         for index, layer in enumerate(model.model.layers)
         if hasattr(layer, family.mixer_attr)
+        and (family.linear_layer_type is None or model.config.layer_types[index] == family.linear_layer_type)
     }
 
 
@@ -73,19 +74,21 @@ def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
     new.per_layer_config = None
     module = family.modeling_file.removesuffix(".py")
     new.auto_map = {"AutoModelForCausalLM": f"{module}.{family.model_class.__name__}"}
+    if family.config_class is not None:
+        new.auto_map["AutoConfig"] = f"{module}.{family.config_class.__name__}"
     overrides = {
         index: {
             fields.num_value_heads: layout.num_value_heads,
             fields.num_key_heads: layout.num_key_heads,
             fields.value_to_key: explicit_value_to_key(layout),
+            **(family.layer_fields(config, layout) if family.layer_fields else {}),
         }
         for index, layout in layouts.items()
     }
-    counts = {(o[fields.num_value_heads], o[fields.num_key_heads]) for o in overrides.values()}
-    if len(counts) == 1 and all(o[fields.value_to_key] is None for o in overrides.values()):
-        num_value, num_key = counts.pop()
-        setattr(new, fields.num_value_heads, num_value)
-        setattr(new, fields.num_key_heads, num_key)
+    uniform = {tuple(sorted((k, str(v)) for k, v in o.items())) for o in overrides.values()}
+    if len(uniform) == 1 and all(o[fields.value_to_key] is None for o in overrides.values()):
+        for name, value in next(iter(overrides.values())).items():
+            setattr(new, name, value)
         new.__dict__.pop(fields.value_to_key, None)
         new.architectures = [family.model_class.__mro__[1].__name__]
         return new
@@ -126,7 +129,7 @@ def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
         with torch.device("meta"):
             new_mixer = family.mixer_class(new_config.per_layer_config[index], index)
         new_mixer.load_state_dict(state, strict=True, assign=True)
-        family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], VALUE_TO_KEY_FIELD, None))
+        family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], family.fields.value_to_key, None))
         new_mixer.train(mixer.training)
         setattr(model.model.layers[index], family.mixer_attr, new_mixer)
     for module in model.modules():

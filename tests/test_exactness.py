@@ -15,7 +15,7 @@ from compressor.slicing import PruningPlan, linear_layers, slim
 
 TOLERANCE = 1e-4
 
-TOLERANCE = 1e-4
+
 def input_ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(seed))  # 2 full chunks + a partial
 

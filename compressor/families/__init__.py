@@ -5,9 +5,13 @@ from __future__ import annotations
 from ..errors import CompressorError
 from .base import Family, HeadLayout, kept_indices
 from .qwen3_5 import QWEN3_5
+from .kimi_linear import KIMI_LINEAR
+from .olmo_hybrid import OLMO_HYBRID
+from .qwen3_5_moe import QWEN3_5_MOE
 from .qwen3_next import QWEN3_NEXT
+from .fla_support import FLA_FAMILIES
 
-FAMILIES: tuple[Family, ...] = (QWEN3_5, QWEN3_NEXT)
+FAMILIES: tuple[Family, ...] = (QWEN3_5, QWEN3_NEXT, QWEN3_5_MOE, OLMO_HYBRID, KIMI_LINEAR, *FLA_FAMILIES)
 
 REFUSED = {
     "retnet": "RetNet fixes each head's decay by its index, so removing a head changes the others",

@@ -8,6 +8,7 @@ function (``kept_indices``) turns a layout and a set of kept value heads into th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +92,17 @@ class Family:
     mixer_class: type
     fields: ConfigFields = field(default_factory=ConfigFields)
     state_matrix: str = "d_k × d_v per value head"
+    config_class: type | None = None
+    """Set when transformers does not know the model type by itself (fla) or its stock config cannot hold per-layer
+    heads (Kimi Linear): auto_map then names it as AutoConfig."""
+    helpers: tuple[str, ...] = ()
+    """Further files of compressor/modeling that the modeling file imports, shipped beside it."""
+    layer_fields: Callable[[object, HeadLayout], dict] | None = None
+    """(source config, a layer's pruned layout) -> further config fields that layout implies (fla's GLA and DeltaNet
+    size their heads through expand_k/expand_v)."""
+    linear_layer_type: str | None = None
+    """When set, only layers whose ``config.layer_types[i]`` equals it hold a prunable mixer at ``mixer_attr``
+    (Kimi Linear names both its MLA and its KDA mixers ``self_attn``)."""
 
 
 def kept_indices(layout: TensorLayout, heads: HeadLayout, kept_values: list[int]) -> tuple[list[int], int]:

@@ -85,24 +85,31 @@ class PrunableGatedDeltaNetMixin:
         """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
         raise NotImplementedError
 
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs) -> torch.Tensor:
-        """hidden [B, T, D] -> [B, T, D]."""
+    def write_strength(self, b: torch.Tensor) -> torch.Tensor:
+        """beta [B, T, H_v] from the b projection: sigmoid(b) (families with negative eigenvalues override it)."""
+        return b.sigmoid()
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache=None, attention_mask=None, cache_params=None, **kwargs
+    ) -> torch.Tensor:
+        """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
+        cache = cache if cache is not None else cache_params
         if attention_mask is not None:
             hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
         batch, length, _ = hidden_states.shape
         conv_state = recurrent_state = None
-        if cache_params is not None:
-            conv_state = cache_params.get_conv_state(self.layer_idx, state_idx=0)
-            recurrent_state = cache_params.get_recurrent_state(self.layer_idx, state_idx=0)
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
+            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
 
         mixed_qkv, z, b, a = self.project(hidden_states)
         mixed_qkv = mixed_qkv.transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
-        if conv_state is not None and length == 1 and not cache_params.is_recording_past(self.layer_idx):
+        if conv_state is not None and length == 1 and not cache.is_recording_past(self.layer_idx):
             mixed_qkv = causal_conv1d_step(mixed_qkv, conv_state, weight, self.conv1d.bias, self.activation)
         else:
-            if cache_params is not None:
-                mixed_qkv = cache_params.update_conv_state(
+            if cache is not None:
+                mixed_qkv = cache.update_conv_state(
                     mixed_qkv, self.layer_idx, conv_kernel_size=self.conv_kernel_size
                 )
             mixed_qkv = causal_conv1d(mixed_qkv, weight, self.conv1d.bias, self.activation)[..., -length:]
@@ -113,19 +120,19 @@ class PrunableGatedDeltaNetMixin:
         query = query.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
         key = key.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid()
+        beta = self.write_strength(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         out, final_state, chunk_states = gated_delta_rule(
             query, key, value, g, beta,
             initial_state=recurrent_state,
-            output_final_state=cache_params is not None,
+            output_final_state=cache is not None,
             return_chunk_states=self.state_sink is not None,
         )
         if chunk_states is not None:
             self.state_sink(self.layer_idx, chunk_states)
-        if cache_params is not None:
-            cache_params.update_recurrent_state(final_state, self.layer_idx)
+        if cache is not None:
+            cache.update_recurrent_state(final_state, self.layer_idx)
 
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, length, -1))

@@ -1,0 +1,46 @@
+"""fla's DeltaNet (``delta_net``): separate q, k, v, b (and g) projections and q/k/v short convolutions, each laid
+out head after head; one key head per value head. Heads are sized through ``expand_k``/``expand_v``."""
+
+from ..modeling.modeling_fla_delta_net import DeltaNetConfig, PrunedDeltaNetForCausalLM, PrunedFlaDeltaNet
+from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, HeadLayout, columns, rows
+
+K = Block(KEY, "key_dim")
+V = Block(VALUE, "value_dim")
+ONE = Block(VALUE, 1)
+
+FLA_FIELDS = ConfigFields(num_key_heads="num_heads", num_value_heads="num_heads", key_dim="head_dim",
+                          value_dim="head_dim", value_to_key="value_to_key_head")
+"""fla models without grouped value heads: one head count; ``value_to_key_head`` stays unset (identity)."""
+
+
+def expand_fields(config, layout: HeadLayout) -> dict:
+    """``expand_k``/``expand_v`` that give ``layout``'s head count at the same head sizes:
+    hidden_size · expand_k = num_heads · d_k (fla rounds the product, so the quotient's float error is harmless)."""
+    return {"expand_k": layout.num_key_heads * layout.key_dim / config.hidden_size,
+            "expand_v": layout.num_value_heads * layout.value_dim / config.hidden_size}
+
+
+FLA_DELTA_NET = Family(
+    name="fla DeltaNet",
+    model_types=("delta_net",),
+    mixer_attr="attn",
+    tensors={
+        "q_proj.weight": rows(Flat((K,))),
+        "k_proj.weight": rows(Flat((K,))),
+        "v_proj.weight": rows(Flat((V,))),
+        "g_proj.weight": rows(Flat((V,))),
+        "b_proj.weight": rows(Flat((ONE,))),
+        "q_conv1d.weight": rows(Flat((K,))),
+        "k_conv1d.weight": rows(Flat((K,))),
+        "v_conv1d.weight": rows(Flat((V,))),
+        "o_proj.weight": columns(Flat((V,))),
+    },
+    shared=("o_norm.weight",),
+    modeling_file="modeling_fla_delta_net.py",
+    model_class=PrunedDeltaNetForCausalLM,
+    mixer_class=PrunedFlaDeltaNet,
+    fields=FLA_FIELDS,
+    config_class=DeltaNetConfig,
+    helpers=("fla_layers.py", "delta_rule.py"),
+    layer_fields=expand_fields,
+)

@@ -1,0 +1,41 @@
+"""fla's Gated DeltaNet (``gated_deltanet``): separate q, k, v, a, b, g projections and q/k/v short convolutions,
+each laid out head after head; value head j reads key head j // (num_v_heads / num_heads)."""
+
+from ..modeling.modeling_fla_gated_deltanet import (
+    GatedDeltaNetConfig,
+    PrunedFlaGatedDeltaNet,
+    PrunedGatedDeltaNetForCausalLM,
+)
+from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, columns, rows
+
+K = Block(KEY, "key_dim")
+V = Block(VALUE, "value_dim")
+ONE = Block(VALUE, 1)
+
+FLA_GATED_DELTANET = Family(
+    name="fla Gated DeltaNet",
+    model_types=("gated_deltanet",),
+    mixer_attr="attn",
+    tensors={
+        "q_proj.weight": rows(Flat((K,))),
+        "k_proj.weight": rows(Flat((K,))),
+        "v_proj.weight": rows(Flat((V,))),
+        "g_proj.weight": rows(Flat((V,))),
+        "a_proj.weight": rows(Flat((ONE,))),
+        "b_proj.weight": rows(Flat((ONE,))),
+        "A_log": rows(Flat((ONE,))),
+        "dt_bias": rows(Flat((ONE,))),
+        "q_conv1d.weight": rows(Flat((K,))),
+        "k_conv1d.weight": rows(Flat((K,))),
+        "v_conv1d.weight": rows(Flat((V,))),
+        "o_proj.weight": columns(Flat((V,))),
+    },
+    shared=("o_norm.weight",),
+    modeling_file="modeling_fla_gated_deltanet.py",
+    model_class=PrunedGatedDeltaNetForCausalLM,
+    mixer_class=PrunedFlaGatedDeltaNet,
+    fields=ConfigFields(num_key_heads="num_heads", num_value_heads="num_v_heads", key_dim="head_dim",
+                        value_dim="head_dim", value_to_key="value_to_key_head"),
+    config_class=GatedDeltaNetConfig,
+    helpers=("fla_layers.py",),
+)

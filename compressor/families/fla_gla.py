@@ -1,0 +1,44 @@
+"""fla's Gated Linear Attention (``gla``): separate q, k, v, g projections, a low-rank key-channel gate whose second
+factor holds each head's channels, and optional q/k/v short convolutions; heads sized through expand_k/expand_v."""
+
+from ..modeling.modeling_fla_gla import GLAConfig, PrunedFlaGLA, PrunedGLAForCausalLM
+from .base import KEY, VALUE, Block, Family, Flat, HeadLayout, columns, rows
+from .fla_delta_net import FLA_FIELDS, expand_fields
+
+K = Block(KEY, "key_dim")
+V = Block(VALUE, "value_dim")
+
+
+def gla_fields(config, layout: HeadLayout) -> dict:
+    """``expand_fields``, and ``num_kv_heads`` when the source config sets it (it must equal num_heads)."""
+    fields = expand_fields(config, layout)
+    if config.num_kv_heads is not None:
+        fields["num_kv_heads"] = layout.num_key_heads
+    return fields
+
+
+FLA_GLA = Family(
+    name="fla GLA",
+    model_types=("gla",),
+    mixer_attr="attn",
+    tensors={
+        "q_proj.weight": rows(Flat((K,))),
+        "k_proj.weight": rows(Flat((K,))),
+        "v_proj.weight": rows(Flat((V,))),
+        "g_proj.weight": rows(Flat((V,))),
+        "gk_proj.1.weight": rows(Flat((K,))),
+        "gk_proj.1.bias": rows(Flat((K,))),
+        "q_conv1d.weight": rows(Flat((K,))),
+        "k_conv1d.weight": rows(Flat((K,))),
+        "v_conv1d.weight": rows(Flat((V,))),
+        "o_proj.weight": columns(Flat((V,))),
+    },
+    shared=("gk_proj.0.weight", "g_norm_swish_gate.weight", "g_norm.weight"),
+    modeling_file="modeling_fla_gla.py",
+    model_class=PrunedGLAForCausalLM,
+    mixer_class=PrunedFlaGLA,
+    fields=FLA_FIELDS,
+    config_class=GLAConfig,
+    helpers=("fla_layers.py", "gla.py"),
+    layer_fields=gla_fields,
+)

@@ -1,0 +1,44 @@
+"""fla's model families: available when fla and triton are installed (fla registers its models only then).
+
+``import fla`` happens here, not in ``loading``: compressor's shipped recurrences already import fla when it is
+installed. Without fla (or triton) the fla families are absent and ``require_fla`` says what to install.
+"""
+
+from __future__ import annotations
+
+from ..errors import CompressorError
+
+FLA_MODEL_TYPES = ("gated_deltanet", "delta_net", "gla", "kda")
+
+try:
+    from .fla_delta_net import FLA_DELTA_NET
+    from .fla_gated_deltanet import FLA_GATED_DELTANET
+    from .fla_gla import FLA_GLA
+    from .fla_kda import FLA_KDA
+
+    FLA_FAMILIES = (FLA_GATED_DELTANET, FLA_DELTA_NET, FLA_GLA, FLA_KDA)
+    FLA_IMPORT_ERROR: Exception | None = None
+except ImportError as error:  # fla missing, or fla without triton (then its layers do not import)
+    FLA_FAMILIES = ()
+    FLA_IMPORT_ERROR = error
+
+
+def require_fla(model_type: str) -> None:
+    """Raise a CompressorError when ``model_type`` is an fla model and fla cannot be used here."""
+    if model_type in FLA_MODEL_TYPES and FLA_IMPORT_ERROR is not None:
+        raise CompressorError(
+            f"model type '{model_type}' is a flash-linear-attention model, but fla could not be imported "
+            f"({FLA_IMPORT_ERROR}); install it with `pip install flash-linear-attention triton`."
+        )
+
+
+def check_config(config) -> None:
+    """Refuse fla configs whose other layers have no PyTorch path (full-attention layers, attention residuals)."""
+    if getattr(config, "model_type", None) not in FLA_MODEL_TYPES:
+        return
+    from ..modeling.fla_layers import check_supported
+
+    try:
+        check_supported(config)
+    except ValueError as error:
+        raise CompressorError(f"cannot prune this model: {error}.") from None

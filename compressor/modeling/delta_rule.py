@@ -1,0 +1,96 @@
+"""Delta rule recurrences (DeltaNet): a PyTorch reference for CPU tensors, fla's Triton kernels for CUDA tensors.
+
+Shipped inside output folders of fla DeltaNet models (imports only torch and, optionally, fla). The delta rule is
+the gated delta rule without decay: S_t = S_{t-1} + k_t (beta_t (v_t - S_{t-1}^T k_t))^T, o_t = S_t^T q_t · scale,
+so the PyTorch forms are those of ``gated_delta.py`` with log-decay g = 0 (exp(0) = 1 exactly).
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; states [B, H, K, V].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
+
+try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
+    from fla.ops.delta_rule import chunk_delta_rule as _fla_chunk
+    from fla.ops.delta_rule import fused_recurrent_delta_rule as _fla_recurrent
+
+    HAS_FLA = True
+except Exception:  # ImportError, or fla without triton
+    HAS_FLA = False
+
+
+def _no_decay(beta: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(beta.shape, dtype=torch.float32, device=beta.device)
+
+
+def chunk_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    chunk_size: int = 64,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked delta rule in float32. Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or
+    None, chunk states [B, H, N, K, V] float32 or None)``, N = ceil(T / chunk_size), the last after token T."""
+    return chunk_gated_delta_rule_torch(
+        q, k, v, _no_decay(beta), beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        chunk_size=chunk_size, return_chunk_states=return_chunk_states,
+    )
+
+
+def recurrent_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token delta rule in float32 (the naive reference, and the decode step).
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``."""
+    return recurrent_gated_delta_rule_torch(
+        q, k, v, _no_decay(beta), beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+    )
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    use_qk_l2norm: bool,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise; chunk states always from the PyTorch
+    recurrence in strict float32 (no TF32, see ``gated_delta.gated_delta_rule``).
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``."""
+    options = dict(initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm_in_kernel=use_qk_l2norm)
+    if return_chunk_states:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return chunk_delta_rule_torch(q, k, v, beta, return_chunk_states=True, **options)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    single_step = q.shape[1] == 1 and initial_state is not None
+    if q.is_cuda and HAS_FLA:
+        out, final = (_fla_recurrent if single_step else _fla_chunk)(q, k, v, beta=beta, **options)
+        return out, final, None
+    if single_step:
+        return (*recurrent_delta_rule_torch(q, k, v, beta, **options), None)
+    return chunk_delta_rule_torch(q, k, v, beta, **options)

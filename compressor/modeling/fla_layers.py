@@ -1,0 +1,265 @@
+"""fla's building blocks with CPU tensors routed to PyTorch, and per-layer heads for fla models.
+
+Shipped inside output folders of fla families (imports only torch, transformers and fla). fla's modules call
+Triton kernels for every tensor, and Triton crashes on CPU tensors; each class here is a subclass of an fla
+module with the same parameters, whose forward calls fla for CUDA tensors and a PyTorch reference otherwise.
+``route_to_torch`` swaps the classes of a built model in place, so state dicts and parameter names are fla's.
+
+Shapes: hidden states [B, T, D]; short-convolution caches [B, D, W] (fla's layout: the last W inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import update_layer_cache
+from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+from fla.modules.activations import ACT2FN as FLA_ACT2FN
+from torch import nn
+
+from .gated_deltanet import PrunableGatedDeltaNetMixin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMS normalisation of the last dimension in float32; returns float32 [..., D]."""
+    x = x.float()
+    out = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.float()
+    return out if bias is None else out + bias.float()
+
+
+class TorchRoutedRMSNorm(RMSNorm):
+    """fla's RMSNorm (optionally adding a residual first, ``prenorm`` returning the sum too)."""
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        if x.is_cuda:
+            return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+        summed = x.float() if residual is None else x.float() + residual.float()
+        out = rms_norm(summed, self.weight, self.bias, self.eps).to(x.dtype)
+        if not prenorm:
+            return out
+        return out, summed if residual_in_fp32 else summed.to(x.dtype)
+
+
+class TorchRoutedFusedRMSNormGated(FusedRMSNormGated):
+    """fla's gated RMSNorm: rmsnorm(x) · w · act(g), act = swish (silu) or sigmoid."""
+
+    def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if x.is_cuda:
+            return super().forward(x, g, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+        if residual is not None or prenorm:
+            raise NotImplementedError("the CPU path of FusedRMSNormGated takes no residual")
+        gate = g.float()
+        gate = gate.sigmoid() if self.activation == "sigmoid" else F.silu(gate)
+        return (rms_norm(x, self.weight, self.bias, self.eps) * gate).to(x.dtype)
+
+
+class TorchRoutedGatedMLP(GatedMLP):
+    """fla's SwiGLU MLP: down(silu(gate(x)) · up(x))."""
+
+    def forward(self, x, **kwargs):
+        if x.is_cuda:
+            return super().forward(x, **kwargs)
+        if self.hidden_act != "swish":
+            raise NotImplementedError(f"the CPU path of GatedMLP supports hidden_act='swish', not {self.hidden_act!r}")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def short_convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    cache: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution in float32 after the cached inputs.
+
+    x [B, T, D], weight [D, W], cache [B, D, W] (the last W inputs, fla's layout) or None (zeros).
+    Returns (y [B, T, D] in x's dtype, new cache [B, D, W] in x's dtype).
+    """
+    batch, length, channels = x.shape
+    width = weight.shape[-1]
+    past = x.new_zeros(batch, channels, width - 1) if cache is None else cache[..., 1:].to(x.dtype)
+    window = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, D, W - 1 + T]
+    y = F.conv1d(window.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=channels)
+    if activation is not None:
+        y = F.silu(y)
+    return y.transpose(1, 2).to(x.dtype), window[..., -width:].contiguous()
+
+
+class TorchRoutedShortConvolution(ShortConvolution):
+    """fla's ShortConvolution: ``(y [B, T, D], cache [B, D, W] or None)``; the cache holds the last W inputs."""
+
+    def forward(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **kwargs):
+        if x.is_cuda:
+            return super().forward(x, residual=residual, mask=mask, cache=cache,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kwargs)
+        if cu_seqlens is not None:
+            raise NotImplementedError("the CPU path of ShortConvolution takes no packed sequences (cu_seqlens)")
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        y, new_cache = short_convolution(x, self.weight.squeeze(1), self.bias, self.activation, cache)
+        if residual is not None:
+            y = y + residual
+        if cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            cache.copy_(new_cache)  # fla updates a decode step's cache in place
+        return y, (new_cache if output_final_state else None)
+
+
+ROUTED: dict[type, type] = {
+    RMSNorm: TorchRoutedRMSNorm,
+    FusedRMSNormGated: TorchRoutedFusedRMSNormGated,
+    GatedMLP: TorchRoutedGatedMLP,
+    ShortConvolution: TorchRoutedShortConvolution,
+}
+
+
+def route_to_torch(model: nn.Module) -> None:
+    """Give every fla norm, MLP and short convolution of ``model`` its CPU-routed class, in place."""
+    for module in model.modules():
+        routed = ROUTED.get(type(module))
+        if routed is not None:
+            module.__class__ = routed
+
+
+def check_supported(config) -> None:
+    """Refuse fla configs this code cannot run: full-attention layers (fla's Attention needs flash-attn), attention
+    residuals (a Triton-only kernel) and GLA's shared key/value heads."""
+    if getattr(config, "attn", None) is not None:
+        raise ValueError(
+            f"{config.model_type}: hybrid fla models with full-attention layers (config.attn) are not supported: "
+            "fla's Attention layer has no CPU path"
+        )
+    if getattr(config, "attnres_block_size", None) is not None:
+        raise ValueError(f"{config.model_type}: attention residuals (attnres_block_size) are not supported")
+    for layer_config in config.per_layer_config:
+        kv_heads = getattr(layer_config, "num_kv_heads", None)
+        if kv_heads is not None and kv_heads != layer_config.num_heads:
+            raise ValueError(
+                f"{config.model_type}: shared key/value heads (num_kv_heads < num_heads) are not supported"
+            )
+
+
+def compute_loss_on_cpu(model, super_method: Callable, hidden_states: torch.Tensor, labels=None, *args, **kwargs):
+    """fla's ``_compute_logits_and_loss`` with a plain cross-entropy for CPU tensors (fla's fused losses are
+    Triton kernels)."""
+    if hidden_states.is_cuda:
+        return super_method(hidden_states, labels, *args, **kwargs)
+    kwargs = {**kwargs, "fuse_linear_cross_entropy": False}
+    if getattr(model, "criterion", None) is not None:  # the user's own loss
+        return super_method(hidden_states, labels, *args, **kwargs)
+    model.criterion = nn.CrossEntropyLoss()
+    try:
+        return super_method(hidden_states, labels, *args, **kwargs)
+    finally:
+        del model.criterion
+
+
+class CacheArgumentMixin:
+    """Hands transformers' ``cache`` argument to fla's ``past_key_values``. transformers >= 5.24 generates with
+    ``cache=``, which fla 0.6's model ``forward`` would swallow into ``**kwargs``, so every decode step would run
+    without its recurrent state."""
+
+    def forward(self, *args, cache=None, **kwargs):
+        if cache is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        return super().forward(*args, **kwargs)
+
+
+def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) -> None:
+    """Give every layer of an fla model its own head counts and head map from ``config.per_layer_config``.
+
+    ``fields`` names the config attributes: ``num_heads`` (key heads), ``num_v_heads`` (value heads, may be
+    the same name) and ``value_to_key``. Layers whose counts differ from the stock-built mixer get a new mixer
+    ``mixer_cls(layer_config, index)``; every mixer is adopted into ``mixer_cls`` (same parameters).
+    """
+    for index, layer in enumerate(model.model.layers):
+        layer_config = model.config.per_layer_config[index]
+        mixer = layer.attn
+        num_heads = getattr(layer_config, fields["num_heads"])
+        num_v_heads = getattr(layer_config, fields["num_v_heads"]) or num_heads
+        if (num_heads, num_v_heads) != (mixer.num_heads, getattr(mixer, "num_v_heads", mixer.num_heads)):
+            mixer = mixer_cls(layer_config, index)
+            layer.attn = mixer
+        mixer_cls.adopt(mixer, getattr(layer_config, fields["value_to_key"], None))
+
+
+class FlaMixerMixin(PrunableGatedDeltaNetMixin):
+    """What compressor reads from an fla token mixer (``num_k_heads``, ``num_v_heads``, ``value_to_key``,
+    ``out_proj``: fla's ``o_proj``, ``state_sink``) and the steps its forward passes share. Subclasses define
+    ``forward``."""
+
+    @property
+    def num_k_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.o_proj
+
+    @staticmethod
+    def unpadded(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Zero the inputs at padded positions (``attention_mask`` [B, T'] with 0 = padding; its last T columns
+        belong to ``hidden_states`` [B, T, D]): the states stay zero across left padding, so it is exact."""
+        if attention_mask is None:
+            return hidden_states
+        return hidden_states * attention_mask[:, -hidden_states.shape[1] :, None].to(hidden_states.dtype)
+
+    def convolved_qkv(self, hidden_states, last_state, use_cache):
+        """(q [B, T, H_k·d_k], k [B, T, H_k·d_k], v [B, T, H_v·d_v], conv caches or None) after the projections
+        and the short convolutions (the projections alone when the layer has none)."""
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if not self.use_short_conv:
+            return q, k, v, None
+        caches = last_state["conv_state"] if last_state is not None else (None, None, None)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        (q, conv_q), (k, conv_k), (v, conv_v) = (
+            conv(x, cache=cache, output_final_state=use_cache) for conv, x, cache in zip(convs, (q, k, v), caches)
+        )
+        return q, k, v, (conv_q, conv_k, conv_v)
+
+    def heads(self, q, k, v):
+        """Split into heads, q and k repeated per value head by ``value_to_key``:
+        (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
+        batch, length, _ = v.shape
+        index = self.key_index(v.device)
+        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
+
+    def hand_over(self, chunk_states, past_key_values, final_state, conv_states, length: int) -> None:
+        """Give the chunk states [B, H_v, N, d_k, d_v] to the sink and the final states to the cache."""
+        if chunk_states is not None:
+            self.state_sink(self.layer_idx, chunk_states)
+        update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
+
+    def finish(self, out, hidden_states, chunk_states, past_key_values, final_state, conv_states):
+        """``hand_over``, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] -> [B, T, D]."""
+        batch, length = out.shape[:2]
+        self.hand_over(chunk_states, past_key_values, final_state, conv_states, length)
+        if self.use_gate:
+            gate = self.g_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)
+            out = self.o_norm(out, gate)
+        else:
+            out = self.o_norm(out)
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+TORCH_ACTIVATIONS: dict[str, Callable] = {
+    "relu": F.relu, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "silu": F.silu, "swish": F.silu,
+    "sqrelu": lambda x: F.relu(x).square(),
+}
+"""PyTorch forms of fla's ACT2FN entries (fla's own are Triton kernels for some names)."""
+
+
+def activation(fla_function: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``fla_function`` (an entry of fla's ACT2FN) on CUDA tensors, its PyTorch form otherwise."""
+    if x.is_cuda:
+        return fla_function(x)
+    name = next((name for name, function in FLA_ACT2FN.items() if function == fla_function), None)
+    if name not in TORCH_ACTIVATIONS:
+        raise NotImplementedError(f"no CPU path for fla's activation {name or fla_function!r}")
+    return TORCH_ACTIVATIONS[name](x)

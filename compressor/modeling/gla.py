@@ -1,0 +1,121 @@
+"""Gated linear attention recurrences (GLA): a PyTorch reference for CPU tensors, fla's Triton kernels for CUDA.
+
+Shipped inside output folders of fla GLA models (imports only torch and, optionally, fla).
+S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = S_t^T q_t · scale  (gk_t <= 0: a log decay per key channel).
+
+Shapes: q, k, gk [B, T, H, K]; v [B, T, H, V]; states [B, H, K, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
+    from fla.ops.gla import chunk_gla as _fla_chunk
+    from fla.ops.gla import fused_recurrent_gla as _fla_recurrent
+
+    HAS_FLA = True
+except Exception:  # ImportError, or fla without triton
+    HAS_FLA = False
+
+
+def chunk_gla_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked GLA in float32, one sequential step per chunk; within a chunk every decay factor is
+    exp(G_i - G_j) with j <= i (G the in-chunk cumulative log decay), so nothing overflows.
+
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
+    chunk states [B, H, N, K, V] float32 or None)``, N = ceil(T / chunk_size), the last after token T.
+    """
+    out_dtype = v.dtype
+    batch, length, heads, key_dim = q.shape
+    q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
+    q = q * (key_dim**-0.5 if scale is None else scale)
+    pad = (-length) % chunk_size  # padded tokens: k = v = 0 and no decay, so the state passes through unchanged
+    q, k, v, gk = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, gk))
+    chunks = (length + pad) // chunk_size
+    q, k, v, gk = (x.reshape(batch, heads, chunks, chunk_size, -1) for x in (q, k, v, gk))
+    cumulative = gk.cumsum(-2)
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    states = []
+    for i in range(chunks):
+        g, qi, ki, vi = cumulative[:, :, i], q[:, :, i], k[:, :, i], v[:, :, i]  # g [B, H, C, K]
+        decay = (g[:, :, :, None] - g[:, :, None]).masked_fill(~causal[..., None], float("-inf")).exp()
+        scores = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, decay)
+        out[:, :, i] = (qi * g.exp()) @ state + scores @ vi
+        last = g[:, :, -1:]  # [B, H, 1, K]
+        state = state * last.transpose(-1, -2).exp() + (ki * (last - g).exp()).transpose(-1, -2) @ vi
+        if return_chunk_states:
+            states.append(state)
+    out = out.reshape(batch, heads, -1, out.shape[-1])[:, :, :length].transpose(1, 2).to(out_dtype)
+    chunk_states = torch.stack(states, dim=2) if return_chunk_states else None
+    return out, (state if output_final_state else None), chunk_states
+
+
+def recurrent_gla_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token GLA in float32 (the naive reference, and the decode step).
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``."""
+    out_dtype = v.dtype
+    key_dim = q.shape[-1]
+    q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
+    q = q * (key_dim**-0.5 if scale is None else scale)
+    batch, heads, length, _ = q.shape
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    for t in range(length):
+        state = state * gk[:, :, t].exp()[..., None] + k[:, :, t, :, None] * v[:, :, t, None, :]
+        out[:, :, t] = (state * q[:, :, t, :, None]).sum(-2)
+    return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise; chunk states always from the PyTorch
+    recurrence in strict float32 (no TF32, see ``gated_delta.gated_delta_rule``).
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``."""
+    options = dict(initial_state=initial_state, output_final_state=output_final_state)
+    if return_chunk_states:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return chunk_gla_torch(q, k, v, gk, return_chunk_states=True, **options)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    single_step = q.shape[1] == 1 and initial_state is not None
+    if q.is_cuda and HAS_FLA:
+        if single_step:
+            out, final = _fla_recurrent(q, k, v, gk=gk, **options)
+        else:
+            out, final = _fla_chunk(q, k, v, g=gk, **options)
+        return out, final, None
+    if single_step:
+        return (*recurrent_gla_torch(q, k, v, gk, **options), None)
+    return chunk_gla_torch(q, k, v, gk, **options)

@@ -1,0 +1,163 @@
+"""Kimi Delta Attention (KDA) recurrences: a PyTorch reference for CPU tensors, fla's Triton kernels for CUDA tensors.
+
+Shipped inside output folders of KDA models (imports only torch and, optionally, fla). KDA is the gated delta
+rule with one decay per key channel instead of one per head:
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t (beta_t (v_t - k_t^T diag(exp(g_t)) S_{t-1}))^T,   o_t = S_t^T q_t.
+
+Shapes (fla's): q, k [B, T, H, K]; v [B, T, H, V]; g (log decay per key channel) [B, T, H, K]; beta [B, T, H];
+states [B, H, K, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .gated_delta import l2norm
+
+try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
+    from fla.ops.kda import chunk_kda as _fla_chunk
+    from fla.ops.kda import fused_recurrent_kda as _fla_recurrent
+
+    HAS_FLA = True
+except Exception:  # ImportError, or fla without triton
+    HAS_FLA = False
+
+
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
+    """Float32 copies in [B, H, T, ·] layout, q/k normalised and q scaled."""
+    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    return q * (q.shape[-1] ** -0.5 if scale is None else scale), k, v, g, beta
+
+
+def chunk_kda_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    chunk_size: int = 64,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked KDA in float32 (WY representation, one sequential step per chunk).
+
+    Within a chunk with cumulative log decays G_t, the per-channel decay between tokens s <= t is
+    exp(G_t - G_s) <= 1, formed per chunk as a [C, C, K] tensor (never exp(-G), which overflows).
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
+    chunk states [B, H, N, K, V] float32 or None)``: the state after each chunk of ``chunk_size`` tokens,
+    the last one after token T (N = ceil(T / chunk_size)).
+    """
+    out_dtype = v.dtype
+    length = q.shape[1]
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    batch, heads, _, key_dim = q.shape
+    pad = (-length) % chunk_size
+    q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    beta = F.pad(beta, (0, pad))
+    chunks = (length + pad) // chunk_size
+    q, k, v, g = (x.reshape(batch, heads, chunks, chunk_size, -1) for x in (q, k, v, g))
+    beta = beta.reshape(batch, heads, chunks, chunk_size, 1)
+    g = g.cumsum(-2)
+
+    later = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)[..., None]  # s > t
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    states = []
+    for i in range(chunks):
+        q_i, k_i, v_i, g_i, beta_i = q[:, :, i], k[:, :, i], v[:, :, i], g[:, :, i], beta[:, :, i]
+        decay = (g_i[..., :, None, :] - g_i[..., None, :, :]).masked_fill(later, float("-inf")).exp()  # [.., t, s, K]
+        system = torch.einsum("bhtk,bhsk,bhtsk->bhts", k_i * beta_i, k_i, decay)
+        attn = torch.einsum("bhtk,bhsk,bhtsk->bhts", q_i, k_i, decay)
+        u = torch.linalg.solve_triangular(system, v_i * beta_i, upper=False, unitriangular=True)
+        w = torch.linalg.solve_triangular(system, k_i * beta_i * g_i.exp(), upper=False, unitriangular=True)
+        v_new = u - w @ state
+        out[:, :, i] = (q_i * g_i.exp()) @ state + attn @ v_new
+        last = g_i[..., -1:, :]
+        state = state * last.transpose(-1, -2).exp() + (k_i * (last - g_i).exp()).transpose(-1, -2) @ v_new
+        if return_chunk_states:
+            states.append(state)
+    out = out.reshape(batch, heads, -1, out.shape[-1])[:, :, :length].transpose(1, 2).to(out_dtype)
+    chunk_states = torch.stack(states, dim=2) if return_chunk_states else None
+    return out, (state if output_final_state else None), chunk_states
+
+
+def naive_recurrent_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token KDA in float32: the reference for the chunked form, and the decode step.
+
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``.
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    batch, heads, length, key_dim = q.shape
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    out = torch.empty_like(v)
+    for t in range(length):
+        state = state * g[:, :, t, :, None].exp()
+        predicted = (state * k[:, :, t, :, None]).sum(-2)
+        delta = (v[:, :, t] - predicted) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
+        out[:, :, t] = (state * q[:, :, t, :, None]).sum(-2)
+    return out.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+def kimi_delta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
+
+    A single token with an initial state takes the recurrent step; longer inputs the chunked form. Chunk states
+    (for calibration) always come from the PyTorch recurrence in strict float32 (no TF32), on any device.
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
+    """
+    single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
+    if return_chunk_states:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return chunk_kda_torch(
+                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=True, return_chunk_states=True,
+            )
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    if q.is_cuda and HAS_FLA:
+        kernel = _fla_recurrent if single_step else _fla_chunk
+        out, final = kernel(
+            q, k, v, g=g.float(), beta=beta, initial_state=initial_state,
+            output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+        )
+        return out, final, None
+    if single_step:
+        out, final = naive_recurrent_kda(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=True,
+        )
+        return out, final, None
+    return chunk_kda_torch(
+        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=True,
+    )

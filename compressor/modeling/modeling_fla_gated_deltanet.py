@@ -1,0 +1,95 @@
+"""fla's Gated DeltaNet (``gated_deltanet``) with per-layer heads and CPU tensors routed to PyTorch.
+
+Shipped in output folders (auto_map). Per-layer head counts come from ``config.per_layer_config[i]``
+(``num_heads`` key heads, ``num_v_heads`` value heads, ``value_to_key_head``: the key head of each value head
+when the stock grouping j // r does not describe it). Value head j reads key head ``value_to_key[j]``.
+
+Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
+transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from fla.layers.gated_deltanet import GatedDeltaNet
+from fla.layers.utils import get_layer_cache
+from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+from fla.modules import ShortConvolution
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .fla_layers import (
+    CacheArgumentMixin,
+    FlaMixerMixin,
+    check_supported,
+    compute_loss_on_cpu,
+    install_mixers,
+    route_to_torch,
+)
+from .gated_delta import gated_delta_rule
+from .gated_deltanet import global_head_counts
+
+FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_v_heads", "value_to_key": "value_to_key_head"}
+
+
+class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
+    """fla's GatedDeltaNet layer; any number of value heads per key head; ``out_proj`` names fla's ``o_proj``."""
+
+    def __init__(self, config, layer_idx: int):
+        num_heads = config.num_heads
+        num_v_heads = config.num_v_heads or num_heads
+        # fla insists on num_v_heads % num_heads == 0; uneven pruned groups are built with one key head, then resized.
+        built_heads = num_heads if num_v_heads % num_heads == 0 else 1
+        super().__init__(
+            hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,
+            num_heads=built_heads, num_v_heads=num_v_heads, mode=config.attn_mode, use_gate=config.use_gate,
+            use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
+            conv_size=config.conv_size, layer_idx=layer_idx, norm_eps=config.norm_eps,
+            output_gate_activation=getattr(config, "output_gate_activation", "swish"),
+        )
+        if built_heads != num_heads:
+            self.num_heads, self.key_dim = num_heads, num_heads * self.head_k_dim
+            self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+            self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+            if self.use_short_conv:
+                self.q_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
+                self.k_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
+        route_to_torch(self)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
+        """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
+        hidden_states = self.unpadded(hidden_states, attention_mask)
+        last_state = get_layer_cache(self, past_key_values)
+        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
+        if conv_states is None:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v = self.heads(q, k, v)
+        beta = self.b_proj(hidden_states).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        out, final_state, chunk_states = gated_delta_rule(
+            q, k, v, g, beta,
+            initial_state=last_state["recurrent_state"] if last_state is not None else None,
+            output_final_state=bool(use_cache),
+            return_chunk_states=self.state_sink is not None,
+        )
+        out = self.finish(out, hidden_states, chunk_states, past_key_values, final_state, conv_states)
+        return out, None, past_key_values
+
+
+class PrunedGatedDeltaNetForCausalLM(CacheArgumentMixin, GatedDeltaNetForCausalLM):
+    """GatedDeltaNetForCausalLM whose layers read their heads from ``config.per_layer_config``; CPU tensors never
+    reach Triton."""
+
+    def __init__(self, config):
+        check_supported(config)
+        with global_head_counts(config):
+            super().__init__(config)
+        install_mixers(self, PrunedFlaGatedDeltaNet, FIELDS)
+        route_to_torch(self)
+
+    def _compute_logits_and_loss(self, hidden_states, labels=None, *args, **kwargs):
+        return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
+
+
+
+AutoModelForCausalLM.register(GatedDeltaNetConfig, PrunedGatedDeltaNetForCausalLM, exist_ok=True)

@@ -1,0 +1,98 @@
+"""fla's Gated Linear Attention (``gla``) with per-layer heads and CPU tensors routed to PyTorch.
+
+Shipped in output folders (auto_map). GLA sizes its heads through ``expand_k``/``expand_v`` (key width
+hidden_size · expand_k, split into ``num_heads`` heads), so a layer with fewer heads gets ``num_heads``,
+``expand_k`` and ``expand_v`` (and ``num_kv_heads`` when the source sets it) in ``config.per_layer_config[i]``.
+Every head has its own keys, values and key-channel decay; the low-rank gate's first factor is shared.
+
+Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
+transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from fla.layers.gla import GatedLinearAttention
+from fla.layers.utils import get_layer_cache
+from fla.models.gla import GLAConfig, GLAForCausalLM
+from transformers import AutoModelForCausalLM
+
+from .fla_layers import (
+    CacheArgumentMixin,
+    FlaMixerMixin,
+    activation,
+    check_supported,
+    compute_loss_on_cpu,
+    install_mixers,
+    route_to_torch,
+)
+from .gated_deltanet import global_head_counts
+from .gla import gla
+
+FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": "value_to_key_head"}
+
+
+class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
+    """fla's GatedLinearAttention layer built from a (per-layer) config; ``out_proj`` names fla's ``o_proj``."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(
+            mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k,
+            expand_v=config.expand_v, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+            feature_map=config.feature_map, use_short_conv=config.use_short_conv, conv_size=config.conv_size,
+            use_output_gate=config.use_output_gate, gate_fn=config.hidden_act,
+            elementwise_affine=config.elementwise_affine, norm_eps=config.norm_eps, clamp_min=config.clamp_min,
+            fuse_norm=config.fuse_norm, layer_idx=layer_idx,
+        )
+        route_to_torch(self)
+
+    @property
+    def num_v_heads(self) -> int:
+        return self.num_heads
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
+        """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
+        hidden_states = self.unpadded(hidden_states, attention_mask)
+        batch, length, _ = hidden_states.shape
+        last_state = get_layer_cache(self, past_key_values)
+        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
+        q, k, v = self.heads(q, k, v)
+        gk = self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim)
+        gk = F.logsigmoid(gk.float()) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            gk = gk.clamp_min(self.clamp_min)
+        if self.feature_map_fn is not None:
+            q, k = (activation(self.feature_map_fn, x) for x in (q, k))
+        out, final_state, chunk_states = gla(
+            q, k, v, gk,
+            initial_state=last_state["recurrent_state"] if last_state is not None else None,
+            output_final_state=bool(use_cache),
+            return_chunk_states=self.state_sink is not None,
+        )
+        self.hand_over(chunk_states, past_key_values, final_state, conv_states, length)
+        if self.use_output_gate and self.fuse_norm_and_gate:
+            gate = self.g_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_v_dim)
+            out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)
+        else:
+            out = self.g_norm(out).reshape(batch, length, -1)
+            if self.use_output_gate:
+                out = out * activation(self.gate_fn, self.g_proj(hidden_states))
+        return self.o_proj(out), None, past_key_values
+
+
+class PrunedGLAForCausalLM(CacheArgumentMixin, GLAForCausalLM):
+    """GLAForCausalLM whose layers read their heads from ``config.per_layer_config``; CPU tensors never reach
+    Triton."""
+
+    def __init__(self, config):
+        check_supported(config)
+        with global_head_counts(config):
+            super().__init__(config)
+        install_mixers(self, PrunedFlaGLA, FIELDS)
+        route_to_torch(self)
+
+    def _compute_logits_and_loss(self, hidden_states, labels=None, *args, **kwargs):
+        return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
+
+
+AutoModelForCausalLM.register(GLAConfig, PrunedGLAForCausalLM, exist_ok=True)

@@ -1,0 +1,150 @@
+"""Kimi Linear (``kimi_linear``) with per-layer KDA heads. Shipped in output folders (auto_map).
+
+Kimi Linear mixes MLA attention layers and KDA (Kimi Delta Attention) layers, both at ``self_attn``; only the
+KDA layers (``config.layer_types[i] == "linear_attention"``) have heads that this code resizes, each from
+``config.per_layer_config[i].linear_num_heads``. KDA has one key head per value head (d_k = d_v = head_dim),
+a per-channel decay (``forget_gate``: low-rank ``f_a_proj`` → ``f_b_proj``, ``dt_bias`` per head × channel,
+``A_log`` per head) and a low-rank output gate (``g_a_proj`` → ``g_b_proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
+from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention, KimiLinearForCausalLM
+
+from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts
+from .kda import kimi_delta_attention
+
+LINEAR_LAYER = "linear_attention"
+
+
+class PrunedKimiLinearConfig(KimiLinearConfig):
+    """KimiLinearConfig that applies ``per_layer_config`` after its own post-init.
+
+    The stock post-init reads ``linear_num_heads`` globally after the base class has applied the per-layer
+    overrides, so a config with per-layer KDA heads could not be built at all; here the overrides come last.
+    """
+
+    def __post_init__(self, **kwargs):
+        per_layer_config = kwargs.pop("per_layer_config", None)
+        super().__post_init__(**kwargs)
+        if per_layer_config is not None:
+            self.per_layer_config = per_layer_config
+
+
+class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
+    """KimiLinearDeltaAttention whose CPU tensors use the PyTorch KDA recurrence, and whose states at every chunk
+    boundary can be handed to ``state_sink`` during calibration."""
+
+    state_sink: Callable[[int, torch.Tensor], None] | None = None
+    """Calibration hook: called with (layer index, chunk states [B, H, N, d_k, d_v] float32)."""
+
+    @classmethod
+    def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module:
+        """Turn a stock KDA mixer into this class in place (same parameters, new forward)."""
+        module.__class__ = cls
+        if value_to_key is not None and list(value_to_key) != list(range(module.num_heads)):
+            raise ValueError(f"layer {module.layer_idx}: KDA reads key head j for value head j, not {value_to_key}")
+        return module
+
+    # The pruning contract's names: one key head per value head, d_k = d_v.
+    @property
+    def num_k_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def num_v_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_k_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def head_v_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def value_to_key(self) -> list[int]:
+        return list(range(self.num_heads))
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The output projection [hidden, H·d]; its input columns are contiguous per head."""
+        return self.o_proj
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache=None, attention_mask=None, cache_params=None, **kwargs
+    ) -> torch.Tensor:
+        """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
+        cache = cache if cache is not None else cache_params
+        if attention_mask is not None:
+            hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+        batch, length, _ = hidden_states.shape
+        conv_state = recurrent_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
+            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+
+        mixed_qkv = torch.cat(
+            [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1
+        ).transpose(1, 2)
+        weight = self.conv1d.weight.squeeze(1)
+        if conv_state is not None and length == 1 and not cache.is_recording_past(self.layer_idx):
+            mixed_qkv = causal_conv1d_step(mixed_qkv, conv_state, weight, self.conv1d.bias, self.activation)
+        else:
+            if cache is not None:
+                mixed_qkv = cache.update_conv_state(
+                    mixed_qkv, self.layer_idx, conv_kernel_size=self.conv_kernel_size
+                )
+            mixed_qkv = causal_conv1d(mixed_qkv, weight, self.conv1d.bias, self.activation)[..., -length:]
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = (x.reshape(shape) for x in mixed_qkv.transpose(1, 2).split(self.qkv_dim, dim=-1))
+
+        g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
+        beta = self.b_proj(hidden_states).sigmoid()
+        out, final_state, chunk_states = kimi_delta_attention(
+            query, key, value, g, beta,
+            initial_state=recurrent_state,
+            output_final_state=cache is not None,
+            return_chunk_states=self.state_sink is not None,
+        )
+        if chunk_states is not None:
+            self.state_sink(self.layer_idx, chunk_states)
+        if cache is not None:
+            cache.update_recurrent_state(final_state.float(), self.layer_idx)
+
+        gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(shape)
+        return self.o_proj(self.o_norm(out, gate).reshape(batch, length, -1))
+
+
+def install_kda_mixers(model: nn.Module) -> None:
+    """Give every KDA layer of ``model`` its head count from ``config.per_layer_config[i].linear_num_heads``.
+
+    Layers without overrides keep their stock module (adopted in place); overridden layers get a new mixer.
+    """
+    config = model.config
+    for index, layer in enumerate(model.model.layers):
+        if config.layer_types[index] != LINEAR_LAYER:
+            continue
+        layer_config = config.per_layer_config[index]
+        mixer = layer.self_attn
+        if layer_config.linear_num_heads != mixer.num_heads:
+            mixer = PrunedKimiDeltaAttention(layer_config, index)
+            layer.self_attn = mixer
+        PrunedKimiDeltaAttention.adopt(mixer)
+
+
+class PrunedKimiLinearForCausalLM(KimiLinearForCausalLM):
+    """KimiLinearForCausalLM whose KDA layers read their head counts from ``config.per_layer_config``."""
+
+    config_class = PrunedKimiLinearConfig
+
+    def __init__(self, config):
+        with global_head_counts(config):
+            super().__init__(config)
+        install_kda_mixers(self)

@@ -1,0 +1,99 @@
+"""fla's Gated DeltaNet (``gated_deltanet``), grouped value heads included: removing heads equals masking them,
+folders reload without compressor, cached generation, ``compress prune`` end to end, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_fla import (
+    CONFIGS,
+    check_cached_generation,
+    check_cli_prune,
+    check_reload_without_compressor,
+    check_removal_equals_masking,
+    tiny_fla_model,
+)
+
+from compressor.errors import CompressorError
+
+NAMES = ["gated_deltanet_gva", "gated_deltanet"]
+
+
+@pytest.mark.parametrize("plan_name", ["uneven", "single-and-odd", "even-uniform"])
+@pytest.mark.parametrize("config_name", NAMES)
+def test_removing_heads_equals_masking_them(config_name, plan_name):
+    check_removal_equals_masking(config_name, plan_name)
+
+
+def test_uneven_groups_get_an_explicit_head_map():
+    from compressor.families import family_for
+    from compressor.slicing import PruningPlan, slim
+
+    model = tiny_fla_model("gated_deltanet_gva")
+    slim(model, family_for(model.config), PruningPlan(kept={0: [0, 1, 2, 4], 1: [1, 5], 2: list(range(6))}))
+    layer0, layer1 = model.config.per_layer_config[0], model.config.per_layer_config[1]
+    assert (layer0.num_heads, layer0.num_v_heads, layer0.value_to_key_head) == (3, 4, [0, 0, 1, 2])
+    assert (layer1.num_heads, layer1.num_v_heads, layer1.value_to_key_head) == (2, 2, None)
+    assert model.model.layers[0].attn.q_proj.weight.shape[0] == 3 * 8
+
+
+@pytest.mark.parametrize("config_name", NAMES)
+def test_cached_generation_matches_the_masked_model(config_name):
+    check_cached_generation(config_name)
+
+
+def test_saved_folders_reload_without_compressor(tmp_path):
+    check_reload_without_compressor(NAMES, tmp_path)
+
+
+def test_compress_prune_end_to_end(tmp_path):
+    check_cli_prune("gated_deltanet_gva", tmp_path)
+
+
+def test_hybrid_with_attention_layers_is_refused(tmp_path):
+    from compressor.loading import load_model
+
+    config = CONFIGS["gated_deltanet"](attn={"layers": [1], "num_heads": 2})
+    config.save_pretrained(tmp_path)
+    with pytest.raises(CompressorError, match="full-attention layers"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_padded_positions_leave_the_others_unchanged():
+    """Left padding (attention_mask 0) gives the unpadded sequence's logits at the real positions."""
+    model = tiny_fla_model("gated_deltanet_gva")
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        plain = model(ids).logits
+        left = model(padded, attention_mask=mask).logits[:, 7:]
+    assert (plain - left).abs().max().item() <= 1e-4
+
+
+def test_fla_model_without_usable_fla_is_refused_with_what_to_install(tmp_path, monkeypatch):
+    import compressor.families.fla_support as fla_support
+    from compressor.loading import load_model
+
+    CONFIGS["gated_deltanet"]().save_pretrained(tmp_path)
+    monkeypatch.setattr(fla_support, "FLA_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(CompressorError, match="pip install flash-linear-attention triton"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_after_import_compressor_folders_load_without_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compressor.export import write_model
+    from compressor.families import family_for
+    from compressor.slicing import PruningPlan, slim
+    from tiny_fla import input_ids, plans_for
+
+    model = tiny_fla_model("gated_deltanet_gva")
+    family = family_for(model.config)
+    slim(model, family, PruningPlan(kept=plans_for("gated_deltanet_gva")["uneven"]))
+    write_model(model, family, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is family.model_class
+    with torch.no_grad():
+        assert (reloaded(input_ids(4)).logits - model(input_ids(4)).logits).abs().max().item() <= 1e-4
