@@ -140,16 +140,20 @@ def write_figures(stats: StateStatistics, report: dict, folder: Path) -> dict[st
     figure.savefig(folder / FIGURES["heatmap"], dpi=120)
     plt.close(figure)
 
-    figure, axes = plt.subplots(figsize=(6.5, 4))
+    figure, axes = plt.subplots(figsize=(7.5, 4))
     colours = {"low-rank": "tab:blue", "high-rank": "tab:red"}
+    few_steps = len(stats.times) <= 12
     for i, layer in enumerate(report["layers"]):
         for head in layer["heads"]:
             axes.plot(stats.times.numpy(), stats.mean["threshold_rank"][:, i, head["head"]].numpy(),
-                      color=colours[head["group"]], alpha=0.6, linewidth=1)
+                      color=colours[head["group"]], alpha=0.6, linewidth=1, marker="o" if few_steps else None,
+                      markersize=3)
     for group, colour in colours.items():
         axes.plot([], [], color=colour, label=f"{group}: {report['stratification']['heads'][group]}")
     axes.set(xlabel="tokens seen", ylabel="threshold rank (mean over samples)", title="Threshold rank over time")
-    axes.legend()
+    if stats.settings.get("steps") == "log":
+        axes.set_xscale("log", base=2)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # outside: never over a curve
     figure.tight_layout()
     figure.savefig(folder / FIGURES["curves"], dpi=120)
     plt.close(figure)
@@ -234,3 +238,35 @@ def write_report(
     (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (folder / "report.md").write_text(render_markdown(report, figures))
     return report
+
+
+def write_card_figures(
+    stats: StateStatistics, folder: Path, scores: dict[int, torch.Tensor], kept: dict[int, list[int]], method: str
+) -> list[str]:
+    """Write a model card's figures into ``folder/figures/``: the removed heads over the method's ``scores``
+    (layer -> [H]) and the analysis figures of ``stats``; returns their paths relative to ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = folder / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    layers = sorted(scores)
+    width = max(len(scores[layer]) for layer in layers)
+    grid = torch.full((len(layers), width), float("nan"))
+    for i, layer in enumerate(layers):
+        grid[i, : len(scores[layer])] = scores[layer].float()
+    figure, axes = plt.subplots(figsize=(max(4, 0.45 * width + 2), max(3, 0.35 * len(layers) + 1.5)))
+    image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    for i, layer in enumerate(layers):
+        for head in sorted(set(range(len(scores[layer]))) - set(kept[layer])):
+            axes.text(head, i, "×", ha="center", va="center", color="white", fontsize=12, fontweight="bold")
+    axes.set(xlabel="value head", ylabel="layer", title=f"Removed heads (×) over the {method} score")
+    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    figure.colorbar(image, ax=axes, label=f"{method} score")
+    figure.tight_layout()
+    figure.savefig(figures / "removed_heads.png", dpi=120)
+    plt.close(figure)
+    names = write_figures(stats, build_report(stats), figures)
+    return ["figures/removed_heads.png", *(f"figures/{names[key]}" for key in FIGURES)]

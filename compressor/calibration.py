@@ -19,37 +19,162 @@ from .slicing import linear_layers
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl",)
+DATASET_PREFIX = "hf:"
+PACKINGS = ("pack", "truncate")
+STEP_CHOICES = ("every", "log")
+CHUNK = 64
+"""Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
 
 
-def read_text(source: str | None) -> tuple[str, str]:
-    """(text, description) from a file, a folder of text files, literal text, or the embedded default (None)."""
+def read_text(source: str | None, text_field: str = "text", split: str = "train", char_budget: int | None = None
+              ) -> tuple[str, str]:
+    """(text, description): :func:`read_documents` joined by blank lines (documents packed into one stream)."""
+    documents, description = read_documents(source, text_field, split, char_budget)
+    return "\n\n".join(documents), description
+
+
+def read_documents(
+    source: str | None, text_field: str = "text", split: str = "train", char_budget: int | None = None
+) -> tuple[list[str], str]:
+    """(documents, description) from one of the calibration sources:
+
+    - None: the embedded Python-docs text (one document);
+    - a text file (one document), or a folder of text files (one document per file, sorted by path);
+    - a JSON Lines file (``.jsonl``): one document per line, the string in its ``text_field``;
+    - ``hf:DATASET[:CONFIG]``: a Hub dataset's ``split``, column ``text_field``, streamed (needs the
+      ``datasets`` extra) until ``char_budget`` characters are read (None: the whole split);
+    - anything else with whitespace in it: literal text (one document).
+    """
     if source is None:
         text = resources.files("compressor.data").joinpath(EMBEDDED_CALIBRATION).read_text(encoding="utf-8")
-        return text, f"embedded:{EMBEDDED_CALIBRATION} (Python 3.11 documentation, PSF License)"
+        return [text], f"embedded:{EMBEDDED_CALIBRATION} (Python 3.11 documentation, PSF License)"
+    if source.startswith(DATASET_PREFIX):
+        return read_dataset(source[len(DATASET_PREFIX):], text_field, split, char_budget)
     path = Path(source)
+    if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
+        return read_json_lines(path, text_field), f"{path} (field {text_field!r})"
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+        return [path.read_text(encoding="utf-8", errors="replace")], str(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise CompressorError(f"calibration folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}).")
-        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files), str(path)
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files], str(path)
     if not any(c.isspace() for c in source.strip()):  # one word: a mistyped path, not a text to calibrate on
         raise CompressorError(f"calibration file {source} does not exist.")
-    return source, "literal text"
+    return [source], "literal text"
+
+
+def check_source(source: str | None, text_field: str = "text") -> None:
+    """Fail early (before a model loads) on a calibration source that cannot be read: a missing file, a bad
+    JSON Lines file, an empty folder, or a Hub dataset without the ``datasets`` extra (not streamed here)."""
+    if source is not None and source.startswith(DATASET_PREFIX):
+        import_datasets(source[len(DATASET_PREFIX):])
+    else:
+        read_documents(source, text_field)
+
+
+def import_datasets(name: str):
+    """The ``datasets`` module, or a CompressorError saying how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise CompressorError(
+            f"reading the Hub dataset {name} needs the datasets extra: pip install 'compressor[datasets]'."
+        ) from None
+    return datasets
+
+def read_json_lines(path: Path, text_field: str) -> list[str]:
+    """The string in ``text_field`` of every non-empty line of the JSON Lines file ``path``."""
+    documents = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CompressorError(f"line {number} of {path} is not valid JSON.") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise CompressorError(
+                    f"line {number} of {path} has no string field {text_field!r}; name the field with --text-field."
+                )
+            documents.append(record[text_field])
+    if not documents:
+        raise CompressorError(f"{path} holds no JSON lines.")
+    return documents
+
+
+def read_dataset(name: str, column: str, split: str, char_budget: int | None) -> tuple[list[str], str]:
+    """Stream ``column`` of the Hub dataset ``name`` (``ID`` or ``ID:CONFIG``), ``split``, until ``char_budget``
+    characters are read: (documents, description)."""
+    datasets = import_datasets(name)
+    repo, _, config = name.partition(":")
+    documents, read = [], 0
+    try:
+        rows = datasets.load_dataset(repo, config or None, split=split, streaming=True)
+        for row in rows:
+            if not isinstance(row.get(column), str):
+                raise CompressorError(
+                    f"the dataset {name} (split {split}) has no text column {column!r}; name it with --text-field."
+                )
+            documents.append(row[column])
+            read += len(row[column])
+            if char_budget is not None and read >= char_budget:
+                break
+    except CompressorError:
+        raise
+    except Exception as error:  # offline, unknown id, unknown split or config: datasets raises many kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressorError(
+            f"could not stream the Hub dataset {name} (split {split}): {reason.rstrip('.')}."
+        ) from None
+    if not documents:
+        raise CompressorError(f"the dataset {name} (split {split}) has no rows.")
+    return documents, f"hf:{name} (split {split}, column {column!r})"
 
 
 def token_windows(
-    tokenizer, text: str, samples: int | None, seq_len: int, seed: int, option: str = "--samples"
+    tokenizer,
+    text: str | list[str],
+    samples: int | None,
+    seq_len: int,
+    seed: int,
+    option: str = "--samples",
+    packing: str = "pack",
 ) -> torch.Tensor:
-    """``samples`` non-overlapping windows of ``seq_len`` tokens chosen with ``seed`` (None: every window, in
-    order): LongTensor [samples, seq_len]. ``option`` names the option to lower in the error message."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    """``samples`` windows of ``seq_len`` tokens chosen with ``seed`` (None: every window, in order):
+    LongTensor [samples, seq_len]. ``option`` names the option to lower in the error message.
+
+    ``text`` is one text or a list of documents. ``packing='pack'`` joins the documents with blank lines and cuts
+    the stream into non-overlapping windows (a window may span two documents); ``packing='truncate'`` gives
+    every document its own window, its first ``seq_len`` tokens, and skips documents shorter than that (no
+    padding: pad tokens would enter the states).
+    """
+    if packing not in PACKINGS:
+        raise CompressorError(f"--packing must be one of {', '.join(PACKINGS)}, got '{packing}'.")
+    documents = [text] if isinstance(text, str) else list(text)
+    length_option = option.replace("samples", "seq-len")
+    if packing == "truncate":
+        encoded = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+        windows = [ids[:seq_len] for ids in encoded if len(ids) >= seq_len]
+        if samples is None:
+            samples = len(windows)
+        if len(windows) < max(samples, 1):
+            raise CompressorError(
+                f"{len(windows)} of {len(documents)} documents have at least {seq_len} tokens, but "
+                f"{max(samples, 1)} samples were asked (--packing truncate skips shorter documents); lower {option} "
+                f"or {length_option}, give more documents, or use --packing pack."
+            )
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(windows), generator=generator)[:samples].sort().values
+        return torch.tensor([windows[i] for i in chosen.tolist()], dtype=torch.long)
+    ids = tokenizer("\n\n".join(documents), add_special_tokens=False, verbose=False)["input_ids"]
     available = len(ids) // seq_len
     if samples is None:
         samples = available
     if available < max(samples, 1):
-        length_option = option.replace("samples", "seq-len")
         raise CompressorError(
             f"the text has {len(ids)} tokens, enough for {available} samples of {seq_len} tokens but {max(samples, 1)} "
             f"were asked; lower {option} or {length_option}, or give more text."
@@ -58,6 +183,20 @@ def token_windows(
     starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len
     ids = torch.tensor(ids, dtype=torch.long)
     return torch.stack([ids[start : start + seq_len] for start in starts.tolist()])
+
+
+def measured_steps(seq_len: int, every: int = CHUNK, steps: str = "every") -> list[int]:
+    """Token counts at which states are measured: every ``every`` tokens (a multiple of the 64-token chunk), or
+    log-spaced (64, 128, 256, …) with ``steps='log'``; the last token (``seq_len``) is always included."""
+    if steps not in STEP_CHOICES:
+        raise CompressorError(f"--steps must be one of {', '.join(STEP_CHOICES)}, got '{steps}'.")
+    if every < CHUNK or every % CHUNK:
+        raise CompressorError(f"--every must be a positive multiple of {CHUNK} tokens, got {every}.")
+    if steps == "log":
+        times = [CHUNK << i for i in range(max(seq_len // CHUNK, 1).bit_length()) if CHUNK << i < seq_len]
+    else:
+        times = list(range(every, seq_len, every))
+    return [*times, seq_len]
 
 
 @dataclass
@@ -122,25 +261,35 @@ def collect_state_statistics(
     batch_size: int = 4,
     eps: float = 1e-4,
     progress: bool = True,
+    times: list[int] | None = None,
 ) -> StateStatistics:
-    """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at every chunk boundary.
+    """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at the boundaries ``times``.
 
-    States never leave the layer that made them: each mixer hands its chunk states [B, H, T/64, d_k, d_v] to a
-    sink that reduces them to metrics at once, so memory holds one layer's states of one batch at a time.
+    ``times`` are token counts from :func:`measured_steps` (None: every chunk boundary). States never leave the
+    layer that made them: each mixer hands its chunk states [B, H, ceil(L/64), d_k, d_v] to a sink that keeps
+    the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
+    memory holds one layer's states of one batch at a time.
     """
+    times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
+    device = next(model.parameters()).device
+    chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
+    chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
     sums: dict[int, dict[str, torch.Tensor]] = {}
     squares: dict[int, dict[str, torch.Tensor]] = {}
 
     def sink(layer: int, states: torch.Tensor) -> None:
-        for name, values in state_metrics(states, eps).items():  # values [B, H, T']
+        if states.shape[2] != chunk_count:
+            raise ValueError(f"layer {layer} handed {states.shape[2]} chunk states to the sink; sequences of "
+                             f"{tokens.shape[1]} tokens have {chunk_count} (one per {CHUNK} tokens, and the last)")
+        states = states.index_select(2, chunks.to(states.device))  # [B, H, len(times), d_k, d_v]
+        for name, values in state_metrics(states, eps).items():  # values [B, H, len(times)]
             values = values.double().cpu()
             sums.setdefault(layer, {}).setdefault(name, torch.zeros(values.shape[1:], dtype=torch.float64))
             squares.setdefault(layer, {}).setdefault(name, torch.zeros(values.shape[1:], dtype=torch.float64))
             sums[layer][name] += values.sum(0)
             squares[layer][name] += values.pow(2).sum(0)
 
-    device = next(model.parameters()).device
     for mixer in mixers.values():
         mixer.state_sink = sink
     try:
@@ -165,12 +314,10 @@ def collect_state_statistics(
             m[:, i, : heads[i]] = average.T.float()
             s[:, i, : heads[i]] = variance.sqrt().T.float()
         mean[name], std[name] = m, s
-    chunk = 64
-    times = torch.clamp(torch.arange(1, steps + 1) * chunk, max=tokens.shape[1])
     return StateStatistics(
         mean=mean,
         std=std,
-        times=times,
+        times=torch.tensor(times),
         layers=layers,
         heads=heads,
         state_shapes=[(mixers[i].head_k_dim, mixers[i].head_v_dim) for i in layers],

@@ -1,11 +1,21 @@
-"""Cost of analyze-style state capture against a plain forward, with svdvals or float64 Gram eigvalsh spectra.
+"""Cost of `compress analyze` calibration against a plain forward pass, and where it goes.
 
 A random-init 1B-class Qwen3-Next-shaped model (18 linear-attention layers of 16 heads with 128 × 128 states) in
-bf16 on a GPU; a batch of 4 × 2048 tokens, states measured every 64 tokens. Prints one JSON object: device,
-versions, the plain forward time, the capture time per spectra method, and the spectra alone on one step's states.
+bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON object (also written to --out):
 
-    python scripts/bench_calibration.py            # on a GPU (about a minute on an H100)
-    python scripts/bench_calibration.py --small    # a 2-layer model, 2 × 256 tokens, on any device: checks it runs
+- ``plain_forward_s``: the model's forward pass (fla's TF32/bf16 kernels, no states);
+- ``states_only``: the forward pass that also hands every chunk state to a sink doing nothing, with the states
+  from fla's kernels in strict float32 (the CUDA path) and from the PyTorch recurrence (the CPU path, on GPU);
+- ``analyze``: ``collect_state_statistics`` (forward + spectra + metrics) at log-spaced steps and every 64 tokens;
+- ``spectra_one_step``: the spectra of one step's states (all layers × batch × heads) by each method;
+- ``rank_agreement``: the share of (sequence, layer, head, step) states whose threshold rank from fla's float32
+  IEEE states equals the PyTorch float32 reference's, and the same for fla's default (TF32) precision; and the
+  share whose float64-Gram threshold rank equals svdvals' on the same states;
+- ``naive_baseline``: a per-token recurrence (the PyTorch decode step in a loop) plus svdvals every 64th token,
+  the naive way to get the same statistics: measured forward + 32 × the measured svdvals time of one step.
+
+    python scripts/bench_calibration.py --out scripts/results/bench_calibration_h100.json   # on a GPU
+    python scripts/bench_calibration.py --small    # 4 layers of 4 heads, 2 × 256 tokens, any device: a smoke run
 """
 
 from __future__ import annotations
@@ -13,18 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import partial
+import types
+from pathlib import Path
 
 import torch
 
-import compressor.calibration
-from compressor.calibration import collect_state_statistics
+import compressor.modeling.gated_delta as gated_delta
+from compressor.calibration import collect_state_statistics, measured_steps
 from compressor.families import family_for
-from compressor.metrics import singular_values, state_metrics
+from compressor.metrics import singular_values
 from compressor.pipeline import versions
 from compressor.slicing import linear_layers
-
-METHODS = ("svd", "gram")
 
 
 def synchronize(device: torch.device) -> None:
@@ -32,9 +41,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Best wall time in seconds of ``repeats`` calls after one warm-up."""
-    function()
+def timed(function, device: torch.device, repeats: int, warm_up: bool = True) -> float:
+    """Best wall time in seconds of ``repeats`` calls after one warm-up (if ``warm_up``)."""
+    if warm_up:
+        function()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
@@ -60,56 +70,218 @@ def model_config(small: bool):
     )
 
 
+class StatePath:
+    """Context: route calibration states through ``path``: 'fla' (float32 IEEE), 'fla-tf32' (fla's default
+    precision, float32 inputs) or 'torch' (the PyTorch reference)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.saved = gated_delta.HAS_FLA_STATES, getattr(gated_delta, "_triton", None)
+        if self.path == "torch":
+            gated_delta.HAS_FLA_STATES = False
+        elif self.path == "fla-tf32":  # the knob is set on a stand-in, so Triton keeps its default (TF32)
+            gated_delta._triton = types.SimpleNamespace(knobs=types.SimpleNamespace(
+                language=types.SimpleNamespace(fp32_default=None)))
+        return self
+
+    def __exit__(self, *exc):
+        gated_delta.HAS_FLA_STATES, gated_delta._triton = self.saved
+
+
+def capture(model, family, ids, sink) -> None:
+    """One forward pass of ``ids`` with ``sink`` on every mixer."""
+    mixers = linear_layers(model, family)
+    for mixer in mixers.values():
+        mixer.state_sink = sink
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids, use_cache=False)
+    finally:
+        for mixer in mixers.values():
+            mixer.state_sink = None
+
+
+def states_at(model, family, ids, times: list[int]) -> torch.Tensor:
+    """States at ``times`` of every layer: [layers, B, H, len(times), d_k, d_v] float32 (on the model's device)."""
+    index = torch.tensor([(t + 63) // 64 - 1 for t in times], device=ids.device)
+    kept = []
+    capture(model, family, ids, lambda layer, states: kept.append(states.index_select(2, index)))
+    return torch.stack(kept)
+
+
+def threshold_ranks(states: torch.Tensor, method: str, eps: float = 1e-4) -> torch.Tensor:
+    sigma = singular_values(states.flatten(0, -3), method)
+    return (sigma > eps * sigma[:, :1]).sum(-1)
+
+
+def cpu_spectra(states: torch.Tensor, method: str) -> torch.Tensor:
+    """Spectra on the CPU (all its threads) of GPU states, the transfer included."""
+    return singular_values(states.cpu(), method)
+
+
+def random_input_states(device: torch.device, path: str, batch: int, length: int, heads: int, dim: int):
+    """Chunk states of the recurrence on random inputs with slow decay (states of high rank, the hard case):
+    [B, H, N, d, d] float32 through ``path``."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, length, heads, dim, device=device, generator=generator) for _ in range(3))
+    g = -0.05 * torch.rand(batch, length, heads, device=device, generator=generator)
+    beta = torch.rand(batch, length, heads, device=device, generator=generator)
+    with StatePath(path):
+        return gated_delta.gated_delta_rule(q, k, v, g, beta, return_chunk_states=True)[2]
+
+
+def rank_agreement(model, family, ids, times: list[int], path: str) -> dict:
+    """Share of states whose threshold rank through ``path`` equals the PyTorch float32 reference's: the
+    model's states at ``times``, and random-input states (4 × 2048 tokens, 16 heads of 128) every 256 tokens."""
+    with StatePath("torch"):
+        reference = threshold_ranks(states_at(model, family, ids, times), "gram")
+    with StatePath(path):
+        ranks = threshold_ranks(states_at(model, family, ids, times), "gram")
+    shape = (4, 2048, 16, 128) if ids.shape[1] >= 2048 else (2, 256, 4, 32)
+    every = slice(3, None, 4)
+    random_reference = threshold_ranks(random_input_states(ids.device, "torch", *shape)[:, :, every], "gram")
+    random_ranks = threshold_ranks(random_input_states(ids.device, path, *shape)[:, :, every], "gram")
+    return {
+        "path": path,
+        "model_states": int(reference.numel()),
+        "model_mean_threshold_rank_reference": reference.float().mean().item(),
+        "model_equal_share": (ranks == reference).float().mean().item(),
+        "model_max_abs_diff": (ranks - reference).abs().max().item(),
+        "random_input_states": int(random_reference.numel()),
+        "random_input_mean_threshold_rank_reference": random_reference.float().mean().item(),
+        "random_input_equal_share": (random_ranks == random_reference).float().mean().item(),
+        "random_input_max_abs_diff": (random_ranks - random_reference).abs().max().item(),
+    }
+
+
+def fixture_agreement(path: str, device: torch.device, path_name: str = "fla") -> dict:
+    """Threshold-rank agreement of fla's float32 IEEE states with the PyTorch reference on a trained model in
+    float32, every 64 tokens of 4 embedded-text windows of 1024 tokens."""
+    from compressor.calibration import read_text, token_windows
+    from compressor.loading import load_model
+
+    loaded = load_model(path, str(device), "float32")
+    ids = token_windows(loaded.tokenizer, read_text(None)[0], 4, 1024, seed=0).to(device)
+    times = measured_steps(1024)
+    ranks = {}
+    for name in ("torch", path_name):
+        with StatePath(name):
+            ranks[name] = threshold_ranks(states_at(loaded.model, loaded.family, ids, times), "gram")
+    return {
+        "model": path,
+        "states": int(ranks["torch"].numel()),
+        "mean_threshold_rank_reference": ranks["torch"].float().mean().item(),
+        "path": path_name,
+        "equal_share": (ranks[path_name] == ranks["torch"]).float().mean().item(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny model and batch, to check the script runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the forward and spectra")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the short measurements")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--agreement-only", default=None, choices=["fla", "fla-tf32"],
+                        help="only the rank agreement of this state path (run each in a fresh process: Triton "
+                             "caches compiled kernels without their dot precision)")
+    parser.add_argument("--fixture", default=None,
+                        help="also measure the rank agreement on this trained model (4 x 1024 embedded-text tokens)")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # bf16 matmuls crawl on CPUs
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on CPUs
     batch, length = (2, 256) if args.small else (4, 2048)
     config = model_config(args.small)
     torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     family = family_for(config)
-    mixer = next(iter(linear_layers(model, family).values()))
+    with device:  # the family's class (what `compress analyze` loads), not whatever the Auto classes map to
+        model = family.model_class._from_config(config, dtype=dtype).eval()
+    mixers = linear_layers(model, family)
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
-    with torch.no_grad():
-        plain = timed(lambda: model.model(input_ids=ids, use_cache=False), device, args.repeats)
-
-    # one step's states of the whole model: [layers · batch · heads, d_k, d_v], float32 as the sink sees them
-    count = len(linear_layers(model, family)) * batch * mixer.num_v_heads
-    states = torch.randn(count, mixer.head_k_dim, mixer.head_v_dim, device=device)
+    log_times, every_times = measured_steps(length, steps="log"), measured_steps(length, 64)
     results = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "versions": versions(),
+        "model_class": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch": [batch, length],
-        "linear_layers": len(linear_layers(model, family)),
-        "steps_per_sequence": length // 64,
-        "plain_forward_s": plain,
-        "spectra_one_step": {"states": list(states.shape)},
-        "capture": {},
+        "linear_layers": len(mixers),
+        "heads_per_layer": next(iter(mixers.values())).num_v_heads,
+        "log_steps": log_times,
+        "every_64_steps": len(every_times),
     }
-    original = compressor.calibration.state_metrics
+    with torch.no_grad():
+        plain = timed(lambda: model.model(input_ids=ids, use_cache=False), device, args.repeats)
+    results["plain_forward_s"] = plain
+
+    results["rank_agreement"] = rank_agreement(model, family, ids, log_times, args.agreement_only or "fla")
+    last = states_at(model, family, ids, [length]).flatten(0, -3)  # one step's states, fla float32 IEEE
+    results["rank_agreement"]["gram_vs_svd_equal_share_last_step"] = (
+        threshold_ranks(last, "gram") == threshold_ranks(last, "svd")).float().mean().item()
+    if args.agreement_only:
+        if args.fixture:
+            results["rank_agreement_fixture"] = fixture_agreement(args.fixture, device, args.agreement_only)
+        print(json.dumps(results, indent=2))
+        return
+
+    states_only = {}
+    for path in ("fla", "torch"):
+        with StatePath(path):
+            seconds = timed(lambda: capture(model, family, ids, lambda layer, states: None), device, args.repeats)
+        states_only[path] = {"seconds": seconds, "ratio_to_plain": seconds / plain}
+    results["states_only"] = states_only
+
+    spectra = {"states": list(last.shape)}
+    spectra["svd_gpu_s"] = timed(lambda: singular_values(last, "svd"), device, 1)
+    spectra["gram_float64_gpu_s"] = timed(lambda: singular_values(last, "gram"), device, args.repeats)
+    if cuda:
+        torch.backends.cuda.preferred_linalg_library("magma")
+        spectra["gram_float64_gpu_magma_s"] = timed(lambda: singular_values(last, "gram"), device, 1)
+        torch.backends.cuda.preferred_linalg_library("default")
+    spectra["svd_cpu_s"] = timed(lambda: cpu_spectra(last, "svd"), device, 1)
+    spectra["gram_float64_cpu_s"] = timed(lambda: cpu_spectra(last, "gram"), device, 1)
+    spectra["cpu_threads"] = torch.get_num_threads()
+    results["spectra_one_step"] = spectra
+
+    analyze = {}
+    collect_state_statistics(model, family, ids[:1, :256], progress=False)  # compile the float32 kernels
+    for name, times in (("log_steps", log_times), ("every_64", every_times)):
+        synchronize(device)
+        start = time.perf_counter()  # one run each: the spectra dominate and do not vary much
+        collect_state_statistics(model, family, ids, batch_size=batch, progress=False, times=times)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        analyze[name] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain}
+    results["analyze"] = analyze
+
+    saved = gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch
+    gated_delta.HAS_FLA = False  # the PyTorch path; with a stand-in, every chunked call runs token by token
+    gated_delta.chunk_gated_delta_rule_torch = (
+        lambda *a, return_chunk_states=False, **k: (*gated_delta.recurrent_gated_delta_rule_torch(*a, **k), None))
     try:
-        for method in METHODS:
-            results["spectra_one_step"][f"{method}_s"] = timed(lambda: singular_values(states, method), device,
-                                                               args.repeats)
-            compressor.calibration.state_metrics = partial(state_metrics, method=method)
-            start = time.perf_counter()  # one run: with svdvals on a GPU it takes minutes
-            collect_state_statistics(model, family, ids, batch_size=batch, progress=False)
-            synchronize(device)
-            capture = time.perf_counter() - start
-            results["capture"][method] = {"forward_with_capture_s": capture, "overhead_ratio": capture / plain}
+        with torch.no_grad():
+            naive_forward = timed(lambda: model.model(input_ids=ids, use_cache=False), device, 1, warm_up=False)
     finally:
-        compressor.calibration.state_metrics = original
-    print(json.dumps(results, indent=2))
+        gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch = saved
+    naive = naive_forward + len(every_times) * spectra["svd_gpu_s"]
+    results["naive_baseline"] = {
+        "per_token_forward_s": naive_forward,
+        "svdvals_steps": len(every_times),
+        "total_s": naive,
+        "speedup_every_64": naive / analyze["every_64"]["seconds"],
+        "speedup_log_steps": naive / analyze["log_steps"]["seconds"],
+    }
+    if args.fixture:
+        results["rank_agreement_fixture"] = fixture_agreement(args.fixture, device)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

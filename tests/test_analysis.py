@@ -134,17 +134,20 @@ def test_analyze_on_the_fixture_writes_a_consistent_report(fixture_model_path, t
     out.mkdir()
     (out / "stale.txt").write_text("replaced by --overwrite")
     result = CliRunner().invoke(main, ["analyze", str(fixture_model_path), "--out", str(out), "--overwrite",
-                                       "--samples", "4", "--seq-len", "512"])
+                                       "--samples", "8", "--seq-len", "1024", "--steps", "log"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["stats.safetensors", "report.json", "report.md", *FIGURES.values()]
     )
     report = json.loads((out / "report.json").read_text())
     stats = StateStatistics.load(out)
-    assert report["settings"]["samples"] == 4 and stats.settings["samples"] == 4
+    assert report["settings"]["samples"] == 8 and stats.settings["samples"] == 8
+    assert stats.times.tolist() == [64, 128, 256, 512, 1024]
     assert sum(len(layer["heads"]) for layer in report["layers"]) == sum(stats.heads)
     agreement = report["consistency"]
-    # measured: halves 0.987 (rank) and 0.962 (nuclear); t = 128 vs 512: 0.869 and 0.873 (0.915, 0.784 at 1024)
-    assert agreement["threshold_rank"]["halves"] > 0.9 and agreement["nuclear_norm"]["halves"] > 0.9
-    assert agreement["threshold_rank"]["early_vs_final"] > 0.8
-    assert agreement["nuclear_norm"]["early_vs_final"] > 0.8
+    assert (agreement["early_step_tokens"], agreement["final_step_tokens"]) == (128, 1024)
+    # measured (CPU, 8 × 1024 tokens): halves 0.989 (rank) and 0.982 (nuclear); t = 128 vs 1024: 0.945 and 0.922.
+    # shared/README.md reports 0.99 and 0.98 on more sequences; fewer (4 × 1024) give a nuclear-norm 0.78.
+    for name in ("threshold_rank", "nuclear_norm"):
+        assert agreement[name]["halves"] > 0.9, name
+        assert agreement[name]["early_vs_final"] > 0.9, name

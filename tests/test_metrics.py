@@ -90,3 +90,20 @@ def test_auto_uses_gram_on_cuda_and_svd_elsewhere():
     assert torch.equal(singular_values(states), torch.linalg.svdvals(states))
     with pytest.raises(ValueError, match="spectra"):
         singular_values(states, "eig")
+
+
+def test_gram_and_svd_threshold_ranks_on_exactly_rank_deficient_and_ill_conditioned_states():
+    g = torch.Generator().manual_seed(5)
+    rank_three = torch.randn(64, 96, 3, generator=g) @ torch.randn(64, 3, 80, generator=g)  # rank 3, float32 noise
+    for method in ("svd", "gram"):
+        assert state_metrics(rank_three, method=method)["threshold_rank"].tolist() == [3.0] * 64, method
+    # σ_i = 10^(-8i/31): 16 of them above 1e-4·σ_1, the nearest 35 % away from it; at scales 1e-15…1e15
+    sigma = torch.logspace(0, -8, 32, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(9, 48, 32, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(9, 32, 32, generator=g, dtype=torch.float64))
+    scale = torch.logspace(-15, 15, 9, dtype=torch.float64)[:, None, None]
+    states = (scale * (u * sigma) @ v.mT).float()  # [9, 48, 32], condition number 1e8
+    for method in ("svd", "gram"):
+        m = state_metrics(states, method=method)
+        assert m["threshold_rank"].tolist() == [16.0] * 9, method
+        assert torch.allclose(m["nuclear_norm"].double(), scale.flatten() * sigma.sum(), rtol=1e-5)

@@ -1,0 +1,189 @@
+"""Calibration sources (JSON Lines, folders, Hub datasets), packing, measured time steps, and --stats checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_model
+from transformers import AutoTokenizer
+
+from compressor.calibration import (
+    StateStatistics,
+    check_source,
+    collect_state_statistics,
+    measured_steps,
+    read_documents,
+    read_text,
+    token_windows,
+)
+from compressor.cli import main
+from compressor.errors import CompressorError
+from compressor.families import family_for
+from compressor.pipeline import CalibrationSettings, analyze
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fixture_model_path):
+    return AutoTokenizer.from_pretrained(fixture_model_path)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_json_lines_give_one_document_per_line_from_the_named_field(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "first doc", "id": 1}, {"text": "second doc"}])
+    path.write_text(path.read_text() + "\n")  # blank lines are skipped
+    assert read_documents(str(path)) == (["first doc", "second doc"], f"{path} (field 'text')")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"body": "a b"}, {"body": "c d"}])
+    assert read_documents(str(other), text_field="body")[0] == ["a b", "c d"]
+    assert read_text(str(other), text_field="body")[0] == "a b\n\nc d"
+    with pytest.raises(CompressorError, match=r"line 1 of .* has no string field 'text'; name the field with"):
+        read_documents(str(other))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(CompressorError, match="line 2 of .* is not valid JSON"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+
+
+def test_a_folder_gives_one_document_per_text_file_in_path_order(tmp_path):
+    (tmp_path / "b.txt").write_text("bravo")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.md").write_text("charlie")
+    (tmp_path / "a.rst").write_text("alpha")
+    (tmp_path / "skip.bin").write_text("not text")
+    assert read_documents(str(tmp_path)) == (["alpha", "bravo", "charlie"], str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CompressorError, match="holds no text files"):
+        read_documents(str(tmp_path / "empty"))
+
+
+def test_truncate_gives_each_long_document_its_own_window_and_pack_cuts_across_documents(tokenizer):
+    words = [f"w{i}" for i in range(400)]
+    long_a, long_b, short = " ".join(words[:200]), " ".join(words[200:]), "tiny document"
+    ids_a = tokenizer(long_a, add_special_tokens=False)["input_ids"]
+    ids_b = tokenizer(long_b, add_special_tokens=False)["input_ids"]
+    seq_len = 64
+    assert min(len(ids_a), len(ids_b)) > 2 * seq_len
+    truncated = token_windows(tokenizer, [long_a, short, long_b], None, seq_len, seed=0, packing="truncate")
+    assert truncated.tolist() == [ids_a[:seq_len], ids_b[:seq_len]]  # the short document is skipped
+    one = token_windows(tokenizer, [long_a, short, long_b], 1, seq_len, seed=3, packing="truncate")
+    assert one.tolist() in ([ids_a[:seq_len]], [ids_b[:seq_len]])
+    with pytest.raises(CompressorError, match=r"2 of 3 documents have at least 64 tokens, but 3 samples .*--packing pack"):
+        token_windows(tokenizer, [long_a, short, long_b], 3, seq_len, seed=0, packing="truncate")
+
+    packed = token_windows(tokenizer, [long_a, short, long_b], None, seq_len, seed=0, packing="pack")
+    stream = tokenizer("\n\n".join([long_a, short, long_b]), add_special_tokens=False)["input_ids"]
+    assert packed.shape == (len(stream) // seq_len, seq_len)
+    assert packed.flatten().tolist() == stream[: packed.numel()]
+    boundary = len(tokenizer(long_a, add_special_tokens=False)["input_ids"])
+    assert boundary % seq_len != 0  # so a packed window spans the end of one document and the start of the next
+    assert packed.shape[0] > len(truncated)
+
+
+def test_a_hub_dataset_without_the_datasets_extra_is_one_clear_sentence(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    message = r"reading the Hub dataset wikitext needs the datasets extra: pip install 'compressor\[datasets\]'\."
+    with pytest.raises(CompressorError, match=message):
+        read_documents("hf:wikitext")
+    with pytest.raises(CompressorError, match=message):
+        check_source("hf:wikitext")
+    result = CliRunner().invoke(main, ["analyze", "no/such/model", "--calib", "hf:wikitext", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "needs the datasets extra" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def fake_datasets(rows=None, error: Exception | None = None):
+    calls = []
+
+    def load_dataset(repo, config, split, streaming):
+        calls.append((repo, config, split, streaming))
+        if error is not None:
+            raise error
+        return iter(rows)
+
+    return types.SimpleNamespace(load_dataset=load_dataset), calls
+
+
+def test_a_hub_dataset_offline_is_one_clear_sentence(monkeypatch):
+    module, _ = fake_datasets(error=ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)\n"
+                                                    "details follow"))
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    with pytest.raises(CompressorError) as caught:
+        read_documents("hf:wikitext", split="validation")
+    assert str(caught.value) == (
+        "could not stream the Hub dataset wikitext (split validation): "
+        "Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)."
+    )
+
+
+def test_a_hub_dataset_is_streamed_until_the_character_budget(monkeypatch):
+    rows = [{"content": f"row {i} " * 10} for i in range(100)]
+    module, calls = fake_datasets(rows)
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    documents, source = read_documents("hf:org/corpus:en", text_field="content", split="test", char_budget=200)
+    assert calls == [("org/corpus", "en", "test", True)]
+    assert documents == [r["content"] for r in rows[:4]]  # 4 × 60 characters reach the 200 budget
+    assert source == "hf:org/corpus:en (split test, column 'content')"
+    with pytest.raises(CompressorError, match="has no text column 'text'; name it with --text-field"):
+        read_documents("hf:org/corpus:en", split="test")
+
+
+def test_measured_steps_every_and_log():
+    assert measured_steps(2048, steps="log") == [64, 128, 256, 512, 1024, 2048]
+    assert measured_steps(1000, steps="log") == [64, 128, 256, 512, 1000]
+    assert measured_steps(256) == [64, 128, 192, 256]
+    assert measured_steps(500, every=128) == [128, 256, 384, 500]
+    assert measured_steps(40) == [40]
+    for every in (0, 96, -64):
+        with pytest.raises(CompressorError, match="--every must be a positive multiple of 64"):
+            measured_steps(512, every=every)
+    with pytest.raises(CompressorError, match="--steps must be one of every, log"):
+        measured_steps(512, steps="linear")
+
+
+def test_chosen_steps_are_the_every_chunk_statistics_at_those_boundaries():
+    model = tiny_model("qwen3_5")
+    family = family_for(model.config)
+    tokens = torch.randint(3, 96, (2, 200), generator=torch.Generator().manual_seed(0))
+    full = collect_state_statistics(model, family, tokens, batch_size=2, progress=False)
+    log = collect_state_statistics(model, family, tokens, batch_size=2, progress=False,
+                                   times=measured_steps(200, steps="log"))
+    assert full.times.tolist() == [64, 128, 192, 200]
+    assert log.times.tolist() == [64, 128, 200]
+    for name in full.mean:
+        assert torch.allclose(log.mean[name], full.mean[name][[0, 1, 3]], equal_nan=True), name
+
+
+def test_analyze_records_the_source_packing_and_steps(fixture_model_path, tmp_path):
+    words = " ".join(f"token{i} and more words" for i in range(300))
+    source = write_jsonl(tmp_path / "calib.jsonl", [{"body": words}, {"body": words[::-1]}, {"body": "short"}])
+    out = tmp_path / "analysis"
+    result = CliRunner().invoke(main, [
+        "analyze", str(fixture_model_path), "--out", str(out), "--calib", str(source), "--text-field", "body",
+        "--packing", "truncate", "--steps", "log", "--samples", "2", "--seq-len", "256", "--batch-size", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    stats = StateStatistics.load(out)
+    assert stats.times.tolist() == [64, 128, 256]
+    assert stats.settings["steps"] == "log" and stats.settings["packing"] == "truncate"
+    assert stats.settings["source"] == f"{source} (field 'body')"
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["times"] == [64, 128, 256] and report["settings"]["steps"] == "log"
+    every = analyze(str(fixture_model_path), CalibrationSettings(samples=2, seq_len=256, every=128), progress=False)
+    assert every.times.tolist() == [128, 256] and every.settings["steps"] == "every 128 tokens"
+
+
+def test_prune_refuses_statistics_with_other_state_shapes(fixture_model_path, tmp_path):
+    stats = analyze(str(fixture_model_path), CalibrationSettings(samples=1, seq_len=64), progress=False)
+    stats.state_shapes = [(d_k, d_v // 2) for d_k, d_v in stats.state_shapes]
+    stats.save(tmp_path / "stats")
+    result = CliRunner().invoke(main, ["prune", str(fixture_model_path), "--stats", str(tmp_path / "stats"),
+                                       "--dry-run", "--method", "random"])
+    assert result.exit_code == 1
+    assert "states of shapes" in result.output and "run `compress analyze` on this model" in result.output
