@@ -13,13 +13,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from . import __version__
-from .calibration import StateStatistics, collect_state_statistics, read_text, token_windows
+from .calibration import (
+    PACKINGS,
+    StateStatistics,
+    check_source,
+    collect_state_statistics,
+    measured_steps,
+    read_documents,
+    read_text,
+    token_windows,
+)
 from .errors import CompressorError
 from .evaluation import copy_recall, max_logit_difference, perplexity, recall_spans
 from .export import copy_tokenizer_files, staging_folder, check_output_folder, write_json, write_model
 from .loading import LoadedModel, load_model
-from .scoring import check_budget, check_budget_options, check_method, plan_by_budget, score_heads
-from .selection import PRUNE_METHODS, choose_plan, held_out_count, loss_scores, loss_windows, split_windows
+from .budgets import make_budget
+from .scoring import check_method, score_heads
+from .selection import (LOSS_SEQ_LEN, LOSS_WINDOWS, PRUNE_METHODS, choose_plan, held_out_count, loss_scores, loss_windows,
+                        split_windows)
 from .slicing import PruningPlan, explicit_value_to_key, head_layout, linear_layers, planned_sizes, pruned_layout, slim
 
 VERIFY_TOLERANCE = 1e-4
@@ -33,11 +44,35 @@ class CalibrationSettings:
     batch_size: int = 4
     seed: int = 0
     eps: float = 1e-4
+    text_field: str = "text"
+    """JSON Lines field, or Hub dataset column, that holds the text."""
+    split: str = "train"
+    """Split of a Hub dataset (``calib='hf:ID[:CONFIG]'``)."""
+    packing: str = "pack"
+    """``pack``: documents joined, windows cut across them; ``truncate``: each long-enough document's first
+    ``seq_len`` tokens (shorter documents skipped)."""
+    every: int = 64
+    """Tokens between measured state boundaries (a multiple of 64)."""
+    steps: str = "every"
+    """``every``: a boundary every ``every`` tokens; ``log``: at 64, 128, 256, … tokens (and the last token)."""
 
     def check(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise CompressorError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.packing not in PACKINGS:
+            raise CompressorError(f"--packing must be one of {', '.join(PACKINGS)}, got '{self.packing}'.")
+        self.times()
+
+    def times(self) -> list[int]:
+        """Token counts at which states are measured (:func:`calibration.measured_steps`)."""
+        return measured_steps(self.seq_len, self.every, self.steps)
+
+    def tokens(self, tokenizer) -> tuple[torch.Tensor, str]:
+        """(calibration windows [samples, seq_len], description of the source)."""
+        documents, source = read_documents(self.calib, self.text_field, self.split, 16 * self.samples * self.seq_len)
+        tokens = token_windows(tokenizer, documents, self.samples, self.seq_len, self.seed, packing=self.packing)
+        return tokens, source
 
 
 @dataclass
@@ -69,15 +104,17 @@ def analyze(
     calibration.check()
     if out_dir is not None:
         check_output_folder(Path(out_dir), overwrite)
+    check_source(calibration.calib, calibration.text_field)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
-    text, source = read_text(calibration.calib)
-    tokens = token_windows(loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+    tokens, source = calibration.tokens(loaded.tokenizer)
 
     def collect(windows: torch.Tensor) -> StateStatistics:
         stats = collect_state_statistics(
-            loaded.model, loaded.family, windows, calibration.batch_size, calibration.eps, progress=progress
+            loaded.model, loaded.family, windows, calibration.batch_size, calibration.eps, progress=progress,
+            times=calibration.times(),
         )
-        stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
+        stats.settings.update(source=source, seed=calibration.seed, model=loaded.source, packing=calibration.packing,
+                              steps="log" if calibration.steps == "log" else f"every {calibration.every} tokens")
         return stats
 
     stats = collect(tokens)
@@ -110,6 +147,12 @@ def check_statistics(stats: StateStatistics, loaded: LoadedModel) -> None:
         raise CompressorError(
             f"the statistics describe layers {stats.layers} with {stats.heads} heads, but the model has layers "
             f"{layers} with {heads} heads; run `compress analyze` on this model."
+        )
+    shapes = [(mixers[i].head_k_dim, mixers[i].head_v_dim) for i in layers]
+    if [tuple(shape) for shape in stats.state_shapes] != shapes:
+        raise CompressorError(
+            f"the statistics describe states of shapes {[tuple(x) for x in stats.state_shapes]} (d_k, d_v) per "
+            f"layer, but the model's are {shapes}; run `compress analyze` on this model."
         )
 
 
@@ -156,11 +199,17 @@ def _layer_records(loaded, plan, scores, stats) -> dict[str, dict]:
 def prune(
     model: str | LoadedModel,
     out_dir: str | Path | None,
-    state_reduction: float = 0.389,
+    state_reduction: float | None = None,
     method: str = "joint",
     alpha: float = 0.5,
     remove: str = "high",
     min_heads_per_layer: int = 1,
+    budget: str = "global",
+    heads_per_layer: str | dict[int, int] | None = None,
+    protect_layers: str | tuple[int, ...] = (),
+    loss_samples: int = LOSS_WINDOWS,
+    loss_seq_len: int = LOSS_SEQ_LEN,
+    loss_batch_size: int = 16,
     calibration: CalibrationSettings | None = None,
     stats: str | Path | StateStatistics | None = None,
     auto_holdout: float = 0.25,
@@ -178,14 +227,18 @@ def prune(
     private: bool = False,
     progress: bool = True,
 ) -> PruneResult:
-    """Remove linear-attention heads chosen by ``method`` until the recurrent state shrinks by ``state_reduction``.
+    """Remove linear-attention heads chosen by ``method`` within a budget (``compressor.budgets``): the recurrent
+    state shrinks by ``state_reduction`` (default 0.389) over the whole model (``budget='global'``) or in every
+    layer alike (``'uniform'``), or each layer keeps ``heads_per_layer[layer]`` heads; ``protect_layers`` are
+    never pruned.
 
     Writes ``out_dir`` (weights, config, code, tokenizer, ``compression.json``, model card) atomically unless
     ``dry_run``, then pushes it to the Hub as ``push_to_hub`` when given; returns the plan, the record and the
     pruned model (in memory).
 
-    ``method='loss'`` scores each head by how much masking it alone raises the next-token loss on 2 × 256
-    calibration tokens (one forward pass per head). ``method='auto'`` holds out ``auto_holdout`` of the
+    ``method='loss'`` scores each head by how much masking it alone raises the next-token loss on
+    ``loss_samples`` × ``loss_seq_len`` calibration tokens, in ceil((heads + 1) × loss_samples / loss_batch_size)
+    batched forward passes (``selection.loss_scores``). ``method='auto'`` holds out ``auto_holdout`` of the
     calibration windows, scores heads on the rest, and keeps the plan (of every rule × both ends, and random
     with 3 seeds) whose masked model has the lowest held-out loss; ``remove`` is then ignored and ``stats``
     refused.
@@ -197,7 +250,13 @@ def prune(
         if stats is not None:
             raise CompressorError("--method auto calibrates on its own scoring windows; drop --stats.")
         held_out_count(calibration.samples, auto_holdout)
-    check_budget_options(state_reduction, min_heads_per_layer)
+    head_budget = make_budget(budget, state_reduction, heads_per_layer, protect_layers, min_heads_per_layer)
+    for option, value, least in (("--loss-samples", loss_samples, 1), ("--loss-seq-len", loss_seq_len, 2),
+                                 ("--loss-batch-size", loss_batch_size, 1)):
+        if value < least:
+            raise CompressorError(f"{option} must be at least {least}, got {value}.")
+    if dry_run and push_to_hub is not None:
+        raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
     if not dry_run:
         if out_dir is None:
             raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
@@ -212,7 +271,7 @@ def prune(
     if isinstance(stats, (str, Path)):
         stats = StateStatistics.load(Path(stats))
     if stats is None or method == "loss":
-        read_text(calibration.calib)  # a missing calibration file fails before the model loads
+        check_source(calibration.calib, calibration.text_field)  # a missing calibration file fails before the model loads
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
     if out_dir is not None and loaded.local_path is not None and Path(out_dir).resolve() == loaded.local_path.resolve():
@@ -220,7 +279,7 @@ def prune(
     mixers = linear_layers(loaded.model, loaded.family)
     element = torch.empty((), dtype=loaded.save_dtype).element_size()
     head_bytes = {i: m.head_k_dim * m.head_v_dim * element for i, m in mixers.items()}
-    check_budget({i: m.num_v_heads for i, m in mixers.items()}, head_bytes, state_reduction, min_heads_per_layer)
+    head_budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_bytes)
     if stats is not None:
         check_statistics(stats, loaded)
     eval_tokens = None
@@ -228,34 +287,33 @@ def prune(
         text, _ = read_text(str(eval_path))
         eval_tokens = token_windows(loaded.tokenizer, text, eval_samples, eval_seq_len, 0, "--eval-samples")
     if method in ("auto", "loss"):
-        text, source = read_text(calibration.calib)
-        tokens = token_windows(loaded.tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+        tokens, source = calibration.tokens(loaded.tokenizer)
         scoring_tokens, held_out = split_windows(tokens, auto_holdout) if method == "auto" else (tokens, None)
         if stats is None:
             stats = collect_state_statistics(loaded.model, loaded.family, scoring_tokens, calibration.batch_size,
-                                             calibration.eps, progress=progress)
+                                             calibration.eps, progress=progress, times=calibration.times())
             stats.settings.update(source=source, seed=calibration.seed, model=loaded.source)
-        loss = loss_scores(loaded.model, loaded.family, loss_windows(scoring_tokens), calibration.batch_size)
+        loss_tokens = loss_windows(scoring_tokens, loss_samples, loss_seq_len)
+        loss = loss_scores(loaded.model, loaded.family, loss_tokens, loss_batch_size, progress=progress)
     if stats is None:
         stats = analyze(loaded, calibration, progress=progress)
 
     candidates = None
     if method == "auto":
-        chosen, tried = choose_plan(loaded.model, loaded.family, stats, loss, held_out, head_bytes, state_reduction,
-                                    min_heads_per_layer, alpha, calibration.seed, calibration.batch_size)
+        chosen, tried = choose_plan(loaded.model, loaded.family, stats, loss, held_out, head_bytes, head_budget,
+                                    alpha, calibration.seed, calibration.batch_size)
         scores, plan, remove = chosen.scores, chosen.plan, chosen.remove
         candidates = [candidate.summary() for candidate in tried]
     else:
         scores = loss if method == "loss" else score_heads(stats, method, alpha, calibration.seed)
-        plan = plan_by_budget(scores, head_bytes, state_reduction, remove, min_heads_per_layer)
+        plan = head_budget.plan(scores, head_bytes, remove)
 
     record = {
         "format": 1,
         "base_model": loaded.source,
         "family": loaded.model.config.model_type,
         "license": getattr(loaded.model.config, "license", None),
-        "method": {"name": method, "alpha": alpha, "remove": remove, "state_reduction": state_reduction,
-                   "min_heads_per_layer": min_heads_per_layer, "seed": calibration.seed},
+        "method": {"name": method, "alpha": alpha, "remove": remove, **head_budget.record(), "seed": calibration.seed},
         "calibration": {"source": stats.settings.get("source"), "samples": stats.settings.get("samples"),
                         "seq_len": stats.settings.get("seq_len"), "tokens": stats.settings.get("tokens"),
                         "eps": stats.settings.get("eps")},
@@ -268,6 +326,8 @@ def prune(
         "versions": versions(),
     }
 
+    if method in ("auto", "loss"):
+        record["method"]["loss_tokens"] = int(loss_tokens.numel())
     if candidates is not None:
         record["method"].update(chosen=chosen.name, chosen_seed=chosen.seed, auto_holdout=auto_holdout,
                                 held_out_tokens=int(held_out.numel()), candidates=candidates)
@@ -299,9 +359,11 @@ def prune(
         if verify:
             record["verify"] = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
         write_json(staging / "compression.json", record)
+        from .analysis import write_card_figures
         from .card import render_card
 
-        (staging / "README.md").write_text(render_card(record, command=command, repo_id=push_to_hub))
+        figures = write_card_figures(stats, staging, scores, plan.kept, record["method"].get("chosen", method))
+        (staging / "README.md").write_text(render_card(record, command=command, figures=figures, repo_id=push_to_hub))
     if push_to_hub is not None:
         from .hub import push_folder
 

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from tiny_models import PLANS, masked_copy, tiny_model
 
+from compressor.budgets import Budget
 from compressor.calibration import collect_state_statistics, read_text, token_windows
 from compressor.card import render_card
 from compressor.cli import main, summary
@@ -18,7 +19,7 @@ from compressor.errors import CompressorError
 from compressor.families import family_for
 from compressor.loading import load_model
 from compressor.pipeline import CalibrationSettings, prune
-from compressor.selection import choose_plan, held_out_count, loss_scores, masked_heads, split_windows
+from compressor.selection import choose_plan, held_out_count, loss_scores, loss_windows, masked_heads, split_windows
 from compressor.slicing import PruningPlan, linear_layers, slim
 
 IDS = torch.randint(96, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -81,7 +82,7 @@ def test_choose_plan_keeps_the_candidate_with_the_lowest_held_out_loss():
     stats = collect_state_statistics(model, family, scoring, progress=False)
     head_bytes = {i: 8 * 12 * 4 for i in (0, 2, 3)}
     chosen, candidates = choose_plan(model, family, stats, loss_scores(model, family, scoring[:1]), held,
-                                     head_bytes, 0.3)
+                                     head_bytes, Budget(state_reduction=0.3))
     names = [(c.name, c.remove, c.seed) for c in candidates]
     rules = ["joint", "rank", "stable_rank", "entropy_rank", "norm", "frobenius", "loss"]
     assert names == [(r, end, None) for r in rules for end in ("high", "low")] + [("random", "high", s) for s in range(3)]
@@ -172,3 +173,27 @@ def test_prune_with_eval_records_recall_before_and_after(fixture_model_path, tmp
     assert evaluation["recall_accuracy_before"] == copy_recall(original.model, spans) > 0.3
     assert evaluation["recall_accuracy_after"] == copy_recall(result.model, spans)
     assert "copy recall accuracy: " in summary(result.record)
+
+
+@pytest.mark.parametrize("config_name", ["qwen3_5", "qwen3_next_dense"])
+def test_batched_loss_scores_equal_masking_one_head_at_a_time(config_name):
+    """Every head's figure from the batched scorer (batches of 5 sequences: heads of different layers, windows and
+    the unmasked baseline mixed in one batch) equals the definition: mask that head alone, measure, subtract."""
+    model = tiny_model(config_name)
+    family = family_for(model.config)
+    batched = loss_scores(model, family, IDS, batch_size=5)
+    base = next_token_loss(model, IDS, progress=False)
+    for layer, mixer in linear_layers(model, family).items():
+        heads = range(mixer.num_v_heads)
+        for head in heads:
+            with masked_heads(model, family, {layer: [h for h in heads if h != head]}):
+                expected = next_token_loss(model, IDS, progress=False) - base
+            assert batched[layer][head].item() == pytest.approx(expected, abs=2e-6), (layer, head)
+    assert torch.cat(list(batched.values())).std() > 1e-3  # heads differ: a wrong mask would show
+    assert all(not m.out_proj._forward_pre_hooks for m in linear_layers(model, family).values())
+
+
+def test_loss_windows_are_configurable():
+    tokens = torch.arange(5 * 300).view(5, 300)
+    assert loss_windows(tokens).shape == (2, 256)
+    assert loss_windows(tokens, samples=3, seq_len=100).shape == (3, 100)

@@ -1,0 +1,186 @@
+"""Budgets: how many heads each linear-attention layer may lose, and which layers are left alone.
+
+Three kinds, all honouring ``protect_layers`` (never pruned) and ``min_heads_per_layer``:
+
+- ``global`` (default): remove heads in score order across the whole model until the recurrent-state bytes fall
+  by at least ``state_reduction``;
+- ``uniform``: every unprotected layer loses the same share of its heads — the smallest share that brings the
+  model's state down by ``state_reduction`` — and the scores choose which heads within each layer;
+- ``per_layer``: an explicit number of heads to keep in each listed layer (unlisted layers keep every head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CompressorError
+from .scoring import REMOVE, check_budget, plan_by_budget
+from .slicing import PruningPlan
+
+KINDS = ("global", "uniform")
+"""The ``--budget`` choices; an explicit ``--heads-per-layer`` makes the kind ``per_layer``."""
+DEFAULT_STATE_REDUCTION = 0.389
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str = "global"
+    state_reduction: float | None = DEFAULT_STATE_REDUCTION
+    heads_per_layer: dict[int, int] = field(default_factory=dict)
+    """``per_layer`` only: layer -> value heads kept."""
+    protect_layers: tuple[int, ...] = ()
+    min_heads_per_layer: int = 1
+
+    def record(self) -> dict:
+        """The budget's entries of ``compression.json``'s ``method``."""
+        return {
+            "budget": self.kind,
+            "state_reduction": self.state_reduction,
+            "heads_per_layer": {str(layer): n for layer, n in sorted(self.heads_per_layer.items())} or None,
+            "protect_layers": list(self.protect_layers),
+            "min_heads_per_layer": self.min_heads_per_layer,
+        }
+
+    def check_model(self, head_counts: dict[int, int], head_bytes: dict[int, int]) -> None:
+        """Refuse a budget this model cannot meet (``head_counts``/``head_bytes``: layer -> value heads / bytes of
+        one head's state), before any calibration."""
+        layers = ", ".join(map(str, sorted(head_counts)))
+        for option, named in (("--protect-layers", self.protect_layers), ("--heads-per-layer", self.heads_per_layer)):
+            for layer in sorted(named):
+                if layer not in head_counts:
+                    raise CompressorError(f"{option} names layer {layer}, which is not a linear-attention layer; "
+                                          f"those are {layers}.")
+        if self.kind == "global":
+            check_budget(head_counts, head_bytes, self.state_reduction, self.min_heads_per_layer, self.protect_layers)
+        else:
+            self.removals(head_counts, head_bytes)
+
+    def removals(self, head_counts: dict[int, int], head_bytes: dict[int, int]) -> dict[int, int]:
+        """Layer -> heads to remove, for ``uniform`` and ``per_layer`` budgets."""
+        if self.kind == "per_layer":
+            for layer, kept in sorted(self.heads_per_layer.items()):
+                if kept > head_counts[layer]:
+                    raise CompressorError(f"--heads-per-layer keeps {kept} heads in layer {layer}, which has only "
+                                          f"{head_counts[layer]}.")
+            counts = {layer: head_counts[layer] - self.heads_per_layer.get(layer, head_counts[layer])
+                      for layer in head_counts}
+            if not any(counts.values()):
+                raise CompressorError("--heads-per-layer keeps every head of every layer; there is nothing to remove.")
+            return counts
+        return uniform_removals(head_counts, head_bytes, self.state_reduction, self.min_heads_per_layer,
+                                self.protect_layers)
+
+    def plan(self, scores: dict[int, torch.Tensor], head_bytes: dict[int, int], remove: str = "high") -> PruningPlan:
+        """Remove heads in ``scores`` order (layer -> [H]; highest first for ``remove='high'``) within this budget.
+        Ties break by (layer, head)."""
+        if self.kind == "global":
+            return plan_by_budget(scores, head_bytes, self.state_reduction, remove, self.min_heads_per_layer,
+                                  self.protect_layers)
+        if remove not in REMOVE:
+            raise CompressorError(f"--remove must be 'high' or 'low', got '{remove}'.")
+        counts = self.removals({layer: len(s) for layer, s in scores.items()}, head_bytes)
+        sign = -1.0 if remove == "high" else 1.0
+        kept, removed = {}, []
+        for layer, s in scores.items():
+            order = sorted(range(len(s)), key=lambda head: (sign * float(s[head]), head))
+            removed += [(layer, head) for head in order[: counts[layer]]]
+            kept[layer] = sorted(order[counts[layer] :])
+        return PruningPlan(kept=kept, removed_by_rule=removed)
+
+
+def uniform_removals(head_counts: dict[int, int], head_bytes: dict[int, int], state_reduction: float,
+                     min_heads_per_layer: int, protect_layers: tuple[int, ...] = ()) -> dict[int, int]:
+    """Layer -> ceil(s · heads) for every unprotected layer (0 for protected ones), with s the smallest share of
+    heads whose removal frees at least ``state_reduction`` of the state bytes."""
+    free = [layer for layer in head_counts if layer not in protect_layers]
+    total = sum(head_bytes[layer] * count for layer, count in head_counts.items())
+    target = math.ceil(state_reduction * total - 1e-9)
+    for share in sorted({k / head_counts[layer] for layer in free for k in range(1, head_counts[layer] + 1)}):
+        counts = {layer: math.ceil(share * head_counts[layer] - 1e-9) for layer in free}
+        if sum(head_bytes[layer] * n for layer, n in counts.items()) < target:
+            continue
+        for layer, n in counts.items():
+            if head_counts[layer] - n < min_heads_per_layer:
+                raise CompressorError(
+                    f"a uniform state reduction of {state_reduction:.1%} removes {n} of the {head_counts[layer]} "
+                    f"heads of layer {layer}, leaving fewer than --min-heads-per-layer {min_heads_per_layer}."
+                )
+        return {layer: counts.get(layer, 0) for layer in head_counts}
+    raise CompressorError(f"a state reduction of {state_reduction:.1%} cannot be met without the protected layers "
+                          f"{', '.join(map(str, protect_layers))}.")
+
+
+def make_budget(
+    kind: str = "global",
+    state_reduction: float | None = None,
+    heads_per_layer: str | dict[int, int] | None = None,
+    protect_layers: str | tuple[int, ...] | list[int] = (),
+    min_heads_per_layer: int = 1,
+) -> Budget:
+    """Check the budget options on their own (before any model loads) and combine them.
+
+    ``state_reduction`` None means 0.389 unless ``heads_per_layer`` is given; ``heads_per_layer`` is a dict, a
+    spec such as ``"0:6,1:4"`` or a JSON file holding ``{"0": 6, "1": 4}``; ``protect_layers`` is a sequence or
+    a spec such as ``"0,3"``.
+    """
+    if kind not in KINDS:
+        raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(KINDS)}, or give --heads-per-layer.")
+    if min_heads_per_layer < 1:
+        raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
+    protect = tuple(sorted(set(parse_layers(protect_layers) if isinstance(protect_layers, str) else protect_layers)))
+    if heads_per_layer is None:
+        reduction = DEFAULT_STATE_REDUCTION if state_reduction is None else state_reduction
+        if not 0.0 < reduction < 1.0:
+            raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {reduction}.")
+        return Budget(kind, reduction, {}, protect, min_heads_per_layer)
+    if kind != "global":
+        raise CompressorError(f"--heads-per-layer sets every layer's head count itself; drop --budget {kind}.")
+    if state_reduction is not None:
+        raise CompressorError("--heads-per-layer sets every layer's head count itself; drop --state-reduction.")
+    counts = parse_heads_per_layer(heads_per_layer) if isinstance(heads_per_layer, str) else dict(heads_per_layer)
+    for layer, kept in sorted(counts.items()):
+        if layer in protect:
+            raise CompressorError(f"layer {layer} is both protected (--protect-layers) and given a head count "
+                                  "(--heads-per-layer); name it in one of them.")
+        if kept < min_heads_per_layer:
+            raise CompressorError(f"--heads-per-layer keeps {kept} head(s) in layer {layer}, fewer than "
+                                  f"--min-heads-per-layer {min_heads_per_layer}.")
+    return Budget("per_layer", None, counts, protect, min_heads_per_layer)
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """``"0,3"`` -> (0, 3)."""
+    try:
+        layers = tuple(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        raise CompressorError(f"--protect-layers must list layer indices like 0,3, got '{spec}'.") from None
+    if any(layer < 0 for layer in layers):
+        raise CompressorError(f"--protect-layers must list layer indices like 0,3, got '{spec}'.")
+    return layers
+
+
+def parse_heads_per_layer(spec: str) -> dict[int, int]:
+    """``"0:6,1:4"``, or the path of a JSON file holding ``{"0": 6, "1": 4}`` -> {0: 6, 1: 4} (layer -> heads kept)."""
+    path = Path(spec)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise CompressorError(f"--heads-per-layer file {spec} does not exist.")
+        try:
+            pairs = list(json.loads(path.read_text()).items())
+        except (json.JSONDecodeError, AttributeError):
+            raise CompressorError(f"--heads-per-layer file {spec} must hold a JSON object like "
+                                  '{"0": 6, "1": 4}.') from None
+    else:
+        pairs = [part.split(":", 1) if ":" in part else (part, "") for part in spec.split(",") if part.strip()]
+    try:
+        counts = {int(layer): int(kept) for layer, kept in pairs}
+    except (TypeError, ValueError):
+        raise CompressorError(f"--heads-per-layer must map layers to kept heads like 0:6,1:4, got '{spec}'.") from None
+    if not counts or len(counts) != len(pairs) or any(layer < 0 for layer in counts):
+        raise CompressorError(f"--heads-per-layer must map layers to kept heads like 0:6,1:4, got '{spec}'.")
+    return counts

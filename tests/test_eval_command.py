@@ -1,0 +1,74 @@
+"""`compress eval`: perplexity and copy recall of a model or a prune output folder, printed and written as JSON."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+import compressor.quality
+from compressor.cli import main
+from compressor.pipeline import CalibrationSettings, prune
+
+EVAL_TEXT = "compressor/data/python-docs-eval.txt"
+SHORT = ["--eval", EVAL_TEXT, "--samples", "2", "--seq-len", "128"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def pruned(fixture_model_path, tmp_path_factory):
+    """A prune output folder and the before/after figures prune measured on the same 2 × 128 evaluation tokens."""
+    out = tmp_path_factory.mktemp("eval") / "pruned"
+    result = prune(str(fixture_model_path), out, method="norm", remove="low", heads_per_layer="1:4,3:5",
+                   calibration=CalibrationSettings(samples=1, seq_len=128), eval_path=EVAL_TEXT, eval_samples=2,
+                   eval_seq_len=128, verify=False, progress=False)
+    return out, result.record["eval"]
+
+
+def test_eval_of_the_source_and_the_output_folder_match_what_prune_measured(fixture_model_path, pruned, tmp_path):
+    out, measured = pruned
+    for model, when in ((fixture_model_path, "before"), (out, "after")):
+        json_path = tmp_path / f"{when}.json"
+        result = invoke("eval", model, *SHORT, "--json", json_path)
+        assert result.exit_code == 0, result.output
+        figures = json.loads(json_path.read_text())
+        assert figures["perplexity"] == pytest.approx(measured[f"perplexity_{when}"], rel=1e-6)
+        assert figures["recall_accuracy"] == measured[f"recall_accuracy_{when}"]
+        assert (figures["windows"], figures["seq_len"], figures["tokens"]) == (2, 128, 256)
+        assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]))
+        assert f"perplexity: {figures['perplexity']:.2f} on 2 x 128 tokens of {EVAL_TEXT}" in result.output
+        assert f"copy recall accuracy: {figures['recall_accuracy']:.1%} (2 spans of 64" in result.output
+    assert measured["perplexity_after"] > measured["perplexity_before"] * 1.01  # heads were removed: figures differ
+
+
+def test_eval_defaults_to_the_embedded_held_out_text(fixture_model_path):
+    figures = compressor.quality.evaluate(str(fixture_model_path), samples=1, seq_len=64, progress=False)
+    assert figures["data"].startswith("embedded:python-docs-eval.txt") and figures["tokens"] == 64
+    assert 1 < figures["perplexity"] < 100 and 0 <= figures["recall_accuracy"] <= 1
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(compressor.quality, "load_model", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval", "missing.txt"], "evaluation file missing.txt does not exist."),
+    (["--samples", "0"], "--samples must be at least 1, got 0."),
+    (["--seq-len", "1"], "--seq-len must be at least 2, got 1."),
+    (["--json", "no/such/folder/figures.json"], "the folder of --json no/such/folder/figures.json does not exist."),
+])
+def test_eval_refuses_bad_input_before_loading(fixture_model_path, no_model_load, args, message):
+    result = invoke("eval", fixture_model_path, *args)
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_eval_refuses_a_missing_model():
+    result = invoke("eval", "no/such/model/folder")
+    assert result.exit_code == 1 and "does not exist" in result.output
