@@ -194,6 +194,10 @@ def test_prune_writes_a_complete_folder(pruned, record):
     assert "Heads per layer" in card
     for layer, info in record["layers"].items():
         assert f"| {layer} | {info['heads_before']} → {len(info['kept_heads'])} |" in card
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert "figures/removed_heads.png" in embedded and len(embedded) == 4
+    for path in embedded:
+        assert (out / path).read_bytes().startswith(b"\x89PNG"), path
 
 
 # 2. Dry runs -----------------------------------------------------------------------------------------------
@@ -393,6 +397,13 @@ def test_prune_needs_out_or_dry_run(fixture_model_path, tmp_path, no_model_load,
     monkeypatch.chdir(tmp_path)
     result = invoke("prune", fixture_model_path)
     assert_user_error(result, "--out", "--dry-run")
+    assert listing(tmp_path) == set()
+
+
+def test_push_to_hub_with_dry_run_is_refused(fixture_model_path, tmp_path, no_model_load, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", fixture_model_path, "--dry-run", "--push-to-hub", "alice/pruned")
+    assert_user_error(result, "--push-to-hub", "--dry-run")
     assert listing(tmp_path) == set()
 
 
