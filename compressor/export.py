@@ -60,9 +60,15 @@ def _default_permissions(folder: Path) -> None:
 def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: str = "2GB") -> list[str]:
     """Save weights (sharded safetensors), config and the modeling code that ``config.auto_map`` names.
 
+    ``save_pretrained`` records the model's own class in ``architectures``; a config with one head count in every
+    layer (no ``per_layer_config``) names the stock class instead, which engines such as vLLM look up.
     Returns the names of the modeling files written.
     """
+    architectures = model.config.architectures
     model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if architectures != model.config.architectures:
+        model.config.architectures = architectures
+        model.config.save_pretrained(folder)
     shipped = [*SHIPPED_HELPERS, *family.helpers, family.modeling_file]
     package = resources.files("compressor.modeling")
     for name in shipped:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .errors import CompressorError
 from .families import Family, HeadLayout, kept_indices
@@ -61,6 +62,11 @@ def explicit_value_to_key(layout: HeadLayout) -> list[int] | None:
     return None if even and list(layout.value_to_key) == canonical else list(layout.value_to_key)
 
 
+def stock_class(family: Family) -> type:
+    """The stock model class that the family's shipped class extends (the first pretrained-model base)."""
+    return next(cls for cls in family.model_class.__mro__[1:] if issubclass(cls, PreTrainedModel))
+
+
 def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
     """A copy of ``config`` with the new head counts, and ``auto_map`` pointing at the shipped modeling code.
 
@@ -90,7 +96,7 @@ def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
         for name, value in next(iter(overrides.values())).items():
             setattr(new, name, value)
         new.__dict__.pop(fields.value_to_key, None)
-        new.architectures = [family.model_class.__mro__[1].__name__]
+        new.architectures = [stock_class(family).__name__]
         return new
     setattr(new, fields.value_to_key, None)
     new.per_layer_config = {str(index): override for index, override in overrides.items()}

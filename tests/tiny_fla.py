@@ -169,6 +169,8 @@ def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> 
                 expected[folder.name] = model(ids).logits
             saved = json.loads((folder / "config.json").read_text())
             assert ("per_layer_config" in saved) == (plan_name == "uneven"), saved
+            stock = next(c for c in type(model).__mro__ if c.__module__.startswith("fla."))
+            assert saved["architectures"] == [type(model).__name__ if plan_name == "uneven" else stock.__name__]
     torch.save({"ids": ids, "folders": sorted(expected)}, tmp_path / "inputs.pt")
     run_without_compressor(
         """

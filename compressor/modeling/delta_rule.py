@@ -75,8 +75,9 @@ def delta_rule(
     output_final_state: bool = False,
     return_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise; chunk states always from the PyTorch
-    recurrence in strict float32 (no TF32, see ``gated_delta.gated_delta_rule``).
+    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise (and for float32 prefill on CUDA: fla 0.6's
+    chunked delta rule refuses float32); chunk states always from the PyTorch recurrence in strict float32 (no
+    TF32, see ``gated_delta.gated_delta_rule``).
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm)
@@ -88,7 +89,7 @@ def delta_rule(
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
     single_step = q.shape[1] == 1 and initial_state is not None
-    if q.is_cuda and HAS_FLA:
+    if q.is_cuda and HAS_FLA and (single_step or q.dtype != torch.float32):
         out, final = (_fla_recurrent if single_step else _fla_chunk)(q, k, v, beta=beta, **options)
         return out, final, None
     if single_step:

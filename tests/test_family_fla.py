@@ -1,0 +1,125 @@
+"""fla's models — Gated DeltaNet (``gated_deltanet``, grouped value heads included), DeltaNet (``delta_net``),
+Gated Linear Attention (``gla``) and Kimi Delta Attention (``kda``): removing heads equals masking them, head
+counts reach the config, folders reload without compressor, cached generation, ``compress prune`` end to end, and
+the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_fla import (
+    CONFIGS,
+    check_cached_generation,
+    check_cli_prune,
+    check_reload_without_compressor,
+    check_removal_equals_masking,
+    input_ids,
+    plans_for,
+    tiny_fla_model,
+)
+
+from compressor.errors import CompressorError
+from compressor.export import write_model
+from compressor.families import family_for
+from compressor.loading import load_model
+from compressor.slicing import PruningPlan, slim
+
+NAMES = list(CONFIGS)  # two configs of each family
+FAMILY_EXAMPLES = ["gated_deltanet_gva", "delta_net", "gla", "kda_gva"]
+
+
+@pytest.mark.parametrize("plan_name", ["uneven", "single-and-odd", "even-uniform"])
+@pytest.mark.parametrize("config_name", NAMES)
+def test_removing_heads_equals_masking_them(config_name, plan_name):
+    check_removal_equals_masking(config_name, plan_name)
+
+
+@pytest.mark.parametrize("config_name", NAMES)
+def test_cached_generation_matches_the_masked_model(config_name):
+    check_cached_generation(config_name)
+
+
+@pytest.mark.parametrize("family", ["gated_deltanet", "delta_net", "gla", "kda"])
+def test_saved_folders_reload_without_compressor(family, tmp_path):
+    """A fresh process loads an uneven and an even-uniform folder of both configs of one family. One process per
+    family: once fla is imported, transformers prefers fla's registered classes to a folder's auto_map."""
+    check_reload_without_compressor([name for name in NAMES if name.startswith(family)], tmp_path)
+
+
+@pytest.mark.parametrize("config_name", FAMILY_EXAMPLES)
+def test_compress_prune_end_to_end(config_name, tmp_path):
+    check_cli_prune(config_name, tmp_path)
+
+
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "kda_gva"])
+def test_uneven_groups_get_an_explicit_head_map(config_name):
+    model = tiny_fla_model(config_name)
+    slim(model, family_for(model.config), PruningPlan(kept={0: [0, 1, 2, 4], 1: [1, 5], 2: list(range(6))}))
+    layer0, layer1 = model.config.per_layer_config[0], model.config.per_layer_config[1]
+    assert (layer0.num_heads, layer0.num_v_heads, layer0.value_to_key_head) == (3, 4, [0, 0, 1, 2])
+    assert (layer1.num_heads, layer1.num_v_heads, layer1.value_to_key_head) == (2, 2, None)
+    mixer = model.model.layers[0].attn
+    assert mixer.q_proj.weight.shape[0] == 3 * 8
+    if config_name == "kda_gva":
+        assert mixer.v_proj.weight.shape[0] == 4 * 12
+        assert mixer.f_proj[1].weight.shape[0] == mixer.dt_bias.shape[0] == 4 * 8  # per value head and key channel
+
+
+@pytest.mark.parametrize("config_name", ["delta_net", "gla"])
+def test_head_counts_go_through_expand_k_and_expand_v(config_name):
+    model = tiny_fla_model(config_name)
+    slim(model, family_for(model.config), PruningPlan(kept={0: [0, 2, 3], 1: [1], 2: [0, 1, 2, 3]}))
+    layer0, layer1 = model.config.per_layer_config[0], model.config.per_layer_config[1]
+    assert (layer0.num_heads, layer0.expand_k, layer0.expand_v) == (3, 3 * 8 / 64, 3 * 16 / 64)
+    assert (layer1.num_heads, layer1.expand_k, layer1.expand_v) == (1, 8 / 64, 16 / 64)
+    mixer = model.model.layers[0].attn
+    assert (mixer.head_k_dim, mixer.head_v_dim, mixer.key_dim, mixer.value_dim) == (8, 16, 24, 48)
+    if config_name == "gla":
+        assert mixer.gk_proj[1].weight.shape == (24, 16) and mixer.gk_proj[0].weight.shape == (16, 64)
+
+
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "kda_gva"])
+def test_padded_positions_leave_the_others_unchanged(config_name):
+    """Left padding (attention_mask 0) gives the unpadded sequence's logits at the real positions."""
+    model = tiny_fla_model(config_name)
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        plain = model(ids).logits
+        left = model(padded, attention_mask=mask).logits[:, 7:]
+    assert (plain - left).abs().max().item() <= 1e-4
+
+
+def test_hybrid_with_attention_layers_is_refused(tmp_path):
+    CONFIGS["gated_deltanet"](attn={"layers": [1], "num_heads": 2}).save_pretrained(tmp_path)
+    with pytest.raises(CompressorError, match="full-attention layers"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_gla_shared_key_value_heads_are_refused(tmp_path):
+    CONFIGS["gla"](num_kv_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(CompressorError, match="num_kv_heads < num_heads"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_fla_model_without_usable_fla_is_refused_with_what_to_install(tmp_path, monkeypatch):
+    import compressor.families.fla_support as fla_support
+
+    CONFIGS["gated_deltanet"]().save_pretrained(tmp_path)
+    monkeypatch.setattr(fla_support, "FLA_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(CompressorError, match="pip install flash-linear-attention triton"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_after_import_compressor_folders_load_without_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_fla_model("gated_deltanet_gva")
+    family = family_for(model.config)
+    slim(model, family, PruningPlan(kept=plans_for("gated_deltanet_gva")["uneven"]))
+    write_model(model, family, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is family.model_class
+    with torch.no_grad():
+        assert (reloaded(input_ids(4)).logits - model(input_ids(4)).logits).abs().max().item() <= 1e-4

@@ -1,0 +1,119 @@
+"""The transformers hybrids — Qwen3.5-MoE (``qwen3_5_moe_text``), OLMo-Hybrid (``olmo_hybrid``) and Kimi Linear
+(``kimi_linear``, KDA + MLA + MoE): pruning equals masking, folders reload without compressor, generation works
+with the cache, and ``compress prune`` works end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_hybrids import (
+    check_cached_generation,
+    check_calibration_states,
+    check_exact_in_float64,
+    check_fresh_reload,
+    check_matches_stock,
+    check_prune_end_to_end,
+    check_removal_equals_masking,
+    tiny_hybrid,
+)
+from tiny_models import PLANS
+
+from compressor.families import family_for
+from compressor.slicing import PruningPlan, linear_layers, slim
+
+MODEL_TYPES = {"qwen3_5_moe": "qwen3_5_moe_text", "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"}
+PRUNED_CLASSES = {
+    "qwen3_5_moe": "PrunedQwen3_5MoeForCausalLM",
+    "olmo_hybrid": "PrunedOlmoHybridForCausalLM",
+    "kimi_linear": "PrunedKimiLinearForCausalLM",
+}
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_unpruned_model_matches_the_stock_class(name):
+    check_matches_stock(tiny_hybrid(name))
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_removing_heads_equals_masking_them(name, plan_name):
+    check_removal_equals_masking(tiny_hybrid(name), PLANS[plan_name])
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_removal_is_exact_in_float64(name):
+    check_exact_in_float64(tiny_hybrid(name), PLANS["uneven"])
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_calibration_receives_every_head_state(name):
+    check_calibration_states(tiny_hybrid(name))
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_cached_generation_matches_the_masked_model(name):
+    check_cached_generation(tiny_hybrid(name), PLANS["single-and-odd"])
+
+
+def test_saved_folders_reload_without_compressor(tmp_path):
+    """One fresh process loads an uneven and an even-uniform folder of every hybrid."""
+    models = {}
+    for name in MODEL_TYPES:
+        for plan_name in ("uneven", "even-uniform"):
+            model = tiny_hybrid(name)
+            slim(model, family_for(model.config), PruningPlan(kept=PLANS[plan_name]))
+            models[f"{name}-{plan_name}"] = model
+    check_fresh_reload(models, tmp_path)
+    assert (tmp_path / "kimi_linear-uneven" / "kda.py").is_file()
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_compress_prune_end_to_end(name, tmp_path):
+    record = check_prune_end_to_end(name, tmp_path)
+    assert record["family"] == MODEL_TYPES[name]
+    if name == "kimi_linear":
+        assert sorted(record["layers"]) == ["0", "2", "3"]
+    else:
+        assert torch.tensor([len(entry["kept_heads"]) for entry in record["layers"].values()]).sum() < 18
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_moe", "olmo_hybrid"])
+def test_config_records_uneven_groups(name):
+    model = tiny_hybrid(name)
+    slim(model, family_for(model.config), PruningPlan(kept=PLANS["uneven"]))
+    assert model.config.architectures == [PRUNED_CLASSES[name]]
+    assert model.config.per_layer_config[0].linear_value_to_key_head == [0, 0, 1, 2]
+    assert model.config.per_layer_config[2].linear_num_value_heads == 2
+
+
+def test_kimi_only_kda_layers_are_prunable():
+    model = tiny_hybrid("kimi_linear")
+    mixers = linear_layers(model, family_for(model.config))
+    assert sorted(mixers) == [0, 2, 3]  # layer 1 is MLA, also at self_attn
+    assert all(type(m).__name__ == "PrunedKimiDeltaAttention" for m in mixers.values())
+
+
+def test_kimi_per_channel_tensors_are_sliced_per_head():
+    model = tiny_hybrid("kimi_linear")
+    before = linear_layers(model, family_for(model.config))[2]
+    dt_bias, a_log = before.forget_gate.dt_bias.detach().clone(), before.forget_gate.A_log.detach().clone()
+    slim(model, family_for(model.config), PruningPlan(kept=PLANS["uneven"]))  # layer 2 keeps heads 1 and 5
+    after = linear_layers(model, family_for(model.config))[2]
+    assert after.forget_gate.dt_bias.tolist() == dt_bias.view(6, 8)[[1, 5]].flatten().tolist()
+    assert after.forget_gate.A_log.shape == (1, 1, 2, 1)
+    assert after.forget_gate.A_log.flatten().tolist() == a_log.flatten()[[1, 5]].tolist()
+    assert after.forget_gate.f_b_proj.weight.shape == (16, 8) and after.g_b_proj.weight.shape == (16, 8)
+    assert model.config.architectures == [PRUNED_CLASSES["kimi_linear"]]
+    assert model.config.per_layer_config[2].linear_num_heads == 2
+    assert model.config.per_layer_config[1].linear_num_heads == 6  # the MLA layer's view is untouched
+
+
+def test_kimi_uniform_plans_write_a_stock_config(tmp_path):
+    model = tiny_hybrid("kimi_linear")
+    slim(model, family_for(model.config), PruningPlan(kept=PLANS["even-uniform"]))
+    assert not model.config.is_heterogeneous and model.config.linear_num_heads == 4
+    assert model.config.architectures == ["KimiLinearForCausalLM"]
+    model.config.save_pretrained(tmp_path)
+    assert "linear_value_to_key_head" not in json.loads((tmp_path / "config.json").read_text())
