@@ -14,10 +14,14 @@ from .fla_support import FLA_FAMILIES
 FAMILIES: tuple[Family, ...] = (QWEN3_5, QWEN3_NEXT, QWEN3_5_MOE, OLMO_HYBRID, KIMI_LINEAR, *FLA_FAMILIES)
 
 REFUSED = {
-    "retnet": "RetNet fixes each head's decay by its index, so removing a head changes the others",
-    "mamba2": "Mamba2 shares B/C groups across heads, so heads cannot be removed one by one",
-    "hgrn2": "HGRN2 ties its state size to the head count",
-    "rwkv7": "RWKV7 ties its state layout to the head count",
+    "retnet": "RetNet fixes each head's decay by its index (γ_h = 1 − 2^(−5−h)), so removing a head changes the "
+    "decay of every later head",
+    "mamba2": "Mamba2's gated RMSNorm normalises over each group of heads sharing B/C, so with fewer groups than "
+    "heads removing one head changes the others' outputs (one group per head is not implemented either)",
+    "hgrn2": "HGRN2 splits the whole hidden size among its heads (value dimension hidden_size / num_heads), so "
+    "fewer heads would resize every remaining head",
+    "rwkv7": "RWKV7 has hidden_size / head_dim heads whose projections, LoRAs and group norm span the whole hidden "
+    "size, so its stock layer cannot hold fewer heads",
 }
 
 __all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "kept_indices", "supported_model_types"]

@@ -1,0 +1,34 @@
+"""Families whose heads cannot be removed exactly with their stock layers are refused, with the reason, before any
+weight is loaded or anything written."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from fla.models import HGRN2Config, RetNetConfig, RWKV7Config
+from transformers import Mamba2Config
+
+from compressor.cli import main
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, vocab_size=96)
+REFUSALS = {
+    "retnet": (lambda: RetNetConfig(num_heads=4, **SMALL), "fixes each head's decay by its index"),
+    "mamba2": (lambda: Mamba2Config(num_heads=8, head_dim=16, n_groups=2, **SMALL), "fewer groups than heads"),
+    "hgrn2": (lambda: HGRN2Config(num_heads=4, expand_ratio=None, **SMALL), "splits the whole hidden size"),
+    "rwkv7": (lambda: RWKV7Config(head_dim=16, **SMALL), "cannot hold fewer heads"),
+}
+
+
+@pytest.mark.parametrize("model_type", REFUSALS)
+def test_unprunable_families_are_refused_with_the_reason(model_type, tmp_path):
+    make_config, reason = REFUSALS[model_type]
+    source, out = tmp_path / "source", tmp_path / "out"
+    config = make_config()
+    assert config.model_type == model_type
+    config.save_pretrained(source)  # a config alone: the refusal must come before the weights are read
+    result = CliRunner().invoke(main, ["prune", str(source), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert f"cannot prune model type '{model_type}'" in message and reason in message, message
+    assert "supported: qwen3_5_text, qwen3_next" in message, message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["source"]
