@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,26 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def as_family_class(model: nn.Module, family: Family) -> nn.Module:
+    """``model`` (a stock class of the family's architecture) rebuilt as ``family.model_class`` with the same
+    weights; every parameter and buffer must match by name and shape."""
+    config = copy.deepcopy(model.config)
+    config._experts_implementation = None  # the stock class's choice; the family's class makes its own
+    with torch.device("meta"):
+        rebuilt = family.model_class(config)
+    try:
+        rebuilt.load_state_dict(model.state_dict(), strict=True, assign=True)
+    except RuntimeError as error:
+        raise CompressorError(
+            f"{type(model).__name__} does not match {family.model_class.__name__}: {str(error).splitlines()[0]}"
+        ) from None
+    for name, buffer in model.named_buffers():  # non-persistent ones (rotary frequencies) are not in state_dict
+        module, _, leaf = name.rpartition(".")
+        rebuilt.get_submodule(module)._buffers[leaf] = buffer
+    rebuilt.generation_config = model.generation_config
+    return rebuilt
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``name`` (folder or Hub id) for pruning; a family it cannot prune fails before the weights load."""
     path = Path(name).expanduser()
@@ -77,13 +99,20 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         config = AutoConfig.from_pretrained(name)
     except OSError as error:
         raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
-    family = family_for(config)
+    text_config = config.get_text_config()
+    family = family_for(text_config)
     check_fla_config(config)
     torch_device = resolve_device(device)
-    save_dtype = checkpoint_dtype(config)
+    save_dtype = checkpoint_dtype(text_config if getattr(config, "dtype", None) is None else config)
+    if text_config is not config:
+        warnings.warn(
+            f"'{name}' is a {type(config).__name__} checkpoint: its text model ({text_config.model_type}) is pruned "
+            "and written alone, without the vision tower.",
+            stacklevel=2,
+        )
     model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))
+    if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
+        model = as_family_class(model, family)
     model = model.to(torch_device).eval()
-    if not isinstance(model, family.model_class):
-        raise CompressorError(f"'{name}' loaded as {type(model).__name__}, not as {family.model_class.__name__}.")
     tokenizer = AutoTokenizer.from_pretrained(name)
     return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype)
