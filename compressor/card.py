@@ -30,11 +30,13 @@ def render_card(
     command: str | None = None,
     figures: Sequence[str] = (),
     repo_id: str | None = None,
+    text_model_of: str | None = None,
 ) -> str:
     """Return the model card (Markdown with YAML front matter) for a ``compression.json`` record.
 
     ``command`` is shown under "Reproduce"; ``figures`` are image paths relative to the card's folder;
-    ``repo_id`` is the id used in the loading snippet (a placeholder folder path when not given).
+    ``repo_id`` is the id used in the loading snippet (a placeholder folder path when not given);
+    ``text_model_of`` names the base model's vision-language class when only its text model was pruned.
     """
     if any(PurePath(path).is_absolute() for path in figures):
         raise ValueError(f"figure paths must be relative to the card's folder: {list(map(str, figures))}")
@@ -56,6 +58,7 @@ def render_card(
         "figures": [(PurePath(path).stem, PurePath(path).as_posix()) for path in figures],
         "command": command,
         "load_id": repo_id or "path/to/this/folder",
+        "text_model_of": text_model_of,
     }
     return _redact(_template().render(context))
 

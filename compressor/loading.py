@@ -28,6 +28,8 @@ class LoadedModel:
     local_path: Path | None
     save_dtype: torch.dtype
     """The checkpoint's dtype: the pruned weights are written in it, whatever dtype computed them."""
+    text_model_of: str | None = None
+    """The checkpoint's vision-language class when ``model`` is its text model alone."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,4 +117,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         model = as_family_class(model, family)
     model = model.to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name)
-    return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype)
+    text_model_of = None if text_config is config else (config.architectures or [type(config).__name__])[0]
+    return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype,
+                       text_model_of=text_model_of)

@@ -363,7 +363,9 @@ def prune(
         from .card import render_card
 
         figures = write_card_figures(stats, staging, scores, plan.kept, record["method"].get("chosen", method))
-        (staging / "README.md").write_text(render_card(record, command=command, figures=figures, repo_id=push_to_hub))
+        (staging / "README.md").write_text(render_card(
+            record, command=command, figures=figures, repo_id=push_to_hub, text_model_of=loaded.text_model_of
+        ))
     if push_to_hub is not None:
         from .hub import push_folder
 

@@ -111,6 +111,7 @@ def test_body_tables_and_numbers():
     assert "| fla | not installed |" in lines
     assert 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)' in lines
     assert "vLLM, llama.cpp, SGLang" in card and "arXiv 2602.02195" in card
+    assert "vision tower" not in card  # only for the text model of a vision-language checkpoint
 
 
 def test_figures_command_and_repo_id():

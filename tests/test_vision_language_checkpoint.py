@@ -70,6 +70,9 @@ def test_prune_writes_the_pruned_text_model_alone(model_type, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as weights:
         assert not any("visual" in name for name in weights.keys())
     assert record["verify"]["passed"] and 1 - record["state_bytes_after"] / record["state_bytes_before"] >= 0.3
+    card = (out / "README.md").read_text()
+    assert f"vision-language model (`{CHECKPOINTS[model_type][1].__name__}`)" in card
+    assert "- Text only: the base model's vision tower is not part of this folder." in card
 
     kept = {int(layer): entry["kept_heads"] for layer, entry in record["layers"].items()}
     masked = masked_copy(load_model(str(tmp_path / "vlm"), device="cpu", dtype="float32").model, kept)
