@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 for _family in FAMILIES:
     for _model_type in _family.model_types:
-        AutoModelForCausalLM.register(AutoConfig.for_model(_model_type).__class__, _family.model_class, exist_ok=True)
+        _config_class = AutoConfig.for_model(_model_type).__class__
+        if _config_class is not _family.per_layer_config_class:  # those the modeling file registers itself
+            AutoModelForCausalLM.register(_config_class, _family.model_class, exist_ok=True)
 
 __all__ = ["CompressorError", "__version__"]

@@ -99,6 +99,9 @@ def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
         new.architectures = [stock_class(family).__name__]
         return new
     setattr(new, fields.value_to_key, None)
+    if family.per_layer_config_class is not None:
+        new.__class__ = family.per_layer_config_class
+        new.auto_map["AutoConfig"] = f"{module}.{family.per_layer_config_class.__name__}"
     new.per_layer_config = {str(index): override for index, override in overrides.items()}
     new.architectures = [family.model_class.__name__]
     return new

@@ -122,13 +122,6 @@ def test_figures_command_and_repo_id():
     assert 'model = AutoModelForCausalLM.from_pretrained("alice/pruned", trust_remote_code=True)' in _lines(card)
 
 
-def test_fla_cards_say_how_to_load_next_to_fla():
-    fla_record = copy.deepcopy(RECORD)
-    fla_record["family"] = "gla"
-    note = "load this folder before\n`import fla`, or `import compressor` first"
-    assert note in render_card(fla_record) and note not in render_card(RECORD)
-
-
 def test_uniform_local_minimal_record(tmp_path):
     record = copy.deepcopy(RECORD)
     record.update(base_model=str(tmp_path / "my-model"), license=None, per_layer_heads=False)

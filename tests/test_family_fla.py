@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fresh_process import run_without_compressor
 from tiny_fla import (
     CONFIGS,
     check_cached_generation,
@@ -42,8 +43,45 @@ def test_cached_generation_matches_the_masked_model(config_name):
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net", "gla", "kda"])
 def test_saved_folders_reload_without_compressor(family, tmp_path):
     """A fresh process loads an uneven and an even-uniform folder of both configs of one family. One process per
-    family: once fla is imported, transformers prefers fla's registered classes to a folder's auto_map."""
+    family: once fla is imported, an even-uniform (stock) config of another family loads into fla's own class,
+    which is right for a stock checkpoint but calls Triton on CPU."""
     check_reload_without_compressor([name for name in NAMES if name.startswith(family)], tmp_path)
+
+
+def test_per_layer_folders_load_with_their_code_after_import_fla(tmp_path):
+    """transformers prefers a registered class to a folder's auto_map, and importing fla registers fla's classes
+    for fla's model types: folders with per-layer heads carry a model type of their own, so their shipped code
+    loads them all the same, in a process where compressor cannot be imported."""
+    ids = input_ids(6)
+    expected = {}
+    for config_name in FAMILY_EXAMPLES:
+        model = tiny_fla_model(config_name)
+        family = family_for(model.config)
+        slim(model, family, PruningPlan(kept=plans_for(config_name)["uneven"]))
+        write_model(model, family, tmp_path / config_name)
+        with torch.no_grad():
+            expected[config_name] = model(ids).logits
+    torch.save({"ids": ids, "folders": FAMILY_EXAMPLES}, tmp_path / "inputs.pt")
+    run_without_compressor(
+        """
+        import fla  # registers fla's own classes for gated_deltanet, delta_net, gla and kda
+        import torch
+        from transformers import AutoModelForCausalLM
+        inputs = torch.load("inputs.pt")
+        out = {}
+        for name in inputs["folders"]:
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
+            assert type(model).__name__.startswith("Pruned"), type(model)
+            assert model.config.model_type.endswith("_per_layer"), model.config.model_type
+            with torch.no_grad():
+                out[name] = model(inputs["ids"]).logits
+        torch.save(out, "logits.pt")
+        """,
+        tmp_path,
+    )
+    reloaded = torch.load(tmp_path / "logits.pt")
+    for name, logits in expected.items():
+        assert (reloaded[name] - logits).abs().max().item() <= 1e-4, name
 
 
 @pytest.mark.parametrize("config_name", FAMILY_EXAMPLES)

@@ -220,6 +220,7 @@ def check_cli_prune(config_name: str, tmp_path: Path) -> None:
     assert math.isfinite(record["eval"]["perplexity_before"]) and math.isfinite(record["eval"]["perplexity_after"])
     config = AutoConfig.from_pretrained(out)
     assert set(config.auto_map) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert config.model_type == f"{record['family']}_per_layer"  # its own type: fla's classes cannot read it
     for layer, entry in record["layers"].items():
         layer_config = config.per_layer_config[int(layer)]
         assert (getattr(layer_config, "num_v_heads", None) or layer_config.num_heads) == len(entry["kept_heads"])

@@ -95,6 +95,9 @@ class Family:
     config_class: type | None = None
     """Set when transformers does not know the model type by itself (fla) or its stock config cannot hold per-layer
     heads (Kimi Linear): auto_map then names it as AutoConfig."""
+    per_layer_config_class: type | None = None
+    """Set when the stock model type would load per-layer folders into classes that cannot read per-layer heads
+    (fla's, once fla is imported): such folders are written with this config class and its own model type."""
     helpers: tuple[str, ...] = ()
     """Further files of compressor/modeling that the modeling file imports, shipped beside it."""
     layer_fields: Callable[[object, HeadLayout], dict] | None = None

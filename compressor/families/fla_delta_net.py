@@ -1,7 +1,12 @@
 """fla's DeltaNet (``delta_net``): separate q, k, v, b (and g) projections and q/k/v short convolutions, each laid
 out head after head; one key head per value head. Heads are sized through ``expand_k``/``expand_v``."""
 
-from ..modeling.modeling_fla_delta_net import DeltaNetConfig, PrunedDeltaNetForCausalLM, PrunedFlaDeltaNet
+from ..modeling.modeling_fla_delta_net import (
+    DeltaNetConfig,
+    DeltaNetPerLayerConfig,
+    PrunedDeltaNetForCausalLM,
+    PrunedFlaDeltaNet,
+)
 from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, HeadLayout, columns, rows
 
 K = Block(KEY, "key_dim")
@@ -22,7 +27,7 @@ def expand_fields(config, layout: HeadLayout) -> dict:
 
 FLA_DELTA_NET = Family(
     name="fla DeltaNet",
-    model_types=("delta_net",),
+    model_types=("delta_net", "delta_net_per_layer"),
     mixer_attr="attn",
     tensors={
         "q_proj.weight": rows(Flat((K,))),
@@ -41,6 +46,7 @@ FLA_DELTA_NET = Family(
     mixer_class=PrunedFlaDeltaNet,
     fields=FLA_FIELDS,
     config_class=DeltaNetConfig,
+    per_layer_config_class=DeltaNetPerLayerConfig,
     helpers=("fla_layers.py", "delta_rule.py"),
     layer_fields=expand_fields,
 )

@@ -3,6 +3,7 @@ each laid out head after head; value head j reads key head j // (num_v_heads / n
 
 from ..modeling.modeling_fla_gated_deltanet import (
     GatedDeltaNetConfig,
+    GatedDeltaNetPerLayerConfig,
     PrunedFlaGatedDeltaNet,
     PrunedGatedDeltaNetForCausalLM,
 )
@@ -14,7 +15,7 @@ ONE = Block(VALUE, 1)
 
 FLA_GATED_DELTANET = Family(
     name="fla Gated DeltaNet",
-    model_types=("gated_deltanet",),
+    model_types=("gated_deltanet", "gated_deltanet_per_layer"),
     mixer_attr="attn",
     tensors={
         "q_proj.weight": rows(Flat((K,))),
@@ -37,5 +38,6 @@ FLA_GATED_DELTANET = Family(
     fields=ConfigFields(num_key_heads="num_heads", num_value_heads="num_v_heads", key_dim="head_dim",
                         value_dim="head_dim", value_to_key="value_to_key_head"),
     config_class=GatedDeltaNetConfig,
+    per_layer_config_class=GatedDeltaNetPerLayerConfig,
     helpers=("fla_layers.py",),
 )

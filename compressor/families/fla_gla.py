@@ -1,7 +1,7 @@
 """fla's Gated Linear Attention (``gla``): separate q, k, v, g projections, a low-rank key-channel gate whose second
 factor holds each head's channels, and optional q/k/v short convolutions; heads sized through expand_k/expand_v."""
 
-from ..modeling.modeling_fla_gla import GLAConfig, PrunedFlaGLA, PrunedGLAForCausalLM
+from ..modeling.modeling_fla_gla import GLAConfig, GLAPerLayerConfig, PrunedFlaGLA, PrunedGLAForCausalLM
 from .base import KEY, VALUE, Block, Family, Flat, HeadLayout, columns, rows
 from .fla_delta_net import FLA_FIELDS, expand_fields
 
@@ -19,7 +19,7 @@ def gla_fields(config, layout: HeadLayout) -> dict:
 
 FLA_GLA = Family(
     name="fla GLA",
-    model_types=("gla",),
+    model_types=("gla", "gla_per_layer"),
     mixer_attr="attn",
     tensors={
         "q_proj.weight": rows(Flat((K,))),
@@ -39,6 +39,7 @@ FLA_GLA = Family(
     mixer_class=PrunedFlaGLA,
     fields=FLA_FIELDS,
     config_class=GLAConfig,
+    per_layer_config_class=GLAPerLayerConfig,
     helpers=("fla_layers.py", "gla.py"),
     layer_fields=gla_fields,
 )

@@ -2,7 +2,7 @@
 head; low-rank decay (f_proj) and output-gate (g_proj) projections whose second factors hold each value head's
 rows; ``dt_bias`` has one entry per value head and key channel. Value head j reads key head j // r."""
 
-from ..modeling.modeling_fla_kda import KDAConfig, PrunedFlaKDA, PrunedKDAForCausalLM
+from ..modeling.modeling_fla_kda import KDAConfig, KDAPerLayerConfig, PrunedFlaKDA, PrunedKDAForCausalLM
 from .base import KEY, VALUE, Block, Family, Flat, columns, rows
 from .fla_gated_deltanet import FLA_GATED_DELTANET
 
@@ -13,7 +13,7 @@ ONE = Block(VALUE, 1)
 
 FLA_KDA = Family(
     name="fla KDA",
-    model_types=("kda",),
+    model_types=("kda", "kda_per_layer"),
     mixer_attr="attn",
     tensors={
         "q_proj.weight": rows(Flat((K,))),
@@ -36,5 +36,6 @@ FLA_KDA = Family(
     mixer_class=PrunedFlaKDA,
     fields=FLA_GATED_DELTANET.fields,
     config_class=KDAConfig,
+    per_layer_config_class=KDAPerLayerConfig,
     helpers=("fla_layers.py", "kda.py"),
 )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ..errors import CompressorError
 
-FLA_MODEL_TYPES = ("gated_deltanet", "delta_net", "gla", "kda")
+FLA_MODEL_TYPES = tuple(
+    f"{model_type}{suffix}" for model_type in ("gated_deltanet", "delta_net", "gla", "kda") for suffix in ("", "_per_layer")
+)
 
 try:
     from .fla_delta_net import FLA_DELTA_NET

@@ -18,6 +18,7 @@ from fla.layers.utils import update_layer_cache
 from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
 from fla.modules.activations import ACT2FN as FLA_ACT2FN
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin
 
@@ -167,6 +168,20 @@ class CacheArgumentMixin:
         if cache is not None and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = cache
         return super().forward(*args, **kwargs)
+
+
+def register_classes(config_cls: type, per_layer_config_cls: type, model_cls: type) -> None:
+    """Register ``model_cls`` with AutoModelForCausalLM for fla's ``config_cls`` and for ``per_layer_config_cls``,
+    the config of folders with per-layer heads, under its own model type.
+
+    The own model type is what makes those folders load with their shipped code: once fla is imported,
+    transformers prefers fla's registered classes for fla's model types to a folder's ``auto_map``, and fla's
+    classes cannot read per-layer heads. ``model_cls.config_class`` stays fla's config, so the second registration
+    goes to the mapping directly (``AutoModelForCausalLM.register`` insists the class names match).
+    """
+    AutoConfig.register(per_layer_config_cls.model_type, per_layer_config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    AutoModelForCausalLM._model_mapping.register(per_layer_config_cls, model_cls, exist_ok=True)
 
 
 def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) -> None:

@@ -4,8 +4,8 @@ Shipped in output folders (auto_map). DeltaNet sizes its heads through ``expand_
 hidden_size · expand_k, split into ``num_heads`` heads), so a layer with fewer heads gets ``num_heads``,
 ``expand_k`` and ``expand_v`` in ``config.per_layer_config[i]``. Every head has its own key head.
 
-Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
-transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+Importing this file registers its model class for fla's config and for the per-layer config below (auto_map's
+AutoConfig imports it first).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from fla.layers.delta_net import DeltaNet
 from fla.layers.utils import get_layer_cache
 from fla.models.delta_net import DeltaNetConfig, DeltaNetForCausalLM
-from transformers import AutoModelForCausalLM
 
 from .delta_rule import delta_rule
 from .fla_layers import (
@@ -24,6 +23,7 @@ from .fla_layers import (
     check_supported,
     compute_loss_on_cpu,
     install_mixers,
+    register_classes,
     route_to_torch,
 )
 from .gated_deltanet import global_head_counts
@@ -91,4 +91,14 @@ class PrunedDeltaNetForCausalLM(CacheArgumentMixin, DeltaNetForCausalLM):
         return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
 
 
-AutoModelForCausalLM.register(DeltaNetConfig, PrunedDeltaNetForCausalLM, exist_ok=True)
+class DeltaNetPerLayerConfig(DeltaNetConfig):
+    """fla's DeltaNetConfig under a model type of its own, for folders with per-layer heads (see
+    ``fla_layers.register_classes``)."""
+
+    model_type = "delta_net_per_layer"
+
+    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
+        super().__init__(**kwargs)
+
+
+register_classes(DeltaNetConfig, DeltaNetPerLayerConfig, PrunedDeltaNetForCausalLM)

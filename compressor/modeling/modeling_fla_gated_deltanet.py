@@ -4,8 +4,8 @@ Shipped in output folders (auto_map). Per-layer head counts come from ``config.p
 (``num_heads`` key heads, ``num_v_heads`` value heads, ``value_to_key_head``: the key head of each value head
 when the stock grouping j // r does not describe it). Value head j reads key head ``value_to_key[j]``.
 
-Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
-transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+Importing this file registers its model class for fla's config and for the per-layer config below (auto_map's
+AutoConfig imports it first).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from fla.layers.utils import get_layer_cache
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from fla.modules import ShortConvolution
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from .fla_layers import (
     CacheArgumentMixin,
@@ -24,6 +23,7 @@ from .fla_layers import (
     check_supported,
     compute_loss_on_cpu,
     install_mixers,
+    register_classes,
     route_to_torch,
 )
 from .gated_delta import gated_delta_rule
@@ -92,4 +92,14 @@ class PrunedGatedDeltaNetForCausalLM(CacheArgumentMixin, GatedDeltaNetForCausalL
 
 
 
-AutoModelForCausalLM.register(GatedDeltaNetConfig, PrunedGatedDeltaNetForCausalLM, exist_ok=True)
+class GatedDeltaNetPerLayerConfig(GatedDeltaNetConfig):
+    """fla's GatedDeltaNetConfig under a model type of its own, for folders with per-layer heads (see
+    ``fla_layers.register_classes``)."""
+
+    model_type = "gated_deltanet_per_layer"
+
+    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
+        super().__init__(**kwargs)
+
+
+register_classes(GatedDeltaNetConfig, GatedDeltaNetPerLayerConfig, PrunedGatedDeltaNetForCausalLM)

@@ -5,8 +5,8 @@ hidden_size · expand_k, split into ``num_heads`` heads), so a layer with fewer 
 ``expand_k`` and ``expand_v`` (and ``num_kv_heads`` when the source sets it) in ``config.per_layer_config[i]``.
 Every head has its own keys, values and key-channel decay; the low-rank gate's first factor is shared.
 
-Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
-transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+Importing this file registers its model class for fla's config and for the per-layer config below (auto_map's
+AutoConfig imports it first).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from fla.layers.gla import GatedLinearAttention
 from fla.layers.utils import get_layer_cache
 from fla.models.gla import GLAConfig, GLAForCausalLM
-from transformers import AutoModelForCausalLM
 
 from .fla_layers import (
     CacheArgumentMixin,
@@ -24,6 +23,7 @@ from .fla_layers import (
     check_supported,
     compute_loss_on_cpu,
     install_mixers,
+    register_classes,
     route_to_torch,
 )
 from .gated_deltanet import global_head_counts
@@ -95,4 +95,14 @@ class PrunedGLAForCausalLM(CacheArgumentMixin, GLAForCausalLM):
         return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
 
 
-AutoModelForCausalLM.register(GLAConfig, PrunedGLAForCausalLM, exist_ok=True)
+class GLAPerLayerConfig(GLAConfig):
+    """fla's GLAConfig under a model type of its own, for folders with per-layer heads (see
+    ``fla_layers.register_classes``)."""
+
+    model_type = "gla_per_layer"
+
+    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
+        super().__init__(**kwargs)
+
+
+register_classes(GLAConfig, GLAPerLayerConfig, PrunedGLAForCausalLM)

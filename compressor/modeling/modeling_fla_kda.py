@@ -4,8 +4,8 @@ Shipped in output folders (auto_map). Per-layer head counts come from ``config.p
 (``num_heads`` key heads, ``num_v_heads`` value heads, ``value_to_key_head``: the key head of each value head
 when the stock grouping j // r does not describe it). The decay has one entry per value head and key channel.
 
-Importing this file registers its model class for fla's config (auto_map's AutoConfig imports it first):
-transformers prefers a registered class from outside transformers (fla's own, once fla is imported) to auto_map.
+Importing this file registers its model class for fla's config and for the per-layer config below (auto_map's
+AutoConfig imports it first).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from fla.layers.utils import get_layer_cache
 from fla.models.kda import KDAConfig, KDAForCausalLM
 from fla.modules import ShortConvolution
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from .fla_layers import (
     CacheArgumentMixin,
@@ -24,6 +23,7 @@ from .fla_layers import (
     check_supported,
     compute_loss_on_cpu,
     install_mixers,
+    register_classes,
     route_to_torch,
 )
 from .gated_deltanet import global_head_counts
@@ -100,4 +100,14 @@ class PrunedKDAForCausalLM(CacheArgumentMixin, KDAForCausalLM):
         return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
 
 
-AutoModelForCausalLM.register(KDAConfig, PrunedKDAForCausalLM, exist_ok=True)
+class KDAPerLayerConfig(KDAConfig):
+    """fla's KDAConfig under a model type of its own, for folders with per-layer heads (see
+    ``fla_layers.register_classes``)."""
+
+    model_type = "kda_per_layer"
+
+    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
+        super().__init__(**kwargs)
+
+
+register_classes(KDAConfig, KDAPerLayerConfig, PrunedKDAForCausalLM)
