@@ -11,14 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .budgets import Budget
 from .calibration import StateStatistics
 from .errors import CompressorError
-from .evaluation import next_token_loss
+from .evaluation import next_token_loss, token_losses
 from .families import Family
 from .scoring import METHODS, score_heads
 from .slicing import PruningPlan, linear_layers
@@ -108,9 +107,7 @@ def loss_scores(model: nn.Module, family: Family, tokens: torch.Tensor, batch_si
                     masks[unit[0]][row, unit[1]] = 0
             set_masks(masks)
             ids = tokens[[window for _, window in batch]].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            row_loss[start : start + len(batch)] = losses.view(len(batch), -1).double().sum(1).cpu()
+            row_loss[start : start + len(batch)] = token_losses(model, ids).double().sum(1).cpu()
     mean_loss = row_loss.view(len(heads) + 1, tokens.shape[0]).sum(1) / tokens[:, 1:].numel()  # [1 + heads]
     increases = (mean_loss[1:] - mean_loss[0]).float()
     return {layer: increases[[i for i, (l, _) in enumerate(heads) if l == layer]] for layer in mixers}
