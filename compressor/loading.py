@@ -102,7 +102,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     except OSError as error:
         raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
     text_config = config.get_text_config()
-    family = family_for(text_config)
+    try:
+        family = family_for(text_config)
+    except CompressorError:
+        family_for(config)  # raises, naming the checkpoint's own model type rather than its text model's
+        raise
     check_fla_config(config)
     torch_device = resolve_device(device)
     save_dtype = checkpoint_dtype(text_config if getattr(config, "dtype", None) is None else config)

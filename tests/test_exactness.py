@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fresh_process import run_without_compressor
-from tiny_models import CONFIGS, PLANS, masked_copy, tiny_model
+from tiny_models import CONFIGS, PLANS, check_cached_generation, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
@@ -66,21 +66,7 @@ def test_config_is_stock_only_for_even_uniform_plans():
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_cached_generation_matches_the_masked_model(config_name):
     """Prefill then token-by-token decode (conv and recurrent caches) gives the masked model's logits."""
-    model = tiny_model(config_name)
-    kept = PLANS["single-and-odd"]
-    masked = masked_copy(model, kept)
-    slim(model, family_for(model.config), PruningPlan(kept=kept))
-    prompt = input_ids(2)[:, :70]
-    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                    pad_token_id=0)
-    with torch.no_grad():
-        ours = model.generate(prompt, **settings)
-        reference = masked.generate(prompt, **settings)
-        full = model(ours.sequences).logits  # one uncached pass over the whole generated text
-    assert torch.equal(ours.sequences, reference.sequences)
-    for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
-        assert (a - b).abs().max().item() <= TOLERANCE
-        assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= TOLERANCE
+    check_cached_generation(tiny_model(config_name), PLANS["single-and-odd"], input_ids(2)[:, :70])
 
 
 def test_saved_folders_reload_without_compressor(tmp_path):

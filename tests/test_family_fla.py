@@ -10,7 +10,6 @@ import torch
 from fresh_process import run_without_compressor
 from tiny_fla import (
     CONFIGS,
-    check_cached_generation,
     check_cli_prune,
     check_reload_without_compressor,
     check_removal_equals_masking,
@@ -18,6 +17,7 @@ from tiny_fla import (
     plans_for,
     tiny_fla_model,
 )
+from tiny_models import check_cached_generation
 
 from compressor.errors import CompressorError
 from compressor.export import write_model
@@ -37,7 +37,8 @@ def test_removing_heads_equals_masking_them(config_name, plan_name):
 
 @pytest.mark.parametrize("config_name", NAMES)
 def test_cached_generation_matches_the_masked_model(config_name):
-    check_cached_generation(config_name)
+    model = tiny_fla_model(config_name)
+    check_cached_generation(model, plans_for(config_name)["single-and-odd"], input_ids(2)[:, :70])
 
 
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net", "gla", "kda"])

@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 from tiny_hybrids import (
-    check_cached_generation,
     check_calibration_states,
     check_exact_in_float64,
     check_fresh_reload,
     check_matches_stock,
     check_prune_end_to_end,
     check_removal_equals_masking,
+    input_ids,
     tiny_hybrid,
 )
-from tiny_models import PLANS
+from tiny_models import PLANS, check_cached_generation
 
 from compressor.families import family_for
 from compressor.slicing import PruningPlan, linear_layers, slim
@@ -54,7 +54,7 @@ def test_calibration_receives_every_head_state(name):
 
 @pytest.mark.parametrize("name", MODEL_TYPES)
 def test_cached_generation_matches_the_masked_model(name):
-    check_cached_generation(tiny_hybrid(name), PLANS["single-and-odd"])
+    check_cached_generation(tiny_hybrid(name), PLANS["single-and-odd"], input_ids(2)[:, :70])
 
 
 def test_saved_folders_reload_without_compressor(tmp_path):

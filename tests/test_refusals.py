@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 from fla.models import HGRN2Config, RetNetConfig, RWKV7Config
-from transformers import Mamba2Config
+from transformers import LlavaConfig, Mamba2Config
 
 from compressor.cli import main
 
@@ -32,3 +32,11 @@ def test_unprunable_families_are_refused_with_the_reason(model_type, tmp_path):
     assert f"cannot prune model type '{model_type}'" in message and reason in message, message
     assert "supported: qwen3_5_text, qwen3_next" in message, message
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_a_vision_language_model_with_an_unsupported_text_model_is_refused_by_its_own_type(tmp_path):
+    LlavaConfig().save_pretrained(tmp_path / "source")
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "source"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "cannot prune model type 'llava'; supported model types: qwen3_5_text" in result.output
+    assert not (tmp_path / "out").exists()

@@ -120,31 +120,6 @@ def check_removal_equals_masking(config_name: str, plan_name: str) -> None:
         assert mixer.o_proj.weight.shape[1] == len(kept[index]) * mixer.head_v_dim
 
 
-def check_cached_generation(config_name: str) -> None:
-    """Prefill then token-by-token decode (conv and recurrent caches) gives the masked model's logits and an
-    uncached pass's logits."""
-    from tiny_models import masked_copy
-
-    from compressor.families import family_for
-    from compressor.slicing import PruningPlan, slim
-
-    model = tiny_fla_model(config_name)
-    kept = plans_for(config_name)["single-and-odd"]
-    masked = masked_copy(model, kept)
-    slim(model, family_for(model.config), PruningPlan(kept=kept))
-    prompt = input_ids(2)[:, :70]
-    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                    pad_token_id=0)
-    with torch.no_grad():
-        ours = model.generate(prompt, **settings)
-        reference = masked.generate(prompt, **settings)
-        full = model(ours.sequences).logits
-    assert torch.equal(ours.sequences, reference.sequences)
-    for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
-        assert (a - b).abs().max().item() <= TOLERANCE
-        assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= TOLERANCE
-
-
 def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> None:
     """Folders of uneven and even-uniform plans load in a fresh process where compressor cannot be imported, with
     the same logits, and generate with their cache; the even-uniform config is a stock one (no per-layer heads)."""

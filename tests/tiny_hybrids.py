@@ -166,24 +166,6 @@ def check_exact_in_float64(model: torch.nn.Module, kept: dict[int, list[int]]) -
         assert (model(ids).logits - masked).abs().max().item() <= 1e-10
 
 
-def check_cached_generation(model: torch.nn.Module, kept: dict[int, list[int]]) -> None:
-    """After slicing, prefill then token-by-token decode gives the masked model's logits and the logits of one
-    uncached pass over the generated text."""
-    masked = masked_copy(model, kept)
-    slim(model, family_for(model.config), PruningPlan(kept=kept))
-    prompt = input_ids(2)[:, :70]
-    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                    pad_token_id=0)
-    with torch.no_grad():
-        ours = model.generate(prompt, **settings)
-        reference = masked.generate(prompt, **settings)
-        full = model(ours.sequences).logits
-    assert torch.equal(ours.sequences, reference.sequences)
-    for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
-        assert (a - b).abs().max().item() <= TOLERANCE
-        assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= TOLERANCE
-
-
 def check_fresh_reload(models: dict[str, torch.nn.Module], tmp_path: Path) -> None:
     """Each pruned model, written by ``write_model``, loads in a fresh process where compressor cannot be
     imported, gives the same logits, and generates with its cache."""

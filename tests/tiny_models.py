@@ -9,7 +9,7 @@ from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 
 import compressor  # noqa: F401  (registers the pruned model classes)
 from compressor.families import family_for
-from compressor.slicing import linear_layers
+from compressor.slicing import PruningPlan, linear_layers, slim
 
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 COMMON = dict(
@@ -90,3 +90,19 @@ def masked_copy(model: torch.nn.Module, kept: dict[int, list[int]]) -> torch.nn.
     return masked
 
 
+def check_cached_generation(model: torch.nn.Module, kept: dict[int, list[int]], prompt: torch.Tensor) -> None:
+    """After slicing ``kept`` out of ``model`` (in place), prefill of ``prompt`` [B, T] then token-by-token decode
+    (conv and recurrent caches) gives the masked model's logits and those of one uncached pass over the generated
+    text (float32, <= 1e-4)."""
+    masked = masked_copy(model, kept)
+    slim(model, family_for(model.config), PruningPlan(kept=kept))
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(prompt, **settings)
+        reference = masked.generate(prompt, **settings)
+        full = model(ours.sequences).logits
+    assert torch.equal(ours.sequences, reference.sequences)
+    for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
+        assert (a - b).abs().max().item() <= 1e-4
+        assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= 1e-4

@@ -20,7 +20,7 @@ from fla.modules.activations import ACT2FN as FLA_ACT2FN
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .gated_deltanet import PrunableGatedDeltaNetMixin
+from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -144,44 +144,70 @@ def check_supported(config) -> None:
             )
 
 
-def compute_loss_on_cpu(model, super_method: Callable, hidden_states: torch.Tensor, labels=None, *args, **kwargs):
-    """fla's ``_compute_logits_and_loss`` with a plain cross-entropy for CPU tensors (fla's fused losses are
-    Triton kernels)."""
-    if hidden_states.is_cuda:
-        return super_method(hidden_states, labels, *args, **kwargs)
-    kwargs = {**kwargs, "fuse_linear_cross_entropy": False}
-    if getattr(model, "criterion", None) is not None:  # the user's own loss
-        return super_method(hidden_states, labels, *args, **kwargs)
-    model.criterion = nn.CrossEntropyLoss()
-    try:
-        return super_method(hidden_states, labels, *args, **kwargs)
-    finally:
-        del model.criterion
+class PrunedFlaForCausalLMMixin:
+    """What compressor's fla causal-LM classes add to fla's (list it first among the bases):
 
+    - every layer reads its heads from ``config.per_layer_config`` (the subclass names its ``mixer_class`` and the
+      config ``head_fields`` that ``install_mixers`` reads);
+    - CPU tensors never reach Triton (``route_to_torch``; a plain cross-entropy instead of fla's fused losses);
+    - transformers' ``cache`` argument reaches fla's ``past_key_values``: transformers >= 5.24 generates with
+      ``cache=``, which fla 0.6's ``forward`` would swallow into ``**kwargs``, so every decode step would run
+      without its recurrent state.
+    """
 
-class CacheArgumentMixin:
-    """Hands transformers' ``cache`` argument to fla's ``past_key_values``. transformers >= 5.24 generates with
-    ``cache=``, which fla 0.6's model ``forward`` would swallow into ``**kwargs``, so every decode step would run
-    without its recurrent state."""
+    mixer_class: type
+    head_fields: dict[str, str]
+
+    def __init__(self, config):
+        check_supported(config)
+        with global_head_counts(config):
+            super().__init__(config)
+        install_mixers(self, self.mixer_class, self.head_fields)
+        route_to_torch(self)
 
     def forward(self, *args, cache=None, **kwargs):
         if cache is not None and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = cache
         return super().forward(*args, **kwargs)
 
+    def _compute_logits_and_loss(self, hidden_states: torch.Tensor, labels=None, *args, **kwargs):
+        compute = super()._compute_logits_and_loss
+        if hidden_states.is_cuda:
+            return compute(hidden_states, labels, *args, **kwargs)
+        kwargs = {**kwargs, "fuse_linear_cross_entropy": False}
+        if getattr(self, "criterion", None) is not None:  # the user's own loss
+            return compute(hidden_states, labels, *args, **kwargs)
+        self.criterion = nn.CrossEntropyLoss()
+        try:
+            return compute(hidden_states, labels, *args, **kwargs)
+        finally:
+            del self.criterion
 
-def register_classes(config_cls: type, per_layer_config_cls: type, model_cls: type) -> None:
-    """Register ``model_cls`` with AutoModelForCausalLM for fla's ``config_cls`` and for ``per_layer_config_cls``,
-    the config of folders with per-layer heads, under its own model type.
+
+def register_classes(config_cls: type, model_cls: type) -> type:
+    """Register ``model_cls`` with AutoModelForCausalLM for fla's ``config_cls`` and for a subclass of it under the
+    model type ``<type>_per_layer``, also registered with AutoConfig; return that subclass, the config class of
+    folders with per-layer heads.
 
     The own model type is what makes those folders load with their shipped code: once fla is imported,
     transformers prefers fla's registered classes for fla's model types to a folder's ``auto_map``, and fla's
     classes cannot read per-layer heads. ``model_cls.config_class`` stays fla's config, so the second registration
     goes to the mapping directly (``AutoModelForCausalLM.register`` insists the class names match).
     """
-    AutoConfig.register(per_layer_config_cls.model_type, per_layer_config_cls, exist_ok=True)
+
+    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
+        super(per_layer, self).__init__(**kwargs)
+
+    per_layer = type(
+        f"{config_cls.__name__.removesuffix('Config')}PerLayerConfig",
+        (config_cls,),
+        {"model_type": f"{config_cls.model_type}_per_layer", "__init__": __init__, "__module__": model_cls.__module__,
+         "__doc__": f"fla's {config_cls.__name__} under a model type of its own, for folders with per-layer heads."},
+    )
+    AutoConfig.register(per_layer.model_type, per_layer, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
-    AutoModelForCausalLM._model_mapping.register(per_layer_config_cls, model_cls, exist_ok=True)
+    AutoModelForCausalLM._model_mapping.register(per_layer, model_cls, exist_ok=True)
+    return per_layer
 
 
 def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) -> None:

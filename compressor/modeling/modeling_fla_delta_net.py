@@ -18,15 +18,11 @@ from fla.models.delta_net import DeltaNetConfig, DeltaNetForCausalLM
 
 from .delta_rule import delta_rule
 from .fla_layers import (
-    CacheArgumentMixin,
     FlaMixerMixin,
-    check_supported,
-    compute_loss_on_cpu,
-    install_mixers,
+    PrunedFlaForCausalLMMixin,
     register_classes,
     route_to_torch,
 )
-from .gated_deltanet import global_head_counts
 
 FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": "value_to_key_head"}
 
@@ -76,29 +72,12 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
         return out, None, past_key_values
 
 
-class PrunedDeltaNetForCausalLM(CacheArgumentMixin, DeltaNetForCausalLM):
+class PrunedDeltaNetForCausalLM(PrunedFlaForCausalLMMixin, DeltaNetForCausalLM):
     """DeltaNetForCausalLM whose layers read their heads from ``config.per_layer_config``; CPU tensors never
     reach Triton."""
 
-    def __init__(self, config):
-        check_supported(config)
-        with global_head_counts(config):
-            super().__init__(config)
-        install_mixers(self, PrunedFlaDeltaNet, FIELDS)
-        route_to_torch(self)
-
-    def _compute_logits_and_loss(self, hidden_states, labels=None, *args, **kwargs):
-        return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
+    mixer_class = PrunedFlaDeltaNet
+    head_fields = FIELDS
 
 
-class DeltaNetPerLayerConfig(DeltaNetConfig):
-    """fla's DeltaNetConfig under a model type of its own, for folders with per-layer heads (see
-    ``fla_layers.register_classes``)."""
-
-    model_type = "delta_net_per_layer"
-
-    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
-        super().__init__(**kwargs)
-
-
-register_classes(DeltaNetConfig, DeltaNetPerLayerConfig, PrunedDeltaNetForCausalLM)
+DeltaNetPerLayerConfig = register_classes(DeltaNetConfig, PrunedDeltaNetForCausalLM)

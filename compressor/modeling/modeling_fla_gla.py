@@ -17,16 +17,12 @@ from fla.layers.utils import get_layer_cache
 from fla.models.gla import GLAConfig, GLAForCausalLM
 
 from .fla_layers import (
-    CacheArgumentMixin,
     FlaMixerMixin,
+    PrunedFlaForCausalLMMixin,
     activation,
-    check_supported,
-    compute_loss_on_cpu,
-    install_mixers,
     register_classes,
     route_to_torch,
 )
-from .gated_deltanet import global_head_counts
 from .gla import gla
 
 FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": "value_to_key_head"}
@@ -80,29 +76,12 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         return self.o_proj(out), None, past_key_values
 
 
-class PrunedGLAForCausalLM(CacheArgumentMixin, GLAForCausalLM):
+class PrunedGLAForCausalLM(PrunedFlaForCausalLMMixin, GLAForCausalLM):
     """GLAForCausalLM whose layers read their heads from ``config.per_layer_config``; CPU tensors never reach
     Triton."""
 
-    def __init__(self, config):
-        check_supported(config)
-        with global_head_counts(config):
-            super().__init__(config)
-        install_mixers(self, PrunedFlaGLA, FIELDS)
-        route_to_torch(self)
-
-    def _compute_logits_and_loss(self, hidden_states, labels=None, *args, **kwargs):
-        return compute_loss_on_cpu(self, super()._compute_logits_and_loss, hidden_states, labels, *args, **kwargs)
+    mixer_class = PrunedFlaGLA
+    head_fields = FIELDS
 
 
-class GLAPerLayerConfig(GLAConfig):
-    """fla's GLAConfig under a model type of its own, for folders with per-layer heads (see
-    ``fla_layers.register_classes``)."""
-
-    model_type = "gla_per_layer"
-
-    def __init__(self, **kwargs):  # keeps fla's __init__: transformers makes every config subclass a dataclass
-        super().__init__(**kwargs)
-
-
-register_classes(GLAConfig, GLAPerLayerConfig, PrunedGLAForCausalLM)
+GLAPerLayerConfig = register_classes(GLAConfig, PrunedGLAForCausalLM)
