@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .spectra import eigvalsh
+
 METRICS = ("threshold_rank", "stable_rank", "entropy_rank", "nuclear_norm", "frobenius_norm")
 SPECTRA = ("auto", "svd", "gram")
 
@@ -17,9 +19,10 @@ def singular_values(states: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Singular values of ``states`` [..., d_k, d_v] in descending order: [..., min(d_k, d_v)] float32.
 
     - ``svd``: ``torch.linalg.svdvals`` in float32;
-    - ``gram``: sqrt of ``torch.linalg.eigvalsh`` of the smaller Gram matrix (SᵀS or SSᵀ) computed in float64 —
-      on a GPU several times faster than the SVD, with the same threshold ranks (float64 keeps the squared
-      condition number resolvable; float32 eigenvalues would not be);
+    - ``gram``: sqrt of the eigenvalues of the smaller Gram matrix (SᵀS or SSᵀ) computed in float64, with the
+      same threshold ranks as the SVD (float64 keeps the squared condition number resolvable; float32 eigenvalues
+      would not). On CUDA the eigenvalues come from :mod:`compressor.spectra`'s Triton kernels (an H200: 1152
+      states of 128 × 128 in 4.5 ms, against 0.63 s for ``torch.linalg.eigvalsh`` and 2.7 s for the SVD);
     - ``auto``: ``gram`` on CUDA, ``svd`` elsewhere (on a CPU the two take the same time, and the SVD is exact).
     """
     if method not in SPECTRA:
@@ -30,7 +33,7 @@ def singular_values(states: torch.Tensor, method: str = "auto") -> torch.Tensor:
         return torch.linalg.svdvals(states.float())
     s = states.double()
     gram = s.mT @ s if s.shape[-1] <= s.shape[-2] else s @ s.mT  # [..., d, d], d = min(d_k, d_v)
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1).float()
+    return eigvalsh(gram).clamp_min(0).sqrt().flip(-1).float()
 
 
 def state_metrics(states: torch.Tensor, eps: float = 1e-4, method: str = "auto") -> dict[str, torch.Tensor]:
