@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -253,6 +254,61 @@ class StateStatistics:
         )
 
 
+class MetricSums:
+    """Per layer, the sums over sequences of every head's metrics and of their squares: [H, time] float64 each.
+
+    :meth:`add` reduces one layer's states to metrics where they are (on a GPU, without waiting for them). Given
+    a CUDA ``side_device``, the spectra run on a low-priority side stream of it, beside the next layers' forward
+    pass, which runs on a high-priority stream (:meth:`forward_stream`) at most ``lag`` layers ahead of them
+    (that bounds the states held for them).
+    """
+
+    def __init__(self, eps: float, side_device: torch.device | None = None, lag: int = 4):
+        self.eps, self.lag = eps, lag
+        cuda = side_device is not None and side_device.type == "cuda"
+        self.stream = torch.cuda.Stream(side_device, priority=0) if cuda else None
+        self.forward = torch.cuda.Stream(side_device, priority=-1) if cuda else None
+        self.pending: list[torch.cuda.Event] = []
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.squares: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, layer: int, states: torch.Tensor) -> None:
+        """Add the metrics of ``states`` [B, H, time, d_k, d_v] to ``layer``'s sums."""
+        if self.stream is None:
+            return self.accumulate(layer, states)
+        self.stream.wait_stream(torch.cuda.current_stream(states.device))
+        with torch.cuda.stream(self.stream):
+            self.accumulate(layer, states)
+        states.record_stream(self.stream)  # not reused by the forward pass before the side stream is done with it
+        self.pending.append(self.stream.record_event())
+        if len(self.pending) > self.lag:
+            torch.cuda.current_stream(states.device).wait_event(self.pending.pop(0))
+
+    def forward_stream(self):
+        """Context for the forward pass: its high-priority stream with a side stream, nothing otherwise."""
+        if self.forward is None:
+            return contextlib.nullcontext()
+        self.forward.wait_stream(torch.cuda.current_stream(self.forward.device))  # weights, token index tensors
+        return torch.cuda.stream(self.forward)
+
+    def accumulate(self, layer: int, states: torch.Tensor) -> None:
+        for name, values in state_metrics(states, self.eps).items():  # values [B, H, time]
+            values = values.double()
+            if name not in self.sums.setdefault(layer, {}):
+                self.sums[layer][name] = values.new_zeros(values.shape[1:])
+                self.squares.setdefault(layer, {})[name] = values.new_zeros(values.shape[1:])
+            self.sums[layer][name] += values.sum(0)
+            self.squares[layer][name] += values.pow(2).sum(0)
+
+    def totals(self) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict[str, torch.Tensor]]]:
+        """(sums, squares) on the CPU, once every queued reduction is done."""
+        if self.stream is not None:
+            self.forward.synchronize()
+            self.stream.synchronize()
+        to_cpu = lambda table: {layer: {n: t.cpu() for n, t in row.items()} for layer, row in table.items()}
+        return to_cpu(self.sums), to_cpu(self.squares)
+
+
 @torch.no_grad()
 def collect_state_statistics(
     model: nn.Module,
@@ -262,43 +318,40 @@ def collect_state_statistics(
     eps: float = 1e-4,
     progress: bool = True,
     times: list[int] | None = None,
+    overlap: bool = True,
 ) -> StateStatistics:
     """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at the boundaries ``times``.
 
     ``times`` are token counts from :func:`measured_steps` (None: every chunk boundary). States never leave the
     layer that made them: each mixer hands its chunk states [B, H, ceil(L/64), d_k, d_v] to a sink that keeps
     the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
-    memory holds one layer's states of one batch at a time.
+    memory holds a few layers' states of one batch at a time. On a GPU with ``overlap``, the spectra of one layer
+    run beside the forward pass of the next ones (:class:`MetricSums`).
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
     device = next(model.parameters()).device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
-    sums: dict[int, dict[str, torch.Tensor]] = {}
-    squares: dict[int, dict[str, torch.Tensor]] = {}
+    summary = MetricSums(eps, device if overlap else None)
 
     def sink(layer: int, states: torch.Tensor) -> None:
         if states.shape[2] != chunk_count:
             raise ValueError(f"layer {layer} handed {states.shape[2]} chunk states to the sink; sequences of "
                              f"{tokens.shape[1]} tokens have {chunk_count} (one per {CHUNK} tokens, and the last)")
-        states = states.index_select(2, chunks.to(states.device))  # [B, H, len(times), d_k, d_v]
-        for name, values in state_metrics(states, eps).items():  # values [B, H, len(times)]
-            values = values.double().cpu()
-            sums.setdefault(layer, {}).setdefault(name, torch.zeros(values.shape[1:], dtype=torch.float64))
-            squares.setdefault(layer, {}).setdefault(name, torch.zeros(values.shape[1:], dtype=torch.float64))
-            sums[layer][name] += values.sum(0)
-            squares[layer][name] += values.pow(2).sum(0)
+        summary.add(layer, states.index_select(2, chunks.to(states.device)))  # [B, H, len(times), d_k, d_v]
 
     for mixer in mixers.values():
         mixer.state_sink = sink
     try:
         batches = tokens.split(batch_size)
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            model.model(input_ids=batch.to(device), use_cache=False)
+        with summary.forward_stream():
+            for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+                model.model(input_ids=batch.to(device), use_cache=False)
     finally:
         for mixer in mixers.values():
             mixer.state_sink = None
+    sums, squares = summary.totals()
 
     count = tokens.shape[0]
     layers = sorted(mixers)

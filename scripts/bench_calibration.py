@@ -3,19 +3,26 @@
 A random-init 1B-class Qwen3-Next-shaped model (18 linear-attention layers of 16 heads with 128 × 128 states) in
 bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON object (also written to --out):
 
-- ``plain_forward_s``: the model's forward pass (fla's TF32/bf16 kernels, no states);
+- ``plain_forward_s``: the model's forward pass (fla's bf16 kernels, no states);
 - ``states_only``: the forward pass that also hands every chunk state to a sink doing nothing, with the states
-  from fla's kernels in strict float32 (the CUDA path) and from the PyTorch recurrence (the CPU path, on GPU);
-- ``analyze``: ``collect_state_statistics`` (forward + spectra + metrics) at log-spaced steps and every 64 tokens;
-- ``spectra_one_step``: the spectra of one step's states (all layers × batch × heads) by each method;
+  from fla's kernels in float32 (the CUDA path, dot products in ``--precision``) and from the PyTorch
+  recurrence (the CPU path, on GPU);
+- ``analyze``: ``collect_state_statistics`` (forward + spectra + metrics) at log-spaced steps and every 64 tokens,
+  with the spectra on a side stream (``overlap``) and without, and whether the two give identical statistics;
+- ``spectra_one_step``: the spectra of one step's states (all layers × batch × heads): svdvals, float64
+  ``torch.linalg.eigvalsh``, the Triton kernels (``gram``), and on the CPU;
 - ``rank_agreement``: the share of (sequence, layer, head, step) states whose threshold rank from fla's float32
-  IEEE states equals the PyTorch float32 reference's, and the same for fla's default (TF32) precision; and the
-  share whose float64-Gram threshold rank equals svdvals' on the same states;
+  states equals the PyTorch float32 reference's; and the share whose kernel threshold rank equals svdvals' on
+  the same states;
 - ``naive_baseline``: a per-token recurrence (the PyTorch decode step in a loop) plus svdvals every 64th token,
   the naive way to get the same statistics: measured forward + 32 × the measured svdvals time of one step.
 
-    python scripts/bench_calibration.py --out scripts/results/bench_calibration_h100.json   # on a GPU
+    python scripts/bench_calibration.py --out results.json --fixture tests/fixtures/qwen35-tiny-6m   # on a GPU
+    python scripts/bench_calibration.py --quick ...   # without the slow baselines (svdvals, CPU, per-token)
     python scripts/bench_calibration.py --small    # 4 layers of 4 heads, 2 × 256 tokens, any device: a smoke run
+
+Triton caches compiled kernels without their dot precision: compare precisions in separate processes with
+separate ``TRITON_CACHE_DIR``s.
 """
 
 from __future__ import annotations
@@ -71,8 +78,9 @@ def model_config(small: bool):
 
 
 class StatePath:
-    """Context: route calibration states through ``path``: 'fla' (float32 IEEE), 'fla-tf32' (fla's default
-    precision, float32 inputs) or 'torch' (the PyTorch reference)."""
+    """Context: route calibration states through ``path``: 'fla' (float32 inputs, dot products in
+    ``gated_delta.STATES_DOT_PRECISION``), 'fla-tf32' (fla's default precision, float32 inputs) or 'torch' (the
+    PyTorch reference)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -187,9 +195,14 @@ def main() -> None:
     parser.add_argument("--agreement-only", default=None, choices=["fla", "fla-tf32"],
                         help="only the rank agreement of this state path (run each in a fresh process: Triton "
                              "caches compiled kernels without their dot precision)")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the slow baselines (svdvals, CPU spectra, the per-token recurrence)")
+    parser.add_argument("--precision", default=gated_delta.STATES_DOT_PRECISION, choices=["ieee", "tf32x3"],
+                        help="Triton's float32 dot precision for the states (gated_delta.STATES_DOT_PRECISION)")
     parser.add_argument("--fixture", default=None,
                         help="also measure the rank agreement on this trained model (4 x 1024 embedded-text tokens)")
     args = parser.parse_args()
+    gated_delta.STATES_DOT_PRECISION = args.precision
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on CPUs
@@ -205,6 +218,7 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "versions": versions(),
+        "states_dot_precision": args.precision,
         "model_class": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -236,45 +250,54 @@ def main() -> None:
     results["states_only"] = states_only
 
     spectra = {"states": list(last.shape)}
-    spectra["svd_gpu_s"] = timed(lambda: singular_values(last, "svd"), device, 1)
+    if not args.quick:
+        spectra["svd_gpu_s"] = timed(lambda: singular_values(last, "svd"), device, 1)
+    gram = last.double().mT @ last.double()
+    spectra["eigvalsh_float64_gpu_s"] = timed(lambda: torch.linalg.eigvalsh(gram), device, 1)
     spectra["gram_float64_gpu_s"] = timed(lambda: singular_values(last, "gram"), device, args.repeats)
-    if cuda:
-        torch.backends.cuda.preferred_linalg_library("magma")
-        spectra["gram_float64_gpu_magma_s"] = timed(lambda: singular_values(last, "gram"), device, 1)
-        torch.backends.cuda.preferred_linalg_library("default")
-    spectra["svd_cpu_s"] = timed(lambda: cpu_spectra(last, "svd"), device, 1)
-    spectra["gram_float64_cpu_s"] = timed(lambda: cpu_spectra(last, "gram"), device, 1)
-    spectra["cpu_threads"] = torch.get_num_threads()
+    reference = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    spectra["gram_vs_eigvalsh_max_sigma_diff_over_top"] = (
+        (singular_values(last, "gram").double() - reference).abs().amax(-1) / reference[:, 0].clamp_min(1e-300)
+    ).max().item()
+    if not args.quick:
+        spectra["svd_cpu_s"] = timed(lambda: cpu_spectra(last, "svd"), device, 1)
+        spectra["gram_float64_cpu_s"] = timed(lambda: cpu_spectra(last, "gram"), device, 1)
+        spectra["cpu_threads"] = torch.get_num_threads()
     results["spectra_one_step"] = spectra
 
-    analyze = {}
+    analyze, statistics = {}, {}
     collect_state_statistics(model, family, ids[:1, :256], progress=False)  # compile the float32 kernels
-    for name, times in (("log_steps", log_times), ("every_64", every_times)):
-        synchronize(device)
-        start = time.perf_counter()  # one run each: the spectra dominate and do not vary much
-        collect_state_statistics(model, family, ids, batch_size=batch, progress=False, times=times)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        analyze[name] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain}
+    for overlap in (True, False):
+        for name, times in (("log_steps", log_times), ("every_64", every_times)):
+            run = lambda: collect_state_statistics(
+                model, family, ids, batch_size=batch, progress=False, times=times, overlap=overlap)
+            seconds = timed(run, device, args.repeats)
+            key = f"{name}{'' if overlap else '_no_overlap'}"
+            analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain}
+            statistics[key] = run()
+    analyze["overlap_changes_no_statistic"] = all(
+        torch.equal(statistics[n].mean[m].nan_to_num(), statistics[f"{n}_no_overlap"].mean[m].nan_to_num())
+        for n in ("log_steps", "every_64") for m in statistics[n].mean)
     results["analyze"] = analyze
 
-    saved = gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch
-    gated_delta.HAS_FLA = False  # the PyTorch path; with a stand-in, every chunked call runs token by token
-    gated_delta.chunk_gated_delta_rule_torch = (
-        lambda *a, return_chunk_states=False, **k: (*gated_delta.recurrent_gated_delta_rule_torch(*a, **k), None))
-    try:
-        with torch.no_grad():
-            naive_forward = timed(lambda: model.model(input_ids=ids, use_cache=False), device, 1, warm_up=False)
-    finally:
-        gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch = saved
-    naive = naive_forward + len(every_times) * spectra["svd_gpu_s"]
-    results["naive_baseline"] = {
-        "per_token_forward_s": naive_forward,
-        "svdvals_steps": len(every_times),
-        "total_s": naive,
-        "speedup_every_64": naive / analyze["every_64"]["seconds"],
-        "speedup_log_steps": naive / analyze["log_steps"]["seconds"],
-    }
+    if not args.quick:
+        saved = gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch
+        gated_delta.HAS_FLA = False  # the PyTorch path; with a stand-in, every chunked call runs token by token
+        gated_delta.chunk_gated_delta_rule_torch = (
+            lambda *a, return_chunk_states=False, **k: (*gated_delta.recurrent_gated_delta_rule_torch(*a, **k), None))
+        try:
+            with torch.no_grad():
+                naive_forward = timed(lambda: model.model(input_ids=ids, use_cache=False), device, 1, warm_up=False)
+        finally:
+            gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch = saved
+        naive = naive_forward + len(every_times) * spectra["svd_gpu_s"]
+        results["naive_baseline"] = {
+            "per_token_forward_s": naive_forward,
+            "svdvals_steps": len(every_times),
+            "total_s": naive,
+            "speedup_every_64": naive / analyze["every_64"]["seconds"],
+            "speedup_log_steps": naive / analyze["log_steps"]["seconds"],
+        }
     if args.fixture:
         results["rank_agreement_fixture"] = fixture_agreement(args.fixture, device)
     text = json.dumps(results, indent=2)

@@ -33,6 +33,12 @@ try:  # fla's chunked forward, step by step, to read the chunk states it compute
 except Exception:
     HAS_FLA_STATES = False
 
+STATES_DOT_PRECISION = "tf32x3"
+"""Triton's precision for float32 dot products while fla computes chunk states: ``tf32x3`` (three TF32 products
+per float32 one, float32 accuracy on tensor cores) or ``ieee``. On an H200, a 1.4B model's states cost 1.18× a
+plain forward pass with tf32x3 and 1.33× with ieee, with the same threshold ranks as the PyTorch float32
+reference for 99.3 % and 99.2 % of them (scripts/bench_calibration.py)."""
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Normalise the last dimension to unit L2 norm (fla's convention: x / sqrt(sum x² + eps))."""
@@ -110,8 +116,8 @@ def chunk_gated_delta_rule_fla_states(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """fla's chunked forward (q/k L2-normalised inside) on CUDA tensors, in strict float32, with its chunk states.
 
-    The inputs are cast to float32 and Triton's float32 dot products run in IEEE mode (not TF32), so the states
-    carry no bf16 rounding or TF32 noise. The states are the ones the kernel computes for the output, read in
+    The inputs are cast to float32 and Triton's float32 dot products run in ``STATES_DOT_PRECISION`` (float32
+    accuracy, not plain TF32), so the states carry no bf16 rounding or TF32 noise. The states are the ones the kernel computes for the output, read in
     the same pass. (Triton caches compiled kernels without their dot precision: in a process that already ran
     fla on float32 inputs, those TF32 kernels are reused.) Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
     chunk states [B, H, N, K, V] float32)`` (N = ceil(T / chunk_size), the last one after token T).
@@ -120,7 +126,7 @@ def chunk_gated_delta_rule_fla_states(
     q, k, v, beta = (x.float().contiguous() for x in (q, k, v, beta))
     language = _triton.knobs.language
     previous = language.fp32_default
-    language.fp32_default = "ieee"
+    language.fp32_default = STATES_DOT_PRECISION
     try:
         q, k = _fla_l2norm(q)[0], _fla_l2norm(k)[0]
         g = _fla_cumsum(g.float().contiguous(), chunk_size=chunk_size, scale=_RCP_LN2)
@@ -184,12 +190,12 @@ def gated_delta_rule(
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form.
-    Chunk states are computed in strict float32 (no TF32, no bf16 intermediates): on CUDA by fla's kernels on
-    float32 inputs with IEEE dot products (:func:`chunk_gated_delta_rule_fla_states`), elsewhere by the PyTorch
-    recurrence. bf16 intermediates (fla rounds the chunk's new values to the inputs' dtype) add noise of about 1e-3
-    of the state's scale, which swamps the singular values that a threshold rank at eps = 1e-4 counts; TF32
-    products cost less (on an H100: threshold ranks equal to the PyTorch float32 reference's for 98.8 % of a 1.4B
-    model's states with TF32, 99.2 % with IEEE; scripts/bench_calibration.py).
+    Chunk states are computed in float32 (no plain TF32, no bf16 intermediates): on CUDA by fla's kernels on
+    float32 inputs with float32-accurate dot products (:func:`chunk_gated_delta_rule_fla_states`), elsewhere by
+    the PyTorch recurrence. bf16 intermediates (fla rounds the chunk's new values to the inputs' dtype) add noise
+    of about 1e-3 of the state's scale, which swamps the singular values that a threshold rank at eps = 1e-4
+    counts; threshold ranks equal the PyTorch float32 reference's for 98.8 % of a 1.4B model's states with plain
+    TF32 (H100), 99.2 % with IEEE and 99.3 % with tf32x3 (H200; scripts/bench_calibration.py).
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
