@@ -19,6 +19,7 @@ bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON obj
 
     python scripts/bench_calibration.py --out results.json --fixture tests/fixtures/qwen35-tiny-6m   # on a GPU
     python scripts/bench_calibration.py --quick ...   # without the slow baselines (svdvals, CPU, per-token)
+    python scripts/bench_calibration.py --timing-only   # only the forward, states and analyze timings
     python scripts/bench_calibration.py --small    # 4 layers of 4 heads, 2 × 256 tokens, any device: a smoke run
 
 Triton caches compiled kernels without their dot precision: compare precisions in separate processes with
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 import types
 from pathlib import Path
@@ -197,11 +200,14 @@ def main() -> None:
                              "caches compiled kernels without their dot precision)")
     parser.add_argument("--quick", action="store_true",
                         help="skip the slow baselines (svdvals, CPU spectra, the per-token recurrence)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="with --quick: skip the rank agreement, the PyTorch state path and eigvalsh too")
     parser.add_argument("--precision", default=gated_delta.STATES_DOT_PRECISION, choices=["ieee", "tf32x3"],
                         help="Triton's float32 dot precision for the states (gated_delta.STATES_DOT_PRECISION)")
     parser.add_argument("--fixture", default=None,
                         help="also measure the rank agreement on this trained model (4 x 1024 embedded-text tokens)")
     args = parser.parse_args()
+    args.quick = args.quick or args.timing_only
     gated_delta.STATES_DOT_PRECISION = args.precision
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -228,14 +234,21 @@ def main() -> None:
         "log_steps": log_times,
         "every_64_steps": len(every_times),
     }
+
+    def report_and_exit(*_):  # under `timeout`, still print what was measured
+        print(json.dumps(results, indent=2), flush=True)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, report_and_exit)
     with torch.no_grad():
         plain = timed(lambda: model.model(input_ids=ids, use_cache=False), device, args.repeats)
     results["plain_forward_s"] = plain
 
-    results["rank_agreement"] = rank_agreement(model, family, ids, log_times, args.agreement_only or "fla")
-    last = states_at(model, family, ids, [length]).flatten(0, -3)  # one step's states, fla float32 IEEE
-    results["rank_agreement"]["gram_vs_svd_equal_share_last_step"] = (
-        threshold_ranks(last, "gram") == threshold_ranks(last, "svd")).float().mean().item()
+    last = states_at(model, family, ids, [length]).flatten(0, -3)  # one step's states, fla float32
+    if not args.timing_only:
+        results["rank_agreement"] = rank_agreement(model, family, ids, log_times, args.agreement_only or "fla")
+        results["rank_agreement"]["gram_vs_svd_equal_share_last_step"] = (
+            threshold_ranks(last, "gram") == threshold_ranks(last, "svd")).float().mean().item()
     if args.agreement_only:
         if args.fixture:
             results["rank_agreement_fixture"] = fixture_agreement(args.fixture, device, args.agreement_only)
@@ -243,7 +256,7 @@ def main() -> None:
         return
 
     states_only = {}
-    for path in ("fla", "torch"):
+    for path in ("fla",) if args.timing_only else ("fla", "torch"):
         with StatePath(path):
             seconds = timed(lambda: capture(model, family, ids, lambda layer, states: None), device, args.repeats)
         states_only[path] = {"seconds": seconds, "ratio_to_plain": seconds / plain}
@@ -252,13 +265,15 @@ def main() -> None:
     spectra = {"states": list(last.shape)}
     if not args.quick:
         spectra["svd_gpu_s"] = timed(lambda: singular_values(last, "svd"), device, 1)
-    gram = last.double().mT @ last.double()
-    spectra["eigvalsh_float64_gpu_s"] = timed(lambda: torch.linalg.eigvalsh(gram), device, 1)
+    if not args.timing_only:
+        gram = last.double().mT @ last.double()
+        spectra["eigvalsh_float64_gpu_s"] = timed(lambda: torch.linalg.eigvalsh(gram), device, 1)
     spectra["gram_float64_gpu_s"] = timed(lambda: singular_values(last, "gram"), device, args.repeats)
-    reference = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
-    spectra["gram_vs_eigvalsh_max_sigma_diff_over_top"] = (
-        (singular_values(last, "gram").double() - reference).abs().amax(-1) / reference[:, 0].clamp_min(1e-300)
-    ).max().item()
+    if not args.timing_only:
+        reference = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+        spectra["gram_vs_eigvalsh_max_sigma_diff_over_top"] = (
+            (singular_values(last, "gram").double() - reference).abs().amax(-1) / reference[:, 0].clamp_min(1e-300)
+        ).max().item()
     if not args.quick:
         spectra["svd_cpu_s"] = timed(lambda: cpu_spectra(last, "svd"), device, 1)
         spectra["gram_float64_cpu_s"] = timed(lambda: cpu_spectra(last, "gram"), device, 1)
