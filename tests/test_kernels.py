@@ -6,7 +6,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
+from compressor.modeling.gated_delta import (
+    STATES_DOT_PRECISION,
+    chunk_gated_delta_rule_torch,
+    recurrent_gated_delta_rule_torch,
+    states_dot_precision,
+)
 
 
 def naive_states(q, k, v, g, beta):
@@ -83,3 +88,14 @@ def test_cpu_forward_never_touches_triton(triton_forbidden, config_name):
         stock = stock_class(model.config).eval()  # transformers' own classes call fla when it is importable
         with pytest.raises(Exception, match="Triton kernel was launched|active drivers"):
             stock(ids)
+
+
+@pytest.mark.parametrize(("capability", "hip", "expected"), [
+    ((9, 0), None, STATES_DOT_PRECISION), ((8, 0), None, STATES_DOT_PRECISION), ((7, 5), None, "ieee"),
+    ((9, 4), "6.2", "ieee"),
+])
+def test_states_take_tf32x3_only_on_nvidia_gpus_with_tf32(monkeypatch, capability, hip, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert STATES_DOT_PRECISION == "tf32x3"
+    assert states_dot_precision(torch.device("cuda", 0)) == expected

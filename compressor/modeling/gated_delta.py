@@ -37,7 +37,14 @@ STATES_DOT_PRECISION = "tf32x3"
 """Triton's precision for float32 dot products while fla computes chunk states: ``tf32x3`` (three TF32 products
 per float32 one, float32 accuracy on tensor cores) or ``ieee``. On an H200, a 1.4B model's states cost 1.18× a
 plain forward pass with tf32x3 and 1.33× with ieee, with the same threshold ranks as the PyTorch float32
-reference for 99.3 % and 99.2 % of them (scripts/bench_calibration.py)."""
+reference for 99.3 % and 99.2 % of them (scripts/bench_calibration.py). GPUs without TF32 (before NVIDIA's
+compute capability 8.0) and AMD GPUs take ``ieee``: see :func:`states_dot_precision`."""
+
+
+def states_dot_precision(device: torch.device) -> str:
+    """``STATES_DOT_PRECISION`` on an NVIDIA GPU with TF32 (compute capability 8.0 or newer), ``ieee`` otherwise."""
+    nvidia_with_tf32 = torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+    return STATES_DOT_PRECISION if nvidia_with_tf32 else "ieee"
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -116,9 +123,9 @@ def chunk_gated_delta_rule_fla_states(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """fla's chunked forward (q/k L2-normalised inside) on CUDA tensors, in strict float32, with its chunk states.
 
-    The inputs are cast to float32 and Triton's float32 dot products run in ``STATES_DOT_PRECISION`` (float32
-    accuracy, not plain TF32), so the states carry no bf16 rounding or TF32 noise. The states are the ones the kernel computes for the output, read in
-    the same pass. (Triton caches compiled kernels without their dot precision: in a process that already ran
+    The inputs are cast to float32 and Triton's float32 dot products run in :func:`states_dot_precision` (float32
+    accuracy, not plain TF32), so the states carry no bf16 rounding or TF32 noise. The states are the ones the
+    kernel computes for the output, read in the same pass. (Triton caches compiled kernels without their dot precision: in a process that already ran
     fla on float32 inputs, those TF32 kernels are reused.) Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
     chunk states [B, H, N, K, V] float32)`` (N = ceil(T / chunk_size), the last one after token T).
     """
@@ -126,7 +133,7 @@ def chunk_gated_delta_rule_fla_states(
     q, k, v, beta = (x.float().contiguous() for x in (q, k, v, beta))
     language = _triton.knobs.language
     previous = language.fp32_default
-    language.fp32_default = STATES_DOT_PRECISION
+    language.fp32_default = states_dot_precision(q.device)
     try:
         q, k = _fla_l2norm(q)[0], _fla_l2norm(k)[0]
         g = _fla_cumsum(g.float().contiguous(), chunk_size=chunk_size, scale=_RCP_LN2)
