@@ -112,7 +112,8 @@ if HAS_TRITON:
             tl.debug_barrier()  # the next, smaller block (and the read below) sees what this one stored
         index = tl.arange(0, N)
         tl.store(diagonal + m * N + index, tl.load(base + index * (N + 1)))
-        tl.store(off_diagonal + m * N + index, tl.load(base + index * (N + 1) + N, mask=index < N - 1), mask=index < N - 1)
+        inside = index < N - 1
+        tl.store(off_diagonal + m * N + index, tl.load(base + index * (N + 1) + N, mask=inside), mask=inside)
 
     @triton.jit
     def _bisection_kernel(diagonal, off_diagonal, values, N: tl.constexpr, STEPS: tl.constexpr):

@@ -291,8 +291,9 @@ def main() -> None:
             analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain}
             statistics[key] = run()
     analyze["overlap_changes_no_statistic"] = all(
-        torch.equal(statistics[n].mean[m].nan_to_num(), statistics[f"{n}_no_overlap"].mean[m].nan_to_num())
-        for n in ("log_steps", "every_64") for m in statistics[n].mean)
+        torch.equal(getattr(statistics[n], part)[m].nan_to_num(),
+                    getattr(statistics[f"{n}_no_overlap"], part)[m].nan_to_num())
+        for n in ("log_steps", "every_64") for part in ("mean", "std") for m in statistics[n].mean)
     results["analyze"] = analyze
 
     if not args.quick:

@@ -160,6 +160,18 @@ def test_chosen_steps_are_the_every_chunk_statistics_at_those_boundaries():
         assert torch.allclose(log.mean[name], full.mean[name][[0, 1, 3]], equal_nan=True), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only")
+def test_spectra_on_the_side_stream_change_no_statistic():
+    model = tiny_model("qwen3_5").cuda()
+    family = family_for(model.config)
+    tokens = torch.randint(3, 96, (6, 256), generator=torch.Generator().manual_seed(0))
+    beside, after = (collect_state_statistics(model, family, tokens, batch_size=2, progress=False, overlap=overlap)
+                     for overlap in (True, False))
+    for name in beside.mean:
+        assert torch.equal(beside.mean[name].nan_to_num(), after.mean[name].nan_to_num()), name
+        assert torch.equal(beside.std[name].nan_to_num(), after.std[name].nan_to_num()), name
+
+
 def test_analyze_records_the_source_packing_and_steps(fixture_model_path, tmp_path):
     words = " ".join(f"token{i} and more words" for i in range(300))
     source = write_jsonl(tmp_path / "calib.jsonl", [{"body": words}, {"body": words[::-1]}, {"body": "short"}])

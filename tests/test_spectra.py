@@ -49,7 +49,7 @@ def test_kernels_equal_eigvalsh_and_give_the_svd_threshold_ranks(tmp_path):
     graded[0, 0], graded[1, 1], graded[2, 2] = 1000.0, 0.2, 0.05  # σ_i / σ_1 = 1, 2e-4, 5e-5
     hand = torch.stack([torch.eye(16), torch.zeros(16, 16), rank_two])
     # 16: no padding, one block; 12: padded to 16; 32: two blocks (32, then 16)
-    adversarial = [adversarial_states(3, 16, seed=1), adversarial_states(2, 12, seed=2), adversarial_states(1, 32, seed=3)]
+    adversarial = [adversarial_states(count, d, seed) for count, d, seed in ((3, 16, 1), (2, 12, 2), (1, 32, 3))]
     dense = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(4))  # every column of both blocks matters
     batches = [grams(hand), grams(graded[None]), *map(grams, adversarial), grams(dense)]  # graded: 6, padded to 16
     results = interpreted_eigvalsh(batches, tmp_path)

@@ -125,9 +125,10 @@ def chunk_gated_delta_rule_fla_states(
 
     The inputs are cast to float32 and Triton's float32 dot products run in :func:`states_dot_precision` (float32
     accuracy, not plain TF32), so the states carry no bf16 rounding or TF32 noise. The states are the ones the
-    kernel computes for the output, read in the same pass. (Triton caches compiled kernels without their dot precision: in a process that already ran
-    fla on float32 inputs, those TF32 kernels are reused.) Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
-    chunk states [B, H, N, K, V] float32)`` (N = ceil(T / chunk_size), the last one after token T).
+    kernel computes for the output, read in the same pass. (Triton caches compiled kernels without their dot
+    precision: in a process that already ran fla on float32 inputs, those TF32 kernels are reused.) Returns
+    ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None, chunk states [B, H, N, K, V]
+    float32)`` (N = ceil(T / chunk_size), the last one after token T).
     """
     out_dtype = v.dtype
     q, k, v, beta = (x.float().contiguous() for x in (q, k, v, beta))
