@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .errors import CompressorError
 from .families import Family
-from .metrics import METRICS, state_metrics
+from .metrics import METRICS, metric_table
 from .slicing import linear_layers
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
@@ -255,7 +255,8 @@ class StateStatistics:
 
 
 class MetricSums:
-    """Per layer, the sums over sequences of every head's metrics and of their squares: [H, time] float64 each.
+    """Per layer, the sums over sequences of every head's metrics and of their squares: [H, time, metric] float64
+    (:meth:`totals`: by name, [H, time] each).
 
     :meth:`add` reduces one layer's states to metrics where they are (on a GPU, without waiting for them). Given
     a CUDA ``side_device``, the spectra run on a low-priority side stream of it, beside the next layers' forward
@@ -269,8 +270,8 @@ class MetricSums:
         self.stream = torch.cuda.Stream(side_device, priority=0) if cuda else None
         self.forward = torch.cuda.Stream(side_device, priority=-1) if cuda else None
         self.pending: list[torch.cuda.Event] = []
-        self.sums: dict[int, dict[str, torch.Tensor]] = {}
-        self.squares: dict[int, dict[str, torch.Tensor]] = {}
+        self.sums: dict[int, torch.Tensor] = {}
+        self.squares: dict[int, torch.Tensor] = {}
 
     def add(self, layer: int, states: torch.Tensor) -> None:
         """Add the metrics of ``states`` [B, H, time, d_k, d_v] to ``layer``'s sums."""
@@ -292,21 +293,19 @@ class MetricSums:
         return torch.cuda.stream(self.forward)
 
     def accumulate(self, layer: int, states: torch.Tensor) -> None:
-        for name, values in state_metrics(states, self.eps).items():  # values [B, H, time]
-            values = values.double()
-            if name not in self.sums.setdefault(layer, {}):
-                self.sums[layer][name] = values.new_zeros(values.shape[1:])
-                self.squares.setdefault(layer, {})[name] = values.new_zeros(values.shape[1:])
-            self.sums[layer][name] += values.sum(0)
-            self.squares[layer][name] += values.pow(2).sum(0)
+        table = metric_table(states, self.eps).double()  # [B, H, time, metric]
+        if layer not in self.sums:
+            self.sums[layer], self.squares[layer] = table.new_zeros(table.shape[1:]), table.new_zeros(table.shape[1:])
+        self.sums[layer] += table.sum(0)
+        self.squares[layer] += table.pow(2).sum(0)
 
     def totals(self) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict[str, torch.Tensor]]]:
         """(sums, squares) on the CPU, once every queued reduction is done."""
         if self.stream is not None:
             self.forward.synchronize()
             self.stream.synchronize()
-        to_cpu = lambda table: {layer: {n: t.cpu() for n, t in row.items()} for layer, row in table.items()}
-        return to_cpu(self.sums), to_cpu(self.squares)
+        by_name = lambda table: {layer: dict(zip(METRICS, t.cpu().unbind(-1))) for layer, t in table.items()}
+        return by_name(self.sums), by_name(self.squares)
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON obj
 - ``analyze``: ``collect_state_statistics`` (forward + spectra + metrics) at log-spaced steps and every 64 tokens,
   with the spectra on a side stream (``overlap``) and without, and whether the two give identical statistics;
 - ``spectra_one_step``: the spectra of one step's states (all layers × batch × heads): svdvals, float64
-  ``torch.linalg.eigvalsh``, the Triton kernels (``gram``), and on the CPU;
+  ``torch.linalg.eigvalsh``, the Triton kernels (``gram``; ``metric_table``: with the metrics), and on the CPU; and
+  the kernels' metrics against the SVD's;
 - ``rank_agreement``: the share of (sequence, layer, head, step) states whose threshold rank from fla's float32
   states equals the PyTorch float32 reference's; and the share whose kernel threshold rank equals svdvals' on
   the same states;
@@ -41,7 +42,7 @@ import torch
 import compressor.modeling.gated_delta as gated_delta
 from compressor.calibration import collect_state_statistics, measured_steps
 from compressor.families import family_for
-from compressor.metrics import singular_values
+from compressor.metrics import METRICS, metric_table, singular_values
 from compressor.pipeline import versions
 from compressor.slicing import linear_layers
 
@@ -125,6 +126,24 @@ def states_at(model, family, ids, times: list[int]) -> torch.Tensor:
 def threshold_ranks(states: torch.Tensor, method: str, eps: float = 1e-4) -> torch.Tensor:
     sigma = singular_values(states.flatten(0, -3), method)
     return (sigma > eps * sigma[:, :1]).sum(-1)
+
+
+def metrics_against_svd(states: torch.Tensor, eps: float = 1e-4) -> dict:
+    """The device's metric table (on CUDA: the Triton kernels) against the SVD's: the share of threshold ranks equal
+    to those of float64 ``svdvals``, and the largest relative difference of every other metric from the CPU path's
+    (float32 ``svdvals``)."""
+    table = metric_table(states, eps)
+    sigma = torch.linalg.svdvals(states.double())
+    reference = metric_table(states.cpu(), eps, method="svd").to(table)
+    exact_ranks = (sigma > eps * sigma[..., :1]).sum(-1)
+    rank = METRICS.index("threshold_rank")
+    result = {"states": states.shape[0],
+              "threshold_rank_equal_share": (table[:, rank] == exact_ranks).float().mean().item()}
+    for i, name in enumerate(METRICS):
+        if i != rank:
+            scale = reference[:, i].abs().clamp_min(1e-30)
+            result[f"{name}_max_relative_diff"] = ((table[:, i] - reference[:, i]).abs() / scale).max().item()
+    return result
 
 
 def cpu_spectra(states: torch.Tensor, method: str) -> torch.Tensor:
@@ -269,6 +288,9 @@ def main() -> None:
         gram = last.double().mT @ last.double()
         spectra["eigvalsh_float64_gpu_s"] = timed(lambda: torch.linalg.eigvalsh(gram), device, 1)
     spectra["gram_float64_gpu_s"] = timed(lambda: singular_values(last, "gram"), device, args.repeats)
+    spectra["metric_table_gpu_s"] = timed(lambda: metric_table(last), device, args.repeats)
+    if not args.timing_only:
+        spectra["metrics_kernel_vs_float64_svd"] = metrics_against_svd(last)
     if not args.timing_only:
         reference = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
         spectra["gram_vs_eigvalsh_max_sigma_diff_over_top"] = (
