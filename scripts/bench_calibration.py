@@ -22,6 +22,7 @@ bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON obj
     python scripts/bench_calibration.py --quick ...   # without the slow baselines (svdvals, CPU, per-token)
     python scripts/bench_calibration.py --timing-only   # only the forward, states and analyze timings
     python scripts/bench_calibration.py --small    # 4 layers of 4 heads, 2 × 256 tokens, any device: a smoke run
+    python scripts/bench_calibration.py --model tests/fixtures/qwen35-tiny-6m --device cpu --timing-only  # CPU
 
 Triton caches compiled kernels without their dot precision: compare precisions in separate processes with
 separate ``TRITON_CACHE_DIR``s.
@@ -42,6 +43,7 @@ import torch
 import compressor.modeling.gated_delta as gated_delta
 from compressor.calibration import collect_state_statistics, measured_steps
 from compressor.families import family_for
+from compressor.loading import load_model
 from compressor.metrics import METRICS, metric_table, singular_values
 from compressor.pipeline import versions
 from compressor.slicing import linear_layers
@@ -211,6 +213,8 @@ def fixture_agreement(path: str, device: torch.device, path_name: str = "fla") -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny model and batch, to check the script runs")
+    parser.add_argument("--model", default=None,
+                        help="a saved model folder (e.g. tests/fixtures/qwen35-tiny-6m) instead of the random-init one")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the short measurements")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -232,11 +236,15 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on CPUs
     batch, length = (2, 256) if args.small else (4, 2048)
-    config = model_config(args.small)
     torch.manual_seed(0)
-    family = family_for(config)
-    with device:  # the family's class (what `compress analyze` loads), not whatever the Auto classes map to
-        model = family.model_class._from_config(config, dtype=dtype).eval()
+    if args.model:
+        loaded = load_model(args.model, str(device), str(dtype).removeprefix("torch."))
+        model, family, config = loaded.model.eval(), loaded.family, loaded.model.config
+    else:
+        config = model_config(args.small)
+        family = family_for(config)
+        with device:  # the family's class (what `compress analyze` loads), not whatever the Auto classes map to
+            model = family.model_class._from_config(config, dtype=dtype).eval()
     mixers = linear_layers(model, family)
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     log_times, every_times = measured_steps(length, steps="log"), measured_steps(length, 64)
@@ -310,7 +318,8 @@ def main() -> None:
                 model, family, ids, batch_size=batch, progress=False, times=times, overlap=overlap)
             seconds = timed(run, device, args.repeats)
             key = f"{name}{'' if overlap else '_no_overlap'}"
-            analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain}
+            analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain,
+                            "tokens_per_second": ids.numel() / seconds}
             statistics[key] = run()
     analyze["overlap_changes_no_statistic"] = all(
         torch.equal(getattr(statistics[n], part)[m].nan_to_num(),
