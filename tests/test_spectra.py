@@ -103,11 +103,10 @@ def test_metrics_kernel_equals_the_pytorch_metrics(tmp_path):
     identity, zero, graded = results[0]
     assert identity.tolist() == pytest.approx([16, 1.0, 16, 16, 4.0], rel=1e-6)
     assert zero.tolist() == [0.0] * 5
-    sigma = torch.tensor([2.0, 0.5, 1e-5])  # σ_3 / σ_1 = 5e-6: below the threshold
+    sigma = torch.tensor([2.0, 0.5, 1e-5], dtype=torch.float64)  # σ_3 / σ_1 = 5e-6: below the threshold
     p = sigma / sigma.sum()
-    assert graded.tolist() == pytest.approx(
-        [2, sigma.pow(2).sum() / 4 / 16, (-(p * p.log()).sum()).exp(), sigma.sum(), sigma.pow(2).sum().sqrt()],
-        rel=1e-5)
+    expected = [2, sigma.pow(2).sum() / 4 / 16, (-(p * p.log()).sum()).exp(), sigma.sum(), sigma.pow(2).sum().sqrt()]
+    assert graded.tolist() == pytest.approx([float(value) for value in expected], rel=1e-6)
     for states, table in zip(adversarial, results[1:]):
         reference = metric_table(states, method="svd")  # torch.linalg.svdvals, metrics in PyTorch
         sigma = torch.linalg.svdvals(states.double())
