@@ -99,7 +99,8 @@ def eigenvalues_padded(matrices: torch.Tensor) -> torch.Tensor:
     values = torch.empty_like(diagonal)
     if count:
         stages = (padded // LAST_STAGE_SIZE).bit_length()
-        for first, stop, warps in ((0, 1, 8), (1, stages, LATER_STAGE_WARPS))[: 1 if stages == 1 else 2]:
+        launches = [(0, 1, 8)] + ([(1, stages, LATER_STAGE_WARPS)] if stages > 1 else [])  # (first, stop, warps)
+        for first, stop, warps in launches:
             _tridiagonalize_kernel[(count,)](
                 work, diagonal, squared_off_diagonal, N=padded, FIRST=first, STOP=stop, STAGES=stages, num_warps=warps)
         _bisection_kernel[(count,)](  # H200: 4 warps for 384 matrices 0.51 ms (2: 0.80), 2 for 1152 and above
