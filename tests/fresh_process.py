@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
+
 BLOCKER = textwrap.dedent(
     """
     import sys
@@ -32,3 +34,34 @@ def run_without_compressor(script: str, workdir: Path, timeout: int = 300) -> su
     if done.returncode != 0:
         raise AssertionError(f"fresh process failed:\n{done.stdout}\n{done.stderr[-4000:]}")
     return done
+
+
+RELOAD = """
+import torch
+from transformers import AutoModelForCausalLM
+inputs = torch.load("inputs.pt")
+out = {{}}
+for name in inputs["folders"]:
+    model, info = AutoModelForCausalLM.from_pretrained(
+        name, trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
+    model.eval()
+{checks}
+    with torch.no_grad():
+        out[name] = model(inputs["ids"]).logits
+{generate}
+torch.save(out, "logits.pt")
+"""
+
+
+def reloaded_logits(folders: list[str], ids: torch.Tensor, workdir: Path, checks: str = "", generate: bool = True,
+                    prelude: str = "") -> dict[str, torch.Tensor]:
+    """Load each model folder of ``folders`` (below ``workdir``) with ``AutoModelForCausalLM`` in a process where
+    compressor cannot be imported: its logits on ``ids`` by folder name. ``checks`` runs after each load (``name``,
+    ``model`` and the loading ``info`` in scope); with ``generate`` each model also generates 3 tokens with its
+    cache; ``prelude`` runs first."""
+    torch.save({"ids": ids, "folders": list(folders)}, workdir / "inputs.pt")
+    generation = "        model.generate(inputs['ids'][:, :20], max_new_tokens=3, do_sample=False, pad_token_id=0)"
+    script = textwrap.dedent(prelude) + RELOAD.format(
+        checks=textwrap.indent(textwrap.dedent(checks), "    "), generate=generation if generate else "")
+    run_without_compressor(script, workdir)
+    return torch.load(workdir / "logits.pt")

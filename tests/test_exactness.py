@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fresh_process import run_without_compressor
+from fresh_process import reloaded_logits
 from tiny_models import CONFIGS, PLANS, check_cached_generation, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
@@ -84,28 +84,13 @@ def test_saved_folders_reload_without_compressor(tmp_path):
             with torch.no_grad():
                 expected[folder.name] = model(ids).logits
     assert any(p.name == "model.safetensors.index.json" for p in tmp_path.rglob("*")), "sharding was exercised"
-    torch.save({"ids": ids, "folders": sorted(expected)}, tmp_path / "inputs.pt")
-    run_without_compressor(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-        inputs = torch.load("inputs.pt")
-        out = {}
-        for name in inputs["folders"]:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
-            with torch.no_grad():
-                out[name] = model(inputs["ids"]).logits
-                model.generate(inputs["ids"][:, :20], max_new_tokens=3, do_sample=False, pad_token_id=0)
-            if name.endswith("even-uniform"):
-                stock_class = AutoModelForCausalLM._model_mapping[type(model.config)]
-                stock, info = stock_class.from_pretrained(name, output_loading_info=True)
-                assert type(stock).__module__.startswith("transformers."), type(stock)
-                assert not any(info.values()), info
-        torch.save(out, "logits.pt")
-        """,
-        tmp_path,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+        if name.endswith("even-uniform"):
+            stock_class = AutoModelForCausalLM._model_mapping[type(model.config)]
+            stock, info = stock_class.from_pretrained(name, output_loading_info=True)
+            assert type(stock).__module__.startswith("transformers."), type(stock)
+            assert not any(info.values()), info
+        """)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fresh_process import run_without_compressor
+from fresh_process import reloaded_logits
 from tiny_fla import (
     CONFIGS,
     check_cli_prune,
@@ -62,25 +62,10 @@ def test_per_layer_folders_load_with_their_code_after_import_fla(tmp_path):
         write_model(model, family, tmp_path / config_name)
         with torch.no_grad():
             expected[config_name] = model(ids).logits
-    torch.save({"ids": ids, "folders": FAMILY_EXAMPLES}, tmp_path / "inputs.pt")
-    run_without_compressor(
-        """
-        import fla  # registers fla's own classes for gated_deltanet, delta_net, gla and kda
-        import torch
-        from transformers import AutoModelForCausalLM
-        inputs = torch.load("inputs.pt")
-        out = {}
-        for name in inputs["folders"]:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
-            assert type(model).__name__.startswith("Pruned"), type(model)
-            assert model.config.model_type.endswith("_per_layer"), model.config.model_type
-            with torch.no_grad():
-                out[name] = model(inputs["ids"]).logits
-        torch.save(out, "logits.pt")
-        """,
-        tmp_path,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = reloaded_logits(FAMILY_EXAMPLES, ids, tmp_path, generate=False, checks="""
+        assert type(model).__name__.startswith("Pruned"), type(model)
+        assert model.config.model_type.endswith("_per_layer"), model.config.model_type
+        """, prelude="import fla  # registers fla's own classes for gated_deltanet, delta_net, gla and kda\n")
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= 1e-4, name
 

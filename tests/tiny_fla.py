@@ -125,7 +125,7 @@ def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> 
     the same logits, and generate with their cache; the even-uniform config is a stock one (no per-layer heads)."""
     import json
 
-    from fresh_process import run_without_compressor
+    from fresh_process import reloaded_logits
 
     from compressor.export import write_model
     from compressor.families import family_for
@@ -146,26 +146,10 @@ def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> 
             assert ("per_layer_config" in saved) == (plan_name == "uneven"), saved
             stock = next(c for c in type(model).__mro__ if c.__module__.startswith("fla."))
             assert saved["architectures"] == [type(model).__name__ if plan_name == "uneven" else stock.__name__]
-    torch.save({"ids": ids, "folders": sorted(expected)}, tmp_path / "inputs.pt")
-    run_without_compressor(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-        inputs = torch.load("inputs.pt")
-        out = {}
-        for name in inputs["folders"]:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                name, trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
-            assert not any(info.values()), info
-            assert type(model).__name__.startswith("Pruned"), type(model)
-            with torch.no_grad():
-                out[name] = model.eval()(inputs["ids"]).logits
-                model.generate(inputs["ids"][:, :20], max_new_tokens=3, do_sample=False, pad_token_id=0)
-        torch.save(out, "logits.pt")
-        """,
-        tmp_path,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+        assert not any(info.values()), info
+        assert type(model).__name__.startswith("Pruned"), type(model)
+        """)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-from fresh_process import run_without_compressor
+from fresh_process import reloaded_logits
 from tiny_models import COMMON, masked_copy
 from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig
 
@@ -175,24 +175,9 @@ def check_fresh_reload(models: dict[str, torch.nn.Module], tmp_path: Path) -> No
         write_model(model, family_for(model.config), tmp_path / name, max_shard_size="500KB")
         with torch.no_grad():
             expected[name] = model(ids).logits
-    torch.save({"ids": ids, "folders": sorted(expected)}, tmp_path / "inputs.pt")
-    run_without_compressor(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-        inputs = torch.load("inputs.pt")
-        out = {}
-        for name in inputs["folders"]:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
-            assert type(model).__name__.startswith("Pruned"), type(model)
-            with torch.no_grad():
-                out[name] = model(inputs["ids"]).logits
-                model.generate(inputs["ids"][:, :20], max_new_tokens=3, do_sample=False, pad_token_id=0)
-        torch.save(out, "logits.pt")
-        """,
-        tmp_path,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+        assert type(model).__name__.startswith("Pruned"), type(model)
+        """)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 
