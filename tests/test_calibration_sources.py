@@ -24,7 +24,9 @@ from compressor.calibration import (
 from compressor.cli import main
 from compressor.errors import CompressorError
 from compressor.families import family_for
+from compressor.metrics import state_metrics
 from compressor.pipeline import CalibrationSettings, analyze
+from compressor.slicing import linear_layers
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +201,31 @@ def test_prune_refuses_statistics_with_other_state_shapes(fixture_model_path, tm
                                        "--dry-run", "--method", "random"])
     assert result.exit_code == 1
     assert "states of shapes" in result.output and "run `compress analyze` on this model" in result.output
+
+
+def test_statistics_are_the_mean_and_spread_of_every_state_metric():
+    """collect_state_statistics, batch by batch, equals each metric of each captured state averaged over the sequences
+    (and their standard deviation), under each metric's name."""
+    model = tiny_model("qwen3_5")
+    family = family_for(model.config)
+    tokens = torch.randint(3, 96, (5, 200), generator=torch.Generator().manual_seed(1))
+    stats = collect_state_statistics(model, family, tokens, batch_size=2, progress=False)
+
+    captured = {}  # layer -> chunk states [N, H, chunks, d_k, d_v] of all sequences at once
+    mixers = linear_layers(model, family)
+    for mixer in mixers.values():
+        mixer.state_sink = lambda layer, states: captured.__setitem__(layer, states)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=tokens, use_cache=False)
+    finally:
+        for mixer in mixers.values():
+            mixer.state_sink = None
+    assert stats.layers == sorted(captured)
+    for i, layer in enumerate(stats.layers):
+        for name, values in state_metrics(captured[layer]).items():  # values [N, H, time]
+            heads = values.shape[1]
+            expected_mean = values.double().mean(0).T.float()
+            expected_std = values.double().std(0, unbiased=False).T.float()
+            torch.testing.assert_close(stats.mean[name][:, i, :heads], expected_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats.std[name][:, i, :heads], expected_std, rtol=1e-4, atol=1e-5)
