@@ -5,11 +5,12 @@ metrics computed from them.
 1152 of them on an H200), which made the spectra, not the forward pass, the cost of calibration. Here each matrix
 is reduced to a symmetric tridiagonal one by Householder reflections held in registers (the trailing block that
 is still to be reduced shrinks by halves, stage by stage), which is backward stable. Its eigenvalues are then found
-by Sturm counts, all of one matrix at once: one sweep counts the eigenvalues below a geometric grid that spans 64
-octaves under the Gershgorin bound, which brackets every eigenvalue within a factor of 2^(64 / (n - 1)) (1.42 for
-n = 128), and each bracket is bisected. The error of an eigenvalue λ is below 2⁻²⁹ of its bracket (7.8e-10·λ for
-n = 128) plus the few float64 ulps of the largest eigenvalue that any backward-stable method has; eigenvalues
-under 2⁻⁶⁴ of the bound come out within that of zero. The matrices must be positive semi-definite (Gram matrices):
+by Sturm counts, all of one matrix at once (sign changes of the leading minors, by their three-term recurrence,
+without divisions): one sweep counts the eigenvalues below a geometric grid that spans 64 octaves under the
+Gershgorin bound, which brackets every eigenvalue within a factor of 2^(64 / (n - 1)) (1.42 for n = 128), and each
+bracket is bisected. The error of an eigenvalue λ is below 2⁻²⁵ of its bracket (1.25e-8·λ for n = 128) plus the few
+float64 ulps of the largest eigenvalue that any backward-stable method has; eigenvalues under 2⁻⁶⁴ of the bound come
+out within that of zero. The matrices must be positive semi-definite (Gram matrices):
 the grid holds no negative eigenvalues.
 
 ``eigvalsh`` keeps ``torch.linalg.eigvalsh``'s signature and meaning (ascending eigenvalues), which is the
@@ -45,11 +46,18 @@ LATER_STAGE_WARPS = 2
 first stage's 8 warps of 255 registers fill a multiprocessor, the later blocks need far fewer, and several matrices
 then share one. On an H200, 6912 matrices of 128 × 128 take 10.2 ms with 2 warps, 11.0 with 4, 13.7 with 8, and
 14.8 ms in one launch of 8 warps for all stages (384 matrices: 0.61, 0.65, 0.89 and 0.86 ms)."""
-BISECTION_STEPS = 28
-"""Halvings of each eigenvalue's bracket, whose width is below (2^(64 / (n - 1)) - 1)·λ: an error below 2⁻²⁹ of that
-(7.8e-10·λ for n = 128, 3.4e-8·λ for n = 16), well under the 6e-8 of the float32 singular values calibration keeps.
-On an H200 the bisection of 1152 matrices of 128 × 128 took 1.09 ms with 32 halvings and 0.89 ms with 26, against
-1.74 ms for 52 halvings of the Gershgorin interval, the kernel this one replaced."""
+BISECTION_STEPS = 24
+"""Halvings of each eigenvalue's bracket, whose width is below (2^(64 / (n - 1)) - 1)·λ: an error below 2⁻²⁵ of that
+(1.25e-8·λ for n = 128, 5.4e-7·λ for n = 16), a relative error of the singular value half that (6e-9 at n = 128),
+under the 6e-8 of the float32 metrics calibration keeps. On an H200 the bisection of 6912 matrices of 128 × 128 takes
+2.22 ms with 24 halvings and 2.56 ms with 28 (1152: 0.47 and 0.56 ms); the kernel with divisions in its Sturm counts
+took 4.48 ms with 28."""
+
+
+TINY_PIVOT = 2.0**-200
+"""Sturm counts replace a pivot smaller than this in magnitude by its negative, on the matrix scaled to eigenvalues in
+[0, 1]: that moves a diagonal entry by at most 2^-199 of the largest eigenvalue, and keeps the minors of the
+division-free recurrence in range (consecutive ones differ by at most 2^201)."""
 
 
 def kernel_available(matrices: torch.Tensor) -> bool:
@@ -81,15 +89,16 @@ def eigvalsh_triton(matrices: torch.Tensor) -> torch.Tensor:
     return values[keep].view(count, size)
 
 
-def eigenvalues_padded(matrices: torch.Tensor) -> torch.Tensor:
+def eigenvalues_padded(matrices: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Eigenvalues [M, n'] ascending of ``matrices`` [M, n, n] float64 padded with zero rows and columns to n', the
-    next power of two (at least 16): those of the matrices and n' - n zeros."""
+    next power of two (at least 16): those of the matrices and n' - n zeros. With ``overwrite``, matrices that need no
+    padding are reduced in place (a caller's temporary) instead of in a copy."""
     count, size = matrices.shape[0], matrices.shape[-1]
     padded = max(triton.next_power_of_2(size), LAST_STAGE_SIZE)
     if padded > MAX_KERNEL_SIZE:
         raise ValueError(f"the kernel holds matrices up to {MAX_KERNEL_SIZE} x {MAX_KERNEL_SIZE}, got {size} x {size}")
     if padded == size:
-        work = matrices.clone()  # reduced in place
+        work = matrices if overwrite and matrices.is_contiguous() else matrices.clone()  # reduced in place
     else:
         work = matrices.new_zeros(count, padded, padded)
         work[:, :size, :size] = matrices
@@ -109,12 +118,13 @@ def eigenvalues_padded(matrices: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def spectral_metrics_triton(matrices: torch.Tensor, eps: float, size: int) -> torch.Tensor:
+def spectral_metrics_triton(matrices: torch.Tensor, eps: float, size: int, overwrite: bool = False) -> torch.Tensor:
     """Metrics of the states whose Gram matrices are ``matrices`` [M, n, n] float64 (n ≤ 128), by the Triton kernels:
     [M, 5] float32, the columns of :data:`compressor.metrics.METRICS` as :func:`~compressor.metrics.metric_table`
     defines them (``eps``: the threshold rank's, ``size``: min(d_k, d_v), the stable rank's divisor), computed in
-    float64 from the singular values sqrt(max(λ, 0)) of the eigenvalues (padding adds zeros, which change none)."""
-    values = eigenvalues_padded(matrices)
+    float64 from the singular values sqrt(max(λ, 0)) of the eigenvalues (padding adds zeros, which change none).
+    ``overwrite``: as :func:`eigenvalues_padded`'s."""
+    values = eigenvalues_padded(matrices, overwrite)
     metrics = torch.empty(values.shape[0], 5, dtype=torch.float32, device=values.device)
     if values.shape[0]:
         _metrics_kernel[(values.shape[0],)](values, metrics, eps, size, N=values.shape[1], num_warps=4)
@@ -122,6 +132,7 @@ def spectral_metrics_triton(matrices: torch.Tensor, eps: float, size: int) -> to
 
 
 if HAS_TRITON:
+    _TINY_PIVOT = tl.constexpr(TINY_PIVOT)
 
     @triton.jit
     def _reduce_block(base, N: tl.constexpr, SIZE: tl.constexpr, STOP: tl.constexpr):
@@ -169,16 +180,34 @@ if HAS_TRITON:
         tl.store(squared_off_diagonal + m * N + index, coupling * coupling, mask=inside)
 
     @triton.jit
+    def _sturm_step(value, current, negative, below):
+        """One step of :func:`_sturm_counts`: the next leading minor ``value`` [N] of T - x I, ``current`` [N] the one
+        before it (|current| in [1, 2); ``negative``: its sign) -> (the new current, the new one before it, its sign,
+        the count ``below`` updated). A pivot value / current under TINY_PIVOT in magnitude becomes -TINY_PIVOT
+        (Kahan's tiny pivot: it moves a diagonal entry by at most 2·TINY_PIVOT), a negative pivot counts one
+        eigenvalue below x, and both minors are then scaled by the power of two that brings |value| into [1, 2),
+        exactly (the exponent bits only)."""
+        value = tl.where(tl.abs(value) < _TINY_PIVOT, tl.where(negative, _TINY_PIVOT, -_TINY_PIVOT), value)
+        bits = value.to(tl.int64, bitcast=True)
+        below += ((bits < 0) != negative).to(tl.int32)
+        rescale = (((bits >> 52) & 0x7FF) - 1023) << 52  # the exponent of value, in place
+        before = (current.to(tl.int64, bitcast=True) - rescale).to(tl.float64, bitcast=True)
+        return (bits - rescale).to(tl.float64, bitcast=True), before, bits < 0, below
+
+    @triton.jit
     def _sturm_counts(diagonal, squared_off_diagonal, shift, N: tl.constexpr):
         """How many eigenvalues of the tridiagonal matrix (diagonal [N], squared off-diagonal [N - 1] at the
-        pointers) lie below each of ``shift`` [N]: the negative pivots of T - x I, a zero pivot taken as -1e-300."""
-        pivot = tl.load(diagonal) - shift
-        pivot = tl.where(tl.abs(pivot) < 1e-300, -1e-300, pivot)
-        below = (pivot < 0).to(tl.int32)
+        pointers, scaled so that its entries are at most 1 in magnitude) lie below each of ``shift`` [N] (in
+        [-1, 1]): the sign changes of its leading principal minors p_i of T - x I, by the three-term recurrence
+        p_i = (d_i - x) p_{i-1} - e²_{i-1} p_{i-2} (no division: a float64 division is a dozen instructions), kept
+        in range by :func:`_sturm_step`. The pivots p_i / p_{i-1} are those of the LDLᵀ recurrence, whose count
+        is backward stable (Kahan)."""
+        current, before, negative, below = _sturm_step(
+            tl.load(diagonal) - shift, tl.full(shift.shape, 1.0, tl.float64), tl.zeros(shift.shape, tl.int1),
+            tl.zeros(shift.shape, tl.int32))
         for i in range(1, N):
-            pivot = tl.load(diagonal + i) - shift - tl.load(squared_off_diagonal + i - 1) / pivot
-            pivot = tl.where(tl.abs(pivot) < 1e-300, -1e-300, pivot)
-            below += (pivot < 0).to(tl.int32)
+            value = (tl.load(diagonal + i) - shift) * current - tl.load(squared_off_diagonal + i - 1) * before
+            current, before, negative, below = _sturm_step(value, current, negative, below)
         return below
 
     @triton.jit
@@ -187,35 +216,49 @@ if HAS_TRITON:
         return top * tl.exp2(-(OCTAVES / (N - 1)) * k.to(tl.float64))
 
     @triton.jit
+    def _power_of_two_above(x):
+        """The smallest power of two 2^e >= x > 0 (float64), from the exponent bits."""
+        bits = x.to(tl.int64, bitcast=True)
+        exponent = (bits >> 52) & 0x7FF
+        exponent = tl.where((bits & 0xFFFFFFFFFFFFF) != 0, exponent + 1, exponent)  # not a power of two: the next one
+        return (exponent << 52).to(tl.float64, bitcast=True)
+
+    @triton.jit
     def _bisection_kernel(diagonal, squared_off_diagonal, counts, values, N: tl.constexpr, STEPS: tl.constexpr,
                           OCTAVES: tl.constexpr):
-        """Every eigenvalue of positive semi-definite tridiagonal matrices (diagonal, squared_off_diagonal [M, N])
-        -> values [M, N] ascending (``counts`` [M, N] int32: scratch).
+        """Every eigenvalue of positive semi-definite tridiagonal matrices (diagonal, squared_off_diagonal [M, N],
+        both scaled in place by powers of two) -> values [M, N] ascending (``counts`` [M, N] int32: scratch).
 
-        One Sturm sweep counts the eigenvalues below the N points of a geometric grid from the Gershgorin bound down
-        by 2^-OCTAVES, one point per lane; that brackets each eigenvalue between two neighbouring points (a ratio of
-        2^(OCTAVES / (N - 1))), and lane j bisects the bracket of the j-th smallest one STEPS times. Eigenvalues below
-        the grid (zero, or rounding below zero) come out within its last point of zero."""
+        The matrix is first scaled by the power of two at or above its Gershgorin bound (exactly), so that its
+        eigenvalues lie in [0, 1]. One Sturm sweep counts the eigenvalues below the N points of a geometric grid from
+        the bound down by 2^-OCTAVES, one point per lane; that brackets each eigenvalue between two neighbouring
+        points (a ratio of 2^(OCTAVES / (N - 1))), and lane j bisects the bracket of the j-th smallest one STEPS
+        times. Eigenvalues below the grid (zero, or rounding below zero) come out within its last point of zero."""
         m = tl.program_id(0).to(tl.int64)
         index = tl.arange(0, N)
         row, row_squared = diagonal + m * N, squared_off_diagonal + m * N
         coupling = tl.sqrt(tl.load(row_squared + index, mask=index < N - 1, other=0.0))
         coupling_before = tl.sqrt(tl.load(row_squared + index - 1, mask=index > 0, other=0.0))
         top = tl.max(tl.load(row + index) + coupling + coupling_before) * (1.0 + 1e-12)  # above every eigenvalue
-        scale = tl.where(top > 0, top, 1.0)  # a zero matrix: any grid, its values are set to zero below
-        tl.store(counts + m * N + index, _sturm_counts(row, row_squared, _grid_point(scale, index, N, OCTAVES), N))
+        scale = _power_of_two_above(tl.where(top > 0, top, 1.0))  # a zero matrix: any scale, its values are 0 below
+        inverse = 1.0 / scale  # a power of two: scaling is exact
+        tl.store(row + index, tl.load(row + index) * inverse)
+        tl.store(row_squared + index, tl.load(row_squared + index) * inverse * inverse, mask=index < N - 1)
+        tl.debug_barrier()  # every lane reads every lane's scaled entries
+        top = top * inverse
+        tl.store(counts + m * N + index, _sturm_counts(row, row_squared, _grid_point(top, index, N, OCTAVES), N))
         tl.debug_barrier()  # every lane reads every lane's count
         last = tl.zeros([N], tl.int32)  # the last grid point with more than j eigenvalues below it: above the j-th
         for k in range(1, N):
             last = tl.where(tl.load(counts + m * N + k) > index, k, last)
-        high = _grid_point(scale, last, N, OCTAVES)
-        low = tl.where(last < N - 1, _grid_point(scale, last + 1, N, OCTAVES), -high)
+        high = _grid_point(top, last, N, OCTAVES)
+        low = tl.where(last < N - 1, _grid_point(top, last + 1, N, OCTAVES), -high)
         for _ in range(STEPS):
             shift = 0.5 * (low + high)
             above_target = _sturm_counts(row, row_squared, shift, N) > index  # the j-th eigenvalue is below shift
             high = tl.where(above_target, shift, high)
             low = tl.where(above_target, low, shift)
-        tl.store(values + m * N + index, tl.where(top > 0, 0.5 * (low + high), 0.0))
+        tl.store(values + m * N + index, tl.where(top > 0, 0.5 * (low + high) * scale, 0.0))
 
     @triton.jit
     def _metrics_kernel(values, metrics, eps, size, N: tl.constexpr):
