@@ -254,36 +254,57 @@ class StateStatistics:
         )
 
 
+GROUP_MATRICES = 8192
+"""MetricSums reduces the states it is handed in groups of at least this many matrices (or what is left at the end):
+the spectra kernels run faster on one large batch than on many small ones (an H200: the tridiagonalisation and
+bisection of 6912 states of 128 × 128 of 18 layers take 13.2 ms in one batch and 16.4 ms layer by layer, and
+`analyze` with log steps on the 1.42B model of scripts/bench_calibration.py took 1.399× a plain forward pass
+against 1.408× layer by layer). 8192 float32 states of 128 × 128 hold 0.5 GB."""
+
+
 class MetricSums:
     """Per layer, the sums over sequences of every head's metrics and of their squares: [H, time, metric] float64
     (:meth:`totals`: by name, [H, time] each).
 
-    :meth:`add` reduces one layer's states to metrics where they are (on a GPU, without waiting for them). Given
-    a CUDA ``side_device``, the spectra run on a low-priority side stream of it, beside the next layers' forward
-    pass, which runs on a high-priority stream (:meth:`forward_stream`) at most ``lag`` layers ahead of them
-    (that bounds the states held for them).
+    :meth:`add` queues one layer's states; once the queue holds ``group`` matrices or more, they are reduced to
+    metrics together where they are (on a GPU, without waiting for them). Given a CUDA ``side_device``, the spectra
+    run on a low-priority side stream of it, beside the next layers' forward pass, which runs on a high-priority
+    stream (:meth:`forward_stream`) at most ``lag`` groups ahead of them (that bounds the states held for them).
     """
 
-    def __init__(self, eps: float, side_device: torch.device | None = None, lag: int = 4):
-        self.eps, self.lag = eps, lag
+    def __init__(self, eps: float, side_device: torch.device | None = None, lag: int = 4,
+                 group: int = GROUP_MATRICES):
+        self.eps, self.lag, self.group = eps, lag, group
         cuda = side_device is not None and side_device.type == "cuda"
         self.stream = torch.cuda.Stream(side_device, priority=0) if cuda else None
         self.forward = torch.cuda.Stream(side_device, priority=-1) if cuda else None
         self.pending: list[torch.cuda.Event] = []
+        self.queue: list[tuple[int, torch.Tensor]] = []
         self.sums: dict[int, torch.Tensor] = {}
         self.squares: dict[int, torch.Tensor] = {}
 
     def add(self, layer: int, states: torch.Tensor) -> None:
-        """Add the metrics of ``states`` [B, H, time, d_k, d_v] to ``layer``'s sums."""
+        """Queue the metrics of ``states`` [B, H, time, d_k, d_v] for ``layer``'s sums; reduce the queue once it
+        holds ``group`` matrices."""
+        self.queue.append((layer, states))
+        if sum(queued.shape[:3].numel() for _, queued in self.queue) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce the queued states to metrics and add them to the sums (on the side stream, if there is one)."""
+        queue, self.queue = self.queue, []
+        if not queue:
+            return
         if self.stream is None:
-            return self.accumulate(layer, states)
-        self.stream.wait_stream(torch.cuda.current_stream(states.device))
+            return self.accumulate(queue)
+        self.stream.wait_stream(self.forward)  # the states were made there, wherever this is called from
         with torch.cuda.stream(self.stream):
-            self.accumulate(layer, states)
-        states.record_stream(self.stream)  # not reused by the forward pass before the side stream is done with it
+            self.accumulate(queue)
+        for _, states in queue:
+            states.record_stream(self.stream)  # not reused by the forward pass before the side stream is done with it
         self.pending.append(self.stream.record_event())
         if len(self.pending) > self.lag:
-            torch.cuda.current_stream(states.device).wait_event(self.pending.pop(0))
+            self.forward.wait_event(self.pending.pop(0))
 
     def forward_stream(self):
         """Context for the forward pass: its high-priority stream with a side stream, nothing otherwise."""
@@ -292,20 +313,33 @@ class MetricSums:
         self.forward.wait_stream(torch.cuda.current_stream(self.forward.device))  # weights, token index tensors
         return torch.cuda.stream(self.forward)
 
-    def accumulate(self, layer: int, states: torch.Tensor) -> None:
-        table = metric_table(states, self.eps).double()  # [B, H, time, metric]
-        if layer not in self.sums:
-            self.sums[layer], self.squares[layer] = table.new_zeros(table.shape[1:]), table.new_zeros(table.shape[1:])
-        self.sums[layer] += table.sum(0)
-        self.squares[layer] += table.pow(2).sum(0)
+    def accumulate(self, queue: list[tuple[int, torch.Tensor]]) -> None:
+        """Add the metrics of the queued (layer, states [B, H, time, d_k, d_v]) to the sums: one metric table for all
+        the states of one shape."""
+        for shape in dict.fromkeys(states.shape[-2:] for _, states in queue):
+            group = [(layer, states) for layer, states in queue if states.shape[-2:] == shape]
+            tables = metric_table(torch.cat([states.flatten(0, 2) for _, states in group]), self.eps)
+            for (layer, states), table in zip(group, tables.split([s.shape[:3].numel() for _, s in group])):
+                table = table.view(*states.shape[:3], -1).double()  # [B, H, time, metric]
+                if layer not in self.sums:
+                    self.sums[layer] = table.new_zeros(table.shape[1:])
+                    self.squares[layer] = table.new_zeros(table.shape[1:])
+                self.sums[layer] += table.sum(0)
+                self.squares[layer] += table.pow(2).sum(0)
 
     def totals(self) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict[str, torch.Tensor]]]:
         """(sums, squares) on the CPU, once every queued reduction is done."""
+        self.flush()
         if self.stream is not None:
             self.forward.synchronize()
             self.stream.synchronize()
         by_name = lambda table: {layer: dict(zip(METRICS, t.cpu().unbind(-1))) for layer, t in table.items()}
         return by_name(self.sums), by_name(self.squares)
+
+
+class _LastStatesTaken(Exception):
+    """Raised by the calibration sink once the last linear-attention layer has handed over its states: the rest of
+    the forward pass (the layers after it, the norm) changes no state."""
 
 
 @torch.no_grad()
@@ -324,8 +358,9 @@ def collect_state_statistics(
     ``times`` are token counts from :func:`measured_steps` (None: every chunk boundary). States never leave the
     layer that made them: each mixer hands its chunk states [B, H, ceil(L/64), d_k, d_v] to a sink that keeps
     the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
-    memory holds a few layers' states of one batch at a time. On a GPU with ``overlap``, the spectra of one layer
-    run beside the forward pass of the next ones (:class:`MetricSums`).
+    memory holds a group of them (:data:`GROUP_MATRICES`) at a time. Each forward pass stops once the last
+    linear-attention layer has handed over its states. On a GPU with ``overlap``, the spectra of one group run beside
+    the forward pass of the next layers (:class:`MetricSums`).
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
@@ -334,11 +369,21 @@ def collect_state_statistics(
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
     summary = MetricSums(eps, device if overlap else None)
 
+    last_layer = max(mixers)
+
     def sink(layer: int, states: torch.Tensor) -> None:
-        if states.shape[2] != chunk_count:
+        """Take a layer's chunk states: every chunk's [B, H, N, d_k, d_v], or (Gated DeltaNet mixers, which read
+        ``sink.chunk_index``) those of the measured chunks only, [B, H, len(times), d_k, d_v]."""
+        if states.shape[2] == chunk_count:
+            states = states.index_select(2, chunks.to(states.device))
+        elif states.shape[2] != len(times):
             raise ValueError(f"layer {layer} handed {states.shape[2]} chunk states to the sink; sequences of "
                              f"{tokens.shape[1]} tokens have {chunk_count} (one per {CHUNK} tokens, and the last)")
-        summary.add(layer, states.index_select(2, chunks.to(states.device)))  # [B, H, len(times), d_k, d_v]
+        summary.add(layer, states)
+        if layer == last_layer:
+            raise _LastStatesTaken
+
+    sink.chunk_index = chunks
 
     for mixer in mixers.values():
         mixer.state_sink = sink
@@ -346,7 +391,8 @@ def collect_state_statistics(
         batches = tokens.split(batch_size)
         with summary.forward_stream():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                model.model(input_ids=batch.to(device), use_cache=False)
+                with contextlib.suppress(_LastStatesTaken):
+                    model.model(input_ids=batch.to(device), use_cache=False)
     finally:
         for mixer in mixers.values():
             mixer.state_sink = None

@@ -1,6 +1,7 @@
 """Compare the chunk-boundary states that calibration reads from fla's chunked kernel on CUDA
 (`chunk_gated_delta_rule_fla_states`: float32 inputs, IEEE dot products) with the strict-float32 PyTorch
-recurrence, on random inputs: the largest state difference per chunk and the threshold ranks of both.
+recurrence, on random inputs: the largest state difference per chunk and the threshold ranks of both; and that the
+states of chosen chunks (``chunk_index``, what calibration asks for) are exactly those chunks' states.
 
 fla's default float32 path multiplies in TF32, whose noise (about 1e-3 of the state's scale) moves threshold
 ranks at ε = 1e-4; the IEEE mode removes it. Run it in a fresh process: Triton caches compiled kernels without
@@ -34,6 +35,10 @@ def main() -> None:
           f"{(final_t - final_f).abs().max().item():.3g}, state diff per chunk {per_chunk}")
     print(f"threshold ranks equal: {torch.equal(rank_t, rank_f)} "
           f"(torch {rank_t[0, 0].tolist()}, fla {rank_f[0, 0].tolist()})")
+    chosen = torch.tensor([0, 2, states_f.shape[2] - 1], device="cuda")  # the last chunk's state is the final one
+    selected = chunk_gated_delta_rule_fla_states(q, k, v, g, beta, chunk_index=chosen)[2]
+    print(f"chunk_index {chosen.tolist()}: states equal the chunks' own: "
+          f"{torch.equal(selected, states_f.index_select(2, chosen))}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 from transformers import AutoTokenizer
 
 from compressor.calibration import (
+    MetricSums,
     StateStatistics,
     check_source,
     collect_state_statistics,
@@ -229,3 +230,70 @@ def test_statistics_are_the_mean_and_spread_of_every_state_metric():
             expected_std = values.double().std(0, unbiased=False).T.float()
             torch.testing.assert_close(stats.mean[name][:, i, :heads], expected_mean, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(stats.std[name][:, i, :heads], expected_std, rtol=1e-4, atol=1e-5)
+
+
+def test_metric_sums_in_groups_equal_layer_by_layer():
+    """MetricSums reduces queued states in groups (one metric table for several layers and shapes); the sums equal those
+    of every layer reduced on its own, whatever the group size."""
+    generator = torch.Generator().manual_seed(2)
+    handed = [(0, torch.randn(2, 3, 2, 8, 8, generator=generator)), (3, torch.randn(2, 2, 2, 8, 4, generator=generator)),
+              (5, torch.randn(2, 4, 2, 8, 8, generator=generator)), (0, torch.randn(2, 3, 2, 8, 8, generator=generator))]
+    results = []
+    for group, left in ((1, 0), (20, 0), (10**6, 4)):  # each layer alone; two shapes together; everything at the end
+        sums = MetricSums(1e-4, group=group)
+        for layer, states in handed:
+            sums.add(layer, states)
+        assert len(sums.queue) == left
+        results.append(sums.totals())
+    for other in results[1:]:
+        for part, expected in zip(other, results[0]):
+            assert expected.keys() == part.keys() == {0, 3, 5}
+            for layer in expected:
+                for name in expected[layer]:
+                    torch.testing.assert_close(part[layer][name], expected[layer][name], rtol=1e-12, atol=1e-12)
+    assert results[0][0][0]["threshold_rank"].shape == (3, 2)  # [H, time] of layer 0, summed over both batches
+
+
+def test_calibration_stops_after_the_last_linear_attention_layer():
+    """Nothing after the last linear-attention mixer runs: not that layer's MLP, nor the final norm."""
+    model = tiny_model("qwen3_5")
+    family = family_for(model.config)
+    last = model.model.layers[max(linear_layers(model, family))]
+    called = []
+    hooks = [module.register_forward_hook(lambda module, *_: called.append(module)) for module in (last.mlp, model.model.norm)]
+    try:
+        collect_state_statistics(model, family, torch.randint(3, 96, (2, 128)), batch_size=1, progress=False)
+        assert called == []
+        with torch.no_grad():
+            model.model(input_ids=torch.randint(3, 96, (1, 16)))  # the hooks do fire on a plain forward pass
+        assert called == [last.mlp, model.model.norm]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_chosen_chunk_states_of_the_fla_path_are_those_chunks_states(monkeypatch):
+    """chunk_gated_delta_rule_fla_states with chunk_index gathers, from fla's states before each chunk (h) and the final
+    state, exactly the states after the chosen chunks, including the last one (fla's kernels stand in as PyTorch
+    functions here: only the gathering is under test)."""
+    import compressor.modeling.gated_delta as gated_delta
+
+    pytest.importorskip("triton")
+    batch, length, heads, dim, chunks = 2, 200, 3, 4, 4
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(batch, chunks, heads, dim, dim, generator=generator)  # h[:, i]: the state before chunk i
+    final = torch.randn(batch, heads, dim, dim, generator=generator)
+    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x: (x,), raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_cumsum", lambda g, **_: g, raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_intra", lambda k, v, **_: (k, v, None), raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_h", lambda u, **_: (h, u, final), raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_o", lambda v, **_: v, raising=False)
+    monkeypatch.setattr(gated_delta, "states_dot_precision", lambda device: "ieee")
+    q, k, v = (torch.randn(batch, length, heads, dim, generator=generator) for _ in range(3))
+    g, beta = torch.zeros(batch, length, heads), torch.ones(batch, length, heads)
+    every = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[2]
+    assert every.shape == (batch, heads, chunks, dim, dim)
+    assert torch.equal(every[:, :, :-1], h[:, 1:].transpose(1, 2)) and torch.equal(every[:, :, -1], final)
+    chosen = torch.tensor([0, 2, 3])
+    picked = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta, chunk_index=chosen)[2]
+    assert torch.equal(picked, every.index_select(2, chosen))

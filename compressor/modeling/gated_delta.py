@@ -120,6 +120,7 @@ def chunk_gated_delta_rule_fla_states(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    chunk_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """fla's chunked forward (q/k L2-normalised inside) on CUDA tensors, in strict float32, with its chunk states.
 
@@ -128,7 +129,8 @@ def chunk_gated_delta_rule_fla_states(
     kernel computes for the output, read in the same pass. (Triton caches compiled kernels without their dot
     precision: in a process that already ran fla on float32 inputs, those TF32 kernels are reused.) Returns
     ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None, chunk states [B, H, N, K, V]
-    float32)`` (N = ceil(T / chunk_size), the last one after token T).
+    float32)`` (N = ceil(T / chunk_size), the last one after token T); with ``chunk_index`` (LongTensor [n] on the
+    device), only those chunks' states, [B, H, n, K, V], gathered without copying the others.
     """
     out_dtype = v.dtype
     q, k, v, beta = (x.float().contiguous() for x in (q, k, v, beta))
@@ -147,7 +149,13 @@ def chunk_gated_delta_rule_fla_states(
     finally:
         language.fp32_default = previous
     # h[:, i] is the state before chunk i: the state after chunk i is h[:, i + 1], after the last one ``final``.
-    chunk_states = torch.cat([h[:, 1:], final[:, None]], dim=1).transpose(1, 2)
+    if chunk_index is None:
+        chunk_states = torch.cat([h[:, 1:], final[:, None]], dim=1)
+    else:
+        last = h.shape[1] - 1
+        after = h.index_select(1, (chunk_index + 1).clamp(max=last))
+        chunk_states = torch.where((chunk_index == last)[:, None, None, None], final[:, None], after)
+    chunk_states = chunk_states.transpose(1, 2)
     return out.to(out_dtype), (final if output_final_state else None), chunk_states
 
 
@@ -194,6 +202,7 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     return_chunk_states: bool = False,
+    chunk_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
 
@@ -204,23 +213,26 @@ def gated_delta_rule(
     of about 1e-3 of the state's scale, which swamps the singular values that a threshold rank at eps = 1e-4
     counts; threshold ranks equal the PyTorch float32 reference's for 98.8 % of a 1.4B model's states with plain
     TF32 (H100), 99.2 % with IEEE and 99.3 % with tf32x3 (H200; scripts/bench_calibration.py).
-    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``; with
+    ``chunk_index`` (LongTensor [n]), the chunk states of those chunks only, [B, H, n, K, V].
     """
     single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
     if return_chunk_states and q.is_cuda and HAS_FLA_STATES:
         return chunk_gated_delta_rule_fla_states(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            chunk_index=chunk_index,
         )
     if return_chunk_states:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            return chunk_gated_delta_rule_torch(
+            out, final, states = chunk_gated_delta_rule_torch(
                 q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
                 use_qk_l2norm_in_kernel=True, return_chunk_states=True,
             )
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
+        return out, final, states if chunk_index is None else states.index_select(2, chunk_index)
     if q.is_cuda and HAS_FLA:
         kernel = _fla_recurrent if single_step else _fla_chunk
         out, final = kernel(

@@ -54,7 +54,8 @@ class PrunableGatedDeltaNetMixin:
     """Forward pass shared by the pruned Gated DeltaNet mixers. Subclasses implement ``project``."""
 
     state_sink: Callable[[int, torch.Tensor], None] | None = None
-    """Calibration hook: called with (layer index, chunk states [B, H_v, N, d_k, d_v] float32)."""
+    """Calibration hook: called with (layer index, chunk states [B, H_v, N, d_k, d_v] float32); a sink with a
+    ``chunk_index`` attribute (LongTensor [n]) gets those chunks' states only, [B, H_v, n, d_k, d_v]."""
 
     def set_value_to_key(self, value_to_key: list[int] | None) -> None:
         """Set which key head each value head reads (None: the stock j // r grouping)."""
@@ -128,6 +129,7 @@ class PrunableGatedDeltaNetMixin:
             initial_state=recurrent_state,
             output_final_state=cache is not None,
             return_chunk_states=self.state_sink is not None,
+            chunk_index=getattr(self.state_sink, "chunk_index", None),
         )
         if chunk_states is not None:
             self.state_sink(self.layer_idx, chunk_states)

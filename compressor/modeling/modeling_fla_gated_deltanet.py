@@ -67,6 +67,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache),
             return_chunk_states=self.state_sink is not None,
+            chunk_index=getattr(self.state_sink, "chunk_index", None),
         )
         out = self.finish(out, hidden_states, chunk_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
