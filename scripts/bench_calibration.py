@@ -3,7 +3,8 @@
 A random-init 1B-class Qwen3-Next-shaped model (18 linear-attention layers of 16 heads with 128 × 128 states) in
 bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON object (also written to --out):
 
-- ``plain_forward_s``: the model's forward pass (fla's bf16 kernels, no states);
+- ``plain_forward_s``: the model's forward pass (fla's bf16 kernels, no states); and the same through the last
+  linear-attention layer only (the part of it that calibration runs);
 - ``states_only``: the forward pass that also hands every chunk state to a sink doing nothing, with the states
   from fla's kernels in float32 (the CUDA path, dot products in ``--precision``) and from the PyTorch
   recurrence (the CPU path, on GPU);
@@ -269,7 +270,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, report_and_exit)
     with torch.no_grad():
         plain = timed(lambda: model.model(input_ids=ids, use_cache=False), device, args.repeats)
+        layers = model.model.layers
+        model.model.layers = layers[: max(mixers) + 1]  # calibration stops after the last linear-attention layer
+        try:
+            through_last = timed(lambda: model.model(input_ids=ids, use_cache=False), device, args.repeats)
+        finally:
+            model.model.layers = layers
     results["plain_forward_s"] = plain
+    results["plain_forward_through_last_linear_layer"] = {"seconds": through_last, "ratio_to_plain": through_last / plain}
 
     last = states_at(model, family, ids, [length]).flatten(0, -3)  # one step's states, fla float32
     if not args.timing_only:
