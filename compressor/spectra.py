@@ -55,9 +55,9 @@ took 4.48 ms with 28."""
 
 
 TINY_PIVOT = 2.0**-200
-"""Sturm counts replace a pivot smaller than this in magnitude by its negative, on the matrix scaled to eigenvalues in
-[0, 1]: that moves a diagonal entry by at most 2^-199 of the largest eigenvalue, and keeps the minors of the
-division-free recurrence in range (consecutive ones differ by at most 2^201)."""
+"""Sturm counts replace a pivot smaller than this in magnitude by a negative one of this size, on the matrix scaled to
+eigenvalues in [0, 1]: that moves a diagonal entry by at most 2^-199 of the largest eigenvalue, and keeps the minors
+of the division-free recurrence in range (consecutive ones differ by at most a factor 2^202)."""
 
 
 def kernel_available(matrices: torch.Tensor) -> bool:
