@@ -64,7 +64,7 @@ def metric_table(states: torch.Tensor, eps: float = 1e-4, method: str = "auto") 
     - ``nuclear_norm``: Σσ_i; ``frobenius_norm``: sqrt(Σσ_i²).
     The singular values come from :func:`singular_values` with ``method``. With ``gram`` on CUDA (d ≤ 128), the
     metrics come from the eigenvalues in float64 by :func:`compressor.spectra.spectral_metrics_triton`: a matrix
-    product and three kernels instead of some twenty launches. A zero matrix has every metric 0.
+    product and four kernel launches instead of some twenty. A zero matrix has every metric 0.
     """
     size = min(states.shape[-2:])
     if resolve_method(method, states.device) == "gram":

@@ -24,8 +24,9 @@ INTERPRETED = textwrap.dedent(
     matrices = torch.load(sys.argv[1])
     if sys.argv[3] == "eigenvalues":
         torch.save([eigvalsh_triton(m) for m in matrices], sys.argv[2])
-    else:  # metrics at eps = 1e-4 of states of size n
-        torch.save([spectral_metrics_triton(m, 1e-4, m.shape[-1]) for m in matrices], sys.argv[2])
+    else:  # metrics at eps = 1e-4 of states of size n, as calibration asks for them: on a temporary, reduced in place
+        tables = [spectral_metrics_triton(m.clone(), 1e-4, m.shape[-1], overwrite=True) for m in matrices]
+        torch.save(tables, sys.argv[2])
     """
 )
 
