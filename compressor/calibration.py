@@ -352,13 +352,14 @@ def collect_state_statistics(
     progress: bool = True,
     times: list[int] | None = None,
     overlap: bool = True,
+    group: int = GROUP_MATRICES,
 ) -> StateStatistics:
     """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at the boundaries ``times``.
 
     ``times`` are token counts from :func:`measured_steps` (None: every chunk boundary). States never leave the
     layer that made them: each mixer hands its chunk states [B, H, ceil(L/64), d_k, d_v] to a sink that keeps
     the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
-    memory holds a group of them (:data:`GROUP_MATRICES`) at a time. Each forward pass stops once the last
+    memory holds a group of them (``group`` matrices) at a time. Each forward pass stops once the last
     linear-attention layer has handed over its states. On a GPU with ``overlap``, the spectra of one group run beside
     the forward pass of the next layers (:class:`MetricSums`).
     """
@@ -367,7 +368,7 @@ def collect_state_statistics(
     device = next(model.parameters()).device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
-    summary = MetricSums(eps, device if overlap else None)
+    summary = MetricSums(eps, device if overlap else None, group=group)
 
     last_layer = max(mixers)
 

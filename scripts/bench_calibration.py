@@ -22,11 +22,12 @@ bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON obj
     python scripts/bench_calibration.py --out results.json --fixture tests/fixtures/qwen35-tiny-6m   # on a GPU
     python scripts/bench_calibration.py --quick ...   # without the slow baselines (svdvals, CPU, per-token)
     python scripts/bench_calibration.py --timing-only   # only the forward, states and analyze timings
+    python scripts/bench_calibration.py --analyze-only  # only the forward and analyze timings (printed as measured)
     python scripts/bench_calibration.py --small    # 4 layers of 4 heads, 2 × 256 tokens, any device: a smoke run
     python scripts/bench_calibration.py --model tests/fixtures/qwen35-tiny-6m --device cpu --timing-only  # CPU
 
-Triton caches compiled kernels without their dot precision: compare precisions in separate processes with
-separate ``TRITON_CACHE_DIR``s.
+Triton's in-memory cache reuses a compiled kernel whatever the dot precision of a later call: compare precisions in
+separate processes (its disk cache keys them apart).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 import compressor.modeling.gated_delta as gated_delta
-from compressor.calibration import collect_state_statistics, measured_steps
+from compressor.calibration import GROUP_MATRICES, collect_state_statistics, measured_steps
 from compressor.families import family_for
 from compressor.loading import load_model
 from compressor.metrics import METRICS, metric_table, singular_values
@@ -67,6 +68,45 @@ def timed(function, device: torch.device, repeats: int, warm_up: bool = True) ->
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def output_in_precision(precision: str) -> None:
+    """Make the fla path compute the layer's output with Triton's float32 dot products in ``precision`` (calibration
+    leaves it to Triton's default)."""
+    output = gated_delta._fla_fwd_o
+    language = gated_delta._triton.knobs.language
+
+    def output_at(**tensors):
+        previous, language.fp32_default = language.fp32_default, precision
+        try:
+            return output(**tensors)
+        finally:
+            language.fp32_default = previous
+
+    gated_delta._fla_fwd_o = output_at
+
+
+def analyze_timings(model, family, ids, plain: float, log_times: list[int], every_times: list[int],
+                    repeats: int, group: int = GROUP_MATRICES) -> dict:
+    """``collect_state_statistics`` timed at log-spaced steps and every 64 tokens, with the side stream and without,
+    and whether both give identical statistics. Each figure is also printed to stderr as it is measured."""
+    analyze, statistics = {}, {}
+    collect_state_statistics(model, family, ids[:1, :256], progress=False)  # compile the float32 kernels
+    for overlap in (True, False):
+        for name, times in (("log_steps", log_times), ("every_64", every_times)):
+            run = lambda: collect_state_statistics(
+                model, family, ids, batch_size=ids.shape[0], progress=False, times=times, overlap=overlap, group=group)
+            seconds = timed(run, ids.device, repeats)
+            key = f"{name}{'' if overlap else '_no_overlap'}"
+            analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain,
+                            "tokens_per_second": ids.numel() / seconds}
+            print(json.dumps({key: analyze[key]}), file=sys.stderr, flush=True)
+            statistics[key] = run()
+    analyze["overlap_changes_no_statistic"] = all(
+        torch.equal(getattr(statistics[n], part)[m].nan_to_num(),
+                    getattr(statistics[f"{n}_no_overlap"], part)[m].nan_to_num())
+        for n in ("log_steps", "every_64") for part in ("mean", "std") for m in statistics[n].mean)
+    return analyze
 
 
 def model_config(small: bool):
@@ -222,17 +262,26 @@ def main() -> None:
     parser.add_argument("--agreement-only", default=None, choices=["fla", "fla-tf32"],
                         help="only the rank agreement of this state path (run each in a fresh process: Triton "
                              "caches compiled kernels without their dot precision)")
+    parser.add_argument("--analyze-only", action="store_true",
+                        help="only the plain forward pass and the analyze timings")
+    parser.add_argument("--group", type=int, default=GROUP_MATRICES,
+                        help="matrices per spectra batch (calibration.GROUP_MATRICES)")
     parser.add_argument("--quick", action="store_true",
                         help="skip the slow baselines (svdvals, CPU spectra, the per-token recurrence)")
     parser.add_argument("--timing-only", action="store_true",
                         help="with --quick: skip the rank agreement, the PyTorch state path and eigvalsh too")
     parser.add_argument("--precision", default=gated_delta.STATES_DOT_PRECISION, choices=["ieee", "tf32x3"],
                         help="Triton's float32 dot precision for the states (gated_delta.STATES_DOT_PRECISION)")
+    parser.add_argument("--output-precision", default="default", choices=["default", "ieee", "tf32x3"],
+                        help="Triton's float32 dot precision for the layer's output while calibration reads the states "
+                             "(default: Triton's own, TF32 on NVIDIA GPUs since Ampere)")
     parser.add_argument("--fixture", default=None,
                         help="also measure the rank agreement on this trained model (4 x 1024 embedded-text tokens)")
     args = parser.parse_args()
     args.quick = args.quick or args.timing_only
     gated_delta.STATES_DOT_PRECISION = args.precision
+    if args.output_precision != "default":
+        output_in_precision(args.output_precision)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls crawl on CPUs
@@ -253,6 +302,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "versions": versions(),
         "states_dot_precision": args.precision,
+        "output_dot_precision": args.output_precision,
+        "group_matrices": args.group,
         "model_class": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -278,6 +329,12 @@ def main() -> None:
             model.model.layers = layers
     results["plain_forward_s"] = plain
     results["plain_forward_through_last_linear_layer"] = {"seconds": through_last, "ratio_to_plain": through_last / plain}
+    print(json.dumps({"plain_forward_s": plain}), file=sys.stderr, flush=True)
+    if args.analyze_only:
+        results["analyze"] = analyze_timings(model, family, ids, plain, log_times, every_times, args.repeats,
+                                             args.group)
+        print(json.dumps(results, indent=2))
+        return
 
     last = states_at(model, family, ids, [length]).flatten(0, -3)  # one step's states, fla float32
     if not args.timing_only:
@@ -318,22 +375,7 @@ def main() -> None:
         spectra["cpu_threads"] = torch.get_num_threads()
     results["spectra_one_step"] = spectra
 
-    analyze, statistics = {}, {}
-    collect_state_statistics(model, family, ids[:1, :256], progress=False)  # compile the float32 kernels
-    for overlap in (True, False):
-        for name, times in (("log_steps", log_times), ("every_64", every_times)):
-            run = lambda: collect_state_statistics(
-                model, family, ids, batch_size=batch, progress=False, times=times, overlap=overlap)
-            seconds = timed(run, device, args.repeats)
-            key = f"{name}{'' if overlap else '_no_overlap'}"
-            analyze[key] = {"steps": len(times), "seconds": seconds, "ratio_to_plain": seconds / plain,
-                            "tokens_per_second": ids.numel() / seconds}
-            statistics[key] = run()
-    analyze["overlap_changes_no_statistic"] = all(
-        torch.equal(getattr(statistics[n], part)[m].nan_to_num(),
-                    getattr(statistics[f"{n}_no_overlap"], part)[m].nan_to_num())
-        for n in ("log_steps", "every_64") for part in ("mean", "std") for m in statistics[n].mean)
-    results["analyze"] = analyze
+    results["analyze"] = analyze_timings(model, family, ids, plain, log_times, every_times, args.repeats, args.group)
 
     if not args.quick:
         saved = gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch

@@ -283,7 +283,7 @@ def test_chosen_chunk_states_of_the_fla_path_are_those_chunks_states(monkeypatch
     generator = torch.Generator().manual_seed(3)
     h = torch.randn(batch, chunks, heads, dim, dim, generator=generator)  # h[:, i]: the state before chunk i
     final = torch.randn(batch, heads, dim, dim, generator=generator)
-    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x: (x,), raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x, output_dtype: (x.to(output_dtype),), raising=False)
     monkeypatch.setattr(gated_delta, "_fla_cumsum", lambda g, **_: g, raising=False)
     monkeypatch.setattr(gated_delta, "_fla_fwd_intra", lambda k, v, **_: (k, v, None), raising=False)
     monkeypatch.setattr(gated_delta, "_fla_fwd_h", lambda u, **_: (h, u, final), raising=False)
@@ -297,3 +297,48 @@ def test_chosen_chunk_states_of_the_fla_path_are_those_chunks_states(monkeypatch
     chosen = torch.tensor([0, 2, 3])
     picked = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta, chunk_index=chosen)[2]
     assert torch.equal(picked, every.index_select(2, chosen))
+
+
+def test_fla_path_takes_states_in_the_states_precision_and_the_output_in_tritons_default(monkeypatch):
+    """The fla path runs fla's state kernels on float32 inputs with Triton's float32 dot products in
+    states_dot_precision, and the output kernel (whose result is rounded to the model's dtype) in the precision the
+    caller had, Triton's default; q and k are normalised from their own dtype into float32 (fla's kernels stand in
+    as PyTorch functions that record what they were given)."""
+    import compressor.modeling.gated_delta as gated_delta
+
+    triton = pytest.importorskip("triton")
+    if not hasattr(getattr(triton, "knobs", None), "language"):
+        pytest.skip("this triton has no precision knob")
+    language = triton.knobs.language
+    monkeypatch.setattr(gated_delta, "_triton", triton, raising=False)
+    batch, length, heads, dim = 1, 128, 2, 4
+    seen = {}
+
+    def stand_in(name, result):
+        def kernel(**tensors):
+            seen[name] = (language.fp32_default, {key: t.dtype for key, t in tensors.items() if torch.is_tensor(t)})
+            return result(tensors)
+        return kernel
+
+    l2norm = stand_in("l2norm", lambda t: (t["x"].to(t["output_dtype"]),))
+    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x, output_dtype: l2norm(x=x, output_dtype=output_dtype),
+                        raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_cumsum", lambda g, **_: g, raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_intra", stand_in("intra", lambda t: (t["k"], t["v"], None)),
+                        raising=False)
+    states = torch.zeros(batch, 2, heads, dim, dim)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_h", stand_in("h", lambda t: (states, t["u"], states[:, 0])),
+                        raising=False)
+    monkeypatch.setattr(gated_delta, "_fla_fwd_o", stand_in("o", lambda t: t["v"]), raising=False)
+    monkeypatch.setattr(gated_delta, "states_dot_precision", lambda device: "tf32x3")
+    q, k, v = (torch.randn(batch, length, heads, dim, dtype=torch.bfloat16) for _ in range(3))
+    g, beta = torch.zeros(batch, length, heads), torch.ones(batch, length, heads, dtype=torch.bfloat16)
+    previous = language.fp32_default
+    out = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[0]
+    assert out.dtype == torch.bfloat16 and language.fp32_default == previous != "tf32x3"
+    assert seen["l2norm"] == ("tf32x3", {"x": torch.bfloat16})
+    for kernel in ("intra", "h"):
+        precision, dtypes = seen[kernel]
+        assert precision == "tf32x3" and set(dtypes.values()) == {torch.float32}, kernel
+    precision, dtypes = seen["o"]
+    assert precision == previous and set(dtypes.values()) == {torch.float32}
