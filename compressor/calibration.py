@@ -361,14 +361,17 @@ def collect_state_statistics(
     the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
     memory holds a group of them (``group`` matrices) at a time. Each forward pass stops once the last
     linear-attention layer has handed over its states. On a GPU with ``overlap``, the spectra of one group run beside
-    the forward pass of the next layers (:class:`MetricSums`).
+    the forward pass of the next layers (:class:`MetricSums`), when there is a next one: with fewer than ``group``
+    states in all, they are reduced once, after the last forward pass, and the side stream would only add
+    synchronisation.
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
     device = next(model.parameters()).device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
-    summary = MetricSums(eps, device if overlap else None, group=group)
+    states = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())
+    summary = MetricSums(eps, device if overlap and states >= group else None, group=group)
 
     last_layer = max(mixers)
 

@@ -163,12 +163,36 @@ def test_chosen_steps_are_the_every_chunk_statistics_at_those_boundaries():
         assert torch.allclose(log.mean[name], full.mean[name][[0, 1, 3]], equal_nan=True), name
 
 
+def test_side_stream_only_when_a_group_is_reduced_before_the_last_forward_pass(monkeypatch):
+    """Calibration hands MetricSums its device for a side stream only when the states fill a group (so that one is
+    reduced while forward passes go on); with fewer, they are reduced once, after the last pass."""
+    import compressor.calibration as calibration
+
+    model = tiny_model("qwen3_5")
+    family = family_for(model.config)
+    states_per_sequence = 2 * sum(mixer.num_v_heads for mixer in linear_layers(model, family).values())  # 2 steps
+    given = []
+
+    class Recorder(calibration.MetricSums):
+        def __init__(self, eps, side_device=None, **kwargs):
+            given.append(side_device)
+            super().__init__(eps, None, **kwargs)
+
+    monkeypatch.setattr(calibration, "MetricSums", Recorder)
+    tokens = torch.randint(3, 96, (3, 128), generator=torch.Generator().manual_seed(0))
+    for group in (3 * states_per_sequence, 3 * states_per_sequence + 1):
+        collect_state_statistics(model, family, tokens, batch_size=1, progress=False, group=group)
+    collect_state_statistics(model, family, tokens, batch_size=1, progress=False, group=1, overlap=False)
+    assert given == [torch.device("cpu"), None, None]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only")
 def test_spectra_on_the_side_stream_change_no_statistic():
     model = tiny_model("qwen3_5").cuda()
     family = family_for(model.config)
     tokens = torch.randint(3, 96, (6, 256), generator=torch.Generator().manual_seed(0))
-    beside, after = (collect_state_statistics(model, family, tokens, batch_size=2, progress=False, overlap=overlap)
+    beside, after = (collect_state_statistics(model, family, tokens, batch_size=2, progress=False, overlap=overlap,
+                                              group=16)  # groups reduced while the forward pass goes on
                      for overlap in (True, False))
     for name in beside.mean:
         assert torch.equal(beside.mean[name].nan_to_num(), after.mean[name].nan_to_num()), name
