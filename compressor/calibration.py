@@ -359,11 +359,11 @@ def collect_state_statistics(
     ``times`` are token counts from :func:`measured_steps` (None: every chunk boundary). States never leave the
     layer that made them: each mixer hands its chunk states [B, H, ceil(L/64), d_k, d_v] to a sink that keeps
     the boundaries in ``times`` and reduces them to metrics at once (only those spectra are computed), so
-    memory holds a group of them (``group`` matrices) at a time. Each forward pass stops once the last
-    linear-attention layer has handed over its states. On a GPU with ``overlap``, the spectra of one group run beside
-    the forward pass of the next layers (:class:`MetricSums`), when there is a next one: with fewer than ``group``
-    states in all, they are reduced once, after the last forward pass, and the side stream would only add
-    synchronisation.
+    memory holds a group of them (``group`` matrices, :data:`GROUP_MATRICES` by default) at a time. Each forward
+    pass stops once the last linear-attention layer has handed over its states. On a GPU with ``overlap``, the
+    spectra of one group run beside the forward pass of the next layers (:class:`MetricSums`), when there is a next
+    one: with fewer than ``group`` states in all, they are reduced once, after the last forward pass, and the side
+    stream would only add synchronisation.
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)

@@ -9,7 +9,8 @@ bf16 on a GPU, a batch of 4 × 2048 tokens. Measures, and prints as one JSON obj
   from fla's kernels in float32 (the CUDA path, dot products in ``--precision``) and from the PyTorch
   recurrence (the CPU path, on GPU);
 - ``analyze``: ``collect_state_statistics`` (forward + spectra + metrics) at log-spaced steps and every 64 tokens,
-  with the spectra on a side stream (``overlap``) and without, and whether the two give identical statistics;
+  with the spectra on a side stream (``overlap``; calibration takes none when every state fits in one group, as
+  the log steps' do here) and without, and whether the two give identical statistics;
 - ``spectra_one_step``: the spectra of one step's states (all layers × batch × heads): svdvals, float64
   ``torch.linalg.eigvalsh``, the Triton kernels (``gram``; ``metric_table``: with the metrics), and on the CPU; and
   the kernels' metrics against the SVD's;
@@ -88,8 +89,9 @@ def output_in_precision(precision: str) -> None:
 
 def analyze_timings(model, family, ids, plain: float, log_times: list[int], every_times: list[int],
                     repeats: int, group: int = GROUP_MATRICES) -> dict:
-    """``collect_state_statistics`` timed at log-spaced steps and every 64 tokens, with the side stream and without,
-    and whether both give identical statistics. Each figure is also printed to stderr as it is measured."""
+    """``collect_state_statistics`` timed at log-spaced steps and every 64 tokens, with ``overlap`` (the side stream,
+    where calibration takes it: not when every state fits in one group of ``group``) and without, and whether both
+    give identical statistics. Each figure is also printed to stderr as it is measured."""
     analyze, statistics = {}, {}
     collect_state_statistics(model, family, ids[:1, :256], progress=False)  # compile the float32 kernels
     for overlap in (True, False):

@@ -1,11 +1,13 @@
 """Compare the chunk-boundary states that calibration reads from fla's chunked kernel on CUDA
-(`chunk_gated_delta_rule_fla_states`: float32 inputs, IEEE dot products) with the strict-float32 PyTorch
-recurrence, on random inputs: the largest state difference per chunk and the threshold ranks of both; and that the
-states of chosen chunks (``chunk_index``, what calibration asks for) are exactly those chunks' states.
+(`chunk_gated_delta_rule_fla_states`: float32 inputs, the states' dot products in `states_dot_precision`, tf32x3
+on NVIDIA GPUs since Ampere and IEEE elsewhere; the output in Triton's default, TF32) with the strict-float32
+PyTorch recurrence, on random inputs: the largest output and state differences (per chunk) and the threshold ranks
+of both; and that the states of chosen chunks (``chunk_index``, what calibration asks for) are exactly those
+chunks' states.
 
 fla's default float32 path multiplies in TF32, whose noise (about 1e-3 of the state's scale) moves threshold
-ranks at ε = 1e-4; the IEEE mode removes it. Run it in a fresh process: Triton caches compiled kernels without
-their dot precision.
+ranks at ε = 1e-4; tf32x3 and IEEE remove it. Run it in a fresh process: Triton's in-memory cache keeps a compiled
+kernel whatever the dot precision of a later call.
 
     python scripts/check_fla_states.py
 """
