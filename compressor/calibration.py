@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -337,6 +338,19 @@ class MetricSums:
         return by_name(self.sums), by_name(self.squares)
 
 
+@contextlib.contextmanager
+def states_handed_to(sink: Callable[[int, torch.Tensor], None], mixers: dict[int, nn.Module]) -> Iterator[None]:
+    """Within the block, every mixer of ``mixers`` (layer index -> mixer) hands its chunk states to ``sink(layer,
+    states [B, H, N, d_k, d_v])`` on each forward pass (``state_sink``); none does after it, whatever happened."""
+    for mixer in mixers.values():
+        mixer.state_sink = sink
+    try:
+        yield
+    finally:
+        for mixer in mixers.values():
+            mixer.state_sink = None
+
+
 class _LastStatesTaken(Exception):
     """Raised by the calibration sink once the last linear-attention layer has handed over its states: the rest of
     the forward pass (the layers after it, the norm) changes no state."""
@@ -370,8 +384,8 @@ def collect_state_statistics(
     device = next(model.parameters()).device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
-    states = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())
-    summary = MetricSums(eps, device if overlap and states >= group else None, group=group)
+    state_count = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())
+    summary = MetricSums(eps, device if overlap and state_count >= group else None, group=group)
 
     last_layer = max(mixers)
 
@@ -389,17 +403,10 @@ def collect_state_statistics(
 
     sink.chunk_index = chunks
 
-    for mixer in mixers.values():
-        mixer.state_sink = sink
-    try:
-        batches = tokens.split(batch_size)
-        with summary.forward_stream():
-            for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                with contextlib.suppress(_LastStatesTaken):
-                    model.model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
+    with states_handed_to(sink, mixers), summary.forward_stream():
+        for batch in tqdm(tokens.split(batch_size), desc="calibrating", unit="batch", disable=not progress):
+            with contextlib.suppress(_LastStatesTaken):
+                model.model(input_ids=batch.to(device), use_cache=False)
     sums, squares = summary.totals()
 
     count = tokens.shape[0]

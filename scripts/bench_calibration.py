@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import compressor.modeling.gated_delta as gated_delta
-from compressor.calibration import GROUP_MATRICES, collect_state_statistics, measured_steps
+from compressor.calibration import GROUP_MATRICES, collect_state_statistics, measured_steps, states_handed_to
 from compressor.families import family_for
 from compressor.loading import load_model
 from compressor.metrics import METRICS, metric_table, singular_values
@@ -149,15 +149,8 @@ class StatePath:
 
 def capture(model, family, ids, sink) -> None:
     """One forward pass of ``ids`` with ``sink`` on every mixer."""
-    mixers = linear_layers(model, family)
-    for mixer in mixers.values():
-        mixer.state_sink = sink
-    try:
-        with torch.no_grad():
-            model.model(input_ids=ids, use_cache=False)
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
+    with states_handed_to(sink, linear_layers(model, family)), torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
 
 
 def states_at(model, family, ids, times: list[int]) -> torch.Tensor:
@@ -377,7 +370,8 @@ def main() -> None:
         spectra["cpu_threads"] = torch.get_num_threads()
     results["spectra_one_step"] = spectra
 
-    results["analyze"] = analyze_timings(model, family, ids, plain, log_times, every_times, args.repeats, args.group)
+    analyze = results["analyze"] = analyze_timings(model, family, ids, plain, log_times, every_times, args.repeats,
+                                                   args.group)
 
     if not args.quick:
         saved = gated_delta.HAS_FLA, gated_delta.chunk_gated_delta_rule_torch

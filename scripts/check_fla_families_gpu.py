@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import compressor  # noqa: F401  (registers the routed fla classes)
+from compressor.calibration import states_handed_to
 from compressor.families import family_for
 from compressor.slicing import PruningPlan, linear_layers, slim
 
@@ -98,14 +99,9 @@ def run(model: torch.nn.Module, ids: torch.Tensor, states: bool = True) -> dict:
         chunk_states[layer] = states.cpu()
 
     mixers = linear_layers(model, family)
-    for mixer in mixers.values():
-        mixer.state_sink = sink
-    try:
-        if states:
+    if states:
+        with states_handed_to(sink, mixers):
             model.model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
     progress(f"  {device}: chunk states done")
     output = model(input_ids=ids.to(device), use_cache=True)
     progress(f"  {device}: cached forward done")

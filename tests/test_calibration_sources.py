@@ -20,6 +20,7 @@ from compressor.calibration import (
     measured_steps,
     read_documents,
     read_text,
+    states_handed_to,
     token_windows,
 )
 from compressor.cli import main
@@ -237,15 +238,8 @@ def test_statistics_are_the_mean_and_spread_of_every_state_metric():
     stats = collect_state_statistics(model, family, tokens, batch_size=2, progress=False)
 
     captured = {}  # layer -> chunk states [N, H, chunks, d_k, d_v] of all sequences at once
-    mixers = linear_layers(model, family)
-    for mixer in mixers.values():
-        mixer.state_sink = lambda layer, states: captured.__setitem__(layer, states)
-    try:
-        with torch.no_grad():
-            model.model(input_ids=tokens, use_cache=False)
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
+    with states_handed_to(captured.__setitem__, linear_layers(model, family)), torch.no_grad():
+        model.model(input_ids=tokens, use_cache=False)
     assert stats.layers == sorted(captured)
     for i, layer in enumerate(stats.layers):
         for name, values in state_metrics(captured[layer]).items():  # values [N, H, time]
@@ -366,3 +360,17 @@ def test_fla_path_takes_states_in_the_states_precision_and_the_output_in_tritons
         assert precision == "tf32x3" and set(dtypes.values()) == {torch.float32}, kernel
     precision, dtypes = seen["o"]
     assert precision == previous and set(dtypes.values()) == {torch.float32}
+
+
+def test_states_are_handed_to_the_sink_within_the_block_only():
+    """states_handed_to sets every mixer's sink for the block and takes it away after it, also when the block fails;
+    calibration leaves no sink behind."""
+    model = tiny_model("qwen3_5")
+    mixers = linear_layers(model, family_for(model.config))
+    seen = {}
+    with pytest.raises(RuntimeError, match="stop"), states_handed_to(seen.__setitem__, mixers), torch.no_grad():
+        model.model(input_ids=torch.randint(3, 96, (1, 64)), use_cache=False)
+        raise RuntimeError("stop")
+    assert sorted(seen) == sorted(mixers) and all(mixer.state_sink is None for mixer in mixers.values())
+    collect_state_statistics(model, family_for(model.config), torch.randint(3, 96, (1, 64)), progress=False)
+    assert all(mixer.state_sink is None for mixer in mixers.values())

@@ -124,6 +124,7 @@ def test_gla_chunk_states_equal_the_token_by_token_recurrence():
 @pytest.mark.parametrize("config_name", ONE_PER_FAMILY)
 def test_calibration_states_end_in_the_cached_state(config_name):
     """The chunk states a mixer hands to its sink [B, H_v, N, d_k, d_v] end in the state its cache keeps."""
+    from compressor.calibration import states_handed_to
     from compressor.families import family_for
     from compressor.slicing import linear_layers
 
@@ -131,12 +132,9 @@ def test_calibration_states_end_in_the_cached_state(config_name):
     ids = torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     mixers = linear_layers(model, family_for(model.config))
     captured = {}
-    for mixer in mixers.values():
-        mixer.state_sink = lambda layer, states: captured.__setitem__(layer, states)
     with torch.no_grad():
-        model.model(input_ids=ids, use_cache=False)
-        for mixer in mixers.values():
-            mixer.state_sink = None
+        with states_handed_to(captured.__setitem__, mixers):
+            model.model(input_ids=ids, use_cache=False)
         cache = model(input_ids=ids, use_cache=True).past_key_values
     for index, mixer in mixers.items():
         assert captured[index].shape == (2, mixer.num_v_heads, 3, mixer.head_k_dim, mixer.head_v_dim)

@@ -22,7 +22,7 @@ from tiny_models import COMMON, masked_copy
 from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig
 
 import compressor
-from compressor.calibration import collect_state_statistics
+from compressor.calibration import collect_state_statistics, states_handed_to
 from compressor.cli import main
 from compressor.export import write_model
 from compressor.families import family_for
@@ -137,14 +137,8 @@ def check_calibration_states(model: torch.nn.Module) -> None:
     family = family_for(model.config)
     mixers = linear_layers(model, family)
     seen = {}
-    for mixer in mixers.values():
-        mixer.state_sink = lambda layer, states: seen.__setitem__(layer, states)
-    try:
-        with torch.no_grad():
-            cache = model(input_ids(6), use_cache=True).past_key_values
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
+    with states_handed_to(seen.__setitem__, mixers), torch.no_grad():
+        cache = model(input_ids(6), use_cache=True).past_key_values
     assert sorted(seen) == sorted(mixers)
     for layer, mixer in mixers.items():
         assert seen[layer].shape == (2, mixer.num_v_heads, 3, mixer.head_k_dim, mixer.head_v_dim)
