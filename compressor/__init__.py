@@ -1,21 +1,27 @@
 """compressor: prune linear-attention heads by the behaviour of their recurrent states.
 
-Importing the package registers the pruned model classes with transformers' Auto classes, so that
-``AutoModelForCausalLM.from_pretrained(folder)`` loads a pruned folder without ``trust_remote_code``
-(the classes also load stock checkpoints of these families, routing CPU tensors away from fla's kernels).
+Importing the package changes nothing in transformers. :func:`register` (called by every command that loads a
+model) registers the shipped model classes with transformers' Auto classes, so that
+``AutoModelForCausalLM.from_pretrained(folder)`` then loads a pruned folder without ``trust_remote_code``; the
+classes also load stock checkpoints of these families, routing CPU tensors away from fla's kernels.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from .errors import CompressorError
-from .families import FAMILIES
 
 __version__ = "0.1.0"
 
-for _family in FAMILIES:
-    for _model_type in _family.model_types:
-        _config_class = AutoConfig.for_model(_model_type).__class__
-        if _config_class is not _family.per_layer_config_class:  # those the modeling file registers itself
-            AutoModelForCausalLM.register(_config_class, _family.model_class, exist_ok=True)
 
-__all__ = ["CompressorError", "__version__"]
+def register() -> None:
+    """Register the shipped model classes for every supported model type with transformers' Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            config_class = AutoConfig.for_model(model_type).__class__
+            if config_class is not family.per_layer_config_class:  # those the modeling file registers itself
+                AutoModelForCausalLM.register(config_class, family.model_class, exist_ok=True)
+
+
+__all__ = ["CompressorError", "__version__", "register"]

@@ -140,16 +140,22 @@ def write_figures(stats: StateStatistics, report: dict, folder: Path) -> dict[st
     figure.savefig(folder / FIGURES["heatmap"], dpi=120)
     plt.close(figure)
 
-    figure, axes = plt.subplots(figsize=(7.5, 4))
-    colours = {"low-rank": "tab:blue", "high-rank": "tab:red"}
+    figure, axes = plt.subplots(figsize=(8.5, 4.5))
+    styles = {"low-rank": "-", "high-rank": "--"}
+    palette = plt.get_cmap("tab10" if len(stats.layers) <= 10 else "tab20")
     few_steps = len(stats.times) <= 12
+    times = stats.times.numpy()
     for i, layer in enumerate(report["layers"]):
+        colour = palette(i % palette.N)
         for head in layer["heads"]:
-            axes.plot(stats.times.numpy(), stats.mean["threshold_rank"][:, i, head["head"]].numpy(),
-                      color=colours[head["group"]], alpha=0.6, linewidth=1, marker="o" if few_steps else None,
-                      markersize=3)
-    for group, colour in colours.items():
-        axes.plot([], [], color=colour, label=f"{group}: {report['stratification']['heads'][group]}")
+            values = stats.mean["threshold_rank"][:, i, head["head"]].numpy()
+            axes.plot(times, values, color=colour, linestyle=styles[head["group"]], alpha=0.75, linewidth=1,
+                      marker="o" if few_steps else None, markersize=3)
+            axes.annotate(f"{layer['layer']}.{head['head']}", (times[-1], values[-1]), xytext=(3, 0),
+                          textcoords="offset points", fontsize=6, color=colour, va="center")
+        axes.plot([], [], color=colour, label=f"layer {layer['layer']}")
+    for group, style in styles.items():
+        axes.plot([], [], color="black", linestyle=style, label=f"{group}: {report['stratification']['heads'][group]}")
     axes.set(xlabel="tokens seen", ylabel="threshold rank (mean over samples)", title="Threshold rank over time")
     if stats.settings.get("steps") == "log":
         axes.set_xscale("log", base=2)
@@ -240,6 +246,16 @@ def write_report(
     return report
 
 
+def score_percentiles(grid: torch.Tensor) -> torch.Tensor:
+    """Each finite entry of ``grid`` [layer, head] replaced by its percentile (0-100) among them; NaN stays NaN."""
+    finite = grid.isfinite()
+    values = grid[finite]
+    order = average_ranks(values)  # 1 … n, ties averaged
+    result = torch.full_like(grid, float("nan"))
+    result[finite] = (100 * (order - 1) / max(len(values) - 1, 1)).to(grid.dtype)
+    return result
+
+
 def write_card_figures(
     stats: StateStatistics, folder: Path, scores: dict[int, torch.Tensor], kept: dict[int, list[int]], method: str
 ) -> list[str]:
@@ -257,14 +273,15 @@ def write_card_figures(
     grid = torch.full((len(layers), width), float("nan"))
     for i, layer in enumerate(layers):
         grid[i, : len(scores[layer])] = scores[layer].float()
+    grid = score_percentiles(grid)  # one outlier must not stretch the colours of all the others
     figure, axes = plt.subplots(figsize=(max(4, 0.45 * width + 2), max(3, 0.35 * len(layers) + 1.5)))
-    image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=100)
     for i, layer in enumerate(layers):
         for head in sorted(set(range(len(scores[layer]))) - set(kept[layer])):
             axes.text(head, i, "×", ha="center", va="center", color="white", fontsize=12, fontweight="bold")
     axes.set(xlabel="value head", ylabel="layer", title=f"Removed heads (×) over the {method} score")
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    figure.colorbar(image, ax=axes, label=f"{method} score")
+    figure.colorbar(image, ax=axes, label=f"{method} score, percentile among all heads")
     figure.tight_layout()
     figure.savefig(figures / "removed_heads.png", dpi=120)
     plt.close(figure)

@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from .errors import CompressorError
-from .scoring import REMOVE, check_budget, plan_by_budget
+from .scoring import check_budget, plan_by_budget
+from .settings import BUDGETS, DEFAULT_STATE_REDUCTION, REMOVE
 from .slicing import PruningPlan
 
-KINDS = ("global", "uniform")
-"""The ``--budget`` choices; an explicit ``--heads-per-layer`` makes the kind ``per_layer``."""
-DEFAULT_STATE_REDUCTION = 0.389
 
 
 @dataclass(frozen=True)
@@ -128,8 +126,8 @@ def make_budget(
     spec such as ``"0:6,1:4"`` or a JSON file holding ``{"0": 6, "1": 4}``; ``protect_layers`` is a sequence or
     a spec such as ``"0,3"``.
     """
-    if kind not in KINDS:
-        raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(KINDS)}, or give --heads-per-layer.")
+    if kind not in BUDGETS:
+        raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(BUDGETS)}, or give --heads-per-layer.")
     if min_heads_per_layer < 1:
         raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
     protect = tuple(sorted(set(parse_layers(protect_layers) if isinstance(protect_layers, str) else protect_layers)))
@@ -178,9 +176,13 @@ def parse_heads_per_layer(spec: str) -> dict[int, int]:
     else:
         pairs = [part.split(":", 1) if ":" in part else (part, "") for part in spec.split(",") if part.strip()]
     try:
-        counts = {int(layer): int(kept) for layer, kept in pairs}
+        pairs = [(int(layer), int(kept)) for layer, kept in pairs]
     except (TypeError, ValueError):
         raise CompressorError(f"--heads-per-layer must map layers to kept heads like 0:6,1:4, got '{spec}'.") from None
-    if not counts or len(counts) != len(pairs) or any(layer < 0 for layer in counts):
+    counts = dict(pairs)
+    for layer in counts:
+        if [named for named, _ in pairs].count(layer) > 1:
+            raise CompressorError(f"--heads-per-layer lists layer {layer} twice, in '{spec}'.")
+    if not counts or any(layer < 0 for layer in counts):
         raise CompressorError(f"--heads-per-layer must map layers to kept heads like 0:6,1:4, got '{spec}'.")
     return counts

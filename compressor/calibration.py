@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CompressorError
+from .settings import CHUNK, PACKINGS, CalibrationSettings, measured_steps
 from .families import Family
 from .metrics import METRICS, metric_table
 from .slicing import linear_layers
@@ -23,10 +24,9 @@ EMBEDDED_CALIBRATION = "python-docs-calib.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 DATASET_PREFIX = "hf:"
-PACKINGS = ("pack", "truncate")
-STEP_CHOICES = ("every", "log")
-CHUNK = 64
-"""Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
+LITERAL_PREFIX = "text:"
+MAX_CONTROL_SHARE = 0.01
+"""A file with more control characters than this share (not tabs, newlines or form feeds) is not text."""
 
 
 def read_text(source: str | None, text_field: str = "text", split: str = "train", char_budget: int | None = None
@@ -46,26 +46,44 @@ def read_documents(
     - a JSON Lines file (``.jsonl``): one document per line, the string in its ``text_field``;
     - ``hf:DATASET[:CONFIG]``: a Hub dataset's ``split``, column ``text_field``, streamed (needs the
       ``datasets`` extra) until ``char_budget`` characters are read (None: the whole split);
-    - anything else with whitespace in it: literal text (one document).
+    - ``text:LITERAL``: the literal text after the prefix (one document).
+
+    Files that are not text (NUL bytes, invalid UTF-8, many control characters) are refused.
     """
     if source is None:
         text = resources.files("compressor.data").joinpath(EMBEDDED_CALIBRATION).read_text(encoding="utf-8")
         return [text], f"embedded:{EMBEDDED_CALIBRATION} (Python 3.11 documentation, PSF License)"
     if source.startswith(DATASET_PREFIX):
         return read_dataset(source[len(DATASET_PREFIX):], text_field, split, char_budget)
-    path = Path(source)
+    if source.startswith(LITERAL_PREFIX):
+        return [source[len(LITERAL_PREFIX):]], "literal text"
+    path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
         return read_json_lines(path, text_field), f"{path} (field {text_field!r})"
     if path.is_file():
-        return [path.read_text(encoding="utf-8", errors="replace")], str(path)
+        return [read_text_file(path)], str(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise CompressorError(f"calibration folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}).")
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files], str(path)
-    if not any(c.isspace() for c in source.strip()):  # one word: a mistyped path, not a text to calibrate on
-        raise CompressorError(f"calibration file {source} does not exist.")
-    return [source], "literal text"
+        return [read_text_file(p) for p in files], str(path)
+    raise CompressorError(f"calibration file {source} does not exist (give literal text as text:...).")
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a file that is not text (an executable, an archive, a model) is refused."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise CompressorError(f"{path} is not a text file: it holds NUL bytes.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CompressorError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
+    control = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    if control > MAX_CONTROL_SHARE * max(len(text), 1):
+        raise CompressorError(f"{path} is not a text file: {control} of its {len(text)} characters are control "
+                              "characters.")
+    return text
 
 
 def check_source(source: str | None, text_field: str = "text") -> None:
@@ -90,19 +108,18 @@ def import_datasets(name: str):
 def read_json_lines(path: Path, text_field: str) -> list[str]:
     """The string in ``text_field`` of every non-empty line of the JSON Lines file ``path``."""
     documents = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise CompressorError(f"line {number} of {path} is not valid JSON.") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise CompressorError(
-                    f"line {number} of {path} has no string field {text_field!r}; name the field with --text-field."
-                )
-            documents.append(record[text_field])
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CompressorError(f"line {number} of {path} is not valid JSON.") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise CompressorError(
+                f"line {number} of {path} has no string field {text_field!r}; name the field with --text-field."
+            )
+        documents.append(record[text_field])
     if not documents:
         raise CompressorError(f"{path} holds no JSON lines.")
     return documents
@@ -135,6 +152,15 @@ def read_dataset(name: str, column: str, split: str, char_budget: int | None) ->
     if not documents:
         raise CompressorError(f"the dataset {name} (split {split}) has no rows.")
     return documents, f"hf:{name} (split {split}, column {column!r})"
+
+
+def calibration_windows(settings: CalibrationSettings, tokenizer) -> tuple[torch.Tensor, str]:
+    """(calibration windows [samples, seq_len], description of the source)."""
+    documents, source = read_documents(settings.calib, settings.text_field, settings.split,
+                                       16 * settings.samples * settings.seq_len)
+    tokens = token_windows(tokenizer, documents, settings.samples, settings.seq_len, settings.seed,
+                           packing=settings.packing)
+    return tokens, source
 
 
 def token_windows(
@@ -187,20 +213,6 @@ def token_windows(
     return torch.stack([ids[start : start + seq_len] for start in starts.tolist()])
 
 
-def measured_steps(seq_len: int, every: int = CHUNK, steps: str = "every") -> list[int]:
-    """Token counts at which states are measured: every ``every`` tokens (a multiple of the 64-token chunk), or
-    log-spaced (64, 128, 256, …) with ``steps='log'``; the last token (``seq_len``) is always included."""
-    if steps not in STEP_CHOICES:
-        raise CompressorError(f"--steps must be one of {', '.join(STEP_CHOICES)}, got '{steps}'.")
-    if every < CHUNK or every % CHUNK:
-        raise CompressorError(f"--every must be a positive multiple of {CHUNK} tokens, got {every}.")
-    if steps == "log":
-        times = [CHUNK << i for i in range(max(seq_len // CHUNK, 1).bit_length()) if CHUNK << i < seq_len]
-    else:
-        times = list(range(every, seq_len, every))
-    return [*times, seq_len]
-
-
 @dataclass
 class StateStatistics:
     """Per-head state metrics at every chunk boundary.
@@ -218,6 +230,8 @@ class StateStatistics:
     heads: list[int]
     state_shapes: list[tuple[int, int]]
     settings: dict = field(default_factory=dict)
+    halves: tuple[StateStatistics, StateStatistics] | None = field(default=None, repr=False)
+    """The statistics of each half of the windows, when they were collected with ``halves`` (not saved)."""
 
     def per_layer(self, metric: str) -> dict[int, torch.Tensor]:
         """Layer index -> [head] time-averaged mean of ``metric``."""
@@ -367,6 +381,7 @@ def collect_state_statistics(
     times: list[int] | None = None,
     overlap: bool = True,
     group: int = GROUP_MATRICES,
+    halves: bool = False,
 ) -> StateStatistics:
     """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at the boundaries ``times``.
 
@@ -378,6 +393,9 @@ def collect_state_statistics(
     spectra of one group run beside the forward pass of the next layers (:class:`MetricSums`), when there is a next
     one: with fewer than ``group`` states in all, they are reduced once, after the last forward pass, and the side
     stream would only add synchronisation.
+
+    With ``halves``, the statistics of the first N // 2 windows and of the rest are kept apart as well
+    (``StateStatistics.halves``), from the same forward passes (no batch mixes the two).
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
@@ -386,8 +404,11 @@ def collect_state_statistics(
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
     state_count = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())
     summary = MetricSums(eps, device if overlap and state_count >= group else None, group=group)
-
+    half = tokens.shape[0] // 2 if halves and tokens.shape[0] > 1 else 0
+    parts = [tokens[:half], tokens[half:]] if half else [tokens]
+    batches = [(part, batch) for part, windows in enumerate(parts) for batch in windows.split(batch_size)]
     last_layer = max(mixers)
+    part_now = 0
 
     def sink(layer: int, states: torch.Tensor) -> None:
         """Take a layer's chunk states: every chunk's [B, H, N, d_k, d_v], or (Gated DeltaNet mixers, which read
@@ -397,29 +418,47 @@ def collect_state_statistics(
         elif states.shape[2] != len(times):
             raise ValueError(f"layer {layer} handed {states.shape[2]} chunk states to the sink; sequences of "
                              f"{tokens.shape[1]} tokens have {chunk_count} (one per {CHUNK} tokens, and the last)")
-        summary.add(layer, states)
+        summary.add((part_now, layer), states)
         if layer == last_layer:
             raise _LastStatesTaken
 
     sink.chunk_index = chunks
 
     with states_handed_to(sink, mixers), summary.forward_stream():
-        for batch in tqdm(tokens.split(batch_size), desc="calibrating", unit="batch", disable=not progress):
+        for part_now, batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
             with contextlib.suppress(_LastStatesTaken):
                 model.model(input_ids=batch.to(device), use_cache=False)
     sums, squares = summary.totals()
-
-    count = tokens.shape[0]
     layers = sorted(mixers)
-    heads = [mixers[i].num_v_heads for i in layers]
-    steps = next(iter(sums.values()))["threshold_rank"].shape[-1]
+    shape = {"layers": layers, "heads": [mixers[i].num_v_heads for i in layers], "times": times,
+             "state_shapes": [(mixers[i].head_k_dim, mixers[i].head_v_dim) for i in layers], "eps": eps}
+    combined = {layer: [(sums[key], squares[key]) for key in sums if key[1] == layer] for layer in layers}
+    stats = _statistics({layer: _added(pairs) for layer, pairs in combined.items()}, tokens, **shape)
+    if half:
+        stats.halves = tuple(
+            _statistics({layer: (sums[(p, layer)], squares[(p, layer)]) for layer in layers}, parts[p], **shape)
+            for p in (0, 1)
+        )
+    return stats
+
+
+def _added(pairs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]):
+    """(sums, squares) of several parts, added metric by metric."""
+    return tuple({name: sum(pair[i][name] for pair in pairs) for name in METRICS} for i in (0, 1))
+
+
+def _statistics(totals: dict, tokens: torch.Tensor, layers, heads, times, state_shapes, eps) -> StateStatistics:
+    """StateStatistics from per-layer (sums, squares) of every metric [H, time] over the windows ``tokens``."""
+    count = tokens.shape[0]
+    steps = len(times)
     mean, std = {}, {}
     for name in METRICS:
         m = torch.full((steps, len(layers), max(heads)), float("nan"))
         s = torch.full_like(m, float("nan"))
         for i, layer in enumerate(layers):
-            average = sums[layer][name] / count  # [H, T']
-            variance = (squares[layer][name] / count - average.pow(2)).clamp_min(0)
+            sums, squares = totals[layer]
+            average = sums[name] / count  # [H, T']
+            variance = (squares[name] / count - average.pow(2)).clamp_min(0)
             m[:, i, : heads[i]] = average.T.float()
             s[:, i, : heads[i]] = variance.sqrt().T.float()
         mean[name], std[name] = m, s
@@ -429,6 +468,6 @@ def collect_state_statistics(
         times=torch.tensor(times),
         layers=layers,
         heads=heads,
-        state_shapes=[(mixers[i].head_k_dim, mixers[i].head_v_dim) for i in layers],
+        state_shapes=state_shapes,
         settings={"eps": eps, "samples": count, "seq_len": tokens.shape[1], "tokens": int(tokens.numel())},
     )

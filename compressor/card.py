@@ -17,7 +17,12 @@ from pathlib import Path, PurePath
 import jinja2
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-_DATASET_PREFIX = "hf://datasets/"
+from .record import CompressionRecord
+
+_DATASET_SOURCE = re.compile(r"^hf:([^\s:]+)")
+"""How calibration records a Hub dataset: ``hf:ID[:CONFIG] (split …, column …)``."""
+TEMPLATE = "model_card.md.j2"
+_LABELS = {"recall_accuracy": "copy-recall accuracy"}
 _TOKEN_PATTERNS = (
     re.compile(r"(--token[= ]+)\S+"),  # a token given on the command line
     re.compile(r"\bhf_[A-Za-z0-9]{8,}"),  # any Hugging Face access token
@@ -25,7 +30,7 @@ _TOKEN_PATTERNS = (
 
 
 def render_card(
-    record: dict,
+    compression: CompressionRecord,
     *,
     command: str | None = None,
     figures: Sequence[str] = (),
@@ -38,6 +43,7 @@ def render_card(
     ``repo_id`` is the id used in the loading snippet (a placeholder folder path when not given);
     ``text_model_of`` names the base model's vision-language class when only its text model was pruned.
     """
+    record = compression.to_dict()
     if any(PurePath(path).is_absolute() for path in figures):
         raise ValueError(f"figure paths must be relative to the card's folder: {list(map(str, figures))}")
     layers = [_layer_row(index, layer) for index, layer in sorted(record["layers"].items(), key=lambda kv: int(kv[0]))]
@@ -66,7 +72,7 @@ def render_card(
 @functools.lru_cache(maxsize=1)
 def _template() -> jinja2.Template:
     """The card template, read from the installed ``compressor.model_cards`` package."""
-    source = importlib.resources.files("compressor.model_cards").joinpath("model_card.md.j2").read_text("utf-8")
+    source = _template_path().read_text("utf-8")
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
     )
@@ -80,6 +86,15 @@ def _template() -> jinja2.Template:
         yaml=json.dumps,
     )
     return env.from_string(source)
+
+
+def _template_path():
+    """The card template: the installed ``compressor.model_cards`` package, or ``model_cards/`` beside the package
+    in a source checkout that was not installed."""
+    try:
+        return importlib.resources.files("compressor.model_cards").joinpath(TEMPLATE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE
 
 
 def human_bytes(n: int) -> str:
@@ -133,17 +148,16 @@ def _hub_id(value: str) -> str | None:
     return value
 
 
-def _dataset_id(source: str) -> str | None:
-    """The Hub dataset id of an ``hf://datasets/owner/name[/file][@rev]`` source, else None."""
-    if not source.startswith(_DATASET_PREFIX):
+def _dataset_id(source: str | None) -> str | None:
+    """The Hub dataset id of a calibration source recorded as ``hf:ID[:CONFIG] (split …)``, else None."""
+    found = _DATASET_SOURCE.match(source or "")
+    if found is None:
         return None
-    parts = source[len(_DATASET_PREFIX) :].split("/")
-    candidate = "/".join(parts[:2]).split("@")[0]
     try:
-        validate_repo_id(candidate)
+        validate_repo_id(found.group(1))
     except HFValidationError:
         return None
-    return candidate
+    return found.group(1)
 
 
 def _eval_rows(results: dict) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
@@ -157,7 +171,7 @@ def _eval_rows(results: dict) -> tuple[list[tuple[str, str, str]], list[tuple[st
         if metric in seen:
             continue
         seen.add(metric)
-        label = metric.replace("_", " ")
+        label = _LABELS.get(metric, metric.replace("_", " "))
         if metric == key:
             others.append((label, _metric(key, results[key])))
         else:

@@ -1,21 +1,34 @@
-"""The ``compress`` command: argument parsing and progress only; the work is in ``compressor.pipeline``."""
+"""The ``compress`` command: options, progress and messages; the work is in ``compressor.pipeline``.
+
+Only click and the settings are imported here, so that ``compress --help`` answers at once; torch, transformers
+and the families are imported by the command that needs them.
+
+Exit status: 0 done; 1 an error, said in one sentence; 2 a usage error (an unknown option or a malformed value,
+click's convention); 130 interrupted by Ctrl-C, 143 by SIGTERM (nothing half-written is left either way).
+"""
 
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
+from dataclasses import fields
 from functools import wraps
 from pathlib import Path
 
 import click
 
 from .errors import CompressorError
-from .selection import PRUNE_METHODS
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, PACKINGS, PRUNE_METHODS, REMOVE,
+                       STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
 
 
 def user_errors(command):
-    """Turn a CompressorError into one sentence on stderr and exit status 1."""
+    """A CompressorError, or an OSError of the file system (no space, no permission), becomes one sentence on
+    stderr and exit status 1."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
@@ -23,89 +36,77 @@ def user_errors(command):
             return command(*args, **kwargs)
         except CompressorError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
+            raise click.ClickException(f"{error.strerror or error}{where}.") from None
 
     return wrapper
 
 
 def calibration_options(command):
-    """Options shared by analyze and prune."""
+    """The options of ``CalibrationSettings``, shared by analyze and prune."""
     options = [
-        click.option("--calib", default=None, metavar="TEXT|FILE|DIR|hf:ID",
-                      help="Calibration text: a file, a folder of .txt/.md/.rst files, a .jsonl file (one document "
-                           "per line), hf:DATASET[:CONFIG] (a Hub dataset, streamed; needs the datasets extra), or "
-                           "literal text [default: the embedded Python-docs text]."),
+        click.option("--calib", default=None, metavar="FILE|DIR|FILE.jsonl|hf:ID|text:…",
+                     help="Calibration text: a file, a folder of .txt/.md/.rst files, a .jsonl file (one document "
+                          "per line), hf:DATASET[:CONFIG] (a Hub dataset, streamed; needs the datasets extra), or "
+                          "text:LITERAL [default: the embedded Python-docs text]."),
         click.option("--text-field", default="text", show_default=True,
                      help="Field of a .jsonl file, or column of a Hub dataset, that holds the text."),
         click.option("--split", default="train", show_default=True, help="Split of a Hub dataset."),
-        click.option("--packing", default="pack", show_default=True, type=click.Choice(["pack", "truncate"]),
+        click.option("--packing", default="pack", show_default=True, type=click.Choice(PACKINGS),
                      help="pack: join documents and cut windows across them; truncate: one window per document "
                           "(its first --seq-len tokens; shorter documents are skipped)."),
         click.option("--every", default=64, show_default=True,
                      help="Tokens between measured states (a multiple of 64); fewer steps, fewer spectra."),
-        click.option("--steps", default="every", show_default=True, type=click.Choice(["every", "log"]),
+        click.option("--steps", default="every", show_default=True, type=click.Choice(STEP_CHOICES),
                      help="every: a state every --every tokens; log: at 64, 128, 256, ... tokens (and the last)."),
         click.option("--samples", default=16, show_default=True, help="Calibration sequences."),
         click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration sequence."),
         click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass."),
-        click.option("--seed", default=0, show_default=True, help="Seed for choosing windows (and --method random)."),
+        click.option("--seed", default=0, show_default=True, help="Seed for choosing windows."),
         click.option("--eps", default=1e-4, show_default=True, help="Threshold rank: count σ_i > eps·σ_1."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--dtype", default="auto", show_default=True,
-                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
                      help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU). Weights are saved in "
                           "the checkpoint's dtype."),
     ]
     for option in reversed(options):
         command = option(command)
-    return _stash_source_options(command)
+    return command
 
 
-SOURCE_OPTIONS = ("text_field", "split", "packing", "every", "steps")
-"""Calibration options that commands do not take as parameters: _settings reads them from the click context."""
-
-
-def _stash_source_options(command):
-    """Move the SOURCE_OPTIONS out of the command's keyword arguments into the click context's meta."""
-
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        click.get_current_context().meta["calibration"] = {name: kwargs.pop(name) for name in SOURCE_OPTIONS}
-        return command(*args, **kwargs)
-
-    return wrapper
-
-
-def _settings(calib, samples, seq_len, batch_size, seed, eps):
-    from .pipeline import CalibrationSettings
-
-    extra = click.get_current_context().meta.get("calibration", {})
-    return CalibrationSettings(calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, eps=eps,
-                               **extra)
+def calibration_settings(options: dict) -> CalibrationSettings:
+    """Take the calibration options out of a command's ``options``."""
+    return CalibrationSettings(**{name: options.pop(name) for name in CALIBRATION_FIELDS})
 
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="compressor")
 def main():
-    """Prune linear-attention heads chosen from how their recurrent states behave on calibration text."""
+    """Prune linear-attention heads chosen from how their recurrent states behave on calibration text.
+
+    Exit status: 0 done, 1 an error (one sentence), 2 a usage error, 130/143 interrupted.
+    """
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for stats.safetensors, report.json, report.md and figures [default: print a summary only].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @calibration_options
 @user_errors
-def analyze(model, out_dir, overwrite, calib, samples, seq_len, batch_size, seed, eps, device, dtype):
+def analyze(model, out_dir, overwrite, **options):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
     from .pipeline import analyze as run_analyze
 
-    stats = run_analyze(model, _settings(calib, samples, seq_len, batch_size, seed, eps), out_dir, device, dtype,
-                        overwrite=overwrite)
+    device, dtype = options.pop("device"), options.pop("dtype")
+    stats = run_analyze(model, calibration_settings(options), out_dir, device, dtype, overwrite=overwrite)
     ranks = stats.per_layer("threshold_rank")
     for i, layer in enumerate(stats.layers):
         shown = " ".join(f"{r:5.1f}" for r in ranks[layer].tolist())
-        click.echo(f"layer {layer:3d}  mean threshold rank (bound {min(stats.state_shapes[i])}):  {shown}")
+        bound = min(stats.state_shapes[i])
+        click.echo(f"layer {layer:3d}  mean threshold rank of each head (at most {bound} = min(d_k, d_v)):  {shown}")
     if out_dir is not None:
         click.echo(f"wrote {out_dir / 'stats.safetensors'} and the report {out_dir / 'report.md'}")
 
@@ -115,18 +116,19 @@ def analyze(model, out_dir, overwrite, calib, samples, seq_len, batch_size, seed
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (required unless --dry-run).")
 @click.option("--state-reduction", default=None, type=float,
-              help="Remove heads until the recurrent state shrinks by at least this share (0 < R < 1) "
-                   "[default: 0.389].")
-@click.option("--method", default="joint", show_default=True, type=click.Choice(PRUNE_METHODS),
-              help="Head score: joint rank-norm (the paper's Eq. 14); threshold rank, stable_rank, entropy_rank; "
-                   "nuclear norm, frobenius; random; loss (each head's own loss increase when masked alone, on "
-                   "--loss-samples x --loss-seq-len calibration tokens, many heads per batched forward pass); or auto (try every rule at both ends and keep "
-                   "the lowest loss on held-out calibration windows; ignores --remove).")
+              help=f"Remove heads until the recurrent state shrinks by at least this share (0 < R < 1) "
+                   f"[default: {DEFAULT_STATE_REDUCTION}].")
+@click.option("--method", default="auto", show_default=True, type=click.Choice(PRUNE_METHODS),
+              help="auto: try every rule at both ends and keep the lowest loss on held-out calibration windows. "
+                   "Or one score: joint rank-norm (the paper's Eq. 14; its rule is --method joint --remove high); "
+                   "threshold rank, stable_rank, entropy_rank; nuclear norm, frobenius; random; loss (each head's "
+                   "own loss increase when masked alone, on --loss-samples x --loss-seq-len calibration tokens).")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
-@click.option("--remove", default="high", show_default=True, type=click.Choice(["high", "low"]),
-              help="Remove the highest scores (the paper's rule) or the lowest.")
+@click.option("--remove", default=None, type=click.Choice(REMOVE),
+              help="With a score: remove its highest (the paper's rule) or lowest values [default: low, the better "
+                   "end on every model measured]. auto measures both.")
 @click.option("--min-heads-per-layer", default=1, show_default=True, help="Heads every layer keeps.")
-@click.option("--budget", default="global", show_default=True, type=click.Choice(["global", "uniform"]),
+@click.option("--budget", default="global", show_default=True, type=click.Choice(BUDGETS),
               help="global: remove heads in score order across the model until --state-reduction is reached; "
                    "uniform: remove the same share of heads in every (unprotected) layer.")
 @click.option("--heads-per-layer", default=None, metavar="SPEC",
@@ -140,66 +142,61 @@ def analyze(model, out_dir, overwrite, calib, samples, seq_len, batch_size, seed
               help="Sequences per loss-scorer forward pass; each masks one head.")
 @click.option("--auto-holdout", default=0.25, show_default=True,
               help="With --method auto: share of the calibration windows held out to compare the rules.")
-@click.option("--stats", "stats_dir", type=click.Path(path_type=Path), default=None,
-              help="Reuse statistics written by `compress analyze --out` instead of calibrating.")
+@click.option("--stats", type=click.Path(path_type=Path), default=None,
+              help="Reuse statistics written by `compress analyze --out` instead of calibrating (needs a --method "
+                   "other than auto).")
 @calibration_options
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
-              help="Text file for held-out perplexity before and after.")
+              help="Text file for held-out perplexity and copy recall before and after.")
 @click.option("--eval-samples", default=None, type=int,
               help="Evaluation sequences [default: every whole window of the file].")
 @click.option("--eval-seq-len", default=1024, show_default=True, help="Tokens per evaluation sequence.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and sizes; write nothing.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Reload the written folder and compare logits with the in-memory pruned model.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
-@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO_ID", help="Push the folder when done.")
+@click.option("--base-model", default=None, metavar="ID",
+              help="Hub id the model card names as base_model [default: the source's id, or its Hub cache path's].")
+@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Push the folder when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
 @user_errors
-def prune(model, out_dir, state_reduction, method, alpha, remove, min_heads_per_layer, budget, heads_per_layer,
-          protect_layers, loss_samples, loss_seq_len, loss_batch_size, auto_holdout, stats_dir, calib,
-          samples, seq_len, batch_size, seed, eps, device, dtype, eval_path, eval_samples, eval_seq_len, dry_run, verify,
-          overwrite, max_shard_size, repo_id, private):
+def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, **options):
     """Remove linear-attention heads and write a smaller checkpoint (MODEL: folder or Hub id)."""
     from .pipeline import prune as run_prune
 
-    result = run_prune(
-        model, out_dir, state_reduction=state_reduction, method=method, alpha=alpha, remove=remove,
-        min_heads_per_layer=min_heads_per_layer, budget=budget, heads_per_layer=heads_per_layer,
-        protect_layers=protect_layers, loss_samples=loss_samples, loss_seq_len=loss_seq_len,
-        loss_batch_size=loss_batch_size, calibration=_settings(calib, samples, seq_len, batch_size, seed, eps),
-        stats=stats_dir, auto_holdout=auto_holdout, eval_path=eval_path, eval_samples=eval_samples,
-        eval_seq_len=eval_seq_len, device=device,
-        dtype=dtype, dry_run=dry_run, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
-        command=command_line(click.get_current_context()), push_to_hub=repo_id, private=private,
-    )
+    evaluation = EvalSettings(eval_path, eval_samples, eval_seq_len)
+    evaluation.check("--eval-")  # also when --eval is not given: a bad value is a mistake either way
+    settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
+                             **options)
+    result = run_prune(model, out_dir, settings, command=command_line(click.get_current_context()))
     click.echo(summary(result.record))
     if result.out_dir is not None:
         click.echo(f"wrote {result.out_dir}")
-    if "pushed" in result.record:
-        click.echo(f"pushed: {result.record['pushed']}")
+    if result.pushed is not None:
+        click.echo(f"pushed: {result.pushed}")
 
 
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
+@click.option("--eval", "path", type=click.Path(path_type=Path), default=None,
               help="Text file to measure on [default: the embedded held-out Python-docs text].")
 @click.option("--samples", default=None, type=int, help="Evaluation sequences [default: every whole window].")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per evaluation sequence.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
 @user_errors
-def evaluate(model, eval_path, samples, seq_len, batch_size, device, dtype, json_path):
+def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path):
     """Perplexity and copy-recall accuracy of MODEL (folder, prune output or Hub id)."""
     from .quality import evaluate as run_evaluate
 
-    figures = run_evaluate(model, eval_path, samples, seq_len, batch_size, device, dtype, json_path)
+    figures = run_evaluate(model, EvalSettings(path, samples, seq_len, batch_size), device, dtype, json_path)
     click.echo(f"perplexity: {figures['perplexity']:.2f} on {figures['windows']} x {figures['seq_len']} tokens of "
                f"{figures['data']}")
-    click.echo(f"copy recall accuracy: {figures['recall_accuracy']:.1%} ({figures['recall_probe']})")
+    click.echo(f"copy-recall accuracy: {figures['recall_accuracy']:.1%} ({figures['recall_probe']})")
     if json_path is not None:
         click.echo(f"wrote {json_path}")
 
@@ -239,27 +236,57 @@ def command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
-def summary(record: dict) -> str:
-    """A per-layer plan and the before/after sizes, as printed by prune."""
+def summary(record) -> str:
+    """A per-layer plan and the before/after sizes of a ``CompressionRecord``, as printed by prune."""
     lines = []
-    for candidate in record["method"].get("candidates", []):
+    method = record.method
+    for candidate in method.candidates or []:
         seed = "" if candidate["seed"] is None else f" (seed {candidate['seed']})"
         lines.append(f"auto candidate {candidate['name']}{seed}, remove {candidate['remove']}: "
                      f"held-out perplexity {candidate['perplexity']:.2f}")
-    if "chosen" in record["method"]:
-        lines.append(f"auto chose {record['method']['chosen']}, remove {record['method']['remove']}")
+    if method.chosen is not None:
+        lines.append(f"auto chose {method.chosen}, remove {method.remove}")
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
-    for layer, info in record["layers"].items():
-        kept = info["kept_heads"]
-        lines.append(f"{layer:>5}  {info['heads_before']:>4} -> {len(kept):<4}  {kept}")
-    before, after = record["state_bytes_before"], record["state_bytes_after"]
+    for layer, info in record.layers.items():
+        lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
+    before, after = record.state_bytes_before, record.state_bytes_after
     lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller)")
-    lines.append(f"parameters: {record['params_before']:,} -> {record['params_after']:,}")
-    evaluation = record.get("eval")
-    if evaluation:
-        lines.append(f"perplexity: {evaluation['perplexity_before']:.2f} -> {evaluation['perplexity_after']:.2f}")
-        lines.append(f"copy recall accuracy: {evaluation['recall_accuracy_before']:.1%} -> "
-                     f"{evaluation['recall_accuracy_after']:.1%}")
-    if "verify" in record:
-        lines.append(f"verified: reloaded logits differ by {record['verify']['max_abs_logit_diff']:.3g}")
+    lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")
+    if record.eval is not None:
+        lines.append(f"perplexity: {record.eval.perplexity_before:.2f} -> {record.eval.perplexity_after:.2f}")
+        lines.append(f"copy-recall accuracy: {record.eval.recall_accuracy_before:.1%} -> "
+                     f"{record.eval.recall_accuracy_after:.1%}")
+    if record.verify is not None:
+        lines.append(f"verified: reloaded logits differ by {record.verify.max_abs_logit_diff:.3g}")
     return "\n".join(lines)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by a signal handler, so that every staging folder is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def run() -> None:
+    """The ``compress`` executable: :func:`main` with Ctrl-C and SIGTERM turned into one line and exit status
+    128 + the signal's number, after every ``with`` block on the way out has cleaned up."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = main(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt) as error:
+        cause = error if isinstance(error, KeyboardInterrupt) else error.__cause__
+        signum = getattr(cause, "signum", signal.SIGINT)
+        click.echo(f"\ncompress: interrupted ({signal.Signals(signum).name}); nothing half-written was left.",
+                   err=True)
+        sys.exit(128 + signum)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .record import EvalRecord
+from .settings import EvalSettings
 
 
 @torch.no_grad()
@@ -82,3 +88,45 @@ def copy_recall(model: nn.Module, spans: torch.Tensor, batch_size: int = 4) -> f
         predicted = model(input_ids=batch, use_cache=False).logits[:, span:-1].argmax(-1)
         correct += (predicted == batch[:, span + 1 :]).sum().item()
     return correct / (spans.shape[0] * (span - 1))
+
+
+EMBEDDED_EVALUATION = "python-docs-eval.txt"
+
+
+def eval_windows(settings: EvalSettings, tokenizer, prefix: str = "--") -> tuple[torch.Tensor, str]:
+    """(evaluation windows [N, seq_len] of ``settings.path``, every whole one in order unless ``settings.samples``;
+    a description of the text). ``path`` None is the embedded held-out Python-docs text."""
+    from .calibration import read_text_file, token_windows
+
+    if settings.path is None:
+        text = resources.files("compressor.data").joinpath(EMBEDDED_EVALUATION).read_text(encoding="utf-8")
+        data = f"embedded:{EMBEDDED_EVALUATION} (Python 3.11 documentation, PSF License)"
+    else:
+        text, data = read_text_file(Path(settings.path)), str(settings.path)
+    return token_windows(tokenizer, text, settings.samples, settings.seq_len, 0, f"{prefix}samples"), data
+
+
+@dataclass
+class Quality:
+    """Held-out perplexity and copy-recall accuracy of one model on one text."""
+
+    loss: float
+    perplexity: float
+    recall_accuracy: float
+    recall_probe: str
+
+
+def quality(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4, progress: bool = True,
+            desc: str = "perplexity") -> Quality:
+    """Perplexity on ``tokens`` [N, L] and copy recall on the first 64 tokens of its first 8 windows."""
+    loss = next_token_loss(model, tokens, batch_size, progress, desc)
+    spans = recall_spans(tokens)
+    probe = f"{spans.shape[0]} spans of {spans.shape[1]} evaluation tokens, each repeated; greedy accuracy on the second copy"
+    return Quality(loss, math.exp(loss), copy_recall(model, spans, batch_size), probe)
+
+
+def eval_record(before: Quality, after: Quality, data: str, tokens: torch.Tensor) -> EvalRecord:
+    """``compression.json``'s ``eval``: ``before`` and ``after`` pruning, on ``tokens`` of ``data``."""
+    return EvalRecord(perplexity_before=before.perplexity, recall_accuracy_before=before.recall_accuracy,
+                      perplexity_after=after.perplexity, recall_accuracy_after=after.recall_accuracy,
+                      recall_probe=after.recall_probe, data=data, tokens=int(tokens.numel()))

@@ -1,60 +1,27 @@
-"""Write the output folder: weights, config, shipped modeling code, tokenizer, record and card, atomically."""
+"""Write the contents of an output folder: weights, config, shipped modeling code, tokenizer files, JSON records
+(the folder itself is staged and swapped in by ``compressor.outputs``)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import CompressorError
+from .evaluation import max_logit_difference
 from .families import Family
+from .outputs import staging_folder
+from .record import CompressionRecord, VerifyRecord
 
 SHIPPED_HELPERS = ("gated_delta.py", "gated_deltanet.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
-
-
-def check_output_folder(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``; refuse a file in its place in any case."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CompressorError(f"output path {out_dir} exists and is not a folder.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CompressorError(f"output folder {out_dir} already exists; pass --overwrite to replace it.")
-
-
-@contextmanager
-def staging_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``, on failure it vanishes."""
-    check_output_folder(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _default_permissions(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-
-
-def _default_permissions(folder: Path) -> None:
-    """Temporary folders and files are private (0700/0600); give the result the user's usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: str = "2GB") -> list[str]:
@@ -86,5 +53,49 @@ def copy_tokenizer_files(source: Path | None, folder: Path, save_tokenizer: Call
         save_tokenizer(folder)
 
 
-def write_json(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
+
+VERIFY_TOLERANCE = 1e-4
+
+
+def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path, settings, command: str | None) -> None:
+    """Write the pruned ``loaded`` model's output folder atomically: weights in the checkpoint's dtype, config,
+    shipped code, tokenizer files, the reload check (``settings.verify``), ``compression.json`` and the card."""
+    from .analysis import write_card_figures
+    from .card import render_card
+
+    cast_parameters(loaded.model, loaded.save_dtype)
+    with staging_folder(out_dir, settings.overwrite, "prune", [loaded.local_path]) as staging:
+        write_model(loaded.model, loaded.family, staging, settings.max_shard_size)
+        copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
+        if settings.verify:
+            record.verify = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
+        record.write(staging)
+        figures = write_card_figures(stats, staging, choice.scores, choice.plan.kept, record.method.chosen or record.method.name)
+        card = render_card(record, command=command, figures=figures, repo_id=settings.push_to_hub,
+                           text_model_of=loaded.text_model_of)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters (not buffers such as rotary frequencies) to ``dtype``, as loading does."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def verification_tokens(config, shape: tuple[int, int] = (2, 256)) -> torch.Tensor:
+    """Seeded random token ids [2, 256]: comparing logits needs no meaningful text."""
+    return torch.randint(config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+
+
+def verify_folder(model: nn.Module, folder: Path, tokens: torch.Tensor) -> VerifyRecord:
+    """Reload ``folder`` through its shipped code and compare its logits with ``model``'s; raise on a mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype)
+    reloaded = reloaded.to(next(model.parameters()).device).eval()
+    difference = max_logit_difference(model, reloaded, tokens)
+    if not difference <= VERIFY_TOLERANCE:
+        raise CompressorError(f"verification failed: the reloaded model's logits differ by {difference:.3g}.")
+    return VerifyRecord(max_abs_logit_diff=difference, passed=True, tokens=int(tokens.numel()))

@@ -6,7 +6,6 @@ last two itself). It is only ever sent in the Authorization header: never printe
 
 from __future__ import annotations
 
-import json
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import CompressorError
+from .outputs import MARKER
+from .record import FILE, CompressionRecord
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import HTTPError as _HTTPError
@@ -67,6 +68,7 @@ def push_folder(
             create_pr=create_pr,
             commit_message=message,
             delete_patterns=STALE_PATTERNS,
+            ignore_patterns=[MARKER],
         )
     except HfHubHTTPError as err:
         raise CompressorError(_http_error_message(err, repo_id)) from err
@@ -81,38 +83,33 @@ def push_folder(
     return info.pr_url or info.commit_url
 
 
-def _checked_record(folder: Path, force: bool) -> dict | None:
+def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
     """The folder's compression.json record; refuse folders that did not come from a verified prune."""
     if not folder.is_dir():
         raise CompressorError(f"Cannot push {folder}: it is not a folder.")
     record, problem = None, None
-    try:
-        record = json.loads((folder / "compression.json").read_text("utf-8"))
-    except FileNotFoundError:
-        problem = "it has no compression.json, so it did not come from `compress prune`"
-    except (OSError, ValueError):
-        problem = "its compression.json cannot be read"
-    if problem is None and not isinstance(record, dict):
-        problem, record = "its compression.json is not a compression record", None
-    if problem is None and (record.get("verify") or {}).get("passed") is not True:
-        problem = "its reload check did not pass or never ran (verify.passed in compression.json)"
+    if not (folder / FILE).is_file():
+        problem = f"it has no {FILE}, so it did not come from `compress prune`"
+    else:
+        try:
+            record = CompressionRecord.read(folder)
+        except CompressorError as error:
+            problem = f"its {FILE} is not a compression record ({str(error).rstrip('.')})"
+    if problem is None and not (record.verify is not None and record.verify.passed):
+        problem = f"its reload check did not pass or never ran (verify.passed in {FILE})"
     if problem is not None and not force:
         raise CompressorError(f"Refusing to push {folder}: {problem}; use --force to push it anyway.")
     return record
 
 
-def _commit_message(record: dict | None) -> str:
+def _commit_message(record: CompressionRecord | None) -> str:
     """E.g. ``Upload pruned model: 12/32 linear-attention heads removed (joint, remove high)``."""
     if record is None:
         return "Upload model folder with compressor"
-    layers = (record.get("layers") or {}).values()
-    total = sum(layer.get("heads_before", 0) for layer in layers)
-    removed = total - sum(len(layer.get("kept_heads", ())) for layer in layers)
-    method = record.get("method") or {}
-    how = [str(method["name"])] if method.get("name") else []
-    how += [f"remove {method['remove']}"] if method.get("remove") else []
-    suffix = f" ({', '.join(how)})" if how else ""
-    return f"Upload pruned model: {removed}/{total} linear-attention heads removed{suffix}"
+    total = sum(layer.heads_before for layer in record.layers.values())
+    removed = total - sum(len(layer.kept_heads) for layer in record.layers.values())
+    return (f"Upload pruned model: {removed}/{total} linear-attention heads removed "
+            f"({record.method.chosen or record.method.name}, remove {record.method.remove})")
 
 
 def _size(folder: Path) -> int:
@@ -127,7 +124,8 @@ def _upload_large(api: HfApi, folder: Path, repo_id: str, *, revision, create_pr
             f"Cannot open a pull request on {repo_id}: folders over 50 GB go through huggingface_hub's "
             "upload_large_folder, which cannot; push to a branch with --revision or upgrade huggingface_hub to 2.x."
         )
-    api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision)
+    api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                             ignore_patterns=[MARKER])
     stale = [
         CommitOperationDelete(path_in_repo=path)
         for path in api.list_repo_files(repo_id, revision=revision)

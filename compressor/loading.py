@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -85,8 +88,12 @@ def as_family_class(model: nn.Module, family: Family) -> nn.Module:
     return rebuilt
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``name`` (folder or Hub id) for pruning; a family it cannot prune fails before the weights load."""
+def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune") -> LoadedModel:
+    """Load ``name`` (folder or Hub id) to ``purpose`` it (``prune``, ``evaluate``); a family it cannot handle, a
+    damaged weights file or an unreachable Hub fails in one sentence before the weights load."""
+    from . import register
+
+    register()
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -94,6 +101,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         local_path = path
     elif _looks_like_hub_id(name):
         local_path = None
+        check_hub_reachable(name)
     else:
         raise CompressorError(f"model folder {name} does not exist (and is not a Hub id of the form owner/name).")
     try:
@@ -101,11 +109,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         config = AutoConfig.from_pretrained(name)
     except OSError as error:
         raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
+    except ValueError as error:
+        raise CompressorError(f"the config of '{name}' cannot be read: {str(error).splitlines()[0]}") from None
     text_config = config.get_text_config()
     try:
-        family = family_for(text_config)
+        family = family_for(text_config, purpose)
     except CompressorError:
-        family_for(config)  # raises, naming the checkpoint's own model type rather than its text model's
+        family_for(config, purpose)  # raises, naming the checkpoint's own model type rather than its text model's
         raise
     check_fla_config(config)
     torch_device = resolve_device(device)
@@ -116,6 +126,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
             "and written alone, without the vision tower.",
             stacklevel=2,
         )
+    if local_path is not None:
+        check_weights(local_path)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))
     if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
         model = as_family_class(model, family)
@@ -124,3 +136,44 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     text_model_of = None if text_config is config else (config.architectures or [type(config).__name__])[0]
     return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype,
                        text_model_of=text_model_of)
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file of ``folder`` must open (its header read and checked against its size)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CompressorError(f"{folder} holds no *.safetensors weights.")
+    for file in files:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError: a truncated, empty or foreign file
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CompressorError(f"the weights file {file} is damaged or not a safetensors file ({reason}).") from None
+
+
+def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail fast, in one sentence, when ``repo_id`` must come from a Hub that cannot be reached and is not cached
+    (huggingface_hub would otherwise retry for half a minute). With ``HF_HUB_OFFLINE=1`` only the cache is read."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise CompressorError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                  "download it on a connected machine or give a local folder.")
+        return
+    host = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+    except OSError:
+        if not cached:
+            raise CompressorError(
+                f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached and {repo_id} is not in the local "
+                "cache; give a local model folder, or download it on a connected machine (then HF_HUB_OFFLINE=1 "
+                "reads the cache without trying the network)."
+            ) from None
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the cached copy, without half a minute of retries
+        constants.HF_HUB_OFFLINE = True

@@ -8,6 +8,7 @@ import torch
 
 from .calibration import StateStatistics
 from .errors import CompressorError
+from .settings import REMOVE, SCORE_METHODS
 from .slicing import PruningPlan
 
 #: Statistics-based scores: method name -> the state metric it averages over time.
@@ -19,11 +20,9 @@ METRIC_OF = {
     "frobenius": "frobenius_norm",
 }
 RANK_METRICS = ("threshold_rank", "stable_rank", "entropy_rank")
-METHODS = ("joint", *METRIC_OF, "random")
-REMOVE = ("high", "low")
 
 
-def check_method(method: str, alpha: float, allowed: tuple[str, ...] = METHODS) -> None:
+def check_method(method: str, alpha: float, allowed: tuple[str, ...] = SCORE_METHODS) -> None:
     if method not in allowed:
         raise CompressorError(f"unknown method '{method}'; choose one of {', '.join(allowed)}.")
     if not 0.0 <= alpha <= 1.0:

@@ -19,13 +19,11 @@ from .calibration import StateStatistics
 from .errors import CompressorError
 from .evaluation import next_token_loss, token_losses
 from .families import Family
-from .scoring import METHODS, score_heads
+from .scoring import score_heads
+from .settings import LOSS_SEQ_LEN, LOSS_WINDOWS, SCORE_METHODS, held_out_count
 from .slicing import PruningPlan, linear_layers
 
-LOSS_WINDOWS = 2
-LOSS_SEQ_LEN = 256
 RANDOM_SEEDS = 3
-PRUNE_METHODS = (*METHODS, "loss", "auto")
 
 
 @contextmanager
@@ -113,19 +111,6 @@ def loss_scores(model: nn.Module, family: Family, tokens: torch.Tensor, batch_si
     return {layer: increases[[i for i, (l, _) in enumerate(heads) if l == layer]] for layer in mixers}
 
 
-def held_out_count(samples: int, holdout: float) -> int:
-    """How many of ``samples`` windows ``auto`` holds out: ceil(holdout · samples), leaving at least one to score."""
-    if not 0.0 < holdout < 1.0:
-        raise CompressorError(f"--auto-holdout must lie strictly between 0 and 1, got {holdout}.")
-    held = math.ceil(holdout * samples)
-    if held >= samples:
-        raise CompressorError(
-            f"--method auto needs calibration windows both to score and to hold out, but {samples} window(s) with "
-            f"--auto-holdout {holdout} leave none to score; raise --samples."
-        )
-    return held
-
-
 def split_windows(tokens: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scoring [N − k, L], held-out [k, L]) windows of ``tokens`` [N, L], k = ``held_out_count(N, holdout)``."""
     held = held_out_count(tokens.shape[0], holdout)
@@ -152,7 +137,7 @@ def candidate_scores(
     stats: StateStatistics, loss: dict[int, torch.Tensor], alpha: float, seed: int
 ) -> list[tuple[str, str, int | None, dict[int, torch.Tensor]]]:
     """(name, remove, seed, scores) of every rule × both ends, ``loss`` × both ends, and random with 3 seeds."""
-    rules = [(method, score_heads(stats, method, alpha)) for method in METHODS if method != "random"]
+    rules = [(method, score_heads(stats, method, alpha)) for method in SCORE_METHODS if method != "random"]
     rules.append(("loss", loss))
     found = [(name, end, None, scores) for name, scores in rules for end in ("high", "low")]
     found += [("random", "high", s, score_heads(stats, "random", seed=s)) for s in range(seed, seed + RANDOM_SEEDS)]

@@ -44,11 +44,12 @@ from pathlib import Path
 import torch
 
 import compressor.modeling.gated_delta as gated_delta
-from compressor.calibration import GROUP_MATRICES, collect_state_statistics, measured_steps, states_handed_to
+from compressor.calibration import GROUP_MATRICES, collect_state_statistics, states_handed_to
 from compressor.families import family_for
 from compressor.loading import load_model
 from compressor.metrics import METRICS, metric_table, singular_values
-from compressor.pipeline import versions
+from compressor.accounting import versions
+from compressor.settings import measured_steps
 from compressor.slicing import linear_layers
 
 

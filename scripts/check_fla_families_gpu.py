@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-import compressor  # noqa: F401  (registers the routed fla classes)
+import compressor
 from compressor.calibration import states_handed_to
 from compressor.families import family_for
 from compressor.slicing import PruningPlan, linear_layers, slim
+
+compressor.register()  # the shipped classes, which route CPU tensors away from fla
 
 COMMON = dict(hidden_size=512, num_hidden_layers=4, vocab_size=2048, hidden_ratio=2, fuse_cross_entropy=False)
 CONFIGS = {

@@ -20,14 +20,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import compressor  # noqa: E402,F401
+import compressor  # noqa: E402
 from compressor.calibration import collect_state_statistics, read_text, token_windows  # noqa: E402
 from compressor.evaluation import perplexity  # noqa: E402
 from compressor.families import family_for  # noqa: E402
 from compressor.loading import load_model  # noqa: E402
-from compressor.pipeline import prune, versions  # noqa: E402
+from compressor.accounting import versions  # noqa: E402
+from compressor.pipeline import prune  # noqa: E402
+from compressor.settings import EvalSettings, PruneSettings  # noqa: E402
 from compressor.scoring import plan_by_budget, score_heads  # noqa: E402
 from compressor.slicing import PruningPlan, linear_layers, slim  # noqa: E402
+
+compressor.register()  # the shipped classes, which route CPU tensors away from fla
 
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny-6m"
 EVAL = ROOT / "compressor" / "data" / "python-docs-eval.txt"
@@ -170,8 +174,9 @@ def main() -> None:
         print(name, json.dumps(results[name]), flush=True)
         args.out.write_text(json.dumps(results, indent=2))
     start = time.perf_counter()
-    record = prune(str(FIXTURE), args.out.parent / "pruned", calibration=None, eval_path=EVAL, device="cuda",
-                   overwrite=True, progress=False).record
+    settings = PruneSettings(method="joint", remove="high", evaluation=EvalSettings(EVAL), device="cuda",
+                             overwrite=True)
+    record = prune(str(FIXTURE), args.out.parent / "pruned", settings, progress=False).record.to_dict()
     results["prune_cli_equivalent"] = {"wall_s": time.perf_counter() - start, "eval": record.get("eval"),
                                        "verify": record.get("verify")}
     print(json.dumps(results["prune_cli_equivalent"]))

@@ -28,13 +28,14 @@ from compressor.budgets import make_budget  # noqa: E402
 from compressor.calibration import collect_state_statistics, read_text, token_windows  # noqa: E402
 from compressor.evaluation import copy_recall, next_token_loss, recall_spans  # noqa: E402
 from compressor.loading import load_model  # noqa: E402
-from compressor.pipeline import versions  # noqa: E402
-from compressor.scoring import METHODS, score_heads  # noqa: E402
+from compressor.accounting import versions  # noqa: E402
+from compressor.scoring import score_heads  # noqa: E402
+from compressor.settings import SCORE_METHODS  # noqa: E402
 from compressor.selection import choose_plan, loss_scores, loss_windows, masked_heads, split_windows  # noqa: E402
 from compressor.slicing import linear_layers  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3, 0.389, 0.4, 0.5, 0.6)
-RULES = tuple(m for m in METHODS if m != "random") + ("loss",)
+RULES = tuple(m for m in SCORE_METHODS if m != "random") + ("loss",)
 FIELDS = ("state_reduction", "method", "remove", "seed", "heads_removed", "state_reduction_reached", "perplexity",
           "recall_accuracy", "auto_chose")
 

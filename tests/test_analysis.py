@@ -21,6 +21,7 @@ from compressor.analysis import (
 )
 from compressor.calibration import StateStatistics
 from compressor.cli import main
+from compressor.outputs import MARKER
 from compressor.errors import CompressorError
 from compressor.metrics import METRICS
 from compressor.pipeline import CalibrationSettings, analyze
@@ -132,12 +133,13 @@ def test_analyze_refuses_a_non_empty_output_before_loading(tmp_path):
 def test_analyze_on_the_fixture_writes_a_consistent_report(fixture_model_path, tmp_path):
     out = tmp_path / "analysis"
     out.mkdir()
-    (out / "stale.txt").write_text("replaced by --overwrite")
+    (out / "stale.txt").write_text("an earlier output's, replaced by --overwrite")
+    (out / MARKER).write_text('{"written_by": "compressor", "files": ["stale.txt"]}')
     result = CliRunner().invoke(main, ["analyze", str(fixture_model_path), "--out", str(out), "--overwrite",
                                        "--samples", "8", "--seq-len", "1024", "--steps", "log"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["stats.safetensors", "report.json", "report.md", *FIGURES.values()]
+        [MARKER, "stats.safetensors", "report.json", "report.md", *FIGURES.values()]
     )
     report = json.loads((out / "report.json").read_text())
     stats = StateStatistics.load(out)

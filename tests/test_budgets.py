@@ -11,7 +11,8 @@ import compressor.pipeline
 from compressor.budgets import Budget, make_budget, parse_heads_per_layer
 from compressor.cli import main
 from compressor.errors import CompressorError
-from compressor.pipeline import CalibrationSettings, prune
+from compressor.pipeline import prune
+from compressor.settings import CalibrationSettings, PruneSettings
 
 # Three layers (0, 2, 5) of 8 heads whose states are 1 byte each; scores rise with the head index, and layer 5's
 # heads score highest of all, so a global `remove high` plan would empty layer 5 first.
@@ -141,12 +142,13 @@ def test_cli_refuses_impossible_combinations_before_loading(fixture_model_path, 
 def test_prune_honours_a_uniform_budget_with_a_protected_layer(fixture_model_path):
     """The fixture: linear-attention layers 0, 1, 3, 4 of 8 heads. 38.9 % of 32 heads is 12.4; from the 3
     unprotected layers that takes 5 of 8 heads each (4 each would free only 12)."""
-    result = prune(str(fixture_model_path), None, method="norm", remove="low", budget="uniform", protect_layers="0",
-                   calibration=CalibrationSettings(samples=1, seq_len=128), dry_run=True, progress=False)
+    settings = PruneSettings(method="norm", remove="low", budget="uniform", protect_layers="0",
+                             calibration=CalibrationSettings(samples=1, seq_len=128), dry_run=True)
+    result = prune(str(fixture_model_path), None, settings, progress=False)
     assert {layer: len(kept) for layer, kept in result.plan.kept.items()} == {0: 8, 1: 3, 3: 3, 4: 3}
-    method = result.record["method"]
-    assert (method["budget"], method["protect_layers"], method["state_reduction"]) == ("uniform", [0], 0.389)
-    assert 1 - result.record["state_bytes_after"] / result.record["state_bytes_before"] >= 0.389
+    method = result.record.method
+    assert (method.budget, method.protect_layers, method.state_reduction) == ("uniform", [0], 0.389)
+    assert 1 - result.record.state_bytes_after / result.record.state_bytes_before >= 0.389
 
 
 def test_cli_prunes_to_explicit_head_counts(fixture_model_path):

@@ -21,6 +21,7 @@ import compressor.loading
 import compressor.pipeline
 from compressor.calibration import StateStatistics
 from compressor.cli import main
+from compressor.outputs import MARKER
 
 EVAL_TEXT = Path(compressor.__file__).parent / "data" / "python-docs-eval.txt"
 SMALL = ["--samples", "4", "--seq-len", "512", "--batch-size", "4"]
@@ -92,7 +93,8 @@ def pruned(fixture_model_path, tmp_path_factory):
     """One full prune (joint, remove high, R = 0.389, --eval, verify): (result, out folder)."""
     out = tmp_path_factory.mktemp("e2e") / "pruned"
     result = invoke(
-        "prune", fixture_model_path, "--out", out, "--remove", "high", "--state-reduction", STATE_REDUCTION,
+        "prune", fixture_model_path, "--out", out, "--method", "joint", "--remove", "high",
+        "--state-reduction", STATE_REDUCTION,
         *SMALL, "--eval", EVAL_TEXT, *SMALL_EVAL,
     )
     return result, out
@@ -137,7 +139,8 @@ def test_prune_reaches_the_state_reduction(record):
 
 
 def test_prune_record_follows_the_contract(record, fixture_model_path):
-    assert record["format"] == 1
+    assert record["format"] == 2
+    assert record["source"] == str(fixture_model_path)
     assert record["base_model"] == str(fixture_model_path)
     assert record["method"]["name"] == "joint"
     assert record["method"]["alpha"] == 0.5
@@ -205,7 +208,8 @@ def test_prune_writes_a_complete_folder(pruned, record):
 
 def test_dry_run_remove_low_writes_nothing(fixture_model_path, tmp_path, record):
     out = tmp_path / "low"
-    result = invoke("prune", fixture_model_path, "--out", out, "--remove", "low", "--dry-run", *SMALL)
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--out", out, "--remove", "low", "--dry-run",
+                    *SMALL)
     assert result.exit_code == 0, result.output
     assert not out.exists() and listing(tmp_path) == set()
     plan = printed_plan(result.stdout)
@@ -242,7 +246,8 @@ def test_prune_reuses_saved_statistics(fixture_model_path, tmp_path, stats_dir, 
 
     monkeypatch.setattr(compressor.pipeline, "collect_state_statistics", recalibrate)
     out = tmp_path / "out2"
-    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify", "--dry-run")
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--remove", "high", "--stats", stats_dir,
+                    "--out", out, "--no-verify", "--dry-run")
     assert result.exit_code == 0, result.output
     assert not out.exists()
     # analyze used the shared run's settings, so the statistics and hence the plan are the same.
@@ -255,13 +260,14 @@ def test_prune_refuses_statistics_of_another_model(fixture_model_path, tmp_path,
     other = tmp_path / "other-stats"
     stats.save(other)
     before = listing(tmp_path)
-    result = invoke("prune", fixture_model_path, "--stats", other, "--out", tmp_path / "out", "--no-verify")
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", other, "--out", tmp_path / "out",
+                    "--no-verify")
     assert_user_error(result, "statistics", "compress analyze")
     assert listing(tmp_path) == before
 
 
 def test_prune_refuses_a_missing_statistics_folder(fixture_model_path, tmp_path):
-    result = invoke("prune", fixture_model_path, "--stats", tmp_path / "nothing", "--dry-run")
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", tmp_path / "nothing", "--dry-run")
     assert_user_error(result, "no statistics", "compress analyze")
     assert listing(tmp_path) == set()
 
@@ -279,7 +285,7 @@ def test_unreachable_hub_id(tmp_path, no_weights_load, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     result = invoke("prune", "nobody/no-such-model", "--out", "out")
-    assert_user_error(result, "nobody/no-such-model", "offline, or not on the Hub")
+    assert_user_error(result, "nobody/no-such-model", "HF_HUB_OFFLINE")
     assert listing(tmp_path) == set()
 
 
@@ -304,7 +310,7 @@ def test_state_reduction_out_of_range(fixture_model_path, tmp_path, no_model_loa
 
 def test_budget_that_cannot_be_met(fixture_model_path, tmp_path, stats_dir):
     # Refused only once statistics exist (here reused; without --stats it comes after calibrating).
-    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", tmp_path / "out",
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", tmp_path / "out",
                     "--state-reduction", "0.95", "--min-heads-per-layer", "2")
     message = assert_user_error(result, "95.0%", "cannot be met", "2 head(s)")
     assert "75.0%" in message  # 2 of 8 heads kept in every layer
@@ -315,7 +321,7 @@ def test_existing_output_folder_needs_overwrite(fixture_model_path, tmp_path, st
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify")
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", out, "--no-verify")
     assert_user_error(result, "already exists", "--overwrite")
     assert listing(tmp_path) == {"out", "out/keep.txt"}
     assert (out / "keep.txt").read_text() == "precious"
@@ -324,11 +330,13 @@ def test_existing_output_folder_needs_overwrite(fixture_model_path, tmp_path, st
 def test_overwrite_replaces_the_output_folder(fixture_model_path, tmp_path, stats_dir):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
-    result = invoke("prune", fixture_model_path, "--stats", stats_dir, "--out", out, "--no-verify", "--overwrite")
+    (out / "old.txt").write_text("old")
+    (out / MARKER).write_text('{"written_by": "compressor", "pid": 1, "files": ["old.txt"]}')  # an earlier output
+    result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", out,
+                    "--no-verify", "--overwrite")
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
-    assert "keep.txt" not in names
+    assert "old.txt" not in names
     assert {"config.json", "compression.json", "README.md", "tokenizer.json"} <= names
     assert "verify" not in json.loads((out / "compression.json").read_text())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left beside it
@@ -388,7 +396,8 @@ def test_zero_samples(fixture_model_path, tmp_path, no_model_load):
 
 
 def test_calibration_text_too_short(fixture_model_path, tmp_path):
-    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--calib", "just a few words", *SMALL)
+    result = invoke("prune", fixture_model_path, "--out", tmp_path / "out", "--calib", "text:just a few words",
+                    *SMALL)
     assert_user_error(result, "tokens", "--samples", "--seq-len")
     assert listing(tmp_path) == set()
 

@@ -4,28 +4,24 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
+from conftest import EVAL_TEXT, invoke
 
 import compressor.quality
-from compressor.cli import main
-from compressor.pipeline import CalibrationSettings, prune
+from compressor.pipeline import prune
+from compressor.settings import CalibrationSettings, EvalSettings, PruneSettings
 
-EVAL_TEXT = "compressor/data/python-docs-eval.txt"
 SHORT = ["--eval", EVAL_TEXT, "--samples", "2", "--seq-len", "128"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 @pytest.fixture(scope="module")
 def pruned(fixture_model_path, tmp_path_factory):
     """A prune output folder and the before/after figures prune measured on the same 2 × 128 evaluation tokens."""
     out = tmp_path_factory.mktemp("eval") / "pruned"
-    result = prune(str(fixture_model_path), out, method="norm", remove="low", heads_per_layer="1:4,3:5",
-                   calibration=CalibrationSettings(samples=1, seq_len=128), eval_path=EVAL_TEXT, eval_samples=2,
-                   eval_seq_len=128, verify=False, progress=False)
-    return out, result.record["eval"]
+    settings = PruneSettings(method="norm", remove="low", heads_per_layer="1:4,3:5",
+                             calibration=CalibrationSettings(samples=1, seq_len=128),
+                             evaluation=EvalSettings(EVAL_TEXT, 2, 128), verify=False)
+    result = prune(str(fixture_model_path), out, settings, progress=False)
+    return out, result.record.eval.__dict__
 
 
 def test_eval_of_the_source_and_the_output_folder_match_what_prune_measured(fixture_model_path, pruned, tmp_path):
@@ -40,14 +36,16 @@ def test_eval_of_the_source_and_the_output_folder_match_what_prune_measured(fixt
         assert (figures["windows"], figures["seq_len"], figures["tokens"]) == (2, 128, 256)
         assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]))
         assert f"perplexity: {figures['perplexity']:.2f} on 2 x 128 tokens of {EVAL_TEXT}" in result.output
-        assert f"copy recall accuracy: {figures['recall_accuracy']:.1%} (2 spans of 64" in result.output
+        assert f"copy-recall accuracy: {figures['recall_accuracy']:.1%} (2 spans of 64" in result.output
     assert measured["perplexity_after"] > measured["perplexity_before"] * 1.01  # heads were removed: figures differ
 
 
 def test_eval_defaults_to_the_embedded_held_out_text(fixture_model_path):
-    figures = compressor.quality.evaluate(str(fixture_model_path), samples=1, seq_len=64, progress=False)
-    assert figures["data"].startswith("embedded:python-docs-eval.txt") and figures["tokens"] == 64
-    assert 1 < figures["perplexity"] < 100 and 0 <= figures["recall_accuracy"] <= 1
+    embedded = compressor.quality.evaluate(str(fixture_model_path), EvalSettings(samples=1, seq_len=64), progress=False)
+    named = compressor.quality.evaluate(str(fixture_model_path), EvalSettings(EVAL_TEXT, 1, 64), progress=False)
+    assert embedded["data"].startswith("embedded:python-docs-eval.txt") and embedded["tokens"] == 64
+    for key in ("loss", "perplexity", "recall_accuracy", "tokens"):
+        assert embedded[key] == named[key], key
 
 
 @pytest.fixture

@@ -165,14 +165,25 @@ def fake_hub(request, monkeypatch):
 
 
 def _record(passed: bool | None = True) -> dict:
+    """A complete compression.json of format 1 (what earlier versions wrote; it must still be read)."""
+    layer = {"heads_before": 8, "kept_heads": [0, 1, 2, 3, 4], "score": [0.5] * 8, "rank": [3.0] * 8,
+             "norm": [1.0] * 8, "key_heads_before": 4, "kept_key_heads": [0, 1, 2], "value_to_key": None}
     record = {
         "format": 1,
         "base_model": "Qwen/Qwen3.5-0.8B",
-        "method": {"name": "joint", "alpha": 0.5, "remove": "high"},
-        "layers": {str(i): {"heads_before": 8, "kept_heads": [0, 1, 2, 3, 4]} for i in (0, 1, 3, 4)},
+        "family": "qwen3_5_text",
+        "license": None,
+        "method": {"name": "joint", "alpha": 0.5, "remove": "high", "budget": "global", "state_reduction": 0.389,
+                   "heads_per_layer": None, "protect_layers": [], "min_heads_per_layer": 1, "seed": 0},
+        "calibration": {"source": "embedded", "samples": 4, "seq_len": 512, "tokens": 2048, "eps": 1e-4},
+        "layers": {str(i): dict(layer) for i in (0, 1, 3, 4)},
+        "dtype": {"compute": "float32", "saved": "bfloat16"},
+        "state_bytes_before": 65536, "state_bytes_after": 40960, "params_before": 100, "params_after": 90,
+        "per_layer_heads": False,
+        "versions": {"compressor": "0.1.0"},
     }
     if passed is not None:
-        record["verify"] = {"max_abs_logit_diff": 0.0, "passed": passed}
+        record["verify"] = {"max_abs_logit_diff": 0.0, "passed": passed, "tokens": 512}
     return record
 
 

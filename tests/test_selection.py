@@ -7,19 +7,20 @@ import re
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import EVAL_TEXT, invoke
 from tiny_models import PLANS, masked_copy, tiny_model
 
 from compressor.budgets import Budget
 from compressor.calibration import collect_state_statistics, read_text, token_windows
 from compressor.card import render_card
-from compressor.cli import main, summary
+from compressor.cli import summary
 from compressor.evaluation import copy_recall, next_token_loss, recall_spans
 from compressor.errors import CompressorError
 from compressor.families import family_for
 from compressor.loading import load_model
-from compressor.pipeline import CalibrationSettings, prune
-from compressor.selection import choose_plan, held_out_count, loss_scores, loss_windows, masked_heads, split_windows
+from compressor.pipeline import prune
+from compressor.settings import CalibrationSettings, EvalSettings, PruneSettings, held_out_count
+from compressor.selection import choose_plan, loss_scores, loss_windows, masked_heads, split_windows
 from compressor.slicing import PruningPlan, linear_layers, slim
 
 IDS = torch.randint(96, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -94,18 +95,18 @@ def test_choose_plan_keeps_the_candidate_with_the_lowest_held_out_loss():
 @pytest.fixture(scope="module")
 def auto_result(fixture_model_path):
     settings = CalibrationSettings(samples=4, seq_len=256)
-    return prune(str(fixture_model_path), None, method="auto", calibration=settings, dry_run=True, progress=False)
+    return prune(str(fixture_model_path), None, PruneSettings(calibration=settings, dry_run=True), progress=False)
 
 
 def test_auto_records_every_candidate_and_its_choice(auto_result):
-    method = auto_result.record["method"]
-    candidates = method["candidates"]
-    assert auto_result.candidates == candidates and len(candidates) == 17
+    method = auto_result.record.method
+    candidates = method.candidates
+    assert method.name == "auto" and len(candidates) == 17
     best = min(candidates, key=lambda c: c["loss"])
-    assert (method["chosen"], method["remove"], method["chosen_seed"]) == (best["name"], best["remove"], best["seed"])
+    assert (method.chosen, method.remove, method.chosen_seed) == (best["name"], best["remove"], best["seed"])
     assert all(c["perplexity"] == pytest.approx(math.exp(c["loss"]), rel=1e-4) for c in candidates)
-    assert method["held_out_tokens"] == 256 and auto_result.record["calibration"]["samples"] == 3
-    assert 1 - auto_result.record["state_bytes_after"] / auto_result.record["state_bytes_before"] >= 0.389
+    assert method.held_out_tokens == 256 and auto_result.record.calibration.samples == 3
+    assert 1 - auto_result.record.state_bytes_after / auto_result.record.state_bytes_before >= 0.389
 
 
 def test_the_card_lists_auto_candidates_as_a_table(auto_result):
@@ -116,12 +117,8 @@ def test_the_card_lists_auto_candidates_as_a_table(auto_result):
 
 
 def test_auto_refuses_saved_statistics(fixture_model_path, tmp_path):
-    with pytest.raises(CompressorError, match="drop --stats"):
-        prune(fixture_model_path, None, method="auto", stats=tmp_path, dry_run=True)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    with pytest.raises(CompressorError, match="cannot reuse --stats"):
+        prune(fixture_model_path, None, PruneSettings(stats=tmp_path, dry_run=True))
 
 
 def test_cli_auto_prints_every_candidate_and_its_choice(fixture_model_path):
@@ -139,23 +136,20 @@ def test_cli_refuses_a_bad_holdout_before_loading(fixture_model_path):
 
 def test_loss_method_removes_the_heads_whose_masking_costs_least(fixture_model_path):
     settings = CalibrationSettings(samples=2, seq_len=256)
-    result = prune(str(fixture_model_path), None, method="loss", remove="low", calibration=settings, dry_run=True,
-                   progress=False)
-    scores = {(int(layer), head): score for layer, info in result.record["layers"].items()
-              for head, score in enumerate(info["score"])}
+    result = prune(str(fixture_model_path), None, PruneSettings(method="loss", remove="low", calibration=settings,
+                                                                dry_run=True), progress=False)
+    scores = {(int(layer), head): score for layer, info in result.record.layers.items()
+              for head, score in enumerate(info.score)}
     removed = set(result.plan.removed_by_rule)
     assert max(scores[h] for h in removed) <= min(s for h, s in scores.items() if h not in removed)
     assert len({round(s, 6) for s in scores.values()}) > 16  # measured, not constant
-
-
-EVAL_TEXT = "compressor/data/python-docs-eval.txt"
 
 
 def test_trained_fixture_recalls_repeated_text_about_70_percent(fixture_model_path):
     """Measured: 69.6 % of the second copies of 8 × 64 evaluation tokens (42 % on the first copy, where the model
     can only guess); a random-initialised tiny model copies 0.6–1.8 % of random spans (chance ≈ 1 %)."""
     loaded = load_model(str(fixture_model_path), "cpu", "auto")
-    spans = recall_spans(token_windows(loaded.tokenizer, read_text(EVAL_TEXT)[0], None, 64, 0))
+    spans = recall_spans(token_windows(loaded.tokenizer, read_text(str(EVAL_TEXT))[0], None, 64, 0))
     assert spans.shape == (8, 64)
     assert copy_recall(loaded.model, spans) > 0.55
     random_spans = torch.randint(3, 96, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -164,15 +158,16 @@ def test_trained_fixture_recalls_repeated_text_about_70_percent(fixture_model_pa
 
 def test_prune_with_eval_records_recall_before_and_after(fixture_model_path, tmp_path):
     settings = CalibrationSettings(samples=2, seq_len=256)
-    result = prune(str(fixture_model_path), tmp_path / "out", method="norm", remove="low", calibration=settings,
-                   eval_path=EVAL_TEXT, eval_samples=2, eval_seq_len=128, verify=False, progress=False)
-    evaluation = result.record["eval"]
+    settings = PruneSettings(method="norm", remove="low", calibration=settings,
+                             evaluation=EvalSettings(EVAL_TEXT, 2, 128), verify=False)
+    result = prune(str(fixture_model_path), tmp_path / "out", settings, progress=False)
+    evaluation = result.record.eval
     original = load_model(str(fixture_model_path), "cpu", "auto")
-    spans = recall_spans(token_windows(original.tokenizer, read_text(EVAL_TEXT)[0], 2, 128, 0))
+    spans = recall_spans(token_windows(original.tokenizer, read_text(str(EVAL_TEXT))[0], 2, 128, 0))
     assert spans.shape == (2, 64)
-    assert evaluation["recall_accuracy_before"] == copy_recall(original.model, spans) > 0.3
-    assert evaluation["recall_accuracy_after"] == copy_recall(result.model, spans)
-    assert "copy recall accuracy: " in summary(result.record)
+    assert evaluation.recall_accuracy_before == copy_recall(original.model, spans) > 0.3
+    assert evaluation.recall_accuracy_after == copy_recall(result.model, spans)
+    assert "copy-recall accuracy: " in summary(result.record)
 
 
 @pytest.mark.parametrize("config_name", ["qwen3_5", "qwen3_next_dense"])

@@ -60,7 +60,7 @@ def test_the_text_model_is_loaded_with_the_checkpoint_weights(model_type, tmp_pa
 def test_prune_writes_the_pruned_text_model_alone(model_type, tmp_path):
     saved_vision_language_model(model_type, tmp_path / "vlm")
     out = tmp_path / "pruned"
-    args = ["prune", tmp_path / "vlm", "--out", out, "--state-reduction", 0.3, "--remove", "low", "--samples", 2,
+    args = ["prune", tmp_path / "vlm", "--out", out, "--state-reduction", 0.3, "--method", "norm", "--remove", "low", "--samples", 2,
             "--seq-len", 128, "--device", "cpu", "--eval", EVAL_TEXT, "--eval-samples", 2, "--eval-seq-len", 128]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import compressor  # noqa: F401  (registers the routed fla model classes)
+import compressor
+
+compressor.register()  # the shipped classes, for stock model types too
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen35-tiny-6m"
 FIXTURE_VOCAB = 8192

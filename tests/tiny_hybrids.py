@@ -23,6 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwe
 
 import compressor
 from compressor.calibration import collect_state_statistics, states_handed_to
+
+compressor.register()
 from compressor.cli import main
 from compressor.export import write_model
 from compressor.families import family_for
@@ -190,7 +192,7 @@ def check_prune_end_to_end(name: str, tmp_path: Path, state_reduction: float = 0
     Returns the record."""
     source = saved_tiny_hybrid(name, tmp_path / "source")
     out = tmp_path / "pruned"
-    args = ["prune", source, "--out", out, "--state-reduction", state_reduction, "--remove", "low",
+    args = ["prune", source, "--out", out, "--state-reduction", state_reduction, "--method", "norm", "--remove", "low",
             "--samples", "2", "--seq-len", "128", "--device", "cpu",
             "--eval", EVAL_TEXT, "--eval-samples", "2", "--eval-seq-len", "128"]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -7,7 +7,9 @@ import copy
 import torch
 from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 
-import compressor  # noqa: F401  (registers the pruned model classes)
+import compressor
+
+compressor.register()  # the shipped classes, for stock model types too
 from compressor.families import family_for
 from compressor.slicing import PruningPlan, linear_layers, slim
 

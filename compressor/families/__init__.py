@@ -31,13 +31,15 @@ def supported_model_types() -> list[str]:
     return [model_type for family in FAMILIES for model_type in family.model_types]
 
 
-def family_for(config) -> Family:
-    """The family of a transformers config, or a CompressorError naming the supported ones."""
+def family_for(config, purpose: str = "prune") -> Family:
+    """The family of a transformers config, or a CompressorError naming the supported ones (``purpose``: the verb
+    the message uses, ``prune`` or ``evaluate``)."""
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     supported = ", ".join(supported_model_types())
     if model_type in REFUSED:
-        raise CompressorError(f"cannot prune model type '{model_type}': {REFUSED[model_type]} (supported: {supported}).")
-    raise CompressorError(f"cannot prune model type '{model_type}'; supported model types: {supported}.")
+        raise CompressorError(f"cannot {purpose} model type '{model_type}': {REFUSED[model_type]} (supported: "
+                              f"{supported}).")
+    raise CompressorError(f"cannot {purpose} model type '{model_type}'; supported model types: {supported}.")

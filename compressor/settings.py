@@ -1,0 +1,209 @@
+"""Every option of the commands as typed settings, checked in one place before a model loads.
+
+This module imports nothing heavy (no torch, no transformers), so that ``compress --help`` stays fast; the checks
+that need the budget parser import it when they run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CompressorError
+
+SCORE_METHODS = ("joint", "rank", "stable_rank", "entropy_rank", "norm", "frobenius", "random")
+"""Scores computed from the state statistics (``compressor.scoring``)."""
+PRUNE_METHODS = ("auto", *SCORE_METHODS, "loss")
+"""``--method`` choices: the statistics scores, the measured loss of masking each head, and ``auto``."""
+REMOVE = ("high", "low")
+DEFAULT_REMOVE = "low"
+"""The end of a score removed when ``--remove`` is not given: on every trained model measured, removing low scores
+beats removing high ones (the paper's rule, ``--method joint --remove high``)."""
+BUDGETS = ("global", "uniform")
+DEFAULT_STATE_REDUCTION = 0.389
+PACKINGS = ("pack", "truncate")
+STEP_CHOICES = ("every", "log")
+CHUNK = 64
+"""Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+LOSS_WINDOWS = 2
+LOSS_SEQ_LEN = 256
+
+
+def at_least(option: str, value: int | None, least: int) -> None:
+    """One sentence when an integer option is below ``least`` (None passes: it means a default)."""
+    if value is not None and value < least:
+        raise CompressorError(f"{option} must be at least {least}, got {value}.")
+
+
+def choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CompressorError(f"{option} must be one of {', '.join(choices)}, got '{value}'.")
+
+
+@dataclass
+class CalibrationSettings:
+    """Where calibration text comes from and how it is cut into windows and measured."""
+
+    calib: str | None = None
+    """A file, a folder, a ``.jsonl`` file, ``hf:ID[:CONFIG]``, ``text:LITERAL``, or None (the embedded text)."""
+    samples: int = 16
+    seq_len: int = 2048
+    batch_size: int = 4
+    seed: int = 0
+    eps: float = 1e-4
+    text_field: str = "text"
+    """JSON Lines field, or Hub dataset column, that holds the text."""
+    split: str = "train"
+    """Split of a Hub dataset (``calib='hf:ID[:CONFIG]'``)."""
+    packing: str = "pack"
+    """``pack``: documents joined, windows cut across them; ``truncate``: each long-enough document's first
+    ``seq_len`` tokens (shorter documents skipped)."""
+    every: int = CHUNK
+    """Tokens between measured state boundaries (a multiple of 64)."""
+    steps: str = "every"
+    """``every``: a boundary every ``every`` tokens; ``log``: at 64, 128, 256, … tokens (and the last token)."""
+
+    def check(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        choice("--packing", self.packing, PACKINGS)
+        self.times()
+        if not self.eps > 0:
+            raise CompressorError(f"--eps must be positive, got {self.eps}.")
+
+    def times(self) -> list[int]:
+        """Token counts at which states are measured (:func:`measured_steps`)."""
+        return measured_steps(self.seq_len, self.every, self.steps)
+
+
+def measured_steps(seq_len: int, every: int = CHUNK, steps: str = "every") -> list[int]:
+    """Token counts at which states are measured: every ``every`` tokens (a multiple of the 64-token chunk), or
+    log-spaced (64, 128, 256, …) with ``steps='log'``; the last token (``seq_len``) is always included."""
+    choice("--steps", steps, STEP_CHOICES)
+    if every < CHUNK or every % CHUNK:
+        raise CompressorError(f"--every must be a positive multiple of {CHUNK} tokens, got {every}.")
+    if steps == "log":
+        times = [CHUNK << i for i in range(max(seq_len // CHUNK, 1).bit_length()) if CHUNK << i < seq_len]
+    else:
+        times = list(range(every, seq_len, every))
+    return [*times, seq_len]
+
+
+def held_out_count(samples: int, holdout: float) -> int:
+    """How many of ``samples`` windows ``auto`` holds out: ceil(holdout · samples), leaving at least one to score."""
+    if not 0.0 < holdout < 1.0:
+        raise CompressorError(f"--auto-holdout must lie strictly between 0 and 1, got {holdout}.")
+    held = math.ceil(holdout * samples)
+    if held >= samples:
+        raise CompressorError(
+            f"--method auto needs calibration windows both to score and to hold out, but {samples} window(s) with "
+            f"--auto-holdout {holdout} leave none to score; raise --samples."
+        )
+    return held
+
+
+@dataclass
+class EvalSettings:
+    """Held-out perplexity and copy recall: ``path`` None is the embedded held-out text."""
+
+    path: Path | None = None
+    samples: int | None = None
+    """Windows measured; None: every whole window of the text, in order."""
+    seq_len: int = 1024
+    batch_size: int = 4
+
+    def check(self, prefix: str = "--") -> None:
+        """``prefix`` names the options as the command spells them (``--eval-`` for prune's)."""
+        if self.path is not None and not Path(self.path).is_file():
+            raise CompressorError(f"evaluation file {self.path} does not exist.")
+        at_least(f"{prefix}samples", self.samples, 1)
+        at_least(f"{prefix}seq-len", self.seq_len, 2)
+        at_least("--batch-size", self.batch_size, 1)
+
+
+@dataclass
+class PruneSettings:
+    """Everything ``compress prune`` is told, but the model and the output folder."""
+
+    state_reduction: float | None = None
+    """Share of the recurrent state to remove (None: 0.389, unless ``heads_per_layer`` is given)."""
+    budget: str = "global"
+    heads_per_layer: str | dict[int, int] | None = None
+    protect_layers: str | tuple[int, ...] = ()
+    min_heads_per_layer: int = 1
+    method: str = "auto"
+    alpha: float = 0.5
+    remove: str | None = None
+    """``high`` or ``low``; None: ``low`` for a score, and ``auto`` measures both."""
+    loss_samples: int = LOSS_WINDOWS
+    loss_seq_len: int = LOSS_SEQ_LEN
+    loss_batch_size: int = 16
+    auto_holdout: float = 0.25
+    stats: Path | None = None
+    """A folder written by ``compress analyze --out``: its statistics instead of calibrating."""
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    evaluation: EvalSettings | None = None
+    """Perplexity and copy recall before and after, or None for neither."""
+    device: str = "auto"
+    dtype: str = "auto"
+    dry_run: bool = False
+    verify: bool = True
+    overwrite: bool = False
+    max_shard_size: str = "2GB"
+    base_model: str | None = None
+    """The Hub id the card names as ``base_model`` (None: the source when it is a Hub id or a Hub cache path)."""
+    push_to_hub: str | None = None
+    private: bool = False
+
+    @property
+    def end(self) -> str:
+        """The end of the scores removed (``auto`` measures both and records its choice)."""
+        return self.remove or DEFAULT_REMOVE
+
+    def check(self, out_dir: Path | None):
+        """Check every option on its own (before a model loads) and return the budget they make."""
+        from .budgets import make_budget
+
+        self.calibration.check()
+        choice("--method", self.method, PRUNE_METHODS)
+        if self.remove is not None:
+            choice("--remove", self.remove, REMOVE)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise CompressorError(f"--alpha must lie in [0, 1], got {self.alpha}.")
+        if self.method == "auto":
+            self._check_auto()
+        budget = make_budget(self.budget, self.state_reduction, self.heads_per_layer, self.protect_layers,
+                             self.min_heads_per_layer)
+        at_least("--loss-samples", self.loss_samples, 1)
+        at_least("--loss-seq-len", self.loss_seq_len, 2)
+        at_least("--loss-batch-size", self.loss_batch_size, 1)
+        if self.evaluation is not None:
+            self.evaluation.check("--eval-")
+        choice("--dtype", self.dtype, DTYPE_CHOICES)
+        check_shard_size(self.max_shard_size)
+        if self.dry_run and self.push_to_hub is not None:
+            raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
+        if not self.dry_run and out_dir is None:
+            raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
+        return budget
+
+    def _check_auto(self) -> None:
+        if self.remove is not None:
+            raise CompressorError("--method auto measures both ends of every score itself; drop --remove, or name "
+                                  "a method.")
+        if self.stats is not None:
+            raise CompressorError("--method auto (the default) calibrates on its own scoring windows and cannot "
+                                  "reuse --stats; name a method to reuse them, e.g. --method norm.")
+        held_out_count(self.calibration.samples, self.auto_holdout)
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    """``2GB``, ``500MB``, … as ``save_pretrained`` reads them."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        parse_size_to_int(max_shard_size)
+    except ValueError:
+        raise CompressorError(f"--max-shard-size must look like 2GB or 500MB, got '{max_shard_size}'.") from None

@@ -1,0 +1,245 @@
+"""Never lose a user's file: output folders, damaged inputs, unwritable outputs, interrupts, a fast front door."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compressor.errors import CompressorError
+from compressor.outputs import MARKER, check_output_folder, remove_stale_staging, staging_folder
+from conftest import FIXTURE, assert_user_error, invoke
+
+FAST = ["--method", "norm", "--samples", "2", "--seq-len", "128", "--no-verify"]
+COMPRESS = [sys.executable, "-c", "from compressor.cli import run; run()"]
+
+
+def user_files(folder: Path) -> dict[str, str]:
+    (folder / "src").mkdir(parents=True)
+    files = {"src/main.py": "print('mine')\n", "TODO.txt": "keep me\n"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+def assert_intact(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, f"{name} was lost"
+
+
+def test_out_dot_with_overwrite_is_refused_and_deletes_nothing(tmp_path, monkeypatch):
+    files = user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", FIXTURE, "--out", ".", "--overwrite", *FAST)
+    assert_user_error(result, "current folder")
+    assert_intact(tmp_path, files)
+
+
+def test_out_holding_the_source_model_is_refused(tmp_path):
+    source = tmp_path / "parent" / "model"
+    shutil.copytree(FIXTURE, source)
+    (tmp_path / "parent" / "notes.txt").write_text("notes\n")
+    result = invoke("prune", source, "--out", tmp_path / "parent", "--overwrite", *FAST)
+    assert_user_error(result, "source model")
+    assert (tmp_path / "parent" / "notes.txt").read_text() == "notes\n"
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in FIXTURE.iterdir())
+    inside = invoke("prune", source, "--out", source / "pruned", *FAST)
+    assert_user_error(inside, "source model")
+
+
+def test_analyze_overwrite_refuses_a_folder_with_foreign_files(tmp_path):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep\n")
+    result = invoke("analyze", FIXTURE, "--out", out, "--overwrite", "--samples", "2", "--seq-len", "128")
+    assert_user_error(result, "keep.txt")
+    assert (out / "keep.txt").read_text() == "keep\n"
+
+
+def test_overwrite_replaces_an_earlier_output_and_then_refuses_foreign_additions(tmp_path):
+    out = tmp_path / "pruned"
+    assert invoke("prune", FIXTURE, "--out", out, *FAST).exit_code == 0
+    assert (out / MARKER).is_file() and (out / "compression.json").is_file()
+    again = invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST, "--state-reduction", "0.2")
+    assert again.exit_code == 0, again.output
+    assert '"state_reduction": 0.2' in (out / "compression.json").read_text()
+    (out / "my-notes.md").write_text("mine\n")
+    refused = invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST)
+    assert_user_error(refused, "my-notes.md")
+    assert (out / "my-notes.md").read_text() == "mine\n"
+    assert not list(tmp_path.glob(".pruned.*")), "a staging folder was left behind"
+
+
+def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
+    out = tmp_path / "out"
+    with staging_folder(out, overwrite=False, kind="analyze") as staging:
+        (staging / "report.json").write_text("{}\n")
+    with pytest.raises(RuntimeError), staging_folder(out, overwrite=True, kind="analyze") as staging:
+        (staging / "report.json").write_text("new\n")
+        raise RuntimeError("disk full")
+    assert (out / "report.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, pid in ((".out.partial-dead", int(dead.stdout)), (".out.partial-live", os.getpid())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MARKER).write_text(f'{{"written_by": "compressor", "pid": {pid}, "files": []}}')
+    (tmp_path / ".out.partial-foreign").mkdir()  # no marker: not ours, never touched
+    assert remove_stale_staging(out) == [(tmp_path / ".out.partial-dead").resolve()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign", ".out.partial-live"]
+
+
+def test_out_that_is_a_parent_of_the_current_folder_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(CompressorError, match="current folder"):
+        check_output_folder(tmp_path, overwrite=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_damaged_weights_are_named_in_one_sentence(tmp_path, damage, command):
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURE, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x7fELF" * 64}[damage])
+    args = ["prune", model, "--out", tmp_path / "out", *FAST] if command == "prune" else ["eval", model]
+    assert_user_error(invoke(*args), "model.safetensors", "damaged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, no_model_load):
+    if os.geteuid() == 0:  # root writes anywhere: make the parent a file instead
+        parent = tmp_path / "a-file"
+        parent.write_text("")
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o500)
+    assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "cannot write")
+
+
+@pytest.mark.parametrize("content", [b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8, b"\xff\xfe\xfa" * 100,
+                                     "".join(chr(i % 32) for i in range(2000)).encode()])
+def test_binary_calibration_files_are_refused(tmp_path, content):
+    calib = tmp_path / "libfoo.so"
+    calib.write_bytes(content)
+    assert_user_error(invoke("prune", FIXTURE, "--calib", calib, "--dry-run", *FAST), "libfoo.so")
+
+
+def test_literal_calibration_text_needs_its_prefix(tmp_path):
+    assert_user_error(invoke("prune", FIXTURE, "--calib", "some words here", "--dry-run", *FAST), "text:")
+
+
+def test_usage_errors_exit_2_and_user_errors_exit_1(tmp_path):
+    assert invoke("prune", FIXTURE, "--state-reduction", "abc", "--dry-run").exit_code == 2
+    assert invoke("prune", FIXTURE, "--state-reduction", "1.5", "--dry-run").exit_code == 1
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom compressor.cli import main\n"
+              "for args in ([\"--help\"], [\"prune\", \"--help\"], [\"analyze\", \"--help\"]):\n"
+              "    assert CliRunner().invoke(main, args).exit_code == 0\n"
+              "heavy = [m for m in ('torch', 'transformers', 'compressor.families') if m in sys.modules]\n"
+              "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_import_compressor_registers_nothing():
+    script = ("import compressor, transformers\n"
+              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING\n"
+              "assert not MODEL_FOR_CAUSAL_LM_MAPPING._extra_content, MODEL_FOR_CAUSAL_LM_MAPPING._extra_content\n"
+              "compressor.register()\n"
+              "assert MODEL_FOR_CAUSAL_LM_MAPPING._extra_content\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def run_until(args: list, ready, sig: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start ``compress args``, send ``sig`` once ``ready()`` holds, and return the finished process."""
+    process = subprocess.Popen([*COMPRESS, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, f"the command ended before the signal: {process.communicate()}"
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_leaves_nothing_and_the_next_run_succeeds(tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", FIXTURE, "--out", out, "--method", "norm", "--samples", "2", "--seq-len", "128"]
+    killed = run_until(args, lambda: any(tmp_path.glob(".out.partial-*/model.safetensors")), signal.SIGTERM,
+                       tmp_path)
+    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr
+    assert "interrupted" in killed.stderr and "Traceback" not in killed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "something was left behind"
+    done = subprocess.run([*COMPRESS, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "compression.json").is_file()
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    started = time.monotonic()
+    interrupted = run_until(["prune", FIXTURE, "--dry-run"], lambda: time.monotonic() - started > 0.5, signal.SIGINT,
+                            tmp_path)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    assert [line for line in interrupted.stderr.splitlines() if line.strip()] == [
+        "compress: interrupted (SIGINT); nothing half-written was left."
+    ]
+
+
+def test_an_unreachable_hub_fails_fast_in_one_sentence(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    started = time.monotonic()
+    result = invoke("prune", "nobody/no-such-model", "--dry-run", *FAST)
+    assert_user_error(result, "cannot be reached", "HF_HUB_OFFLINE=1")
+    assert time.monotonic() - started < 10
+
+
+def test_analyze_with_out_calibrates_once(tmp_path, monkeypatch):
+    import compressor.pipeline
+
+    calls = []
+    collect = compressor.pipeline.collect_state_statistics
+    monkeypatch.setattr(compressor.pipeline, "collect_state_statistics",
+                        lambda *a, **k: calls.append(k.get("halves")) or collect(*a, **k))
+    result = invoke("analyze", FIXTURE, "--out", tmp_path / "stats", "--samples", "2", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    assert calls == [True]
+    assert '"halves"' in (tmp_path / "stats" / "report.json").read_text()
+
+
+def test_halves_from_one_pass_equal_calibrating_each_half(fixture_model_path):
+    from compressor.calibration import collect_state_statistics
+    from compressor.loading import load_model
+
+    loaded = load_model(str(fixture_model_path), "cpu")
+    tokens = __import__("torch").randint(3, 8000, (4, 128), generator=__import__("torch").Generator().manual_seed(0))
+    both = collect_state_statistics(loaded.model, loaded.family, tokens, 2, progress=False, halves=True)
+    for half, windows in zip(both.halves, (tokens[:2], tokens[2:])):
+        alone = collect_state_statistics(loaded.model, loaded.family, windows, 2, progress=False)
+        for name in alone.mean:
+            assert half.mean[name].nan_to_num().equal(alone.mean[name].nan_to_num()), name
+            assert half.std[name].nan_to_num().equal(alone.std[name].nan_to_num()), name
+    whole = collect_state_statistics(loaded.model, loaded.family, tokens, 2, progress=False)
+    for name in whole.mean:
+        assert both.mean[name].nan_to_num().allclose(whole.mean[name].nan_to_num(), rtol=1e-6, atol=1e-6), name
