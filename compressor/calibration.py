@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from .settings import CHUNK, PACKINGS, CalibrationSettings, measured_steps
 from .families import Family
 from .metrics import METRICS, metric_table
 from .slicing import linear_layers
+from .state_capture import states_handed_to
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -350,19 +350,6 @@ class MetricSums:
             self.stream.synchronize()
         by_name = lambda table: {layer: dict(zip(METRICS, t.cpu().unbind(-1))) for layer, t in table.items()}
         return by_name(self.sums), by_name(self.squares)
-
-
-@contextlib.contextmanager
-def states_handed_to(sink: Callable[[int, torch.Tensor], None], mixers: dict[int, nn.Module]) -> Iterator[None]:
-    """Within the block, every mixer of ``mixers`` (layer index -> mixer) hands its chunk states to ``sink(layer,
-    states [B, H, N, d_k, d_v])`` on each forward pass (``state_sink``); none does after it, whatever happened."""
-    for mixer in mixers.values():
-        mixer.state_sink = sink
-    try:
-        yield
-    finally:
-        for mixer in mixers.values():
-            mixer.state_sink = None
 
 
 class _LastStatesTaken(Exception):

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import compressor.modeling.gated_delta as gated_delta
+import compressor.state_capture as state_capture
 from compressor.calibration import GROUP_MATRICES, collect_state_statistics, states_handed_to
 from compressor.families import family_for
 from compressor.loading import load_model
@@ -75,8 +76,8 @@ def timed(function, device: torch.device, repeats: int, warm_up: bool = True) ->
 def output_in_precision(precision: str) -> None:
     """Make the fla path compute the layer's output with Triton's float32 dot products in ``precision`` (calibration
     leaves it to Triton's default)."""
-    output = gated_delta._fla_fwd_o
-    language = gated_delta._triton.knobs.language
+    output = state_capture._fla_fwd_o
+    language = state_capture._triton.knobs.language
 
     def output_at(**tensors):
         previous, language.fp32_default = language.fp32_default, precision
@@ -85,7 +86,7 @@ def output_in_precision(precision: str) -> None:
         finally:
             language.fp32_default = previous
 
-    gated_delta._fla_fwd_o = output_at
+    state_capture._fla_fwd_o = output_at
 
 
 def analyze_timings(model, family, ids, plain: float, log_times: list[int], every_times: list[int],
@@ -129,23 +130,23 @@ def model_config(small: bool):
 
 class StatePath:
     """Context: route calibration states through ``path``: 'fla' (float32 inputs, dot products in
-    ``gated_delta.STATES_DOT_PRECISION``), 'fla-tf32' (fla's default precision, float32 inputs) or 'torch' (the
+    ``state_capture.STATES_DOT_PRECISION``), 'fla-tf32' (fla's default precision, float32 inputs) or 'torch' (the
     PyTorch reference)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def __enter__(self):
-        self.saved = gated_delta.HAS_FLA_STATES, getattr(gated_delta, "_triton", None)
+        self.saved = state_capture.HAS_FLA_STATES, getattr(state_capture, "_triton", None)
         if self.path == "torch":
-            gated_delta.HAS_FLA_STATES = False
+            state_capture.HAS_FLA_STATES = False
         elif self.path == "fla-tf32":  # the knob is set on a stand-in, so Triton keeps its default (TF32)
-            gated_delta._triton = types.SimpleNamespace(knobs=types.SimpleNamespace(
+            state_capture._triton = types.SimpleNamespace(knobs=types.SimpleNamespace(
                 language=types.SimpleNamespace(fp32_default=None)))
         return self
 
     def __exit__(self, *exc):
-        gated_delta.HAS_FLA_STATES, gated_delta._triton = self.saved
+        state_capture.HAS_FLA_STATES, state_capture._triton = self.saved
 
 
 def capture(model, family, ids, sink) -> None:
@@ -198,7 +199,7 @@ def random_input_states(device: torch.device, path: str, batch: int, length: int
     g = -0.05 * torch.rand(batch, length, heads, device=device, generator=generator)
     beta = torch.rand(batch, length, heads, device=device, generator=generator)
     with StatePath(path):
-        return gated_delta.gated_delta_rule(q, k, v, g, beta, return_chunk_states=True)[2]
+        return state_capture.gated_delta_rule_with_states(q, k, v, g, beta)[2]
 
 
 def rank_agreement(model, family, ids, times: list[int], path: str) -> dict:
@@ -266,8 +267,8 @@ def main() -> None:
                         help="skip the slow baselines (svdvals, CPU spectra, the per-token recurrence)")
     parser.add_argument("--timing-only", action="store_true",
                         help="with --quick: skip the rank agreement, the PyTorch state path and eigvalsh too")
-    parser.add_argument("--precision", default=gated_delta.STATES_DOT_PRECISION, choices=["ieee", "tf32x3"],
-                        help="Triton's float32 dot precision for the states (gated_delta.STATES_DOT_PRECISION)")
+    parser.add_argument("--precision", default=state_capture.STATES_DOT_PRECISION, choices=["ieee", "tf32x3"],
+                        help="Triton's float32 dot precision for the states (state_capture.STATES_DOT_PRECISION)")
     parser.add_argument("--output-precision", default="default", choices=["default", "ieee", "tf32x3"],
                         help="Triton's float32 dot precision for the layer's output while calibration reads the states "
                              "(default: Triton's own, TF32 on NVIDIA GPUs since Ampere)")
@@ -275,7 +276,7 @@ def main() -> None:
                         help="also measure the rank agreement on this trained model (4 x 1024 embedded-text tokens)")
     args = parser.parse_args()
     args.quick = args.quick or args.timing_only
-    gated_delta.STATES_DOT_PRECISION = args.precision
+    state_capture.STATES_DOT_PRECISION = args.precision
     if args.output_precision != "default":
         output_in_precision(args.output_precision)
     device = torch.device(args.device)

@@ -15,7 +15,8 @@ kernel whatever the dot precision of a later call.
 import torch
 
 from compressor.metrics import state_metrics
-from compressor.modeling.gated_delta import chunk_gated_delta_rule_fla_states, chunk_gated_delta_rule_torch
+from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch
+from compressor.state_capture import chunk_gated_delta_rule_fla_states
 
 
 def main() -> None:

@@ -294,26 +294,26 @@ def test_chosen_chunk_states_of_the_fla_path_are_those_chunks_states(monkeypatch
     """chunk_gated_delta_rule_fla_states with chunk_index gathers, from fla's states before each chunk (h) and the final
     state, exactly the states after the chosen chunks, including the last one (fla's kernels stand in as PyTorch
     functions here: only the gathering is under test)."""
-    import compressor.modeling.gated_delta as gated_delta
+    import compressor.state_capture as state_capture
 
     pytest.importorskip("triton")
     batch, length, heads, dim, chunks = 2, 200, 3, 4, 4
     generator = torch.Generator().manual_seed(3)
     h = torch.randn(batch, chunks, heads, dim, dim, generator=generator)  # h[:, i]: the state before chunk i
     final = torch.randn(batch, heads, dim, dim, generator=generator)
-    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x, output_dtype: (x.to(output_dtype),), raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_cumsum", lambda g, **_: g, raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_intra", lambda k, v, **_: (k, v, None), raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_h", lambda u, **_: (h, u, final), raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_o", lambda v, **_: v, raising=False)
-    monkeypatch.setattr(gated_delta, "states_dot_precision", lambda device: "ieee")
+    monkeypatch.setattr(state_capture, "_fla_l2norm", lambda x, output_dtype: (x.to(output_dtype),), raising=False)
+    monkeypatch.setattr(state_capture, "_fla_cumsum", lambda g, **_: g, raising=False)
+    monkeypatch.setattr(state_capture, "_fla_fwd_intra", lambda k, v, **_: (k, v, None), raising=False)
+    monkeypatch.setattr(state_capture, "_fla_fwd_h", lambda u, **_: (h, u, final), raising=False)
+    monkeypatch.setattr(state_capture, "_fla_fwd_o", lambda v, **_: v, raising=False)
+    monkeypatch.setattr(state_capture, "states_dot_precision", lambda device: "ieee")
     q, k, v = (torch.randn(batch, length, heads, dim, generator=generator) for _ in range(3))
     g, beta = torch.zeros(batch, length, heads), torch.ones(batch, length, heads)
-    every = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[2]
+    every = state_capture.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[2]
     assert every.shape == (batch, heads, chunks, dim, dim)
     assert torch.equal(every[:, :, :-1], h[:, 1:].transpose(1, 2)) and torch.equal(every[:, :, -1], final)
     chosen = torch.tensor([0, 2, 3])
-    picked = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta, chunk_index=chosen)[2]
+    picked = state_capture.chunk_gated_delta_rule_fla_states(q, k, v, g, beta, chunk_index=chosen)[2]
     assert torch.equal(picked, every.index_select(2, chosen))
 
 
@@ -322,13 +322,13 @@ def test_fla_path_takes_states_in_the_states_precision_and_the_output_in_tritons
     states_dot_precision, and the output kernel (whose result is rounded to the model's dtype) in the precision the
     caller had, Triton's default; q and k are normalised from their own dtype into float32 (fla's kernels stand in
     as PyTorch functions that record what they were given)."""
-    import compressor.modeling.gated_delta as gated_delta
+    import compressor.state_capture as state_capture
 
     triton = pytest.importorskip("triton")
     if not hasattr(getattr(triton, "knobs", None), "language"):
         pytest.skip("this triton has no precision knob")
     language = triton.knobs.language
-    monkeypatch.setattr(gated_delta, "_triton", triton, raising=False)
+    monkeypatch.setattr(state_capture, "_triton", triton, raising=False)
     batch, length, heads, dim = 1, 128, 2, 4
     seen = {}
 
@@ -339,20 +339,20 @@ def test_fla_path_takes_states_in_the_states_precision_and_the_output_in_tritons
         return kernel
 
     l2norm = stand_in("l2norm", lambda t: (t["x"].to(t["output_dtype"]),))
-    monkeypatch.setattr(gated_delta, "_fla_l2norm", lambda x, output_dtype: l2norm(x=x, output_dtype=output_dtype),
+    monkeypatch.setattr(state_capture, "_fla_l2norm", lambda x, output_dtype: l2norm(x=x, output_dtype=output_dtype),
                         raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_cumsum", lambda g, **_: g, raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_intra", stand_in("intra", lambda t: (t["k"], t["v"], None)),
+    monkeypatch.setattr(state_capture, "_fla_cumsum", lambda g, **_: g, raising=False)
+    monkeypatch.setattr(state_capture, "_fla_fwd_intra", stand_in("intra", lambda t: (t["k"], t["v"], None)),
                         raising=False)
     states = torch.zeros(batch, 2, heads, dim, dim)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_h", stand_in("h", lambda t: (states, t["u"], states[:, 0])),
+    monkeypatch.setattr(state_capture, "_fla_fwd_h", stand_in("h", lambda t: (states, t["u"], states[:, 0])),
                         raising=False)
-    monkeypatch.setattr(gated_delta, "_fla_fwd_o", stand_in("o", lambda t: t["v"]), raising=False)
-    monkeypatch.setattr(gated_delta, "states_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setattr(state_capture, "_fla_fwd_o", stand_in("o", lambda t: t["v"]), raising=False)
+    monkeypatch.setattr(state_capture, "states_dot_precision", lambda device: "tf32x3")
     q, k, v = (torch.randn(batch, length, heads, dim, dtype=torch.bfloat16) for _ in range(3))
     g, beta = torch.zeros(batch, length, heads), torch.ones(batch, length, heads, dtype=torch.bfloat16)
     previous = language.fp32_default
-    out = gated_delta.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[0]
+    out = state_capture.chunk_gated_delta_rule_fla_states(q, k, v, g, beta)[0]
     assert out.dtype == torch.bfloat16 and language.fp32_default == previous != "tf32x3"
     assert seen["l2norm"] == ("tf32x3", {"x": torch.bfloat16})
     for kernel in ("intra", "h"):
@@ -363,14 +363,14 @@ def test_fla_path_takes_states_in_the_states_precision_and_the_output_in_tritons
 
 
 def test_states_are_handed_to_the_sink_within_the_block_only():
-    """states_handed_to sets every mixer's sink for the block and takes it away after it, also when the block fails;
-    calibration leaves no sink behind."""
+    """states_handed_to gives every mixer a recurrence that hands its states over for the block and takes it away
+    after it, also when the block fails; calibration leaves none behind."""
     model = tiny_model("qwen3_5")
     mixers = linear_layers(model, family_for(model.config))
     seen = {}
     with pytest.raises(RuntimeError, match="stop"), states_handed_to(seen.__setitem__, mixers), torch.no_grad():
         model.model(input_ids=torch.randint(3, 96, (1, 64)), use_cache=False)
         raise RuntimeError("stop")
-    assert sorted(seen) == sorted(mixers) and all(mixer.state_sink is None for mixer in mixers.values())
+    assert sorted(seen) == sorted(mixers) and all("recurrence" not in mixer.__dict__ for mixer in mixers.values())
     collect_state_statistics(model, family_for(model.config), torch.randint(3, 96, (1, 64)), progress=False)
-    assert all(mixer.state_sink is None for mixer in mixers.values())
+    assert all("recurrence" not in mixer.__dict__ for mixer in mixers.values())

@@ -10,6 +10,7 @@ import torch
 
 import compressor.modeling.kda as kda
 from compressor.modeling.kda import chunk_kda_torch, kimi_delta_attention, naive_recurrent_kda
+from compressor.state_capture import kda_with_states
 
 
 @pytest.fixture
@@ -83,7 +84,8 @@ def test_cpu_tensors_never_reach_fla(inputs, monkeypatch):
 
     monkeypatch.setattr(kda, "_fla_chunk", forbidden, raising=False)
     monkeypatch.setattr(kda, "_fla_recurrent", forbidden, raising=False)
-    out, final, states = kimi_delta_attention(*inputs, output_final_state=True, return_chunk_states=True)
+    out, final = kimi_delta_attention(*inputs, output_final_state=True)
+    states = kda_with_states(*inputs, output_final_state=True)[2]
     assert states.shape == (2, 3, 3, 16, 8)
-    step, _, _ = kimi_delta_attention(*(x[:, :1] for x in inputs), initial_state=final, output_final_state=True)
+    step, _ = kimi_delta_attention(*(x[:, :1] for x in inputs), initial_state=final, output_final_state=True)
     assert step.shape == (2, 1, 3, 8)

@@ -6,12 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from compressor.modeling.gated_delta import (
-    STATES_DOT_PRECISION,
-    chunk_gated_delta_rule_torch,
-    recurrent_gated_delta_rule_torch,
-    states_dot_precision,
-)
+from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
+from compressor.state_capture import STATES_DOT_PRECISION, states_dot_precision
 
 
 def naive_states(q, k, v, g, beta):
@@ -97,5 +93,4 @@ def test_cpu_forward_never_touches_triton(triton_forbidden, config_name):
 def test_states_take_tf32x3_only_on_nvidia_gpus_with_tf32(monkeypatch, capability, hip, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
-    assert STATES_DOT_PRECISION == "tf32x3"
     assert states_dot_precision(torch.device("cuda", 0)) == expected

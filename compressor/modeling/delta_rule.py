@@ -73,25 +73,14 @@ def delta_rule(
     use_qk_l2norm: bool,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    return_chunk_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise (and for float32 prefill on CUDA: fla 0.6's
-    chunked delta rule refuses float32); chunk states always from the PyTorch recurrence in strict float32 (no
-    TF32, see ``gated_delta.gated_delta_rule``).
-    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``."""
+    chunked delta rule refuses float32). Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm)
-    if return_chunk_states:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return chunk_delta_rule_torch(q, k, v, beta, return_chunk_states=True, **options)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA and (single_step or q.dtype != torch.float32):
-        out, final = (_fla_recurrent if single_step else _fla_chunk)(q, k, v, beta=beta, **options)
-        return out, final, None
+        return (_fla_recurrent if single_step else _fla_chunk)(q, k, v, beta=beta, **options)
     if single_step:
-        return (*recurrent_delta_rule_torch(q, k, v, beta, **options), None)
-    return chunk_delta_rule_torch(q, k, v, beta, **options)
+        return recurrent_delta_rule_torch(q, k, v, beta, **options)
+    return chunk_delta_rule_torch(q, k, v, beta, **options)[:2]

@@ -230,8 +230,8 @@ def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) ->
 
 class FlaMixerMixin(PrunableGatedDeltaNetMixin):
     """What compressor reads from an fla token mixer (``num_k_heads``, ``num_v_heads``, ``value_to_key``,
-    ``out_proj``: fla's ``o_proj``, ``state_sink``) and the steps its forward passes share. Subclasses define
-    ``forward``."""
+    ``out_proj``: fla's ``o_proj``, ``recurrence``) and the steps its forward passes share. Subclasses define
+    ``forward`` and ``recurrence``."""
 
     @property
     def num_k_heads(self) -> int:
@@ -271,16 +271,10 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
-    def hand_over(self, chunk_states, past_key_values, final_state, conv_states, length: int) -> None:
-        """Give the chunk states [B, H_v, N, d_k, d_v] to the sink and the final states to the cache."""
-        if chunk_states is not None:
-            self.state_sink(self.layer_idx, chunk_states)
-        update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
-
-    def finish(self, out, hidden_states, chunk_states, past_key_values, final_state, conv_states):
-        """``hand_over``, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] -> [B, T, D]."""
+    def finish(self, out, hidden_states, past_key_values, final_state, conv_states):
+        """Update the cache, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] -> [B, T, D]."""
         batch, length = out.shape[:2]
-        self.hand_over(chunk_states, past_key_values, final_state, conv_states, length)
+        update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
         if self.use_gate:
             gate = self.g_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)
             out = self.o_norm(out, gate)

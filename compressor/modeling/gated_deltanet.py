@@ -4,8 +4,8 @@ Shipped inside every output folder (imports only torch, transformers and, option
 top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its forward so that
 
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
-* CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``);
-* a calibration run can receive every head's state at every chunk boundary through ``state_sink``.
+* CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
+  ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
 """
@@ -13,7 +13,7 @@ Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' he
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -53,9 +53,9 @@ def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int
 class PrunableGatedDeltaNetMixin:
     """Forward pass shared by the pruned Gated DeltaNet mixers. Subclasses implement ``project``."""
 
-    state_sink: Callable[[int, torch.Tensor], None] | None = None
-    """Calibration hook: called with (layer index, chunk states [B, H_v, N, d_k, d_v] float32); a sink with a
-    ``chunk_index`` attribute (LongTensor [n]) gets those chunks' states only, [B, H_v, n, d_k, d_v]."""
+    recurrence = staticmethod(gated_delta_rule)
+    """(q, k [B, T, H_v, d_k], v [B, T, H_v, d_v], g, beta [B, T, H_v], initial_state, output_final_state) ->
+    (o [B, T, H_v, d_v], final state [B, H_v, d_k, d_v] or None)."""
 
     def set_value_to_key(self, value_to_key: list[int] | None) -> None:
         """Set which key head each value head reads (None: the stock j // r grouping)."""
@@ -124,15 +124,9 @@ class PrunableGatedDeltaNetMixin:
         beta = self.write_strength(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
-        out, final_state, chunk_states = gated_delta_rule(
-            query, key, value, g, beta,
-            initial_state=recurrent_state,
-            output_final_state=cache is not None,
-            return_chunk_states=self.state_sink is not None,
-            chunk_index=getattr(self.state_sink, "chunk_index", None),
+        out, final_state = self.recurrence(
+            query, key, value, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
         )
-        if chunk_states is not None:
-            self.state_sink(self.layer_idx, chunk_states)
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
 

@@ -96,26 +96,15 @@ def gla(
     gk: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    return_chunk_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise; chunk states always from the PyTorch
-    recurrence in strict float32 (no TF32, see ``gated_delta.gated_delta_rule``).
-    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's recurrence: fla on CUDA tensors, PyTorch otherwise.
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state)
-    if return_chunk_states:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return chunk_gla_torch(q, k, v, gk, return_chunk_states=True, **options)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA:
         if single_step:
-            out, final = _fla_recurrent(q, k, v, gk=gk, **options)
-        else:
-            out, final = _fla_chunk(q, k, v, g=gk, **options)
-        return out, final, None
+            return _fla_recurrent(q, k, v, gk=gk, **options)
+        return _fla_chunk(q, k, v, g=gk, **options)
     if single_step:
-        return (*recurrent_gla_torch(q, k, v, gk, **options), None)
-    return chunk_gla_torch(q, k, v, gk, **options)
+        return recurrent_gla_torch(q, k, v, gk, **options)
+    return chunk_gla_torch(q, k, v, gk, **options)[:2]

@@ -125,39 +125,16 @@ def kimi_delta_attention(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    return_chunk_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
 
-    A single token with an initial state takes the recurrent step; longer inputs the chunked form. Chunk states
-    (for calibration) always come from the PyTorch recurrence in strict float32 (no TF32), on any device.
-    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None, chunk states [B, H, N, K, V] or None)``.
+    A single token with an initial state takes the recurrent step; longer inputs the chunked form.
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
     """
-    single_step = q.shape[1] == 1 and initial_state is not None and not return_chunk_states
-    if return_chunk_states:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return chunk_kda_torch(
-                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                use_qk_l2norm_in_kernel=True, return_chunk_states=True,
-            )
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+    single_step = q.shape[1] == 1 and initial_state is not None
+    options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
-        kernel = _fla_recurrent if single_step else _fla_chunk
-        out, final = kernel(
-            q, k, v, g=g.float(), beta=beta, initial_state=initial_state,
-            output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-        )
-        return out, final, None
+        return (_fla_recurrent if single_step else _fla_chunk)(q, k, v, g=g.float(), beta=beta, **options)
     if single_step:
-        out, final = naive_recurrent_kda(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=True,
-        )
-        return out, final, None
-    return chunk_kda_torch(
-        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=True,
-    )
+        return naive_recurrent_kda(q, k, v, g, beta, **options)
+    return chunk_kda_torch(q, k, v, g, beta, **options)[:2]

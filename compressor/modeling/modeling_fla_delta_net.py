@@ -30,6 +30,8 @@ FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": 
 class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
     """fla's DeltaNet layer built from a (per-layer) config; ``out_proj`` names fla's ``o_proj``."""
 
+    recurrence = staticmethod(delta_rule)
+
     def __init__(self, config, layer_idx: int):
         super().__init__(
             mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k,
@@ -62,13 +64,12 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
             q, k = (F.normalize(x.float(), p=1, dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
         beta = self.b_proj(hidden_states).sigmoid() if self.use_beta else torch.ones_like(q[..., 0])
         beta = beta * (2.0 if self.allow_neg_eigval else 1.0)
-        out, final_state, chunk_states = delta_rule(
+        out, final_state = self.recurrence(
             q, k, v, beta, use_qk_l2norm=self.qk_norm == "l2",
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache),
-            return_chunk_states=self.state_sink is not None,
         )
-        out = self.finish(out, hidden_states, chunk_states, past_key_values, final_state, conv_states)
+        out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
 
 

@@ -31,6 +31,8 @@ FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_v_heads", "value_to_key"
 class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
     """fla's GatedDeltaNet layer; any number of value heads per key head; ``out_proj`` names fla's ``o_proj``."""
 
+    recurrence = staticmethod(gated_delta_rule)
+
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
         num_v_heads = config.num_v_heads or num_heads
@@ -62,14 +64,12 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         q, k, v = self.heads(q, k, v)
         beta = self.b_proj(hidden_states).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
-        out, final_state, chunk_states = gated_delta_rule(
+        out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache),
-            return_chunk_states=self.state_sink is not None,
-            chunk_index=getattr(self.state_sink, "chunk_index", None),
         )
-        out = self.finish(out, hidden_states, chunk_states, past_key_values, final_state, conv_states)
+        out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from fla.layers.gla import GatedLinearAttention
-from fla.layers.utils import get_layer_cache
+from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.models.gla import GLAConfig, GLAForCausalLM
 
 from .fla_layers import (
@@ -30,6 +30,8 @@ FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": 
 
 class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
     """fla's GatedLinearAttention layer built from a (per-layer) config; ``out_proj`` names fla's ``o_proj``."""
+
+    recurrence = staticmethod(gla)
 
     def __init__(self, config, layer_idx: int):
         super().__init__(
@@ -59,13 +61,12 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
             gk = gk.clamp_min(self.clamp_min)
         if self.feature_map_fn is not None:
             q, k = (activation(self.feature_map_fn, x) for x in (q, k))
-        out, final_state, chunk_states = gla(
+        out, final_state = self.recurrence(
             q, k, v, gk,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache),
-            return_chunk_states=self.state_sink is not None,
         )
-        self.hand_over(chunk_states, past_key_values, final_state, conv_states, length)
+        update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
         if self.use_output_gate and self.fuse_norm_and_gate:
             gate = self.g_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_v_dim)
             out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)

@@ -32,6 +32,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
     """fla's KimiDeltaAttention layer; any number of value heads per key head; ``out_proj`` names ``o_proj``."""
 
     use_gate = True  # the output gate (g_proj, sigmoid) is not optional in KDA
+    recurrence = staticmethod(kimi_delta_attention)
 
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
@@ -71,13 +72,12 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         else:  # g [B, T, H_v, d_k] = -exp(A_log) · softplus(f + dt_bias)
             g = -rate * F.softplus(f)
         beta = self.b_proj(hidden_states).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
-        out, final_state, chunk_states = kimi_delta_attention(
+        out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache),
-            return_chunk_states=self.state_sink is not None,
         )
-        out = self.finish(out, hidden_states, chunk_states, past_key_values, final_state, conv_states)
+        out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
 
 

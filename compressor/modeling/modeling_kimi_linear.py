@@ -9,8 +9,6 @@ a per-channel decay (``forget_gate``: low-rank ``f_a_proj`` → ``f_b_proj``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
@@ -37,11 +35,9 @@ class PrunedKimiLinearConfig(KimiLinearConfig):
 
 
 class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
-    """KimiLinearDeltaAttention whose CPU tensors use the PyTorch KDA recurrence, and whose states at every chunk
-    boundary can be handed to ``state_sink`` during calibration."""
+    """KimiLinearDeltaAttention whose CPU tensors use the PyTorch KDA recurrence (``recurrence``)."""
 
-    state_sink: Callable[[int, torch.Tensor], None] | None = None
-    """Calibration hook: called with (layer index, chunk states [B, H, N, d_k, d_v] float32)."""
+    recurrence = staticmethod(kimi_delta_attention)
 
     @classmethod
     def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module:
@@ -107,14 +103,9 @@ class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
 
         g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
         beta = self.b_proj(hidden_states).sigmoid()
-        out, final_state, chunk_states = kimi_delta_attention(
-            query, key, value, g, beta,
-            initial_state=recurrent_state,
-            output_final_state=cache is not None,
-            return_chunk_states=self.state_sink is not None,
+        out, final_state = self.recurrence(
+            query, key, value, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
         )
-        if chunk_states is not None:
-            self.state_sink(self.layer_idx, chunk_states)
         if cache is not None:
             cache.update_recurrent_state(final_state.float(), self.layer_idx)
 
