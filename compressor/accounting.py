@@ -15,7 +15,8 @@ from .errors import CompressorError
 from .loading import LoadedModel
 from .record import CalibrationRecord, CompressionRecord, LayerRecord, MethodRecord
 from .settings import PruneSettings
-from .slicing import explicit_value_to_key, head_layout, linear_layers, planned_sizes, pruned_layout
+from .layers import explicit_value_to_key, head_layout, linear_layers, pruned_layout
+from .slicing import planned_sizes
 
 HUB_CACHE_PATH = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 

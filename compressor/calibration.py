@@ -17,7 +17,7 @@ from .errors import CompressorError
 from .settings import CHUNK, PACKINGS, CalibrationSettings, measured_steps
 from .families import Family
 from .metrics import METRICS, metric_table
-from .slicing import linear_layers
+from .layers import linear_layers
 from .state_capture import states_handed_to
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"

@@ -17,7 +17,6 @@ from .families import Family
 from .outputs import staging_folder
 from .record import CompressionRecord, VerifyRecord
 
-SHIPPED_HELPERS = ("gated_delta.py", "gated_deltanet.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -36,11 +35,18 @@ def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: 
     if architectures != model.config.architectures:
         model.config.architectures = architectures
         model.config.save_pretrained(folder)
-    shipped = [*SHIPPED_HELPERS, *family.helpers, family.modeling_file]
-    package = resources.files("compressor.modeling")
-    for name in shipped:
-        (folder / name).write_text(package.joinpath(name).read_text())
-    return shipped
+    shipped = shipped_files(family)
+    for path in shipped:
+        shutil.copyfile(path, folder / path.name)
+    return [path.name for path in shipped]
+
+
+def shipped_files(family: Family) -> list[Path]:
+    """The family's modeling file and every file of ``compressor/modeling`` it imports, directly or not."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = Path(resources.files("compressor.modeling").joinpath(family.modeling_file))
+    return [modeling, *sorted({Path(p) for p in get_relative_import_files(str(modeling))})]
 
 
 def copy_tokenizer_files(source: Path | None, folder: Path, save_tokenizer: Callable[[Path], object] | None) -> None:

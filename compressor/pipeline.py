@@ -20,7 +20,8 @@ from .outputs import check_output_folder, check_free_space, check_writable, stag
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .settings import CalibrationSettings, PruneSettings
-from .slicing import PruningPlan, linear_layers, slim
+from .layers import PruningPlan, linear_layers
+from .slicing import slim
 
 
 @dataclass

@@ -1,15 +1,12 @@
-"""Score heads from their state statistics and turn a state-memory budget into a pruning plan."""
+"""Score heads from their state statistics."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .calibration import StateStatistics
 from .errors import CompressorError
-from .settings import REMOVE, SCORE_METHODS
-from .slicing import PruningPlan
+from .settings import SCORE_METHODS
 
 #: Statistics-based scores: method name -> the state metric it averages over time.
 METRIC_OF = {
@@ -57,63 +54,3 @@ def _normalised(stats: StateStatistics, metric: str) -> dict[int, torch.Tensor]:
         return {layer: values[layer] / float(min(stats.state_shapes[i])) for i, layer in enumerate(stats.layers)}
     largest = max(float(v.max()) for v in values.values()) or 1.0
     return {layer: values[layer] / largest for layer in stats.layers}
-
-
-def check_budget_options(state_reduction: float, min_heads_per_layer: int) -> None:
-    if not 0.0 < state_reduction < 1.0:
-        raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {state_reduction}.")
-    if min_heads_per_layer < 1:
-        raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
-
-
-def check_budget(head_counts: dict[int, int], head_bytes: dict[int, int], state_reduction: float,
-                 min_heads_per_layer: int = 1, protect_layers: tuple[int, ...] = ()) -> None:
-    """Refuse a budget that no choice of heads can meet (checked before any calibration)."""
-    check_budget_options(state_reduction, min_heads_per_layer)
-    total = sum(head_bytes[layer] * count for layer, count in head_counts.items())
-    freeable = sum(head_bytes[layer] * max(count - min_heads_per_layer, 0) for layer, count in head_counts.items()
-                   if layer not in protect_layers)
-    if freeable < math.ceil(state_reduction * total - 1e-9):
-        protected = f" and leaving layers {', '.join(map(str, protect_layers))} whole" if protect_layers else ""
-        raise CompressorError(
-            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
-            f"per layer{protected}; at most {freeable / total:.1%} is possible."
-        )
-
-
-def plan_by_budget(
-    scores: dict[int, torch.Tensor],
-    head_bytes: dict[int, int],
-    state_reduction: float,
-    remove: str = "high",
-    min_heads_per_layer: int = 1,
-    protect_layers: tuple[int, ...] = (),
-) -> PruningPlan:
-    """Remove heads in score order (highest first for ``remove='high'``) until the recurrent-state bytes fall by
-    at least ``state_reduction``, never leaving a layer with fewer than ``min_heads_per_layer`` heads and never
-    touching ``protect_layers``.
-
-    ``head_bytes[layer]`` is the size of one head's state in that layer. Ties break by (layer, head).
-    """
-    if remove not in REMOVE:
-        raise CompressorError(f"--remove must be 'high' or 'low', got '{remove}'.")
-    check_budget({layer: len(s) for layer, s in scores.items()}, head_bytes, state_reduction, min_heads_per_layer,
-                 protect_layers)
-    total = sum(head_bytes[layer] * len(s) for layer, s in scores.items())
-    target = math.ceil(state_reduction * total - 1e-9)
-    sign = -1.0 if remove == "high" else 1.0
-    order = sorted(
-        ((layer, head) for layer, s in scores.items() if layer not in protect_layers for head in range(len(s))),
-        key=lambda lh: (sign * float(scores[lh[0]][lh[1]]), lh[0], lh[1]),
-    )
-    kept = {layer: set(range(len(s))) for layer, s in scores.items()}
-    removed, freed = [], 0
-    for layer, head in order:
-        if freed >= target:
-            break
-        if len(kept[layer]) <= min_heads_per_layer:
-            continue
-        kept[layer].discard(head)
-        removed.append((layer, head))
-        freed += head_bytes[layer]
-    return PruningPlan(kept={layer: sorted(heads) for layer, heads in kept.items()}, removed_by_rule=removed)

@@ -21,7 +21,7 @@ from .evaluation import next_token_loss, token_losses
 from .families import Family
 from .scoring import score_heads
 from .settings import LOSS_SEQ_LEN, LOSS_WINDOWS, SCORE_METHODS, held_out_count
-from .slicing import PruningPlan, linear_layers
+from .layers import PruningPlan, linear_layers
 
 RANDOM_SEEDS = 3
 

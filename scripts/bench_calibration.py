@@ -51,7 +51,7 @@ from compressor.loading import load_model
 from compressor.metrics import METRICS, metric_table, singular_values
 from compressor.accounting import versions
 from compressor.settings import measured_steps
-from compressor.slicing import linear_layers
+from compressor.layers import linear_layers
 
 
 def synchronize(device: torch.device) -> None:

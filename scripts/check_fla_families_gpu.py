@@ -34,7 +34,8 @@ import torch
 import compressor
 from compressor.calibration import states_handed_to
 from compressor.families import family_for
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 compressor.register()  # the shipped classes, which route CPU tensors away from fla
 

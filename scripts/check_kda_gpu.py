@@ -26,7 +26,8 @@ import compressor  # noqa: E402
 from compressor.families import family_for  # noqa: E402
 from compressor.modeling.kda import chunk_kda_torch, naive_recurrent_kda  # noqa: E402
 from compressor.accounting import versions  # noqa: E402
-from compressor.slicing import PruningPlan, linear_layers, slim  # noqa: E402
+from compressor.layers import PruningPlan, linear_layers  # noqa: E402
+from compressor.slicing import slim  # noqa: E402
 
 compressor.register()  # the shipped classes, which route CPU tensors away from fla
 

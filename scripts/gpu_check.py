@@ -28,8 +28,10 @@ from compressor.loading import load_model  # noqa: E402
 from compressor.accounting import versions  # noqa: E402
 from compressor.pipeline import prune  # noqa: E402
 from compressor.settings import EvalSettings, PruneSettings  # noqa: E402
-from compressor.scoring import plan_by_budget, score_heads  # noqa: E402
-from compressor.slicing import PruningPlan, linear_layers, slim  # noqa: E402
+from compressor.budgets import plan_by_budget  # noqa: E402
+from compressor.scoring import score_heads  # noqa: E402
+from compressor.layers import PruningPlan, linear_layers  # noqa: E402
+from compressor.slicing import slim  # noqa: E402
 
 compressor.register()  # the shipped classes, which route CPU tensors away from fla
 

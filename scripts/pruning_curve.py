@@ -32,7 +32,7 @@ from compressor.accounting import versions  # noqa: E402
 from compressor.scoring import score_heads  # noqa: E402
 from compressor.settings import SCORE_METHODS  # noqa: E402
 from compressor.selection import choose_plan, loss_scores, loss_windows, masked_heads, split_windows  # noqa: E402
-from compressor.slicing import linear_layers  # noqa: E402
+from compressor.layers import linear_layers  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3, 0.389, 0.4, 0.5, 0.6)
 RULES = tuple(m for m in SCORE_METHODS if m != "random") + ("loss",)

@@ -28,7 +28,7 @@ from compressor.errors import CompressorError
 from compressor.families import family_for
 from compressor.metrics import state_metrics
 from compressor.pipeline import CalibrationSettings, analyze
-from compressor.slicing import linear_layers
+from compressor.layers import linear_layers
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttri
 
 from compressor.export import write_model
 from compressor.families import family_for
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 TOLERANCE = 1e-4
 

@@ -23,7 +23,8 @@ from compressor.errors import CompressorError
 from compressor.export import write_model
 from compressor.families import family_for
 from compressor.loading import load_model
-from compressor.slicing import PruningPlan, slim
+from compressor.layers import PruningPlan
+from compressor.slicing import slim
 
 NAMES = list(CONFIGS)  # two configs of each family
 FAMILY_EXAMPLES = ["gated_deltanet_gva", "delta_net", "gla", "kda_gva"]

@@ -21,7 +21,8 @@ from tiny_hybrids import (
 from tiny_models import PLANS, check_cached_generation
 
 from compressor.families import family_for
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 MODEL_TYPES = {"qwen3_5_moe": "qwen3_5_moe_text", "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"}
 PRUNED_CLASSES = {

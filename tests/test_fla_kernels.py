@@ -126,7 +126,7 @@ def test_calibration_states_end_in_the_cached_state(config_name):
     """The chunk states a mixer hands to its sink [B, H_v, N, d_k, d_v] end in the state its cache keeps."""
     from compressor.calibration import states_handed_to
     from compressor.families import family_for
-    from compressor.slicing import linear_layers
+    from compressor.layers import linear_layers
 
     model = tiny_fla_model(config_name)
     ids = torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(0))

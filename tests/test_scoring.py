@@ -5,7 +5,8 @@ import torch
 
 from compressor.calibration import StateStatistics
 from compressor.errors import CompressorError
-from compressor.scoring import plan_by_budget, score_heads
+from compressor.budgets import plan_by_budget
+from compressor.scoring import score_heads
 
 
 def statistics(ranks, norms, others=None):

@@ -21,7 +21,8 @@ from compressor.loading import load_model
 from compressor.pipeline import prune
 from compressor.settings import CalibrationSettings, EvalSettings, PruneSettings, held_out_count
 from compressor.selection import choose_plan, loss_scores, loss_windows, masked_heads, split_windows
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 IDS = torch.randint(96, (2, 48), generator=torch.Generator().manual_seed(1))
 

@@ -105,7 +105,8 @@ def check_removal_equals_masking(config_name: str, plan_name: str) -> None:
     from tiny_models import masked_copy
 
     from compressor.families import family_for
-    from compressor.slicing import PruningPlan, linear_layers, slim
+    from compressor.layers import PruningPlan, linear_layers
+    from compressor.slicing import slim
 
     model = tiny_fla_model(config_name)
     kept = plans_for(config_name)[plan_name]
@@ -131,7 +132,8 @@ def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> 
 
     from compressor.export import write_model
     from compressor.families import family_for
-    from compressor.slicing import PruningPlan, slim
+    from compressor.layers import PruningPlan
+    from compressor.slicing import slim
 
     ids = input_ids(3)
     expected = {}

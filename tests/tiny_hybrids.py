@@ -28,7 +28,8 @@ compressor.register()
 from compressor.cli import main
 from compressor.export import write_model
 from compressor.families import family_for
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 TOLERANCE = 1e-4
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen35-tiny-6m"

@@ -11,7 +11,8 @@ import compressor
 
 compressor.register()  # the shipped classes, for stock model types too
 from compressor.families import family_for
-from compressor.slicing import PruningPlan, linear_layers, slim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
 
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
 COMMON = dict(

@@ -1,17 +1,33 @@
-"""The registry of prunable families, and the refusals for families whose heads cannot be removed exactly."""
+"""The registry of prunable families, found in this folder, and the refusals for families whose heads cannot be
+removed exactly."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import CompressorError
 from .base import Family, HeadLayout, kept_indices
-from .qwen3_5 import QWEN3_5
-from .kimi_linear import KIMI_LINEAR
-from .olmo_hybrid import OLMO_HYBRID
-from .qwen3_5_moe import QWEN3_5_MOE
-from .qwen3_next import QWEN3_NEXT
-from .fla_support import FLA_FAMILIES
+from .fla_support import FLA_IMPORT_ERROR
 
-FAMILIES: tuple[Family, ...] = (QWEN3_5, QWEN3_NEXT, QWEN3_5_MOE, OLMO_HYBRID, KIMI_LINEAR, *FLA_FAMILIES)
+NOT_FAMILIES = ("base", "fla_support")
+"""Modules of this folder that hold no family."""
+
+
+def discover() -> tuple[Family, ...]:
+    """Every ``Family`` at the top level of a module of this folder, once (a new family is one new file), the fla
+    ones only when fla can be imported."""
+    found = []
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+        if module in NOT_FAMILIES or (module.startswith("fla_") and FLA_IMPORT_ERROR is not None):
+            continue
+        loaded = importlib.import_module(f"{__name__}.{module}")
+        found += [value for value in vars(loaded).values()
+                  if isinstance(value, Family) and all(value is not other for other in found)]
+    return tuple(found)
+
+
+FAMILIES: tuple[Family, ...] = discover()
 
 REFUSED = {
     "retnet": "RetNet fixes each head's decay by its index (γ_h = 1 − 2^(−5−h)), so removing a head changes the "
@@ -28,7 +44,7 @@ __all__ = ["FAMILIES", "Family", "HeadLayout", "family_for", "kept_indices", "su
 
 
 def supported_model_types() -> list[str]:
-    return [model_type for family in FAMILIES for model_type in family.model_types]
+    return sorted(model_type for family in FAMILIES for model_type in family.model_types)
 
 
 def family_for(config, purpose: str = "prune") -> Family:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
+
+from torch import nn
+
+from ..modeling.gated_deltanet import FIELDS as GATED_DELTANET_FIELDS
 
 KEY, VALUE = "key", "value"
 
@@ -21,6 +25,16 @@ class Block:
 
     kind: Literal["key", "value"]
     width: str | int
+
+
+K = Block(KEY, "key_dim")
+"""The rows of one key head (a query or key projection's, a query/key convolution's)."""
+V = Block(VALUE, "value_dim")
+"""The rows of one value head."""
+ONE = Block(VALUE, 1)
+"""One entry per value head (a decay, a write strength, a gate)."""
+VALUE_K = Block(VALUE, "key_dim")
+"""``d_k`` entries per value head (a per-channel decay)."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +77,40 @@ class HeadLayout:
         return block.width if isinstance(block.width, int) else getattr(self, block.width)
 
 
+@runtime_checkable
+class Mixer(Protocol):
+    """What every family's linear-attention mixer offers compressor (``Family.mixer_class``).
+
+    Head counts and sizes describe the mixer as built; value head j reads key head ``value_to_key[j]``.
+    ``recurrence`` is the shipped dispatcher the forward pass calls, (q, k, v, ..., initial_state,
+    output_final_state) -> (o [B, T, H_v, d_v], final state [B, H_v, d_k, d_v] or None); calibration replaces it on
+    an instance to read the chunk states (``compressor.state_capture``). ``adopt(module, value_to_key)`` makes a
+    stock module of the family's architecture one of these, in place, with that head map (None: the stock one).
+    """
+
+    layer_idx: int
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    value_to_key: list[int]
+    out_proj: nn.Linear
+    recurrence: Callable
+
+    @classmethod
+    def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module: ...
+
+
 @dataclass(frozen=True)
 class ConfigFields:
-    """Names of the config attributes that hold a layer's head layout."""
+    """Names of the config attributes that hold a layer's head layout: the ``FIELDS`` of the family's modeling
+    file, which reads them too."""
 
-    num_key_heads: str = "linear_num_key_heads"
-    num_value_heads: str = "linear_num_value_heads"
-    key_dim: str = "linear_key_head_dim"
-    value_dim: str = "linear_value_head_dim"
-    value_to_key: str = "linear_value_to_key_head"
+    num_key_heads: str
+    num_value_heads: str
+    key_dim: str
+    value_dim: str
+    value_to_key: str
 
 
 @dataclass(frozen=True)
@@ -90,16 +129,14 @@ class Family:
     modeling_file: str
     model_class: type
     mixer_class: type
-    fields: ConfigFields = field(default_factory=ConfigFields)
-    state_matrix: str = "d_k × d_v per value head"
+    fields: ConfigFields = field(default_factory=lambda: ConfigFields(**GATED_DELTANET_FIELDS))
+    """Default: the fields of transformers' Gated DeltaNet families (Qwen3.5, Qwen3-Next, OLMo-Hybrid)."""
     config_class: type | None = None
     """Set when transformers does not know the model type by itself (fla) or its stock config cannot hold per-layer
     heads (Kimi Linear): auto_map then names it as AutoConfig."""
     per_layer_config_class: type | None = None
     """Set when the stock model type would load per-layer folders into classes that cannot read per-layer heads
     (fla's, once fla is imported): such folders are written with this config class and its own model type."""
-    helpers: tuple[str, ...] = ()
-    """Further files of compressor/modeling that the modeling file imports, shipped beside it."""
     layer_fields: Callable[[object, HeadLayout], dict] | None = None
     """(source config, a layer's pruned layout) -> further config fields that layout implies (fla's GLA and DeltaNet
     size their heads through expand_k/expand_v)."""

@@ -2,20 +2,16 @@
 out head after head; one key head per value head. Heads are sized through ``expand_k``/``expand_v``."""
 
 from ..modeling.modeling_fla_delta_net import (
+    FIELDS,
     DeltaNetConfig,
     DeltaNetPerLayerConfig,
     PrunedDeltaNetForCausalLM,
     PrunedFlaDeltaNet,
 )
-from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, HeadLayout, columns, rows
+from .base import K, ONE, V, ConfigFields, Family, Flat, HeadLayout, columns, rows
 
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
 
-FLA_FIELDS = ConfigFields(num_key_heads="num_heads", num_value_heads="num_heads", key_dim="head_dim",
-                          value_dim="head_dim", value_to_key="value_to_key_head")
-"""fla models without grouped value heads: one head count; ``value_to_key_head`` stays unset (identity)."""
+
 
 
 def expand_fields(config, layout: HeadLayout) -> dict:
@@ -44,9 +40,8 @@ FLA_DELTA_NET = Family(
     modeling_file="modeling_fla_delta_net.py",
     model_class=PrunedDeltaNetForCausalLM,
     mixer_class=PrunedFlaDeltaNet,
-    fields=FLA_FIELDS,
+    fields=ConfigFields(**FIELDS),
     config_class=DeltaNetConfig,
     per_layer_config_class=DeltaNetPerLayerConfig,
-    helpers=("fla_layers.py", "delta_rule.py"),
     layer_fields=expand_fields,
 )

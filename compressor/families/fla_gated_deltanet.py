@@ -2,16 +2,14 @@
 each laid out head after head; value head j reads key head j // (num_v_heads / num_heads)."""
 
 from ..modeling.modeling_fla_gated_deltanet import (
+    FIELDS,
     GatedDeltaNetConfig,
     GatedDeltaNetPerLayerConfig,
     PrunedFlaGatedDeltaNet,
     PrunedGatedDeltaNetForCausalLM,
 )
-from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, columns, rows
+from .base import K, ONE, V, ConfigFields, Family, Flat, columns, rows
 
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
 
 FLA_GATED_DELTANET = Family(
     name="fla Gated DeltaNet",
@@ -35,9 +33,7 @@ FLA_GATED_DELTANET = Family(
     modeling_file="modeling_fla_gated_deltanet.py",
     model_class=PrunedGatedDeltaNetForCausalLM,
     mixer_class=PrunedFlaGatedDeltaNet,
-    fields=ConfigFields(num_key_heads="num_heads", num_value_heads="num_v_heads", key_dim="head_dim",
-                        value_dim="head_dim", value_to_key="value_to_key_head"),
+    fields=ConfigFields(**FIELDS),
     config_class=GatedDeltaNetConfig,
     per_layer_config_class=GatedDeltaNetPerLayerConfig,
-    helpers=("fla_layers.py",),
 )

@@ -1,12 +1,9 @@
 """fla's Gated Linear Attention (``gla``): separate q, k, v, g projections, a low-rank key-channel gate whose second
 factor holds each head's channels, and optional q/k/v short convolutions; heads sized through expand_k/expand_v."""
 
-from ..modeling.modeling_fla_gla import GLAConfig, GLAPerLayerConfig, PrunedFlaGLA, PrunedGLAForCausalLM
-from .base import KEY, VALUE, Block, Family, Flat, HeadLayout, columns, rows
-from .fla_delta_net import FLA_FIELDS, expand_fields
-
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
+from ..modeling.modeling_fla_gla import FIELDS, GLAConfig, GLAPerLayerConfig, PrunedFlaGLA, PrunedGLAForCausalLM
+from .base import K, V, ConfigFields, Family, Flat, HeadLayout, columns, rows
+from .fla_delta_net import expand_fields
 
 
 def gla_fields(config, layout: HeadLayout) -> dict:
@@ -37,9 +34,8 @@ FLA_GLA = Family(
     modeling_file="modeling_fla_gla.py",
     model_class=PrunedGLAForCausalLM,
     mixer_class=PrunedFlaGLA,
-    fields=FLA_FIELDS,
+    fields=ConfigFields(**FIELDS),
     config_class=GLAConfig,
     per_layer_config_class=GLAPerLayerConfig,
-    helpers=("fla_layers.py", "gla.py"),
     layer_fields=gla_fields,
 )

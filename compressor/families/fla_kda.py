@@ -2,14 +2,9 @@
 head; low-rank decay (f_proj) and output-gate (g_proj) projections whose second factors hold each value head's
 rows; ``dt_bias`` has one entry per value head and key channel. Value head j reads key head j // r."""
 
-from ..modeling.modeling_fla_kda import KDAConfig, KDAPerLayerConfig, PrunedFlaKDA, PrunedKDAForCausalLM
-from .base import KEY, VALUE, Block, Family, Flat, columns, rows
-from .fla_gated_deltanet import FLA_GATED_DELTANET
+from ..modeling.modeling_fla_kda import FIELDS, KDAConfig, KDAPerLayerConfig, PrunedFlaKDA, PrunedKDAForCausalLM
+from .base import K, ONE, V, VALUE_K, ConfigFields, Family, Flat, columns, rows
 
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-VALUE_K = Block(VALUE, "key_dim")  # one decay per key channel, per value head
-ONE = Block(VALUE, 1)
 
 FLA_KDA = Family(
     name="fla KDA",
@@ -34,8 +29,7 @@ FLA_KDA = Family(
     modeling_file="modeling_fla_kda.py",
     model_class=PrunedKDAForCausalLM,
     mixer_class=PrunedFlaKDA,
-    fields=FLA_GATED_DELTANET.fields,
+    fields=ConfigFields(**FIELDS),
     config_class=KDAConfig,
     per_layer_config_class=KDAPerLayerConfig,
-    helpers=("fla_layers.py", "kda.py"),
 )

@@ -9,15 +9,13 @@ per-channel decay's second low-rank factor ``forget_gate.f_b_proj`` and ``forget
 from transformers import AutoConfig
 
 from ..modeling.modeling_kimi_linear import (
+    FIELDS,
     PrunedKimiDeltaAttention,
     PrunedKimiLinearConfig,
     PrunedKimiLinearForCausalLM,
 )
-from .base import KEY, VALUE, Block, ConfigFields, Family, Flat, TensorLayout, columns, rows
+from .base import K, ONE, V, ConfigFields, Family, Flat, TensorLayout, columns, rows
 
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
 
 KIMI_LINEAR = Family(
     name="Kimi Linear",
@@ -40,11 +38,7 @@ KIMI_LINEAR = Family(
     modeling_file="modeling_kimi_linear.py",
     model_class=PrunedKimiLinearForCausalLM,
     mixer_class=PrunedKimiDeltaAttention,
-    fields=ConfigFields(
-        num_key_heads="linear_num_heads", num_value_heads="linear_num_heads",
-        key_dim="linear_head_dim", value_dim="linear_head_dim",
-    ),
-    helpers=("kda.py",),
+    fields=ConfigFields(**FIELDS),
     config_class=PrunedKimiLinearConfig,
 )
 

@@ -2,11 +2,8 @@
 head after head; the short convolution holds [q all | k all | v all]; ``o_norm`` is shared (size d_v)."""
 
 from ..modeling.modeling_olmo_hybrid import PrunedOlmoHybridForCausalLM, PrunedOlmoHybridGatedDeltaNet
-from .base import KEY, VALUE, Block, Family, Flat, columns, rows
+from .base import K, ONE, V, Family, Flat, columns, rows
 
-K = Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
 
 OLMO_HYBRID = Family(
     name="OLMo-Hybrid",

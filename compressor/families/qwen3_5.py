@@ -1,11 +1,9 @@
 """Qwen3.5 (``qwen3_5_text``): separate q|k|v, z, b, a projections, each laid out head after head."""
 
 from ..modeling.modeling_qwen3_5 import PrunedQwen3_5ForCausalLM, PrunedQwen3_5GatedDeltaNet
-from .base import KEY, VALUE, Block, Family, Flat, columns, rows
+from .base import K, ONE, V, Family, Flat, columns, rows
 
-QK = (Block(KEY, "key_dim"), Block(KEY, "key_dim"))
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
+QK = (K, K)
 
 QWEN3_5 = Family(
     name="Qwen3.5",

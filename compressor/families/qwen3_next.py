@@ -2,20 +2,16 @@
 [b_{V_g} | a_{V_g}]; the short convolution holds [q all | k all | v all]."""
 
 from ..modeling.modeling_qwen3_next import PrunedQwen3NextForCausalLM, PrunedQwen3NextGatedDeltaNet
-from .base import KEY, VALUE, Block, Family, Flat, Grouped, columns, rows
-
-Q, K = Block(KEY, "key_dim"), Block(KEY, "key_dim")
-V = Block(VALUE, "value_dim")
-ONE = Block(VALUE, 1)
+from .base import K, ONE, V, Family, Flat, Grouped, columns, rows
 
 QWEN3_NEXT = Family(
     name="Qwen3-Next",
     model_types=("qwen3_next",),
     mixer_attr="linear_attn",
     tensors={
-        "in_proj_qkvz.weight": rows(Grouped((Q, K, V, V))),
+        "in_proj_qkvz.weight": rows(Grouped((K, K, V, V))),
         "in_proj_ba.weight": rows(Grouped((ONE, ONE))),
-        "conv1d.weight": rows(Flat((Q, K, V))),
+        "conv1d.weight": rows(Flat((K, K, V))),
         "dt_bias": rows(Flat((ONE,))),
         "A_log": rows(Flat((ONE,))),
         "out_proj.weight": columns(Flat((V,))),

@@ -220,8 +220,8 @@ def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) ->
     for index, layer in enumerate(model.model.layers):
         layer_config = model.config.per_layer_config[index]
         mixer = layer.attn
-        num_heads = getattr(layer_config, fields["num_heads"])
-        num_v_heads = getattr(layer_config, fields["num_v_heads"]) or num_heads
+        num_heads = getattr(layer_config, fields["num_key_heads"])
+        num_v_heads = getattr(layer_config, fields["num_value_heads"]) or num_heads
         if (num_heads, num_v_heads) != (mixer.num_heads, getattr(mixer, "num_v_heads", mixer.num_heads)):
             mixer = mixer_cls(layer_config, index)
             layer.attn = mixer

@@ -23,8 +23,12 @@ from transformers.activations import ACT2FN
 
 from .gated_delta import gated_delta_rule
 
-VALUE_TO_KEY_FIELD = "linear_value_to_key_head"
-"""Per-layer config field: for each kept value head, the index of the kept key head it reads (or None)."""
+FIELDS = {
+    "num_key_heads": "linear_num_key_heads", "num_value_heads": "linear_num_value_heads",
+    "key_dim": "linear_key_head_dim", "value_dim": "linear_value_head_dim", "value_to_key": "linear_value_to_key_head",
+}
+"""The config fields of a layer's heads (Qwen3.5, Qwen3-Next, OLMo-Hybrid); ``value_to_key``: per-layer, for each
+kept value head, the index of the kept key head it reads (absent: the stock grouping)."""
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -165,9 +169,9 @@ def install_mixers(model: nn.Module, mixer_cls: type, mixer_attr: str = "linear_
             continue
         layer_config = config.per_layer_config[index]
         mixer = getattr(layer, mixer_attr)
-        if layer_config.linear_num_value_heads != mixer.num_v_heads or (
-            layer_config.linear_num_key_heads != mixer.num_k_heads
+        if getattr(layer_config, FIELDS["num_value_heads"]) != mixer.num_v_heads or (
+            getattr(layer_config, FIELDS["num_key_heads"]) != mixer.num_k_heads
         ):
             mixer = mixer_cls(layer_config, index)
             setattr(layer, mixer_attr, mixer)
-        mixer_cls.adopt(mixer, getattr(layer_config, VALUE_TO_KEY_FIELD, None))
+        mixer_cls.adopt(mixer, getattr(layer_config, FIELDS["value_to_key"], None))

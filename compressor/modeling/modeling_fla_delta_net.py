@@ -24,7 +24,8 @@ from .fla_layers import (
     route_to_torch,
 )
 
-FIELDS = {"num_heads": "num_heads", "num_v_heads": "num_heads", "value_to_key": "value_to_key_head"}
+FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
+          "value_to_key": "value_to_key_head"}
 
 
 class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):

@@ -113,6 +113,11 @@ class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
         return self.o_proj(self.o_norm(out, gate).reshape(batch, length, -1))
 
 
+FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_heads", "key_dim": "linear_head_dim",
+          "value_dim": "linear_head_dim", "value_to_key": "linear_value_to_key_head"}
+"""The config fields of a KDA layer's heads: one key head per value head, d_k = d_v."""
+
+
 def install_kda_mixers(model: nn.Module) -> None:
     """Give every KDA layer of ``model`` its head count from ``config.per_layer_config[i].linear_num_heads``.
 
@@ -124,7 +129,7 @@ def install_kda_mixers(model: nn.Module) -> None:
             continue
         layer_config = config.per_layer_config[index]
         mixer = layer.self_attn
-        if layer_config.linear_num_heads != mixer.num_heads:
+        if getattr(layer_config, FIELDS["num_value_heads"]) != mixer.num_heads:
             mixer = PrunedKimiDeltaAttention(layer_config, index)
             layer.self_attn = mixer
         PrunedKimiDeltaAttention.adopt(mixer)
