@@ -186,7 +186,8 @@ def make_budget(
     a spec such as ``"0,3"``.
     """
     if kind not in BUDGETS:
-        raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(BUDGETS)}, or give --heads-per-layer.")
+        raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(BUDGETS)}, or give "
+                              "--heads-per-layer.")
     if min_heads_per_layer < 1:
         raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
     protect = tuple(sorted(set(parse_layers(protect_layers) if isinstance(protect_layers, str) else protect_layers)))

@@ -1,4 +1,5 @@
-"""Next-token loss, perplexity, an in-context recall probe and the logit comparisons that check a pruned or reloaded model."""
+"""Next-token loss, perplexity, an in-context recall probe and the logit comparisons that check a pruned or
+reloaded model."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def quality(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4, progres
     """Perplexity on ``tokens`` [N, L] and copy recall on the first 64 tokens of its first 8 windows."""
     loss = next_token_loss(model, tokens, batch_size, progress, desc)
     spans = recall_spans(tokens)
-    probe = f"{spans.shape[0]} spans of {spans.shape[1]} evaluation tokens, each repeated; greedy accuracy on the second copy"
+    probe = (f"{spans.shape[0]} spans of {spans.shape[1]} evaluation tokens, each repeated; greedy accuracy on the "
+             "second copy")
     return Quality(loss, math.exp(loss), copy_recall(model, spans, batch_size), probe)
 
 

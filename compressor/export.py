@@ -63,7 +63,8 @@ def copy_tokenizer_files(source: Path | None, folder: Path, save_tokenizer: Call
 VERIFY_TOLERANCE = 1e-4
 
 
-def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path, settings, command: str | None) -> None:
+def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path, settings,
+                 command: str | None) -> None:
     """Write the pruned ``loaded`` model's output folder atomically: weights in the checkpoint's dtype, config,
     shipped code, tokenizer files, the reload check (``settings.verify``), ``compression.json`` and the card."""
     from .analysis import write_card_figures
@@ -76,7 +77,8 @@ def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path
         if settings.verify:
             record.verify = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
         record.write(staging)
-        figures = write_card_figures(stats, staging, choice.scores, choice.plan.kept, record.method.chosen or record.method.name)
+        method = record.method.chosen or record.method.name
+        figures = write_card_figures(stats, staging, choice.scores, choice.plan.kept, method)
         card = render_card(record, command=command, figures=figures, repo_id=settings.push_to_hub,
                            text_model_of=loaded.text_model_of)
         (staging / "README.md").write_text(card, encoding="utf-8")

@@ -70,6 +70,7 @@ def test_cached_generation_matches_the_masked_model(config_name):
     check_cached_generation(tiny_model(config_name), PLANS["single-and-odd"], input_ids(2)[:, :70])
 
 
+@pytest.mark.slow
 def test_saved_folders_reload_without_compressor(tmp_path):
     """Each family's folder loads in a fresh process where compressor cannot be imported, with the same logits,
     and generates with its cache; an even uniform plan also loads into the stock class, weights complete."""

@@ -42,6 +42,7 @@ def test_cached_generation_matches_the_masked_model(config_name):
     check_cached_generation(model, plans_for(config_name)["single-and-odd"], input_ids(2)[:, :70])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gated_deltanet", "delta_net", "gla", "kda"])
 def test_saved_folders_reload_without_compressor(family, tmp_path):
     """A fresh process loads an uneven and an even-uniform folder of both configs of one family. One process per
@@ -50,6 +51,7 @@ def test_saved_folders_reload_without_compressor(family, tmp_path):
     check_reload_without_compressor([name for name in NAMES if name.startswith(family)], tmp_path)
 
 
+@pytest.mark.slow
 def test_per_layer_folders_load_with_their_code_after_import_fla(tmp_path):
     """transformers prefers a registered class to a folder's auto_map, and importing fla registers fla's classes
     for fla's model types: folders with per-layer heads carry a model type of their own, so their shipped code

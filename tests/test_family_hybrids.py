@@ -58,6 +58,7 @@ def test_cached_generation_matches_the_masked_model(name):
     check_cached_generation(tiny_hybrid(name), PLANS["single-and-odd"], input_ids(2)[:, :70])
 
 
+@pytest.mark.slow
 def test_saved_folders_reload_without_compressor(tmp_path):
     """One fresh process loads an uneven and an even-uniform folder of every hybrid."""
     models = {}

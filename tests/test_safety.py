@@ -155,6 +155,7 @@ def test_help_imports_neither_torch_nor_transformers():
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_import_compressor_registers_nothing():
     script = ("import compressor, transformers\n"
               "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING\n"

@@ -11,7 +11,7 @@ from conftest import EVAL_TEXT, invoke
 from tiny_models import PLANS, masked_copy, tiny_model
 
 from compressor.budgets import Budget
-from compressor.calibration import collect_state_statistics, read_text, token_windows
+from compressor.calibration import calibration_windows, collect_state_statistics, read_text, token_windows
 from compressor.card import render_card
 from compressor.cli import summary
 from compressor.evaluation import copy_recall, next_token_loss, recall_spans
@@ -139,8 +139,13 @@ def test_loss_method_removes_the_heads_whose_masking_costs_least(fixture_model_p
     settings = CalibrationSettings(samples=2, seq_len=256)
     result = prune(str(fixture_model_path), None, PruneSettings(method="loss", remove="low", calibration=settings,
                                                                 dry_run=True), progress=False)
+    loaded = load_model(str(fixture_model_path), "cpu")
+    windows = loss_windows(calibration_windows(settings, loaded.tokenizer)[0], 2, 256)
+    measured = loss_scores(loaded.model, loaded.family, windows, 16, progress=False)  # each head's own increase
     scores = {(int(layer), head): score for layer, info in result.record.layers.items()
               for head, score in enumerate(info.score)}
+    assert scores == pytest.approx({(layer, head): float(s) for layer, values in measured.items()
+                                    for head, s in enumerate(values)}, abs=1e-6)
     removed = set(result.plan.removed_by_rule)
     assert max(scores[h] for h in removed) <= min(s for h, s in scores.items() if h not in removed)
     assert len({round(s, 6) for s in scores.values()}) > 16  # measured, not constant

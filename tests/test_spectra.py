@@ -56,6 +56,7 @@ def bisection_error(n: int) -> float:
     return (2 ** (GRID_OCTAVES / (padded - 1)) - 1) * 2.0 ** -(BISECTION_STEPS + 1)
 
 
+@pytest.mark.slow
 def test_kernels_equal_eigvalsh_and_give_the_svd_threshold_ranks(tmp_path):
     rank_two = torch.zeros(16, 16)
     rank_two[0, 0], rank_two[1, 1] = 3.0, 4.0
@@ -96,6 +97,7 @@ def test_cpu_tensors_use_torch_and_large_matrices_are_refused():
         eigvalsh_triton(torch.zeros(1, 129, 129, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_metrics_kernel_equals_the_pytorch_metrics(tmp_path):
     hand = torch.stack([torch.eye(16), torch.zeros(16, 16), torch.diag(torch.tensor([2.0, 1e-5, 0.5] + [0.0] * 13))])
     adversarial = [adversarial_states(count, d, seed) for count, d, seed in ((16, 16, 5), (3, 32, 6))]

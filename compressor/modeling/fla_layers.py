@@ -20,7 +20,7 @@ from fla.modules.activations import ACT2FN as FLA_ACT2FN
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts
+from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -162,7 +162,7 @@ class PrunedFlaForCausalLMMixin:
         check_supported(config)
         with global_head_counts(config):
             super().__init__(config)
-        install_mixers(self, self.mixer_class, self.head_fields)
+        install_mixers(self, self.mixer_class, self.head_fields, mixer_attr="attn")
         route_to_torch(self)
 
     def forward(self, *args, cache=None, **kwargs):
@@ -208,24 +208,6 @@ def register_classes(config_cls: type, model_cls: type) -> type:
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     AutoModelForCausalLM._model_mapping.register(per_layer, model_cls, exist_ok=True)
     return per_layer
-
-
-def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str]) -> None:
-    """Give every layer of an fla model its own head counts and head map from ``config.per_layer_config``.
-
-    ``fields`` names the config attributes: ``num_heads`` (key heads), ``num_v_heads`` (value heads, may be
-    the same name) and ``value_to_key``. Layers whose counts differ from the stock-built mixer get a new mixer
-    ``mixer_cls(layer_config, index)``; every mixer is adopted into ``mixer_cls`` (same parameters).
-    """
-    for index, layer in enumerate(model.model.layers):
-        layer_config = model.config.per_layer_config[index]
-        mixer = layer.attn
-        num_heads = getattr(layer_config, fields["num_key_heads"])
-        num_v_heads = getattr(layer_config, fields["num_value_heads"]) or num_heads
-        if (num_heads, num_v_heads) != (mixer.num_heads, getattr(mixer, "num_v_heads", mixer.num_heads)):
-            mixer = mixer_cls(layer_config, index)
-            layer.attn = mixer
-        mixer_cls.adopt(mixer, getattr(layer_config, fields["value_to_key"], None))
 
 
 class FlaMixerMixin(PrunableGatedDeltaNetMixin):

@@ -157,21 +157,33 @@ def global_head_counts(config) -> Iterator[None]:
             config.allow_global_per_layer_attribute_access = previous
 
 
-def install_mixers(model: nn.Module, mixer_cls: type, mixer_attr: str = "linear_attn") -> None:
-    """Give every linear-attention layer of ``model`` its own head counts and head map from the config.
+def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str] = FIELDS, mixer_attr: str = "linear_attn",
+                   linear_layer_type: str | None = None) -> None:
+    """Give every linear-attention layer of ``model`` its own head counts and head map from
+    ``config.per_layer_config`` (every family's model class calls this after building its stock layers).
 
-    Layers without overrides keep their stock module (adopted in place); overridden layers get a new mixer
-    built from ``config.per_layer_config[i]``.
+    ``fields`` names the config attributes (a modeling file's ``FIELDS``); the mixers sit at ``mixer_attr`` (of the
+    layers whose ``config.layer_types`` entry is ``linear_layer_type``, when given). Layers whose counts differ
+    from the stock-built mixer get a new ``mixer_cls(layer_config, index)``; every mixer is adopted into
+    ``mixer_cls`` (same parameters) with the layer's head map.
     """
     config = model.config
     for index, layer in enumerate(model.model.layers):
         if not hasattr(layer, mixer_attr):
             continue
+        if linear_layer_type is not None and config.layer_types[index] != linear_layer_type:
+            continue
         layer_config = config.per_layer_config[index]
         mixer = getattr(layer, mixer_attr)
-        if getattr(layer_config, FIELDS["num_value_heads"]) != mixer.num_v_heads or (
-            getattr(layer_config, FIELDS["num_key_heads"]) != mixer.num_k_heads
-        ):
+        keys = getattr(layer_config, fields["num_key_heads"])
+        values = getattr(layer_config, fields["num_value_heads"]) or keys
+        if (keys, values) != built_head_counts(mixer):
             mixer = mixer_cls(layer_config, index)
             setattr(layer, mixer_attr, mixer)
-        mixer_cls.adopt(mixer, getattr(layer_config, FIELDS["value_to_key"], None))
+        mixer_cls.adopt(mixer, getattr(layer_config, fields["value_to_key"], None))
+
+
+def built_head_counts(mixer: nn.Module) -> tuple[int, int]:
+    """(key heads, value heads) of a mixer as built, whatever its library calls them."""
+    keys = getattr(mixer, "num_k_heads", None) or mixer.num_heads
+    return keys, getattr(mixer, "num_v_heads", None) or keys

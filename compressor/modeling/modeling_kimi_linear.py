@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention, KimiLinearForCausalLM
 
-from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts
+from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
 from .kda import kimi_delta_attention
 
 LINEAR_LAYER = "linear_attention"
@@ -118,23 +118,6 @@ FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_he
 """The config fields of a KDA layer's heads: one key head per value head, d_k = d_v."""
 
 
-def install_kda_mixers(model: nn.Module) -> None:
-    """Give every KDA layer of ``model`` its head count from ``config.per_layer_config[i].linear_num_heads``.
-
-    Layers without overrides keep their stock module (adopted in place); overridden layers get a new mixer.
-    """
-    config = model.config
-    for index, layer in enumerate(model.model.layers):
-        if config.layer_types[index] != LINEAR_LAYER:
-            continue
-        layer_config = config.per_layer_config[index]
-        mixer = layer.self_attn
-        if getattr(layer_config, FIELDS["num_value_heads"]) != mixer.num_heads:
-            mixer = PrunedKimiDeltaAttention(layer_config, index)
-            layer.self_attn = mixer
-        PrunedKimiDeltaAttention.adopt(mixer)
-
-
 class PrunedKimiLinearForCausalLM(KimiLinearForCausalLM):
     """KimiLinearForCausalLM whose KDA layers read their head counts from ``config.per_layer_config``."""
 
@@ -143,4 +126,4 @@ class PrunedKimiLinearForCausalLM(KimiLinearForCausalLM):
     def __init__(self, config):
         with global_head_counts(config):
             super().__init__(config)
-        install_kda_mixers(self)
+        install_mixers(self, PrunedKimiDeltaAttention, FIELDS, mixer_attr="self_attn", linear_layer_type=LINEAR_LAYER)
