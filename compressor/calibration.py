@@ -271,10 +271,8 @@ class StateStatistics:
 
 GROUP_MATRICES = 8192
 """MetricSums reduces the states it is handed in groups of at least this many matrices (or what is left at the end):
-the spectra kernels run faster on one large batch than on many small ones (an H200: the tridiagonalisation and
-bisection of 6912 states of 128 × 128 of 18 layers take 13.2 ms in one batch and 16.4 ms layer by layer, and
-`analyze` with log steps on the 1.42B model of scripts/bench_calibration.py, without the side stream, took 1.400× a
-plain forward pass against 1.421× layer by layer). 8192 float32 states of 128 × 128 hold 0.5 GB."""
+the spectra kernels run faster on one large batch than on many small ones (docs/benchmarks.md, "Spectra kernels").
+8192 float32 states of 128 × 128 hold 0.5 GB."""
 
 
 class MetricSums:

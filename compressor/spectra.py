@@ -1,8 +1,8 @@
 """Eigenvalues of a batch of small Gram matrices on a GPU, one Triton program per matrix, in float64; and the state
 metrics computed from them.
 
-``torch.linalg.eigvalsh`` solves a batch of 128 × 128 matrices on a GPU one cuSOLVER call at a time (0.63 s for
-1152 of them on an H200), which made the spectra, not the forward pass, the cost of calibration. Here each matrix
+``torch.linalg.eigvalsh`` solves a batch of 128 × 128 matrices on a GPU one cuSOLVER call at a time, which made the
+spectra, not the forward pass, the cost of calibration (docs/benchmarks.md, "Spectra kernels"). Here each matrix
 is reduced to a symmetric tridiagonal one by Householder reflections held in registers (the trailing block that
 is still to be reduced shrinks by halves, stage by stage), which is backward stable. Its eigenvalues are then found
 by Sturm counts, all of one matrix at once (sign changes of the leading minors, by their three-term recurrence,
@@ -45,14 +45,11 @@ within 2⁻⁶⁴·g of zero (their square roots, the singular values of a state
 LATER_STAGE_WARPS = 2
 """Warps per matrix for the stages after the first (blocks of n/2 and less), which run in a launch of their own: the
 first stage's 8 warps of 255 registers fill a multiprocessor, the later blocks need far fewer, and several matrices
-then share one. On an H200, 6912 matrices of 128 × 128 take 10.2 ms with 2 warps, 11.0 with 4, 13.7 with 8, and
-14.8 ms in one launch of 8 warps for all stages (384 matrices: 0.61, 0.65, 0.89 and 0.86 ms)."""
+then share one (the timings that chose 2: docs/benchmarks.md, "Spectra kernels")."""
 BISECTION_STEPS = 24
 """Halvings of each eigenvalue's bracket, whose width is below (2^(64 / (n - 1)) - 1)·λ: an error below 2⁻²⁵ of that
 (1.25e-8·λ for n = 128, 5.4e-7·λ for n = 16), a relative error of the singular value half that (6e-9 at n = 128),
-under the 6e-8 of the float32 metrics calibration keeps. On an H200 the bisection of 6912 matrices of 128 × 128 takes
-2.22 ms with 24 halvings and 2.56 ms with 28 (1152: 0.47 and 0.56 ms); the kernel with divisions in its Sturm counts
-took 4.48 ms with 28."""
+under the 6e-8 of the float32 metrics calibration keeps."""
 
 
 TINY_PIVOT = 2.0**-200
