@@ -143,5 +143,6 @@ def build_record(loaded: LoadedModel, settings: PruneSettings, budget, measured,
         params_before=parameter_count(loaded.model),
         params_after=sizes["params_after"],
         per_layer_heads=sizes["per_layer_heads"],
+        layout=settings.layout,
         versions=versions(),
     )

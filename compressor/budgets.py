@@ -6,14 +6,17 @@ Three kinds, all honouring ``protect_layers`` (never pruned) and ``min_heads_per
   by at least ``state_reduction``;
 - ``uniform``: every unprotected layer loses the same share of its heads — the smallest share that brings the
   model's state down by ``state_reduction`` — and the scores choose which heads within each layer;
-- ``per_layer``: an explicit number of heads to keep in each listed layer (unlisted layers keep every head).
+- ``per_layer``: an explicit number of heads to keep in each listed layer (unlisted layers keep every head);
+- ``stock`` (``--layout stock``): every layer keeps the same k key heads and the same q value heads under each of
+  them, the largest k·q that still removes ``state_reduction``: a plan that stock code and inference engines, which
+  read one head count for every layer, can run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +35,12 @@ class Budget:
     """``per_layer`` only: layer -> value heads kept."""
     protect_layers: tuple[int, ...] = ()
     min_heads_per_layer: int = 1
+    groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """``stock`` only, once fitted to a model: layer -> the key head each value head reads."""
+
+    def fitted(self, value_to_key: dict[int, tuple[int, ...]]) -> Budget:
+        """This budget for a model whose layers' value heads read the key heads ``value_to_key`` (layer -> map)."""
+        return replace(self, groups=dict(value_to_key)) if self.kind == "stock" else self
 
     def record(self) -> dict:
         """The budget's entries of ``compression.json``'s ``method``."""
@@ -54,6 +63,8 @@ class Budget:
                                           f"those are {layers}.")
         if self.kind == "global":
             check_budget(head_counts, head_bytes, self.state_reduction, self.min_heads_per_layer, self.protect_layers)
+        elif self.kind == "stock":
+            stock_shape(self.groups, self.state_reduction, self.min_heads_per_layer)
         else:
             self.removals(head_counts, head_bytes)
 
@@ -80,6 +91,9 @@ class Budget:
                                   self.protect_layers)
         if remove not in REMOVE:
             raise CompressorError(f"--remove must be 'high' or 'low', got '{remove}'.")
+        if self.kind == "stock":
+            return stock_plan(scores, self.groups, stock_shape(self.groups, self.state_reduction,
+                                                               self.min_heads_per_layer), remove)
         counts = self.removals({layer: len(s) for layer, s in scores.items()}, head_bytes)
         sign = -1.0 if remove == "high" else 1.0
         kept, removed = {}, []
@@ -172,18 +186,64 @@ def plan_by_budget(
     return PruningPlan(kept={layer: sorted(heads) for layer, heads in kept.items()}, removed_by_rule=removed)
 
 
+def stock_shape(groups: dict[int, tuple[int, ...]], state_reduction: float, min_heads: int = 1) -> tuple[int, int]:
+    """(k, q): key heads kept in every layer and value heads kept under each, the largest k·q (then the largest k)
+    that removes at least ``state_reduction`` of the state; a model or budget the stock layout cannot serve is
+    refused in one sentence."""
+    maps = set(groups.values())
+    if len(maps) != 1:
+        raise CompressorError("--layout stock needs every linear-attention layer to hold the same heads, and this "
+                              "model's layers differ.")
+    value_to_key = next(iter(maps))
+    keys = max(value_to_key) + 1
+    per_key = len(value_to_key) // keys
+    if list(value_to_key) != [j // per_key for j in range(len(value_to_key))]:
+        raise CompressorError("--layout stock needs the stock grouping of value heads under key heads (value head j "
+                              "reads key head j // r), and this model's layers have another.")
+    shapes = [(k, q) for k in range(1, keys + 1) for q in range(1, per_key + 1)
+              if k * q >= min_heads and k * q <= (1 - state_reduction) * keys * per_key + 1e-9]
+    if not shapes:
+        possible = 1 - max(min_heads, 1) / (keys * per_key)
+        raise CompressorError(
+            f"--layout stock keeps k of {keys} key heads and q of {per_key} value heads under each, the same in every "
+            f"layer, so it removes at most {possible:.1%} of the state (with --min-heads-per-layer {min_heads}), less "
+            f"than --state-reduction {state_reduction}."
+        )
+    return max(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
+
+
+def stock_plan(scores: dict[int, torch.Tensor], groups: dict[int, tuple[int, ...]], shape: tuple[int, int],
+               remove: str) -> PruningPlan:
+    """In every layer, the ``shape[1]`` best value heads under each key head (the end of ``scores`` that ``remove``
+    keeps), then the ``shape[0]`` key heads whose kept value heads score best together. Ties break by index."""
+    keys, per_key = shape
+    sign = 1.0 if remove == "low" else -1.0  # the kept end: high scores when the low ones are removed
+    kept, removed = {}, []
+    for layer, s in scores.items():
+        value = {head: sign * float(s[head]) for head in range(len(s))}
+        members = {}
+        for head, key in enumerate(groups[layer]):
+            members.setdefault(key, []).append(head)
+        best = {key: sorted(heads, key=lambda h: (-value[h], h))[:per_key] for key, heads in members.items()}
+        chosen = sorted(best, key=lambda key: (-sum(value[h] for h in best[key]), key))[:keys]
+        kept[layer] = sorted(h for key in chosen for h in best[key])
+        removed += [(layer, h) for h in sorted(set(range(len(s))) - set(kept[layer]), key=lambda h: (value[h], h))]
+    return PruningPlan(kept=kept, removed_by_rule=removed)
+
+
 def make_budget(
     kind: str = "global",
     state_reduction: float | None = None,
     heads_per_layer: str | dict[int, int] | None = None,
     protect_layers: str | tuple[int, ...] | list[int] = (),
     min_heads_per_layer: int = 1,
+    layout: str = "free",
 ) -> Budget:
     """Check the budget options on their own (before any model loads) and combine them.
 
     ``state_reduction`` None means 0.389 unless ``heads_per_layer`` is given; ``heads_per_layer`` is a dict, a
     spec such as ``"0:6,1:4"`` or a JSON file holding ``{"0": 6, "1": 4}``; ``protect_layers`` is a sequence or
-    a spec such as ``"0,3"``.
+    a spec such as ``"0,3"``. ``layout='stock'`` makes a ``stock`` budget (the same heads in every layer).
     """
     if kind not in BUDGETS:
         raise CompressorError(f"unknown budget '{kind}'; choose one of {', '.join(BUDGETS)}, or give "
@@ -191,11 +251,16 @@ def make_budget(
     if min_heads_per_layer < 1:
         raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
     protect = tuple(sorted(set(parse_layers(protect_layers) if isinstance(protect_layers, str) else protect_layers)))
+    if layout == "stock":
+        for option, given in (("--heads-per-layer", heads_per_layer is not None), ("--protect-layers", protect)):
+            if given:
+                raise CompressorError(f"--layout stock keeps the same heads in every layer, which {option} would "
+                                      f"break; drop one of them.")
     if heads_per_layer is None:
         reduction = DEFAULT_STATE_REDUCTION if state_reduction is None else state_reduction
         if not 0.0 < reduction < 1.0:
             raise CompressorError(f"--state-reduction must lie strictly between 0 and 1, got {reduction}.")
-        return Budget(kind, reduction, {}, protect, min_heads_per_layer)
+        return Budget("stock" if layout == "stock" else kind, reduction, {}, protect, min_heads_per_layer)
     if kind != "global":
         raise CompressorError(f"--heads-per-layer sets every layer's head count itself; drop --budget {kind}.")
     if state_reduction is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, PACKINGS, PRUNE_METHODS, REMOVE,
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
                        STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -131,6 +131,10 @@ def analyze(model, out_dir, overwrite, **options):
 @click.option("--budget", default="global", show_default=True, type=click.Choice(BUDGETS),
               help="global: remove heads in score order across the model until --state-reduction is reached; "
                    "uniform: remove the same share of heads in every (unprotected) layer.")
+@click.option("--layout", default="free", show_default=True, type=click.Choice(LAYOUTS),
+              help="free: any heads per layer (a per-layer config and shipped code, trust_remote_code); stock: the "
+                   "same key and value heads in every layer, in the stock grouping, so that stock transformers and "
+                   "engines that read one head count load it (coarser: it may remove more than --state-reduction).")
 @click.option("--heads-per-layer", default=None, metavar="SPEC",
               help="Instead of --state-reduction: heads to keep per layer, as 0:6,1:4 or a JSON file "
                    "{\"0\": 6, \"1\": 4}; unlisted layers keep every head.")
@@ -252,6 +256,8 @@ def summary(record) -> str:
     before, after = record.state_bytes_before, record.state_bytes_after
     lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller)")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")
+    if record.layout == "stock":
+        lines.append("layout: stock (the same heads in every layer: a stock config, no shipped code)")
     if record.eval is not None:
         lines.append(f"perplexity: {record.eval.perplexity_before:.2f} -> {record.eval.perplexity_after:.2f}")
         lines.append(f"copy-recall accuracy: {record.eval.recall_accuracy_before:.1%} -> "
@@ -290,3 +296,64 @@ def run() -> None:
         error.show()
         sys.exit(error.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# compress heal (compressor/heal.py) ------------------------------------------------------------------------
+
+
+@main.command("heal", context_settings=CONTEXT)
+@click.argument("pruned_dir", metavar="PRUNED", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, metavar="SOURCE",
+              help="The unpruned source model (folder or Hub id): same architecture and tokenizer as PRUNED.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--tokens", default=1_000_000, show_default=True, help="Training tokens.")
+@click.option("--train", "train_group", default="all", show_default=True, type=click.Choice(["linear", "all"]),
+              help="Parameters trained: the linear-attention layers only, or all.")
+@click.option("--lora-rank", default=0, show_default=True,
+              help="> 0: LoRA adapters of this rank on the --train group's linear layers, merged before writing; "
+                   "0: full fine-tuning of the group.")
+@click.option("--data", default="calib", show_default=True, type=click.Choice(["calib", "teacher"]),
+              help="calib: windows of --calib text; teacher: text sampled from the teacher.")
+@click.option("--calib", default=None, metavar="TEXT|FILE|DIR|hf:ID",
+              help="Calibration text (training data with --data calib; held-out windows in any case) "
+                   "[default: the embedded Python-docs text].")
+@click.option("--text-field", default="text", show_default=True, help="Field of a .jsonl file or Hub dataset.")
+@click.option("--split", default="train", show_default=True, help="Split of a Hub dataset.")
+@click.option("--lr", default=1e-4, show_default=True, help="Peak learning rate (AdamW, warm-up, cosine decay).")
+@click.option("--lm-weight", default=0.0, show_default=True,
+              help="Weight of the next-token loss added to the KL to the teacher.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per training window.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per training step.")
+@click.option("--held-out", default=8, show_default=True, help="Calibration windows held out to track the KL.")
+@click.option("--teacher-top-k", default=None, type=int,
+              help="Run the teacher first and cache its top-k log-probabilities to disk (6·k bytes per token) "
+                   "instead of running it beside the student: for a teacher that does not fit beside it.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
+              help="Text for held-out perplexity before and after [default: the embedded evaluation text].")
+@click.option("--eval-samples", default=None, type=int, help="Evaluation windows [default: every whole one].")
+@click.option("--eval-seq-len", default=1024, show_default=True, help="Tokens per evaluation window.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the data order, sampling and LoRA.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@user_errors
+def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, calib, text_field, split, lr, lm_weight,
+         seq_len, batch_size, held_out, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device, overwrite):
+    """Distil the unpruned TEACHER into a PRUNED folder (KL on next-token distributions) and write it to --out."""
+    from .heal import HealSettings, heal_folder
+
+    settings = HealSettings(
+        tokens=tokens, train=train_group, lora_rank=lora_rank, data=data, calib=calib, text_field=text_field,
+        split=split, lr=lr, lm_weight=lm_weight, seq_len=seq_len, batch_size=batch_size, held_out=held_out,
+        teacher_top_k=teacher_top_k, eval_path=None if eval_path is None else str(eval_path),
+        eval_samples=eval_samples, eval_seq_len=eval_seq_len, seed=seed, device=device,
+    )
+    record = heal_folder(pruned_dir, teacher, out_dir, settings, overwrite=overwrite,
+                         command=command_line(click.get_current_context()))
+    recovery = record.recovery
+    figures = recovery["eval"]
+    click.echo(f"healed on {recovery['tokens']:,} tokens ({recovery['data']}) in {recovery['wall_seconds']:.0f} s")
+    click.echo(f"held-out KL to the teacher: {recovery['kl_before']:.4f} -> {recovery['kl_after']:.4f}")
+    click.echo(f"perplexity: {figures['perplexity_before']:.2f} -> {figures['perplexity_after']:.2f} "
+               f"(teacher {figures['perplexity_teacher']:.2f})")
+    click.echo(f"copy recall accuracy: {figures['recall_accuracy_before']:.1%} -> {figures['recall_accuracy_after']:.1%}")
+    click.echo(f"wrote {out_dir}")

@@ -23,18 +23,26 @@ TOKENIZER_FILES = (
 )
 
 
-def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: str = "2GB") -> list[str]:
-    """Save weights (sharded safetensors), config and the modeling code that ``config.auto_map`` names.
+def write_model(model: nn.Module, family: Family, folder: Path, max_shard_size: str = "2GB",
+                stock: bool = False) -> list[str]:
+    """Save weights (sharded safetensors), config and the modeling code that ``config.auto_map`` names; with
+    ``stock`` (a stock layout), a stock config without ``auto_map`` and no code.
 
     ``save_pretrained`` records the model's own class in ``architectures``; a config with one head count in every
     layer (no ``per_layer_config``) names the stock class instead, which engines such as vLLM look up.
     Returns the names of the modeling files written.
     """
     architectures = model.config.architectures
+    if stock:
+        if model.config.is_heterogeneous or getattr(model.config, family.fields.value_to_key, None) is not None:
+            raise CompressorError("internal error: a stock layout was planned but the config is not stock.")
+        model.config.__dict__.pop("auto_map", None)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if architectures != model.config.architectures:
         model.config.architectures = architectures
         model.config.save_pretrained(folder)
+    if stock:
+        return []
     shipped = shipped_files(family)
     for path in shipped:
         shutil.copyfile(path, folder / path.name)
@@ -72,7 +80,7 @@ def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path
 
     cast_parameters(loaded.model, loaded.save_dtype)
     with staging_folder(out_dir, settings.overwrite, "prune", [loaded.local_path]) as staging:
-        write_model(loaded.model, loaded.family, staging, settings.max_shard_size)
+        write_model(loaded.model, loaded.family, staging, settings.max_shard_size, stock=record.layout == "stock")
         copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
         if settings.verify:
             record.verify = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))

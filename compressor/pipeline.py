@@ -123,7 +123,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, settings.device, settings.dtype)
     head_bytes = head_state_bytes(loaded)
-    budget.check_model({i: m.num_v_heads for i, m in linear_layers(loaded.model, loaded.family).items()}, head_bytes)
+    mixers = linear_layers(loaded.model, loaded.family)
+    budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
+    budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_bytes)
     eval_tokens = None
     if settings.evaluation is not None:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")

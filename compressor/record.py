@@ -100,6 +100,8 @@ class CompressionRecord:
     per_layer_heads: bool
     """Whether the config needs ``per_layer_config`` (and so the shipped code) to load."""
     versions: dict[str, str | None]
+    layout: str = "free"
+    """``free`` (heads may differ by layer) or ``stock`` (the same heads in every layer: a stock config)."""
     eval: EvalRecord | None = None
     verify: VerifyRecord | None = None
     recovery: dict | None = None

@@ -21,6 +21,9 @@ DEFAULT_REMOVE = "low"
 """The end of a score removed when ``--remove`` is not given: on every trained model measured, removing low scores
 beats removing high ones (the paper's rule, ``--method joint --remove high``)."""
 BUDGETS = ("global", "uniform")
+LAYOUTS = ("free", "stock")
+"""``free``: any heads per layer (per-layer config, shipped code); ``stock``: the same heads in every layer, in the
+stock grouping (a stock config that stock transformers and inference engines load)."""
 DEFAULT_STATE_REDUCTION = 0.389
 PACKINGS = ("pack", "truncate")
 STEP_CHOICES = ("every", "log")
@@ -133,6 +136,7 @@ class PruneSettings:
     heads_per_layer: str | dict[int, int] | None = None
     protect_layers: str | tuple[int, ...] = ()
     min_heads_per_layer: int = 1
+    layout: str = "free"
     method: str = "auto"
     alpha: float = 0.5
     remove: str | None = None
@@ -174,8 +178,9 @@ class PruneSettings:
             raise CompressorError(f"--alpha must lie in [0, 1], got {self.alpha}.")
         if self.method == "auto":
             self._check_auto()
+        choice("--layout", self.layout, LAYOUTS)
         budget = make_budget(self.budget, self.state_reduction, self.heads_per_layer, self.protect_layers,
-                             self.min_heads_per_layer)
+                             self.min_heads_per_layer, self.layout)
         at_least("--loss-samples", self.loss_samples, 1)
         at_least("--loss-seq-len", self.loss_seq_len, 2)
         at_least("--loss-batch-size", self.loss_batch_size, 1)
