@@ -164,8 +164,11 @@ def analyze(model, out_dir, overwrite, **options):
               help="Hub id the model card names as base_model [default: the source's id, or its Hub cache path's].")
 @click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Push the folder when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@click.option("--heal", "heal_tokens", default=None, type=int, metavar="TOKENS",
+              help="Then distil MODEL into the pruned model on this many tokens of the calibration text "
+                   "(`compress heal` with its defaults) and write the healed model to --out.")
 @user_errors
-def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, **options):
+def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **options):
     """Remove linear-attention heads and write a smaller checkpoint (MODEL: folder or Hub id)."""
     from .pipeline import prune as run_prune
 
@@ -173,12 +176,43 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, **options):
     evaluation.check("--eval-")  # also when --eval is not given: a bad value is a mistake either way
     settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
                              **options)
-    result = run_prune(model, out_dir, settings, command=command_line(click.get_current_context()))
+    command = command_line(click.get_current_context())
+    if heal_tokens is not None:
+        return prune_and_heal(model, out_dir, settings, evaluation, heal_tokens, command)
+    result = run_prune(model, out_dir, settings, command=command)
     click.echo(summary(result.record))
     if result.out_dir is not None:
         click.echo(f"wrote {result.out_dir}")
     if result.pushed is not None:
         click.echo(f"pushed: {result.pushed}")
+
+
+def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, evaluation: EvalSettings,
+                   tokens: int, command: str) -> None:
+    """``prune --heal``: prune into a temporary folder beside --out, heal it from MODEL into --out, push it."""
+    import tempfile
+
+    from .heal import HealSettings, heal_folder
+    from .pipeline import check_output, prune as run_prune
+
+    heal_settings = HealSettings(tokens=tokens, calib=settings.calibration.calib, device=settings.device,
+                                 eval_path=None if evaluation.path is None else str(evaluation.path),
+                                 eval_samples=evaluation.samples, eval_seq_len=evaluation.seq_len)
+    heal_settings.check()
+    if settings.dry_run or out_dir is None:
+        raise CompressorError("--heal trains and writes the pruned model; it needs --out and no --dry-run.")
+    check_output(out_dir, settings.overwrite, model)
+    push, settings.push_to_hub = settings.push_to_hub, None
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.unhealed-", dir=out_dir.resolve().parent) as folder:
+        result = run_prune(model, Path(folder) / "pruned", settings, command=command)
+        click.echo(summary(result.record))
+        record = heal_folder(result.out_dir, model, out_dir, heal_settings, overwrite=settings.overwrite,
+                             command=command)
+    echo_recovery(record.recovery, out_dir)
+    if push is not None:
+        from .hub import push_folder
+
+        click.echo(f"pushed: {push_folder(out_dir, push, private=settings.private)}")
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -325,6 +359,8 @@ def run() -> None:
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per training window.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per training step.")
 @click.option("--held-out", default=8, show_default=True, help="Calibration windows held out to track the KL.")
+@click.option("--curve-points", default=8, show_default=True,
+              help="Times the held-out KL is measured while training (recorded as the curve).")
 @click.option("--teacher-top-k", default=None, type=int,
               help="Run the teacher first and cache its top-k log-probabilities to disk (6·k bytes per token) "
                    "instead of running it beside the student: for a teacher that does not fit beside it.")
@@ -337,23 +373,29 @@ def run() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @user_errors
 def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, calib, text_field, split, lr, lm_weight,
-         seq_len, batch_size, held_out, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device, overwrite):
+         seq_len, batch_size, held_out, curve_points, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device,
+         overwrite):
     """Distil the unpruned TEACHER into a PRUNED folder (KL on next-token distributions) and write it to --out."""
     from .heal import HealSettings, heal_folder
 
     settings = HealSettings(
         tokens=tokens, train=train_group, lora_rank=lora_rank, data=data, calib=calib, text_field=text_field,
         split=split, lr=lr, lm_weight=lm_weight, seq_len=seq_len, batch_size=batch_size, held_out=held_out,
-        teacher_top_k=teacher_top_k, eval_path=None if eval_path is None else str(eval_path),
+        curve_points=curve_points, teacher_top_k=teacher_top_k, eval_path=None if eval_path is None else str(eval_path),
         eval_samples=eval_samples, eval_seq_len=eval_seq_len, seed=seed, device=device,
     )
     record = heal_folder(pruned_dir, teacher, out_dir, settings, overwrite=overwrite,
                          command=command_line(click.get_current_context()))
-    recovery = record.recovery
+    echo_recovery(record.recovery, out_dir)
+
+
+def echo_recovery(recovery: dict, out_dir: Path) -> None:
+    """What healing did, as ``heal`` and ``prune --heal`` print it."""
     figures = recovery["eval"]
     click.echo(f"healed on {recovery['tokens']:,} tokens ({recovery['data']}) in {recovery['wall_seconds']:.0f} s")
     click.echo(f"held-out KL to the teacher: {recovery['kl_before']:.4f} -> {recovery['kl_after']:.4f}")
     click.echo(f"perplexity: {figures['perplexity_before']:.2f} -> {figures['perplexity_after']:.2f} "
                f"(teacher {figures['perplexity_teacher']:.2f})")
-    click.echo(f"copy recall accuracy: {figures['recall_accuracy_before']:.1%} -> {figures['recall_accuracy_after']:.1%}")
+    click.echo(f"copy-recall accuracy: {figures['recall_accuracy_before']:.1%} -> "
+               f"{figures['recall_accuracy_after']:.1%}")
     click.echo(f"wrote {out_dir}")

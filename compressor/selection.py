@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .budgets import Budget
 from .calibration import StateStatistics
-from .errors import CompressorError
 from .evaluation import next_token_loss, token_losses
 from .families import Family
 from .scoring import score_heads
