@@ -18,10 +18,17 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
 from .gated_delta import gated_delta_rule
+
+TRANSFORMERS_FLOOR = (5, 21)
+"""The oldest transformers whose caches this code uses (``get_conv_state`` appeared in 5.21)."""
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < TRANSFORMERS_FLOOR:
+    raise ImportError(f"this model's code needs transformers >= {'.'.join(map(str, TRANSFORMERS_FLOOR))}, found "
+                      f"{transformers.__version__}: pip install -U 'transformers>={'.'.join(map(str, TRANSFORMERS_FLOOR))}'")
 
 FIELDS = {
     "num_key_heads": "linear_num_key_heads", "num_value_heads": "linear_num_value_heads",
