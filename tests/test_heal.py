@@ -252,6 +252,7 @@ def test_settings_check_names_the_bad_value(field, value, words):
         HealSettings(**{field: value}).check()
 
 
+@pytest.mark.slow
 def test_prune_with_heal_writes_one_healed_folder(folders):
     out = folders["root"] / "pruned-and-healed"
     result = invoke("prune", folders["source"], "--out", out, "--state-reduction", 0.4, "--method", "random",
@@ -265,6 +266,7 @@ def test_prune_with_heal_writes_one_healed_folder(folders):
     assert not [p.name for p in folders["root"].iterdir() if ".unhealed-" in p.name], "the pruned folder was left"
 
 
+@pytest.mark.slow
 def test_a_teacher_cached_to_disk_first_trains_the_student_and_leaves_no_cache(folders):
     """--teacher-top-k: the teacher runs first, its top-k log-probabilities go to disk (6 bytes per kept token),
     it is freed, and the student trains on the cache; the cache is removed afterwards. (That this lowers the KL is
