@@ -54,3 +54,15 @@ def test_base_model_from_the_option_or_a_hub_cache_path(tmp_path):
     assert base_model_id(str(cached), None) == "Qwen/Qwen3.5-0.8B"
     assert base_model_id(str(cached), "org/name") == "org/name"
     assert base_model_id(str(tmp_path), None) == str(tmp_path)
+
+
+def test_the_licence_is_copied_from_the_source_model_card(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(FIXTURE, source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n\n# A model\n")
+    settings = PruneSettings(method="norm", calibration=CalibrationSettings(samples=1, seq_len=128), dry_run=True)
+    assert prune(str(source), None, settings, progress=False).record.license == "apache-2.0"
+    (source / "README.md").write_text("# No front matter\n")
+    assert prune(str(source), None, settings, progress=False).record.license is None
