@@ -40,7 +40,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 def versions() -> dict[str, str | None]:
     found = {"compressor": __version__}
     for package, name in (("torch", "torch"), ("transformers", "transformers"), ("flash-linear-attention", "fla"),
-                          ("triton", "triton")):
+                          ("triton", "triton"), ("peft", "peft")):
         try:
             found[name] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

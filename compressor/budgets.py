@@ -252,6 +252,8 @@ def make_budget(
         raise CompressorError(f"--min-heads-per-layer must be at least 1, got {min_heads_per_layer}.")
     protect = tuple(sorted(set(parse_layers(protect_layers) if isinstance(protect_layers, str) else protect_layers)))
     if layout == "stock":
+        if kind != "global":
+            raise CompressorError(f"--layout stock removes the same heads in every layer already; drop --budget {kind}.")
         for option, given in (("--heads-per-layer", heads_per_layer is not None), ("--protect-layers", protect)):
             if given:
                 raise CompressorError(f"--layout stock keeps the same heads in every layer, which {option} would "

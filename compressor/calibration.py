@@ -254,9 +254,13 @@ class StateStatistics:
             raise CompressorError(f"no statistics at {path}; run `compress analyze` first.")
         from safetensors import safe_open
 
-        with safe_open(path, "pt") as handle:
-            layout = json.loads(handle.metadata()["compressor"])
-        tensors = load_file(path)
+        try:
+            with safe_open(path, "pt") as handle:
+                layout = json.loads(handle.metadata()["compressor"])
+            tensors = load_file(path)
+        except Exception as error:  # SafetensorError, a missing or foreign header: not statistics compressor wrote
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CompressorError(f"{path} is damaged or not statistics of `compress analyze` ({reason}).") from None
         names = sorted({key.rsplit(".", 1)[0] for key in tensors if key != "times"})
         return cls(
             mean={n: tensors[f"{n}.mean"] for n in names},
@@ -413,13 +417,19 @@ def collect_state_statistics(
         for part_now, batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
             with contextlib.suppress(_LastStatesTaken):
                 model.model(input_ids=batch.to(device), use_cache=False)
-    sums, squares = summary.totals()
+    return _assembled(*summary.totals(), mixers, tokens, parts, times, eps)
+
+
+def _assembled(sums: dict, squares: dict, mixers: dict[int, nn.Module], tokens: torch.Tensor,
+               parts: list[torch.Tensor], times: list[int], eps: float) -> StateStatistics:
+    """StateStatistics of all ``tokens`` from the sums keyed by (part, layer), with each part's own as ``halves``
+    when there are two parts."""
     layers = sorted(mixers)
     shape = {"layers": layers, "heads": [mixers[i].num_v_heads for i in layers], "times": times,
              "state_shapes": [(mixers[i].head_k_dim, mixers[i].head_v_dim) for i in layers], "eps": eps}
     combined = {layer: [(sums[key], squares[key]) for key in sums if key[1] == layer] for layer in layers}
     stats = _statistics({layer: _added(pairs) for layer, pairs in combined.items()}, tokens, **shape)
-    if half:
+    if len(parts) == 2:
         stats.halves = tuple(
             _statistics({layer: (sums[(p, layer)], squares[(p, layer)]) for layer in layers}, parts[p], **shape)
             for p in (0, 1)

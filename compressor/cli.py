@@ -195,7 +195,9 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
     from .heal import HealSettings, heal_folder
     from .pipeline import check_output, prune as run_prune
 
-    heal_settings = HealSettings(tokens=tokens, calib=settings.calibration.calib, device=settings.device,
+    calibration = settings.calibration
+    heal_settings = HealSettings(tokens=tokens, calib=calibration.calib, text_field=calibration.text_field,
+                                 split=calibration.split, seed=calibration.seed, device=settings.device,
                                  eval_path=None if evaluation.path is None else str(evaluation.path),
                                  eval_samples=evaluation.samples, eval_seq_len=evaluation.seq_len)
     heal_settings.check()
@@ -226,12 +228,14 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @user_errors
-def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path):
+def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path, overwrite):
     """Perplexity and copy-recall accuracy of MODEL (folder, prune output or Hub id)."""
     from .quality import evaluate as run_evaluate
 
-    figures = run_evaluate(model, EvalSettings(path, samples, seq_len, batch_size), device, dtype, json_path)
+    figures = run_evaluate(model, EvalSettings(path, samples, seq_len, batch_size), device, dtype, json_path,
+                           overwrite=overwrite)
     click.echo(f"perplexity: {figures['perplexity']:.2f} on {figures['windows']} x {figures['seq_len']} tokens of "
                f"{figures['data']}")
     click.echo(f"copy-recall accuracy: {figures['recall_accuracy']:.1%} ({figures['recall_probe']})")
@@ -348,7 +352,7 @@ def run() -> None:
                    "0: full fine-tuning of the group.")
 @click.option("--data", default="calib", show_default=True, type=click.Choice(["calib", "teacher"]),
               help="calib: windows of --calib text; teacher: text sampled from the teacher.")
-@click.option("--calib", default=None, metavar="TEXT|FILE|DIR|hf:ID",
+@click.option("--calib", default=None, metavar="FILE|DIR|FILE.jsonl|hf:ID|text:…",
               help="Calibration text (training data with --data calib; held-out windows in any case) "
                    "[default: the embedded Python-docs text].")
 @click.option("--text-field", default="text", show_default=True, help="Field of a .jsonl file or Hub dataset.")
@@ -370,7 +374,7 @@ def run() -> None:
 @click.option("--eval-seq-len", default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the data order, sampling and LoRA.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @user_errors
 def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, calib, text_field, split, lr, lm_weight,
          seq_len, batch_size, held_out, curve_points, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device,

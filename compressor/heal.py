@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import math
 import re
 import shutil
@@ -173,6 +174,8 @@ def _text_config(name: str):
         return AutoConfig.from_pretrained(name).get_text_config()
     except OSError as error:
         raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from None
+    except ValueError as error:  # an unknown model type, a malformed config
+        raise CompressorError(f"the config of '{name}' cannot be read: {str(error).splitlines()[0]}") from None
 
 
 def _base_type(model_type: str) -> str:
@@ -485,6 +488,8 @@ def cached_batches(cache: TopKCache, batch_size: int, seed: int, shuffle: bool) 
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(cache), generator=generator) if shuffle else torch.arange(len(cache))
+        if len(order) < batch_size:  # fewer windows than a batch: repeat them
+            order = order.repeat(math.ceil(batch_size / len(order)))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield cache.get(order[start : start + batch_size].tolist())
 
@@ -628,17 +633,22 @@ def _card_command(pruned_dir: Path) -> str | None:
 
 
 def write_folder(model, pruned_dir: Path, staging: Path, save_dtype) -> None:
-    """Write the healed weights into ``staging`` beside every other file of ``pruned_dir`` (config, shipped code,
-    tokenizer, figures) unchanged; ``README.md`` and ``compression.json`` are left to the caller."""
+    """Write the healed weights into ``staging`` beside every other file that compressor wrote in ``pruned_dir``
+    (config, shipped code, tokenizer, figures; a user's own additions stay behind), unchanged; ``README.md`` and
+    ``compression.json`` are left to the caller."""
     import torch
 
-    for item in pruned_dir.iterdir():
-        if item.name in ("README.md", "compression.json") or WEIGHT_FILES.match(item.name) or item.name.startswith("."):
+    from .outputs import MARKER, written_paths
+
+    marker = pruned_dir / MARKER
+    listed = json.loads(marker.read_text())["files"] if marker.is_file() else written_paths(pruned_dir)
+    for relative in listed:
+        name = relative.split("/")[0]
+        if name in ("README.md", "compression.json") or WEIGHT_FILES.match(name) or name.startswith("."):
             continue
-        if item.is_dir():
-            shutil.copytree(item, staging / item.name)
-        else:
-            shutil.copyfile(item, staging / item.name)
+        if (pruned_dir / relative).is_file():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pruned_dir / relative, staging / relative)
     for parameter in model.parameters():
         if parameter.is_floating_point():
             parameter.data = parameter.data.to(save_dtype)
@@ -698,11 +708,12 @@ class Outcome:
 def check_inputs(pruned_dir: Path, teacher: str, out_dir: Path, settings: HealSettings, overwrite: bool):
     """Every input checked before a weight loads; returns the pruned folder's record."""
     from .calibration import check_source
-    from .outputs import check_output_folder, check_writable
+    from .outputs import check_output_folder, check_writable, clear_stale_staging
 
     settings.check()
     record = read_pruned_record(pruned_dir)
     teacher_path = Path(teacher).expanduser()
+    clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, [pruned_dir, teacher_path if teacher_path.exists() else None])
     check_writable(out_dir)
     check_source(settings.calib, settings.text_field)
@@ -835,17 +846,8 @@ def recovery_entry(teacher: str, record, settings: HealSettings, material: Mater
         },
         "device": device, "train_seconds": round(outcome.train_seconds, 2),
         "sampling_seconds": None if sampling is None else round(sampling, 2),
-        "versions": {**versions(), "peft": _version("peft")}, "seed": settings.seed,
+        "versions": versions(), "seed": settings.seed,
     }
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def write_healed(healed, outcome: Outcome, pruned_dir: Path, out_dir: Path, settings: HealSettings,
@@ -863,7 +865,7 @@ def write_healed(healed, outcome: Outcome, pruned_dir: Path, out_dir: Path, sett
             healed.recovery["verify"] = asdict(check)
         healed.recovery["wall_seconds"] = round(time.perf_counter() - started, 2)
         healed.write(staging)
-        commands = [c for c in (_card_command(pruned_dir), command) if c]
+        commands = list(dict.fromkeys(c for c in (_card_command(pruned_dir), command) if c))
         (staging / "README.md").write_text(render_card(healed, command="\n".join(commands) or None,
                                                        figures=_card_figures(pruned_dir)))
 
@@ -904,7 +906,3 @@ def heal_folder(pruned_dir: str | Path, teacher: str, out_dir: str | Path, setti
                  [pruned_dir, teacher_path if teacher_path.exists() else None], command, started)
     return healed
 
-
-def settings_record(settings: HealSettings) -> dict:
-    """The settings as a plain dict (for scripts and logs)."""
-    return asdict(settings)

@@ -14,6 +14,7 @@ import fnmatch
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,7 +37,8 @@ LEGACY_NAMES = (
     "report.md", "figures", "final_rank_heatmap.png", "rank_over_time.png", "final_rank_histogram.png",
 )
 """What the versions before the marker wrote: a folder without a marker that holds ``compression.json`` or
-``stats.safetensors`` and nothing else but these names is taken for one of their outputs."""
+``stats.safetensors`` and nothing else but these names (and PNGs under ``figures/``) is taken for one of their
+outputs."""
 HUB_CACHE = ".cache"
 """huggingface_hub's ``upload_large_folder`` keeps its resumption state here, inside the pushed folder."""
 
@@ -78,20 +80,37 @@ def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path |
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """Names in ``folder`` that ``compressor`` did not write there (all of them for a folder it never wrote)."""
-    names = sorted(entry.name for entry in folder.iterdir())
+    """Paths (relative, every file and link at any depth) in ``folder`` that ``compressor`` did not write there
+    (all of them for a folder it never wrote)."""
+    paths = written_paths(folder)
     marker = _read_marker(folder)
     if marker is not None:
-        ours = {MARKER, *marker.get("files", [])}
-        return [name for name in names if name not in ours and not _hub_cache(folder / name)]
-    if not {"compression.json", "stats.safetensors"} & set(names):
-        return names
-    return [name for name in names
-            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in LEGACY_NAMES) and not _hub_cache(folder / name)]
+        ours = set(marker.get("files", []))
+        return [path for path in paths if path not in ours]
+    if not {"compression.json", "stats.safetensors"} & set(paths):
+        return paths
+    return [path for path in paths if not _legacy(path)]
 
 
-def _hub_cache(path: Path) -> bool:
-    return path.name == HUB_CACHE and path.is_dir() and {p.name for p in path.iterdir()} <= {"huggingface"}
+def written_paths(folder: Path) -> list[str]:
+    """Every file and link below ``folder`` as a relative POSIX path, but the marker and huggingface_hub's upload
+    cache (``.cache/huggingface/``)."""
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_dir() and not path.is_symlink() or relative == MARKER:
+            continue
+        if relative.startswith(f"{HUB_CACHE}/huggingface/"):
+            continue
+        found.append(relative)
+    return sorted(found)
+
+
+def _legacy(path: str) -> bool:
+    top, _, rest = path.partition("/")
+    if rest:
+        return top == "figures" and "/" not in rest and rest.endswith(".png")
+    return any(fnmatch.fnmatchcase(top, pattern) for pattern in LEGACY_NAMES)
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -102,17 +121,22 @@ def _read_marker(folder: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _write_marker(folder: Path, kind: str, files: list[str]) -> None:
-    marker = {"written_by": "compressor", "kind": kind, "pid": os.getpid(), "files": files}
+def _write_marker(folder: Path, kind: str, files: list[str], state: str) -> None:
+    """``state``: ``staging`` (being written), ``done`` (an output) or ``aside`` (an output being replaced); ``pid``
+    the process that wrote this state, so that a later run knows a leftover from a live run's folder."""
+    marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
 def check_writable(out_dir: Path) -> None:
-    """Create and remove a staging folder beside ``out_dir``: a folder that cannot be written fails now, in one
-    sentence, not after calibration. Creates ``out_dir``'s missing parents."""
+    """Create and remove a staging folder in the nearest existing folder on the way to ``out_dir``: a place that
+    cannot be written fails now, in one sentence, not after calibration. Creates nothing that stays."""
     parent = out_dir.expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "a file stands where a folder is needed", str(parent))
         Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING}", dir=parent)).rmdir()
     except OSError as error:
         raise CompressorError(f"cannot write the output beside {out_dir}: {error.strerror or error}.") from None
@@ -146,16 +170,24 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     if not out.parent.is_dir():
         return removed
     for entry in sorted(out.parent.glob(f".{out.name}.*")):
-        marker = _read_marker(entry)
-        ours = entry.is_dir() and marker is not None and marker.get("written_by") == "compressor"
-        if not ours or _alive(int(marker.get("pid", 0))):
+        marker = _read_marker(entry) if entry.is_dir() and not entry.is_symlink() else None
+        if marker is None or marker.get("written_by") != "compressor" or _alive(int(marker.get("pid", 0))):
             continue
-        if entry.name.startswith(f".{out.name}{ASIDE}") and not out.exists():
+        state = marker.get("state")
+        if state == "aside" and entry.name.startswith(f".{out.name}{ASIDE}") and not out.exists():
+            _write_marker(entry, marker.get("kind", "prune"), marker.get("files", []), "done")
             entry.rename(out)  # the run died between renaming the old output aside and the new one in
-        elif entry.name.startswith((f".{out.name}{STAGING}", f".{out.name}{ASIDE}")):
+        elif (state == "staging" and entry.name.startswith(f".{out.name}{STAGING}")) or (
+                state == "aside" and entry.name.startswith(f".{out.name}{ASIDE}")):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def clear_stale_staging(out_dir: Path) -> None:
+    """:func:`remove_stale_staging`, saying on stderr what it removed."""
+    for stale in remove_stale_staging(out_dir):
+        print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
 
 @contextmanager
@@ -164,37 +196,52 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
     """Yield a staging folder beside ``out_dir``; on success it replaces ``out_dir``, on any failure or interrupt
     it vanishes and ``out_dir`` is as it was. ``kind`` (``prune``, ``analyze``, ``heal``) goes into the marker."""
     sources = list(sources)
+    clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, sources)
-    for stale in remove_stale_staging(out_dir):
-        print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
     out = out_dir.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}", dir=out.parent))
     try:
-        _write_marker(staging, kind, [])
+        _write_marker(staging, kind, [], "staging")
         yield staging
-        _write_marker(staging, kind, sorted(entry.name for entry in staging.iterdir() if entry.name != MARKER))
+        _write_marker(staging, kind, written_paths(staging), "done")
         _default_permissions(staging)
         check_output_folder(out_dir, overwrite, sources)  # nothing foreign appeared there meanwhile
-        _swap_in(staging, out)
+        _swap_in(staging, out, kind)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with _signals_held():  # a second Ctrl-C must not stop the cleanup half-way
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _swap_in(staging: Path, out: Path) -> None:
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait (they are delivered after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _swap_in(staging: Path, out: Path, kind: str) -> None:
     """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards."""
     if not out.exists():
         staging.rename(out)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
-    out.rename(aside)  # replaces the empty folder mkdtemp made
-    try:
-        staging.rename(out)
-    except BaseException:
-        aside.rename(out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    with _signals_held():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
+        old = _read_marker(out) or {}
+        _write_marker(out, old.get("kind", kind), old.get("files", written_paths(out)), "aside")
+        out.rename(aside)  # replaces the empty folder mkdtemp made
+        try:
+            staging.rename(out)
+        except BaseException:
+            aside.rename(out)
+            _write_marker(out, old.get("kind", kind), old.get("files", []), "done")
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _default_permissions(folder: Path) -> None:

@@ -16,7 +16,7 @@ from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
 from .export import write_folder
 from .loading import LoadedModel, load_model
-from .outputs import check_output_folder, check_free_space, check_writable, staging_folder
+from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .settings import CalibrationSettings, PruneSettings
@@ -103,6 +103,7 @@ def calibrate(loaded: LoadedModel, calibration: CalibrationSettings, progress: b
 def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> None:
     """Everything about ``out_dir`` that can fail, checked before the model loads."""
     source = model.local_path if isinstance(model, LoadedModel) else Path(model).expanduser()
+    clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, [source if source is not None and source.exists() else None])
     check_writable(out_dir)
 

@@ -20,18 +20,21 @@ def evaluate(
     dtype: str = "auto",
     json_path: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Held-out perplexity on ``settings.samples`` windows of ``settings.path`` (default: the embedded held-out
     Python-docs text; None samples: every whole window, in order) and copy-recall accuracy on the first 64 tokens of
     the first 8 windows (``evaluation.copy_recall``), as ``prune --eval`` measures them.
 
-    Returns the figures as a dict, also written to ``json_path`` when given. Options are checked before the
-    model loads.
+    Returns the figures as a dict, also written to ``json_path`` when given (an existing file only with
+    ``overwrite``). Options are checked before the model loads.
     """
     settings = settings or EvalSettings()
     settings.check()
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
+    if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
+        raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, purpose="evaluate")
     tokens, data = eval_windows(settings, loaded.tokenizer)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import compressor.pipeline
 from compressor.budgets import Budget, make_budget, parse_heads_per_layer
 from compressor.cli import main
 from compressor.errors import CompressorError
@@ -116,14 +115,6 @@ def test_the_budget_is_recorded():
         "min_heads_per_layer": 1}
     assert Budget().record()["state_reduction"] == 0.389
     assert make_budget(heads_per_layer="4:2,0:6").record()["heads_per_layer"] == {"0": 6, "4": 2}
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(compressor.pipeline, "load_model", refuse)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
 
 import compressor
 import compressor.loading
 import compressor.pipeline
+from conftest import EVAL_TEXT, assert_user_error, invoke
 from compressor.calibration import StateStatistics
 from compressor.cli import main
 from compressor.outputs import MARKER
 
-EVAL_TEXT = Path(compressor.__file__).parent / "data" / "python-docs-eval.txt"
 SMALL = ["--samples", "4", "--seq-len", "512", "--batch-size", "4"]
 SMALL_EVAL = ["--eval-samples", "4", "--eval-seq-len", "512"]
 STATE_REDUCTION = 0.389
@@ -32,10 +31,6 @@ LINEAR_LAYERS = ["0", "1", "3", "4"]
 HEADS, KEY_DIM, VALUE_DIM, BF16_BYTES = 8, 32, 32, 2
 HEAD_BYTES = KEY_DIM * VALUE_DIM * BF16_BYTES
 PLAN_LINE = re.compile(r"^\s*(\d+)\s+(\d+) -> (\d+)\s+(\[[\d, ]*\])\s*$")
-
-
-def invoke(*args) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def printed_plan(output: str) -> dict[str, list[int]]:
@@ -51,30 +46,6 @@ def printed_plan(output: str) -> dict[str, list[int]]:
 
 def listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
-def assert_user_error(result: Result, *words: str) -> str:
-    """A non-zero exit with exactly one ``Error:`` line naming ``words``, and no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{result.output}"
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    message = errors[0]
-    for word in words:
-        assert word in message, message
-    assert result.stdout.strip() == "", result.stdout  # no plan or summary printed on failure
-    return message
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the pipeline gets as far as loading a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(compressor.pipeline, "load_model", refuse)
 
 
 @pytest.fixture

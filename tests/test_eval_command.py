@@ -48,14 +48,6 @@ def test_eval_defaults_to_the_embedded_held_out_text(fixture_model_path):
         assert embedded[key] == named[key], key
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(compressor.quality, "load_model", refuse)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--eval", "missing.txt"], "evaluation file missing.txt does not exist."),
     (["--samples", "0"], "--samples must be at least 1, got 0."),
@@ -70,3 +62,11 @@ def test_eval_refuses_bad_input_before_loading(fixture_model_path, no_model_load
 def test_eval_refuses_a_missing_model():
     result = invoke("eval", "no/such/model/folder")
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_eval_refuses_to_replace_a_file_without_overwrite(fixture_model_path, tmp_path, no_model_load):
+    mine = tmp_path / "config.json"
+    mine.write_text("{}")
+    result = invoke("eval", fixture_model_path, "--json", mine)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert mine.read_text() == "{}"

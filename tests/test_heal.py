@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from conftest import invoke
 from fresh_process import reloaded_logits
 from safetensors import safe_open
 from tiny_hybrids import FIXTURE, HYBRID, TOKENIZER_FILES
 from transformers import AutoTokenizer, Qwen3_5TextConfig, Qwen3NextConfig
 
 import compressor.loading
-from compressor.cli import main
 from compressor.heal import HealSettings, distillation_loss, torch_recurrences
 from compressor.modeling import gated_delta
 
@@ -39,10 +38,6 @@ def one_thread():
 def small_text(folders) -> list:
     """Short calibration and evaluation texts (tokenizing the embedded ones costs seconds)."""
     return ["--calib", folders["root"] / "calib.txt", "--eval", folders["root"] / "eval.txt"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def tiny_source(folder: Path) -> Path:
@@ -282,3 +277,26 @@ def test_a_teacher_cached_to_disk_first_trains_the_student_and_leaves_no_cache(f
     before, after = weights(folders["pruned"]), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not [p for p in folders["root"].iterdir() if p.name.startswith(".heal-cache-")]
+
+
+def test_cached_batches_repeat_windows_when_the_cache_holds_fewer_than_a_batch(tmp_path):
+    from compressor.heal import TopKCache, cached_batches
+
+    class Teacher(torch.nn.Module):
+        """Stands in for a model: uniform log-probabilities over 32 tokens."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(32, 4))
+
+        def get_decoder(self):
+            return lambda input_ids, use_cache: type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 4)})
+
+        def get_output_embeddings(self):
+            return lambda hidden: hidden @ self.weight.T
+
+    cache = TopKCache(tmp_path, 4)
+    cache.add(Teacher(), torch.arange(3 * 8).view(3, 8))
+    ids, (logprobs, top_ids) = next(cached_batches(cache, 8, 0, shuffle=True))
+    assert ids.shape == (8, 8) and logprobs.shape == top_ids.shape == (8, 8, 4)
+    assert {tuple(row.tolist()) for row in ids} == {tuple(range(i * 8, i * 8 + 8)) for i in range(3)}

@@ -92,7 +92,8 @@ def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     for name, pid in ((".out.partial-dead", int(dead.stdout)), (".out.partial-live", os.getpid())):
         (tmp_path / name).mkdir()
-        (tmp_path / name / MARKER).write_text(f'{{"written_by": "compressor", "pid": {pid}, "files": []}}')
+        (tmp_path / name / MARKER).write_text(
+            f'{{"written_by": "compressor", "state": "staging", "pid": {pid}, "files": []}}')
     (tmp_path / ".out.partial-foreign").mkdir()  # no marker: not ours, never touched
     assert remove_stale_staging(out) == [(tmp_path / ".out.partial-dead").resolve()]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign", ".out.partial-live"]
@@ -244,3 +245,46 @@ def test_halves_from_one_pass_equal_calibrating_each_half(fixture_model_path):
     whole = collect_state_statistics(loaded.model, loaded.family, tokens, 2, progress=False)
     for name in whole.mean:
         assert both.mean[name].nan_to_num().allclose(whole.mean[name].nan_to_num(), rtol=1e-6, atol=1e-6), name
+
+
+def test_a_foreign_file_inside_an_output_subfolder_is_refused(tmp_path):
+    out = tmp_path / "pruned"
+    assert invoke("prune", FIXTURE, "--out", out, *FAST).exit_code == 0
+    (out / "figures" / "my-notes.md").write_text("mine\n")
+    assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "figures/my-notes.md")
+    assert (out / "figures" / "my-notes.md").read_text() == "mine\n"
+
+
+def test_an_output_written_before_the_marker_is_replaced_but_not_with_foreign_files(tmp_path):
+    out = tmp_path / "old"
+    (out / "figures").mkdir(parents=True)
+    for name in ("config.json", "compression.json", "model.safetensors", "figures/removed_heads.png"):
+        (out / name).write_text("old")
+    assert check_output_folder(out, overwrite=True) is None
+    (out / "figures" / "notes.txt").write_text("mine")
+    with pytest.raises(CompressorError, match="figures/notes.txt"):
+        check_output_folder(out, overwrite=True)
+
+
+def test_a_run_killed_mid_swap_gets_its_previous_output_back(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / ".out.old-x1"
+    aside.mkdir()
+    (aside / "report.json").write_text("{}")
+    (aside / MARKER).write_text(f'{{"written_by": "compressor", "state": "aside", "pid": {int(dead.stdout)}, '
+                                '"files": ["report.json"]}')
+    assert remove_stale_staging(tmp_path / "out") == []
+    assert (tmp_path / "out" / "report.json").read_text() == "{}" and not aside.exists()
+
+
+def test_a_failed_write_creates_no_parent_folders(tmp_path, no_model_load):
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "a" / "b" / "out", "--calib", tmp_path / "missing.txt")
+    assert_user_error(result, "missing.txt")
+    assert not (tmp_path / "a").exists()
+
+
+def test_damaged_statistics_are_named_in_one_sentence(tmp_path):
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "stats.safetensors").write_bytes(b"\x00" * 16)
+    result = invoke("prune", FIXTURE, "--method", "norm", "--stats", tmp_path / "stats", "--dry-run")
+    assert_user_error(result, "stats.safetensors", "damaged")

@@ -117,3 +117,5 @@ def test_a_budget_the_stock_layout_cannot_meet_is_refused_before_calibration(tmp
     assert_user_error(result, "--layout stock", "at most 75.0%")
     refused = invoke("prune", FIXTURE, "--dry-run", "--layout", "stock", "--protect-layers", "0")
     assert_user_error(refused, "--protect-layers")
+    assert_user_error(invoke("prune", FIXTURE, "--dry-run", "--layout", "stock", "--budget", "uniform"),
+                      "drop --budget uniform")
