@@ -20,7 +20,7 @@ import click
 
 from .errors import CompressorError
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
-                       STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
+                       SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
@@ -215,6 +215,39 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
         from .hub import push_folder
 
         click.echo(f"pushed: {push_folder(out_dir, push, private=settings.private)}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", metavar="CONFIG")
+@click.option("--stats", required=True, type=click.Path(path_type=Path),
+              help="Statistics written by `compress analyze --out` for this model.")
+@click.option("--state-reduction", default=None, type=float, help=f"As prune [default: {DEFAULT_STATE_REDUCTION}].")
+@click.option("--budget", default="global", show_default=True, type=click.Choice(BUDGETS), help="As prune.")
+@click.option("--heads-per-layer", default=None, metavar="SPEC", help="As prune.")
+@click.option("--protect-layers", default="", metavar="LAYERS", help="As prune.")
+@click.option("--min-heads-per-layer", default=1, show_default=True, help="As prune.")
+@click.option("--layout", default="free", show_default=True, type=click.Choice(LAYOUTS), help="As prune.")
+@click.option("--method", default="norm", show_default=True, type=click.Choice(SCORE_METHODS),
+              help="A statistics score (loss and auto need the weights).")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
+@click.option("--remove", default=None, type=click.Choice(REMOVE), help="As prune [default: low].")
+@click.option("--seed", default=0, show_default=True, help="Seed of --method random.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@user_errors
+def plan(config, stats, seed, **options):
+    """The plan, sizes and output shards of pruning the model of CONFIG (a config.json, or a folder holding one)
+    with saved statistics, without its weights."""
+    from .loading import load_structure
+    from .pipeline import prune as run_prune
+    from .planning import output_shards
+
+    settings = PruneSettings(stats=stats, dry_run=True, calibration=CalibrationSettings(seed=seed), **options)
+    loaded = load_structure(config)
+    result = run_prune(loaded, None, settings, progress=False)
+    click.echo(summary(result.record))
+    shards = output_shards(loaded, result.plan, settings.max_shard_size)
+    click.echo(f"output: {len(shards)} shard(s) of {', '.join(f'{size / 2**30:.2f}' for size in shards)} GiB "
+               f"({sum(shards) / 2**30:.2f} GiB of weights)")
 
 
 @main.command("eval", context_settings=CONTEXT)

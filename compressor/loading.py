@@ -177,3 +177,27 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
             ) from None
         os.environ["HF_HUB_OFFLINE"] = "1"  # the cached copy, without half a minute of retries
         constants.HF_HUB_OFFLINE = True
+
+
+def load_structure(name: str) -> LoadedModel:
+    """The model of the local folder (or ``config.json`` file) ``name`` built on the meta device from its config
+    alone: shapes and parameter counts, no weights, no tokenizer. Enough to plan with saved statistics."""
+    from . import register
+
+    register()
+    path = Path(name).expanduser()
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
+        raise CompressorError(f"{name} is neither a config.json file nor a folder holding one.")
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        raise CompressorError(f"the config of '{name}' cannot be read: {str(error).splitlines()[0]}") from None
+    text_config = config.get_text_config()
+    family = family_for(text_config)
+    check_fla_config(config)
+    save_dtype = checkpoint_dtype(text_config if getattr(config, "dtype", None) is None else config)
+    with torch.device("meta"):
+        model = family.model_class(text_config)
+    model.config.dtype = save_dtype
+    return LoadedModel(model.eval(), None, family, source=str(folder), local_path=folder, save_dtype=save_dtype)

@@ -15,11 +15,11 @@ from .calibration import StateStatistics, calibration_windows, check_source, col
 from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
 from .export import write_folder
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, load_structure
 from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
-from .settings import CalibrationSettings, PruneSettings
+from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
 
@@ -122,13 +122,17 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if saved_stats is None or settings.method == "loss":
         check_source(settings.calibration.calib, settings.calibration.text_field)
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, settings.device, settings.dtype)
+    weightless = settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
+        loaded = load_structure(model) if weightless else load_model(model, settings.device, settings.dtype)
     head_bytes = head_state_bytes(loaded)
     mixers = linear_layers(loaded.model, loaded.family)
     budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
     budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_bytes)
     eval_tokens = None
-    if settings.evaluation is not None:
+    if settings.evaluation is not None and not settings.dry_run:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")
     measured = measure(loaded, settings, saved_stats, progress)
     choice = choose(loaded, measured, budget, head_bytes, settings)
