@@ -300,3 +300,28 @@ def test_cached_batches_repeat_windows_when_the_cache_holds_fewer_than_a_batch(t
     ids, (logprobs, top_ids) = next(cached_batches(cache, 8, 0, shuffle=True))
     assert ids.shape == (8, 8) and logprobs.shape == top_ids.shape == (8, 8, 4)
     assert {tuple(row.tolist()) for row in ids} == {tuple(range(i * 8, i * 8 + 8)) for i in range(3)}
+
+
+def test_the_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_training_on_it_lowers_the_full_kl():
+    from compressor.heal import _kl_chunk, _topk_kl_chunk
+
+    torch.manual_seed(0)
+    vocab, width, positions = 32, 8, 10
+    head, teacher_head = torch.nn.Linear(width, vocab, bias=False), torch.nn.Linear(width, vocab, bias=False)
+    hidden, teacher_hidden = torch.randn(positions, width), 3 * torch.randn(positions, width)
+    targets = torch.randint(vocab, (positions,))
+    with torch.no_grad():
+        teacher = torch.log_softmax(teacher_head(teacher_hidden), -1)
+    full = _kl_chunk(hidden, head, teacher_hidden, teacher_head, targets, 0.0)[0]
+    every = teacher.topk(vocab, -1)
+    assert _topk_kl_chunk(hidden, head, every.values, every.indices, targets, 0.0)[0].item() == pytest.approx(
+        full.item(), rel=1e-5)
+    top = teacher.topk(16, -1)  # half the vocabulary, cached as the cache stores it
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.05)
+    for _ in range(200):
+        loss = _topk_kl_chunk(hidden, head, top.values.half(), top.indices.int(), targets, 0.0)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _kl_chunk(hidden, head, teacher_hidden, teacher_head, targets, 0.0)[0]
+    assert after.item() < 0.5 * full.item()
