@@ -856,8 +856,10 @@ def write_healed(healed, outcome: Outcome, pruned_dir: Path, out_dir: Path, sett
     the card, staged and swapped in (``compressor.outputs``)."""
     from .card import render_card
     from .export import verify_folder, verification_tokens
-    from .outputs import staging_folder
+    from .outputs import check_free_space, staging_folder
 
+    weights = sum(p.numel() for p in outcome.student.parameters()) * outcome.save_dtype.itemsize
+    check_free_space(out_dir, weights + 2**26)
     with staging_folder(out_dir, overwrite, "heal", sources) as staging:
         write_folder(outcome.student, pruned_dir, staging, outcome.save_dtype)
         if settings.verify:

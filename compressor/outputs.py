@@ -131,9 +131,7 @@ def _write_marker(folder: Path, kind: str, files: list[str], state: str) -> None
 def check_writable(out_dir: Path) -> None:
     """Create and remove a staging folder in the nearest existing folder on the way to ``out_dir``: a place that
     cannot be written fails now, in one sentence, not after calibration. Creates nothing that stays."""
-    parent = out_dir.expanduser().resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_parent(out_dir)
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "a file stands where a folder is needed", str(parent))
@@ -142,9 +140,17 @@ def check_writable(out_dir: Path) -> None:
         raise CompressorError(f"cannot write the output beside {out_dir}: {error.strerror or error}.") from None
 
 
+def existing_parent(out_dir: Path) -> Path:
+    """The nearest folder (or file) that exists on the way up from ``out_dir``'s parent."""
+    parent = out_dir.expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def check_free_space(out_dir: Path, needed: int) -> None:
     """Refuse to start writing ``needed`` bytes where the disk has less free."""
-    free = shutil.disk_usage(out_dir.expanduser().resolve().parent).free
+    free = shutil.disk_usage(existing_parent(out_dir)).free
     if free < needed:
         raise CompressorError(
             f"the output needs about {needed / 2**30:.2f} GiB but the disk of {out_dir} has {free / 2**30:.2f} GiB "

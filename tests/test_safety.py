@@ -288,3 +288,10 @@ def test_damaged_statistics_are_named_in_one_sentence(tmp_path):
     (tmp_path / "stats" / "stats.safetensors").write_bytes(b"\x00" * 16)
     result = invoke("prune", FIXTURE, "--method", "norm", "--stats", tmp_path / "stats", "--dry-run")
     assert_user_error(result, "stats.safetensors", "damaged")
+
+
+def test_an_output_in_folders_that_do_not_exist_yet_is_written(tmp_path):
+    out = tmp_path / "runs" / "today" / "pruned"
+    result = invoke("prune", FIXTURE, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert (out / "compression.json").is_file()
