@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .accounting import versions
@@ -53,11 +54,15 @@ def evaluate(
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "versions": versions(),
     }
-    if json_path is not None:
-        staging = Path(f"{json_path}.partial")
+    if json_path is not None:  # a new temporary file beside it, renamed over it: no other file is touched
+        handle, staging = tempfile.mkstemp(prefix=f".{Path(json_path).name}.", dir=Path(json_path).resolve().parent)
         try:
-            staging.write_text(json.dumps(figures, indent=2) + "\n")
+            with os.fdopen(handle, "w") as out:
+                out.write(json.dumps(figures, indent=2) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o666 & ~umask)  # mkstemp's file is private; the result gets the usual permissions
             os.replace(staging, json_path)
         finally:
-            staging.unlink(missing_ok=True)
+            Path(staging).unlink(missing_ok=True)
     return figures

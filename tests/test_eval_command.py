@@ -67,6 +67,19 @@ def test_eval_refuses_a_missing_model():
 def test_eval_refuses_to_replace_a_file_without_overwrite(fixture_model_path, tmp_path, no_model_load):
     mine = tmp_path / "config.json"
     mine.write_text("{}")
+    (tmp_path / "config.json.partial").write_text("mine too")
     result = invoke("eval", fixture_model_path, "--json", mine)
     assert result.exit_code == 1 and "--overwrite" in result.output
     assert mine.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "config.json.partial"]
+
+
+def test_eval_overwrite_replaces_only_the_json_file(fixture_model_path, tmp_path):
+    mine = tmp_path / "figures.json"
+    mine.write_text("{}")
+    (tmp_path / "figures.json.partial").write_text("mine too")
+    result = invoke("eval", fixture_model_path, *SHORT, "--json", mine, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(mine.read_text())["windows"] == 2
+    assert (tmp_path / "figures.json.partial").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json", "figures.json.partial"]
