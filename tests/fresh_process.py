@@ -28,7 +28,8 @@ def run_without_compressor(script: str, workdir: Path, timeout: int = 300) -> su
     """Run ``script`` (Python source) with ``compressor`` blocked, in ``workdir``; raise with its output on failure."""
     path = workdir / "fresh_script.py"
     path.write_text(BLOCKER + textwrap.dedent(script))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    # Its own cache of remote code: transformers keys it by folder name, and tests reuse folder names across runs.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_MODULES_CACHE": str(workdir / ".modules")}
     done = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if done.returncode != 0:

@@ -59,6 +59,7 @@ def run(version: str, site: Path, model: Path, workdir: Path) -> subprocess.Comp
     script.write_text(CHECK)
     return subprocess.run([sys.executable, str(script), str(model), version], cwd=workdir, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1",
+                                                        "HF_MODULES_CACHE": str(workdir / f".modules-{version}"),
                                                         "PATH": "/usr/bin:/bin"})
 
 

@@ -97,6 +97,11 @@ def input_ids(seed: int = 0, vocab_size: int = 96) -> torch.Tensor:
 # Checks shared by the fla family test files (one file per family, parametrised over its tiny configs).
 
 TOLERANCE = 1e-4
+GLA_RELOAD_TOLERANCE = 1e-3
+"""The same GLA folder's logits in this process and in a fresh one: the PyTorch chunked GLA (exp of cumulative
+log-gates, as fla's naive form) amplifies float32 rounding that differs between processes; 4.6e-4 was seen on
+logits of magnitude 3.8 in about one full run in four (2026-12-02), 0 in the rest. Wrong weights differ by O(1).
+Removal against masking, in one process, keeps TOLERANCE."""
 EVAL_TEXT = Path(compressor.__file__).parent / "data" / "python-docs-eval.txt"
 
 
@@ -155,7 +160,8 @@ def check_reload_without_compressor(config_names: list[str], tmp_path: Path) -> 
         assert type(model).__name__.startswith("Pruned"), type(model)
         """)
     for name, logits in expected.items():
-        assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
+        difference = (reloaded[name] - logits).abs().max().item()
+        assert difference <= (GLA_RELOAD_TOLERANCE if name.startswith("gla") else TOLERANCE), (name, difference)
 
 
 def check_cli_prune(config_name: str, tmp_path: Path) -> None:
