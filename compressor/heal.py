@@ -43,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import CompressorError
 
@@ -643,7 +643,10 @@ def write_folder(model, pruned_dir: Path, staging: Path, save_dtype) -> None:
     marker = pruned_dir / MARKER
     listed = json.loads(marker.read_text())["files"] if marker.is_file() else written_paths(pruned_dir)
     for relative in listed:
-        name = relative.split("/")[0]
+        parts = PurePosixPath(relative).parts
+        if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+            continue  # a marker naming a place outside the folder is not one compressor wrote
+        name = parts[0]
         if name in ("README.md", "compression.json") or WEIGHT_FILES.match(name) or name.startswith("."):
             continue
         if (pruned_dir / relative).is_file():

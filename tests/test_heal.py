@@ -325,3 +325,23 @@ def test_the_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_training_on_it
         optimizer.step()
     after = _kl_chunk(hidden, head, teacher_hidden, teacher_head, targets, 0.0)[0]
     assert after.item() < 0.5 * full.item()
+
+
+def test_a_marker_naming_files_outside_the_pruned_folder_copies_nothing_from_there(folders, tmp_path):
+    from compressor.heal import write_folder
+    from compressor.loading import load_model
+    from compressor.outputs import MARKER
+
+    pruned = tmp_path / "pruned"
+    shutil.copytree(folders["pruned"], pruned)
+    (tmp_path / "secret.txt").write_text("not compressor's")
+    marker = json.loads((pruned / MARKER).read_text())
+    marker["files"] += ["../secret.txt", str(tmp_path / "secret.txt"), "figures/../../secret.txt"]
+    (pruned / MARKER).write_text(json.dumps(marker))
+    staging = tmp_path / "staging" / "out"
+    staging.mkdir(parents=True)
+    loaded = load_model(str(pruned), "cpu", "float32")
+    write_folder(loaded.model, pruned, staging, loaded.save_dtype)
+    assert not (tmp_path / "staging" / "secret.txt").exists() and not (staging / "secret.txt").exists()
+    assert (tmp_path / "secret.txt").read_text() == "not compressor's"
+    assert (staging / "config.json").is_file()
