@@ -7,6 +7,7 @@ import torch
 from tiny_models import tiny_model
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
+from compressor.modeling.heads_as_batch import heads_as_batch
 from compressor.state_capture import STATES_DOT_PRECISION, states_dot_precision
 
 
@@ -56,6 +57,27 @@ def test_chunked_and_recurrent_outputs_agree_with_an_initial_state(inputs):
     assert (out_chunk - out_step).abs().max() < 1e-5
     assert (final_chunk - final_step).abs().max() < 1e-5
 
+
+@pytest.mark.parametrize("length", [1, 150])
+def test_heads_folded_into_the_batch_give_the_same_outputs_and_states(inputs, length):
+    """What the CUDA path does around fla's kernels (every head a sequence of its own), checked with the PyTorch
+    recurrence as the kernel: outputs and states per head and per sequence land where they came from."""
+    q, k, v, g, beta = (x[:, :length] for x in inputs)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # head-major, as the mixers hand them over
+    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(2))
+
+    def kernel(q, k, v, g, beta, initial_state, output_final_state):
+        assert q.shape[:3] == (6, length, 1) and initial_state.shape == (6, 1, 16, 8)
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state,
+                                            output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)[:2]
+
+    out, final = heads_as_batch(kernel, dict(q=q, k=k, v=v, g=g, beta=beta), initial_state=initial,
+                                output_final_state=True)
+    expected_out, expected_final, _ = chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert out.shape == expected_out.shape and final.shape == expected_final.shape
+    assert (out - expected_out).abs().max() < 1e-6
+    assert (final - expected_final).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("config_name", ["qwen3_next_moe", "qwen3_5"])

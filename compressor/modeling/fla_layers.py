@@ -248,9 +248,7 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         """Split into heads, q and k repeated per value head by ``value_to_key``:
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        index = self.key_index(v.device)
-        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
-        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        q, k = (self.per_value_head(x, v.device) for x in (q, k))
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):

@@ -39,20 +39,19 @@ kept value head, the index of the kept key head it reads (absent: the stock grou
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """Depthwise causal convolution, computed in float32. x [B, C, T], weight [C, W] -> [B, C, T] in x's dtype."""
-    bias = None if bias is None else bias.float()
-    out = F.conv1d(x.float(), weight.float().unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
+    """Depthwise causal convolution in the weight's dtype (as transformers' own fallback computes it).
+    x [B, C, T], weight [C, W] -> [B, C, T] in x's dtype."""
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
     return ACT2FN[activation](out[..., : x.shape[-1]]).to(x.dtype)
 
 
 def causal_conv1d_step(
     x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
-    """One decode step of the causal convolution (float32); updates conv_state [B, C, W] in place. x [B, C, 1]."""
-    window = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)
+    """One decode step of the causal convolution; updates conv_state [B, C, W] in place. x [B, C, 1] -> [B, C, 1]."""
+    window = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
     conv_state.copy_(window[..., -conv_state.shape[-1] :])
-    bias = None if bias is None else bias.float()
-    out = F.conv1d(window[..., -weight.shape[-1] :].float(), weight.float().unsqueeze(1), bias, groups=x.shape[1])
+    out = F.conv1d(window[..., -weight.shape[-1] :], weight.unsqueeze(1), bias, groups=x.shape[1])
     return ACT2FN[activation](out).to(x.dtype)
 
 
@@ -93,6 +92,13 @@ class PrunableGatedDeltaNetMixin:
             self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
         return self._index_cache[device]
 
+    def per_value_head(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Queries or keys [B, T, H_k·d_k] -> [B, T, H_v, d_k], value head j reading key head ``value_to_key[j]``;
+        laid out head-major (one gather), so that the recurrence folds heads into the batch without a copy."""
+        batch, length, _ = x.shape
+        heads = x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2)
+        return heads.index_select(1, self.key_index(device)).transpose(1, 2)
+
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
         raise NotImplementedError
@@ -128,9 +134,7 @@ class PrunableGatedDeltaNetMixin:
         mixed_qkv = mixed_qkv.transpose(1, 2)
 
         query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        index = self.key_index(hidden_states.device)
-        query = query.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
-        key = key.reshape(batch, length, self.num_k_heads, self.head_k_dim).index_select(2, index)
+        query, key = (self.per_value_head(x, hidden_states.device) for x in (query, key))
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         beta = self.write_strength(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)

@@ -24,6 +24,8 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .heads_as_batch import heads_as_batch
+
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
     """Float32 copies in [B, H, T, ·] layout, q/k normalised and q scaled."""
@@ -126,7 +128,8 @@ def kimi_delta_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors, PyTorch otherwise.
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (heads folded into the batch),
+    PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
@@ -134,7 +137,8 @@ def kimi_delta_attention(
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
-        return (_fla_recurrent if single_step else _fla_chunk)(q, k, v, g=g.float(), beta=beta, **options)
+        kernel = _fla_recurrent if single_step else _fla_chunk
+        return heads_as_batch(kernel, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
     return chunk_kda_torch(q, k, v, g, beta, **options)[:2]
