@@ -1,9 +1,10 @@
-"""Run an fla kernel with every head as a sequence of its own, so that one compiled kernel serves every layer.
+"""Run an fla kernel with every head as a sequence of its own, so that head counts are not compile-time constants.
 
 Shipped inside output folders (imports only torch). fla's Triton kernels take the head counts as compile-time
 constants: a model whose layers keep different numbers of heads would compile (and autotune) one kernel per
 distinct count. The heads of a linear-attention layer never mix inside the recurrence, so a batch of B sequences
-of H heads is the same computation as B·H sequences of one head; the kernels then see H = 1 in every layer.
+of H heads is the same computation as B·H sequences of one head; the kernels then see H = 1 in every layer (Triton
+still specialises integer arguments such as B·H on divisibility by 16, so a model may compile a kernel twice).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are folded
 to [B·H, T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
