@@ -98,7 +98,8 @@ def source_license(loaded: LoadedModel) -> str | None:
 
 
 def layer_records(loaded: LoadedModel, kept: dict[int, list[int]], scores: dict[int, torch.Tensor],
-                  stats: StateStatistics) -> dict[str, LayerRecord]:
+                  stats: StateStatistics, channels: dict[int, dict[int, list[int]]] | None = None
+                  ) -> dict[str, LayerRecord]:
     ranks, norms = stats.per_layer("threshold_rank"), stats.per_layer("nuclear_norm")
     records = {}
     for index, mixer in linear_layers(loaded.model, loaded.family).items():
@@ -110,6 +111,7 @@ def layer_records(loaded: LoadedModel, kept: dict[int, list[int]], scores: dict[
             key_heads_before=source.num_key_heads,
             kept_key_heads=sorted({source.value_to_key[j] for j in kept[index]}),
             value_to_key=explicit_value_to_key(after),
+            kept_key_channels={str(key): kept for key, kept in channels[index].items()} if channels else None,
             score=[round(float(x), 6) for x in scores[index]],
             rank=[round(float(x), 4) for x in ranks[index]],
             norm=[round(float(x), 6) for x in norms[index]],
@@ -122,6 +124,11 @@ def build_record(loaded: LoadedModel, settings: PruneSettings, budget, measured,
     stats = measured.stats
     method = MethodRecord(name=settings.method, alpha=settings.alpha, remove=choice.remove, **budget.record(),
                           seed=settings.calibration.seed, loss_tokens=measured.loss_tokens)
+    if settings.key_reduction is not None:
+        method.key_reduction, method.key_method = settings.key_reduction, settings.key_method
+        key_dims = {m.head_k_dim for m in linear_layers(loaded.model, loaded.family).values()}
+        method.key_dim_before = key_dims.pop()
+        method.key_dim_after = choice.plan.key_dim(next(iter(choice.plan.kept)), method.key_dim_before)
     if choice.chosen is not None:
         method.chosen, method.chosen_seed = choice.chosen.name, choice.chosen.seed
         method.auto_holdout, method.held_out_tokens = settings.auto_holdout, int(measured.held_out.numel())
@@ -135,7 +142,7 @@ def build_record(loaded: LoadedModel, settings: PruneSettings, budget, measured,
         method=method,
         calibration=CalibrationRecord(**{key: stats.settings.get(key) for key in
                                          ("source", "samples", "seq_len", "tokens", "eps")}),
-        layers=layer_records(loaded, choice.plan.kept, choice.scores, stats),
+        layers=layer_records(loaded, choice.plan.kept, choice.scores, stats, choice.plan.channels),
         dtype={"compute": str(loaded.model.dtype).removeprefix("torch."),
                "saved": str(loaded.save_dtype).removeprefix("torch.")},
         state_bytes_before=state_bytes(loaded),

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, KEY_METHODS, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
                        SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -123,6 +123,12 @@ def analyze(model, out_dir, overwrite, **options):
                    "Or one score: joint rank-norm (the paper's Eq. 14; its rule is --method joint --remove high); "
                    "threshold rank, stable_rank, entropy_rank; nuclear norm, frobenius; random; loss (each head's "
                    "own loss increase when masked alone, on --loss-samples x --loss-seq-len calibration tokens).")
+@click.option("--key-reduction", default=None, type=float,
+              help="Also remove this share (0 < R < 1) of every key head's query/key channels (the same count in "
+                   "every key head); with --state-reduction, heads go until the state shrinks by that share in all.")
+@click.option("--key-method", default="rrqr", show_default=True, type=click.Choice(KEY_METHODS),
+              help="How --key-reduction chooses each key head's channels: rrqr (strong rank-revealing QR of "
+                   "calibration queries and keys), l1 or wanda (projection rows), random.")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
 @click.option("--remove", default=None, type=click.Choice(REMOVE),
               help="With a score: remove its highest (the paper's rule) or lowest values [default: low, the better "
@@ -324,6 +330,12 @@ def summary(record) -> str:
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record.layers.items():
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
+    if method.key_reduction is not None:
+        lines.append(f"query/key channels per key head: {method.key_dim_before} -> {method.key_dim_after} "
+                     f"(--key-method {method.key_method}); kept channels of each kept key head:")
+        for layer, info in record.layers.items():
+            for key, kept in info.kept_key_channels.items():
+                lines.append(f"{layer:>5}  key head {key}: {kept}")
     before, after = record.state_bytes_before, record.state_bytes_after
     lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller)")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")

@@ -1,4 +1,5 @@
-"""A model's linear-attention layers: where they are, the heads they hold, and a plan of heads to keep."""
+"""A model's linear-attention layers: where they are, the heads they hold, and a plan of heads (and query/key
+channels) to keep."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ class PruningPlan:
     kept: dict[int, list[int]]
     removed_by_rule: list[tuple[int, int]] = field(default_factory=list)
     """(layer, head) in the order the scoring rule removed them."""
+    channels: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    """Layer -> kept key head (source numbering) -> its kept query/key channels (sorted, the same count in every key
+    head of the model); empty: every channel is kept."""
+
+    def key_dim(self, layer: int, source_key_dim: int) -> int:
+        """The key head size of ``layer`` after this plan."""
+        heads = self.channels.get(layer)
+        return len(next(iter(heads.values()))) if heads else source_key_dim
 
 
 def linear_layers(model: nn.Module, family: Family) -> dict[int, nn.Module]:
@@ -39,13 +48,14 @@ def head_layout(mixer: nn.Module) -> HeadLayout:
     )
 
 
-def pruned_layout(source: HeadLayout, kept_values: list[int]) -> HeadLayout:
-    """The layout after keeping ``kept_values``: key heads survive when one of their value heads does."""
+def pruned_layout(source: HeadLayout, kept_values: list[int], key_dim: int | None = None) -> HeadLayout:
+    """The layout after keeping ``kept_values`` (and ``key_dim`` channels per key head, None: all): key heads
+    survive when one of their value heads does."""
     kept_keys = sorted({source.value_to_key[j] for j in kept_values})
     return HeadLayout(
         num_key_heads=len(kept_keys),
         num_value_heads=len(kept_values),
-        key_dim=source.key_dim,
+        key_dim=source.key_dim if key_dim is None else key_dim,
         value_dim=source.value_dim,
         value_to_key=tuple(kept_keys.index(source.value_to_key[j]) for j in kept_values),
     )

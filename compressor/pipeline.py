@@ -1,12 +1,15 @@
 """``compress analyze`` and ``compress prune`` as short sequences of named steps over typed values.
 
-check settings ─▶ load ─▶ statistics ─▶ choose ─▶ evaluate before ─▶ slim ─▶ evaluate after ─▶ write ─▶ push
+check settings ─▶ load ─▶ statistics ─▶ choose heads ─▶ choose channels ─▶ evaluate before ─▶ slim ─▶ evaluate after
+─▶ write ─▶ push
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dataclasses import replace
 
 import torch
 
@@ -122,7 +125,8 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if saved_stats is None or settings.method == "loss":
         check_source(settings.calibration.calib, settings.calibration.text_field)
 
-    weightless = settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS
+    weightless = (settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS
+                  and settings.key_reduction is None)
     if isinstance(model, LoadedModel):
         loaded = model
     else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
@@ -130,12 +134,25 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     head_bytes = head_state_bytes(loaded)
     mixers = linear_layers(loaded.model, loaded.family)
     budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
+    kept_dim = None
+    if settings.key_reduction is not None:
+        from .key_channels import check_key_reduction, heads_share
+
+        kept_dim = check_key_reduction(loaded.family, mixers, settings.key_reduction)
+        if settings.removes_heads:
+            key_dim = next(iter(mixers.values())).head_k_dim
+            budget = replace(budget, state_reduction=heads_share(budget.state_reduction, kept_dim / key_dim))
     budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_bytes)
     eval_tokens = None
     if settings.evaluation is not None and not settings.dry_run:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")
-    measured = measure(loaded, settings, saved_stats, progress)
-    choice = choose(loaded, measured, budget, head_bytes, settings)
+    if settings.removes_heads:
+        measured = measure(loaded, settings, saved_stats, progress)
+        choice = choose(loaded, measured, budget, head_bytes, settings)
+    else:
+        measured, choice = every_head(loaded, settings, saved_stats, progress)
+    if kept_dim is not None:
+        choice.plan.channels = plan_channels(loaded, settings, choice.plan, kept_dim)
     record = build_record(loaded, settings, budget, measured, choice)
     if settings.dry_run:
         return PruneResult(choice.plan, record, None, loaded.model)
@@ -175,6 +192,39 @@ def measure(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics
     windows = loss_windows(scoring, settings.loss_samples, settings.loss_seq_len)
     loss = loss_scores(loaded.model, loaded.family, windows, settings.loss_batch_size, progress=progress)
     return Measurements(stats, loss, held_out, int(windows.numel()))
+
+
+def every_head(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics | None,
+               progress: bool) -> tuple[Measurements, Choice]:
+    """Channels only: the statistics (for the record and the card) and a plan that keeps every head, scored by
+    state norm."""
+    from .scoring import score_heads
+
+    if stats is not None:
+        check_statistics(stats, loaded)
+    else:
+        stats = calibrate(loaded, settings.calibration, progress)
+    kept = {i: list(range(m.num_v_heads)) for i, m in linear_layers(loaded.model, loaded.family).items()}
+    scores = score_heads(stats, "norm", settings.alpha, settings.calibration.seed)
+    return Measurements(stats), Choice(scores, PruningPlan(kept=kept), settings.end)
+
+
+def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPlan,
+                  kept_dim: int) -> dict[int, dict[int, list[int]]]:
+    """The ``kept_dim`` query/key channels of every key head that ``plan`` keeps, by ``settings.key_method``
+    (``rrqr`` and ``wanda`` read activations on the calibration windows, of the model before any head is
+    removed)."""
+    from .key_channels import choose_channels, collect_key_activations
+
+    mixers = linear_layers(loaded.model, loaded.family)
+    kept_keys = {i: sorted({m.value_to_key[j] for j in plan.kept[i]}) for i, m in mixers.items()}
+    activations = None
+    if settings.key_method in ("rrqr", "wanda"):
+        windows, _ = calibration_windows(settings.calibration, loaded.tokenizer)
+        activations = collect_key_activations(loaded.model, loaded.family, windows, settings.calibration.batch_size,
+                                              settings.calibration.seed)
+    return choose_channels(loaded.model, loaded.family, settings.key_method, kept_dim, kept_keys, activations,
+                           settings.calibration.seed)
 
 
 def choose(loaded: LoadedModel, measured: Measurements, budget, head_bytes: dict[int, int],

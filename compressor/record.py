@@ -30,6 +30,8 @@ class LayerRecord:
     kept_key_heads: list[int] | None = None
     value_to_key: list[int] | None = None
     """The explicit value -> key head map the layer was written with, when the stock grouping cannot describe it."""
+    kept_key_channels: dict[str, list[int]] | None = None
+    """``--key-reduction``: kept key head (source numbering) -> its kept query/key channels."""
 
 
 @dataclass
@@ -52,6 +54,11 @@ class MethodRecord:
     held_out_tokens: int | None = None
     candidates: list[dict] | None = None
     """``auto``: every rule's name, remove, seed, held-out loss and perplexity, in the order tried."""
+    key_reduction: float | None = None
+    """``--key-reduction``: the share of query/key channels asked to be removed from every key head."""
+    key_method: str | None = None
+    key_dim_before: int | None = None
+    key_dim_after: int | None = None
 
 
 @dataclass

@@ -16,6 +16,8 @@ SCORE_METHODS = ("joint", "rank", "stable_rank", "entropy_rank", "norm", "froben
 """Scores computed from the state statistics (``compressor.scoring``)."""
 PRUNE_METHODS = ("auto", *SCORE_METHODS, "loss")
 """``--method`` choices: the statistics scores, the measured loss of masking each head, and ``auto``."""
+KEY_METHODS = ("rrqr", "l1", "wanda", "random")
+"""How ``--key-reduction`` chooses each key head's query/key channels (``compressor.key_channels``)."""
 REMOVE = ("high", "low")
 DEFAULT_REMOVE = "low"
 """The end of a score removed when ``--remove`` is not given: on every trained model measured, removing low scores
@@ -141,6 +143,9 @@ class PruneSettings:
     alpha: float = 0.5
     remove: str | None = None
     """``high`` or ``low``; None: ``low`` for a score, and ``auto`` measures both."""
+    key_reduction: float | None = None
+    """Share of every key head's query/key channels to remove (None: none)."""
+    key_method: str = "rrqr"
     loss_samples: int = LOSS_WINDOWS
     loss_seq_len: int = LOSS_SEQ_LEN
     loss_batch_size: int = 16
@@ -162,6 +167,11 @@ class PruneSettings:
     private: bool = False
 
     @property
+    def removes_heads(self) -> bool:
+        """Whether heads are removed: always without ``key_reduction``; with it, when a head budget is given."""
+        return self.key_reduction is None or self.state_reduction is not None or self.heads_per_layer is not None
+
+    @property
     def end(self) -> str:
         """The end of the scores removed (``auto`` measures both and records its choice)."""
         return self.remove or DEFAULT_REMOVE
@@ -179,6 +189,7 @@ class PruneSettings:
         if self.method == "auto":
             self._check_auto()
         choice("--layout", self.layout, LAYOUTS)
+        self._check_key_reduction()
         budget = make_budget(self.budget, self.state_reduction, self.heads_per_layer, self.protect_layers,
                              self.min_heads_per_layer, self.layout)
         at_least("--loss-samples", self.loss_samples, 1)
@@ -193,6 +204,18 @@ class PruneSettings:
         if not self.dry_run and out_dir is None:
             raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
         return budget
+
+    def _check_key_reduction(self) -> None:
+        choice("--key-method", self.key_method, KEY_METHODS)
+        if self.key_reduction is None:
+            return
+        if not 0.0 < self.key_reduction < 1.0:
+            raise CompressorError(f"--key-reduction must lie strictly between 0 and 1, got {self.key_reduction}.")
+        if self.layout == "stock":
+            raise CompressorError("--key-reduction keeps the source's query scale, which stock code cannot read "
+                                  "(it scales queries by the new d_k^-0.5); drop --layout stock.")
+        if self.heads_per_layer is not None:
+            raise CompressorError("--key-reduction combines with --state-reduction only; drop --heads-per-layer.")
 
     def _check_auto(self) -> None:
         if self.remove is not None:

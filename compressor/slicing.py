@@ -1,4 +1,5 @@
-"""Apply a pruning plan exactly: slice every per-head tensor, rebuild the mixers, rewrite the config."""
+"""Apply a pruning plan exactly: slice every per-head tensor (and the query/key channels), rebuild the mixers,
+rewrite the config."""
 
 from __future__ import annotations
 
@@ -18,14 +19,19 @@ def stock_class(family: Family) -> type:
     return next(cls for cls in family.model_class.__mro__[1:] if issubclass(cls, PreTrainedModel))
 
 
-def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
+def pruned_config(config, family: Family, layouts: dict[int, HeadLayout],
+                  query_scales: dict[int, float] | None = None):
     """A copy of ``config`` with the new head counts, and ``auto_map`` pointing at the shipped modeling code.
 
     Same counts in every layer and stock grouping: only the global fields change, so stock loaders (and other
     engines) read the folder as an ordinary checkpoint. Otherwise ``per_layer_config`` carries each layer's
     counts and head map, which stock code refuses to read globally (AmbiguousGlobalPerLayerAttributeError).
-    The shipped code is referenced either way: on CPU it keeps tensors away from fla's Triton kernels.
+    ``query_scales`` (layer -> scale) marks layers whose query/key channels were removed: they carry their key head
+    size and query scale in ``per_layer_config`` always, since stock code would scale the queries by the new
+    d_k^-0.5 instead. The shipped code is referenced either way: on CPU it keeps tensors away from fla's Triton
+    kernels.
     """
+    query_scales = query_scales or {}
     fields = family.fields
     new = copy.deepcopy(config)
     new.per_layer_config = None
@@ -39,17 +45,21 @@ def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
             fields.num_key_heads: layout.num_key_heads,
             fields.value_to_key: explicit_value_to_key(layout),
             **(family.layer_fields(config, layout) if family.layer_fields else {}),
+            **({fields.key_dim: layout.key_dim, fields.query_scale: query_scales[index]}
+               if index in query_scales else {}),
         }
         for index, layout in layouts.items()
     }
     uniform = {tuple(sorted((k, str(v)) for k, v in o.items())) for o in overrides.values()}
-    if len(uniform) == 1 and all(o[fields.value_to_key] is None for o in overrides.values()):
+    if len(uniform) == 1 and all(o[fields.value_to_key] is None for o in overrides.values()) and not query_scales:
         for name, value in next(iter(overrides.values())).items():
             setattr(new, name, value)
         new.__dict__.pop(fields.value_to_key, None)
         new.architectures = [stock_class(family).__name__]
         return new
     setattr(new, fields.value_to_key, None)
+    if query_scales:
+        setattr(new, fields.query_scale, None)  # per-layer attributes need a global value: None, d_k^-0.5
     if family.per_layer_config_class is not None:
         new.__class__ = family.per_layer_config_class
         new.auto_map["AutoConfig"] = f"{module}.{family.per_layer_config_class.__name__}"
@@ -58,8 +68,10 @@ def pruned_config(config, family: Family, layouts: dict[int, HeadLayout]):
     return new
 
 
-def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int]) -> dict[str, torch.Tensor]:
-    """The mixer's state dict restricted to ``kept_values`` (and the key heads they read)."""
+def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int],
+                channels: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """The mixer's state dict restricted to ``kept_values`` (and the key heads they read, and of those the query/key
+    ``channels``: key head -> kept channels; None: all)."""
     source = head_layout(mixer)
     sliced = {}
     for name, tensor in mixer.state_dict().items():
@@ -69,7 +81,7 @@ def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int]) -> dic
         if name not in family.tensors:
             raise CompressorError(f"the {family.name} table does not say how to slice '{name}'.")
         layout = family.tensors[name]
-        indices, size = kept_indices(layout, source, kept_values)
+        indices, size = kept_indices(layout, source, kept_values, channels)
         if size != tensor.shape[layout.axis]:
             raise CompressorError(
                 f"the {family.name} table describes {size} entries of '{name}' but it has {tensor.shape[layout.axis]}."
@@ -79,17 +91,34 @@ def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int]) -> dic
     return sliced
 
 
+def planned_layouts(mixers: dict[int, nn.Module], plan: PruningPlan) -> dict[int, HeadLayout]:
+    """Layer -> its head layout after ``plan``."""
+    return {index: pruned_layout(head_layout(mixer), plan.kept[index], plan.key_dim(index, mixer.head_k_dim))
+            for index, mixer in mixers.items()}
+
+
+def query_scales(mixers: dict[int, nn.Module], plan: PruningPlan) -> dict[int, float]:
+    """Layer -> the query scale its source computes with (d_k^-0.5 unless set), for layers whose channels ``plan``
+    removes."""
+    return {index: getattr(mixer, "query_scale", None) or mixer.head_k_dim**-0.5
+            for index, mixer in mixers.items() if plan.key_dim(index, mixer.head_k_dim) != mixer.head_k_dim}
+
+
 def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
-    """Physically remove the heads that ``plan`` drops, in place; ``model.config`` is replaced."""
+    """Physically remove the heads and query/key channels that ``plan`` drops, in place; ``model.config`` is
+    replaced."""
     mixers = linear_layers(model, family)
-    layouts = {index: pruned_layout(head_layout(mixers[index]), plan.kept[index]) for index in mixers}
-    old_config, new_config = model.config, pruned_config(model.config, family, layouts)
+    layouts = planned_layouts(mixers, plan)
+    old_config = model.config
+    new_config = pruned_config(model.config, family, layouts, query_scales(mixers, plan))
     for index, mixer in mixers.items():
-        state = slice_mixer(mixer, family, plan.kept[index])
+        state = slice_mixer(mixer, family, plan.kept[index], plan.channels.get(index))
+        layer_config = new_config.per_layer_config[index]
         with torch.device("meta"):
-            new_mixer = family.mixer_class(new_config.per_layer_config[index], index)
+            new_mixer = family.mixer_class(layer_config, index)
         new_mixer.load_state_dict(state, strict=True, assign=True)
-        family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], family.fields.value_to_key, None))
+        family.mixer_class.adopt(new_mixer, getattr(layer_config, family.fields.value_to_key, None))
+        new_mixer.query_scale = getattr(layer_config, family.fields.query_scale, None)
         new_mixer.train(mixer.training)
         setattr(model.model.layers[index], family.mixer_attr, new_mixer)
     for module in model.modules():
@@ -103,17 +132,16 @@ def planned_sizes(model: nn.Module, family: Family, plan: PruningPlan, dtype: to
     mixers = linear_layers(model, family)
     element = torch.empty((), dtype=dtype).element_size()
     removed_parameters, state = 0, 0
-    layouts = {}
+    layouts = planned_layouts(mixers, plan)
     for index, mixer in mixers.items():
         source = head_layout(mixer)
-        layouts[index] = pruned_layout(source, plan.kept[index])
-        state += len(plan.kept[index]) * source.key_dim * source.value_dim * element
+        state += len(plan.kept[index]) * layouts[index].key_dim * source.value_dim * element
         for name, tensor in mixer.state_dict().items():
             if name in family.tensors:
                 layout = family.tensors[name]
-                kept, size = kept_indices(layout, source, plan.kept[index])
+                kept, size = kept_indices(layout, source, plan.kept[index], plan.channels.get(index))
                 removed_parameters += tensor.numel() // size * (size - len(kept))
-    config = pruned_config(model.config, family, layouts)
+    config = pruned_config(model.config, family, layouts, query_scales(mixers, plan))
     return {
         "per_layer_heads": config.is_heterogeneous,
         "state_bytes_after": state,

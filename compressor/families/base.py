@@ -3,12 +3,13 @@
 A parameter axis is a sequence of segments. ``Flat`` lists every head of a kind one after another
 (``[q_0 … q_n | k_0 … k_n | v_0 … v_m]``); ``Grouped`` repeats its blocks once per key head, the value blocks
 holding only that key head's value heads (Qwen3-Next's ``[q_g | k_g | v_{V_g} | z_{V_g}]``). One generic
-function (``kept_indices``) turns a layout and a set of kept value heads into the indices to keep.
+function (``kept_indices``) turns a layout, a set of kept value heads and, optionally, the kept query/key channels
+of each key head into the indices to keep.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -111,6 +112,8 @@ class ConfigFields:
     key_dim: str
     value_dim: str
     value_to_key: str
+    query_scale: str
+    """The query scale of a layer whose query/key channels were removed (absent: the kernels' d_k^-0.5)."""
 
 
 @dataclass(frozen=True)
@@ -143,37 +146,77 @@ class Family:
     linear_layer_type: str | None = None
     """When set, only layers whose ``config.layer_types[i]`` equals it hold a prunable mixer at ``mixer_attr``
     (Kimi Linear names both its MLA and its KDA mixers ``self_attn``)."""
+    query_key: tuple[str, ...] = ("q_proj.weight", "k_proj.weight")
+    """The parameters whose key-head rows project the queries and keys (the ``l1`` and ``wanda`` channel scores)."""
+    key_channels_refused: str | None = None
+    """Why query/key channels cannot be removed exactly from this family (None: they can)."""
 
 
-def kept_indices(layout: TensorLayout, heads: HeadLayout, kept_values: list[int]) -> tuple[list[int], int]:
-    """(indices along ``layout.axis`` that belong to the kept value heads and the key heads they read,
-    the axis length the layout describes)."""
-    kept_keys = {heads.value_to_key[j] for j in kept_values}
-    kept_value_set = set(kept_values)
-    indices: list[int] = []
+@dataclass(frozen=True)
+class Span:
+    """``width`` consecutive entries from ``start`` along a layout's axis, of one block of key head ``key`` (and
+    value head ``value``, for value blocks)."""
+
+    block: Block
+    start: int
+    width: int
+    key: int
+    value: int | None
+
+
+def spans(layout: TensorLayout, heads: HeadLayout) -> Iterator[Span]:
+    """Every block of ``layout``, in order along its axis."""
     offset = 0
-
-    def take(first_head_row: int, width: int) -> None:
-        indices.extend(range(first_head_row, first_head_row + width))
-
     for segment in layout.segments:
         if isinstance(segment, Flat):
             for block in segment.blocks:
                 width = heads.width(block)
                 count = heads.num_key_heads if block.kind == KEY else heads.num_value_heads
-                kept = kept_keys if block.kind == KEY else kept_value_set
                 for head in range(count):
-                    if head in kept:
-                        take(offset + head * width, width)
+                    key, value = (head, None) if block.kind == KEY else (heads.value_to_key[head], head)
+                    yield Span(block, offset + head * width, width, key, value)
                 offset += count * width
         else:
             for key in range(heads.num_key_heads):
                 members = [j for j, k in enumerate(heads.value_to_key) if k == key]
                 for block in segment.blocks:
                     width = heads.width(block)
-                    slots = [key in kept_keys] if block.kind == KEY else [j in kept_value_set for j in members]
-                    for slot, kept in enumerate(slots):
-                        if kept:
-                            take(offset + slot * width, width)
-                    offset += len(slots) * width
-    return indices, offset
+                    for value in [None] if block.kind == KEY else members:
+                        yield Span(block, offset, width, key, value)
+                        offset += width
+
+
+def runs_over_key_channels(block: Block) -> bool:
+    """Whether a block's entries are a key head's d_k channels (query/key rows, their convolution, a decay over
+    d_k), so that removing channels slices it."""
+    return block.width == "key_dim"
+
+
+def kept_indices(layout: TensorLayout, heads: HeadLayout, kept_values: list[int],
+                 channels: dict[int, list[int]] | None = None) -> tuple[list[int], int]:
+    """(indices along ``layout.axis`` that belong to the kept value heads and the key heads they read,
+    the axis length the layout describes). ``channels`` (key head -> kept channels, sorted) restricts the blocks
+    that run over d_k to those channels of their key head; None keeps every channel."""
+    kept_keys = {heads.value_to_key[j] for j in kept_values}
+    kept_value_set = set(kept_values)
+    indices: list[int] = []
+    size = 0
+    for span in spans(layout, heads):
+        size = span.start + span.width
+        if span.key not in kept_keys or (span.value is not None and span.value not in kept_value_set):
+            continue
+        if channels is not None and runs_over_key_channels(span.block):
+            indices.extend(span.start + c for c in channels[span.key])
+        else:
+            indices.extend(range(span.start, span.start + span.width))
+    return indices, size
+
+
+def key_channel_rows(layout: TensorLayout, heads: HeadLayout) -> dict[int, list[list[int]]]:
+    """Key head -> for each of its key blocks in ``layout`` (a query block, a key block …), the d_k indices of its
+    channels along ``layout.axis``."""
+    rows: dict[int, list[list[int]]] = {key: [] for key in range(heads.num_key_heads)}
+    for span in spans(layout, heads):
+        if span.block.kind == KEY and runs_over_key_channels(span.block):
+            rows[span.key].append(list(range(span.start, span.start + span.width)))
+    return rows

@@ -8,7 +8,13 @@ from ..modeling.modeling_fla_gated_deltanet import (
     PrunedFlaGatedDeltaNet,
     PrunedGatedDeltaNetForCausalLM,
 )
-from .base import K, ONE, V, ConfigFields, Family, Flat, columns, rows
+from .base import K, ONE, V, ConfigFields, Family, Flat, HeadLayout, columns, rows
+
+
+def head_dim_fields(config, layout: HeadLayout) -> dict:
+    """``expand_v`` that keeps d_v = head_dim · expand_v when the key head size ``head_dim`` shrinks (the layer
+    sizes its value heads through it); nothing when d_k is unchanged."""
+    return {} if layout.key_dim == config.head_dim else {"expand_v": layout.value_dim / layout.key_dim}
 
 
 FLA_GATED_DELTANET = Family(
@@ -36,4 +42,5 @@ FLA_GATED_DELTANET = Family(
     fields=ConfigFields(**FIELDS),
     config_class=GatedDeltaNetConfig,
     per_layer_config_class=GatedDeltaNetPerLayerConfig,
+    layer_fields=head_dim_fields,
 )

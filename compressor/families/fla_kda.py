@@ -4,6 +4,7 @@ rows; ``dt_bias`` has one entry per value head and key channel. Value head j rea
 
 from ..modeling.modeling_fla_kda import FIELDS, KDAConfig, KDAPerLayerConfig, PrunedFlaKDA, PrunedKDAForCausalLM
 from .base import K, ONE, V, VALUE_K, ConfigFields, Family, Flat, columns, rows
+from .fla_gated_deltanet import head_dim_fields
 
 
 FLA_KDA = Family(
@@ -32,4 +33,5 @@ FLA_KDA = Family(
     fields=ConfigFields(**FIELDS),
     config_class=KDAConfig,
     per_layer_config_class=KDAPerLayerConfig,
+    layer_fields=head_dim_fields,
 )

@@ -40,6 +40,8 @@ KIMI_LINEAR = Family(
     mixer_class=PrunedKimiDeltaAttention,
     fields=ConfigFields(**FIELDS),
     config_class=PrunedKimiLinearConfig,
+    key_channels_refused="its KDA layers size queries, keys and values by one field (linear_head_dim, d_k = d_v), "
+    "so a layer cannot hold fewer query/key channels than value channels",
 )
 
 # The stock config cannot hold per-layer KDA heads (see PrunedKimiLinearConfig): after ``import compressor``,

@@ -22,5 +22,6 @@ QWEN3_5 = Family(
     shared=("norm.weight",),
     modeling_file="modeling_qwen3_5.py",
     model_class=PrunedQwen3_5ForCausalLM,
+    query_key=("in_proj_qkv.weight",),
     mixer_class=PrunedQwen3_5GatedDeltaNet,
 )

@@ -12,5 +12,6 @@ QWEN3_5_MOE = Family(
     shared=QWEN3_5.shared,
     modeling_file="modeling_qwen3_5_moe.py",
     model_class=PrunedQwen3_5MoeForCausalLM,
+    query_key=QWEN3_5.query_key,
     mixer_class=PrunedQwen3_5MoeGatedDeltaNet,
 )

@@ -19,5 +19,6 @@ QWEN3_NEXT = Family(
     shared=("norm.weight",),
     modeling_file="modeling_qwen3_next.py",
     model_class=PrunedQwen3NextForCausalLM,
+    query_key=("in_proj_qkvz.weight",),
     mixer_class=PrunedQwen3NextGatedDeltaNet,
 )

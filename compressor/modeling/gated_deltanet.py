@@ -33,9 +33,11 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < TRANSF
 FIELDS = {
     "num_key_heads": "linear_num_key_heads", "num_value_heads": "linear_num_value_heads",
     "key_dim": "linear_key_head_dim", "value_dim": "linear_value_head_dim", "value_to_key": "linear_value_to_key_head",
+    "query_scale": "linear_query_scale",
 }
 """The config fields of a layer's heads (Qwen3.5, Qwen3-Next, OLMo-Hybrid); ``value_to_key``: per-layer, for each
-kept value head, the index of the kept key head it reads (absent: the stock grouping)."""
+kept value head, the index of the kept key head it reads (absent: the stock grouping); ``query_scale``: the scale of
+the queries of a layer whose query/key channels were removed (absent: d_k^-0.5, the kernels' default)."""
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -66,6 +68,17 @@ class PrunableGatedDeltaNetMixin:
     recurrence = staticmethod(gated_delta_rule)
     """(q, k [B, T, H_v, d_k], v [B, T, H_v, d_v], g, beta [B, T, H_v], initial_state, output_final_state) ->
     (o [B, T, H_v, d_v], final state [B, H_v, d_k, d_v] or None)."""
+
+    query_scale: float | None = None
+    """The queries' scale when it is not the kernels' d_k^-0.5: a layer with removed query/key channels keeps the
+    scale of its source's d_k (see ``scaled``)."""
+
+    def scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """The recurrence's output [B, T, H_v, d_v] at ``query_scale``. Every output of these recurrences is
+        scale · Sᵀq with a state S that does not depend on q, so rescaling the output equals scaling the queries."""
+        if self.query_scale is None:
+            return out
+        return out * (self.query_scale * self.head_k_dim**0.5)
 
     def set_value_to_key(self, value_to_key: list[int] | None) -> None:
         """Set which key head each value head reads (None: the stock j // r grouping)."""
@@ -144,6 +157,7 @@ class PrunableGatedDeltaNetMixin:
         )
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
+        out = self.scaled(out)
 
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, length, -1))
@@ -175,8 +189,8 @@ def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str] = F
 
     ``fields`` names the config attributes (a modeling file's ``FIELDS``); the mixers sit at ``mixer_attr`` (of the
     layers whose ``config.layer_types`` entry is ``linear_layer_type``, when given). Layers whose counts differ
-    from the stock-built mixer get a new ``mixer_cls(layer_config, index)``; every mixer is adopted into
-    ``mixer_cls`` (same parameters) with the layer's head map.
+    or key head size from the stock-built mixer get a new ``mixer_cls(layer_config, index)``; every mixer is adopted
+    into ``mixer_cls`` (same parameters) with the layer's head map and query scale.
     """
     config = model.config
     for index, layer in enumerate(model.model.layers):
@@ -188,10 +202,17 @@ def install_mixers(model: nn.Module, mixer_cls: type, fields: dict[str, str] = F
         mixer = getattr(layer, mixer_attr)
         keys = getattr(layer_config, fields["num_key_heads"])
         values = getattr(layer_config, fields["num_value_heads"]) or keys
-        if (keys, values) != built_head_counts(mixer):
+        key_dim = getattr(layer_config, fields["key_dim"], None)
+        if (keys, values) != built_head_counts(mixer) or key_dim not in (None, built_key_dim(mixer)):
             mixer = mixer_cls(layer_config, index)
             setattr(layer, mixer_attr, mixer)
         mixer_cls.adopt(mixer, getattr(layer_config, fields["value_to_key"], None))
+        mixer.query_scale = getattr(layer_config, fields["query_scale"], None)
+
+
+def built_key_dim(mixer: nn.Module) -> int:
+    """The key head size of a mixer as built, whatever its library calls it."""
+    return getattr(mixer, "head_k_dim", None) or mixer.head_dim
 
 
 def built_head_counts(mixer: nn.Module) -> tuple[int, int]:

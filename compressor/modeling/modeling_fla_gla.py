@@ -26,7 +26,7 @@ from .fla_layers import (
 from .gla import gla
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
-          "value_to_key": "value_to_key_head"}
+          "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
 
 
 class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
@@ -68,6 +68,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
             output_final_state=bool(use_cache),
         )
         update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
+        out = self.scaled(out)
         if self.use_output_gate and self.fuse_norm_and_gate:
             gate = self.g_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_v_dim)
             out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)

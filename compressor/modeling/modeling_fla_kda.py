@@ -26,7 +26,7 @@ from .fla_layers import (
 from .kda import kimi_delta_attention
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
-          "value_to_key": "value_to_key_head"}
+          "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
 
 
 class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):

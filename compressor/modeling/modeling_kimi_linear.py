@@ -114,7 +114,7 @@ class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
 
 
 FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_heads", "key_dim": "linear_head_dim",
-          "value_dim": "linear_head_dim", "value_to_key": "linear_value_to_key_head"}
+          "value_dim": "linear_head_dim", "value_to_key": "linear_value_to_key_head", "query_scale": "linear_query_scale"}
 """The config fields of a KDA layer's heads: one key head per value head, d_k = d_v."""
 
 

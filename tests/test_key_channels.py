@@ -1,0 +1,203 @@
+"""Removing query/key channels (with heads) equals masking them, for every family that allows it; the channel
+choices; the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny_fla
+import tiny_hybrids
+import tiny_models
+from conftest import FIXTURE, assert_user_error, invoke
+from fresh_process import reloaded_logits
+
+from compressor.export import write_model
+from compressor.families import family_for
+from compressor.key_channels import channel_scores, choose_channels, collect_key_activations, kept_key_dim
+from compressor.layers import PruningPlan, linear_layers
+from compressor.slicing import slim
+
+TOLERANCE = 1e-4
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    if name in tiny_models.CONFIGS:
+        return tiny_models.tiny_model(name, seed)
+    if name in tiny_hybrids.CONFIGS:
+        return tiny_hybrids.tiny_hybrid(name, seed)
+    return tiny_fla.tiny_fla_model(name, seed)
+
+
+def head_plan(name: str) -> dict[int, list[int]]:
+    return tiny_fla.plans_for(name)["uneven"] if name in tiny_fla.CONFIGS else tiny_models.PLANS["uneven"]
+
+
+FAMILIES = [*tiny_models.CONFIGS, "qwen3_5_moe", "olmo_hybrid", *tiny_fla.CONFIGS]
+
+
+def random_channels(model, kept_dim: int, seed: int = 0) -> dict[int, dict[int, list[int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    return {index: {key: sorted(torch.randperm(mixer.head_k_dim, generator=generator)[:kept_dim].tolist())
+                    for key in range(mixer.num_k_heads)}
+            for index, mixer in linear_layers(model, family_for(model.config)).items()}
+
+
+def channel_masked(model, kept: dict[int, list[int]], channels: dict[int, dict[int, list[int]]]):
+    """A copy of ``model`` with the removed heads' output columns zeroed and the removed channels of q and k zeroed
+    where the layer has just applied the convolution and its activation: fla layers as they split heads (before
+    feature maps and DeltaNet's sum norm), the others as the recurrence receives them (before its L2 norm). Runs at
+    the source's d_k, so at the source's query scale."""
+    masked = tiny_models.masked_copy(model, kept)
+    for index, mixer in linear_layers(masked, family_for(masked.config)).items():
+        mask = torch.zeros(mixer.num_k_heads, mixer.head_k_dim)
+        for key, kept_channels in channels[index].items():
+            mask[key, kept_channels] = 1
+        per_value = mask[torch.tensor(mixer.value_to_key)]  # [H_v, d_k]
+        if hasattr(mixer, "heads"):
+            def heads(q, k, v, _inner=mixer.heads, _mask=per_value):
+                q, k, v = _inner(q, k, v)
+                return q * _mask.to(q.dtype), k * _mask.to(k.dtype), v
+            mixer.heads = heads
+        else:
+            def recurrence(q, k, *args, _inner=type(mixer).recurrence, _mask=per_value, **kwargs):
+                return _inner(q * _mask.to(q.dtype), k * _mask.to(k.dtype), *args, **kwargs)
+            mixer.recurrence = recurrence
+    return masked
+
+
+def sliced_with_channels(name: str, seed: int = 0):
+    """(model sliced to the uneven head plan and 5 of 8 (or 10 of 16) channels, its channel-masked source, ids)."""
+    model = build(name, seed)
+    kept = head_plan(name)
+    dims = {m.head_k_dim for m in linear_layers(model, family_for(model.config)).values()}
+    channels = random_channels(model, kept_key_dim(dims.pop(), 0.4), seed)
+    ids = torch.randint(3, model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(seed))
+    masked = channel_masked(model, kept, channels)
+    heads_only = tiny_models.masked_copy(model, kept)
+    slim(model, family_for(model.config), PruningPlan(kept=kept, channels=channels))
+    return model, masked, heads_only, ids
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_removing_channels_with_heads_equals_masking_them(name):
+    model, masked, heads_only, ids = sliced_with_channels(name)
+    with torch.no_grad():
+        pruned = model(ids).logits
+        assert (pruned - masked(ids).logits).abs().max().item() <= TOLERANCE
+        assert (pruned - heads_only(ids).logits).abs().max().item() > 1e-2, "the channels must matter"
+    for mixer in linear_layers(model, family_for(model.config)).values():
+        assert mixer.head_k_dim == 5 or mixer.head_k_dim == 10
+        assert mixer.query_scale is not None
+
+
+def test_the_sliced_layers_keep_the_source_query_scale():
+    """With a large epsilon in the mixers' output norms, the norms no longer hide the query scale: the sliced
+    model equals the masked one only at the source's scale."""
+    model = tiny_models.tiny_model("qwen3_5")
+    kept = tiny_models.PLANS["uneven"]
+    channels = random_channels(model, 4)
+    ids = torch.randint(3, 96, (2, 80), generator=torch.Generator().manual_seed(0))
+
+    def large_norm_epsilon(model):
+        for mixer in linear_layers(model, family_for(model.config)).values():
+            mixer.norm.variance_epsilon = 10.0
+        return model
+
+    with torch.no_grad():
+        masked = large_norm_epsilon(channel_masked(model, kept, channels))(ids).logits
+        slim(model, family_for(model.config), PruningPlan(kept=kept, channels=channels))
+        large_norm_epsilon(model)
+        assert (model(ids).logits - masked).abs().max().item() <= TOLERANCE
+        mixers = linear_layers(model, family_for(model.config)).values()
+        assert {m.query_scale for m in mixers} == {8**-0.5}
+        for mixer in mixers:
+            mixer.query_scale = None  # the kernels' default for d_k = 4
+        assert (model(ids).logits - masked).abs().max().item() > 1e-2
+
+
+def test_cached_generation_after_channel_removal():
+    model, masked, _, ids = sliced_with_channels("qwen3_next_moe")
+    settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(ids[:, :70], **settings)
+        reference = masked.generate(ids[:, :70], **settings)
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.logits, reference.logits):
+        assert (a - b).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_channel_pruned_folders_reload_without_compressor(tmp_path):
+    ids = torch.randint(3, 96, (2, 100), generator=torch.Generator().manual_seed(5))
+    expected = {}
+    for name in ("qwen3_5", "qwen3_next_dense", "olmo_hybrid", "gated_deltanet_gva", "delta_net_relu_sum",
+                 "gla_conv_relu", "kda_gva"):
+        model, _, _, _ = sliced_with_channels(name)
+        folder = tmp_path / name
+        write_model(model, family_for(model.config), folder)
+        with torch.no_grad():
+            expected[name] = model(ids).logits
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+        config = model.config
+        assert config.is_heterogeneous, name
+        """)
+    for name, logits in expected.items():
+        tolerance = 1e-3 if name.startswith("gla") else TOLERANCE  # as the GLA reload check of test_family_fla
+        assert (reloaded[name] - logits).abs().max().item() <= tolerance, name
+
+
+def test_channel_choices():
+    """Every method keeps the asked count of distinct channels in each kept key head; l1 keeps the channels of
+    largest projection rows; rrqr reads the activations of the key heads."""
+    model = tiny_models.tiny_model("qwen3_5")
+    family = family_for(model.config)
+    mixer = linear_layers(model, family)[0]
+    with torch.no_grad():  # make channel 3 of key head 1 the largest by far, in the query and the key rows
+        for row in (1 * 8 + 3, 3 * 8 + 1 * 8 + 3):
+            mixer.in_proj_qkv.weight[row] *= 50
+    windows = torch.randint(3, 96, (2, 64), generator=torch.Generator().manual_seed(0))
+    activations = collect_key_activations(model, family, windows, batch_size=1, max_rows=100)
+    assert activations.rows[0][1].shape == (100, 8)
+    kept_keys = {0: [0, 1], 2: [0, 1, 2], 3: [2]}
+    for method in ("rrqr", "l1", "wanda", "random"):
+        chosen = choose_channels(model, family, method, 3, kept_keys, activations)
+        assert {i: sorted(c) for i, c in chosen.items()} == kept_keys
+        assert all(len(set(c)) == 3 and c == sorted(c) for heads in chosen.values() for c in heads.values())
+    assert channel_scores(mixer, family, "l1", None)[1].argmax().item() == 3
+    assert 3 in choose_channels(model, family, "l1", 1, kept_keys)[0][1]
+
+
+def test_kept_count_rounds_up():
+    assert [kept_key_dim(32, r) for r in (0.25, 0.5, 0.75, 0.99)] == [24, 16, 8, 1]
+    assert kept_key_dim(128, 0.3) == 90
+
+
+def test_refusals(no_model_load):
+    for args, words in ((("--key-reduction", "1.5"), ("--key-reduction",)),
+                        (("--key-reduction", "0.5", "--layout", "stock"), ("--layout stock",))):
+        assert_user_error(invoke("prune", FIXTURE, "--dry-run", *args), *words)
+
+
+def test_kimi_linear_is_refused_with_the_reason():
+    from compressor.errors import CompressorError
+    from compressor.key_channels import check_key_reduction
+
+    model = tiny_hybrids.tiny_hybrid("kimi_linear")
+    family = family_for(model.config)
+    with pytest.raises(CompressorError, match="linear_head_dim"):
+        check_key_reduction(family, linear_layers(model, family), 0.5)
+
+
+def test_a_state_reduction_below_the_channels_alone_is_refused():
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.5", "--state-reduction", "0.4",
+                    "--method", "norm", "--samples", "1", "--seq-len", "128")
+    assert_user_error(result, "--state-reduction")
+
+
+def test_combined_dry_run_reaches_the_state_budget():
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.25", "--key-method", "l1",
+                    "--state-reduction", "0.5", "--method", "norm", "--samples", "1", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    assert "32 -> 24" in result.output
+    smaller = float(result.output.split("bytes (")[1].split("%")[0])
+    assert smaller >= 50.0
