@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
-                       SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, EXPORTS, LAYOUTS, PACKINGS, PRUNE_METHODS,
+                       REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
@@ -160,6 +160,9 @@ def analyze(model, out_dir, overwrite, **options):
               help="Reload the written folder and compare logits with the in-memory pruned model.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--export", default="memory", show_default=True, type=click.Choice(EXPORTS),
+              help="Write the weights from the pruned model in memory, or stream them shard by shard from the "
+                   "source's safetensors files (a local folder; same tensors, one shard in memory at a time).")
 @click.option("--base-model", default=None, metavar="ID",
               help="Hub id the model card names as base_model [default: the source's id, or its Hub cache path's].")
 @click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Push the folder when done.")

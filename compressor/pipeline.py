@@ -22,6 +22,7 @@ from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_
 from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
+from .streaming import check_streamable
 
 
 @dataclass
@@ -108,6 +109,14 @@ def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> No
     check_writable(out_dir)
 
 
+def local_folder(model: str | LoadedModel) -> Path | None:
+    """The model's local folder, or None for a Hub id."""
+    if isinstance(model, LoadedModel):
+        return model.local_path
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
 def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneSettings | None = None, *,
           command: str | None = None, progress: bool = True) -> PruneResult:
     """Remove linear-attention heads chosen by ``settings.method`` within its budget and write ``out_dir``
@@ -118,6 +127,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     budget = settings.check(out_dir)
     if out_dir is not None and not settings.dry_run:
         check_output(out_dir, settings.overwrite, model)
+        if settings.export == "stream" and local_folder(model) is None:
+            raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
+                                  "folder; download the model first or use --export memory.")
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
     if saved_stats is None or settings.method == "loss":
         check_source(settings.calibration.calib, settings.calibration.text_field)
@@ -127,6 +139,8 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
         loaded = model
     else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
         loaded = load_structure(model) if weightless else load_model(model, settings.device, settings.dtype)
+    if settings.export == "stream" and not settings.dry_run:
+        check_streamable(loaded.model, loaded.family)
     head_bytes = head_state_bytes(loaded)
     mixers = linear_layers(loaded.model, loaded.family)
     budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})

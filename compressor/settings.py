@@ -29,6 +29,9 @@ PACKINGS = ("pack", "truncate")
 STEP_CHOICES = ("every", "log")
 CHUNK = 64
 """Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
+EXPORTS = ("memory", "stream")
+"""``memory``: ``save_pretrained`` of the pruned model; ``stream``: shard by shard from the source's safetensors
+files, without the model (``compressor.streaming``)."""
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LOSS_WINDOWS = 2
 LOSS_SEQ_LEN = 256
@@ -156,6 +159,7 @@ class PruneSettings:
     verify: bool = True
     overwrite: bool = False
     max_shard_size: str = "2GB"
+    export: str = "memory"
     base_model: str | None = None
     """The Hub id the card names as ``base_model`` (None: the source when it is a Hub id or a Hub cache path)."""
     push_to_hub: str | None = None
@@ -188,6 +192,7 @@ class PruneSettings:
             self.evaluation.check("--eval-")
         choice("--dtype", self.dtype, DTYPE_CHOICES)
         check_shard_size(self.max_shard_size)
+        choice("--export", self.export, EXPORTS)
         if self.dry_run and self.push_to_hub is not None:
             raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
         if not self.dry_run and out_dir is None:
