@@ -90,7 +90,7 @@ def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path
         write_model(loaded.model, loaded.family, staging, settings.max_shard_size, stock=record.layout == "stock",
                     weights=streamed_weights(loaded, choice.plan, settings) if settings.export == "stream" else None)
         copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
-        if settings.verify:
+        if settings.verify and loaded.layer_by_layer is None:  # layer by layer: no whole model to compare with
             record.verify = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
         record.write(staging)
         method = record.method.chosen or record.method.name

@@ -33,6 +33,9 @@ class LoadedModel:
     """The checkpoint's dtype: the pruned weights are written in it, whatever dtype computed them."""
     text_model_of: str | None = None
     """The checkpoint's vision-language class when ``model`` is its text model alone."""
+    layer_by_layer: object | None = None
+    """A ``compressor.sequential.LayerByLayer`` when ``model``'s weights stay on disk (parameters on the meta
+    device) and it runs one decoder layer at a time."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -201,3 +204,27 @@ def load_structure(name: str) -> LoadedModel:
         model = family.model_class(text_config)
     model.config.dtype = save_dtype
     return LoadedModel(model.eval(), None, family, source=str(folder), local_path=folder, save_dtype=save_dtype)
+
+
+def load_layer_by_layer(name: str, device: str, dtype: str, memory: int) -> LoadedModel:
+    """The model of the local folder ``name`` with its parameters on the meta device and buffers real
+    (accelerate's ``init_empty_weights``), its tokenizer, and a ``LayerByLayer`` that reads each decoder layer's
+    weights from the safetensors files when its turn comes, within ``memory`` bytes of the device."""
+    from accelerate import init_empty_weights
+
+    from .sequential import LayerByLayer
+
+    loaded = load_structure(name)
+    torch_device = resolve_device(device)
+    compute = resolve_dtype(dtype, loaded.save_dtype, torch_device)
+    config = loaded.model.config
+    with init_empty_weights():
+        model = loaded.family.model_class(config)
+    model.tie_weights()
+    model.config.dtype = loaded.save_dtype
+    model.eval()
+    loaded.model = model
+    loaded.tokenizer = AutoTokenizer.from_pretrained(str(loaded.local_path))
+    loaded.source = name
+    loaded.layer_by_layer = LayerByLayer(model, loaded.local_path, torch_device, compute, memory)
+    return loaded

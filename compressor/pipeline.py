@@ -15,11 +15,12 @@ from .calibration import StateStatistics, calibration_windows, check_source, col
 from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
 from .export import write_folder
-from .loading import LoadedModel, load_model, load_structure
+from .loading import LoadedModel, load_layer_by_layer, load_model, load_structure, resolve_device, resolve_dtype
 from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
-from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings
+from .sequential import memory_budget, weights_bytes
+from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings, check_memory_sizes
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
 from .streaming import check_streamable
@@ -64,6 +65,8 @@ def analyze(
     dtype: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    max_gpu_memory: str | None = None,
+    max_cpu_memory: str | None = None,
 ) -> StateStatistics:
     """Measure every linear-attention head's state on the calibration text.
 
@@ -73,10 +76,11 @@ def analyze(
     """
     calibration = calibration or CalibrationSettings()
     calibration.check()
+    check_memory_sizes(max_gpu_memory, max_cpu_memory)
     if out_dir is not None:
         check_output(Path(out_dir), overwrite, model)
     check_source(calibration.calib, calibration.text_field)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype, max_gpu_memory, max_cpu_memory)
     stats = calibrate(loaded, calibration, progress, halves=out_dir is not None)
     if out_dir is not None:
         from .analysis import write_report
@@ -94,7 +98,8 @@ def calibrate(loaded: LoadedModel, calibration: CalibrationSettings, progress: b
     if windows is None:
         windows, source = calibration_windows(calibration, loaded.tokenizer)
     stats = collect_state_statistics(loaded.model, loaded.family, windows, calibration.batch_size, calibration.eps,
-                                     progress=progress, times=calibration.times(), halves=halves)
+                                     progress=progress, times=calibration.times(), halves=halves,
+                                     layer_by_layer=loaded.layer_by_layer)
     steps = "log" if calibration.steps == "log" else f"every {calibration.every} tokens"
     stats.settings.update(source=source, seed=calibration.seed, model=loaded.source, packing=calibration.packing,
                           steps=steps)
@@ -107,6 +112,38 @@ def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> No
     clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, [source if source is not None and source.exists() else None])
     check_writable(out_dir)
+
+
+def load(model: str, device: str, dtype: str, max_gpu_memory: str | None, max_cpu_memory: str | None,
+         settings: PruneSettings | None = None) -> LoadedModel:
+    """The whole model on the device, or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less
+    than its weights, the model to run one decoder layer at a time from its files (``compressor.sequential``);
+    ``settings`` (prune) are then checked for steps that need the whole model."""
+    budget = memory_budget(resolve_device(device), max_gpu_memory, max_cpu_memory)
+    folder = local_folder(model)
+    if budget is None:
+        return load_model(model, device, dtype)
+    if folder is None:
+        raise CompressorError("--max-gpu-memory and --max-cpu-memory read the weights layer by layer from a local "
+                              "model folder; download the model first.")
+    structure = load_structure(str(folder))
+    compute = resolve_dtype(dtype, structure.save_dtype, resolve_device(device))
+    if weights_bytes(folder, structure.save_dtype, compute) <= budget:
+        return load_model(model, device, dtype)
+    if settings is not None:
+        check_layer_by_layer(settings)
+    return load_layer_by_layer(model, device, dtype, budget)
+
+
+def check_layer_by_layer(settings: PruneSettings) -> None:
+    """Refuse what needs the whole model at once when it runs one layer at a time; stream the export."""
+    if settings.method in ("auto", "loss"):
+        raise CompressorError(f"--method {settings.method} measures losses through the whole model, which does not "
+                              "fit in --max-gpu-memory/--max-cpu-memory; name a statistics score (e.g. --method norm).")
+    if settings.evaluation is not None and not settings.dry_run:
+        raise CompressorError("--eval runs the whole model, which does not fit in --max-gpu-memory/--max-cpu-memory; "
+                              "run `compress eval` on the output where the pruned model fits.")
+    settings.export = "stream"
 
 
 def local_folder(model: str | LoadedModel) -> Path | None:
@@ -138,7 +175,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if isinstance(model, LoadedModel):
         loaded = model
     else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
-        loaded = load_structure(model) if weightless else load_model(model, settings.device, settings.dtype)
+        loaded = load_structure(model) if weightless else load(model, settings.device, settings.dtype,
+                                                                   settings.max_gpu_memory, settings.max_cpu_memory,
+                                                                   settings)
     if settings.export == "stream" and not settings.dry_run:
         check_streamable(loaded.model, loaded.family)
     head_bytes = head_state_bytes(loaded)

@@ -160,6 +160,10 @@ class PruneSettings:
     overwrite: bool = False
     max_shard_size: str = "2GB"
     export: str = "memory"
+    max_gpu_memory: str | None = None
+    """With ``max_cpu_memory``: the most the compute device may hold; a model larger than that is calibrated one
+    decoder layer at a time from its files (``compressor.sequential``) and exported shard by shard."""
+    max_cpu_memory: str | None = None
     base_model: str | None = None
     """The Hub id the card names as ``base_model`` (None: the source when it is a Hub id or a Hub cache path)."""
     push_to_hub: str | None = None
@@ -193,6 +197,7 @@ class PruneSettings:
         choice("--dtype", self.dtype, DTYPE_CHOICES)
         check_shard_size(self.max_shard_size)
         choice("--export", self.export, EXPORTS)
+        check_memory_sizes(self.max_gpu_memory, self.max_cpu_memory)
         if self.dry_run and self.push_to_hub is not None:
             raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
         if not self.dry_run and out_dir is None:
@@ -207,6 +212,18 @@ class PruneSettings:
             raise CompressorError("--method auto (the default) calibrates on its own scoring windows and cannot "
                                   "reuse --stats; name a method to reuse them, e.g. --method norm.")
         held_out_count(self.calibration.samples, self.auto_holdout)
+
+
+def check_memory_sizes(max_gpu_memory: str | None, max_cpu_memory: str | None) -> None:
+    """``--max-gpu-memory`` and ``--max-cpu-memory`` look like 20GiB or 500MB."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    for option, value in (("--max-gpu-memory", max_gpu_memory), ("--max-cpu-memory", max_cpu_memory)):
+        try:
+            if value is not None:
+                parse_size_to_int(value)
+        except ValueError:
+            raise CompressorError(f"{option} must look like 20GiB or 500MB, got '{value}'.") from None
 
 
 def check_shard_size(max_shard_size: str) -> None:

@@ -1,0 +1,99 @@
+"""Calibration one decoder layer at a time (``compressor.sequential``): the same statistics, bit for bit on the CPU,
+as the whole-model forward; ``prune`` with a memory limit below the model's size writes the same folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURE, assert_user_error, invoke
+from safetensors.torch import load_file
+from tiny_hybrids import saved_tiny_hybrid
+from tiny_models import tiny_model
+
+from compressor.calibration import collect_state_statistics
+from compressor.loading import load_layer_by_layer, load_model
+
+
+def saved_tiny_qwen3_next(folder: Path) -> Path:
+    """A tiny grouped Qwen3-Next MoE (6 value heads over 3 key heads) saved in several shards with per-expert tensors."""
+    tiny_model("qwen3_next_moe").save_pretrained(folder, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(FIXTURE / name, folder / name)
+    return folder
+
+
+SOURCES = {
+    "fixture": lambda tmp: FIXTURE,
+    "qwen3_next_moe": lambda tmp: saved_tiny_qwen3_next(tmp / "qwen3_next"),
+    "kimi_linear": lambda tmp: saved_tiny_hybrid("kimi_linear", tmp / "kimi"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_layer_by_layer_statistics_are_the_whole_model_ones(name, tmp_path):
+    source = SOURCES[name](tmp_path)
+    whole = load_model(str(source), "cpu")
+    tokens = torch.randint(3, whole.model.config.vocab_size, (5, 200), generator=torch.Generator().manual_seed(0))
+    expected = collect_state_statistics(whole.model, whole.family, tokens, 2, progress=False, halves=True)
+    streamed = load_layer_by_layer(str(source), "cpu", "auto", memory=2**20)
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    measured = collect_state_statistics(streamed.model, streamed.family, tokens, 2, progress=False, halves=True,
+                                        layer_by_layer=streamed.layer_by_layer)
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())  # every layer given back
+    assert streamed.layer_by_layer.hidden_device == torch.device("cpu")  # 1 MiB holds no hidden states
+    for metric in expected.mean:
+        for got, want in ((measured, expected), *zip(measured.halves, expected.halves)):
+            assert torch.equal(got.mean[metric].nan_to_num(-1), want.mean[metric].nan_to_num(-1)), metric
+            assert torch.equal(got.std[metric].nan_to_num(-1), want.std[metric].nan_to_num(-1)), metric
+    assert expected.mean["threshold_rank"].nan_to_num().std() > 0  # the heads differ: a mix-up would show
+
+
+def test_prune_below_the_memory_limit_writes_the_whole_model_folder(tmp_path):
+    """``--max-cpu-memory`` of 4 MB for a 24 MB (float32) model: calibrated layer by layer, exported shard by shard;
+    the same plan, config and tensors as the whole-model run."""
+    common = ["--method", "norm", "--samples", "2", "--seq-len", "256", "--device", "cpu", "--max-shard-size", "4MB"]
+    whole = invoke("prune", FIXTURE, "--out", tmp_path / "whole", "--export", "stream", *common)
+    limited = invoke("prune", FIXTURE, "--out", tmp_path / "limited", "--max-cpu-memory", "4MB", *common)
+    assert whole.exit_code == 0 and limited.exit_code == 0, (whole.output, limited.output)
+    tensors = {}
+    for kind in ("whole", "limited"):
+        tensors[kind] = {}
+        for file in (tmp_path / kind).glob("*.safetensors"):
+            tensors[kind].update(load_file(file))
+    assert sorted(tensors["whole"]) == sorted(tensors["limited"])
+    assert all(torch.equal(t, tensors["limited"][n]) for n, t in tensors["whole"].items())
+    records = {kind: json.loads((tmp_path / kind / "compression.json").read_text()) for kind in tensors}
+    assert records["whole"]["layers"] == records["limited"]["layers"]
+    assert records["whole"]["params_after"] == records["limited"]["params_after"]
+    assert records["limited"].get("verify") is None and records["whole"]["verify"]["passed"]
+    assert json.loads((tmp_path / "whole" / "config.json").read_text()) == \
+        json.loads((tmp_path / "limited" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--method", "auto"], ["--method auto", "statistics score"]),
+    (["--method", "loss"], ["--method loss"]),
+    (["--method", "norm", "--eval", FIXTURE / "tokenizer.json"], ["--eval", "compress eval"]),
+])
+def test_steps_that_need_the_whole_model_are_refused_layer_by_layer(args, words, tmp_path):
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-cpu-memory", "4MB", *args)
+    assert_user_error(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_memory_limit_above_the_model_keeps_the_whole_model_path(tmp_path, monkeypatch):
+    import compressor.pipeline
+
+    monkeypatch.setattr(compressor.pipeline, "load_layer_by_layer", lambda *a, **k: pytest.fail("layer by layer"))
+    result = invoke("analyze", FIXTURE, "--max-cpu-memory", "1GB", "--samples", "1", "--seq-len", "128",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_bad_memory_size_is_one_sentence(tmp_path, no_model_load):
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-gpu-memory", "lots")
+    assert_user_error(result, "--max-gpu-memory", "20GiB")
