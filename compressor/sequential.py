@@ -85,13 +85,12 @@ class LayerByLayer:
         from transformers.modeling_utils import LoadStateDictConfig
 
         names = [name for name in self.available if name.startswith(checkpoint_prefixes)]
-        tensors = {}
-        for name in names:
-            with safe_open(self.available[name], "pt") as handle:
-                tensors[name] = handle.get_tensor(name)
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype,
                                      weight_mapping=get_model_conversion_mapping(self.model))
-        convert_and_load_state_dict_in_model(self.model, tensors, config)
+        with contextlib.ExitStack() as files:  # lazy slices: each tensor is read once, where it goes
+            handles = {file: files.enter_context(safe_open(file, "pt")) for file in {self.available[n] for n in names}}
+            slices = {name: handles[self.available[name]].get_slice(name) for name in names}
+            convert_and_load_state_dict_in_model(self.model, slices, config)
         module = self.model.get_submodule(module_prefix.rstrip("."))
         missing = [name for name, p in module.named_parameters() if p.device.type == "meta"]
         if missing:

@@ -12,6 +12,7 @@ import torch
 from conftest import FIXTURE, assert_user_error, invoke
 from safetensors.torch import load_file
 from tiny_hybrids import saved_tiny_hybrid
+from synthetic import RSS, synthetic_source
 from tiny_models import tiny_model
 
 from compressor.calibration import collect_state_statistics
@@ -97,3 +98,36 @@ def test_a_memory_limit_above_the_model_keeps_the_whole_model_path(tmp_path, mon
 def test_a_bad_memory_size_is_one_sentence(tmp_path, no_model_load):
     result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-gpu-memory", "lots")
     assert_user_error(result, "--max-gpu-memory", "20GiB")
+
+
+MEASURE = RSS + """
+import json, sys, torch
+from pathlib import Path
+from compressor.calibration import collect_state_statistics
+from compressor.loading import load_layer_by_layer
+
+loaded = load_layer_by_layer(sys.argv[1], "cpu", "auto", memory=2**27)
+tokens = torch.randint(3, 1024, (4, 128), generator=torch.Generator().manual_seed(0))
+Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from here
+before = rss("VmRSS")
+stats = collect_state_statistics(loaded.model, loaded.family, tokens, 2, progress=False,
+                                  layer_by_layer=loaded.layer_by_layer)
+largest = loaded.layer_by_layer.largest_layer()
+print(json.dumps({"before": before, "peak": rss("VmHWM"),
+                  "largest": largest, "layers": stats.layers}))
+"""
+
+
+def test_layer_by_layer_calibration_holds_one_layer_in_memory(tmp_path):
+    """The synthetic 0.55 GB model of 8 layers of about 66 MB: calibrating it layer by layer grows the peak RSS by at
+    most 2 x its largest layer (the tensors read, then loaded) + 64 MiB (hidden states, states, the loader's work),
+    well under the model's size."""
+    import subprocess
+    import sys
+
+    source = synthetic_source(tmp_path / "source")
+    measured = subprocess.run([sys.executable, "-c", MEASURE, str(source)], capture_output=True, text=True,
+                              check=True)
+    rss = json.loads(measured.stdout.strip().splitlines()[-1])
+    assert rss["layers"] == [0, 1, 2, 4, 5, 6]
+    assert rss["peak"] - rss["before"] <= 2 * rss["largest"] + 2**26, rss
