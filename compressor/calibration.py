@@ -18,6 +18,7 @@ from .settings import CHUNK, PACKINGS, CalibrationSettings, measured_steps
 from .families import Family
 from .metrics import METRICS, metric_table
 from .layers import linear_layers
+from .placement import spans_devices
 from .state_capture import states_handed_to
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
@@ -394,6 +395,7 @@ def collect_state_statistics(
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
     device = next(model.parameters()).device if layer_by_layer is None else layer_by_layer.device
+    overlap = overlap and not spans_devices(model)  # one side stream serves one device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
     state_count = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())

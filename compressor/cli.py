@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, EXPORTS, LAYOUTS, PACKINGS, PRUNE_METHODS,
-                       REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, LAYOUTS, PACKINGS,
+                       PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
@@ -169,6 +169,9 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options
               help="Most the GPU may hold (e.g. 40GiB): a larger model is calibrated one decoder layer at a time "
                    "from its files and exported shard by shard.")
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
+@click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+              help="Spread the decoder layers over every visible GPU with accelerate (auto/balanced: evenly; "
+                   "sequential: one GPU after another), within --max-gpu-memory each, instead of --device.")
 @click.option("--export", default="memory", show_default=True, type=click.Choice(EXPORTS),
               help="Write the weights from the pruned model in memory, or stream them shard by shard from the "
                    "source's safetensors files (a local folder; same tensors, one shard in memory at a time).")

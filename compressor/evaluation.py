@@ -29,10 +29,10 @@ def token_losses(model: nn.Module, ids: torch.Tensor, positions_per_chunk: int =
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = ids[:, 1:].flatten()
-    losses = [
-        F.cross_entropy(head(states).float(), target, reduction="none")
-        for states, target in zip(hidden.flatten(0, 1).split(positions_per_chunk), targets.split(positions_per_chunk))
-    ]
+    losses = []
+    for states, target in zip(hidden.flatten(0, 1).split(positions_per_chunk), targets.split(positions_per_chunk)):
+        logits = head(states).float()  # on the head's device, under a device map
+        losses.append(F.cross_entropy(logits, target.to(logits.device), reduction="none").to(ids.device))
     return torch.cat(losses).view(ids.shape[0], -1)
 
 

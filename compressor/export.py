@@ -129,8 +129,9 @@ def verify_folder(model: nn.Module, folder: Path, tokens: torch.Tensor) -> Verif
     """Reload ``folder`` through its shipped code and compare its logits with ``model``'s; raise on a mismatch."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype)
-    reloaded = reloaded.to(next(model.parameters()).device).eval()
+    placed = getattr(model, "hf_device_map", None)  # spread over devices: the reloaded model the same way
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype, device_map=placed)
+    reloaded = (reloaded if placed is not None else reloaded.to(next(model.parameters()).device)).eval()
     difference = max_logit_difference(model, reloaded, tokens)
     if not difference <= VERIFY_TOLERANCE:
         raise CompressorError(f"verification failed: the reloaded model's logits differ by {difference:.3g}.")

@@ -91,9 +91,11 @@ def as_family_class(model: nn.Module, family: Family) -> nn.Module:
     return rebuilt
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune") -> LoadedModel:
+def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune",
+               device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
     """Load ``name`` (folder or Hub id) to ``purpose`` it (``prune``, ``evaluate``); a family it cannot handle, a
-    damaged weights file or an unreachable Hub fails in one sentence before the weights load."""
+    damaged weights file or an unreachable Hub fails in one sentence before the weights load. With ``device_map``
+    (``compressor.placement.DEVICE_MAPS``), its decoder layers are spread over the GPUs within ``max_memory``."""
     from . import register
 
     register()
@@ -131,10 +133,22 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
         )
     if local_path is not None:
         check_weights(local_path)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))
+    compute = resolve_dtype(dtype, save_dtype, torch_device)
+    placed = None
+    if device_map is not None:
+        from accelerate import init_empty_weights
+
+        from .placement import device_map as infer_device_map
+
+        if text_config is not config:
+            raise CompressorError("--device-map is not supported for vision-language checkpoints yet; use --device.")
+        with init_empty_weights():
+            skeleton = family.model_class(text_config)
+        placed = infer_device_map(skeleton, device_map, max_memory, compute)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=compute, device_map=placed)
     if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
         model = as_family_class(model, family)
-    model = model.to(torch_device).eval()
+    model = (model if placed is not None else model.to(torch_device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(name)
     text_model_of = None if text_config is config else (config.architectures or [type(config).__name__])[0]
     return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype,

@@ -17,6 +17,7 @@ from .evaluation import eval_record, eval_windows, quality
 from .export import write_folder
 from .loading import LoadedModel, load_layer_by_layer, load_model, load_structure, resolve_device, resolve_dtype
 from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
+from .placement import max_memory
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .sequential import memory_budget, weights_bytes
@@ -116,9 +117,13 @@ def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> No
 
 def load(model: str, device: str, dtype: str, max_gpu_memory: str | None, max_cpu_memory: str | None,
          settings: PruneSettings | None = None) -> LoadedModel:
-    """The whole model on the device, or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less
-    than its weights, the model to run one decoder layer at a time from its files (``compressor.sequential``);
-    ``settings`` (prune) are then checked for steps that need the whole model."""
+    """The whole model on the device; spread over the GPUs by ``settings.device_map`` (within the limits per
+    device); or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less than its weights, the model
+    to run one decoder layer at a time from its files (``compressor.sequential``), ``settings`` (prune) then checked
+    for steps that need the whole model."""
+    if settings is not None and settings.device_map is not None:
+        limits = max_memory(max_gpu_memory, max_cpu_memory, torch.cuda.device_count())
+        return load_model(model, device, dtype, device_map=settings.device_map, max_memory=limits)
     budget = memory_budget(resolve_device(device), max_gpu_memory, max_cpu_memory)
     folder = local_folder(model)
     if budget is None:

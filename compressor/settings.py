@@ -29,6 +29,8 @@ PACKINGS = ("pack", "truncate")
 STEP_CHOICES = ("every", "log")
 CHUNK = 64
 """Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+"""accelerate's strategies for ``--device-map`` (``compressor.placement``)."""
 EXPORTS = ("memory", "stream")
 """``memory``: ``save_pretrained`` of the pruned model; ``stream``: shard by shard from the source's safetensors
 files, without the model (``compressor.streaming``)."""
@@ -164,6 +166,9 @@ class PruneSettings:
     """With ``max_cpu_memory``: the most the compute device may hold; a model larger than that is calibrated one
     decoder layer at a time from its files (``compressor.sequential``) and exported shard by shard."""
     max_cpu_memory: str | None = None
+    device_map: str | None = None
+    """``auto``, ``balanced`` or ``sequential``: decoder layers spread over the GPUs by accelerate (within
+    ``max_gpu_memory`` each), instead of the whole model on ``device``."""
     base_model: str | None = None
     """The Hub id the card names as ``base_model`` (None: the source when it is a Hub id or a Hub cache path)."""
     push_to_hub: str | None = None
@@ -198,6 +203,8 @@ class PruneSettings:
         check_shard_size(self.max_shard_size)
         choice("--export", self.export, EXPORTS)
         check_memory_sizes(self.max_gpu_memory, self.max_cpu_memory)
+        if self.device_map is not None:
+            choice("--device-map", self.device_map, DEVICE_MAPS)
         if self.dry_run and self.push_to_hub is not None:
             raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
         if not self.dry_run and out_dir is None:
