@@ -96,7 +96,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @calibration_options
 @click.option("--max-gpu-memory", default=None, metavar="SIZE",
-              help="Most the GPU may hold (e.g. 40GiB): a larger model is calibrated one decoder layer at a time "
+              help="Most the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at a time "
                    "from its files and exported shard by shard.")
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
 @user_errors
@@ -166,7 +166,7 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--max-gpu-memory", default=None, metavar="SIZE",
-              help="Most the GPU may hold (e.g. 40GiB): a larger model is calibrated one decoder layer at a time "
+              help="Most the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at a time "
                    "from its files and exported shard by shard.")
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
 @click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),

@@ -13,7 +13,7 @@ from .settings import DEVICE_MAPS
 
 
 def max_memory(max_gpu_memory: str | None, max_cpu_memory: str | None, gpus: int) -> dict | None:
-    """accelerate's ``max_memory`` ({0: "40GiB", …, "cpu": "100GiB"}) from the limits, or None for what is free."""
+    """accelerate's ``max_memory`` ({0: "40GB", …, "cpu": "100GB"}) from the limits, or None for what is free."""
     if max_gpu_memory is None and max_cpu_memory is None:
         return None
     limits: dict = {}

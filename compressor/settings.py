@@ -222,7 +222,7 @@ class PruneSettings:
 
 
 def check_memory_sizes(max_gpu_memory: str | None, max_cpu_memory: str | None) -> None:
-    """``--max-gpu-memory`` and ``--max-cpu-memory`` look like 20GiB or 500MB."""
+    """``--max-gpu-memory`` and ``--max-cpu-memory`` look like 20GB or 500MB."""
     from huggingface_hub.serialization._base import parse_size_to_int
 
     for option, value in (("--max-gpu-memory", max_gpu_memory), ("--max-cpu-memory", max_cpu_memory)):
@@ -230,7 +230,7 @@ def check_memory_sizes(max_gpu_memory: str | None, max_cpu_memory: str | None) -
             if value is not None:
                 parse_size_to_int(value)
         except ValueError:
-            raise CompressorError(f"{option} must look like 20GiB or 500MB, got '{value}'.") from None
+            raise CompressorError(f"{option} must look like 20GB or 500MB, got '{value}'.") from None
 
 
 def check_shard_size(max_shard_size: str) -> None:

@@ -97,7 +97,7 @@ def test_a_memory_limit_above_the_model_keeps_the_whole_model_path(tmp_path, mon
 
 def test_a_bad_memory_size_is_one_sentence(tmp_path, no_model_load):
     result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-gpu-memory", "lots")
-    assert_user_error(result, "--max-gpu-memory", "20GiB")
+    assert_user_error(result, "--max-gpu-memory", "20GB")
 
 
 MEASURE = RSS + """
