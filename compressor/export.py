@@ -79,9 +79,11 @@ VERIFY_TOLERANCE = 1e-4
 
 
 def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path, settings,
-                 command: str | None) -> None:
+                 command: str | None, written: Callable[[Path], None] | None = None) -> None:
     """Write the pruned ``loaded`` model's output folder atomically: weights in the checkpoint's dtype, config,
-    shipped code, tokenizer files, the reload check (``settings.verify``), ``compression.json`` and the card."""
+    shipped code, tokenizer files, the reload check (``settings.verify``), ``written(folder)`` (a last measure of
+    the written folder), ``compression.json`` and the card. Layer by layer (``loaded.layer_by_layer``), the reload
+    check compares the folder with the source pruned layer by layer as it loads."""
     from .analysis import write_card_figures
     from .card import render_card
 
@@ -90,14 +92,28 @@ def write_folder(loaded, record: CompressionRecord, stats, choice, out_dir: Path
         write_model(loaded.model, loaded.family, staging, settings.max_shard_size, stock=record.layout == "stock",
                     weights=streamed_weights(loaded, choice.plan, settings) if settings.export == "stream" else None)
         copy_tokenizer_files(loaded.local_path, staging, loaded.tokenizer.save_pretrained)
-        if settings.verify and loaded.layer_by_layer is None:  # layer by layer: no whole model to compare with
+        if settings.verify and loaded.layer_by_layer is None:
             record.verify = verify_folder(loaded.model, staging, verification_tokens(loaded.model.config))
+        elif settings.verify:
+            record.verify = verify_written(loaded, staging, choice.plan, settings)
+        if written is not None:
+            written(staging)
         record.write(staging)
         method = record.method.chosen or record.method.name
         figures = write_card_figures(stats, staging, choice.scores, choice.plan.kept, method)
         card = render_card(record, command=command, figures=figures, repo_id=settings.push_to_hub,
                            text_model_of=loaded.text_model_of)
         (staging / "README.md").write_text(card, encoding="utf-8")
+
+
+def verify_written(loaded, folder: Path, plan, settings) -> VerifyRecord:
+    """The reload check layer by layer: ``folder``'s logits against the source's, pruned as each layer loads."""
+    from .layerwise_checks import runner_for, verify_layer_by_layer
+
+    memory = loaded.layer_by_layer.memory
+    source = runner_for(loaded.local_path, settings.device, settings.dtype, memory)
+    written = runner_for(folder, settings.device, settings.dtype, memory)
+    return verify_layer_by_layer(source, written, plan, verification_tokens(source.model.config), VERIFY_TOLERANCE)
 
 
 def streamed_weights(loaded, plan, settings) -> Callable[[Path], object]:

@@ -240,5 +240,5 @@ def load_layer_by_layer(name: str, device: str, dtype: str, memory: int) -> Load
     loaded.model = model
     loaded.tokenizer = AutoTokenizer.from_pretrained(str(loaded.local_path))
     loaded.source = name
-    loaded.layer_by_layer = LayerByLayer(model, loaded.local_path, torch_device, compute, memory)
+    loaded.layer_by_layer = LayerByLayer(model, loaded.family, loaded.local_path, torch_device, compute, memory)
     return loaded

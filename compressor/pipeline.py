@@ -14,6 +14,7 @@ from .accounting import build_record, check_statistics, head_state_bytes, parame
 from .calibration import StateStatistics, calibration_windows, check_source, collect_state_statistics
 from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
+from .layerwise_checks import layer_by_layer_quality
 from .export import write_folder
 from .loading import LoadedModel, load_layer_by_layer, load_model, load_structure, resolve_device, resolve_dtype
 from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
@@ -145,9 +146,6 @@ def check_layer_by_layer(settings: PruneSettings) -> None:
     if settings.method in ("auto", "loss"):
         raise CompressorError(f"--method {settings.method} measures losses through the whole model, which does not "
                               "fit in --max-gpu-memory/--max-cpu-memory; name a statistics score (e.g. --method norm).")
-    if settings.evaluation is not None and not settings.dry_run:
-        raise CompressorError("--eval runs the whole model, which does not fit in --max-gpu-memory/--max-cpu-memory; "
-                              "run `compress eval` on the output where the pruned model fits.")
     settings.export = "stream"
 
 
@@ -198,23 +196,46 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if settings.dry_run:
         return PruneResult(choice.plan, record, None, loaded.model)
 
+    written = None
     if eval_tokens is not None:
         batch = settings.evaluation.batch_size
-        before = quality(loaded.model, eval_tokens, batch, progress, "perplexity before")
+        if loaded.layer_by_layer is None:
+            before = quality(loaded.model, eval_tokens, batch, progress, "perplexity before")
+        else:  # after: on the written folder, layer by layer too
+            before = layer_by_layer_quality(loaded.layer_by_layer, eval_tokens, batch)
+            written = evaluate_written(record, before, eval_data, eval_tokens, settings)
     slim(loaded.model, loaded.family, choice.plan)
-    if eval_tokens is not None:
+    if eval_tokens is not None and loaded.layer_by_layer is None:
         after = quality(loaded.model, eval_tokens, batch, progress, "perplexity after")
         record.eval = eval_record(before, after, eval_data, eval_tokens)
     if (record.state_bytes_after, record.params_after) != (state_bytes(loaded), parameter_count(loaded.model)):
         raise CompressorError("internal error: the pruned model's size differs from the plan's; nothing was written.")
     check_free_space(out_dir, record.params_after * loaded.save_dtype.itemsize + 2**26)
-    write_folder(loaded, record, measured.stats, choice, out_dir, settings, command)
+    write_folder(loaded, record, measured.stats, choice, out_dir, settings, command, written)
     pushed = None
     if settings.push_to_hub is not None:
         from .hub import push_folder
 
         pushed = push_folder(out_dir, settings.push_to_hub, private=settings.private)
     return PruneResult(choice.plan, record, out_dir, loaded.model, pushed)
+
+
+def evaluate_written(record: CompressionRecord, before, data: str, tokens: torch.Tensor, settings: PruneSettings):
+    """Layer by layer: a step for the written folder (before its record is written) that measures it on ``tokens``
+    and records it with ``before``."""
+    from .layerwise_checks import runner_for
+
+    def measure_folder(folder: Path) -> None:
+        runner = runner_for(folder, settings.device, settings.dtype, memory_of(settings))
+        after = layer_by_layer_quality(runner, tokens, settings.evaluation.batch_size)
+        record.eval = eval_record(before, after, data, tokens)
+
+    return measure_folder
+
+
+def memory_of(settings: PruneSettings) -> int:
+    """The device's memory limit of ``settings`` (layer by layer)."""
+    return memory_budget(resolve_device(settings.device), settings.max_gpu_memory, settings.max_cpu_memory)
 
 
 def measure(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics | None,

@@ -63,12 +63,15 @@ def layer_prefix(index: int, available: dict[str, Path]) -> str:
 
 
 class LayerByLayer:
-    """Pushes token windows through ``model`` (built by ``init_empty_weights``; weights in ``source``) layer by layer
+    """Pushes token windows through ``model`` (of ``family``, built by ``init_empty_weights``; weights in ``source``)
+    layer by layer
     on ``device`` in ``dtype``. Between layers the hidden states [B, L, D] of every window wait on the device when
     they fit in ``memory`` bytes beside the largest layer, else on the CPU."""
 
-    def __init__(self, model: nn.Module, source: Path, device: torch.device, dtype: torch.dtype, memory: int):
-        self.model, self.source, self.device, self.dtype, self.memory = model, source, device, dtype, memory
+    def __init__(self, model: nn.Module, family, source: Path, device: torch.device, dtype: torch.dtype,
+                 memory: int):
+        self.model, self.family, self.source = model, family, source
+        self.device, self.dtype, self.memory = device, dtype, memory
         self.hidden_device = device
         self.available = source_index(source)
 
@@ -105,10 +108,11 @@ class LayerByLayer:
 
     @torch.no_grad()
     def run(self, batches: list[torch.Tensor], last_layer: int, before_batch: Callable[[int], None],
-            stop: type[Exception]) -> None:
+            stop: type[Exception], edit: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """Every batch [B, L] of token ids through decoder layers 0 … ``last_layer``; ``before_batch(k)`` is called
         before batch k enters a layer; ``stop``, raised by a layer (the calibration sink after the last state), ends
-        that batch's pass through it."""
+        that batch's pass through it; ``edit(index)`` may change layer ``index`` once its weights are loaded.
+        Returns each batch's hidden states [B, L, D] after the last layer it went through."""
         inner = self.model.model
         hidden_bytes = sum(b.numel() for b in batches) * self.model.config.hidden_size * self.dtype.itemsize
         fits = hidden_bytes + self.largest_layer() <= self.memory
@@ -131,6 +135,8 @@ class LayerByLayer:
         self.unload(inner.embed_tokens)
         for index in range(last_layer + 1):
             self.load(f"model.layers.{index}.", (layer_prefix(index, self.available),))
+            if edit is not None:
+                edit(index)
             for k in range(len(batches)):
                 before_batch(k)
                 args, kwargs = calls[k][index]
@@ -141,3 +147,35 @@ class LayerByLayer:
                 hidden[k] = (output[0] if isinstance(output, tuple) else output).to(self.hidden_device)
             self.unload(layers[index])
         self.model.tie_weights()  # loading and unloading the embeddings replaced their parameter
+        return hidden
+
+    @torch.no_grad()
+    def final_hidden(self, batches: list[torch.Tensor], edit: Callable[[int], None] | None = None
+                     ) -> list[torch.Tensor]:
+        """Each batch's [B, L] hidden states [B, L, D] after every layer and the final norm (what the output head
+        reads), on the device."""
+        hidden = self.run(batches, len(self.model.model.layers) - 1, lambda k: None, _NeverRaised, edit)
+        self.load("model.norm.", ("model.norm.", "model.language_model.norm."))
+        normed = [self.model.model.norm(h.to(self.device)) for h in hidden]
+        self.unload(self.model.model.norm)
+        return normed
+
+    @contextlib.contextmanager
+    def head(self):
+        """The output head with its weights on the device, within the block (the embeddings', when tied)."""
+        head = self.model.get_output_embeddings()
+        if "lm_head.weight" in self.available:
+            self.load("lm_head.", ("lm_head.",))
+        else:
+            self.load("model.embed_tokens.", ("model.embed_tokens.", "model.language_model.embed_tokens."))
+            self.model.tie_weights()
+        try:
+            yield self.model.get_output_embeddings()
+        finally:
+            self.unload(head)
+            self.unload(self.model.model.embed_tokens)
+            self.model.tie_weights()
+
+
+class _NeverRaised(Exception):
+    """No layer raises it: every batch goes through every layer."""

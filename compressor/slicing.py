@@ -79,19 +79,32 @@ def slice_mixer(mixer: nn.Module, family: Family, kept_values: list[int]) -> dic
     return sliced
 
 
-def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
-    """Physically remove the heads that ``plan`` drops, in place; ``model.config`` is replaced."""
+def slimmed_config(model: nn.Module, family: Family, plan: PruningPlan):
+    """The config of ``model`` once ``plan`` is applied (``pruned_config`` of the plan's layouts)."""
     mixers = linear_layers(model, family)
     layouts = {index: pruned_layout(head_layout(mixers[index]), plan.kept[index]) for index in mixers}
-    old_config, new_config = model.config, pruned_config(model.config, family, layouts)
-    for index, mixer in mixers.items():
-        state = slice_mixer(mixer, family, plan.kept[index])
-        with torch.device("meta"):
-            new_mixer = family.mixer_class(new_config.per_layer_config[index], index)
-        new_mixer.load_state_dict(state, strict=True, assign=True)
-        family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], family.fields.value_to_key, None))
-        new_mixer.train(mixer.training)
-        setattr(model.model.layers[index], family.mixer_attr, new_mixer)
+    return pruned_config(model.config, family, layouts)
+
+
+def replace_mixer(model: nn.Module, family: Family, index: int, kept: list[int], new_config) -> None:
+    """Replace layer ``index``'s mixer by one holding only the ``kept`` value heads (its tensors sliced where they
+    are: on a device, or on the meta device for shapes alone)."""
+    layer = model.model.layers[index]
+    mixer = getattr(layer, family.mixer_attr)
+    state = slice_mixer(mixer, family, kept)
+    with torch.device("meta"):
+        new_mixer = family.mixer_class(new_config.per_layer_config[index], index)
+    new_mixer.load_state_dict(state, strict=True, assign=True)
+    family.mixer_class.adopt(new_mixer, getattr(new_config.per_layer_config[index], family.fields.value_to_key, None))
+    new_mixer.train(mixer.training)
+    setattr(layer, family.mixer_attr, new_mixer)
+
+
+def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
+    """Physically remove the heads that ``plan`` drops, in place; ``model.config`` is replaced."""
+    old_config, new_config = model.config, slimmed_config(model, family, plan)
+    for index in linear_layers(model, family):
+        replace_mixer(model, family, index, plan.kept[index], new_config)
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config

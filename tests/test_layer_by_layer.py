@@ -1,5 +1,6 @@
 """Calibration one decoder layer at a time (``compressor.sequential``): the same statistics, bit for bit on the CPU,
-as the whole-model forward; ``prune`` with a memory limit below the model's size writes the same folder."""
+as the whole-model forward; ``prune`` with a memory limit below the model's size writes the same folder, with the
+same evaluation, and checks it layer by layer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE, assert_user_error, invoke
+from conftest import EVAL_TEXT, FIXTURE, assert_user_error, invoke
 from safetensors.torch import load_file
 from tiny_hybrids import saved_tiny_hybrid
 from synthetic import RSS, synthetic_source
@@ -54,9 +55,11 @@ def test_layer_by_layer_statistics_are_the_whole_model_ones(name, tmp_path):
 
 
 def test_prune_below_the_memory_limit_writes_the_whole_model_folder(tmp_path):
-    """``--max-cpu-memory`` of 4 MB for a 24 MB (float32) model: calibrated layer by layer, exported shard by shard;
-    the same plan, config and tensors as the whole-model run."""
-    common = ["--method", "norm", "--samples", "2", "--seq-len", "256", "--device", "cpu", "--max-shard-size", "4MB"]
+    """``--max-cpu-memory`` of 4 MB for a 24 MB (float32) model: calibrated, evaluated and verified layer by layer,
+    exported shard by shard; the same plan, config, tensors and evaluation as the whole-model run, and the reload
+    check (the folder's logits against the source's pruned as each layer loads) passes."""
+    common = ["--method", "norm", "--samples", "2", "--seq-len", "256", "--device", "cpu", "--max-shard-size", "4MB",
+              "--eval", EVAL_TEXT, "--eval-samples", "3", "--eval-seq-len", "128"]
     whole = invoke("prune", FIXTURE, "--out", tmp_path / "whole", "--export", "stream", *common)
     limited = invoke("prune", FIXTURE, "--out", tmp_path / "limited", "--max-cpu-memory", "4MB", *common)
     assert whole.exit_code == 0 and limited.exit_code == 0, (whole.output, limited.output)
@@ -70,15 +73,35 @@ def test_prune_below_the_memory_limit_writes_the_whole_model_folder(tmp_path):
     records = {kind: json.loads((tmp_path / kind / "compression.json").read_text()) for kind in tensors}
     assert records["whole"]["layers"] == records["limited"]["layers"]
     assert records["whole"]["params_after"] == records["limited"]["params_after"]
-    assert records["limited"].get("verify") is None and records["whole"]["verify"]["passed"]
+    assert records["whole"]["eval"] == records["limited"]["eval"]
+    assert records["limited"]["eval"]["perplexity_after"] > records["limited"]["eval"]["perplexity_before"]
+    assert records["limited"]["verify"] == {"max_abs_logit_diff": 0.0, "passed": True, "tokens": 512}
     assert json.loads((tmp_path / "whole" / "config.json").read_text()) == \
         json.loads((tmp_path / "limited" / "config.json").read_text())
+
+
+def test_the_layer_by_layer_reload_check_catches_a_wrong_slice(tmp_path, monkeypatch):
+    """The written folder with one head's rows of one layer swapped: the check fails and nothing is written."""
+    import compressor.streaming
+
+    original = compressor.streaming.read_tensor
+
+    def swapped(file, name, kept):
+        tensor = original(file, name, kept)
+        if name == "model.layers.1.linear_attn.in_proj_z.weight":
+            return torch.cat([tensor[32:64], tensor[:32], tensor[64:]])  # value heads 0 and 1 of 32 rows each
+        return tensor
+
+    monkeypatch.setattr(compressor.streaming, "read_tensor", swapped)
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-cpu-memory", "4MB", "--method", "norm",
+                    "--samples", "2", "--seq-len", "256", "--device", "cpu", "--heads-per-layer", "0:4,1:4,3:4,4:4")
+    assert_user_error(result, "verification failed")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("args", "words"), [
     (["--method", "auto"], ["--method auto", "statistics score"]),
     (["--method", "loss"], ["--method loss"]),
-    (["--method", "norm", "--eval", FIXTURE / "tokenizer.json"], ["--eval", "compress eval"]),
 ])
 def test_steps_that_need_the_whole_model_are_refused_layer_by_layer(args, words, tmp_path):
     result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--max-cpu-memory", "4MB", *args)
