@@ -232,8 +232,13 @@ def load_layer_by_layer(name: str, device: str, dtype: str, memory: int) -> Load
     torch_device = resolve_device(device)
     compute = resolve_dtype(dtype, loaded.save_dtype, torch_device)
     config = loaded.model.config
-    with init_empty_weights():
-        model = loaded.family.model_class(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(compute)  # parameters created in the compute dtype, as from_pretrained creates them
+    try:
+        with init_empty_weights():
+            model = loaded.family.model_class(config)
+    finally:
+        torch.set_default_dtype(default)
     model.tie_weights()
     model.config.dtype = loaded.save_dtype
     model.eval()

@@ -89,6 +89,7 @@ class LayerByLayer:
 
         names = [name for name in self.available if name.startswith(checkpoint_prefixes)]
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype,
+                                     dtype_plan=self.model._get_dtype_plan(self.dtype),  # float32 where it keeps it
                                      weight_mapping=get_model_conversion_mapping(self.model))
         with contextlib.ExitStack() as files:  # lazy slices: each tensor is read once, where it goes
             handles = {file: files.enter_context(safe_open(file, "pt")) for file in {self.available[n] for n in names}}
