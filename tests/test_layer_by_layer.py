@@ -155,3 +155,15 @@ def test_layer_by_layer_calibration_holds_one_layer_in_memory(tmp_path):
     rss = json.loads(measured.stdout.strip().splitlines()[-1])
     assert rss["layers"] == [0, 1, 2, 4, 5, 6]
     assert rss["peak"] - rss["before"] <= 2 * rss["largest"] + 2**26, rss
+
+
+def test_analyze_below_the_memory_limit_writes_the_whole_model_statistics(tmp_path):
+    common = ["--samples", "4", "--seq-len", "128", "--device", "cpu"]
+    whole = invoke("analyze", FIXTURE, "--out", tmp_path / "whole", *common)
+    limited = invoke("analyze", FIXTURE, "--out", tmp_path / "limited", "--max-cpu-memory", "4MB", *common)
+    assert whole.exit_code == 0 and limited.exit_code == 0, (whole.output, limited.output)
+    expected, measured = (load_file(tmp_path / kind / "stats.safetensors") for kind in ("whole", "limited"))
+    assert sorted(expected) == sorted(measured)
+    assert all(torch.equal(t.nan_to_num(-1), measured[n].nan_to_num(-1)) for n, t in expected.items())
+    reports = [json.loads((tmp_path / kind / "report.json").read_text()) for kind in ("whole", "limited")]
+    assert reports[0]["consistency"] == reports[1]["consistency"]  # the halves, from the same passes
