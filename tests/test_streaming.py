@@ -152,3 +152,19 @@ def test_the_streaming_export_holds_about_one_shard_in_memory(tmp_path):
     largest = max(p.stat().st_size for p in out.glob("model*.safetensors"))
     assert len(list(out.glob("model-*.safetensors"))) > 8
     assert rss["peak"] - rss["before"] <= 1.5 * largest + 2**26, (rss, largest)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_a_vision_language_checkpoints_text_model_streams_as_it_is_written_in_memory(model_type, tmp_path):
+    """The source names the text model's tensors ``model.language_model.…`` and holds a vision tower; the output
+    holds the text model alone, under the names the in-memory export gives it."""
+    from test_vision_language_checkpoint import saved_vision_language_model
+
+    saved_vision_language_model(model_type, tmp_path / "vlm")
+    for export in ("memory", "stream"):
+        result = invoke("prune", tmp_path / "vlm", "--out", tmp_path / export, "--export", export, "--method", "norm",
+                        "--samples", "2", "--seq-len", "128", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    assert_same_weights(tmp_path / "memory", tmp_path / "stream")
+    assert json.loads((tmp_path / "memory" / "config.json").read_text()) == \
+        json.loads((tmp_path / "stream" / "config.json").read_text())
