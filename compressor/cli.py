@@ -20,7 +20,8 @@ import click
 
 from .errors import CompressorError
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, LAYOUTS, PACKINGS,
-                       PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
+                       PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
+                       PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))

@@ -146,7 +146,8 @@ def verify_folder(model: nn.Module, folder: Path, tokens: torch.Tensor) -> Verif
     from transformers import AutoModelForCausalLM
 
     placed = getattr(model, "hf_device_map", None)  # spread over devices: the reloaded model the same way
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype, device_map=placed)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype,
+                                                    device_map=placed)
     reloaded = (reloaded if placed is not None else reloaded.to(next(model.parameters()).device)).eval()
     difference = max_logit_difference(model, reloaded, tokens)
     if not difference <= VERIFY_TOLERANCE:

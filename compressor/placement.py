@@ -47,11 +47,6 @@ def device_map(model: nn.Module, strategy: str, limits: dict | None, dtype: torc
     return placed
 
 
-def first_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the device of the embeddings (the first device of a dispatched model)."""
-    return model.get_input_embeddings().weight.device
-
-
 def spans_devices(model: nn.Module) -> bool:
     """Whether a device map spreads ``model`` over more than one device."""
     return len(set(getattr(model, "hf_device_map", {}).values())) > 1

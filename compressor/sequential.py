@@ -77,7 +77,8 @@ class LayerByLayer:
 
     def largest_layer(self) -> int:
         """Bytes of the largest decoder layer's parameters in the compute dtype."""
-        return max(sum(p.numel() for p in layer.parameters()) for layer in self.model.model.layers) * self.dtype.itemsize
+        largest = max(sum(p.numel() for p in layer.parameters()) for layer in self.model.model.layers)
+        return largest * self.dtype.itemsize
 
     def load(self, module_prefix: str, checkpoint_prefixes: tuple[str, ...]) -> None:
         """Read the tensors under ``checkpoint_prefixes`` into the model's parameters under ``module_prefix`` on the

@@ -9,7 +9,8 @@ process:
 - ``layer_by_layer``: ``--max-gpu-memory`` (``--max-cpu-memory`` on the CPU) at a quarter of the model's size.
 
 Measures, and prints as one JSON object (also written to ``--json``): the wall time of each stage (load, calibrate
-and measure, choose, write the folder, of which the weights), the peak device memory (CUDA's ``max_memory_allocated``), the peak RSS (VmHWM), the export's time
+and measure, choose, write the folder, of which the weights), the peak device memory (CUDA's
+``max_memory_allocated``), the peak RSS (VmHWM), the export's time
 against ``cp -r`` of the source folder on the same disk, and whether both output folders hold identical tensors.
 
     python scripts/bench_scale.py --size 8B --work /scratch/bench --json scripts/results/bench_scale_h200.json

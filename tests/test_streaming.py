@@ -37,7 +37,8 @@ def assert_same_weights(memory: Path, streamed: Path) -> None:
     assert sorted(expected) == sorted(written)
     for name, tensor in expected.items():
         assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
-    assert sorted(p.name for p in memory.glob("model*.safetensors")) == sorted(p.name for p in streamed.glob("model*.safetensors"))
+    files = lambda folder: sorted(p.name for p in folder.glob("model*.safetensors"))  # noqa: E731
+    assert files(memory) == files(streamed)
     index = "model.safetensors.index.json"
     if (memory / index).exists():
         assert json.loads((memory / index).read_text()) == json.loads((streamed / index).read_text())
@@ -101,7 +102,8 @@ def test_prune_streams_the_fixture_into_the_folder_the_in_memory_export_writes(t
     assert_same_weights(tmp_path / "memory", tmp_path / "stream")
     assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1
     for name in ("config.json", "generation_config.json"):
-        assert json.loads((tmp_path / "memory" / name).read_text()) == json.loads((tmp_path / "stream" / name).read_text())
+        memory, stream = (json.loads((tmp_path / kind / name).read_text()) for kind in ("memory", "stream"))
+        assert memory == stream, name
     assert json.loads((tmp_path / "stream" / "compression.json").read_text())["verify"]["passed"]
 
 
