@@ -142,6 +142,7 @@ print(json.dumps({"before": before, "peak": rss("VmHWM"),
 """
 
 
+@pytest.mark.slow
 def test_layer_by_layer_calibration_holds_one_layer_in_memory(tmp_path):
     """The synthetic 0.55 GB model of 8 layers of about 66 MB: calibrating it layer by layer grows the peak RSS by at
     most 2 x its largest layer (the tensors read, then loaded) + 64 MiB (hidden states, states, the loader's work),

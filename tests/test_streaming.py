@@ -141,6 +141,7 @@ print(json.dumps({"before": before, "peak": rss("VmHWM"), "seconds": time.perf_c
 """
 
 
+@pytest.mark.slow
 def test_the_streaming_export_holds_about_one_shard_in_memory(tmp_path):
     """A synthetic 8-layer Qwen3.5 of 0.5 GB in float32, in 40 MB shards: the export's peak RSS grows by at most
     1.5 x its largest output shard and 64 MiB, a quarter of what holding the model would take."""
