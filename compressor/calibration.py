@@ -18,6 +18,7 @@ from .settings import CHUNK, PACKINGS, CalibrationSettings, measured_steps
 from .families import Family
 from .metrics import METRICS, metric_table
 from .layers import linear_layers
+from .placement import spans_devices
 from .state_capture import states_handed_to
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
@@ -371,6 +372,7 @@ def collect_state_statistics(
     overlap: bool = True,
     group: int = GROUP_MATRICES,
     halves: bool = False,
+    layer_by_layer=None,
 ) -> StateStatistics:
     """Run ``tokens`` [N, L] through ``model`` and summarise every head's state at the boundaries ``times``.
 
@@ -385,10 +387,15 @@ def collect_state_statistics(
 
     With ``halves``, the statistics of the first N // 2 windows and of the rest are kept apart as well
     (``StateStatistics.halves``), from the same forward passes (no batch mixes the two).
+
+    With ``layer_by_layer`` (a ``compressor.sequential.LayerByLayer`` over ``model``, whose weights then stay on
+    disk), every batch goes through one decoder layer after another instead of one batch through the model after
+    another; each (part, layer)'s sums still add the batches in the same order, so the statistics are the same.
     """
     times = measured_steps(tokens.shape[1]) if times is None else list(times)
     mixers = linear_layers(model, family)
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if layer_by_layer is None else layer_by_layer.device
+    overlap = overlap and not spans_devices(model)  # one side stream serves one device
     chunks = torch.tensor([(t + CHUNK - 1) // CHUNK - 1 for t in times], device=device)  # boundary -> chunk
     chunk_count = (tokens.shape[1] + CHUNK - 1) // CHUNK
     state_count = tokens.shape[0] * len(times) * sum(mixer.num_v_heads for mixer in mixers.values())
@@ -398,6 +405,10 @@ def collect_state_statistics(
     batches = [(part, batch) for part, windows in enumerate(parts) for batch in windows.split(batch_size)]
     last_layer = max(mixers)
     part_now = 0
+
+    def before_batch(k: int) -> None:
+        nonlocal part_now
+        part_now = batches[k][0]
 
     def sink(layer: int, states: torch.Tensor) -> None:
         """Take a layer's chunk states: every chunk's [B, H, N, d_k, d_v], or (Gated DeltaNet mixers, which read
@@ -414,7 +425,10 @@ def collect_state_statistics(
     sink.chunk_index = chunks
 
     with states_handed_to(sink, mixers), summary.forward_stream():
-        for part_now, batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+        if layer_by_layer is not None:
+            layer_by_layer.run([batch for _, batch in batches], last_layer, before_batch, _LastStatesTaken)
+        for part_now, batch in tqdm(batches if layer_by_layer is None else [], desc="calibrating", unit="batch",
+                                    disable=not progress):
             with contextlib.suppress(_LastStatesTaken):
                 model.model(input_ids=batch.to(device), use_cache=False)
     return _assembled(*summary.totals(), mixers, tokens, parts, times, eps)

@@ -19,8 +19,9 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
-from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DTYPE_CHOICES, KEY_METHODS, LAYOUTS, PACKINGS, PRUNE_METHODS, REMOVE,
-                       SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings, PruneSettings)
+from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
+                       PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
+                       PruneSettings)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
@@ -95,13 +96,18 @@ def main():
               help="Folder for stats.safetensors, report.json, report.md and figures [default: print a summary only].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @calibration_options
+@click.option("--max-gpu-memory", default=None, metavar="SIZE",
+              help="Most the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at a time "
+                   "from its files and exported shard by shard.")
+@click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
 @user_errors
-def analyze(model, out_dir, overwrite, **options):
+def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
     from .pipeline import analyze as run_analyze
 
     device, dtype = options.pop("device"), options.pop("dtype")
-    stats = run_analyze(model, calibration_settings(options), out_dir, device, dtype, overwrite=overwrite)
+    stats = run_analyze(model, calibration_settings(options), out_dir, device, dtype, overwrite=overwrite,
+                        max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
     ranks = stats.per_layer("threshold_rank")
     for i, layer in enumerate(stats.layers):
         shown = " ".join(f"{r:5.1f}" for r in ranks[layer].tolist())
@@ -166,6 +172,16 @@ def analyze(model, out_dir, overwrite, **options):
               help="Reload the written folder and compare logits with the in-memory pruned model.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--max-gpu-memory", default=None, metavar="SIZE",
+              help="Most the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at a time "
+                   "from its files and exported shard by shard.")
+@click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
+@click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+              help="Spread the decoder layers over every visible GPU with accelerate (auto/balanced: evenly; "
+                   "sequential: one GPU after another), within --max-gpu-memory each, instead of --device.")
+@click.option("--export", default="memory", show_default=True, type=click.Choice(EXPORTS),
+              help="Write the weights from the pruned model in memory, or stream them shard by shard from the "
+                   "source's safetensors files (a local folder; same tensors, one shard in memory at a time).")
 @click.option("--base-model", default=None, metavar="ID",
               help="Hub id the model card names as base_model [default: the source's id, or its Hub cache path's].")
 @click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Push the folder when done.")

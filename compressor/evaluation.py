@@ -26,13 +26,19 @@ def token_losses(model: nn.Module, ids: torch.Tensor, positions_per_chunk: int =
     float32 logits of 16 × 256 positions alone take 4 GB). Equal to the cross-entropy of ``model(ids).logits``
     (tested for every family).
     """
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    head = model.get_output_embeddings()
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    return losses_of_hidden(model.get_output_embeddings(), hidden, ids, positions_per_chunk)
+
+
+def losses_of_hidden(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, positions_per_chunk: int = 512
+                     ) -> torch.Tensor:
+    """:func:`token_losses` from the decoder's final hidden states [B, T, D] of ``ids`` [B, T] and the output head."""
+    hidden = hidden[:, :-1]
     targets = ids[:, 1:].flatten()
-    losses = [
-        F.cross_entropy(head(states).float(), target, reduction="none")
-        for states, target in zip(hidden.flatten(0, 1).split(positions_per_chunk), targets.split(positions_per_chunk))
-    ]
+    losses = []
+    for states, target in zip(hidden.flatten(0, 1).split(positions_per_chunk), targets.split(positions_per_chunk)):
+        logits = head(states).float()  # on the head's device, under a device map
+        losses.append(F.cross_entropy(logits, target.to(logits.device), reduction="none").to(ids.device))
     return torch.cat(losses).view(ids.shape[0], -1)
 
 

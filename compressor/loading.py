@@ -33,6 +33,9 @@ class LoadedModel:
     """The checkpoint's dtype: the pruned weights are written in it, whatever dtype computed them."""
     text_model_of: str | None = None
     """The checkpoint's vision-language class when ``model`` is its text model alone."""
+    layer_by_layer: object | None = None
+    """A ``compressor.sequential.LayerByLayer`` when ``model``'s weights stay on disk (parameters on the meta
+    device) and it runs one decoder layer at a time."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,9 +91,11 @@ def as_family_class(model: nn.Module, family: Family) -> nn.Module:
     return rebuilt
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune") -> LoadedModel:
+def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune",
+               device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
     """Load ``name`` (folder or Hub id) to ``purpose`` it (``prune``, ``evaluate``); a family it cannot handle, a
-    damaged weights file or an unreachable Hub fails in one sentence before the weights load."""
+    damaged weights file or an unreachable Hub fails in one sentence before the weights load. With ``device_map``
+    (``compressor.placement.DEVICE_MAPS``), its decoder layers are spread over the GPUs within ``max_memory``."""
     from . import register
 
     register()
@@ -128,10 +133,22 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
         )
     if local_path is not None:
         check_weights(local_path)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, save_dtype, torch_device))
+    compute = resolve_dtype(dtype, save_dtype, torch_device)
+    placed = None
+    if device_map is not None:
+        from accelerate import init_empty_weights
+
+        from .placement import device_map as infer_device_map
+
+        if text_config is not config:
+            raise CompressorError("--device-map is not supported for vision-language checkpoints yet; use --device.")
+        with init_empty_weights():
+            skeleton = family.model_class(text_config)
+        placed = infer_device_map(skeleton, device_map, max_memory, compute)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=compute, device_map=placed)
     if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
         model = as_family_class(model, family)
-    model = model.to(torch_device).eval()
+    model = (model if placed is not None else model.to(torch_device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(name)
     text_model_of = None if text_config is config else (config.architectures or [type(config).__name__])[0]
     return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype,
@@ -201,3 +218,32 @@ def load_structure(name: str) -> LoadedModel:
         model = family.model_class(text_config)
     model.config.dtype = save_dtype
     return LoadedModel(model.eval(), None, family, source=str(folder), local_path=folder, save_dtype=save_dtype)
+
+
+def load_layer_by_layer(name: str, device: str, dtype: str, memory: int) -> LoadedModel:
+    """The model of the local folder ``name`` with its parameters on the meta device and buffers real
+    (accelerate's ``init_empty_weights``), its tokenizer, and a ``LayerByLayer`` that reads each decoder layer's
+    weights from the safetensors files when its turn comes, within ``memory`` bytes of the device."""
+    from accelerate import init_empty_weights
+
+    from .sequential import LayerByLayer
+
+    loaded = load_structure(name)
+    torch_device = resolve_device(device)
+    compute = resolve_dtype(dtype, loaded.save_dtype, torch_device)
+    config = loaded.model.config
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(compute)  # parameters created in the compute dtype, as from_pretrained creates them
+    try:
+        with init_empty_weights():
+            model = loaded.family.model_class(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.tie_weights()
+    model.config.dtype = loaded.save_dtype
+    model.eval()
+    loaded.model = model
+    loaded.tokenizer = AutoTokenizer.from_pretrained(str(loaded.local_path))
+    loaded.source = name
+    loaded.layer_by_layer = LayerByLayer(model, loaded.family, loaded.local_path, torch_device, compute, memory)
+    return loaded

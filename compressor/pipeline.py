@@ -17,14 +17,18 @@ from .accounting import build_record, check_statistics, head_state_bytes, parame
 from .calibration import StateStatistics, calibration_windows, check_source, collect_state_statistics
 from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
+from .layerwise_checks import layer_by_layer_quality
 from .export import write_folder
-from .loading import LoadedModel, load_model, load_structure
+from .loading import LoadedModel, load_layer_by_layer, load_model, load_structure, resolve_device, resolve_dtype
 from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
+from .placement import max_memory
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
-from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings
+from .sequential import memory_budget, weights_bytes
+from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings, check_memory_sizes
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
+from .streaming import check_streamable
 
 
 @dataclass
@@ -66,6 +70,8 @@ def analyze(
     dtype: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    max_gpu_memory: str | None = None,
+    max_cpu_memory: str | None = None,
 ) -> StateStatistics:
     """Measure every linear-attention head's state on the calibration text.
 
@@ -75,10 +81,11 @@ def analyze(
     """
     calibration = calibration or CalibrationSettings()
     calibration.check()
+    check_memory_sizes(max_gpu_memory, max_cpu_memory)
     if out_dir is not None:
         check_output(Path(out_dir), overwrite, model)
     check_source(calibration.calib, calibration.text_field)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype, max_gpu_memory, max_cpu_memory)
     stats = calibrate(loaded, calibration, progress, halves=out_dir is not None)
     if out_dir is not None:
         from .analysis import write_report
@@ -96,7 +103,8 @@ def calibrate(loaded: LoadedModel, calibration: CalibrationSettings, progress: b
     if windows is None:
         windows, source = calibration_windows(calibration, loaded.tokenizer)
     stats = collect_state_statistics(loaded.model, loaded.family, windows, calibration.batch_size, calibration.eps,
-                                     progress=progress, times=calibration.times(), halves=halves)
+                                     progress=progress, times=calibration.times(), halves=halves,
+                                     layer_by_layer=loaded.layer_by_layer)
     steps = "log" if calibration.steps == "log" else f"every {calibration.every} tokens"
     stats.settings.update(source=source, seed=calibration.seed, model=loaded.source, packing=calibration.packing,
                           steps=steps)
@@ -111,6 +119,51 @@ def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> No
     check_writable(out_dir)
 
 
+def load(model: str, device: str, dtype: str, max_gpu_memory: str | None, max_cpu_memory: str | None,
+         settings: PruneSettings | None = None) -> LoadedModel:
+    """The whole model on the device; spread over the GPUs by ``settings.device_map`` (within the limits per
+    device); or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less than its weights, the model
+    to run one decoder layer at a time from its files (``compressor.sequential``), ``settings`` (prune) then checked
+    for steps that need the whole model."""
+    if settings is not None and settings.device_map is not None:
+        limits = max_memory(max_gpu_memory, max_cpu_memory, torch.cuda.device_count())
+        return load_model(model, device, dtype, device_map=settings.device_map, max_memory=limits)
+    budget = memory_budget(resolve_device(device), max_gpu_memory, max_cpu_memory)
+    folder = local_folder(model)
+    if budget is None:
+        return load_model(model, device, dtype)
+    if folder is None:
+        raise CompressorError("--max-gpu-memory and --max-cpu-memory read the weights layer by layer from a local "
+                              "model folder; download the model first.")
+    structure = load_structure(str(folder))
+    compute = resolve_dtype(dtype, structure.save_dtype, resolve_device(device))
+    if weights_bytes(folder, structure.save_dtype, compute) <= budget:
+        return load_model(model, device, dtype)
+    if settings is not None:
+        check_layer_by_layer(settings)
+    return load_layer_by_layer(model, device, dtype, budget)
+
+
+def check_layer_by_layer(settings: PruneSettings) -> None:
+    """Refuse what needs the whole model at once when it runs one layer at a time; stream the export."""
+    if settings.method in ("auto", "loss"):
+        raise CompressorError(f"--method {settings.method} measures losses through the whole model, which does not "
+                              "fit in --max-gpu-memory/--max-cpu-memory; name a statistics score (e.g. --method norm).")
+    if settings.key_reduction is not None:
+        raise CompressorError("--key-reduction chooses channels from every layer's queries and keys in one pass of the "
+                              "whole model, which does not fit in --max-gpu-memory/--max-cpu-memory; drop the limit or "
+                              "--key-reduction.")
+    settings.export = "stream"
+
+
+def local_folder(model: str | LoadedModel) -> Path | None:
+    """The model's local folder, or None for a Hub id."""
+    if isinstance(model, LoadedModel):
+        return model.local_path
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
 def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneSettings | None = None, *,
           command: str | None = None, progress: bool = True) -> PruneResult:
     """Remove linear-attention heads chosen by ``settings.method`` within its budget and write ``out_dir``
@@ -121,6 +174,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     budget = settings.check(out_dir)
     if out_dir is not None and not settings.dry_run:
         check_output(out_dir, settings.overwrite, model)
+        if settings.export == "stream" and local_folder(model) is None:
+            raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
+                                  "folder; download the model first or use --export memory.")
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
     if saved_stats is None or settings.method == "loss":
         check_source(settings.calibration.calib, settings.calibration.text_field)
@@ -130,7 +186,11 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if isinstance(model, LoadedModel):
         loaded = model
     else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
-        loaded = load_structure(model) if weightless else load_model(model, settings.device, settings.dtype)
+        loaded = load_structure(model) if weightless else load(model, settings.device, settings.dtype,
+                                                                   settings.max_gpu_memory, settings.max_cpu_memory,
+                                                                   settings)
+    if settings.export == "stream" and not settings.dry_run:
+        check_streamable(loaded.model, loaded.family)
     head_bytes = head_state_bytes(loaded)
     mixers = linear_layers(loaded.model, loaded.family)
     budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
@@ -157,23 +217,46 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if settings.dry_run:
         return PruneResult(choice.plan, record, None, loaded.model)
 
+    written = None
     if eval_tokens is not None:
         batch = settings.evaluation.batch_size
-        before = quality(loaded.model, eval_tokens, batch, progress, "perplexity before")
+        if loaded.layer_by_layer is None:
+            before = quality(loaded.model, eval_tokens, batch, progress, "perplexity before")
+        else:  # after: on the written folder, layer by layer too
+            before = layer_by_layer_quality(loaded.layer_by_layer, eval_tokens, batch)
+            written = evaluate_written(record, before, eval_data, eval_tokens, settings)
     slim(loaded.model, loaded.family, choice.plan)
-    if eval_tokens is not None:
+    if eval_tokens is not None and loaded.layer_by_layer is None:
         after = quality(loaded.model, eval_tokens, batch, progress, "perplexity after")
         record.eval = eval_record(before, after, eval_data, eval_tokens)
     if (record.state_bytes_after, record.params_after) != (state_bytes(loaded), parameter_count(loaded.model)):
         raise CompressorError("internal error: the pruned model's size differs from the plan's; nothing was written.")
     check_free_space(out_dir, record.params_after * loaded.save_dtype.itemsize + 2**26)
-    write_folder(loaded, record, measured.stats, choice, out_dir, settings, command)
+    write_folder(loaded, record, measured.stats, choice, out_dir, settings, command, written)
     pushed = None
     if settings.push_to_hub is not None:
         from .hub import push_folder
 
         pushed = push_folder(out_dir, settings.push_to_hub, private=settings.private)
     return PruneResult(choice.plan, record, out_dir, loaded.model, pushed)
+
+
+def evaluate_written(record: CompressionRecord, before, data: str, tokens: torch.Tensor, settings: PruneSettings):
+    """Layer by layer: a step for the written folder (before its record is written) that measures it on ``tokens``
+    and records it with ``before``."""
+    from .layerwise_checks import runner_for
+
+    def measure_folder(folder: Path) -> None:
+        runner = runner_for(folder, settings.device, settings.dtype, memory_of(settings))
+        after = layer_by_layer_quality(runner, tokens, settings.evaluation.batch_size)
+        record.eval = eval_record(before, after, data, tokens)
+
+    return measure_folder
+
+
+def memory_of(settings: PruneSettings) -> int:
+    """The device's memory limit of ``settings`` (layer by layer)."""
+    return memory_budget(resolve_device(settings.device), settings.max_gpu_memory, settings.max_cpu_memory)
 
 
 def measure(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics | None,

@@ -31,6 +31,11 @@ PACKINGS = ("pack", "truncate")
 STEP_CHOICES = ("every", "log")
 CHUNK = 64
 """Tokens per chunk of the chunked recurrences: states exist at multiples of it (and after the last token)."""
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+"""accelerate's strategies for ``--device-map`` (``compressor.placement``)."""
+EXPORTS = ("memory", "stream")
+"""``memory``: ``save_pretrained`` of the pruned model; ``stream``: shard by shard from the source's safetensors
+files, without the model (``compressor.streaming``)."""
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LOSS_WINDOWS = 2
 LOSS_SEQ_LEN = 256
@@ -161,6 +166,14 @@ class PruneSettings:
     verify: bool = True
     overwrite: bool = False
     max_shard_size: str = "2GB"
+    export: str = "memory"
+    max_gpu_memory: str | None = None
+    """With ``max_cpu_memory``: the most the compute device may hold; a model larger than that is calibrated one
+    decoder layer at a time from its files (``compressor.sequential``) and exported shard by shard."""
+    max_cpu_memory: str | None = None
+    device_map: str | None = None
+    """``auto``, ``balanced`` or ``sequential``: decoder layers spread over the GPUs by accelerate (within
+    ``max_gpu_memory`` each), instead of the whole model on ``device``."""
     base_model: str | None = None
     """The Hub id the card names as ``base_model`` (None: the source when it is a Hub id or a Hub cache path)."""
     push_to_hub: str | None = None
@@ -199,6 +212,10 @@ class PruneSettings:
             self.evaluation.check("--eval-")
         choice("--dtype", self.dtype, DTYPE_CHOICES)
         check_shard_size(self.max_shard_size)
+        choice("--export", self.export, EXPORTS)
+        check_memory_sizes(self.max_gpu_memory, self.max_cpu_memory)
+        if self.device_map is not None:
+            choice("--device-map", self.device_map, DEVICE_MAPS)
         if self.dry_run and self.push_to_hub is not None:
             raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
         if not self.dry_run and out_dir is None:
@@ -225,6 +242,18 @@ class PruneSettings:
             raise CompressorError("--method auto (the default) calibrates on its own scoring windows and cannot "
                                   "reuse --stats; name a method to reuse them, e.g. --method norm.")
         held_out_count(self.calibration.samples, self.auto_holdout)
+
+
+def check_memory_sizes(max_gpu_memory: str | None, max_cpu_memory: str | None) -> None:
+    """``--max-gpu-memory`` and ``--max-cpu-memory`` look like 20GB or 500MB."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    for option, value in (("--max-gpu-memory", max_gpu_memory), ("--max-cpu-memory", max_cpu_memory)):
+        try:
+            if value is not None:
+                parse_size_to_int(value)
+        except ValueError:
+            raise CompressorError(f"{option} must look like 20GB or 500MB, got '{value}'.") from None
 
 
 def check_shard_size(max_shard_size: str) -> None:

@@ -104,23 +104,34 @@ def query_scales(mixers: dict[int, nn.Module], plan: PruningPlan) -> dict[int, f
             for index, mixer in mixers.items() if plan.key_dim(index, mixer.head_k_dim) != mixer.head_k_dim}
 
 
+def slimmed_config(model: nn.Module, family: Family, plan: PruningPlan):
+    """The config of ``model`` once ``plan`` is applied (``pruned_config`` of the plan's layouts)."""
+    mixers = linear_layers(model, family)
+    return pruned_config(model.config, family, planned_layouts(mixers, plan), query_scales(mixers, plan))
+
+
+def replace_mixer(model: nn.Module, family: Family, index: int, plan: PruningPlan, new_config) -> None:
+    """Replace layer ``index``'s mixer by one holding only the value heads and query/key channels ``plan`` keeps
+    (its tensors sliced where they are: on a device, or on the meta device for shapes alone)."""
+    layer = model.model.layers[index]
+    mixer = getattr(layer, family.mixer_attr)
+    state = slice_mixer(mixer, family, plan.kept[index], plan.channels.get(index))
+    layer_config = new_config.per_layer_config[index]
+    with torch.device("meta"):
+        new_mixer = family.mixer_class(layer_config, index)
+    new_mixer.load_state_dict(state, strict=True, assign=True)
+    family.mixer_class.adopt(new_mixer, getattr(layer_config, family.fields.value_to_key, None))
+    new_mixer.query_scale = getattr(layer_config, family.fields.query_scale, None)
+    new_mixer.train(mixer.training)
+    setattr(layer, family.mixer_attr, new_mixer)
+
+
 def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
     """Physically remove the heads and query/key channels that ``plan`` drops, in place; ``model.config`` is
     replaced."""
-    mixers = linear_layers(model, family)
-    layouts = planned_layouts(mixers, plan)
-    old_config = model.config
-    new_config = pruned_config(model.config, family, layouts, query_scales(mixers, plan))
-    for index, mixer in mixers.items():
-        state = slice_mixer(mixer, family, plan.kept[index], plan.channels.get(index))
-        layer_config = new_config.per_layer_config[index]
-        with torch.device("meta"):
-            new_mixer = family.mixer_class(layer_config, index)
-        new_mixer.load_state_dict(state, strict=True, assign=True)
-        family.mixer_class.adopt(new_mixer, getattr(layer_config, family.fields.value_to_key, None))
-        new_mixer.query_scale = getattr(layer_config, family.fields.query_scale, None)
-        new_mixer.train(mixer.training)
-        setattr(model.model.layers[index], family.mixer_attr, new_mixer)
+    old_config, new_config = model.config, slimmed_config(model, family, plan)
+    for index in linear_layers(model, family):
+        replace_mixer(model, family, index, plan, new_config)
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config

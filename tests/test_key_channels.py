@@ -201,3 +201,20 @@ def test_combined_dry_run_reaches_the_state_budget():
     assert "32 -> 24" in result.output
     smaller = float(result.output.split("bytes (")[1].split("%")[0])
     assert smaller >= 50.0
+
+
+def test_the_record_and_card_name_the_kept_channels(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    result = invoke("prune", FIXTURE, "--out", out, "--key-reduction", "0.25", "--key-method", "l1",
+                    "--state-reduction", "0.4", "--method", "norm", "--samples", "1", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "compression.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "## Query/key channels per key head" in card
+    assert "`--key-reduction 0.25`, chosen by `l1`" in card
+    layer, entry = next((i, e) for i, e in record["layers"].items() if e.get("kept_key_channels"))
+    key, kept = next(iter(entry["kept_key_channels"].items()))
+    assert len(kept) == record["method"]["key_dim_after"]
+    assert f"| {layer} | {key} |" in card
