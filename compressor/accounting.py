@@ -126,6 +126,7 @@ def build_record(loaded: LoadedModel, settings: PruneSettings, budget, measured,
                           seed=settings.calibration.seed, loss_tokens=measured.loss_tokens)
     if settings.key_reduction is not None:
         method.key_reduction, method.key_method = settings.key_reduction, settings.key_method
+        method.key_chosen, method.key_candidates = choice.key_chosen, choice.key_candidates
         key_dims = {m.head_k_dim for m in linear_layers(loaded.model, loaded.family).values()}
         method.key_dim_before = key_dims.pop()
         method.key_dim_after = choice.plan.key_dim(next(iter(choice.plan.kept)), method.key_dim_before)

@@ -132,9 +132,10 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options
 @click.option("--key-reduction", default=None, type=float,
               help="Also remove this share (0 < R < 1) of every key head's query/key channels (the same count in "
                    "every key head); with --state-reduction, heads go until the state shrinks by that share in all.")
-@click.option("--key-method", default="rrqr", show_default=True, type=click.Choice(KEY_METHODS),
+@click.option("--key-method", default="auto", show_default=True, type=click.Choice(KEY_METHODS),
               help="How --key-reduction chooses each key head's channels: rrqr (strong rank-revealing QR of "
-                   "calibration queries and keys), l1 or wanda (projection rows), random.")
+                   "calibration queries and keys), l1 or wanda (projection rows), random; auto: each of them, "
+                   "keeping the lowest loss on the --auto-holdout windows.")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
 @click.option("--remove", default=None, type=click.Choice(REMOVE),
               help="With a score: remove its highest (the paper's rule) or lowest values [default: low, the better "
@@ -346,9 +347,12 @@ def summary(record) -> str:
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record.layers.items():
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
+    if method.key_candidates:
+        lines.append("--key-method auto, held-out perplexity: " + ", ".join(
+            f"{c['method']} {c['perplexity']:.2f}" for c in method.key_candidates) + f"; chose {method.key_chosen}")
     if method.key_reduction is not None:
         lines.append(f"query/key channels per key head: {method.key_dim_before} -> {method.key_dim_after} "
-                     f"(--key-method {method.key_method}); kept channels of each kept key head:")
+                     f"(--key-method {method.key_chosen or method.key_method}); kept channels of each kept key head:")
         for layer, info in record.layers.items():
             for key, kept in info.kept_key_channels.items():
                 lines.append(f"{layer:>5}  key head {key}: {kept}")

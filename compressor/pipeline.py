@@ -6,6 +6,7 @@ check settings ─▶ load ─▶ statistics ─▶ choose heads ─▶ choose c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from .placement import max_memory
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .sequential import memory_budget, weights_bytes
-from .settings import SCORE_METHODS, CalibrationSettings, PruneSettings, check_memory_sizes
+from .evaluation import next_token_loss
+from .settings import KEY_METHODS, SCORE_METHODS, CalibrationSettings, PruneSettings, check_memory_sizes
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
 from .streaming import check_streamable
@@ -50,6 +52,10 @@ class Choice:
     remove: str
     chosen: Candidate | None = None
     candidates: list[Candidate] | None = None
+    key_chosen: str | None = None
+    """``--key-method auto``: the channel method it chose."""
+    key_candidates: list[dict] | None = None
+    """``--key-method auto``: every channel method's held-out loss and perplexity."""
 
 
 @dataclass
@@ -212,7 +218,8 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     else:
         measured, choice = every_head(loaded, settings, saved_stats, progress)
     if kept_dim is not None:
-        choice.plan.channels = plan_channels(loaded, settings, choice.plan, kept_dim)
+        choice.plan.channels, choice.key_chosen, choice.key_candidates = plan_channels(loaded, settings, choice.plan,
+                                                                                      kept_dim)
     record = build_record(loaded, settings, budget, measured, choice)
     if settings.dry_run:
         return PruneResult(choice.plan, record, None, loaded.model)
@@ -293,21 +300,36 @@ def every_head(loaded: LoadedModel, settings: PruneSettings, stats: StateStatist
 
 
 def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPlan,
-                  kept_dim: int) -> dict[int, dict[int, list[int]]]:
+                  kept_dim: int) -> tuple[dict[int, dict[int, list[int]]], str | None, list[dict] | None]:
     """The ``kept_dim`` query/key channels of every key head that ``plan`` keeps, by ``settings.key_method``
     (``rrqr`` and ``wanda`` read activations on the calibration windows, of the model before any head is
-    removed)."""
+    removed). ``auto`` chooses every way on the windows ``--auto-holdout`` leaves, and keeps the one whose channels
+    (with ``plan``'s heads) give the lowest next-token loss on the held-out ones. Returns (channels, the method
+    ``auto`` chose or None, every method's held-out loss and perplexity or None)."""
     from .key_channels import choose_channels, collect_key_activations
+    from .selection import masked_channels, masked_heads
 
-    mixers = linear_layers(loaded.model, loaded.family)
+    model, family, calibration = loaded.model, loaded.family, settings.calibration
+    mixers = linear_layers(model, family)
     kept_keys = {i: sorted({m.value_to_key[j] for j in plan.kept[i]}) for i, m in mixers.items()}
-    activations = None
-    if settings.key_method in ("rrqr", "wanda"):
-        windows, _ = calibration_windows(settings.calibration, loaded.tokenizer)
-        activations = collect_key_activations(loaded.model, loaded.family, windows, settings.calibration.batch_size,
-                                              settings.calibration.seed)
-    return choose_channels(loaded.model, loaded.family, settings.key_method, kept_dim, kept_keys, activations,
-                           settings.calibration.seed)
+    methods = [m for m in KEY_METHODS if m != "auto"] if settings.key_method == "auto" else [settings.key_method]
+    activations = held_out = None
+    if {"rrqr", "wanda"} & set(methods) or settings.key_method == "auto":
+        windows, _ = calibration_windows(calibration, loaded.tokenizer)
+        if settings.key_method == "auto":
+            windows, held_out = split_windows(windows, settings.auto_holdout)
+        activations = collect_key_activations(model, family, windows, calibration.batch_size, calibration.seed)
+    choices = {method: choose_channels(model, family, method, kept_dim, kept_keys, activations, calibration.seed)
+               for method in methods}
+    if held_out is None:
+        return choices[settings.key_method], None, None
+    losses = {}
+    for method, channels in choices.items():
+        with masked_heads(model, family, plan.kept), masked_channels(model, family, channels):
+            losses[method] = next_token_loss(model, held_out, calibration.batch_size, progress=False)
+    chosen = min(losses, key=losses.get)
+    tried = [{"method": m, "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4)} for m, loss in losses.items()]
+    return choices[chosen], chosen, tried
 
 
 def choose(loaded: LoadedModel, measured: Measurements, budget, head_bytes: dict[int, int],

@@ -57,6 +57,10 @@ class MethodRecord:
     key_reduction: float | None = None
     """``--key-reduction``: the share of query/key channels asked to be removed from every key head."""
     key_method: str | None = None
+    key_chosen: str | None = None
+    """``--key-method auto``: the channel method it chose."""
+    key_candidates: list[dict] | None = None
+    """``--key-method auto``: every channel method's held-out loss and perplexity, in the order tried."""
     key_dim_before: int | None = None
     key_dim_after: int | None = None
 

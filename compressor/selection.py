@@ -45,6 +45,39 @@ def masked_heads(model: nn.Module, family: Family, kept: dict[int, list[int]]):
                 weight[:, columns] = original
 
 
+@contextmanager
+def masked_channels(model: nn.Module, family: Family, channels: dict[int, dict[int, list[int]]]):
+    """Within the block, every value head's queries and keys keep only the channels ``channels[layer][key head]``
+    lists for the key head it reads (the others are zeroed where the layer has just applied its convolution and
+    activation: fla layers as they split heads, before feature maps and DeltaNet's sum norm; the others as the
+    recurrence receives them, before its L2 norm), at the source's d_k and query scale. Removing those channels
+    computes the same (tests/test_key_channels.py). Layers missing from ``channels`` keep every channel."""
+    mixers = linear_layers(model, family)
+    wrapped = []
+    try:
+        for index, kept in channels.items():
+            mixer = mixers[index]
+            mask = torch.zeros(mixer.num_k_heads, mixer.head_k_dim, device=mixer.out_proj.weight.device)
+            for key, kept_channels in kept.items():
+                mask[int(key), kept_channels] = 1
+            per_value = mask[torch.tensor(mixer.value_to_key, device=mask.device)]  # [H_v, d_k]
+            if hasattr(mixer, "heads"):
+                def heads(q, k, v, _inner=mixer.heads, _mask=per_value):
+                    q, k, v = _inner(q, k, v)
+                    return q * _mask.to(q.dtype), k * _mask.to(k.dtype), v
+                mixer.heads = heads
+                wrapped.append((mixer, "heads"))
+            else:
+                def recurrence(q, k, *args, _inner=mixer.recurrence, _mask=per_value, **kwargs):
+                    return _inner(q * _mask.to(q.dtype), k * _mask.to(k.dtype), *args, **kwargs)
+                mixer.recurrence = recurrence
+                wrapped.append((mixer, "recurrence"))
+        yield model
+    finally:
+        for mixer, name in wrapped:
+            del mixer.__dict__[name]
+
+
 def loss_windows(tokens: torch.Tensor, samples: int = LOSS_WINDOWS, seq_len: int = LOSS_SEQ_LEN) -> torch.Tensor:
     """The ``loss`` scorer's text: the first ``samples`` windows of ``tokens`` [N, L], cut to ``seq_len`` tokens:
     [≤samples, ≤seq_len]."""

@@ -16,7 +16,7 @@ SCORE_METHODS = ("joint", "rank", "stable_rank", "entropy_rank", "norm", "froben
 """Scores computed from the state statistics (``compressor.scoring``)."""
 PRUNE_METHODS = ("auto", *SCORE_METHODS, "loss")
 """``--method`` choices: the statistics scores, the measured loss of masking each head, and ``auto``."""
-KEY_METHODS = ("rrqr", "l1", "wanda", "random")
+KEY_METHODS = ("auto", "rrqr", "l1", "wanda", "random")
 """How ``--key-reduction`` chooses each key head's query/key channels (``compressor.key_channels``)."""
 REMOVE = ("high", "low")
 DEFAULT_REMOVE = "low"
@@ -101,14 +101,15 @@ def measured_steps(seq_len: int, every: int = CHUNK, steps: str = "every") -> li
     return [*times, seq_len]
 
 
-def held_out_count(samples: int, holdout: float) -> int:
-    """How many of ``samples`` windows ``auto`` holds out: ceil(holdout · samples), leaving at least one to score."""
+def held_out_count(samples: int, holdout: float, option: str = "--method auto") -> int:
+    """How many of ``samples`` windows ``auto`` holds out: ceil(holdout · samples), leaving at least one to score
+    (``option``: the option the error names)."""
     if not 0.0 < holdout < 1.0:
         raise CompressorError(f"--auto-holdout must lie strictly between 0 and 1, got {holdout}.")
     held = math.ceil(holdout * samples)
     if held >= samples:
         raise CompressorError(
-            f"--method auto needs calibration windows both to score and to hold out, but {samples} window(s) with "
+            f"{option} needs calibration windows both to score and to hold out, but {samples} window(s) with "
             f"--auto-holdout {holdout} leave none to score; raise --samples."
         )
     return held
@@ -150,7 +151,7 @@ class PruneSettings:
     """``high`` or ``low``; None: ``low`` for a score, and ``auto`` measures both."""
     key_reduction: float | None = None
     """Share of every key head's query/key channels to remove (None: none)."""
-    key_method: str = "rrqr"
+    key_method: str = "auto"
     loss_samples: int = LOSS_WINDOWS
     loss_seq_len: int = LOSS_SEQ_LEN
     loss_batch_size: int = 16
@@ -233,6 +234,8 @@ class PruneSettings:
                                   "(it scales queries by the new d_k^-0.5); drop --layout stock.")
         if self.heads_per_layer is not None:
             raise CompressorError("--key-reduction combines with --state-reduction only; drop --heads-per-layer.")
+        if self.key_method == "auto":
+            held_out_count(self.calibration.samples, self.auto_holdout, "--key-method auto")
 
     def _check_auto(self) -> None:
         if self.remove is not None:

@@ -15,6 +15,7 @@ from compressor.export import write_model
 from compressor.families import family_for
 from compressor.key_channels import channel_scores, choose_channels, collect_key_activations, kept_key_dim
 from compressor.layers import PruningPlan, linear_layers
+from compressor.selection import masked_channels
 from compressor.slicing import slim
 
 TOLERANCE = 1e-4
@@ -43,25 +44,11 @@ def random_channels(model, kept_dim: int, seed: int = 0) -> dict[int, dict[int, 
 
 
 def channel_masked(model, kept: dict[int, list[int]], channels: dict[int, dict[int, list[int]]]):
-    """A copy of ``model`` with the removed heads' output columns zeroed and the removed channels of q and k zeroed
-    where the layer has just applied the convolution and its activation: fla layers as they split heads (before
-    feature maps and DeltaNet's sum norm), the others as the recurrence receives them (before its L2 norm). Runs at
-    the source's d_k, so at the source's query scale."""
+    """A copy of ``model`` with the removed heads' output columns zeroed and, while it runs, the removed channels of
+    q and k zeroed (``masked_channels``; at the source's d_k, so at the source's query scale)."""
     masked = tiny_models.masked_copy(model, kept)
-    for index, mixer in linear_layers(masked, family_for(masked.config)).items():
-        mask = torch.zeros(mixer.num_k_heads, mixer.head_k_dim)
-        for key, kept_channels in channels[index].items():
-            mask[key, kept_channels] = 1
-        per_value = mask[torch.tensor(mixer.value_to_key)]  # [H_v, d_k]
-        if hasattr(mixer, "heads"):
-            def heads(q, k, v, _inner=mixer.heads, _mask=per_value):
-                q, k, v = _inner(q, k, v)
-                return q * _mask.to(q.dtype), k * _mask.to(k.dtype), v
-            mixer.heads = heads
-        else:
-            def recurrence(q, k, *args, _inner=type(mixer).recurrence, _mask=per_value, **kwargs):
-                return _inner(q * _mask.to(q.dtype), k * _mask.to(k.dtype), *args, **kwargs)
-            mixer.recurrence = recurrence
+    masked.channel_masking = masked_channels(masked, family_for(masked.config), channels)  # held: closing it unmasks
+    masked.channel_masking.__enter__()
     return masked
 
 
@@ -189,8 +176,8 @@ def test_kimi_linear_is_refused_with_the_reason():
 
 
 def test_a_state_reduction_below_the_channels_alone_is_refused():
-    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.5", "--state-reduction", "0.4",
-                    "--method", "norm", "--samples", "1", "--seq-len", "128")
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.5", "--key-method", "rrqr",
+                    "--state-reduction", "0.4", "--method", "norm", "--samples", "1", "--seq-len", "128")
     assert_user_error(result, "--state-reduction")
 
 
@@ -218,3 +205,34 @@ def test_the_record_and_card_name_the_kept_channels(tmp_path):
     key, kept = next(iter(entry["kept_key_channels"].items()))
     assert len(kept) == record["method"]["key_dim_after"]
     assert f"| {layer} | {key} |" in card
+
+
+def test_key_method_auto_keeps_the_lowest_held_out_loss(tmp_path):
+    """Every channel method is measured on the held-out windows with its channels masked; the lowest is kept and the
+    record, the printed plan and the card say so; the masking leaves the model as it was."""
+    import json
+
+    out = tmp_path / "out"
+    result = invoke("prune", FIXTURE, "--out", out, "--key-reduction", "0.5", "--method", "norm",
+                    "--state-reduction", "0.6", "--samples", "4", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    method = json.loads((out / "compression.json").read_text())["method"]
+    assert method["key_method"] == "auto"
+    tried = {c["method"]: c["loss"] for c in method["key_candidates"]}
+    assert set(tried) == {"rrqr", "l1", "wanda", "random"}
+    assert method["key_chosen"] == min(tried, key=tried.get)
+    assert f"chose {method['key_chosen']}" in result.output
+    assert f"chosen by `{method['key_chosen']}`, the lowest held-out loss of" in (out / "README.md").read_text()
+
+
+def test_masked_channels_masks_only_inside_the_block():
+    model = build("qwen3_5")
+    family = family_for(model.config)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        with masked_channels(model, family, random_channels(model, 4)):
+            inside = model(ids).logits
+        after = model(ids).logits
+    assert (inside - before).abs().max() > 1e-3
+    assert torch.equal(before, after)
