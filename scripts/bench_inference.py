@@ -193,17 +193,11 @@ def measure(folder: Path) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as metadata
-
     import torch
 
-    found = {"gpu": torch.cuda.get_device_name(), "python": sys.version.split()[0]}
-    for package in ("torch", "transformers", "triton", "flash-linear-attention", "compressor"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    from compressor.accounting import versions as package_versions
+
+    return {"gpu": torch.cuda.get_device_name(), "python": sys.version.split()[0], **package_versions()}
 
 
 def main() -> None:
