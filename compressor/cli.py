@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
+import warnings
 from dataclasses import fields
 from functools import wraps
 from pathlib import Path
@@ -387,6 +388,8 @@ def run() -> None:
     128 + the signal's number, after every ``with`` block on the way out has cleaned up."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    # fla warns on import when Triton has no GPU; compressor keeps CPU tensors away from Triton anyway.
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     try:
         code = main(standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:

@@ -191,6 +191,7 @@ def test_sigterm_while_writing_leaves_nothing_and_the_next_run_succeeds(tmp_path
     done = subprocess.run([*COMPRESS, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "compression.json").is_file()
+    assert "Triton is not supported" not in done.stderr  # fla's import-time warning on CPU machines is silenced
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
