@@ -340,11 +340,11 @@ def summary(record) -> str:
     lines = []
     method = record.method
     for candidate in method.candidates or []:
-        seed = "" if candidate["seed"] is None else f" (seed {candidate['seed']})"
-        lines.append(f"auto candidate {candidate['name']}{seed}, remove {candidate['remove']}: "
-                     f"held-out perplexity {candidate['perplexity']:.2f}")
+        end = f" (seed {candidate['seed']})" if candidate["name"] == "random" else f", remove {candidate['remove']}"
+        lines.append(f"auto candidate {candidate['name']}{end}: held-out perplexity {candidate['perplexity']:.2f}")
     if method.chosen is not None:
-        lines.append(f"auto chose {method.chosen}, remove {method.remove}")
+        end = f" (seed {method.chosen_seed})" if method.chosen == "random" else f", remove {method.remove}"
+        lines.append(f"auto chose {method.chosen}{end}")
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record.layers.items():
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")

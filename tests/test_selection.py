@@ -113,7 +113,8 @@ def test_auto_records_every_candidate_and_its_choice(auto_result):
 def test_the_card_lists_auto_candidates_as_a_table(auto_result):
     card = render_card(auto_result.record)
     assert "| rule | removes | held-out loss | held-out perplexity |" in card
-    assert "| `random` (seed 2) | high scores |" in card and "which chose the" in card
+    assert "| `random` (seed 2) | a random draw |" in card and "which chose the" in card
+    assert "| `joint` | high scores |" in card
     assert "[{" not in card  # no raw JSON list in the settings table
 
 
@@ -126,8 +127,10 @@ def test_cli_auto_prints_every_candidate_and_its_choice(fixture_model_path):
     result = invoke("prune", fixture_model_path, "--method", "auto", "--auto-holdout", "0.5", "--samples", "2",
                     "--seq-len", "256", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.output.count("auto candidate ") == 17 and "auto candidate random (seed 2), remove high" in result.output
-    assert re.search(r"auto chose \w+, remove (high|low)", result.output)
+    assert result.output.count("auto candidate ") == 17
+    assert "auto candidate random (seed 2): held-out perplexity" in result.output  # a draw has no end
+    assert "auto candidate joint, remove high: held-out perplexity" in result.output
+    assert re.search(r"auto chose (\w+, remove (high|low)|random \(seed \d+\))", result.output)
 
 
 def test_cli_refuses_a_bad_holdout_before_loading(fixture_model_path):
