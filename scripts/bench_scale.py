@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.work.exists() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty; name a new folder (the script deletes its copy in it)")
 
     source = args.work / "source"
     start = time.perf_counter()

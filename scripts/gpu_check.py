@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import compressor  # noqa: E402
+from bench_inference import timed  # noqa: E402  (this folder is on sys.path when a script runs)
 from compressor.calibration import collect_state_statistics, read_text, token_windows  # noqa: E402
 from compressor.evaluation import perplexity  # noqa: E402
 from compressor.families import family_for  # noqa: E402
@@ -37,19 +38,6 @@ compressor.register()  # the shipped classes, which route CPU tensors away from 
 
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny-6m"
 EVAL = ROOT / "compressor" / "data" / "python-docs-eval.txt"
-
-
-def timed(fn, repeat=5):
-    """Median seconds of ``fn`` after a warm-up (CUDA-synchronised)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def gpu_versus_cpu(samples: int, seq_len: int) -> dict:
@@ -134,7 +122,7 @@ def capture_cost(small: bool) -> dict:
     family = family_for(config)
     ids = torch.randint(0, 32000, (4, 2048), device="cuda")
     with torch.no_grad():
-        plain = timed(lambda: model.model(input_ids=ids, use_cache=False))
+        plain = timed(lambda: model.model(input_ids=ids, use_cache=False), repeat=5)
     start = time.perf_counter()  # one run: the spectra of 4 × 32 × 18 × 16 states take minutes with svdvals
     collect_state_statistics(model, family, ids, batch_size=4, progress=False)
     torch.cuda.synchronize()

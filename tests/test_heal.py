@@ -201,21 +201,24 @@ def test_a_folder_not_written_by_compressor_is_refused(folders, no_weights):
     assert_refused(result, out, "not written by compressor", "compression.json")
 
 
-def test_a_teacher_of_another_architecture_is_refused(folders, no_weights):
-    teacher = folders["root"] / "other-architecture"
-    Qwen3NextConfig(**HYBRID, num_experts=0).save_pretrained(teacher)
+def weightless_teacher(folder: Path, config) -> Path:
+    """A teacher folder of ``config`` (no weights: refused before loading) with the fixture's tokenizer files."""
+    config.save_pretrained(folder)
     for name in TOKENIZER_FILES:
-        shutil.copyfile(FIXTURE / name, teacher / name)
+        shutil.copyfile(FIXTURE / name, folder / name)
+    return folder
+
+
+def test_a_teacher_of_another_architecture_is_refused(folders, no_weights):
+    teacher = weightless_teacher(folders["root"] / "other-architecture", Qwen3NextConfig(**HYBRID, num_experts=0))
     out = folders["root"] / "refused-2"
     result = invoke("heal", folders["pruned"], "--teacher", teacher, "--out", out, *TINY)
     assert_refused(result, out, "qwen3_next", "same architecture")
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(folders, no_weights):
-    teacher = folders["root"] / "other-vocabulary"
-    Qwen3_5TextConfig(**{**HYBRID, "vocab_size": 4096}).save_pretrained(teacher)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(FIXTURE / name, teacher / name)
+    teacher = weightless_teacher(folders["root"] / "other-vocabulary",
+                                 Qwen3_5TextConfig(**{**HYBRID, "vocab_size": 4096}))
     out = folders["root"] / "refused-3"
     result = invoke("heal", folders["pruned"], "--teacher", teacher, "--out", out, *TINY)
     assert_refused(result, out, "4096", "same tokenizer")
