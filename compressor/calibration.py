@@ -249,6 +249,23 @@ class StateStatistics:
         save_file(tensors, folder / "stats.safetensors", metadata={"compressor": json.dumps(layout)})
 
     @classmethod
+    def synthetic(cls, layers: list[int], heads: list[int], state_shapes: list[tuple[int, int]],
+                  seed: int = 0) -> StateStatistics:
+        """Statistics of the right shape with random metrics (three time steps, no spread), for plans and benchmarks
+        that need no calibration: the heads they rank are arbitrary."""
+        from .metrics import METRICS
+
+        generator = torch.Generator().manual_seed(seed)
+        mean = {name: torch.rand(3, len(layers), max(heads), generator=generator) * 50 for name in METRICS}
+        for i, count in enumerate(heads):
+            for values in mean.values():
+                values[:, i, count:] = float("nan")
+        return cls(mean=mean, std={name: torch.zeros_like(v) for name, v in mean.items()},
+                   times=torch.tensor([64, 128, 256]), layers=list(layers), heads=list(heads),
+                   state_shapes=[tuple(s) for s in state_shapes],
+                   settings={"eps": 1e-4, "samples": 4, "seq_len": 256, "tokens": 1024, "source": "synthetic"})
+
+    @classmethod
     def load(cls, folder: Path) -> StateStatistics:
         path = Path(folder) / "stats.safetensors"
         if not path.is_file():

@@ -1,20 +1,23 @@
 """Inference cost of pruned folders against their source, on a GPU: prefill, decode, peak memory, cold start.
 
     python scripts/bench_inference.py SOURCE_DIR PRUNED_DIR [MORE_DIRS...] --out results.json
-    python scripts/bench_inference.py --build WORK --out results.json [--small]
+    python scripts/bench_inference.py --build WORK --out results.json [--small] [--synthetic-stats] [--phase P]
 
 ``--build`` makes a random Qwen3-Next-shaped bf16 model (24 layers, 18 Gated DeltaNet layers of 16 key x 32 value
 heads of 128, dense MLPs, vocabulary 151,936: about 2.2B parameters; ``--small`` makes a small one to try the
 script) in WORK/source, prunes it with ``compress prune --state-reduction 0.389 --method joint --remove low`` twice
-(first with an empty Triton cache, then warm: both wall times are reported) and once with ``--layout stock``, then
-measures the three folders. Steps already done in WORK (recorded in WORK/results.json) are skipped, so a run cut
-short goes on where it stopped.
+(first with an empty Triton cache, then warm: both wall times are reported; ``--synthetic-stats``: once, from random
+statistics, untimed) and once with ``--layout stock``, then measures the three folders. Steps already done in WORK
+(recorded in WORK/results.json) are skipped, so a run cut short goes on where it stopped.
 
-Every folder is measured in a fresh process with an empty Triton cache of its own (``TRITON_CACHE_DIR``): the first
-prefill and the first ``generate`` (compilation included), the number of Triton compilations each triggered, then,
-warm, prefill of 1 x 8192 and 4 x 2048 tokens and eager greedy decoding of 128 new tokens after a 512-token prompt
-at batch 1, 16, 64 and 256 (decode rate: the 127 tokens after the first, from generate(128) - generate(1)), with
-the peak memory each adds. Figures are printed as measured and written to ``--out`` with the versions.
+Phase ``cold``: every folder in a fresh process with an empty Triton cache of its own (WORK/triton-NAME): the first
+prefill and the first ``generate``, compilation included, and the number of Triton compilations each left behind.
+Phase ``warm``: every folder loaded in one process and measured in turns, the order reversed every round (ratios
+side by side, not across processes or machines): prefill of 1 x 8192 and 4 x 2048 tokens, eager greedy decoding of
+128 new tokens after a 512-token prompt at batch 1, 16, 64 and 256 (decode rate: the 127 tokens after the first,
+from generate(128) - generate(1)) with the peak memory each adds, and the kernel launches and GPU time of one decode
+step. The decode time ratio expected from the bytes each step moves is written beside. Figures are printed as
+measured and written to ``--out`` with the versions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -59,8 +62,10 @@ def source_config(small: bool):
     )
 
 
-def build(work: Path, small: bool, stock: bool, results: dict, save) -> None:
-    """A random bf16 source model in work/source (tokenizer: the fixture's), and its pruned folders."""
+def build(work: Path, small: bool, stock: bool, synthetic: bool, results: dict, save) -> None:
+    """A random bf16 source model in work/source (tokenizer: the fixture's), and its pruned folders: calibrated
+    (``compress prune`` cold, then warm, both timed), or with ``synthetic`` from random statistics of the right
+    shape (no calibration, no verification: the heads chosen are arbitrary, their counts per layer realistic)."""
     import torch
     from transformers import AutoTokenizer, Qwen3NextForCausalLM
 
@@ -76,17 +81,30 @@ def build(work: Path, small: bool, stock: bool, results: dict, save) -> None:
         torch.cuda.empty_cache()
         save()
         log(f"built {source}: {results['source_parameters'] / 1e9:.3f}B parameters")
+    extra_options = []
+    if synthetic:
+        from transformers import AutoConfig
+
+        from compressor.calibration import StateStatistics
+
+        config = AutoConfig.from_pretrained(source)
+        layers = [i for i, kind in enumerate(config.layer_types) if kind == "linear_attention"]
+        shape = (config.linear_key_head_dim, config.linear_value_head_dim)
+        StateStatistics.synthetic(layers, [config.linear_num_value_heads] * len(layers),
+                                  [shape] * len(layers)).save(work / "stats")
+        extra_options = ["--stats", str(work / "stats"), "--no-verify"]
     cache = work / "triton-prune"
     seconds = results.setdefault("prune_seconds", {})
     for name, out, extra in (("cold", "pruned", []), ("warm", "pruned-warm", []),
                              ("stock", "pruned-stock", ["--layout", "stock"])):
-        if (work / out / "config.json").exists() or (name == "warm" and name in seconds) or (extra and not stock):
+        if (work / out / "config.json").exists() or (name == "warm" and (name in seconds or synthetic)) or \
+                (extra and not stock):
             continue
         command = [sys.executable, "-c", "from compressor.cli import run; run()", "prune", str(source),
-                   "--out", str(work / out), "--overwrite", *PRUNE, *extra]
+                   "--out", str(work / out), "--overwrite", *PRUNE, *extra_options, *extra]
         start = time.perf_counter()
         subprocess.run(command, check=True, env={**os.environ, "TRITON_CACHE_DIR": str(cache)})
-        if name not in seconds:
+        if name not in seconds and not synthetic:
             seconds[name] = time.perf_counter() - start
             results.setdefault("prune_compilations_so_far", {})[name] = compilations(cache)
         save()
@@ -108,88 +126,171 @@ def timed(fn, repeat: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_one(folder: Path, cache: Path) -> dict:
-    """Every figure for one folder, in this process (whose Triton cache is ``cache``, empty at start)."""
+class Runner:
+    """One folder's model on the GPU (bf16), with the benchmark's workloads on random tokens."""
+
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
+                                                          trust_remote_code=True).eval()
+        self.load_seconds = time.perf_counter() - start
+        self.generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def tokens(self, batch: int, length: int):
+        import torch
+
+        vocab = min(self.model.config.vocab_size, 8192)
+        return torch.randint(0, vocab, (batch, length), device="cuda", generator=self.generator)
+
+    def prefill(self, ids) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.model(ids, logits_to_keep=1)
+
+    def generate(self, ids, new: int) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def measure_cold(folder: Path, cache: Path) -> dict:
+    """First calls of one folder, in this process (whose Triton cache is ``cache``, empty at start): the first
+    prefill of 4 x 2048 tokens and the first ``generate`` at batch 1, with the compilations each leaves behind."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    runner = Runner(folder)
+    result = {"class": type(runner.model).__name__, "load_seconds": runner.load_seconds,
+              "parameters": sum(p.numel() for p in runner.model.parameters())}
+    first = runner.tokens(4, 2048)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
-                                                 trust_remote_code=True).eval()
-    result = {"class": type(model).__name__, "load_seconds": time.perf_counter() - start,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    vocab = model.config.vocab_size
-    generator = torch.Generator(device="cuda").manual_seed(0)
-
-    def tokens(batch: int, length: int) -> torch.Tensor:
-        return torch.randint(0, min(vocab, 8192), (batch, length), device="cuda", generator=generator)
-
-    def prefill(ids):
-        with torch.no_grad():
-            model(ids, logits_to_keep=1)
-
-    def generate(ids, new):
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-
-    first = tokens(4, 2048)
-    start = time.perf_counter()
-    prefill(first)
+    runner.prefill(first)
     torch.cuda.synchronize()
     result["cold_first_prefill_4x2048_s"] = time.perf_counter() - start
     result["compilations_after_first_prefill"] = compilations(cache)
     start = time.perf_counter()
-    generate(tokens(1, PROMPT), NEW_TOKENS)
+    runner.generate(runner.tokens(1, PROMPT), NEW_TOKENS)
     torch.cuda.synchronize()
     result["cold_first_generate_b1_s"] = time.perf_counter() - start
     result["compilations_after_first_generate"] = compilations(cache)
     log(json.dumps(result))
-
-    for batch, length in PREFILL_SHAPES:
-        ids = tokens(batch, length)
-        result[f"prefill_{batch}x{length}_s"] = timed(lambda: prefill(ids))
-        log(f"  prefill {batch}x{length}: {result[f'prefill_{batch}x{length}_s'] * 1e3:.1f} ms")
-    for batch in DECODE_BATCHES:
-        ids = tokens(batch, PROMPT)
-        generate(ids, 8)
-        one = timed(lambda: generate(ids, 1), repeat=1)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        full = timed(lambda: generate(ids, NEW_TOKENS), repeat=1)
-        result[f"decode_b{batch}_tok_s"] = batch * (NEW_TOKENS - 1) / (full - one)
-        result[f"decode_b{batch}_extra_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        log(f"  decode batch {batch}: {result[f'decode_b{batch}_tok_s']:.1f} tok/s, "
-            f"extra peak {result[f'decode_b{batch}_extra_peak_gib']:.2f} GiB")
-    result["compilations_total"] = compilations(cache)
-    for batch in (1, 64):
-        result[f"profile_decode_b{batch}"] = profile(lambda: generate(tokens(batch, PROMPT), 16))
     return result
 
 
-def profile(fn, top: int = 12) -> dict:
-    """Where the time of ``fn`` goes: the operators with the most GPU time and the most CPU time (ms, calls)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save) -> None:
+    """Warm figures of every folder, all loaded in this process and measured in turns (the order reversed every
+    round), each the median of ``rounds``: prefill times, the kernel launches and GPU time of one decode step
+    (batch 1 and 64), decode rates and the peak memory each decode adds. Figures go into ``results`` (by folder
+    name), saved after each measurement."""
+    import torch
 
-    fn()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-    events = prof.key_averages()
-    rows = lambda key: [(e.key[:80], round(getattr(e, key) / 1e3, 2), e.count)  # noqa: E731
-                        for e in sorted(events, key=lambda e: -getattr(e, key))[:top]]
-    return {"gpu": rows("self_device_time_total"), "cpu": rows("self_cpu_time_total"),
-            "gpu_total_ms": sum(e.self_device_time_total for e in events) / 1e3,
-            "cpu_total_ms": sum(e.self_cpu_time_total for e in events) / 1e3}
+    runners = {folder.name: Runner(folder) for folder in folders}
+    names = list(runners)
+    for runner in runners.values():  # compile and autotune every shape before timing
+        runner.prefill(runner.tokens(4, 2048))
+        for batch in DECODE_BATCHES:
+            runner.generate(runner.tokens(batch, PROMPT), 4)
+    for name in names:
+        results.setdefault(name, {})
+
+    def in_turns(measure) -> dict[str, list]:
+        """name -> [measure(name, runner) of every round]."""
+        values = {name: [] for name in names}
+        for turn in range(rounds):
+            for name in names if turn % 2 == 0 else names[::-1]:
+                values[name].append(measure(name, runners[name]))
+        return values
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    for batch, length in PREFILL_SHAPES:
+        key = f"prefill_{batch}x{length}_s"
+        ids = {name: runner.tokens(batch, length) for name, runner in runners.items()}
+        for name, values in in_turns(lambda n, r: timed(lambda: r.prefill(ids[n]), repeat=3)).items():
+            results[name][key] = median(values)
+        save()
+        log(f"  prefill {batch}x{length}: " + ", ".join(f"{n} {results[n][key] * 1e3:.1f} ms" for n in names))
+    for batch in (1, 64):
+        for name, runner in runners.items():
+            results[name][f"decode_step_b{batch}"] = decode_step(runner, batch)
+        save()
+        log(f"  one decode step at batch {batch}: " + ", ".join(f"{n} {results[n][f'decode_step_b{batch}']}"
+                                                                for n in names))
+    for batch in DECODE_BATCHES:
+        key = f"decode_b{batch}_tok_s"
+        ids = {name: runner.tokens(batch, PROMPT) for name, runner in runners.items()}
+
+        def decode(name, runner, batch=batch, ids=ids) -> tuple[float, float]:
+            prompt = ids[name]
+            one = timed(lambda: runner.generate(prompt, 1), repeat=1)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            full = timed(lambda: runner.generate(prompt, NEW_TOKENS), repeat=1)
+            return batch * (NEW_TOKENS - 1) / (full - one), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+        for name, values in in_turns(decode).items():
+            results[name][key] = median([rate for rate, _ in values])
+            results[name][f"decode_b{batch}_extra_peak_gib"] = max(peak for _, peak in values)
+        save()
+        log(f"  decode batch {batch}: " + ", ".join(
+            f"{n} {results[n][key]:.1f} tok/s (extra peak {results[n][f'decode_b{batch}_extra_peak_gib']:.2f} GiB)"
+            for n in names))
 
 
-def measure(folder: Path) -> dict:
-    """``measure_one`` in a fresh process with an empty Triton cache."""
-    with tempfile.TemporaryDirectory(prefix="triton-") as cache:
-        env = {**os.environ, "TRITON_CACHE_DIR": cache}
-        report = Path(cache) / "report.json"
-        subprocess.run([sys.executable, __file__, "--one", str(folder), "--out", str(report)], check=True, env=env)
-        return json.loads(report.read_text())
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def decode_step(runner: Runner, batch: int) -> dict:
+    """Kernel launches and GPU kernel time of one decode step: profiled ``generate`` of 16 tokens minus 1 token,
+    over 15, and the operators with the most GPU time over the 16 tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = runner.tokens(batch, PROMPT)
+    totals = {}
+    for new in (1, 16):
+        runner.generate(prompt, new)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runner.generate(prompt, new)
+        events = prof.key_averages()
+        totals[new] = (sum(e.count for e in events if e.key in LAUNCHES),
+                       sum(e.self_device_time_total for e in events) / 1e3)
+        if new == 16:
+            top = [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count)
+                   for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]]
+    return {"launches": round((totals[16][0] - totals[1][0]) / 15, 1),
+            "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3), "top_gpu_16_tokens": top}
+
+
+def measure(folder: Path, cache: Path) -> dict:
+    """``measure_cold`` in a fresh process whose Triton cache ``cache`` starts empty."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    report = cache.parent / f"{cache.name}.json"
+    subprocess.run([sys.executable, __file__, "--one", str(folder), "--out", str(report)], check=True,
+                   env={**os.environ, "TRITON_CACHE_DIR": str(cache)})
+    return json.loads(report.read_text())
+
+
+def expected_decode_ratios(folders: list[Path]) -> dict:
+    """Time ratio of a decode step over the first folder's, from the bytes a step moves at each batch size: the
+    bf16 weights once, and every sequence's float32 recurrent state read and written once."""
+    from compressor.accounting import parameter_count, state_bytes
+    from compressor.loading import load_structure
+
+    sizes = {}
+    for folder in folders:
+        structure = load_structure(str(folder))
+        state_float32 = state_bytes(structure) * 4 // structure.save_dtype.itemsize
+        sizes[folder.name] = (2 * parameter_count(structure.model), 2 * state_float32)
+    weights, state = sizes[folders[0].name]
+    return {name: {f"b{batch}": (w + batch * s) / (weights + batch * state) for batch in DECODE_BATCHES}
+            for name, (w, s) in list(sizes.items())[1:]}
 
 
 def versions() -> dict:
@@ -202,17 +303,23 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("folders", nargs="*", type=Path, help="the source first, then the folders cut from it")
     parser.add_argument("--build", type=Path, help="build and prune a random 2.2B model in this folder")
     parser.add_argument("--small", action="store_true", help="with --build: a small model, to try the script")
     parser.add_argument("--no-stock", action="store_true", help="with --build: no stock-layout folder")
+    parser.add_argument("--synthetic-stats", action="store_true",
+                        help="with --build: prune from random statistics (no calibration, no prune timing)")
+    parser.add_argument("--phase", choices=["cold", "warm", "both"], default="both",
+                        help="cold: first calls, a fresh process per folder; warm: every folder in one process")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of the warm measurements (median)")
     parser.add_argument("--resume", type=Path, help="with --build: figures of an earlier run (not measured again)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.one:
-        args.out.write_text(json.dumps(measure_one(args.one, Path(os.environ["TRITON_CACHE_DIR"]))))
+        args.out.write_text(json.dumps(measure_cold(args.one, Path(os.environ["TRITON_CACHE_DIR"]))))
         return
+    work = args.build or args.out.parent
     record = args.build / "results.json" if args.build else args.out
     earlier = args.resume or record
     results = json.loads(earlier.read_text()) if args.build and earlier.exists() else {}
@@ -226,19 +333,32 @@ def main() -> None:
     folders = args.folders
     if args.build:
         args.build.mkdir(parents=True, exist_ok=True)
-        build(args.build, args.small, not args.no_stock, results, save)
+        build(args.build, args.small, not args.no_stock, args.synthetic_stats, results, save)
         folders = [args.build / name for name in ("source", "pruned", "pruned-stock")[: 2 if args.no_stock else 3]]
-    for folder in folders:
-        if folder.name not in results:
-            log(f"measuring {folder}")
-            results[folder.name] = measure(folder)
-            save()
-    names = [f.name for f in folders]
-    for name in names[1:]:
-        ratios = {key: results[name][key] / results[names[0]][key] for key in results[name]
-                  if key.endswith(("_s", "_gib")) and results[names[0]].get(key)}
-        results[f"{name}_over_{names[0]}"] = ratios
-        log(f"{name} / {names[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    names = [folder.name for folder in folders]
+    results["expected_decode_time_ratio"] = expected_decode_ratios(folders)
+    save()
+    if args.phase in ("cold", "both"):
+        for folder in folders:
+            if folder.name not in results.get("cold", {}):
+                log(f"cold start of {folder}")
+                results.setdefault("cold", {})[folder.name] = measure(folder, work / f"triton-{folder.name}")
+                save()
+    if args.phase in ("warm", "both"):
+        if os.environ.get("TRITON_CACHE_DIR"):  # what the cold processes compiled, so that warming up is quick
+            for folder in folders:
+                if (work / f"triton-{folder.name}").is_dir():
+                    shutil.copytree(work / f"triton-{folder.name}", os.environ["TRITON_CACHE_DIR"], dirs_exist_ok=True)
+        measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save)
+    for part in ("cold", "warm"):
+        figures = results.get(part, {})
+        if names[0] not in figures:
+            continue
+        for name in names[1:]:
+            ratios = {key: figures[name][key] / figures[names[0]][key] for key in figures.get(name, {})
+                      if key.endswith(("_s", "_gib")) and figures[names[0]].get(key)}
+            results.setdefault("ratios", {})[f"{part}: {name} / {names[0]}"] = ratios
+            log(f"{part}: {name} / {names[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     save()
 
 

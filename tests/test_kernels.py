@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_model
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
-from compressor.modeling.heads_as_batch import heads_as_batch
+from compressor.modeling.packed_heads import heads_as_sequences, normalised, sequence_index
 from compressor.state_capture import STATES_DOT_PRECISION, states_dot_precision
 
 
@@ -59,25 +59,45 @@ def test_chunked_and_recurrent_outputs_agree_with_an_initial_state(inputs):
 
 
 @pytest.mark.parametrize("length", [1, 150])
-def test_heads_folded_into_the_batch_give_the_same_outputs_and_states(inputs, length):
-    """What the CUDA path does around fla's kernels (every head a sequence of its own), checked with the PyTorch
-    recurrence as the kernel: outputs and states per head and per sequence land where they came from."""
+def test_heads_packed_as_sequences_give_the_same_outputs_and_states(inputs, length):
+    """What the CUDA path does around fla's kernels (every head a sequence of its own, packed back to back), checked
+    with the PyTorch recurrence run sequence by sequence as fla's varlen kernels do: outputs and states per head
+    and per sequence land where they came from, and the kernel sees batch 1 and one head."""
     q, k, v, g, beta = (x[:, :length] for x in inputs)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # head-major, as the mixers hand them over
     initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(2))
 
-    def kernel(q, k, v, g, beta, initial_state, output_final_state):
-        assert q.shape[:3] == (6, length, 1) and initial_state.shape == (6, 1, 16, 8)
-        return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state,
-                                            output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)[:2]
+    def varlen_kernel(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens, chunk_indices):
+        assert q.shape == (1, 6 * length, 1, 16) and beta.shape == (1, 6 * length, 1)
+        assert cu_seqlens.tolist() == [n * length for n in range(7)] and initial_state.shape == (6, 1, 16, 8)
+        chunks = -(-length // 64)
+        assert chunk_indices.tolist() == [[n, c] for n in range(6) for c in range(chunks)]
+        outs, finals = [], []
+        for n, (begin, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            out, final, _ = chunk_gated_delta_rule_torch(
+                *(x[:, begin:end] for x in (q, k, v, g, beta)), initial_state=initial_state[n : n + 1],
+                output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
+            outs.append(out)
+            finals.append(final)
+        return torch.cat(outs, dim=1), torch.cat(finals)
 
-    out, final = heads_as_batch(kernel, dict(q=q, k=k, v=v, g=g, beta=beta), initial_state=initial,
-                                output_final_state=True)
+    out, final = heads_as_sequences(varlen_kernel, dict(q=q, k=k, v=v, g=g, beta=beta), initial_state=initial,
+                                    also=("chunk_indices",), output_final_state=True)
     expected_out, expected_final, _ = chunk_gated_delta_rule_torch(
         q, k, v, g, beta, initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert out.shape == expected_out.shape and final.shape == expected_final.shape
     assert (out - expected_out).abs().max() < 1e-6
     assert (final - expected_final).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("count, length", [(6, 150), (40, 2048), (3, 1)])
+def test_chunk_indices_are_the_ones_fla_derives(count, length):
+    """The chunk indices handed to fla equal what fla would compute (with a read of the GPU) from the starts."""
+    index_module = pytest.importorskip("fla.ops.utils.index")
+    index = sequence_index(count, length, torch.device("cpu"))
+    assert torch.equal(index["cu_seqlens"], index["cu_seqlens_cpu"])
+    assert torch.equal(index["chunk_indices"], index_module.prepare_chunk_indices(index["cu_seqlens"], 64))
+    assert sequence_index(count, length, torch.device("cpu")) is index  # same objects: fla's identity caches hit
 
 
 @pytest.mark.parametrize("config_name", ["qwen3_next_moe", "qwen3_5"])
@@ -104,3 +124,13 @@ def test_states_take_tf32x3_only_on_nvidia_gpus_with_tf32(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
     assert states_dot_precision(torch.device("cuda", 0)) == expected
+
+
+def test_queries_and_keys_normalised_as_fla_does_keep_their_dtype_and_layout():
+    """The chunked CUDA path normalises q and k before packing (fla's l2norm: float32, x / sqrt(sum x² + 1e-6))."""
+    x = torch.randn(2, 5, 3, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # head-major
+    y = normalised(x)
+    reference = x.double() / (x.double().pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert (y.double() - reference).abs().max() <= 2**-8  # one bfloat16 rounding of values below 1

@@ -8,23 +8,16 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from conftest import FIXTURE, invoke
 
 from compressor.calibration import StateStatistics
-from compressor.metrics import METRICS
 
 CONFIGS = Path(__file__).parent / "configs"
 
 
 def synthetic_stats(folder: Path, layers: list[int], heads: int, shape: tuple[int, int]) -> Path:
     """Statistics of the right shape for a model (random metrics; three time steps)."""
-    generator = torch.Generator().manual_seed(0)
-    mean = {name: torch.rand(3, len(layers), heads, generator=generator) * 50 for name in METRICS}
-    StateStatistics(mean=mean, std={name: torch.zeros_like(v) for name, v in mean.items()},
-                    times=torch.tensor([64, 128, 256]), layers=layers, heads=[heads] * len(layers),
-                    state_shapes=[shape] * len(layers), settings={"eps": 1e-4, "samples": 4, "seq_len": 256,
-                                                                   "tokens": 1024, "source": "synthetic"}).save(folder)
+    StateStatistics.synthetic(layers, [heads] * len(layers), [shape] * len(layers)).save(folder)
     return folder
 
 

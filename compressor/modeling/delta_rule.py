@@ -21,7 +21,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .heads_as_batch import heads_as_batch
+from .packed_heads import heads_as_sequences, normalised
 
 
 def _no_decay(beta: torch.Tensor) -> torch.Tensor:
@@ -76,14 +76,18 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors (heads folded into the batch), PyTorch otherwise (and for float32 prefill on CUDA: fla 0.6's
-    chunked delta rule refuses float32). Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
+    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence), PyTorch otherwise (and for
+    float32 prefill on CUDA: fla 0.6's chunked delta rule refuses float32). Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm)
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA and (single_step or q.dtype != torch.float32):
-        kernel = _fla_recurrent if single_step else _fla_chunk
-        return heads_as_batch(kernel, dict(q=q, k=k, v=v, beta=beta), **options)
+        if single_step:
+            return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, beta=beta), **options)
+        if use_qk_l2norm:
+            q, k = normalised(q), normalised(k)
+        return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, beta=beta), also=("cu_seqlens_cpu",),
+                                  **{**options, "use_qk_l2norm_in_kernel": False})
     if single_step:
         return recurrent_delta_rule_torch(q, k, v, beta, **options)
     return chunk_delta_rule_torch(q, k, v, beta, **options)[:2]

@@ -107,7 +107,7 @@ class PrunableGatedDeltaNetMixin:
 
     def per_value_head(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Queries or keys [B, T, H_k·d_k] -> [B, T, H_v, d_k], value head j reading key head ``value_to_key[j]``;
-        laid out head-major (one gather), so that the recurrence folds heads into the batch without a copy."""
+        laid out head-major (one gather), so that the recurrence packs heads as sequences without a copy."""
         batch, length, _ = x.shape
         heads = x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2)
         return heads.index_select(1, self.key_index(device)).transpose(1, 2)

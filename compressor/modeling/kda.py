@@ -24,7 +24,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .heads_as_batch import heads_as_batch
+from .packed_heads import heads_as_sequences, normalised
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -128,7 +128,7 @@ def kimi_delta_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (heads folded into the batch),
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a packed sequence),
     PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form.
@@ -137,8 +137,11 @@ def kimi_delta_attention(
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
-        kernel = _fla_recurrent if single_step else _fla_chunk
-        return heads_as_batch(kernel, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
+        if single_step:
+            return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
+        per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g.float(), beta=beta)
+        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",),
+                                  **{**options, "use_qk_l2norm_in_kernel": False})
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
     return chunk_kda_torch(q, k, v, g, beta, **options)[:2]

@@ -1,0 +1,73 @@
+"""Run an fla kernel with every head packed as a sequence of its own, so that no head or batch count is a
+compile-time constant.
+
+Shipped inside output folders (imports only torch). fla's Triton kernels take head counts, and some (the gates'
+chunked cumulative sum, the delta rule's decode step) the batch size, as compile-time constants: a model whose
+layers keep different numbers of heads would compile and autotune those kernels once per distinct count. The heads
+of a linear-attention layer never mix inside the recurrence, so a batch of B sequences of H heads is the same
+computation as B·H sequences of one head; packed back to back into one batch of variable-length sequences
+(fla's ``cu_seqlens``), every layer hands the kernels batch 1 and one head, whatever it kept. fla's chunked kernels
+L2-normalise queries and keys with a kernel whose autotuning key counts the rows (tokens x heads), so the chunked
+path normalises them here instead (``normalised``).
+
+Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
+to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
+contiguous, as the mixers produce them) pack without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+CHUNK_SIZE = 64
+"""The chunk size of fla's chunked kernels, for which ``chunk_indices`` are prepared."""
+
+
+def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype and layout, as
+    fla's l2norm kernel computes it."""
+    y = x.float()
+    return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, ·] or [B, T, H] -> [1, B·H·T, 1, ·] or [1, B·H·T, 1] (sequence b·H + h holds head h of b)."""
+    batch, length, heads = x.shape[:3]
+    return x.transpose(1, 2).reshape(1, batch * heads * length, 1, *x.shape[3:])
+
+
+@lru_cache(maxsize=64)
+def sequence_index(count: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """fla's descriptions of ``count`` packed sequences of ``length`` tokens: ``cu_seqlens`` [count + 1] (their
+    starts, int32 on ``device``), its CPU copy ``cu_seqlens_cpu``, and ``chunk_indices`` [count · ⌈length / 64⌉, 2]
+    (sequence, chunk within it) on ``device``. Built without reading the GPU, and cached, so that the same
+    objects return for every layer of a shape (fla caches what it derives from them by identity)."""
+    starts = torch.arange(count + 1, dtype=torch.int32) * length
+    chunks = -(-length // CHUNK_SIZE)
+    sequence = torch.arange(count, dtype=torch.int32, device=device).repeat_interleave(chunks)
+    chunk = torch.arange(chunks, dtype=torch.int32, device=device).repeat(count)
+    return dict(cu_seqlens=starts.to(device), cu_seqlens_cpu=starts, chunk_indices=torch.stack([sequence, chunk], 1))
+
+
+def heads_as_sequences(
+    kernel: Callable, per_head: dict[str, torch.Tensor], initial_state: torch.Tensor | None = None,
+    also: tuple[str, ...] = (), **options
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``kernel(**packed per_head, initial_state=…, cu_seqlens=…, **options)`` with every head a sequence.
+
+    ``per_head`` maps the kernel's argument names to tensors [B, T, H, ·] or [B, T, H] (H: value heads; q and k
+    already expanded to one head per value head). ``also`` names the other entries of ``sequence_index`` the kernel
+    accepts (``cu_seqlens_cpu``, ``chunk_indices``). Returns ``(o [B, T, H, V], final state [B, H, K, V] or
+    None)``; o is a head-major view (``o.transpose(1, 2)`` is contiguous).
+    """
+    batch, length, heads = per_head["v"].shape[:3]
+    if initial_state is not None:
+        initial_state = initial_state.reshape(batch * heads, 1, *initial_state.shape[2:])
+    index = sequence_index(batch * heads, length, per_head["v"].device)
+    out, final = kernel(**{name: pack(x) for name, x in per_head.items()}, initial_state=initial_state,
+                        cu_seqlens=index["cu_seqlens"], **{name: index[name] for name in also}, **options)
+    out = out.view(batch, heads, length, out.shape[-1]).transpose(1, 2)
+    return out, None if final is None else final.view(batch, heads, *final.shape[2:])
