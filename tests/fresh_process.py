@@ -23,6 +23,21 @@ BLOCKER = textwrap.dedent(
     """
 )
 
+FLA_BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    class _BlockFla:
+        def find_spec(self, name, path=None, target=None):
+            if name == "fla" or name.startswith("fla."):
+                raise ImportError("fla is blocked in this process")
+
+    sys.meta_path.insert(0, _BlockFla())
+    """
+)
+"""A prelude after which ``fla`` cannot be imported: what a folder of a transformers family meets where fla is
+absent (its shipped code must then run the PyTorch path)."""
+
 
 def run_without_compressor(script: str, workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``script`` (Python source) with ``compressor`` blocked, in ``workdir``; raise with its output on failure."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fresh_process import reloaded_logits
+from fresh_process import FLA_BLOCKER, reloaded_logits
 from tiny_models import CONFIGS, PLANS, check_cached_generation, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
@@ -72,8 +72,8 @@ def test_cached_generation_matches_the_masked_model(config_name):
 
 @pytest.mark.slow
 def test_saved_folders_reload_without_compressor(tmp_path):
-    """Each family's folder loads in a fresh process where compressor cannot be imported, with the same logits,
-    and generates with its cache; an even uniform plan also loads into the stock class, weights complete."""
+    """Each family's folder loads in a fresh process where neither compressor nor fla can be imported, with the same
+    logits, and generates with its cache; an even uniform plan also loads into the stock class, weights complete."""
     ids = input_ids(3)
     expected = {}
     for config_name in CONFIGS:
@@ -92,7 +92,7 @@ def test_saved_folders_reload_without_compressor(tmp_path):
             stock, info = stock_class.from_pretrained(name, output_loading_info=True)
             assert type(stock).__module__.startswith("transformers."), type(stock)
             assert not any(info.values()), info
-        """)
+        """, prelude=FLA_BLOCKER)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import FIXTURE, assert_user_error, invoke
-from fresh_process import run_without_compressor
+from fresh_process import FLA_BLOCKER, run_without_compressor
 from tiny_models import masked_copy, tiny_model
 
 from compressor.budgets import make_budget, stock_plan, stock_shape
@@ -18,15 +18,7 @@ from compressor.families import family_for
 from compressor.layers import linear_layers
 from compressor.slicing import slim
 
-NO_FLA = """
-import sys
-
-class _BlockFla:
-    def find_spec(self, name, path=None, target=None):
-        if name == "fla" or name.startswith("fla."):
-            raise ImportError("fla is blocked in this process")
-
-sys.meta_path.insert(0, _BlockFla())
+NO_FLA = FLA_BLOCKER + """
 import torch
 from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fresh_process import BLOCKER
+from fresh_process import BLOCKER, FLA_BLOCKER
 from tiny_models import PLANS, tiny_model
 
 from compressor.export import write_model
@@ -20,13 +20,7 @@ from compressor.layers import PruningPlan
 from compressor.slicing import slim
 
 PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
-CHECK = BLOCKER + """
-class _BlockFla:
-    def find_spec(self, name, path=None, target=None):
-        if name == "fla" or name.startswith("fla."):
-            raise ImportError("fla is blocked in this process")
-
-sys.meta_path.insert(0, _BlockFla())
+CHECK = BLOCKER + FLA_BLOCKER + """
 import torch, transformers
 from transformers import AutoModelForCausalLM
 assert transformers.__version__.startswith(sys.argv[2]), transformers.__version__

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-from fresh_process import reloaded_logits
+from fresh_process import FLA_BLOCKER, reloaded_logits
 from tiny_models import COMMON, masked_copy
 from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig
 
@@ -164,8 +164,8 @@ def check_exact_in_float64(model: torch.nn.Module, kept: dict[int, list[int]]) -
 
 
 def check_fresh_reload(models: dict[str, torch.nn.Module], tmp_path: Path) -> None:
-    """Each pruned model, written by ``write_model``, loads in a fresh process where compressor cannot be
-    imported, gives the same logits, and generates with its cache."""
+    """Each pruned model, written by ``write_model``, loads in a fresh process where neither compressor nor fla can
+    be imported, gives the same logits, and generates with its cache."""
     ids = input_ids(3)
     expected = {}
     for name, model in models.items():
@@ -174,7 +174,7 @@ def check_fresh_reload(models: dict[str, torch.nn.Module], tmp_path: Path) -> No
             expected[name] = model(ids).logits
     reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
         assert type(model).__name__.startswith("Pruned"), type(model)
-        """)
+        """, prelude=FLA_BLOCKER)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 
