@@ -28,6 +28,23 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
 
 
+
+class ShareOrAuto(click.ParamType):
+    """A float, or the word ``auto``."""
+
+    name = "share"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'.", param, ctx)
+
+
+SHARE_OR_AUTO = ShareOrAuto()
+
 def user_errors(command):
     """A CompressorError, or an OSError of the file system (no space, no permission), becomes one sentence on
     stderr and exit status 1."""
@@ -101,14 +118,16 @@ def main():
               help="Most the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at a time "
                    "from its files and exported shard by shard.")
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
+@click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+              help="Spread the decoder layers over every visible GPU with accelerate, as prune does.")
 @user_errors
-def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options):
+def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_map, **options):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
     from .pipeline import analyze as run_analyze
 
     device, dtype = options.pop("device"), options.pop("dtype")
     stats = run_analyze(model, calibration_settings(options), out_dir, device, dtype, overwrite=overwrite,
-                        max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
+                        max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, device_map=device_map)
     ranks = stats.per_layer("threshold_rank")
     for i, layer in enumerate(stats.layers):
         shown = " ".join(f"{r:5.1f}" for r in ranks[layer].tolist())
@@ -130,12 +149,15 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, **options
                    "Or one score: joint rank-norm (the paper's Eq. 14; its rule is --method joint --remove high); "
                    "threshold rank, stable_rank, entropy_rank; nuclear norm, frobenius; random; loss (each head's "
                    "own loss increase when masked alone, on --loss-samples x --loss-seq-len calibration tokens).")
-@click.option("--key-reduction", default=None, type=float,
+@click.option("--key-reduction", default=None, type=SHARE_OR_AUTO, metavar="R|auto",
               help="Also remove this share (0 < R < 1) of every key head's query/key channels (the same count in "
-                   "every key head); with --state-reduction, heads go until the state shrinks by that share in all.")
+                   "every key head); with --state-reduction, heads go until the state shrinks by that share in all. "
+                   "auto: heads alone, channels alone, or half of --state-reduction each, whichever gives the "
+                   "lowest loss on the --auto-holdout windows.")
 @click.option("--key-method", default="auto", show_default=True, type=click.Choice(KEY_METHODS),
               help="How --key-reduction chooses each key head's channels: rrqr (strong rank-revealing QR of "
-                   "calibration queries and keys), l1 or wanda (projection rows), random; auto: each of them, "
+                   "calibration queries and keys), l1 or wanda (projection rows), taylor (loss gradient of a channel "
+                   "mask, backward passes through the PyTorch recurrences), random; auto: each of them, "
                    "keeping the lowest loss on the --auto-holdout windows.")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of rank in the joint score.")
 @click.option("--remove", default=None, type=click.Choice(REMOVE),
@@ -286,13 +308,15 @@ def plan(config, stats, seed, **options):
               help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+@click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+              help="Spread the decoder layers over every visible GPU with accelerate, as prune does.")
 @user_errors
-def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path, overwrite):
+def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path, overwrite, device_map):
     """Perplexity and copy-recall accuracy of MODEL (folder, prune output or Hub id)."""
     from .quality import evaluate as run_evaluate
 
     figures = run_evaluate(model, EvalSettings(path, samples, seq_len, batch_size), device, dtype, json_path,
-                           overwrite=overwrite)
+                           overwrite=overwrite, device_map=device_map)
     click.echo(f"perplexity: {figures['perplexity']:.2f} on {figures['windows']} x {figures['seq_len']} tokens of "
                f"{figures['data']}")
     click.echo(f"copy-recall accuracy: {figures['recall_accuracy']:.1%} ({figures['recall_probe']})")
@@ -348,6 +372,11 @@ def summary(record) -> str:
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record.layers.items():
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
+    if method.axes_candidates:
+        lines.append("--key-reduction auto, held-out perplexity: " + ", ".join(
+            f"{c['axes']}" + (f" (channels {c['key_reduction']:.3g})" if c["key_reduction"] else "")
+            + f" {c['perplexity']:.2f}" for c in method.axes_candidates)
+            + f"; chose {min(method.axes_candidates, key=lambda c: c['loss'])['axes']}")
     if method.key_candidates:
         lines.append("--key-method auto, held-out perplexity: " + ", ".join(
             f"{c['method']} {c['perplexity']:.2f}" for c in method.key_candidates) + f"; chose {method.key_chosen}")

@@ -9,6 +9,9 @@ per key head by one of ``KEY_METHODS``:
   before the L2 normalisation the kernels apply);
 - ``l1``: the L1 norm of the channel's query and key projection rows;
 - ``wanda``: Σ |W_ij|·‖x_j‖ over those rows, ‖x_j‖ the norm of the layer's input feature j on calibration text;
+- ``taylor``: a first-order (Taylor) estimate of the loss change from removing the channel, Σ over calibration
+  batches of |∂L/∂m| for a multiplicative mask m = 1 on the channel's queries and keys (backward passes through
+  the PyTorch recurrences);
 - ``random``: seeded.
 """
 
@@ -43,6 +46,8 @@ class KeyActivations:
     """Layer -> key head -> [≤ MAX_ROWS, d_k] float64 query and key rows."""
     input_norms: dict[int, torch.Tensor]
     """Layer -> [D] L2 norm of each feature of the mixer's input over the calibration tokens."""
+    gradients: dict[int, torch.Tensor] | None = None
+    """Layer -> [H_k, d_k] ``taylor``'s scores (``channel_gradients``), when it is asked for."""
 
 
 def collect_key_activations(model: nn.Module, family: Family, windows: torch.Tensor, batch_size: int,
@@ -97,6 +102,29 @@ def collect_key_activations(model: nn.Module, family: Family, windows: torch.Ten
     )
 
 
+def channel_gradients(model: nn.Module, family: Family, windows: torch.Tensor,
+                      batch_size: int) -> dict[int, torch.Tensor]:
+    """Layer -> [H_k, d_k] float64: Σ over batches of ``windows`` [N, L] of |∂L/∂m|, L the batch's mean next-token
+    loss and m a multiplicative mask of ones on each query/key channel of each key head (in every value head that
+    reads it). Backward passes go through the PyTorch recurrences (``heal.torch_recurrences``): fla 0.6's backward
+    kernels are refused on some GPUs."""
+    from .heal import torch_recurrences
+    from .selection import channel_masks
+
+    mixers = linear_layers(model, family)
+    device = next(model.parameters()).device
+    masks = {i: torch.ones(m.num_k_heads, m.head_k_dim, device=device, requires_grad=True) for i, m in mixers.items()}
+    totals = {i: torch.zeros(m.num_k_heads, m.head_k_dim, dtype=torch.float64) for i, m in mixers.items()}
+    with channel_masks(model, family, masks), torch_recurrences(), torch.enable_grad():
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            logits = model(ids).logits[:, :-1].float()
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            for layer, grad in zip(masks, torch.autograd.grad(loss, list(masks.values()))):
+                totals[layer] += grad.abs().to("cpu", torch.float64)
+    return totals
+
+
 def channel_scores(mixer: nn.Module, family: Family, method: str, input_norm: torch.Tensor | None) -> torch.Tensor:
     """[H_k, d_k] score of every channel of every key head by its query/key projection rows (``l1``, ``wanda``)."""
     heads = head_layout(mixer)
@@ -115,7 +143,8 @@ def channel_scores(mixer: nn.Module, family: Family, method: str, input_norm: to
 def choose_channels(model: nn.Module, family: Family, method: str, kept_dim: int, kept_keys: dict[int, list[int]],
                     activations: KeyActivations | None = None, seed: int = 0) -> dict[int, dict[int, list[int]]]:
     """Layer -> kept key head -> its ``kept_dim`` channels (sorted), for the key heads ``kept_keys`` keeps
-    (layer -> key heads). ``activations`` is needed by ``rrqr`` and ``wanda``."""
+    (layer -> key heads). ``activations`` is needed by ``rrqr`` and ``wanda``, and with its gradients by
+    ``taylor``."""
     if method not in KEY_METHODS:
         raise ValueError(f"unknown key method {method!r}")
     chosen: dict[int, dict[int, list[int]]] = {}
@@ -123,6 +152,8 @@ def choose_channels(model: nn.Module, family: Family, method: str, kept_dim: int
         if method in ("l1", "wanda"):
             norm = activations.input_norms[layer] if method == "wanda" else None
             scores = channel_scores(mixer, family, method, norm)
+        elif method == "taylor":
+            scores = activations.gradients[layer]
         chosen[layer] = {}
         for key in kept_keys[layer]:
             if method == "rrqr":

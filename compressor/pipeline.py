@@ -42,6 +42,8 @@ class Measurements:
     """Layer -> [H] increase of the calibration loss when each head alone is masked."""
     held_out: torch.Tensor | None = None
     """``auto``: the held-out calibration windows [N, L] it compares the rules on."""
+    scoring: torch.Tensor | None = None
+    """With ``held_out``: the calibration windows [N, L] the choices are made on."""
     loss_tokens: int | None = None
 
 
@@ -56,6 +58,8 @@ class Choice:
     """``--key-method auto``: the channel method it chose."""
     key_candidates: list[dict] | None = None
     """``--key-method auto``: every channel method's held-out loss and perplexity."""
+    axes_candidates: list[dict] | None = None
+    """``--key-reduction auto``: every split of the budget between heads and channels, with its held-out loss."""
 
 
 @dataclass
@@ -78,6 +82,7 @@ def analyze(
     overwrite: bool = False,
     max_gpu_memory: str | None = None,
     max_cpu_memory: str | None = None,
+    device_map: str | None = None,
 ) -> StateStatistics:
     """Measure every linear-attention head's state on the calibration text.
 
@@ -91,7 +96,8 @@ def analyze(
     if out_dir is not None:
         check_output(Path(out_dir), overwrite, model)
     check_source(calibration.calib, calibration.text_field)
-    loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype, max_gpu_memory, max_cpu_memory)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype, max_gpu_memory, max_cpu_memory,
+                                                               device_map=device_map)
     stats = calibrate(loaded, calibration, progress, halves=out_dir is not None)
     if out_dir is not None:
         from .analysis import write_report
@@ -126,14 +132,15 @@ def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> No
 
 
 def load(model: str, device: str, dtype: str, max_gpu_memory: str | None, max_cpu_memory: str | None,
-         settings: PruneSettings | None = None) -> LoadedModel:
-    """The whole model on the device; spread over the GPUs by ``settings.device_map`` (within the limits per
-    device); or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less than its weights, the model
-    to run one decoder layer at a time from its files (``compressor.sequential``), ``settings`` (prune) then checked
-    for steps that need the whole model."""
-    if settings is not None and settings.device_map is not None:
+         settings: PruneSettings | None = None, device_map: str | None = None) -> LoadedModel:
+    """The whole model on the device; spread over the GPUs by ``device_map`` (prune: ``settings.device_map``),
+    within the limits per device; or, when ``--max-gpu-memory`` / ``--max-cpu-memory`` leave the device less than
+    its weights, the model to run one decoder layer at a time from its files (``compressor.sequential``),
+    ``settings`` (prune) then checked for steps that need the whole model."""
+    device_map = settings.device_map if settings is not None else device_map
+    if device_map is not None:
         limits = max_memory(max_gpu_memory, max_cpu_memory, torch.cuda.device_count())
-        return load_model(model, device, dtype, device_map=settings.device_map, max_memory=limits)
+        return load_model(model, device, dtype, device_map=device_map, max_memory=limits)
     budget = memory_budget(resolve_device(device), max_gpu_memory, max_cpu_memory)
     folder = local_folder(model)
     if budget is None:
@@ -201,7 +208,7 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     mixers = linear_layers(loaded.model, loaded.family)
     budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
     kept_dim = None
-    if settings.key_reduction is not None:
+    if settings.key_reduction not in (None, "auto"):
         from .key_channels import check_key_reduction, heads_share
 
         kept_dim = check_key_reduction(loaded.family, mixers, settings.key_reduction)
@@ -212,7 +219,10 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     eval_tokens = None
     if settings.evaluation is not None and not settings.dry_run:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")
-    if settings.removes_heads:
+    if settings.key_reduction == "auto":
+        measured = measure(loaded, settings, saved_stats, progress)
+        settings, choice = choose_axes(loaded, measured, budget, head_bytes, settings)
+    elif settings.removes_heads:
         measured = measure(loaded, settings, saved_stats, progress)
         choice = choose(loaded, measured, budget, head_bytes, settings)
     else:
@@ -272,16 +282,19 @@ def measure(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics
     measured loss increase; ``auto`` holds out part of the windows to compare its candidates on."""
     if stats is not None:
         check_statistics(stats, loaded)
-    if settings.method not in ("auto", "loss"):
+    holds_out = settings.method == "auto" or settings.key_reduction == "auto"
+    if settings.method not in ("auto", "loss") and not holds_out:
         return Measurements(stats if stats is not None else calibrate(loaded, settings.calibration, progress))
     tokens, source = calibration_windows(settings.calibration, loaded.tokenizer)
-    scoring, held_out = split_windows(tokens, settings.auto_holdout) if settings.method == "auto" else (tokens, None)
+    scoring, held_out = split_windows(tokens, settings.auto_holdout) if holds_out else (tokens, None)
     if stats is None:
         stats = calibrate(loaded, settings.calibration, progress, windows=scoring)
         stats.settings["source"] = source
+    if settings.method not in ("auto", "loss"):
+        return Measurements(stats, held_out=held_out, scoring=scoring)
     windows = loss_windows(scoring, settings.loss_samples, settings.loss_seq_len)
     loss = loss_scores(loaded.model, loaded.family, windows, settings.loss_batch_size, progress=progress)
-    return Measurements(stats, loss, held_out, int(windows.numel()))
+    return Measurements(stats, loss, held_out, scoring if holds_out else None, int(windows.numel()))
 
 
 def every_head(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics | None,
@@ -299,14 +312,16 @@ def every_head(loaded: LoadedModel, settings: PruneSettings, stats: StateStatist
     return Measurements(stats), Choice(scores, PruningPlan(kept=kept), settings.end)
 
 
-def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPlan,
-                  kept_dim: int) -> tuple[dict[int, dict[int, list[int]]], str | None, list[dict] | None]:
+def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPlan, kept_dim: int,
+                  windows: torch.Tensor | None = None) -> tuple[dict[int, dict[int, list[int]]], str | None,
+                                                             list[dict] | None]:
     """The ``kept_dim`` query/key channels of every key head that ``plan`` keeps, by ``settings.key_method``
     (``rrqr`` and ``wanda`` read activations on the calibration windows, of the model before any head is
-    removed). ``auto`` chooses every way on the windows ``--auto-holdout`` leaves, and keeps the one whose channels
-    (with ``plan``'s heads) give the lowest next-token loss on the held-out ones. Returns (channels, the method
-    ``auto`` chose or None, every method's held-out loss and perplexity or None)."""
-    from .key_channels import choose_channels, collect_key_activations
+    removed; ``windows``: these calibration windows instead). ``auto`` chooses every way on the windows
+    ``--auto-holdout`` leaves, and keeps the one whose channels (with ``plan``'s heads) give the lowest next-token
+    loss on the held-out ones. Returns (channels, the method ``auto`` chose or None, every method's held-out loss
+    and perplexity or None)."""
+    from .key_channels import channel_gradients, choose_channels, collect_key_activations
     from .selection import masked_channels, masked_heads
 
     model, family, calibration = loaded.model, loaded.family, settings.calibration
@@ -314,11 +329,14 @@ def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPla
     kept_keys = {i: sorted({m.value_to_key[j] for j in plan.kept[i]}) for i, m in mixers.items()}
     methods = [m for m in KEY_METHODS if m != "auto"] if settings.key_method == "auto" else [settings.key_method]
     activations = held_out = None
-    if {"rrqr", "wanda"} & set(methods) or settings.key_method == "auto":
-        windows, _ = calibration_windows(calibration, loaded.tokenizer)
+    if {"rrqr", "wanda", "taylor"} & set(methods):
+        if windows is None:
+            windows, _ = calibration_windows(calibration, loaded.tokenizer)
         if settings.key_method == "auto":
             windows, held_out = split_windows(windows, settings.auto_holdout)
         activations = collect_key_activations(model, family, windows, calibration.batch_size, calibration.seed)
+        if "taylor" in methods:
+            activations.gradients = channel_gradients(model, family, windows, calibration.batch_size)
     choices = {method: choose_channels(model, family, method, kept_dim, kept_keys, activations, calibration.seed)
                for method in methods}
     if held_out is None:
@@ -330,6 +348,53 @@ def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPla
     chosen = min(losses, key=losses.get)
     tried = [{"method": m, "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4)} for m, loss in losses.items()]
     return choices[chosen], chosen, tried
+
+
+def choose_axes(loaded: LoadedModel, measured: Measurements, budget, head_bytes: dict[int, int],
+                settings: PruneSettings) -> tuple[PruneSettings, Choice]:
+    """``--key-reduction auto``: the state budget S taken by heads alone, by channels alone (⌊(1 − S)·d_k⌋ kept in
+    every key head) and by both (channels first, to ⌈(1 − S/2)·d_k⌉, heads for the rest); each plan is made as
+    ``--method`` and ``--key-method`` make it, on the scoring windows, and the one with the lowest next-token loss
+    on the held-out windows (its heads and channels masked) is kept. Returns the settings of that plan (its
+    ``key_reduction``, None for heads alone) and its choice, carrying every candidate's loss."""
+    from .key_channels import check_key_reduction, heads_share, kept_key_dim
+    from .scoring import score_heads
+    from .selection import masked_channels, masked_heads
+
+    mixers = linear_layers(loaded.model, loaded.family)
+    key_dim = next(iter(mixers.values())).head_k_dim
+    check_key_reduction(loaded.family, mixers, 0.5)  # channels can go (one d_k in every layer): else, a sentence
+    target = budget.state_reduction
+    splits = {"heads": None}
+    half = kept_key_dim(key_dim, target / 2)
+    if half < key_dim and 1 - half / key_dim < target:
+        splits["channels and heads"] = half
+    if math.floor(round((1 - target) * key_dim, 9)) >= 1:
+        splits["channels"] = math.floor(round((1 - target) * key_dim, 9))
+    tried, plans = [], {}
+    for name, kept_dim in splits.items():
+        reduction = None if kept_dim is None else 1 - kept_dim / key_dim
+        options = replace(settings, key_reduction=reduction, state_reduction=None if name == "channels" else target)
+        if name == "channels":
+            kept = {i: list(range(m.num_v_heads)) for i, m in mixers.items()}
+            scores = score_heads(measured.stats, "norm", settings.alpha, settings.calibration.seed)
+            choice = Choice(scores, PruningPlan(kept=kept), settings.end)
+        else:
+            share = target if kept_dim is None else heads_share(target, kept_dim / key_dim)
+            choice = choose(loaded, measured, replace(budget, state_reduction=share), head_bytes, options)
+        if kept_dim is not None:
+            choice.plan.channels, choice.key_chosen, choice.key_candidates = plan_channels(
+                loaded, options, choice.plan, kept_dim, windows=measured.scoring)
+        with masked_heads(loaded.model, loaded.family, choice.plan.kept), \
+                masked_channels(loaded.model, loaded.family, choice.plan.channels or {}):
+            loss = next_token_loss(loaded.model, measured.held_out, settings.calibration.batch_size, progress=False)
+        tried.append({"axes": name, "key_reduction": None if reduction is None else round(reduction, 6),
+                      "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4)})
+        plans[name] = (options, choice)
+    best = min(tried, key=lambda entry: entry["loss"])["axes"]
+    options, choice = plans[best]
+    choice.axes_candidates = tried
+    return options, choice
 
 
 def choose(loaded: LoadedModel, measured: Measurements, budget, head_bytes: dict[int, int],

@@ -11,7 +11,7 @@ from .accounting import versions
 from .errors import CompressorError
 from .evaluation import eval_windows, quality
 from .loading import LoadedModel, load_model
-from .settings import EvalSettings
+from .settings import DEVICE_MAPS, EvalSettings, choice
 
 
 def evaluate(
@@ -22,13 +22,15 @@ def evaluate(
     json_path: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    device_map: str | None = None,
 ) -> dict:
     """Held-out perplexity on ``settings.samples`` windows of ``settings.path`` (default: the embedded held-out
     Python-docs text; None samples: every whole window, in order) and copy-recall accuracy on the first 64 tokens of
     the first 8 windows (``evaluation.copy_recall``), as ``prune --eval`` measures them.
 
     Returns the figures as a dict, also written to ``json_path`` when given (an existing file only with
-    ``overwrite``). Options are checked before the model loads.
+    ``overwrite``). Options are checked before the model loads. ``device_map`` (``auto``, ``balanced``,
+    ``sequential``) spreads the decoder layers over the visible GPUs instead of ``device``.
     """
     settings = settings or EvalSettings()
     settings.check()
@@ -37,7 +39,10 @@ def evaluate(
     if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
         raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, purpose="evaluate")
+    if device_map is not None:
+        choice("--device-map", device_map, DEVICE_MAPS)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, purpose="evaluate",
+                                                                     device_map=device_map)
     tokens, data = eval_windows(settings, loaded.tokenizer)
     measured = quality(loaded.model, tokens, settings.batch_size, progress)
     figures = {

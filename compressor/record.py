@@ -63,6 +63,9 @@ class MethodRecord:
     """``--key-method auto``: every channel method's held-out loss and perplexity, in the order tried."""
     key_dim_before: int | None = None
     key_dim_after: int | None = None
+    axes_candidates: list[dict] | None = None
+    """``--key-reduction auto``: every split of the state budget tried (heads, channels, channels and heads), with
+    its key reduction, held-out loss and perplexity; the plan written is the lowest."""
 
 
 @dataclass

@@ -53,23 +53,38 @@ def masked_channels(model: nn.Module, family: Family, channels: dict[int, dict[i
     recurrence receives them, before its L2 norm), at the source's d_k and query scale. Removing those channels
     computes the same (tests/test_key_channels.py). Layers missing from ``channels`` keep every channel."""
     mixers = linear_layers(model, family)
+    masks = {}
+    for index, kept in channels.items():
+        mixer = mixers[index]
+        masks[index] = torch.zeros(mixer.num_k_heads, mixer.head_k_dim, device=mixer.out_proj.weight.device)
+        for key, kept_channels in kept.items():
+            masks[index][int(key), kept_channels] = 1
+    with channel_masks(model, family, masks):
+        yield model
+
+
+@contextmanager
+def channel_masks(model: nn.Module, family: Family, masks: dict[int, torch.Tensor]):
+    """Within the block, the queries and keys of every value head are multiplied channel by channel by
+    ``masks[layer]`` [H_k, d_k] at the key head it reads, where ``masked_channels`` zeroes them (the masks may
+    require gradients). Layers missing from ``masks`` are left alone."""
+    mixers = linear_layers(model, family)
     wrapped = []
     try:
-        for index, kept in channels.items():
+        for index, mask in masks.items():
             mixer = mixers[index]
-            mask = torch.zeros(mixer.num_k_heads, mixer.head_k_dim, device=mixer.out_proj.weight.device)
-            for key, kept_channels in kept.items():
-                mask[int(key), kept_channels] = 1
-            per_value = mask[torch.tensor(mixer.value_to_key, device=mask.device)]  # [H_v, d_k]
+            reads = torch.tensor(mixer.value_to_key, device=mask.device)  # [H_v]: the key head of each value head
             if hasattr(mixer, "heads"):
-                def heads(q, k, v, _inner=mixer.heads, _mask=per_value):
+                def heads(q, k, v, _inner=mixer.heads, _mask=mask, _reads=reads):
                     q, k, v = _inner(q, k, v)
-                    return q * _mask.to(q.dtype), k * _mask.to(k.dtype), v
+                    per_value = _mask[_reads]  # [H_v, d_k], gathered at every call (a fresh graph for gradients)
+                    return q * per_value.to(q.dtype), k * per_value.to(k.dtype), v
                 mixer.heads = heads
                 wrapped.append((mixer, "heads"))
             else:
-                def recurrence(q, k, *args, _inner=mixer.recurrence, _mask=per_value, **kwargs):
-                    return _inner(q * _mask.to(q.dtype), k * _mask.to(k.dtype), *args, **kwargs)
+                def recurrence(q, k, *args, _inner=mixer.recurrence, _mask=mask, _reads=reads, **kwargs):
+                    per_value = _mask[_reads]
+                    return _inner(q * per_value.to(q.dtype), k * per_value.to(k.dtype), *args, **kwargs)
                 mixer.recurrence = recurrence
                 wrapped.append((mixer, "recurrence"))
         yield model

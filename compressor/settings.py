@@ -16,7 +16,7 @@ SCORE_METHODS = ("joint", "rank", "stable_rank", "entropy_rank", "norm", "froben
 """Scores computed from the state statistics (``compressor.scoring``)."""
 PRUNE_METHODS = ("auto", *SCORE_METHODS, "loss")
 """``--method`` choices: the statistics scores, the measured loss of masking each head, and ``auto``."""
-KEY_METHODS = ("auto", "rrqr", "l1", "wanda", "random")
+KEY_METHODS = ("auto", "rrqr", "l1", "wanda", "taylor", "random")
 """How ``--key-reduction`` chooses each key head's query/key channels (``compressor.key_channels``)."""
 REMOVE = ("high", "low")
 DEFAULT_REMOVE = "low"
@@ -149,8 +149,9 @@ class PruneSettings:
     alpha: float = 0.5
     remove: str | None = None
     """``high`` or ``low``; None: ``low`` for a score, and ``auto`` measures both."""
-    key_reduction: float | None = None
-    """Share of every key head's query/key channels to remove (None: none)."""
+    key_reduction: float | str | None = None
+    """Share of every key head's query/key channels to remove (None: none; ``auto``: heads alone, channels alone or
+    half of the state budget each, whichever loses least on held-out windows)."""
     key_method: str = "auto"
     loss_samples: int = LOSS_WINDOWS
     loss_seq_len: int = LOSS_SEQ_LEN
@@ -183,7 +184,8 @@ class PruneSettings:
     @property
     def removes_heads(self) -> bool:
         """Whether heads are removed: always without ``key_reduction``; with it, when a head budget is given."""
-        return self.key_reduction is None or self.state_reduction is not None or self.heads_per_layer is not None
+        return (self.key_reduction in (None, "auto") or self.state_reduction is not None
+                or self.heads_per_layer is not None)
 
     @property
     def end(self) -> str:
@@ -227,7 +229,12 @@ class PruneSettings:
         choice("--key-method", self.key_method, KEY_METHODS)
         if self.key_reduction is None:
             return
-        if not 0.0 < self.key_reduction < 1.0:
+        if self.key_reduction == "auto":
+            if self.stats is not None:
+                raise CompressorError("--key-reduction auto calibrates on its own scoring windows and cannot reuse "
+                                      "--stats; give a share of channels to reuse them.")
+            held_out_count(self.calibration.samples, self.auto_holdout, "--key-reduction auto")
+        elif not 0.0 < self.key_reduction < 1.0:
             raise CompressorError(f"--key-reduction must lie strictly between 0 and 1, got {self.key_reduction}.")
         if self.layout == "stock":
             raise CompressorError("--key-reduction keeps the source's query scale, which stock code cannot read "

@@ -59,3 +59,28 @@ def test_prune_with_a_device_map_writes_the_same_folder(tmp_path):
     assert records[1]["verify"]["passed"]
     weights = [load_file(tmp_path / kind / "model.safetensors") for kind in ("plain", "mapped")]
     assert all(torch.equal(t, weights[1][n]) for n, t in weights[0].items())
+
+
+def test_analyze_and_eval_with_a_device_map_measure_the_same(tmp_path, monkeypatch):
+    """``analyze`` and ``eval`` take ``--device-map`` too (calibration and evaluation alike): they load through a
+    device map, and on the CPU's map measure the same statistics, perplexity and recall as without it."""
+    import compressor.placement
+
+    maps = []
+    original = compressor.placement.device_map
+    monkeypatch.setattr(compressor.placement, "device_map", lambda *args: maps.append(args[1]) or original(*args))
+    common = ["--samples", "2", "--seq-len", "256", "--device", "cpu"]
+    for kind in ("plain", "mapped"):
+        extra = ["--device-map", "auto"] if kind == "mapped" else []
+        result = invoke("analyze", FIXTURE, "--out", tmp_path / f"stats-{kind}", *common, *extra)
+        assert result.exit_code == 0, result.output
+        result = invoke("eval", FIXTURE, "--eval", EVAL_TEXT, "--samples", "2", "--seq-len", "128", "--device", "cpu",
+                        "--json", tmp_path / f"eval-{kind}.json", *extra)
+        assert result.exit_code == 0, result.output
+    assert maps == ["auto", "auto"]  # the mapped analyze and eval, not the plain ones
+    stats = [load_file(tmp_path / f"stats-{kind}" / "stats.safetensors") for kind in ("plain", "mapped")]
+    assert stats[0].keys() == stats[1].keys()
+    assert all(torch.equal(stats[0][name], stats[1][name]) for name in stats[0])
+    figures = [json.loads((tmp_path / f"eval-{kind}.json").read_text()) for kind in ("plain", "mapped")]
+    assert (figures[0]["perplexity"], figures[0]["recall_accuracy"]) == (figures[1]["perplexity"],
+                                                                          figures[1]["recall_accuracy"])

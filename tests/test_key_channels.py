@@ -13,9 +13,10 @@ from fresh_process import reloaded_logits
 
 from compressor.export import write_model
 from compressor.families import family_for
-from compressor.key_channels import channel_scores, choose_channels, collect_key_activations, kept_key_dim
+from compressor.key_channels import (channel_gradients, channel_scores, choose_channels, collect_key_activations,
+                                     kept_key_dim)
 from compressor.layers import PruningPlan, linear_layers
-from compressor.selection import masked_channels
+from compressor.selection import channel_masks, masked_channels
 from compressor.slicing import slim
 
 TOLERANCE = 1e-4
@@ -146,7 +147,8 @@ def test_channel_choices():
     activations = collect_key_activations(model, family, windows, batch_size=1, max_rows=100)
     assert activations.rows[0][1].shape == (100, 8)
     kept_keys = {0: [0, 1], 2: [0, 1, 2], 3: [2]}
-    for method in ("rrqr", "l1", "wanda", "random"):
+    activations.gradients = channel_gradients(model, family, windows, batch_size=1)
+    for method in ("rrqr", "l1", "wanda", "taylor", "random"):
         chosen = choose_channels(model, family, method, 3, kept_keys, activations)
         assert {i: sorted(c) for i, c in chosen.items()} == kept_keys
         assert all(len(set(c)) == 3 and c == sorted(c) for heads in chosen.values() for c in heads.values())
@@ -219,7 +221,7 @@ def test_key_method_auto_keeps_the_lowest_held_out_loss(tmp_path):
     method = json.loads((out / "compression.json").read_text())["method"]
     assert method["key_method"] == "auto"
     tried = {c["method"]: c["loss"] for c in method["key_candidates"]}
-    assert set(tried) == {"rrqr", "l1", "wanda", "random"}
+    assert set(tried) == {"rrqr", "l1", "wanda", "taylor", "random"}
     assert method["key_chosen"] == min(tried, key=tried.get)
     assert f"chose {method['key_chosen']}" in result.output
     assert f"chosen by `{method['key_chosen']}`, the lowest held-out loss of" in (out / "README.md").read_text()
@@ -236,3 +238,65 @@ def test_masked_channels_masks_only_inside_the_block():
         after = model(ids).logits
     assert (inside - before).abs().max() > 1e-3
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next_dense", "gla"])
+def test_taylor_scores_are_the_loss_gradients_of_channel_masks(name):
+    """``taylor``'s score of a channel is |∂L/∂m| of a mask on it (summed over batches): checked against central
+    differences of the loss, for a grouped model and an fla family (masks applied where the heads split);
+    the key heads it keeps are those of largest score."""
+    model = build(name).double()
+    family = family_for(model.config)
+    mixers = linear_layers(model, family)
+    windows = torch.randint(3, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+    scores = channel_gradients(model, family, windows, batch_size=1)
+    layer = next(iter(mixers))
+    mixer = mixers[layer]
+    assert scores[layer].shape == (mixer.num_k_heads, mixer.head_k_dim)
+
+    def loss_at(key: int, channel: int, value: float, ids: torch.Tensor) -> float:
+        masks = {layer: torch.ones(mixer.num_k_heads, mixer.head_k_dim, dtype=torch.float64)}
+        masks[layer][key, channel] = value
+        with torch.no_grad(), channel_masks(model, family, masks):
+            logits = model(ids).logits[:, :-1]
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    for key, channel in ((0, 0), (mixer.num_k_heads - 1, mixer.head_k_dim - 1)):
+        numeric = sum(abs(loss_at(key, channel, 1 + 1e-3, w[None]) - loss_at(key, channel, 1 - 1e-3, w[None])) / 2e-3
+                      for w in windows)  # a wide step: the recurrences compute in float32 even in a float64 model
+        assert abs(numeric - scores[layer][key, channel].item()) <= 1e-3 * max(1.0, numeric), (key, channel)
+    activations = collect_key_activations(model, family, windows, batch_size=1, max_rows=50)
+    activations.gradients = scores
+    chosen = choose_channels(model, family, "taylor", 2, {i: [0] for i in mixers}, activations)
+    assert chosen[layer][0] == sorted(scores[layer][0].argsort(descending=True)[:2].tolist())
+
+
+def test_key_reduction_auto_writes_the_split_of_lowest_held_out_loss(tmp_path):
+    """``--key-reduction auto`` tries heads alone, channels alone and both at the state budget; it writes the one of
+    lowest held-out loss, which meets the budget, and the record, the printout and the card list every split."""
+    import json
+
+    out = tmp_path / "out"
+    result = invoke("prune", FIXTURE, "--out", out, "--key-reduction", "auto", "--method", "norm", "--key-method",
+                    "l1", "--samples", "4", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "compression.json").read_text())
+    method = record["method"]
+    tried = {c["axes"]: c for c in method["axes_candidates"]}
+    assert set(tried) == {"heads", "channels and heads", "channels"}
+    assert tried["heads"]["key_reduction"] is None
+    assert 0 < tried["channels and heads"]["key_reduction"] < 0.389 / 2 + 1e-9 < tried["channels"]["key_reduction"]
+    best = min(tried.values(), key=lambda c: c["loss"])
+    assert method["key_reduction"] == best["key_reduction"]
+    if best["key_reduction"] is not None:
+        assert method["key_dim_after"] == round(32 * (1 - best["key_reduction"]))
+    assert record["state_bytes_after"] <= (1 - 0.389) * record["state_bytes_before"]
+    assert f"; chose {best['axes']}" in result.output
+    assert "`--key-reduction auto` split the state budget" in (out / "README.md").read_text()
+
+
+def test_key_reduction_auto_refuses_saved_statistics(no_model_load, tmp_path):
+    assert_user_error(invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "auto", "--method", "norm",
+                             "--stats", tmp_path), "cannot reuse --stats")
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "half")
+    assert result.exit_code == 2 and "neither a number nor 'auto'" in result.output
