@@ -130,7 +130,7 @@ def build_record(loaded: LoadedModel, settings: PruneSettings, budget, measured,
         key_dims = {m.head_k_dim for m in linear_layers(loaded.model, loaded.family).values()}
         method.key_dim_before = key_dims.pop()
         method.key_dim_after = choice.plan.key_dim(next(iter(choice.plan.kept)), method.key_dim_before)
-    method.axes_candidates = choice.axes_candidates
+    method.axes_candidates, method.axes_chosen = choice.axes_candidates, choice.axes_chosen
     if choice.chosen is not None:
         method.chosen, method.chosen_seed = choice.chosen.name, choice.chosen.seed
         method.auto_holdout, method.held_out_tokens = settings.auto_holdout, int(measured.held_out.numel())

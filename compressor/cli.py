@@ -28,7 +28,6 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
 
 
-
 class ShareOrAuto(click.ParamType):
     """A float, or the word ``auto``."""
 
@@ -376,7 +375,7 @@ def summary(record) -> str:
         lines.append("--key-reduction auto, held-out perplexity: " + ", ".join(
             f"{c['axes']}" + (f" (channels {c['key_reduction']:.3g})" if c["key_reduction"] else "")
             + f" {c['perplexity']:.2f}" for c in method.axes_candidates)
-            + f"; chose {min(method.axes_candidates, key=lambda c: c['loss'])['axes']}")
+            + f"; chose {method.axes_chosen}")
     if method.key_candidates:
         lines.append("--key-method auto, held-out perplexity: " + ", ".join(
             f"{c['method']} {c['perplexity']:.2f}" for c in method.key_candidates) + f"; chose {method.key_chosen}")

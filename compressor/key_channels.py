@@ -106,22 +106,33 @@ def channel_gradients(model: nn.Module, family: Family, windows: torch.Tensor,
                       batch_size: int) -> dict[int, torch.Tensor]:
     """Layer -> [H_k, d_k] float64: Σ over batches of ``windows`` [N, L] of |∂L/∂m|, L the batch's mean next-token
     loss and m a multiplicative mask of ones on each query/key channel of each key head (in every value head that
-    reads it). Backward passes go through the PyTorch recurrences (``heal.torch_recurrences``): fla 0.6's backward
-    kernels are refused on some GPUs."""
+    reads it; each mask on its layer's device). Backward passes go through the PyTorch recurrences
+    (``heal.torch_recurrences``: fla 0.6's backward kernels are refused on some GPUs); the weights take no
+    gradient. The output head runs 512 positions at a time (``evaluation.losses_of_hidden``), though the backward
+    pass keeps every chunk's float32 logits."""
+    from .evaluation import losses_of_hidden
     from .heal import torch_recurrences
     from .selection import channel_masks
 
     mixers = linear_layers(model, family)
-    device = next(model.parameters()).device
-    masks = {i: torch.ones(m.num_k_heads, m.head_k_dim, device=device, requires_grad=True) for i, m in mixers.items()}
+    masks = {i: torch.ones(m.num_k_heads, m.head_k_dim, device=m.out_proj.weight.device, requires_grad=True)
+             for i, m in mixers.items()}
     totals = {i: torch.zeros(m.num_k_heads, m.head_k_dim, dtype=torch.float64) for i, m in mixers.items()}
-    with channel_masks(model, family, masks), torch_recurrences(), torch.enable_grad():
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            logits = model(ids).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-            for layer, grad in zip(masks, torch.autograd.grad(loss, list(masks.values()))):
-                totals[layer] += grad.abs().to("cpu", torch.float64)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    device = model.get_input_embeddings().weight.device
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        with channel_masks(model, family, masks), torch_recurrences(), torch.enable_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                ids = windows[start : start + batch_size].to(device)
+                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                loss = losses_of_hidden(model.get_output_embeddings(), hidden, ids).mean()
+                for layer, grad in zip(masks, torch.autograd.grad(loss, list(masks.values()))):
+                    totals[layer] += grad.abs().to("cpu", torch.float64)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return totals
 
 

@@ -60,6 +60,8 @@ class Choice:
     """``--key-method auto``: every channel method's held-out loss and perplexity."""
     axes_candidates: list[dict] | None = None
     """``--key-reduction auto``: every split of the budget between heads and channels, with its held-out loss."""
+    axes_chosen: str | None = None
+    """``--key-reduction auto``: the split it wrote (``heads``, ``channels`` or ``channels and heads``)."""
 
 
 @dataclass
@@ -220,6 +222,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     if settings.evaluation is not None and not settings.dry_run:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")
     if settings.key_reduction == "auto":
+        from .key_channels import check_key_reduction
+
+        check_key_reduction(loaded.family, mixers, 0.5)  # channels can go (one d_k everywhere): else one sentence
         measured = measure(loaded, settings, saved_stats, progress)
         settings, choice = choose_axes(loaded, measured, budget, head_bytes, settings)
     elif settings.removes_heads:
@@ -279,7 +284,8 @@ def memory_of(settings: PruneSettings) -> int:
 def measure(loaded: LoadedModel, settings: PruneSettings, stats: StateStatistics | None,
             progress: bool) -> Measurements:
     """Statistics (saved ones, checked against the model, or calibrated) and, for ``loss`` and ``auto``, each head's
-    measured loss increase; ``auto`` holds out part of the windows to compare its candidates on."""
+    measured loss increase; ``--method auto`` and ``--key-reduction auto`` hold out part of the windows to compare
+    their candidates on (everything else is measured on the rest)."""
     if stats is not None:
         check_statistics(stats, loaded)
     holds_out = settings.method == "auto" or settings.key_reduction == "auto"
@@ -301,23 +307,29 @@ def every_head(loaded: LoadedModel, settings: PruneSettings, stats: StateStatist
                progress: bool) -> tuple[Measurements, Choice]:
     """Channels only: the statistics (for the record and the card) and a plan that keeps every head, scored by
     state norm."""
-    from .scoring import score_heads
-
     if stats is not None:
         check_statistics(stats, loaded)
     else:
         stats = calibrate(loaded, settings.calibration, progress)
+    return Measurements(stats), every_head_kept(loaded, stats, settings)
+
+
+def every_head_kept(loaded: LoadedModel, stats: StateStatistics, settings: PruneSettings) -> Choice:
+    """A plan that keeps every head, scored by state norm (for the record and the card)."""
+    from .scoring import score_heads
+
     kept = {i: list(range(m.num_v_heads)) for i, m in linear_layers(loaded.model, loaded.family).items()}
     scores = score_heads(stats, "norm", settings.alpha, settings.calibration.seed)
-    return Measurements(stats), Choice(scores, PruningPlan(kept=kept), settings.end)
+    return Choice(scores, PruningPlan(kept=kept), settings.end)
 
 
 def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPlan, kept_dim: int,
-                  windows: torch.Tensor | None = None) -> tuple[dict[int, dict[int, list[int]]], str | None,
-                                                             list[dict] | None]:
+                  windows: torch.Tensor | None = None, memo: dict | None = None
+                  ) -> tuple[dict[int, dict[int, list[int]]], str | None, list[dict] | None]:
     """The ``kept_dim`` query/key channels of every key head that ``plan`` keeps, by ``settings.key_method``
-    (``rrqr`` and ``wanda`` read activations on the calibration windows, of the model before any head is
-    removed; ``windows``: these calibration windows instead). ``auto`` chooses every way on the windows
+    (``rrqr``, ``wanda`` and ``taylor`` read activations or gradients on the calibration windows, of the model
+    before any head is removed; ``windows``: these calibration windows instead; ``memo``: a dict that keeps those
+    measurements for the next call on the same windows). ``auto`` chooses every way on the windows
     ``--auto-holdout`` leaves, and keeps the one whose channels (with ``plan``'s heads) give the lowest next-token
     loss on the held-out ones. Returns (channels, the method ``auto`` chose or None, every method's held-out loss
     and perplexity or None)."""
@@ -329,14 +341,18 @@ def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPla
     kept_keys = {i: sorted({m.value_to_key[j] for j in plan.kept[i]}) for i, m in mixers.items()}
     methods = [m for m in KEY_METHODS if m != "auto"] if settings.key_method == "auto" else [settings.key_method]
     activations = held_out = None
-    if {"rrqr", "wanda", "taylor"} & set(methods):
+    memo = {} if memo is None else memo
+    if {"rrqr", "wanda", "taylor"} & set(methods) and "activations" not in memo:
         if windows is None:
             windows, _ = calibration_windows(calibration, loaded.tokenizer)
         if settings.key_method == "auto":
             windows, held_out = split_windows(windows, settings.auto_holdout)
-        activations = collect_key_activations(model, family, windows, calibration.batch_size, calibration.seed)
+        memo["held_out"] = held_out
+        memo["activations"] = collect_key_activations(model, family, windows, calibration.batch_size,
+                                                      calibration.seed)
         if "taylor" in methods:
-            activations.gradients = channel_gradients(model, family, windows, calibration.batch_size)
+            memo["activations"].gradients = channel_gradients(model, family, windows, calibration.batch_size)
+    activations, held_out = memo.get("activations"), memo.get("held_out")
     choices = {method: choose_channels(model, family, method, kept_dim, kept_keys, activations, calibration.seed)
                for method in methods}
     if held_out is None:
@@ -354,16 +370,15 @@ def choose_axes(loaded: LoadedModel, measured: Measurements, budget, head_bytes:
                 settings: PruneSettings) -> tuple[PruneSettings, Choice]:
     """``--key-reduction auto``: the state budget S taken by heads alone, by channels alone (⌊(1 − S)·d_k⌋ kept in
     every key head) and by both (channels first, to ⌈(1 − S/2)·d_k⌉, heads for the rest); each plan is made as
-    ``--method`` and ``--key-method`` make it, on the scoring windows, and the one with the lowest next-token loss
-    on the held-out windows (its heads and channels masked) is kept. Returns the settings of that plan (its
-    ``key_reduction``, None for heads alone) and its choice, carrying every candidate's loss."""
-    from .key_channels import check_key_reduction, heads_share, kept_key_dim
-    from .scoring import score_heads
+    ``--method`` and ``--key-method`` make it, on the scoring windows only (their own ``auto`` comparisons hold out
+    a share of those), and the one with the lowest next-token loss on the held-out windows (its heads and channels
+    masked) is kept. Returns the settings of that plan (its ``key_reduction``, None for heads alone) and its
+    choice, carrying every split's loss."""
+    from .key_channels import heads_share, kept_key_dim
     from .selection import masked_channels, masked_heads
 
     mixers = linear_layers(loaded.model, loaded.family)
     key_dim = next(iter(mixers.values())).head_k_dim
-    check_key_reduction(loaded.family, mixers, 0.5)  # channels can go (one d_k in every layer): else, a sentence
     target = budget.state_reduction
     splits = {"heads": None}
     half = kept_key_dim(key_dim, target / 2)
@@ -371,29 +386,33 @@ def choose_axes(loaded: LoadedModel, measured: Measurements, budget, head_bytes:
         splits["channels and heads"] = half
     if math.floor(round((1 - target) * key_dim, 9)) >= 1:
         splits["channels"] = math.floor(round((1 - target) * key_dim, 9))
-    tried, plans = [], {}
+    for_heads = measured
+    if settings.method == "auto":  # the rules are compared on windows the splits are not compared on
+        _, inner = split_windows(measured.scoring, settings.auto_holdout)
+        for_heads = replace(measured, held_out=inner)
+    tried, plans, memo = [], {}, {}
     for name, kept_dim in splits.items():
         reduction = None if kept_dim is None else 1 - kept_dim / key_dim
         options = replace(settings, key_reduction=reduction, state_reduction=None if name == "channels" else target)
         if name == "channels":
-            kept = {i: list(range(m.num_v_heads)) for i, m in mixers.items()}
-            scores = score_heads(measured.stats, "norm", settings.alpha, settings.calibration.seed)
-            choice = Choice(scores, PruningPlan(kept=kept), settings.end)
+            choice = every_head_kept(loaded, measured.stats, settings)
         else:
             share = target if kept_dim is None else heads_share(target, kept_dim / key_dim)
-            choice = choose(loaded, measured, replace(budget, state_reduction=share), head_bytes, options)
+            choice = choose(loaded, for_heads, replace(budget, state_reduction=share), head_bytes, options)
         if kept_dim is not None:
             choice.plan.channels, choice.key_chosen, choice.key_candidates = plan_channels(
-                loaded, options, choice.plan, kept_dim, windows=measured.scoring)
+                loaded, options, choice.plan, kept_dim, windows=measured.scoring, memo=memo)
         with masked_heads(loaded.model, loaded.family, choice.plan.kept), \
                 masked_channels(loaded.model, loaded.family, choice.plan.channels or {}):
             loss = next_token_loss(loaded.model, measured.held_out, settings.calibration.batch_size, progress=False)
         tried.append({"axes": name, "key_reduction": None if reduction is None else round(reduction, 6),
+                      "heads": None if name == "channels" else (choice.chosen.name if choice.chosen else settings.method),
+                      "key_method": choice.key_chosen or (None if kept_dim is None else settings.key_method),
                       "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4)})
         plans[name] = (options, choice)
     best = min(tried, key=lambda entry: entry["loss"])["axes"]
     options, choice = plans[best]
-    choice.axes_candidates = tried
+    choice.axes_candidates, choice.axes_chosen = tried, best
     return options, choice
 
 

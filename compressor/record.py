@@ -65,7 +65,9 @@ class MethodRecord:
     key_dim_after: int | None = None
     axes_candidates: list[dict] | None = None
     """``--key-reduction auto``: every split of the state budget tried (heads, channels, channels and heads), with
-    its key reduction, held-out loss and perplexity; the plan written is the lowest."""
+    its key reduction, the head rule and channel method behind it, held-out loss and perplexity."""
+    axes_chosen: str | None = None
+    """``--key-reduction auto``: the split written (the lowest held-out loss)."""
 
 
 @dataclass

@@ -184,8 +184,7 @@ class PruneSettings:
     @property
     def removes_heads(self) -> bool:
         """Whether heads are removed: always without ``key_reduction``; with it, when a head budget is given."""
-        return (self.key_reduction in (None, "auto") or self.state_reduction is not None
-                or self.heads_per_layer is not None)
+        return self.key_reduction is None or self.state_reduction is not None or self.heads_per_layer is not None
 
     @property
     def end(self) -> str:
@@ -233,7 +232,12 @@ class PruneSettings:
             if self.stats is not None:
                 raise CompressorError("--key-reduction auto calibrates on its own scoring windows and cannot reuse "
                                       "--stats; give a share of channels to reuse them.")
-            held_out_count(self.calibration.samples, self.auto_holdout, "--key-reduction auto")
+            held = held_out_count(self.calibration.samples, self.auto_holdout, "--key-reduction auto")
+            for nested, option in ((self.method == "auto", "--method auto"), (self.key_method == "auto",
+                                                                             "--key-method auto")):
+                if nested:  # it holds out part of the windows the splits are chosen on
+                    held_out_count(self.calibration.samples - held, self.auto_holdout,
+                                   f"--key-reduction auto with {option}")
         elif not 0.0 < self.key_reduction < 1.0:
             raise CompressorError(f"--key-reduction must lie strictly between 0 and 1, got {self.key_reduction}.")
         if self.layout == "stock":

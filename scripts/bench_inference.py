@@ -267,10 +267,19 @@ def decode_step(runner: Runner, batch: int) -> dict:
             "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3), "top_gpu_16_tokens": top}
 
 
+MARKER = ".bench_inference"
+"""The file that marks a Triton cache folder as this script's (the only kind it empties)."""
+
+
 def measure(folder: Path, cache: Path) -> dict:
-    """``measure_cold`` in a fresh process whose Triton cache ``cache`` starts empty."""
-    shutil.rmtree(cache, ignore_errors=True)
+    """``measure_cold`` in a fresh process whose Triton cache ``cache`` starts empty (a folder this script made
+    earlier is emptied; any other existing folder is refused)."""
+    if cache.exists():
+        if not (cache / MARKER).is_file():
+            sys.exit(f"{cache} exists and was not made by this script; move it away or choose another --out.")
+        shutil.rmtree(cache)
     cache.mkdir(parents=True)
+    (cache / MARKER).touch()
     report = cache.parent / f"{cache.name}.json"
     subprocess.run([sys.executable, __file__, "--one", str(folder), "--out", str(report)], check=True,
                    env={**os.environ, "TRITON_CACHE_DIR": str(cache)})

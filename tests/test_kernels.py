@@ -98,6 +98,10 @@ def test_chunk_indices_are_the_ones_fla_derives(count, length):
     assert torch.equal(index["cu_seqlens"], index["cu_seqlens_cpu"])
     assert torch.equal(index["chunk_indices"], index_module.prepare_chunk_indices(index["cu_seqlens"], 64))
     assert sequence_index(count, length, torch.device("cpu")) is index  # same objects: fla's identity caches hit
+    with torch.inference_mode():
+        inference = sequence_index(count, length, torch.device("cpu"))
+    assert inference is not index and inference["cu_seqlens"].is_inference()  # never handed to autograd
+    assert not index["cu_seqlens"].is_inference()
 
 
 @pytest.mark.parametrize("config_name", ["qwen3_next_moe", "qwen3_5"])

@@ -287,7 +287,9 @@ def test_key_reduction_auto_writes_the_split_of_lowest_held_out_loss(tmp_path):
     assert tried["heads"]["key_reduction"] is None
     assert 0 < tried["channels and heads"]["key_reduction"] < 0.389 / 2 + 1e-9 < tried["channels"]["key_reduction"]
     best = min(tried.values(), key=lambda c: c["loss"])
-    assert method["key_reduction"] == best["key_reduction"]
+    assert method["axes_chosen"] == best["axes"] and method["key_reduction"] == best["key_reduction"]
+    assert tried["heads"]["heads"] == "norm" and tried["channels"]["heads"] is None
+    assert tried["channels"]["key_method"] == tried["channels and heads"]["key_method"] == "l1"
     if best["key_reduction"] is not None:
         assert method["key_dim_after"] == round(32 * (1 - best["key_reduction"]))
     assert record["state_bytes_after"] <= (1 - 0.389) * record["state_bytes_before"]
@@ -295,8 +297,10 @@ def test_key_reduction_auto_writes_the_split_of_lowest_held_out_loss(tmp_path):
     assert "`--key-reduction auto` split the state budget" in (out / "README.md").read_text()
 
 
-def test_key_reduction_auto_refuses_saved_statistics(no_model_load, tmp_path):
+def test_key_reduction_auto_refuses_saved_statistics_and_too_few_windows(no_model_load, tmp_path):
     assert_user_error(invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "auto", "--method", "norm",
                              "--stats", tmp_path), "cannot reuse --stats")
+    assert_user_error(invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "auto", "--samples", "2"),
+                      "--key-reduction auto with --method auto")  # 2 windows: 1 held out, 1 left, none to split
     result = invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "half")
     assert result.exit_code == 2 and "neither a number nor 'auto'" in result.output

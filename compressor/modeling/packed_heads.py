@@ -23,7 +23,8 @@ from functools import lru_cache
 import torch
 
 CHUNK_SIZE = 64
-"""The chunk size of fla's chunked kernels, for which ``chunk_indices`` are prepared."""
+"""The chunk size of fla's chunked gated delta rule, for which ``chunk_indices`` are prepared (the other chunked
+kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -39,12 +40,17 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(1, batch * heads * length, 1, *x.shape[3:])
 
 
-@lru_cache(maxsize=64)
 def sequence_index(count: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
     """fla's descriptions of ``count`` packed sequences of ``length`` tokens: ``cu_seqlens`` [count + 1] (their
     starts, int32 on ``device``), its CPU copy ``cu_seqlens_cpu``, and ``chunk_indices`` [count · ⌈length / 64⌉, 2]
     (sequence, chunk within it) on ``device``. Built without reading the GPU, and cached, so that the same
-    objects return for every layer of a shape (fla caches what it derives from them by identity)."""
+    objects return for every layer of a shape (fla caches what it derives from them by identity); separately
+    inside and outside ``torch.inference_mode``, whose tensors autograd cannot save."""
+    return _sequence_index(count, length, device, torch.is_inference_mode_enabled())
+
+
+@lru_cache(maxsize=64)
+def _sequence_index(count: int, length: int, device: torch.device, inference: bool) -> dict[str, torch.Tensor]:
     starts = torch.arange(count + 1, dtype=torch.int32) * length
     chunks = -(-length // CHUNK_SIZE)
     sequence = torch.arange(count, dtype=torch.int32, device=device).repeat_interleave(chunks)
