@@ -181,18 +181,24 @@ def measure_cold(folder: Path, cache: Path) -> dict:
     return result
 
 
-def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save) -> None:
+POINTS = ("prefill", "steps", *(str(batch) for batch in DECODE_BATCHES))
+"""What the warm phase can measure: prefill times, one decode step's launches, decoding at each batch size."""
+
+
+def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, points: tuple[str, ...] = POINTS
+                         ) -> None:
     """Warm figures of every folder, all loaded in this process and measured in turns (the order reversed every
     round), each the median of ``rounds``: prefill times, the kernel launches and GPU time of one decode step
-    (batch 1 and 64), decode rates and the peak memory each decode adds. Figures go into ``results`` (by folder
-    name), saved after each measurement."""
+    (batch 1 and 64), decode rates and the peak memory each decode adds (``points``: which of ``POINTS``). Figures
+    go into ``results`` (by folder name), saved after each measurement."""
     import torch
 
     runners = {folder.name: Runner(folder) for folder in folders}
     names = list(runners)
+    batches = [batch for batch in DECODE_BATCHES if str(batch) in points]
     for runner in runners.values():  # compile and autotune every shape before timing
         runner.prefill(runner.tokens(4, 2048))
-        for batch in DECODE_BATCHES:
+        for batch in batches or [1]:
             runner.generate(runner.tokens(batch, PROMPT), 4)
     for name in names:
         results.setdefault(name, {})
@@ -208,20 +214,20 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save) 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    for batch, length in PREFILL_SHAPES:
+    for batch, length in PREFILL_SHAPES if "prefill" in points else []:
         key = f"prefill_{batch}x{length}_s"
         ids = {name: runner.tokens(batch, length) for name, runner in runners.items()}
         for name, values in in_turns(lambda n, r: timed(lambda: r.prefill(ids[n]), repeat=3)).items():
             results[name][key] = median(values)
         save()
         log(f"  prefill {batch}x{length}: " + ", ".join(f"{n} {results[n][key] * 1e3:.1f} ms" for n in names))
-    for batch in (1, 64):
+    for batch in (1, 64) if "steps" in points else ():
         for name, runner in runners.items():
             results[name][f"decode_step_b{batch}"] = decode_step(runner, batch)
         save()
         log(f"  one decode step at batch {batch}: " + ", ".join(f"{n} {results[n][f'decode_step_b{batch}']}"
                                                                 for n in names))
-    for batch in DECODE_BATCHES:
+    for batch in batches:
         key = f"decode_b{batch}_tok_s"
         ids = {name: runner.tokens(batch, PROMPT) for name, runner in runners.items()}
 
@@ -321,10 +327,15 @@ def main() -> None:
     parser.add_argument("--phase", choices=["cold", "warm", "both"], default="both",
                         help="cold: first calls, a fresh process per folder; warm: every folder in one process")
     parser.add_argument("--rounds", type=int, default=3, help="turns of the warm measurements (median)")
+    parser.add_argument("--points", default=",".join(POINTS),
+                        help=f"warm phase: which of {','.join(POINTS)} to measure (a 10-minute device call holds "
+                             "about two decode batch sizes for three 2.2B models)")
     parser.add_argument("--resume", type=Path, help="with --build: figures of an earlier run (not measured again)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if set(args.points.split(",")) - set(POINTS):
+        parser.error(f"--points takes some of {','.join(POINTS)}, got {args.points}")
     if args.one:
         args.out.write_text(json.dumps(measure_cold(args.one, Path(os.environ["TRITON_CACHE_DIR"]))))
         return
@@ -358,7 +369,8 @@ def main() -> None:
             for folder in folders:
                 if (work / f"triton-{folder.name}").is_dir():
                     shutil.copytree(work / f"triton-{folder.name}", os.environ["TRITON_CACHE_DIR"], dirs_exist_ok=True)
-        measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save)
+        measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save,
+                             tuple(args.points.split(",")))
     for part in ("cold", "warm"):
         figures = results.get(part, {})
         if names[0] not in figures:
