@@ -1,21 +1,22 @@
 """Write a pruned checkpoint's weights straight from the source's safetensors files, one output shard at a time,
-without building the model: each tensor is read with ``safe_open`` (a per-head tensor only in the row or column
-runs of the heads kept) and passed through unchanged otherwise (embeddings, experts, full-attention layers).
+without building the model: a per-head tensor is read with ``safe_open`` in the row or column runs of the heads
+kept, and every other tensor (embeddings, experts, full-attention layers) is copied byte for byte from its source
+file into the shard.
 
-The output is the one ``save_pretrained`` writes for the pruned model (``compressor.export.write_model``): the same
-tensor names (transformers' conversions reverted, tied weights once), the same shards and index, the same bytes.
-Memory holds one output shard and one source tensor at a time.
+The output holds what ``save_pretrained`` writes for the pruned model (``compressor.export.write_model``): the same
+tensor names (transformers' conversions reverted, tied weights once), the same shards and index, the same tensor
+bytes. Memory holds the sliced tensors of one output shard at most.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -163,41 +164,117 @@ def write_weights(source: Path, loaded, plan: PruningPlan, folder: Path, max_sha
     """Write the weights of ``source`` (a local folder of safetensors files) pruned by ``plan`` into ``folder``:
     ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``, as
     ``save_pretrained`` names them. ``loaded`` is the source's model on the meta device (``load_structure``); it is
-    slimmed in place. Returns the weight map (tensor name -> file name)."""
+    slimmed in place. Tensors that pass through unchanged are copied byte for byte from the source files, without
+    entering memory; the others are read (their kept runs only), converted and written. Returns the weight map
+    (tensor name -> file name)."""
     model, family = loaded.model, loaded.family
     available = source_index(source)
     attach_load_conversions(model, available)
     check_streamable(model, family)
     slices = head_slices(model, family, plan)
     slim(model, family, plan)
+    layouts = {file: stored_layout(file) for file in set(available.values())}
     buffer_dtypes = {}
     for name, _ in model.named_buffers():
         original = source_name_or_none(name, available)
         if original is not None:
-            buffer_dtypes[name] = stored_dtype(available[original], original)
+            buffer_dtypes[name] = SAFETENSORS_DTYPES[layouts[available[original]][original].dtype]
     tensors = output_tensors(model, loaded.save_dtype, buffer_dtypes)
     split = shards_of(tensors, max_shard_size)
-    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     shards = split.filename_to_tensors.items()
     for file_name, names in tqdm(shards, desc="writing shards", unit="shard", disable=not progress):
-        shard = {}
+        entries = []
         for name in names:
             original = source_name(name, available)
+            stored, wanted = layouts[available[original]][original], tensors[name]
+            if name not in slices and stored.shape == tuple(wanted.shape) and \
+                    SAFETENSORS_DTYPES[stored.dtype] == wanted.dtype:
+                entries.append((name, stored))
+                continue
             tensor = read_tensor(available[original], original, slices.get(name))
-            if tuple(tensor.shape) != tuple(tensors[name].shape):
+            if tuple(tensor.shape) != tuple(wanted.shape):
                 raise CompressorError(f"the source tensor '{original}' has shape {tuple(tensor.shape)}, the pruned "
-                                      f"model expects {tuple(tensors[name].shape)}.")
-            if name in parameters or tensor.dtype != tensors[name].dtype:
-                tensor = tensor.to(tensors[name].dtype)
-            shard[name] = tensor.contiguous()
-        save_file(shard, folder / file_name, metadata={"format": "pt"})
-        del shard
+                                      f"model expects {tuple(wanted.shape)}.")
+            entries.append((name, tensor.to(wanted.dtype).contiguous()))
+        write_shard(folder / file_name, entries, {"format": "pt"})
+        del entries
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
                  "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
                                                              encoding="utf-8")
     return split.tensor_to_filename
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a safetensors file keeps one tensor: its dtype code (``BF16``, …), shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def stored_layout(file: Path) -> dict[str, StoredTensor]:
+    """Tensor name -> where ``file`` stores it, from the header (8-byte little-endian length, then JSON)."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return {name: StoredTensor(file, entry["dtype"], tuple(entry["shape"]), 8 + length + entry["data_offsets"][0],
+                               8 + length + entry["data_offsets"][1])
+            for name, entry in header.items()}
+
+
+def write_shard(path: Path, entries: list[tuple[str, StoredTensor | torch.Tensor]], metadata: dict[str, str]) -> None:
+    """A safetensors file of ``entries`` in their order: a ``StoredTensor`` is copied byte for byte from its file
+    (``os.copy_file_range`` where the system has it), a tensor [any shape] written from memory."""
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for name, entry in entries:
+        if isinstance(entry, StoredTensor):
+            code, shape, size = entry.dtype, list(entry.shape), entry.stop - entry.start
+        else:
+            code, shape, size = codes[entry.dtype], list(entry.shape), entry.numel() * entry.element_size()
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb", buffering=0) as out:  # unbuffered: copies and writes share the file's offset
+        write_all(out, len(encoded).to_bytes(8, "little") + encoded)
+        for _, entry in entries:
+            if isinstance(entry, StoredTensor):
+                copy_range(entry.file, entry.start, entry.stop - entry.start, out)
+            elif entry.numel():
+                write_all(out, entry.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_all(out, data) -> None:
+    """Write every byte of ``data`` to the unbuffered file ``out`` (one system call writes at most about 2 GiB)."""
+    view = memoryview(data)
+    while view.nbytes:
+        view = view[out.write(view):]
+
+
+def copy_range(file: Path, start: int, length: int, out) -> None:
+    """Append ``length`` bytes of ``file`` from ``start`` to the open unbuffered file ``out``."""
+    with open(file, "rb") as source:
+        try:
+            while length:
+                done = os.copy_file_range(source.fileno(), out.fileno(), length, start)
+                if done == 0:
+                    raise OSError("copy_file_range copied nothing")
+                start, length = start + done, length - done
+            return
+        except (AttributeError, OSError):  # no copy_file_range here, or not between these files
+            source.seek(start)
+            out.seek(0, os.SEEK_END)
+            while length:
+                block = source.read(min(length, 2**24))
+                write_all(out, block)
+                length -= len(block)
 
 
 def source_name_or_none(name: str, available: dict[str, Path]) -> str | None:
@@ -210,9 +287,3 @@ def source_name_or_none(name: str, available: dict[str, Path]) -> str | None:
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def stored_dtype(file: Path, name: str) -> torch.dtype:
-    """The dtype of tensor ``name`` as ``file`` stores it (from the header)."""
-    with safe_open(file, "pt") as handle:
-        return SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]

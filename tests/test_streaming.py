@@ -173,3 +173,28 @@ def test_a_vision_language_checkpoints_text_model_streams_as_it_is_written_in_me
     assert_same_weights(tmp_path / "memory", tmp_path / "stream")
     assert json.loads((tmp_path / "memory" / "config.json").read_text()) == \
         json.loads((tmp_path / "stream" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_a_shard_mixes_byte_copied_and_written_tensors(tmp_path, monkeypatch, copy_file_range):
+    """``write_shard`` writes a file safetensors reads back: tensors copied byte for byte from another file (with
+    ``os.copy_file_range`` or, where it fails, by reading and writing) beside tensors from memory of every kind."""
+    from safetensors.torch import save_file
+
+    from compressor.streaming import stored_layout, write_shard
+
+    source = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int64)}
+    save_file(source, tmp_path / "source.safetensors")
+    layout = stored_layout(tmp_path / "source.safetensors")
+    if not copy_file_range:
+        def refuse(*args):
+            raise OSError("not between these files")
+        monkeypatch.setattr("os.copy_file_range", refuse)
+    memory = {"scalar": torch.tensor(2.5), "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+              "half": torch.randn(2, 2).half()}
+    write_shard(tmp_path / "out.safetensors", [("b", layout["b"]), *memory.items(), ("a", layout["a"])],
+                {"format": "pt"})
+    written = load_file(tmp_path / "out.safetensors")
+    assert written.keys() == {*source, *memory}
+    for name, tensor in {**source, **memory}.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
