@@ -94,7 +94,8 @@ def as_family_class(model: nn.Module, family: Family) -> nn.Module:
 def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune",
                device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
     """Load ``name`` (folder or Hub id) to ``purpose`` it (``prune``, ``evaluate``); a family it cannot handle, a
-    damaged weights file or an unreachable Hub fails in one sentence before the weights load. With ``device_map``
+    damaged weights file, a missing tokenizer or one larger than the vocabulary, or an unreachable Hub fails in one sentence before
+    the weights load. With ``device_map``
     (``compressor.placement.DEVICE_MAPS``), its decoder layers are spread over the GPUs within ``max_memory``."""
     from . import register
 
@@ -131,6 +132,15 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
             "and written alone, without the vision tower.",
             stacklevel=2,
         )
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if not tokenizer("a b c")["input_ids"]:  # transformers builds an empty tokenizer where none was saved
+        raise CompressorError(f"'{name}' has no usable tokenizer (no tokenizer.json or vocabulary files): every "
+                              "text becomes 0 tokens; save the model's tokenizer with it.")
+    vocabulary = getattr(text_config, "vocab_size", None)
+    if vocabulary is not None and len(tokenizer) > vocabulary:
+        raise CompressorError(f"the tokenizer of '{name}' has {len(tokenizer):,} tokens but the model's vocabulary "
+                              f"only {vocabulary:,}: ids past it have no embedding; save the model's own tokenizer "
+                              "with it.")
     if local_path is not None:
         check_weights(local_path)
     compute = resolve_dtype(dtype, save_dtype, torch_device)
@@ -149,7 +159,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
     if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
         model = as_family_class(model, family)
     model = (model if placed is not None else model.to(torch_device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
     text_model_of = None if text_config is config else (config.architectures or [type(config).__name__])[0]
     return LoadedModel(model, tokenizer, family, source=name, local_path=local_path, save_dtype=save_dtype,
                        text_model_of=text_model_of)

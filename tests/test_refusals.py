@@ -9,6 +9,7 @@ from fla.models import HGRN2Config, RetNetConfig, RWKV7Config
 from transformers import LlavaConfig, Mamba2Config
 
 from compressor.cli import main
+from conftest import FIXTURE
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, vocab_size=96)
 REFUSALS = {
@@ -42,3 +43,35 @@ def test_a_vision_language_model_with_an_unsupported_text_model_is_refused_by_it
     assert "cannot prune model type 'llava'; supported model types: " in result.output
     assert "qwen3_5_text" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_weights_load(tmp_path):
+    """The fixture's 8,192-token tokenizer beside a model of 96 embeddings: one sentence, nothing written (the
+    weights are not even read: the folder holds a config and a tokenizer only)."""
+    import shutil
+
+    from tiny_models import qwen3_5_config
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    qwen3_5_config().save_pretrained(source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(FIXTURE / name, source / name)
+    result = CliRunner().invoke(main, ["prune", str(source), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "has 8,192 tokens but the model's vocabulary only 96" in result.output.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_a_folder_without_a_tokenizer_is_refused_in_one_sentence(tmp_path):
+    """Without tokenizer files transformers builds an empty tokenizer, and calibration would find 0 tokens."""
+    import shutil
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    for file in FIXTURE.glob("*"):
+        if not file.name.startswith("tokenizer"):
+            shutil.copy(file, source / file.name)
+    result = CliRunner().invoke(main, ["prune", str(source), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "has no usable tokenizer" in result.output.strip().splitlines()[-1]
+    assert not out.exists()

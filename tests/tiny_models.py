@@ -60,12 +60,16 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A float32 model in eval mode whose decays and gates are spread enough to make every head matter."""
+def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
+    """A float32 model in eval mode whose decays and gates are spread enough to make every head matter
+    (``vocab_size``: instead of 96, e.g. the fixture tokenizer's 8,192 for a model saved with it)."""
     from transformers import AutoModelForCausalLM
 
+    config = CONFIGS[name]()
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for parameter in model.parameters():  # stronger weights than the tiny init, so differences show
             if parameter.dim() >= 2:
