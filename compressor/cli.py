@@ -44,6 +44,7 @@ class ShareOrAuto(click.ParamType):
 
 SHARE_OR_AUTO = ShareOrAuto()
 
+
 def user_errors(command):
     """A CompressorError, or an OSError of the file system (no space, no permission), becomes one sentence on
     stderr and exit status 1."""

@@ -94,9 +94,9 @@ def as_family_class(model: nn.Module, family: Family) -> nn.Module:
 def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: str = "prune",
                device_map: str | None = None, max_memory: dict | None = None) -> LoadedModel:
     """Load ``name`` (folder or Hub id) to ``purpose`` it (``prune``, ``evaluate``); a family it cannot handle, a
-    damaged weights file, a missing tokenizer or one larger than the vocabulary, or an unreachable Hub fails in one sentence before
-    the weights load. With ``device_map``
-    (``compressor.placement.DEVICE_MAPS``), its decoder layers are spread over the GPUs within ``max_memory``."""
+    damaged weights file, a missing tokenizer or one larger than the vocabulary, or an unreachable Hub fails in one
+    sentence before the weights load. With ``device_map`` (``compressor.placement.DEVICE_MAPS``), its decoder
+    layers are spread over the GPUs within ``max_memory``."""
     from . import register
 
     register()

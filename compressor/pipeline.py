@@ -405,8 +405,9 @@ def choose_axes(loaded: LoadedModel, measured: Measurements, budget, head_bytes:
         with masked_heads(loaded.model, loaded.family, choice.plan.kept), \
                 masked_channels(loaded.model, loaded.family, choice.plan.channels or {}):
             loss = next_token_loss(loaded.model, measured.held_out, settings.calibration.batch_size, progress=False)
+        head_rule = choice.chosen.name if choice.chosen is not None else settings.method
         tried.append({"axes": name, "key_reduction": None if reduction is None else round(reduction, 6),
-                      "heads": None if name == "channels" else (choice.chosen.name if choice.chosen else settings.method),
+                      "heads": None if name == "channels" else head_rule,
                       "key_method": choice.key_chosen or (None if kept_dim is None else settings.key_method),
                       "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4)})
         plans[name] = (options, choice)

@@ -228,6 +228,8 @@ class PruneSettings:
         choice("--key-method", self.key_method, KEY_METHODS)
         if self.key_reduction is None:
             return
+        if isinstance(self.key_reduction, str) and self.key_reduction != "auto":
+            raise CompressorError(f"--key-reduction takes a share between 0 and 1 or 'auto', got '{self.key_reduction}'.")
         if self.key_reduction == "auto":
             if self.stats is not None:
                 raise CompressorError("--key-reduction auto calibrates on its own scoring windows and cannot reuse "

@@ -304,3 +304,37 @@ def test_key_reduction_auto_refuses_saved_statistics_and_too_few_windows(no_mode
                       "--key-reduction auto with --method auto")  # 2 windows: 1 held out, 1 left, none to split
     result = invoke("prune", FIXTURE, "--out", tmp_path / "o", "--key-reduction", "half")
     assert result.exit_code == 2 and "neither a number nor 'auto'" in result.output
+
+
+def test_key_reduction_auto_measures_the_channel_methods_inputs_once(tmp_path, monkeypatch):
+    """Both splits that remove channels choose them from one set of activations and taylor gradients (a memo), and
+    ``taylor`` runs end to end through the command line."""
+    import json
+
+    import compressor.key_channels
+
+    calls = {"activations": 0, "gradients": 0}
+    activations, gradients = compressor.key_channels.collect_key_activations, compressor.key_channels.channel_gradients
+
+    def count(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(compressor.key_channels, "collect_key_activations", count("activations", activations))
+    monkeypatch.setattr(compressor.key_channels, "channel_gradients", count("gradients", gradients))
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--key-reduction", "auto", "--method", "norm",
+                    "--key-method", "taylor", "--samples", "4", "--seq-len", "128", "--no-verify")
+    assert result.exit_code == 0, result.output
+    method = json.loads((tmp_path / "out" / "compression.json").read_text())["method"]
+    assert {c["axes"] for c in method["axes_candidates"]} == {"heads", "channels and heads", "channels"}
+    assert calls == {"activations": 1, "gradients": 1}
+
+
+def test_a_key_reduction_word_other_than_auto_is_refused_through_the_api(tmp_path):
+    from compressor.errors import CompressorError
+    from compressor.settings import PruneSettings
+
+    with pytest.raises(CompressorError, match="takes a share between 0 and 1 or 'auto'"):
+        PruneSettings(key_reduction="half").check(tmp_path / "out")

@@ -77,7 +77,8 @@ def delta_rule(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence: fla on CUDA tensors (every head a packed sequence), PyTorch otherwise (and for
-    float32 prefill on CUDA: fla 0.6's chunked delta rule refuses float32). Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
+    float32 prefill on CUDA: fla 0.6's chunked delta rule refuses float32).
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm)
     single_step = q.shape[1] == 1 and initial_state is not None
