@@ -92,10 +92,21 @@ class LayerByLayer:
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype,
                                      dtype_plan=self.model._get_dtype_plan(self.dtype),  # float32 where it keeps it
                                      weight_mapping=get_model_conversion_mapping(self.model))
+        cuda = self.device.type == "cuda"
+        # transformers' loader copies tensors to the device in worker threads, on the device's default stream, while
+        # calibration runs on a side stream of its own: wait for the kernels still reading the last layer's weights
+        # (whose freed blocks the copies may reuse), load on the default stream (the worker threads' stream, so the
+        # fused experts are made in order), and wait for the copies before any kernel reads them.
+        if cuda:
+            torch.cuda.synchronize(self.device)
         with contextlib.ExitStack() as files:  # lazy slices: each tensor is read once, where it goes
+            if cuda:
+                files.enter_context(torch.cuda.stream(torch.cuda.default_stream(self.device)))
             handles = {file: files.enter_context(safe_open(file, "pt")) for file in {self.available[n] for n in names}}
             slices = {name: handles[self.available[name]].get_slice(name) for name in names}
             convert_and_load_state_dict_in_model(self.model, slices, config)
+        if cuda:
+            torch.cuda.synchronize(self.device)
         module = self.model.get_submodule(module_prefix.rstrip("."))
         missing = [name for name, p in module.named_parameters() if p.device.type == "meta"]
         if missing:

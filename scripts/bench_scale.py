@@ -11,9 +11,13 @@ process:
 Measures, and prints as one JSON object (also written to ``--json``): the wall time of each stage (load, calibrate
 and measure, choose, write the folder, of which the weights), the peak device memory (CUDA's
 ``max_memory_allocated``), the peak RSS (VmHWM), the export's time
-against ``cp -r`` of the source folder on the same disk, and whether both output folders hold identical tensors.
+against ``cp -r`` of the source folder on the same disk, whether both runs measured the same statistics and plan,
+and whether both output folders hold identical tensors (compared by per-tensor SHA-256, each output deleted once
+hashed, so that the disk holds the source and one more copy at a time). On a GPU a smaller model with the same heads
+is pruned first (``--warmup``), so that the runs measured find Triton's caches warm. The JSON is rewritten after
+every step and each prune's stderr goes to a log beside it; ``--deadline`` stops a prune that would overrun it.
 
-    python scripts/bench_scale.py --size 8B --work /scratch/bench --json scripts/results/bench_scale_h200.json
+    PYTHONPATH=. python scripts/bench_scale.py --size 8B --work /root/bench --deadline 520 --json $OUT/bench_scale.json
     python scripts/bench_scale.py --size 60M --device cpu --work /tmp/bench --samples 2 --seq-len 256   # smoke
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+STARTED = time.perf_counter()
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -47,7 +53,15 @@ def timed(module, name):
             return original(*args, **kwargs)
         finally:
             stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+            print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     setattr(module, name, wrapper)
+
+measure = compressor.pipeline.measure
+def measured(*args, **kwargs):  # the statistics, saved for the comparison of the two runs
+    result = measure(*args, **kwargs)
+    result.stats.save(Path(sys.argv[5]))
+    return result
+compressor.pipeline.measure = measured
 
 for name in ("load", "measure", "choose"):
     timed(compressor.pipeline, name)
@@ -131,34 +145,101 @@ def write_source(folder: Path, config: dict, device: str, shard_bytes: int = 4 *
     return count
 
 
-def run(source: Path, out: Path, settings: dict, calibration: dict) -> dict:
-    """One prune in a fresh process; its stage times and peaks."""
-    result = subprocess.run([sys.executable, "-c", CHILD, str(source), str(out), json.dumps(settings),
-                             json.dumps(calibration)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-4000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def run(source: Path, out: Path, settings: dict, calibration: dict, log: Path, timeout: float | None) -> dict:
+    """One prune in a fresh process; its stage times and peaks, or {"error": ...} (a failure or ``timeout`` seconds
+    passed): the next steps still run and report. Its stderr goes to ``log``; its statistics to ``out``_stats."""
+    say(f"prune -> {out.name} (log {log}, timeout {timeout and round(timeout)} s)")
+    start = time.perf_counter()
+    with open(log, "w") as errors:
+        try:
+            result = subprocess.run([sys.executable, "-c", CHILD, str(source), str(out), json.dumps(settings),
+                                     json.dumps(calibration), str(out.parent / f"{out.name}_stats")],
+                                    stdout=subprocess.PIPE, stderr=errors, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            failed = {"error": f"timed out after {time.perf_counter() - start:.0f} s"}
+        else:
+            failed = None if result.returncode == 0 else {"error": f"exit status {result.returncode}"}
+    if failed is None:
+        try:
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            failed = {"error": f"no figures on stdout: {result.stdout[-500:]!r}"}
+    if failed is not None:
+        failed["stderr_tail"] = log.read_text()[-3000:]
+        say(f"{out.name}: {failed['error']}\n{failed['stderr_tail']}")
+        for staging in out.parent.glob(f".{out.name}.partial-*"):  # a killed prune leaves its staging folder
+            shutil.rmtree(staging, ignore_errors=True)
+        return failed
+    say(f"{out.name}: {figures['total_s']:.1f} s {figures['stages_s']}")
+    return figures
 
 
-def same_tensors(first: Path, second: Path) -> bool:
-    """Whether two output folders hold the same tensor names and bytes (read one tensor at a time)."""
-    from safetensors import safe_open
+def say(text: str) -> None:
+    print(f"[bench_scale {time.perf_counter() - STARTED:6.1f} s] {text}", file=sys.stderr, flush=True)
 
-    def where(folder: Path) -> dict[str, Path]:
+
+def timed(step: str, figures: dict, call, *args):
+    """``call(*args)``, its seconds recorded as ``figures[step]``."""
+    start = time.perf_counter()
+    result = call(*args)
+    figures[step] = time.perf_counter() - start
+    say(f"{step}: {figures[step]:.1f} s")
+    return result
+
+
+def tensor_digests(folder: Path) -> dict[str, list]:
+    """Tensor name -> [dtype, shape, sha256 of its bytes] for every safetensors file of ``folder`` (read from the
+    headers' byte ranges, the files in parallel), so that an output can be compared after it is deleted."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compressor.streaming import stored_layout
+
+    def of_file(file: Path) -> dict[str, list]:
         found = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(file, "pt") as handle:
-                found.update({name: file for name in handle.keys()})
+        with open(file, "rb") as handle:
+            for name, entry in sorted(stored_layout(file).items(), key=lambda item: item[1].start):
+                digest, left = hashlib.sha256(), entry.stop - entry.start
+                handle.seek(entry.start)
+                while left:
+                    block = handle.read(min(left, 2**24))
+                    if not block:
+                        raise OSError(f"{file} ends inside {name}")
+                    digest.update(block)
+                    left -= len(block)
+                found[name] = [entry.dtype, list(entry.shape), digest.hexdigest()]
         return found
 
-    a, b = where(first), where(second)
-    if sorted(a) != sorted(b):
-        return False
-    for name in a:
-        with safe_open(a[name], "pt") as x, safe_open(b[name], "pt") as y:
-            if not torch.equal(x.get_tensor(name), y.get_tensor(name)):
-                return False
-    return True
+    digests = {}
+    with ThreadPoolExecutor(8) as pool:
+        for found in pool.map(of_file, sorted(folder.glob("*.safetensors"))):
+            digests.update(found)
+    return digests
+
+
+def compare_digests(first: dict, second: dict) -> dict:
+    names = set(first) | set(second)
+    differing = sorted(name for name in names if first.get(name) != second.get(name))
+    return {"identical_tensors": bool(first) and not differing, "tensors": len(names), "differing": len(differing),
+            "differing_first": differing[:5]}
+
+
+def compare_statistics(first: Path, second: Path) -> dict:
+    """Whether two runs' state statistics are equal, and by how much each metric differs (relative to its scale)."""
+    from compressor.calibration import StateStatistics
+
+    a, b = StateStatistics.load(first), StateStatistics.load(second)
+    differences = {}
+    for name in a.mean:
+        x, y = a.mean[name].nan_to_num(), b.mean[name].nan_to_num()
+        differences[name] = float((x - y).abs().max() / x.abs().max().clamp_min(1e-30))
+    return {"bit_for_bit": all(torch.equal(a.mean[n].nan_to_num(), b.mean[n].nan_to_num()) for n in a.mean),
+            "max_relative_difference": differences}
+
+
+def kept_difference(first: dict, second: dict) -> int:
+    """Value heads kept by one plan and not the other."""
+    return sum(len(set(first.get(layer, [])) ^ set(second.get(layer, []))) for layer in set(first) | set(second))
 
 
 def main() -> None:
@@ -168,42 +249,106 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="figures, rewritten after every step; the children's "
+                                                               "logs go beside it")
+    parser.add_argument("--warmup", default=None, metavar="SIZE",
+                        help="first prune a model of this size with the same heads and windows (e.g. 60M), so that "
+                             "the runs measured find Triton's caches warm [default: 60M on a GPU, none on the CPU]")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="from the script's start: a prune that would run past it is stopped (or not started) "
+                             "and the figures so far are reported")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="keep both output folders (3x the model on disk; otherwise each is hashed and deleted)")
     args = parser.parse_args()
     if args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty; name a new folder (the script deletes its copy in it)")
+    warmup = args.warmup if args.warmup is not None else ("60M" if args.device.startswith("cuda") else "")
+    args.work.mkdir(parents=True, exist_ok=True)
+    logs = args.json.parent if args.json is not None else args.work
+    size = parse_size(args.size)
+    needed = (3 if args.keep_outputs else 2) * 2.1 * size + 2**30  # bf16: the source and a copy or an output
+    free = shutil.disk_usage(args.work).free
+    figures = {"size": args.size, "device": args.device, "free_disk_bytes": free, "samples": args.samples,
+               "seq_len": args.seq_len}
 
-    source = args.work / "source"
-    start = time.perf_counter()
-    parameters = write_source(source, config_for(parse_size(args.size)), args.device)
-    written = time.perf_counter() - start
-    source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
-    start = time.perf_counter()
-    subprocess.run(["cp", "-r", str(source), str(args.work / "copy")], check=True)
-    copy_s = time.perf_counter() - start
-    shutil.rmtree(args.work / "copy")
+    def report() -> None:
+        if args.json is not None:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
+    if free < needed:
+        figures["error"] = f"{args.work} has {free / 1e9:.1f} GB free, about {needed / 1e9:.1f} GB are needed"
+        report()
+        raise SystemExit(figures["error"])
+    figures["gpu"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    figures["versions"] = {"torch": torch.__version__, **versions()}
     common = {"method": "norm", "state_reduction": 0.389, "device": args.device, "export": "stream", "verify": False}
     calibration = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 4}
+
+    def left() -> float | None:
+        return None if args.deadline is None else args.deadline - (time.perf_counter() - STARTED)
+
+    if warmup:  # the same head shapes and windows: the same Triton kernels and autotuning keys
+        folder = args.work / "warmup"
+        timed("warmup_write_source_s", figures, write_source, folder / "source", config_for(parse_size(warmup)),
+              args.device)
+        figures["warmup"] = run(folder / "source", folder / "out", common, calibration, logs / "bench_scale.warmup.log",
+                                left())
+        shutil.rmtree(folder)
+        report()
+
+    source = args.work / "source"
+    figures["parameters"] = timed("write_source_s", figures, write_source, source, config_for(size), args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the children measure their own peaks; this process keeps no blocks
+    figures["source_bytes"] = source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    timed("sync_before_cp_s", figures, os.sync)  # the copy does not wait for the source's writeback
+    timed("cp_r_s", figures, lambda: subprocess.run(["cp", "-r", str(source), str(args.work / "copy")], check=True))
+    shutil.rmtree(args.work / "copy")
+    report()
+
     limit = f"{source_bytes // 4 // 1000}KB"
     memory = {"max_gpu_memory": limit} if args.device.startswith("cuda") else {"max_cpu_memory": limit}
-    runs = {"whole": run(source, args.work / "whole", common, calibration),
-            "layer_by_layer": run(source, args.work / "layer_by_layer", {**common, **memory}, calibration)}
-    figures = {
-        "size": args.size, "parameters": parameters, "source_bytes": source_bytes, "device": args.device,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "versions": {"torch": torch.__version__}, "write_source_s": written, "cp_r_s": copy_s,
-        "memory_limit": limit, "runs": runs,
-        "export_over_cp": {kind: r["stages_s"]["write_weights"] / copy_s for kind, r in runs.items()},
-        "same_plan": runs["whole"]["kept"] == runs["layer_by_layer"]["kept"],
-        "identical_tensors": same_tensors(args.work / "whole", args.work / "layer_by_layer"),
-    }
-    for r in runs.values():
-        r.pop("kept")
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    figures["memory_limit"] = limit
+    runs, digests = {}, {}
+    figures["runs"] = runs
+    for kind, settings in (("whole", common), ("layer_by_layer", {**common, **memory})):
+        timed(f"sync_before_{kind}_s", figures, os.sync)
+        remaining = left()
+        if remaining is not None and remaining < 60:
+            runs[kind] = {"error": f"not started: {remaining:.0f} s left before --deadline"}
+            say(f"{kind}: {runs[kind]['error']}")
+            continue
+        runs[kind] = run(source, args.work / kind, settings, calibration, logs / f"bench_scale.{kind}.log",
+                         None if remaining is None else remaining - 20)
+        if "error" not in runs[kind]:
+            runs[kind]["export_over_cp"] = runs[kind]["stages_s"]["write_weights"] / figures["cp_r_s"]
+            digests[kind] = timed(f"digest_{kind}_s", figures, tensor_digests, args.work / kind)
+            if not args.keep_outputs:
+                shutil.rmtree(args.work / kind)
+        report()
+    if len(digests) == 2:
+        whole, layered = runs["whole"].pop("kept"), runs["layer_by_layer"].pop("kept")
+        figures["same_plan"] = whole == layered
+        figures["heads_kept_differently"] = kept_difference(whole, layered)
+        figures["statistics"] = compare_statistics(args.work / "whole_stats", args.work / "layer_by_layer_stats")
+        figures.update(compare_digests(digests["whole"], digests["layer_by_layer"]))
+    for figure in runs.values():
+        figure.pop("kept", None)
+    figures["total_s"] = time.perf_counter() - STARTED
+    report()
+    print(json.dumps(figures, indent=2))
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "triton", "flash-linear-attention", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 if __name__ == "__main__":
