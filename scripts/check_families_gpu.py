@@ -1,0 +1,376 @@
+"""Every supported family on a CUDA GPU at realistic head sizes (d_k = d_v = 128, random weights): the exported
+folder, loaded as a user loads it (its shipped code, ``trust_remote_code``), against its source with the removed
+heads (and query/key channels) masked, in float32 and bfloat16; cached greedy decoding against one full forward
+pass; and prefill and decode speed against the source loaded with its stock class.
+
+    python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
+
+Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
+1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
+ungrouped). Two folders per family are cut from it: ``heads`` (an uneven plan, different in every layer, grouped
+layers getting uneven groups) and ``channels`` (the same heads, and 64 of the 128 query/key channels of every kept
+key head chosen at random; not for Kimi Linear, whose channel removal is refused). ``qwen3_next_dense`` and
+``kimi_linear_dense`` are the MoE models with every MLP dense (no expert choice for rounding to flip). In float32
+each side is also compared with itself on the CPU (the shipped PyTorch path), to tell which side a GPU difference
+comes from.
+
+Phase one checks the families in four worker processes side by side (Triton compiles their kernels there),
+families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
+folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
+tokens after 256). Figures are printed as measured; each worker writes its figures beside ``--out``
+(check-N.json, speed.json) after every family, and ``--out`` gathers them with the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+
+WORKERS = [  # families that share fla kernels run in one worker, which compiles them once
+    ["qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid", "gated_deltanet", "qwen3_next_dense"],
+    ["kimi_linear", "kda", "kimi_linear_dense"],
+    ["delta_net"],
+    ["gla"],
+]
+HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+HYBRID = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+              layer_types=HYBRID_LAYERS, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+              linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
+              linear_conv_kernel_dim=4, max_position_embeddings=8192, tie_word_embeddings=False,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shared_expert_intermediate_size=512)
+FLA = dict(hidden_size=1024, num_hidden_layers=3, vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False,
+           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+KEPT_CHANNELS = 64
+PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
+DEVICE = "cuda"  # --device cpu tries the check phase here
+
+
+def config(name: str):
+    from transformers import AutoConfig
+
+    if name == "qwen3_5":
+        return AutoConfig.for_model("qwen3_5_text", **HYBRID)
+    if name == "qwen3_5_moe":
+        fields = {k: v for k, v in HYBRID.items() if k != "intermediate_size"}
+        return AutoConfig.for_model("qwen3_5_moe_text", **fields, **MOE)
+    if name == "qwen3_next":
+        return AutoConfig.for_model("qwen3_next", **HYBRID, **MOE, decoder_sparse_step=1, mlp_only_layers=[])
+    if name == "olmo_hybrid":
+        fields = {k: v for k, v in HYBRID.items() if k != "head_dim"}
+        return AutoConfig.for_model("olmo_hybrid", **fields, linear_allow_neg_eigval=True)
+    if name == "qwen3_next_dense":  # every MLP dense: no expert routing for rounding to flip
+        return AutoConfig.for_model("qwen3_next", **HYBRID, mlp_only_layers=list(range(4)))
+    if name in ("kimi_linear", "kimi_linear_dense"):
+        return AutoConfig.for_model(
+            "kimi_linear", vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+            num_hidden_layers=4, layer_types=HYBRID_LAYERS, num_attention_heads=8, num_key_value_heads=8,
+            kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+            num_experts=8, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1,
+            linear_num_heads=8, linear_head_dim=128, linear_conv_kernel_dim=4,
+            first_k_dense_replace=4 if name.endswith("_dense") else 1,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "gated_deltanet":
+        return AutoConfig.for_model("gated_deltanet", **FLA, num_heads=4, num_v_heads=8, head_dim=128, expand_v=1.0)
+    if name == "kda":
+        return AutoConfig.for_model("kda", **FLA, num_heads=4, num_v_heads=8, head_dim=128, expand_v=1.0)
+    if name == "delta_net":
+        return AutoConfig.for_model("delta_net", **FLA, num_heads=8, expand_k=1.0, expand_v=1.0, use_gate=True)
+    if name == "gla":
+        return AutoConfig.for_model("gla", **FLA, num_heads=4, expand_k=0.5, expand_v=0.5)
+    raise SystemExit(f"unknown family {name}")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def uneven_plan(model) -> dict[int, list[int]]:
+    """Kept value heads per linear layer: a different cut in each (first: heads 1 and 2 go, which leaves grouped
+    layers uneven groups; second: every head but the second and the last go; third: the last head goes)."""
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+
+    kept = {}
+    for position, (index, mixer) in enumerate(linear_layers(model, family_for(model.config)).items()):
+        heads = list(range(mixer.num_v_heads))
+        kept[index] = [[h for h in heads if h not in (1, 2)], [1, heads[-1]], heads[:-1]][position % 3]
+    return kept
+
+
+def random_channels(model, kept: dict[int, list[int]]) -> dict[int, dict[int, list[int]]]:
+    """``KEPT_CHANNELS`` random query/key channels of every key head that a kept value head reads."""
+    import torch
+
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+
+    generator = torch.Generator().manual_seed(1)
+    return {index: {key: sorted(torch.randperm(mixer.head_k_dim, generator=generator)[:KEPT_CHANNELS].tolist())
+                    for key in sorted({mixer.value_to_key[h] for h in kept[index]})}
+            for index, mixer in linear_layers(model, family_for(model.config)).items()}
+
+
+def build_folders(name: str, work: Path):
+    """The float32 source model (shipped class) and its folders under work/name: source (saved as is), heads and
+    channels (written by the export). Returns (model, {variant: (kept, channels)})."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compressor.export import write_model
+    from compressor.families import family_for
+    from compressor.layers import PruningPlan
+    from compressor.slicing import slim
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config(name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and not parameter_name.endswith("A_log"):
+                parameter.normal_(0.0, 0.03)
+    family = family_for(model.config)
+    kept = uneven_plan(model)
+    variants = {"heads": (kept, {})}
+    if not name.startswith("kimi_linear"):
+        variants["channels"] = (kept, random_channels(model, kept))
+    model.save_pretrained(work / name / "source")
+    for variant, (heads, channels) in variants.items():
+        pruned = copy.deepcopy(model)
+        slim(pruned, family, PruningPlan(kept=heads, channels=channels))
+        write_model(pruned, family, work / name / variant)
+        del pruned
+    return model, variants
+
+
+def check_family(name: str, work: Path) -> dict:
+    """Pruned folder against the masked source on CUDA, in float32 and bfloat16, for every variant; cached greedy
+    decoding against a full forward pass."""
+    import copy
+
+    import torch
+    from tiny_models import masked_copy
+    from transformers import AutoModelForCausalLM
+
+    from compressor.families import family_for
+    from compressor.selection import masked_channels
+
+    started = time.time()
+    model, variants = build_folders(name, work)
+    family = family_for(model.config)
+    ids = torch.randint(3, 4096, (2, 1000), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    report = {}
+    for variant, (kept, channels) in variants.items():
+        figures = report.setdefault(variant, {"kept_heads": {str(i): h for i, h in kept.items()},
+                                              "key_dim": KEPT_CHANNELS if channels else 128})
+        for dtype in (torch.float32, torch.bfloat16):
+            pruned = AutoModelForCausalLM.from_pretrained(work / name / variant, dtype=dtype, device_map=DEVICE,
+                                                          trust_remote_code=True).eval()
+            masked = masked_copy(model, kept).to(DEVICE, dtype)
+            unpruned = copy.deepcopy(model).to(DEVICE, dtype)
+            with torch.no_grad():
+                ours = pruned(ids).logits.float()
+                with masked_channels(masked, family, channels):
+                    reference = masked(ids).logits.float()
+                    generated_masked = masked.generate(ids[:, :PROMPT], max_new_tokens=16, min_new_tokens=16,
+                                                       do_sample=False, pad_token_id=0)
+                whole = unpruned(ids).logits.float()
+                generated = pruned.generate(ids[:, :PROMPT], max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                full = pruned(generated.sequences).logits.float()[:, PROMPT - 1 : -1]
+            steps = torch.stack(generated.logits, dim=1).float()
+            per_position = (ours - reference).abs().amax(-1)  # [B, T]
+            figures[str(dtype).removeprefix("torch.")] = {
+                "positions_differing_over_0.1": int((per_position > 0.1).sum()),
+                "positions": per_position.numel(),
+                "class": type(pruned).__name__,
+                "logit_scale": reference.abs().max().item(),
+                "pruned_vs_masked_max_abs_diff": (ours - reference).abs().max().item(),
+                "pruned_vs_unpruned_max_abs_diff": (ours - whole).abs().max().item(),
+                "cached_decode_vs_full_forward_max_abs_diff": (steps - full).abs().max().item(),
+                "greedy_tokens_equal_full_forward_argmax": torch.equal(
+                    generated.sequences[:, PROMPT:], full.argmax(-1)),
+                "greedy_tokens_equal_masked_source": torch.equal(generated.sequences, generated_masked),
+                **near_ties(generated.sequences[:, PROMPT:], full),
+            }
+            if dtype == torch.float32 and DEVICE != "cpu":  # each side against its own PyTorch path on the CPU
+                figures["float32"].update(against_cpu(work / name / variant, model, kept, channels, family, ids,
+                                                      ours, reference))
+            log(f"{name} {variant} {dtype}: {json.dumps(figures[str(dtype).removeprefix('torch.')])}")
+            del pruned, masked, unpruned
+    report["check_seconds"] = round(time.time() - started, 1)
+    return report
+
+
+def against_cpu(folder, model, kept, channels, family, ids, ours, reference) -> dict:
+    """The pruned folder's and the masked source's float32 logits on the GPU against the same models on the CPU
+    (the shipped PyTorch path): which side a GPU difference comes from."""
+    import torch
+    from tiny_models import masked_copy
+    from transformers import AutoModelForCausalLM
+
+    from compressor.selection import masked_channels
+
+    pruned = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    masked = masked_copy(model, kept)
+    with torch.no_grad():
+        cpu_ours = pruned(ids.cpu()).logits
+        with masked_channels(masked, family, channels):
+            cpu_reference = masked(ids.cpu()).logits
+    return {"pruned_gpu_vs_cpu_max_abs_diff": (ours.cpu() - cpu_ours).abs().max().item(),
+            "masked_gpu_vs_cpu_max_abs_diff": (reference.cpu() - cpu_reference).abs().max().item(),
+            "pruned_vs_masked_on_cpu_max_abs_diff": (cpu_ours - cpu_reference).abs().max().item()}
+
+
+def near_ties(tokens, full) -> dict:
+    """Where cached greedy decoding [B, S] chose another token than the full pass's logits [B, S, V] rank first:
+    how many, and the full pass's largest logit margin between its first choice and the token chosen (random
+    weights give nearly flat logits, so bf16 rounding flips near-ties)."""
+    chosen = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    margins = (full.max(-1).values - chosen)[tokens != full.argmax(-1)]
+    return {"greedy_steps_differing": int(margins.numel()),
+            "largest_margin_where_differing": margins.max().item() if margins.numel() else 0.0}
+
+
+def stock_runner(folder: Path):
+    """The source folder on the GPU (bf16) with its stock class (transformers' or fla's); the shipped class where the
+    stock one cannot read the config."""
+    import torch
+    from bench_inference import Runner
+
+    import compressor
+
+    compressor.register()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shipped = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(folder))]
+    stock = next(c for c in shipped.__mro__[1:] if c.__module__.startswith(("transformers.", "fla.")))
+    runner = Runner.__new__(Runner)
+    try:
+        runner.model, info = stock.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
+                                                   output_loading_info=True)
+        if any(info.values()):
+            raise ValueError(f"loading info {info}")
+        runner.model.eval()
+    except Exception as error:  # the stock class reads another config format (Kimi Linear's hub remote code)
+        log(f"  stock {stock.__name__} cannot load {folder}: {type(error).__name__}: {str(error)[:200]}")
+        runner.model = shipped.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+    runner.generator = torch.Generator(device="cuda").manual_seed(0)
+    return runner
+
+
+def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
+    """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
+    turns (order reversed every round), medians of ``rounds``."""
+    import torch
+    from bench_inference import Runner, timed
+
+    runners = {"source": stock_runner(work / name / "source")}
+    for variant in ("heads", "channels"):
+        if (work / name / variant).is_dir():
+            runners[variant] = Runner(work / name / variant)
+    figures = {variant: {"class": type(r.model).__name__} for variant, r in runners.items()}
+    prefill = {v: r.tokens(4, 2048) for v, r in runners.items()}
+    prompts = {v: r.tokens(DECODE_BATCH, PROMPT) for v, r in runners.items()}
+    for runner, v in ((r, v) for v, r in runners.items()):  # compile and autotune every shape first
+        runner.prefill(prefill[v])
+        runner.generate(prompts[v], 4)
+    names = list(runners)
+    values = {v: {"prefill": [], "decode": []} for v in names}
+    for turn in range(rounds):
+        for v in names if turn % 2 == 0 else names[::-1]:
+            runner = runners[v]
+            values[v]["prefill"].append(timed(lambda: runner.prefill(prefill[v]), repeat=3))
+            one = timed(lambda: runner.generate(prompts[v], 1), repeat=1)
+            full = timed(lambda: runner.generate(prompts[v], NEW_TOKENS), repeat=1)
+            values[v]["decode"].append(DECODE_BATCH * (NEW_TOKENS - 1) / (full - one))
+    for v in names:
+        figures[v]["prefill_4x2048_s"] = sorted(values[v]["prefill"])[rounds // 2]
+        figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[rounds // 2]
+    for v in names[1:]:
+        figures[v]["prefill_time_ratio"] = figures[v]["prefill_4x2048_s"] / figures["source"]["prefill_4x2048_s"]
+        figures[v]["decode_time_ratio"] = (figures["source"][f"decode_b{DECODE_BATCH}_tok_s"]
+                                           / figures[v][f"decode_b{DECODE_BATCH}_tok_s"])
+    log(f"{name} speed: {json.dumps(figures)}")
+    del runners
+    torch.cuda.empty_cache()
+    return figures
+
+
+def run_worker(names: list[str], work: Path, out: Path, speed: bool) -> None:
+    """Check (or time) ``names`` one after the other in this process, writing ``out`` after each."""
+    import fla  # noqa: F401  (registers fla's model types with transformers)
+
+    if not speed:
+        import compressor
+
+        compressor.register()
+    results = {}
+    for name in names:
+        try:
+            results[name] = measure_speed(name, work) if speed else check_family(name, work)
+        except Exception as error:  # report and go on with the next family
+            results[name] = f"failed: {type(error).__name__}: {error}"[:2000]
+            log(f"{name}: {results[name]}")
+        out.write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--families", default=",".join(f for group in WORKERS for f in group))
+    parser.add_argument("--phase", choices=["check", "speed", "both"], default="both")
+    parser.add_argument("--device", default="cuda", help="cpu: try the check phase without a GPU")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.worker or args.speed_worker:
+        run_worker((args.worker or args.speed_worker).split(","), args.work, args.out, bool(args.speed_worker))
+        return
+    from bench_inference import versions
+
+    from compressor.accounting import versions as package_versions
+
+    wanted = args.families.split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "speed": {}}
+
+    def save():
+        args.out.write_text(json.dumps(results, indent=2))
+
+    save()
+    if args.phase in ("check", "both"):
+        started = time.time()
+        groups = [[f for f in group if f in wanted] for group in WORKERS]
+        workers = [(subprocess.Popen([sys.executable, __file__, "--worker", ",".join(group), "--work", str(args.work),
+                                      "--out", str(args.out.parent / f"check-{i}.json"), "--device", DEVICE]), i)
+                   for i, group in enumerate(groups) if group]
+        for process, i in workers:
+            process.wait()
+            part = args.out.parent / f"check-{i}.json"
+            results["check"].update(json.loads(part.read_text()) if part.exists() else {})
+            save()
+        results["check_seconds"] = round(time.time() - started, 1)
+        save()
+    if args.phase in ("speed", "both"):  # one process, one family after the other
+        part = args.out.parent / "speed.json"
+        subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work", str(args.work),
+                        "--out", str(part)])
+        results["speed"] = json.loads(part.read_text()) if part.exists() else {}
+        save()
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
