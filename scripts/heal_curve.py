@@ -8,7 +8,8 @@
     # the settings sweep that chose the defaults, and the training step against a forward pass (H200, 2026-12-02):
     python scripts/heal_curve.py --pruned /tmp/heal --plans loss-low --tokens 1000000 --sweep --speed \
         --device cuda --json scripts/results/heal_curve_sweep.json
-    # the curve, as run (H200, four processes side by side on the one GPU, then merged):
+    # the curve, as run (H200, four processes side by side on the one GPU, then merged; the 4M-token runs of
+    # joint-high and random, and loss-low's from teacher samples, in five processes side by side in a later lease):
     C="python scripts/heal_curve.py --pruned /tmp/heal --device cuda --no-report --set teacher_dtype=float32 \
        --set sample_batch_size=256"
     $C --plans loss-low --data calib --tokens 250000,1000000,4000000 --json c1.json &
@@ -247,7 +248,10 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         merged = {key: value for part in parts for key, value in part.items() if key != "rows" and value}
-        save(args.json, [row for part in parts for row in part["rows"]], merged)
+        rows = [row for part in parts for row in part["rows"]]
+        plans = list(dict.fromkeys(row["plan"] for row in rows))  # by plan as first met, data, tokens
+        rows.sort(key=lambda row: (plans.index(row["plan"]), row["data"], row["tokens"]))
+        save(args.json, rows, merged)
         report(args.json)
         return
 
