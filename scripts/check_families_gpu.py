@@ -154,8 +154,6 @@ def build_folders(name: str, work: Path):
 def check_family(name: str, work: Path) -> dict:
     """Pruned folder against the masked source on CUDA, in float32 and bfloat16, for every variant; cached greedy
     decoding against a full forward pass."""
-    import copy
-
     import torch
     from tiny_models import masked_copy
     from transformers import AutoModelForCausalLM
@@ -174,8 +172,11 @@ def check_family(name: str, work: Path) -> dict:
         for dtype in (torch.float32, torch.bfloat16):
             pruned = AutoModelForCausalLM.from_pretrained(work / name / variant, dtype=dtype, device_map=DEVICE,
                                                           trust_remote_code=True).eval()
-            masked = masked_copy(model, kept).to(DEVICE, dtype)
-            unpruned = copy.deepcopy(model).to(DEVICE, dtype)
+            # the source loaded as the folder is (from_pretrained keeps some parameters and buffers in float32,
+            # e.g. rotary frequencies, which casting the model in memory would round)
+            unpruned = AutoModelForCausalLM.from_pretrained(work / name / "source", dtype=dtype,
+                                                            device_map=DEVICE).eval()
+            masked = masked_copy(unpruned, kept)
             with torch.no_grad():
                 ours = pruned(ids).logits.float()
                 with masked_channels(masked, family, channels):
