@@ -44,8 +44,8 @@ class ShareOrAuto(click.ParamType):
 
 SHARE_OR_AUTO = ShareOrAuto()
 MAX_GPU_MEMORY_HELP = ("Most weights the GPU may hold (e.g. 40GB): a larger model is calibrated one decoder layer at "
-                       "a time from its files and exported shard by shard. Calibration needs room beside the "
-                       "weights (chunk states, spectra: a few GB at 16 x 2048 tokens).")
+                       "a time from its files{}. Leave room beside them for calibration's working set (chunk states "
+                       "and spectra, growing with --batch-size and --seq-len).")
 
 
 def user_errors(command):
@@ -117,7 +117,7 @@ def main():
               help="Folder for stats.safetensors, report.json, report.md and figures [default: print a summary only].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @calibration_options
-@click.option("--max-gpu-memory", default=None, metavar="SIZE", help=MAX_GPU_MEMORY_HELP)
+@click.option("--max-gpu-memory", default=None, metavar="SIZE", help=MAX_GPU_MEMORY_HELP.format(""))
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
 @click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
               help="Spread the decoder layers over every visible GPU with accelerate, as prune does.")
@@ -197,7 +197,8 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_ma
               help="Reload the written folder and compare logits with the in-memory pruned model.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of compressor in --out.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
-@click.option("--max-gpu-memory", default=None, metavar="SIZE", help=MAX_GPU_MEMORY_HELP)
+@click.option("--max-gpu-memory", default=None, metavar="SIZE",
+              help=MAX_GPU_MEMORY_HELP.format(" and exported shard by shard"))
 @click.option("--max-cpu-memory", default=None, metavar="SIZE", help="As --max-gpu-memory, when computing on the CPU.")
 @click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
               help="Spread the decoder layers over every visible GPU with accelerate (auto/balanced: evenly; "

@@ -129,13 +129,14 @@ def timed(fn, repeat: int = 3) -> float:
 class Runner:
     """One folder's model on the GPU (bf16), with the benchmark's workloads on random tokens."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, model=None):
+        """``model``: already loaded (on the GPU, bf16) instead of loading ``folder``."""
         import torch
         from transformers import AutoModelForCausalLM
 
         start = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
-                                                          trust_remote_code=True).eval()
+        self.model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
+                                                                   trust_remote_code=True).eval()
         self.load_seconds = time.perf_counter() - start
         self.generator = torch.Generator(device="cuda").manual_seed(0)
 

@@ -15,9 +15,10 @@ against ``cp -r`` of the source folder on the same disk, whether both runs measu
 and whether both output folders hold identical tensors (compared by per-tensor SHA-256, each output deleted once
 hashed, so that the disk holds the source and one more copy at a time). On a GPU a smaller model with the same heads
 is pruned first (``--warmup``), so that the runs measured find Triton's caches warm. The JSON is rewritten after
-every step and each prune's stderr goes to a log beside it; ``--deadline`` stops a prune that would overrun it.
+every step and each prune's stderr goes to a log beside it (STEM.KIND.log); ``--deadline`` stops a prune that would
+overrun it. ``total_s`` of a run is its ``prune()`` call, imports excluded.
 
-    PYTHONPATH=. python scripts/bench_scale.py --size 8B --work /root/bench --deadline 520 --json $OUT/bench_scale.json
+    PYTHONPATH=. python scripts/bench_scale.py --size 8B --work /root/bench --deadline 420 --json $OUT/bench_scale.json
     python scripts/bench_scale.py --size 60M --device cpu --work /tmp/bench --samples 2 --seq-len 256   # smoke
 """
 
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from compressor.accounting import versions
 
 STARTED = time.perf_counter()
 CHILD = r"""
@@ -56,15 +59,14 @@ def timed(module, name):
             print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     setattr(module, name, wrapper)
 
+for name in ("load", "measure", "choose"):
+    timed(compressor.pipeline, name)
 measure = compressor.pipeline.measure
-def measured(*args, **kwargs):  # the statistics, saved for the comparison of the two runs
+def measured(*args, **kwargs):  # the statistics, saved (outside the stage's time) for the comparison of the runs
     result = measure(*args, **kwargs)
     result.stats.save(Path(sys.argv[5]))
     return result
 compressor.pipeline.measure = measured
-
-for name in ("load", "measure", "choose"):
-    timed(compressor.pipeline, name)
 timed(compressor.pipeline, "write_folder")  # the whole folder: weights, config, card and its figures
 timed(compressor.streaming, "write_weights")  # the weights alone, shard by shard
 settings = PruneSettings(**json.loads(sys.argv[3]), calibration=CalibrationSettings(**json.loads(sys.argv[4])))
@@ -225,16 +227,19 @@ def compare_digests(first: dict, second: dict) -> dict:
 
 
 def compare_statistics(first: Path, second: Path) -> dict:
-    """Whether two runs' state statistics are equal, and by how much each metric differs (relative to its scale)."""
+    """Whether two runs' state statistics are equal (the mean and spread of every metric, and the token counts), and
+    by how much each mean differs (relative to its scale)."""
     from compressor.calibration import StateStatistics
 
     a, b = StateStatistics.load(first), StateStatistics.load(second)
+    pairs = [(a.times, b.times)] + [(getattr(a, part)[name], getattr(b, part)[name])
+                                    for part in ("mean", "std") for name in a.mean]
     differences = {}
     for name in a.mean:
         x, y = a.mean[name].nan_to_num(), b.mean[name].nan_to_num()
         differences[name] = float((x - y).abs().max() / x.abs().max().clamp_min(1e-30))
-    return {"bit_for_bit": all(torch.equal(a.mean[n].nan_to_num(), b.mean[n].nan_to_num()) for n in a.mean),
-            "max_relative_difference": differences}
+    return {"bit_for_bit": all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in pairs),
+            "max_relative_difference_of_means": differences}
 
 
 def kept_difference(first: dict, second: dict) -> int:
@@ -250,7 +255,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", type=Path, default=None, help="figures, rewritten after every step; the children's "
-                                                               "logs go beside it")
+                                                               "logs go beside it (STEM.KIND.log)")
     parser.add_argument("--warmup", default=None, metavar="SIZE",
                         help="first prune a model of this size with the same heads and windows (e.g. 60M), so that "
                              "the runs measured find Triton's caches warm [default: 60M on a GPU, none on the CPU]")
@@ -263,8 +268,14 @@ def main() -> None:
     if args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty; name a new folder (the script deletes its copy in it)")
     warmup = args.warmup if args.warmup is not None else ("60M" if args.device.startswith("cuda") else "")
+    logs = {kind: (args.json.parent / f"{args.json.stem}.{kind}.log" if args.json is not None
+                   else args.work / f"{kind}.log") for kind in ("warmup", "whole", "layer_by_layer")}
+    taken = [str(log) for log in logs.values() if log.exists()]
+    if taken:
+        parser.error(f"{', '.join(taken)} exist; the script writes its logs there (move them or choose another --json)")
     args.work.mkdir(parents=True, exist_ok=True)
-    logs = args.json.parent if args.json is not None else args.work
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.size)
     needed = (3 if args.keep_outputs else 2) * 2.1 * size + 2**30  # bf16: the source and a copy or an output
     free = shutil.disk_usage(args.work).free
@@ -291,8 +302,8 @@ def main() -> None:
         folder = args.work / "warmup"
         timed("warmup_write_source_s", figures, write_source, folder / "source", config_for(parse_size(warmup)),
               args.device)
-        figures["warmup"] = run(folder / "source", folder / "out", common, calibration, logs / "bench_scale.warmup.log",
-                                left())
+        figures["warmup"] = run(folder / "source", folder / "out", common, calibration, logs["warmup"], left())
+        figures["warmup"].pop("kept", None)
         shutil.rmtree(folder)
         report()
 
@@ -318,7 +329,7 @@ def main() -> None:
             runs[kind] = {"error": f"not started: {remaining:.0f} s left before --deadline"}
             say(f"{kind}: {runs[kind]['error']}")
             continue
-        runs[kind] = run(source, args.work / kind, settings, calibration, logs / f"bench_scale.{kind}.log",
+        runs[kind] = run(source, args.work / kind, settings, calibration, logs[kind],
                          None if remaining is None else remaining - 20)
         if "error" not in runs[kind]:
             runs[kind]["export_over_cp"] = runs[kind]["stages_s"]["write_weights"] / figures["cp_r_s"]
@@ -338,17 +349,6 @@ def main() -> None:
     report()
     print(json.dumps(figures, indent=2))
 
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("transformers", "triton", "flash-linear-attention", "safetensors"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ key head chosen at random; not for Kimi Linear, whose channel removal is refused
 each side is also compared with itself on the CPU (the shipped PyTorch path), to tell which side a GPU difference
 comes from.
 
-Phase one checks the families in four worker processes side by side (Triton compiles their kernels there),
+Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
 families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
 folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
 tokens after 256). Figures are printed as measured; each worker writes its figures beside ``--out``
@@ -254,18 +254,14 @@ def stock_runner(folder: Path):
 
     shipped = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(folder))]
     stock = next(c for c in shipped.__mro__[1:] if c.__module__.startswith(("transformers.", "fla.")))
-    runner = Runner.__new__(Runner)
     try:
-        runner.model, info = stock.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
-                                                   output_loading_info=True)
+        model, info = stock.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda", output_loading_info=True)
         if any(info.values()):
             raise ValueError(f"loading info {info}")
-        runner.model.eval()
     except Exception as error:  # the stock class reads another config format (Kimi Linear's hub remote code)
         log(f"  stock {stock.__name__} cannot load {folder}: {type(error).__name__}: {str(error)[:200]}")
-        runner.model = shipped.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
-    runner.generator = torch.Generator(device="cuda").manual_seed(0)
-    return runner
+        model = shipped.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    return Runner(folder, model.eval())
 
 
 def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
@@ -281,7 +277,7 @@ def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
     figures = {variant: {"class": type(r.model).__name__} for variant, r in runners.items()}
     prefill = {v: r.tokens(4, 2048) for v, r in runners.items()}
     prompts = {v: r.tokens(DECODE_BATCH, PROMPT) for v, r in runners.items()}
-    for runner, v in ((r, v) for v, r in runners.items()):  # compile and autotune every shape first
+    for v, runner in runners.items():  # compile and autotune every shape first
         runner.prefill(prefill[v])
         runner.generate(prompts[v], 4)
     names = list(runners)
@@ -344,31 +340,49 @@ def main() -> None:
     from compressor.accounting import versions as package_versions
 
     wanted = args.families.split(",")
+    unknown = set(wanted) - {f for group in WORKERS for f in group}
+    if unknown:
+        parser.error(f"unknown families {sorted(unknown)}")
+    if DEVICE != "cuda" and args.phase != "check":
+        parser.error("the speed phase needs a GPU; with --device cpu use --phase check")
+    if args.work.exists() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty; name a new folder (the script writes model folders in it)")
+    groups = [[f for f in group if f in wanted] for group in WORKERS]
+    parts = {i: args.out.parent / f"check-{i}.json" for i, group in enumerate(groups) if group}
+    parts["speed"] = args.out.parent / "speed.json"
+    taken = [str(part) for part in parts.values() if part.exists()]
+    if taken:
+        parser.error(f"{', '.join(taken)} exist; the workers write there (move them or choose another --out)")
     args.work.mkdir(parents=True, exist_ok=True)
-    results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "speed": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"versions": versions() if DEVICE == "cuda" else package_versions(),
+               "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "speed": {}}
 
     def save():
         args.out.write_text(json.dumps(results, indent=2))
 
+    def gather(part: Path, returncode: int) -> dict:
+        """A worker's figures, and its exit status where it failed (families it did not reach are missing)."""
+        figures = json.loads(part.read_text()) if part.exists() else {}
+        if returncode != 0:
+            figures[f"worker {part.stem}"] = f"failed: exit status {returncode}"
+        return figures
+
     save()
     if args.phase in ("check", "both"):
         started = time.time()
-        groups = [[f for f in group if f in wanted] for group in WORKERS]
         workers = [(subprocess.Popen([sys.executable, __file__, "--worker", ",".join(group), "--work", str(args.work),
-                                      "--out", str(args.out.parent / f"check-{i}.json"), "--device", DEVICE]), i)
+                                      "--out", str(parts[i]), "--device", DEVICE]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
-            process.wait()
-            part = args.out.parent / f"check-{i}.json"
-            results["check"].update(json.loads(part.read_text()) if part.exists() else {})
+            results["check"].update(gather(parts[i], process.wait()))
             save()
         results["check_seconds"] = round(time.time() - started, 1)
         save()
     if args.phase in ("speed", "both"):  # one process, one family after the other
-        part = args.out.parent / "speed.json"
-        subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work", str(args.work),
-                        "--out", str(part)])
-        results["speed"] = json.loads(part.read_text()) if part.exists() else {}
+        process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
+                                  str(args.work), "--out", str(parts["speed"])])
+        results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")
 

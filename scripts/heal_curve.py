@@ -17,6 +17,11 @@
     $C --plans joint-high --data calib,teacher --tokens 250000,1000000 --json c3.json &
     $C --plans random --data calib,teacher --tokens 250000,1000000 --json c4.json & wait
     python scripts/heal_curve.py --merge c1.json c2.json c3.json c4.json --json scripts/results/heal_curve.json
+    # the later lease (OMP_NUM_THREADS=3), then merged into the curve:
+    $C --plans loss-low --data teacher --tokens 4000000 --json h1.json &
+    $C --plans joint-high --data calib --tokens 4000000 --json h2.json &   # and so on for joint-high teacher,
+    wait                                                                    # random calib, random teacher
+    python scripts/heal_curve.py --merge scripts/results/heal_curve.json h1.json h2.json ... --json heal_curve.json
     # CPU wall time of one run (2 cores, one thread):
     OMP_NUM_THREADS=1 python scripts/heal_curve.py --pruned /tmp/heal --plans loss-low --data calib \
         --tokens 250000 --device cpu --set curve_points=2 --json scripts/results/heal_curve_cpu.json
@@ -247,7 +252,12 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        merged = {key: value for part in parts for key, value in part.items() if key != "rows" and value}
+        merged = {}  # what the files share, from the first that has it; every run's own environment beside
+        for part in parts:
+            merged.update({key: value for key, value in part.items() if key not in ("rows", *merged) and value})
+        environments = [part["environment"] for part in parts if part.get("environment")]
+        if any(environment != environments[0] for environment in environments):
+            merged["environments"] = environments
         rows = [row for part in parts for row in part["rows"]]
         plans = list(dict.fromkeys(row["plan"] for row in rows))  # by plan as first met, data, tokens
         rows.sort(key=lambda row: (plans.index(row["plan"]), row["data"], row["tokens"]))
