@@ -270,9 +270,10 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else ("60M" if args.device.startswith("cuda") else "")
     logs = {kind: (args.json.parent / f"{args.json.stem}.{kind}.log" if args.json is not None
                    else args.work / f"{kind}.log") for kind in ("warmup", "whole", "layer_by_layer")}
-    taken = [str(log) for log in logs.values() if log.exists()]
+    taken = [str(path) for path in [*logs.values(), *([args.json] if args.json else [])] if path.exists()]
     if taken:
-        parser.error(f"{', '.join(taken)} exist; the script writes its logs there (move them or choose another --json)")
+        parser.error(f"will not overwrite {', '.join(taken)}: the script writes its figures and logs there (move "
+                     "them or choose another --json)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -350,9 +350,10 @@ def main() -> None:
     groups = [[f for f in group if f in wanted] for group in WORKERS]
     parts = {i: args.out.parent / f"check-{i}.json" for i, group in enumerate(groups) if group}
     parts["speed"] = args.out.parent / "speed.json"
-    taken = [str(part) for part in parts.values() if part.exists()]
+    taken = [str(part) for part in [*parts.values(), args.out] if part.exists()]
     if taken:
-        parser.error(f"{', '.join(taken)} exist; the workers write there (move them or choose another --out)")
+        parser.error(f"will not overwrite {', '.join(taken)}: the script writes there (move them or choose another "
+                     "--out)")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(),

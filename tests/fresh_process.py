@@ -10,31 +10,25 @@ from pathlib import Path
 
 import torch
 
-BLOCKER = textwrap.dedent(
-    """
-    import sys
 
-    class _BlockCompressor:
-        def find_spec(self, name, path=None, target=None):
-            if name == "compressor" or name.startswith("compressor."):
-                raise ImportError("compressor is blocked in this process")
+def import_blocker(package: str) -> str:
+    """A prelude (Python source) after which ``package`` and its submodules cannot be imported."""
+    return textwrap.dedent(
+        f"""
+        import sys
 
-    sys.meta_path.insert(0, _BlockCompressor())
-    """
-)
+        class _Block_{package}:
+            def find_spec(self, name, path=None, target=None):
+                if name == "{package}" or name.startswith("{package}."):
+                    raise ImportError("{package} is blocked in this process")
 
-FLA_BLOCKER = textwrap.dedent(
-    """
-    import sys
+        sys.meta_path.insert(0, _Block_{package}())
+        """
+    )
 
-    class _BlockFla:
-        def find_spec(self, name, path=None, target=None):
-            if name == "fla" or name.startswith("fla."):
-                raise ImportError("fla is blocked in this process")
 
-    sys.meta_path.insert(0, _BlockFla())
-    """
-)
+BLOCKER = import_blocker("compressor")
+FLA_BLOCKER = import_blocker("fla")
 """A prelude after which ``fla`` cannot be imported: what a folder of a transformers family meets where fla is
 absent (its shipped code must then run the PyTorch path)."""
 
