@@ -138,3 +138,38 @@ def test_queries_and_keys_normalised_as_fla_does_keep_their_dtype_and_layout():
     reference = x.double() / (x.double().pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
     assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
     assert (y.double() - reference).abs().max() <= 2**-8  # one bfloat16 rounding of values below 1
+
+
+def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():
+    from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
+
+    mixer = PrunableGatedDeltaNetMixin()
+    mixer.layer_idx, mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim = 0, 3, 5, 4
+    mixer.set_value_to_key([2, 0, 0, 1, 2])
+    query_key = torch.randn(2, 7, 2 * 3 * 4, generator=torch.Generator().manual_seed(5))
+    query, key = mixer.queries_and_keys(query_key, query_key.device)
+    for got, part in ((query, query_key[..., :12]), (key, query_key[..., 12:])):
+        expected = part.reshape(2, 7, 3, 4)[:, :, [2, 0, 0, 1, 2]]
+        assert torch.equal(got, expected) and torch.equal(got, mixer.per_value_head(part, part.device))
+        assert got.transpose(1, 2).is_contiguous()  # the recurrence packs heads as sequences without a copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's gated norm runs on CUDA tensors")
+@pytest.mark.parametrize("rows", [5, 65536 + 300])
+def test_gated_norm_on_cuda_equals_the_stock_module(rows):
+    pytest.importorskip("fla")
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    from compressor.modeling import gated_deltanet
+
+    norm = Qwen3NextRMSNormGated(128, eps=1e-6).cuda()
+    torch.nn.init.normal_(norm.weight)
+    x, gate = torch.randn(2, rows, 128, device="cuda").unbind()
+    with torch.no_grad():
+        fused = gated_deltanet.gated_rms_norm(norm, x, gate)
+        expected = norm(x, gate)
+    assert gated_deltanet._fla_rms_norm_gated is not None and fused.shape == expected.shape
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # bfloat16: the stock forward rounds before the weight, fla at the end
+        half = gated_deltanet.gated_rms_norm(norm.bfloat16(), x.bfloat16(), gate.bfloat16())
+    torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)

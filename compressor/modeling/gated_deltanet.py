@@ -5,7 +5,8 @@ top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its
 
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
 * CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
-  ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states).
+  ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states);
+* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
 """
@@ -23,6 +24,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .gated_delta import gated_delta_rule
+
+try:  # fla is optional: without it, the gated norm runs the stock module's PyTorch forward.
+    from fla.modules.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
+except Exception:  # ImportError, or fla without triton
+    _fla_rms_norm_gated = None
 
 TRANSFORMERS_FLOOR = (5, 21)
 """The oldest transformers whose caches this code uses (``get_conv_state`` appeared in 5.21)."""
@@ -55,6 +61,24 @@ def causal_conv1d_step(
     conv_state.copy_(window[..., -conv_state.shape[-1] :])
     out = F.conv1d(window[..., -weight.shape[-1] :], weight.unsqueeze(1), bias, groups=x.shape[1])
     return ACT2FN[activation](out).to(x.dtype)
+
+
+FLA_NORM_ROWS = 65536
+"""Rows per call of fla's gated norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning
+key: calls of at most this many rows compile and tune it once, whatever number of heads a layer kept."""
+
+
+def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [N, d_v] -> [N, d_v] in x's dtype (``norm``:
+    the layer's stock RMSNormGated). CUDA tensors outside autograd take fla's fused kernel (one launch per
+    ``FLA_NORM_ROWS`` rows where the stock forward launches about a dozen; it keeps float32 until the end, where
+    the stock forward rounds to x's dtype before the weight); everything else the stock forward."""
+    if _fla_rms_norm_gated is None or not x.is_cuda or torch.is_grad_enabled():
+        return norm(x, gate)
+    pieces = [_fla_rms_norm_gated(part, part_gate, norm.weight, None, activation=norm.activation,
+                                  eps=norm.variance_epsilon)
+              for part, part_gate in zip(x.split(FLA_NORM_ROWS), gate.split(FLA_NORM_ROWS))]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int]:
@@ -112,6 +136,14 @@ class PrunableGatedDeltaNetMixin:
         heads = x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2)
         return heads.index_select(1, self.key_index(device)).transpose(1, 2)
 
+    def queries_and_keys(self, query_key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
+        ``value_to_key[j]``: ``per_value_head`` of both in one gather."""
+        batch, length, _ = query_key.shape
+        heads = query_key.reshape(batch, length, 2, self.num_k_heads, self.head_k_dim).permute(2, 0, 3, 1, 4)
+        query, key = heads.index_select(2, self.key_index(device)).transpose(2, 3)
+        return query, key
+
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
         raise NotImplementedError
@@ -146,8 +178,8 @@ class PrunableGatedDeltaNetMixin:
             mixed_qkv = causal_conv1d(mixed_qkv, weight, self.conv1d.bias, self.activation)[..., -length:]
         mixed_qkv = mixed_qkv.transpose(1, 2)
 
-        query, key, value = torch.split(mixed_qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        query, key = (self.per_value_head(x, hidden_states.device) for x in (query, key))
+        query_key, value = torch.split(mixed_qkv, [2 * self.key_dim, self.value_dim], dim=-1)
+        query, key = self.queries_and_keys(query_key, hidden_states.device)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         beta = self.write_strength(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
@@ -159,7 +191,7 @@ class PrunableGatedDeltaNetMixin:
             cache.update_recurrent_state(final_state, self.layer_idx)
         out = self.scaled(out)
 
-        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        out = gated_rms_norm(self.norm, out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, length, -1))
 
 
