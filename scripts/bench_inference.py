@@ -196,13 +196,16 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
 
     runners = {folder.name: Runner(folder) for folder in folders}
     names = list(runners)
+    for name, runner in runners.items():
+        results.setdefault(name, {})["class"] = f"{type(runner.model).__module__}.{type(runner.model).__name__}"
+    if results[names[0]]["class"].startswith("compressor"):
+        sys.exit(f"the source loaded as {results[names[0]]['class']}, not its stock class: compressor.register() ran in "
+                 "this process")
     batches = [batch for batch in DECODE_BATCHES if str(batch) in points]
     for runner in runners.values():  # compile and autotune every shape before timing
         runner.prefill(runner.tokens(4, 2048))
         for batch in batches or [1]:
             runner.generate(runner.tokens(batch, PROMPT), 4)
-    for name in names:
-        results.setdefault(name, {})
 
     def in_turns(measure) -> dict[str, list]:
         """name -> [measure(name, runner) of every round]."""
@@ -222,12 +225,6 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
             results[name][key] = median(values)
         save()
         log(f"  prefill {batch}x{length}: " + ", ".join(f"{n} {results[n][key] * 1e3:.1f} ms" for n in names))
-    for batch in (1, 64) if "steps" in points else ():
-        for name, runner in runners.items():
-            results[name][f"decode_step_b{batch}"] = decode_step(runner, batch)
-        save()
-        log(f"  one decode step at batch {batch}: " + ", ".join(f"{n} {results[n][f'decode_step_b{batch}']}"
-                                                                for n in names))
     for batch in batches:
         key = f"decode_b{batch}_tok_s"
         ids = {name: runner.tokens(batch, PROMPT) for name, runner in runners.items()}
@@ -248,20 +245,29 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
         log(f"  decode batch {batch}: " + ", ".join(
             f"{n} {results[n][key]:.1f} tok/s (extra peak {results[n][f'decode_b{batch}_extra_peak_gib']:.2f} GiB)"
             for n in names))
+    for batch in (1, 64) if "steps" in points else ():
+        for name, runner in runners.items():
+            results[name][f"decode_step_b{batch}"] = decode_step(runner, batch)
+        save()
+        log(f"  one decode step at batch {batch}: " + ", ".join(
+            f"{n} " + " ".join(f"{k} {v}" for k, v in results[n][f"decode_step_b{batch}"].items() if k in STEP_TOTALS)
+            for n in names))
 
 
+STEP_TOTALS = ("launches", "gpu_ms", "wall_ms")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
 def decode_step(runner: Runner, batch: int) -> dict:
-    """Kernel launches and GPU kernel time of one decode step: profiled ``generate`` of 16 tokens minus 1 token,
-    over 15, and the operators with the most GPU time over the 16 tokens."""
+    """Kernel launches, GPU kernel time and wall time of one decode step: ``generate`` of 16 tokens minus 1 token,
+    over 15 (launches and GPU time profiled, wall time not: the median of 5), and the operators with the most GPU
+    time and the most launched over the 16 tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt = runner.tokens(batch, PROMPT)
-    totals = {}
+    totals, wall = {}, {}
     for new in (1, 16):
-        runner.generate(prompt, new)
+        wall[new] = timed(lambda: runner.generate(prompt, new), repeat=5)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             runner.generate(prompt, new)
         events = prof.key_averages()
@@ -270,8 +276,12 @@ def decode_step(runner: Runner, batch: int) -> dict:
         if new == 16:
             top = [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count)
                    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]]
+            kernels = [(e.key[:60], e.count) for e in sorted(events, key=lambda e: -e.count)
+                       if e.self_device_time_total > 0][:16]
     return {"launches": round((totals[16][0] - totals[1][0]) / 15, 1),
-            "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3), "top_gpu_16_tokens": top}
+            "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3),
+            "wall_ms": round((wall[16] - wall[1]) / 15 * 1e3, 3), "top_gpu_16_tokens": top,
+            "most_launched_16_tokens": kernels}
 
 
 MARKER = ".bench_inference"
@@ -295,7 +305,9 @@ def measure(folder: Path, cache: Path) -> dict:
 
 def expected_decode_ratios(folders: list[Path]) -> dict:
     """Time ratio of a decode step over the first folder's, from the bytes a step moves at each batch size: the
-    bf16 weights once, and every sequence's float32 recurrent state read and written once."""
+    bf16 weights once, and every sequence's float32 recurrent state read and written once. Run in a child process:
+    reading the folders registers compressor's model classes with transformers' Auto classes, after which the
+    source would load with the shipped code instead of its stock class."""
     from compressor.accounting import parameter_count, state_bytes
     from compressor.loading import load_structure
 
@@ -333,10 +345,14 @@ def main() -> None:
                              "about two decode batch sizes for three 2.2B models)")
     parser.add_argument("--resume", type=Path, help="with --build: figures of an earlier run (not measured again)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--expected-ratios", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if set(args.points.split(",")) - set(POINTS):
         parser.error(f"--points takes some of {','.join(POINTS)}, got {args.points}")
+    if args.expected_ratios:
+        args.out.write_text(json.dumps(expected_decode_ratios(args.folders)))
+        return
     if args.one:
         args.out.write_text(json.dumps(measure_cold(args.one, Path(os.environ["TRITON_CACHE_DIR"]))))
         return
@@ -357,7 +373,11 @@ def main() -> None:
         build(args.build, args.small, not args.no_stock, args.synthetic_stats, results, save)
         folders = [args.build / name for name in ("source", "pruned", "pruned-stock")[: 2 if args.no_stock else 3]]
     names = [folder.name for folder in folders]
-    results["expected_decode_time_ratio"] = expected_decode_ratios(folders)
+    if "expected_decode_time_ratio" not in results:  # in a child: it registers compressor's classes
+        report = work / "expected_ratios.json"
+        subprocess.run([sys.executable, __file__, *map(str, folders), "--expected-ratios", "--out", str(report)],
+                       check=True)
+        results["expected_decode_time_ratio"] = json.loads(report.read_text())
     save()
     if args.phase in ("cold", "both"):
         for folder in folders:
