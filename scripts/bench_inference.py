@@ -15,9 +15,10 @@ prefill and the first ``generate``, compilation included, and the number of Trit
 Phase ``warm``: every folder loaded in one process and measured in turns, the order reversed every round (ratios
 side by side, not across processes or machines): prefill of 1 x 8192 and 4 x 2048 tokens, eager greedy decoding of
 128 new tokens after a 512-token prompt at batch 1, 16, 64 and 256 (decode rate: the 127 tokens after the first,
-from generate(128) - generate(1)) with the peak memory each adds, and the kernel launches and GPU time of one decode
-step. The decode time ratio expected from the bytes each step moves is written beside. Figures are printed as
-measured and written to ``--out`` with the versions.
+from generate(128) - generate(1)) with the peak memory each adds, then the kernel launches, GPU time and wall time of
+one decode step. Each model's class is recorded; a folder without ``auto_map`` (the source, a stock layout) must load
+with its stock class. The decode time ratio expected from the bytes each step moves is written beside. Figures are
+printed as measured and written to ``--out`` with the versions.
 """
 
 from __future__ import annotations
@@ -189,18 +190,23 @@ POINTS = ("prefill", "steps", *(str(batch) for batch in DECODE_BATCHES))
 def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, points: tuple[str, ...] = POINTS
                          ) -> None:
     """Warm figures of every folder, all loaded in this process and measured in turns (the order reversed every
-    round), each the median of ``rounds``: prefill times, the kernel launches and GPU time of one decode step
-    (batch 1 and 64), decode rates and the peak memory each decode adds (``points``: which of ``POINTS``). Figures
-    go into ``results`` (by folder name), saved after each measurement."""
+    round), each the median of ``rounds``: prefill times, decode rates and the peak memory each decode adds, then
+    the kernel launches, GPU time and wall time of one decode step (batch 1 and 64) (``points``: which of
+    ``POINTS``). Figures go into ``results`` (by folder name, with the model's class), saved after each
+    measurement."""
     import torch
 
-    runners = {folder.name: Runner(folder) for folder in folders}
+    runners = {}
+    for folder in folders:
+        runners[folder.name] = runner = Runner(folder)
+        loaded = f"{type(runner.model).__module__}.{type(runner.model).__name__}"
+        if results.get(folder.name, {}).get("class") not in (None, loaded):  # --resume of another run's figures
+            results[folder.name] = {}
+        results.setdefault(folder.name, {})["class"] = loaded
+        stock = "auto_map" not in json.loads((folder / "config.json").read_text())
+        if stock and loaded.startswith("compressor"):
+            sys.exit(f"{folder} loaded as {loaded}, not its stock class: compressor.register() ran in this process")
     names = list(runners)
-    for name, runner in runners.items():
-        results.setdefault(name, {})["class"] = f"{type(runner.model).__module__}.{type(runner.model).__name__}"
-    if results[names[0]]["class"].startswith("compressor"):
-        sys.exit(f"the source loaded as {results[names[0]]['class']}, not its stock class: compressor.register() ran in "
-                 "this process")
     batches = [batch for batch in DECODE_BATCHES if str(batch) in points]
     for runner in runners.values():  # compile and autotune every shape before timing
         runner.prefill(runner.tokens(4, 2048))
@@ -351,7 +357,7 @@ def main() -> None:
     if set(args.points.split(",")) - set(POINTS):
         parser.error(f"--points takes some of {','.join(POINTS)}, got {args.points}")
     if args.expected_ratios:
-        args.out.write_text(json.dumps(expected_decode_ratios(args.folders)))
+        print(json.dumps(expected_decode_ratios(args.folders)))
         return
     if args.one:
         args.out.write_text(json.dumps(measure_cold(args.one, Path(os.environ["TRITON_CACHE_DIR"]))))
@@ -374,10 +380,9 @@ def main() -> None:
         folders = [args.build / name for name in ("source", "pruned", "pruned-stock")[: 2 if args.no_stock else 3]]
     names = [folder.name for folder in folders]
     if "expected_decode_time_ratio" not in results:  # in a child: it registers compressor's classes
-        report = work / "expected_ratios.json"
-        subprocess.run([sys.executable, __file__, *map(str, folders), "--expected-ratios", "--out", str(report)],
-                       check=True)
-        results["expected_decode_time_ratio"] = json.loads(report.read_text())
+        child = subprocess.run([sys.executable, __file__, *map(str, folders), "--expected-ratios", "--out", "-"],
+                               check=True, capture_output=True, text=True)
+        results["expected_decode_time_ratio"] = json.loads(child.stdout.strip().splitlines()[-1])
     save()
     if args.phase in ("cold", "both"):
         for folder in folders:
@@ -399,6 +404,8 @@ def main() -> None:
         for name in names[1:]:
             ratios = {key: figures[name][key] / figures[names[0]][key] for key in figures.get(name, {})
                       if key.endswith(("_s", "_gib")) and figures[names[0]].get(key)}
+            ratios.update({key.replace("_tok_s", "_time"): figures[names[0]][key] / figures[name][key]
+                           for key in figures.get(name, {}) if key.endswith("_tok_s") and figures[names[0]].get(key)})
             results.setdefault("ratios", {})[f"{part}: {name} / {names[0]}"] = ratios
             log(f"{part}: {name} / {names[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     save()

@@ -23,6 +23,7 @@ import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
+from . import gated_delta
 from .gated_delta import gated_delta_rule
 
 try:  # fla is optional: without it, the gated norm runs the stock module's PyTorch forward.
@@ -65,15 +66,17 @@ def causal_conv1d_step(
 
 FLA_NORM_ROWS = 65536
 """Rows per call of fla's gated norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning
-key: calls of at most this many rows compile and tune it once, whatever number of heads a layer kept."""
+key (for d_v ≤ 512; wider rows take a kernel without it): calls of at most this many rows compile and tune it
+once, whatever number of heads a layer kept."""
 
 
 def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [N, d_v] -> [N, d_v] in x's dtype (``norm``:
     the layer's stock RMSNormGated). CUDA tensors outside autograd take fla's fused kernel (one launch per
     ``FLA_NORM_ROWS`` rows where the stock forward launches about a dozen; it keeps float32 until the end, where
-    the stock forward rounds to x's dtype before the weight); everything else the stock forward."""
-    if _fla_rms_norm_gated is None or not x.is_cuda or torch.is_grad_enabled():
+    the stock forward rounds to x's dtype before the weight); everything else, and everything while the
+    recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared), the stock forward."""
+    if _fla_rms_norm_gated is None or not gated_delta.HAS_FLA or not x.is_cuda or torch.is_grad_enabled():
         return norm(x, gate)
     pieces = [_fla_rms_norm_gated(part, part_gate, norm.weight, None, activation=norm.activation,
                                   eps=norm.variance_epsilon)
