@@ -408,7 +408,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []
+"""The signals received so far (an import interrupted half-way can turn ``Interrupted`` into another error)."""
+
+
 def _interrupt(signum, frame):
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -421,16 +426,21 @@ def run() -> None:
     warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     try:
         code = main(standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt) as error:
-        cause = error if isinstance(error, KeyboardInterrupt) else error.__cause__
-        signum = getattr(cause, "signum", signal.SIGINT)
-        click.echo(f"\ncompress: interrupted ({signal.Signals(signum).name}); nothing half-written was left.",
-                   err=True)
-        sys.exit(128 + signum)
-    except click.ClickException as error:
+    except Exception as error:
+        if isinstance(error, click.exceptions.Abort) or _received:  # Abort: click's form of Ctrl-C
+            _interrupted(_received[0] if _received else signal.SIGINT)
+        if not isinstance(error, click.ClickException):
+            raise
         error.show()
         sys.exit(error.exit_code)
+    except KeyboardInterrupt as error:
+        _interrupted(getattr(error, "signum", signal.SIGINT))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(signum: int) -> None:
+    click.echo(f"\ncompress: interrupted ({signal.Signals(signum).name}); nothing half-written was left.", err=True)
+    sys.exit(128 + signum)
 
 
 # compress heal (compressor/heal.py) ------------------------------------------------------------------------

@@ -205,6 +205,26 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     ]
 
 
+def test_an_interrupt_that_a_library_turned_into_another_error_is_still_one_line(monkeypatch, capsys):
+    """A signal landing inside a half-done import can surface as another error (numpy's lazy attributes gave a
+    RecursionError): the exit is still the interrupt's."""
+    from compressor import cli
+
+    def interrupted_then_broken(**_):
+        try:
+            cli._interrupt(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            raise RecursionError("maximum recursion depth exceeded") from None
+
+    monkeypatch.setattr(cli, "_received", [])
+    monkeypatch.setattr(cli, "main", interrupted_then_broken)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)
+    with pytest.raises(SystemExit) as exit:
+        cli.run()
+    assert exit.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "compress: interrupted (SIGTERM); nothing half-written was left."
+
+
 def test_an_unreachable_hub_fails_fast_in_one_sentence(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
