@@ -68,15 +68,15 @@ def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path |
         raise CompressorError(f"output path {out_dir} exists and is not a folder.")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise CompressorError(f"output folder {out_dir} already exists; pass --overwrite to replace it.")
     foreign = foreign_entries(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CompressorError(
-            f"--overwrite only replaces folders that compressor wrote, and {out_dir} holds {shown}, which it did not "
-            "write; choose another --out."
+            f"output folder {out_dir} holds {shown}, which compressor did not write, and --overwrite only replaces "
+            "folders that compressor wrote; choose another --out."
         )
+    if not overwrite:
+        raise CompressorError(f"output folder {out_dir} already exists; pass --overwrite to replace it.")
 
 
 def foreign_entries(folder: Path) -> list[str]:

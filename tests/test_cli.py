@@ -287,12 +287,14 @@ def test_budget_that_cannot_be_met(fixture_model_path, tmp_path, stats_dir):
     assert listing(tmp_path) == set()
 
 
-def test_existing_output_folder_needs_overwrite(fixture_model_path, tmp_path, stats_dir, no_model_load):
+def test_an_output_folder_holding_a_user_file_is_refused_without_suggesting_overwrite(
+        fixture_model_path, tmp_path, stats_dir, no_model_load):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", out, "--no-verify")
-    assert_user_error(result, "already exists", "--overwrite")
+    message = assert_user_error(result, "keep.txt", "choose another --out")
+    assert "pass --overwrite" not in message  # it would be refused too
     assert listing(tmp_path) == {"out", "out/keep.txt"}
     assert (out / "keep.txt").read_text() == "precious"
 

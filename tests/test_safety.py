@@ -66,6 +66,7 @@ def test_overwrite_replaces_an_earlier_output_and_then_refuses_foreign_additions
     out = tmp_path / "pruned"
     assert invoke("prune", FIXTURE, "--out", out, *FAST).exit_code == 0
     assert (out / MARKER).is_file() and (out / "compression.json").is_file()
+    assert_user_error(invoke("prune", FIXTURE, "--out", out, *FAST), "already exists", "pass --overwrite")
     again = invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST, "--state-reduction", "0.2")
     assert again.exit_code == 0, again.output
     assert '"state_reduction": 0.2' in (out / "compression.json").read_text()
