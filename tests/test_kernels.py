@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from tiny_models import tiny_model
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
-from compressor.modeling.packed_heads import heads_as_sequences, normalised, sequence_index
+from compressor.modeling.packed_heads import heads_as_batch, heads_as_sequences, normalised, sequence_index
 from compressor.state_capture import STATES_DOT_PRECISION, states_dot_precision
 
 
@@ -90,6 +94,59 @@ def test_heads_packed_as_sequences_give_the_same_outputs_and_states(inputs, leng
     assert (final - expected_final).abs().max() < 1e-6
 
 
+def test_heads_as_batch_entries_give_the_same_decode_step(inputs):
+    """The decode step's packing (every head a batch entry of one head): outputs and states land where they came
+    from, for inputs as the mixers hand them over (q head-major, v a slice of a wider tensor)."""
+    q, k, v, g, beta = (x[:, :1] for x in inputs)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    v = torch.cat([v, torch.zeros_like(v)], dim=-1)[..., :8]  # strided, as a split of the fused projection
+    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(3))
+
+    def batched_kernel(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm_in_kernel):
+        assert q.shape == (6, 1, 1, 16) and g.shape == (6, 1, 1) and initial_state.shape == (6, 1, 16, 8)
+        return recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state,
+                                                output_final_state=output_final_state,
+                                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+    out, final = heads_as_batch(batched_kernel, dict(q=q, k=k, v=v, g=g, beta=beta), initial_state=initial,
+                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    expected_out, expected_final = recurrent_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert out.shape == expected_out.shape and final.shape == expected_final.shape
+    assert (out - expected_out).abs().max() < 1e-6
+    assert (final - expected_final).abs().max() < 1e-6
+
+
+DECODE_STEP_THROUGH_FLA = """
+import torch
+from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
+from compressor.modeling.packed_heads import heads_as_batch, heads_as_sequences
+
+generator = torch.Generator().manual_seed(0)
+q, k = (torch.randn(3, 5, 1, 16, generator=generator).transpose(1, 2) for _ in range(2))  # head-major
+v = torch.randn(3, 1, 5, 24, generator=generator)[..., :8]  # a slice of a wider tensor
+g, beta = -torch.rand(3, 1, 5, generator=generator), torch.rand(3, 1, 5, generator=generator)
+options = dict(initial_state=torch.randn(3, 5, 16, 8, generator=generator), output_final_state=True,
+               use_qk_l2norm_in_kernel=True)
+expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)
+for pack in (heads_as_batch, heads_as_sequences):
+    got = pack(fused_recurrent_gated_delta_rule, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
+    for name, a, b in zip(("output", "state"), got, expected):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (pack.__name__, name, (a - b).abs().max())
+print("ok")
+"""
+
+
+def test_the_decode_step_through_flas_own_kernel_equals_the_reference():
+    """The CUDA decode step's call of fla's kernel (heads as batch entries; heads as sequences beside it), run on
+    the CPU by Triton's interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
+    pytest.importorskip("fla.ops.gated_delta_rule")
+    result = subprocess.run([sys.executable, "-c", DECODE_STEP_THROUGH_FLA], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("count, length", [(6, 150), (40, 2048), (3, 1)])
 def test_chunk_indices_are_the_ones_fla_derives(count, length):
     """The chunk indices handed to fla equal what fla would compute (with a read of the GPU) from the starts."""
@@ -165,6 +222,7 @@ def test_gated_norm_on_cuda_equals_the_stock_module(rows):
     norm = Qwen3NextRMSNormGated(128, eps=1e-6).cuda()
     torch.nn.init.normal_(norm.weight)
     x, gate = torch.randn(2, rows, 128, device="cuda").unbind()
+    x = x * 1e-3  # rms² ≈ 1e-6, as large as eps: another eps would show
     with torch.no_grad():
         fused = gated_deltanet.gated_rms_norm(norm, x, gate)
         expected = norm(x, gate)
@@ -173,3 +231,5 @@ def test_gated_norm_on_cuda_equals_the_stock_module(rows):
     with torch.no_grad():  # bfloat16: the stock forward rounds before the weight, fla at the end
         half = gated_deltanet.gated_rms_norm(norm.bfloat16(), x.bfloat16(), gate.bfloat16())
     torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(gated_deltanet.gated_rms_norm(norm, x.bfloat16(), gate.bfloat16()),
+                       norm(x.bfloat16(), gate.bfloat16()))  # with autograd on: the stock forward

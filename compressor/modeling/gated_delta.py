@@ -20,7 +20,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .packed_heads import heads_as_sequences, normalised
+from .packed_heads import heads_as_batch, heads_as_sequences, normalised
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -130,8 +130,8 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a sequence,
-    see ``packed_heads.py``), PyTorch otherwise.
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a sequence, or for
+    one decode token a batch entry: see ``packed_heads.py``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
@@ -140,7 +140,7 @@ def gated_delta_rule(
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
         if single_step:
-            return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
+            return heads_as_batch(_fla_recurrent, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
         per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g, beta=beta)
         return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})

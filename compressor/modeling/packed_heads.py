@@ -12,7 +12,9 @@ path normalises them here instead (``normalised``).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
-contiguous, as the mixers produce them) pack without a copy.
+contiguous, as the mixers produce them) pack without a copy. A single decode token needs no sequence boundaries
+where the kernel takes the batch size as an ordinary argument: ``heads_as_batch`` hands such a kernel B·H one-head
+batch entries instead, which spares every step the varlen bookkeeping.
 """
 
 from __future__ import annotations
@@ -75,5 +77,21 @@ def heads_as_sequences(
     index = sequence_index(batch * heads, length, per_head["v"].device)
     out, final = kernel(**{name: pack(x) for name, x in per_head.items()}, initial_state=initial_state,
                         cu_seqlens=index["cu_seqlens"], **{name: index[name] for name in also}, **options)
+    out = out.view(batch, heads, length, out.shape[-1]).transpose(1, 2)
+    return out, None if final is None else final.view(batch, heads, *final.shape[2:])
+
+
+def heads_as_batch(
+    kernel: Callable, per_head: dict[str, torch.Tensor], initial_state: torch.Tensor | None = None, **options
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``kernel(**per_head as [B·H, T, 1, ·] or [B·H, T, 1], initial_state=…, **options)``: every head a batch entry
+    with one head, for kernels that do not take the batch size as a compile-time constant (fla's gated delta rule
+    step). Arguments and returns as ``heads_as_sequences`` (without ``also``); meant for T = 1, where the reshapes of
+    head-major inputs are views."""
+    batch, length, heads = per_head["v"].shape[:3]
+    if initial_state is not None:
+        initial_state = initial_state.reshape(batch * heads, 1, *initial_state.shape[2:])
+    out, final = kernel(**{name: x.transpose(1, 2).reshape(batch * heads, length, 1, *x.shape[3:])
+                           for name, x in per_head.items()}, initial_state=initial_state, **options)
     out = out.view(batch, heads, length, out.shape[-1]).transpose(1, 2)
     return out, None if final is None else final.view(batch, heads, *final.shape[2:])
