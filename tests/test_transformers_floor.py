@@ -40,9 +40,10 @@ def floor() -> str:
 
 
 def transformers_at(version: str, folder: Path) -> Path:
-    """transformers ``version`` alone (no dependencies: the installed ones serve), in ``folder``."""
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
-                           f"transformers=={version}"], capture_output=True, text=True, timeout=300)
+    """transformers ``version`` alone (no dependencies: the installed ones serve), in ``folder``; without compiling
+    its thousands of modules to bytecode, which took most of the install's time (the checks import a few)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                           str(folder), f"transformers=={version}"], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         pytest.skip(f"transformers {version} could not be installed here (no package index?): {done.stderr[-300:]}")
     return folder
