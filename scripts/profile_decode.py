@@ -80,11 +80,11 @@ def variants(batch: int) -> dict:
         return cache
 
     caches = {"stock": primed(stock), "shipped": primed(shipped)}
-    heads, k_dim, v_dim = 32, 128, 128
+    heads, k_dim, v_dim = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
     rows = torch.randn(batch * heads, v_dim, device="cuda", dtype=torch.bfloat16)
     gate = torch.randn_like(rows)
     q = torch.randn(batch, 1, heads, k_dim, device="cuda", dtype=torch.bfloat16)
-    q_grouped = torch.randn(batch, 1, heads // 2, k_dim, device="cuda", dtype=torch.bfloat16)
+    q_grouped = torch.randn(batch, 1, config.linear_num_key_heads, k_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(batch, 1, heads, v_dim, device="cuda", dtype=torch.bfloat16)
     g = -torch.rand(batch, 1, heads, device="cuda")
     beta = torch.rand(batch, 1, heads, device="cuda", dtype=torch.bfloat16)
@@ -101,7 +101,7 @@ def variants(batch: int) -> dict:
 
     qkvz = stock.in_proj_qkvz(hidden)
     ba = stock.in_proj_ba(hidden)
-    raw_gate = ba[..., :32].contiguous()
+    raw_gate = ba[..., :heads].contiguous()
     return {
         "stock forward": lambda: stock(hidden, cache=caches["stock"]),
         "shipped forward": lambda: shipped(hidden, cache=caches["shipped"]),
@@ -127,7 +127,7 @@ def variants(batch: int) -> dict:
         "projections: shipped": lambda: shipped.project(hidden),
         "queries and keys: shipped gather": lambda: shipped.queries_and_keys(
             qkvz[..., : 2 * shipped.key_dim], hidden.device),
-        "gates": lambda: -stock.A_log.float().exp() * F.softplus(ba[..., :32].float() + stock.dt_bias),
+        "gates": lambda: -stock.A_log.float().exp() * F.softplus(ba[..., :heads].float() + stock.dt_bias),
     }, (stock, shipped, hidden, caches)
 
 
