@@ -1,7 +1,7 @@
 """Where a decode step of Gated DeltaNet models spends its time, on a GPU: the stock transformers code against the
 shipped forward, layer by layer and piece by piece, then whole models.
 
-    python scripts/profile_decode.py --out results.json [--phases layer,model] [--batches 1,64] [--calls 300]
+    python scripts/profile_decode.py --out results.json [--phases layer,model,kernels] [--batches 1,64] [--calls 300]
 
 Phase ``layer``: one bf16 Qwen3-Next layer of the benchmark's shape (hidden 2048, 16 key x 32 value heads of 128) with random
 weights, its cache primed by a 16-token prefill. Each variant runs ``--calls`` single-token steps back to back and
@@ -14,8 +14,13 @@ Phase ``model``: the benchmark's 2.2B model (random bf16 weights, built on the G
 stock class, the same weights with every Gated DeltaNet layer under the shipped forward, and a model with about 39 %
 of its value heads removed unevenly (``per_layer_config``, the shipped class), with fla's fused norm and without.
 Decode step wall time = (generate(1 + S) - generate(1)) / S, in turns, medians; then the Python functions with the
-most own time in S steps of the stock and the shipped forward (cProfile). Figures are printed as measured and
-written to ``--out`` with the versions.
+most own time in S steps of the stock and the shipped forward (cProfile).
+
+Phase ``kernels``: the stock 2.2B model and the pruned one, each decoding with its cache by direct forward calls
+(no ``generate``) after a 64-token prefill: wall and GPU time per step (CUDA events), in turns, medians; then the
+GPU kernels of 10 steps of each (torch.profiler), device time per step grouped by kernel name, so that the GPU time
+of the two models can be compared kernel by kernel. Figures are printed as measured and written to ``--out`` with
+the versions.
 """
 
 from __future__ import annotations
@@ -218,18 +223,13 @@ def model_phase(batches: list[int], rounds: int, steps: int, results: dict, save
     """Decode step wall times of the stock class, the shipped forward on the same weights, and a pruned model."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_inference import source_config
-    from transformers import Qwen3NextForCausalLM
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
     from compressor.modeling import gated_deltanet
-    from compressor.modeling.modeling_qwen3_next import PrunedQwen3NextForCausalLM, PrunedQwen3NextGatedDeltaNet
+    from compressor.modeling.modeling_qwen3_next import PrunedQwen3NextGatedDeltaNet
 
-    config = source_config(small=False)
-    torch.manual_seed(0)
     start = time.perf_counter()
-    with torch.device("cuda"):
-        stock = Qwen3NextForCausalLM(config).to(torch.bfloat16).eval()
-        pruned = PrunedQwen3NextForCausalLM(pruned_config(config)).to(torch.bfloat16).eval()
+    stock, pruned = build_models(source_config(small=False))
     print(f"model: built both models in {time.perf_counter() - start:.0f} s", flush=True)
     mixers = [layer.linear_attn for layer in stock.model.layers if hasattr(layer, "linear_attn")]
     for mixer in mixers:
@@ -277,6 +277,77 @@ def model_phase(batches: list[int], rounds: int, steps: int, results: dict, save
         save()
 
 
+def build_models(config):
+    """The stock 2.2B model and the pruned one (``pruned_config``), random bf16 weights, built on the GPU."""
+    from transformers import Qwen3NextForCausalLM
+
+    from compressor.modeling.modeling_qwen3_next import PrunedQwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        stock = Qwen3NextForCausalLM(config).to(torch.bfloat16).eval()
+        pruned = PrunedQwen3NextForCausalLM(pruned_config(config)).to(torch.bfloat16).eval()
+    return stock, pruned
+
+
+def cached_decoder(model, batch: int):
+    """A function running one cached decode step of ``model`` at ``batch`` (a 64-token prefill first)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 8192, (batch, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    token = model(ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+
+    def step():
+        nonlocal token
+        token = model(token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+    return step
+
+
+def gpu_kernels(step, steps: int = 10, top: int = 30) -> tuple[float, list]:
+    """(GPU kernel ms per step, [(kernel, µs per step, launches per step)] for the ``top`` kernels) over ``steps``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return total, [(e.key[:90], round(e.self_device_time_total / steps, 1), e.count / steps) for e in events[:top]]
+
+
+def kernels_phase(batches: list[int], rounds: int, calls: int, results: dict, save) -> None:
+    """Wall and GPU ms per cached decode step of the stock and the pruned model, then their kernels."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_inference import source_config
+
+    start = time.perf_counter()
+    models = dict(zip(("stock class", "pruned (39 % of value heads, uneven)"), build_models(source_config(small=False))))
+    print(f"kernels: built both models in {time.perf_counter() - start:.0f} s", flush=True)
+    figures = results.setdefault("kernels", {})
+    for batch in batches:
+        steps = {name: cached_decoder(model, batch) for name, model in models.items()}
+        values = {name: [] for name in steps}
+        for turn in range(rounds):
+            for name in list(steps) if turn % 2 == 0 else list(steps)[::-1]:
+                values[name].append(per_call(steps[name], calls))
+        for name, pairs in values.items():
+            walls, gpus = sorted(w for w, _ in pairs), sorted(g for _, g in pairs)
+            wall, gpu = walls[len(walls) // 2], gpus[len(gpus) // 2]
+            total, rows = gpu_kernels(steps[name])
+            figures[f"batch {batch}, {name}"] = {"wall_ms": round(wall, 3), "gpu_ms": round(gpu, 3),
+                                                  "kernel_ms": round(total, 3), "kernels": rows}
+            print(f"kernels, batch {batch}: {name}: wall {wall:.3f} ms, GPU {gpu:.3f} ms per step; kernels "
+                  f"{total:.3f} ms in {sum(r[2] for r in rows):.0f}+ launches; top:", flush=True)
+            for row in rows[:15]:
+                print("   ", row, flush=True)
+        del steps
+        torch.cuda.empty_cache()
+        save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -310,6 +381,9 @@ def main() -> None:
     if "model" in phases:
         with torch.no_grad():
             model_phase(batches, args.rounds, args.steps, results, save)
+    if "kernels" in phases:
+        with torch.inference_mode():
+            kernels_phase(batches, args.rounds, args.steps, results, save)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def test_heads_as_batch_entries_give_the_same_decode_step(inputs):
 DECODE_STEP_THROUGH_FLA = """
 import torch
 from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+from compressor.modeling.fla_decode_step import step_in_place
 from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
 from compressor.modeling.packed_heads import heads_as_batch, heads_as_sequences
 
@@ -134,13 +135,19 @@ for pack in (heads_as_batch, heads_as_sequences):
     got = pack(fused_recurrent_gated_delta_rule, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
     for name, a, b in zip(("output", "state"), got, expected):
         assert a.shape == b.shape and (a - b).abs().max() < 1e-5, (pack.__name__, name, (a - b).abs().max())
+state = options["initial_state"].clone()
+got = heads_as_batch(step_in_place, dict(q=q, k=k, v=v, g=g, beta=beta), **{**options, "initial_state": state})
+for name, a, b in zip(("output", "state"), got, expected):
+    assert a.shape == b.shape and (a - b).abs().max() < 1e-5, ("in place", name, (a - b).abs().max())
+assert got[1].data_ptr() == state.data_ptr() and torch.equal(state, got[1])  # the new state over the old one
 print("ok")
 """
 
 
 def test_the_decode_step_through_flas_own_kernel_equals_the_reference():
-    """The CUDA decode step's call of fla's kernel (heads as batch entries; heads as sequences beside it), run on
-    the CPU by Triton's interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
+    """The CUDA decode step's calls of fla's kernel (heads as batch entries, through fla's public function and
+    launched with the state written over itself; heads as sequences beside them), run on the CPU by Triton's
+    interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.gated_delta_rule")
     result = subprocess.run([sys.executable, "-c", DECODE_STEP_THROUGH_FLA], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -233,3 +240,45 @@ def test_gated_norm_on_cuda_equals_the_stock_module(rows):
     torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
     assert torch.equal(gated_deltanet.gated_rms_norm(norm, x.bfloat16(), gate.bfloat16()),
                        norm(x.bfloat16(), gate.bfloat16()))  # with autograd on: the stock forward
+
+
+def test_the_in_place_decode_step_is_taken_only_with_the_kernel_it_was_written_for(monkeypatch):
+    """A different fla kernel signature, or a state the kernel cannot update in place, sends the decode step to
+    fla's public function."""
+    fused_recurrent = pytest.importorskip("fla.ops.gated_delta_rule.fused_recurrent")
+    from compressor.modeling import fla_decode_step
+
+    fla_decode_step.kernel.cache_clear()
+    assert fla_decode_step.kernel() is fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel
+    state = torch.zeros(4, 1, 8, 8)
+    assert not fla_decode_step.can_step_in_place(state)  # a CPU tensor
+    original = fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel
+    renamed = type("Kernel", (), {"arg_names": [*original.arg_names[:-1], "ALLOW_NEGATIVE_EIGENVALUES"]})()
+    monkeypatch.setattr(fused_recurrent, "fused_recurrent_gated_delta_rule_fwd_kernel", renamed)
+    fla_decode_step.kernel.cache_clear()
+    try:
+        assert fla_decode_step.kernel() is None
+    finally:
+        monkeypatch.undo()
+        fla_decode_step.kernel.cache_clear()
+    assert fla_decode_step.kernel() is original
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode step runs on CUDA tensors")
+def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_reference(inputs):
+    """gated_delta_rule's CUDA decode step: the reference's output and state, the state written over the cache's
+    tensor outside autograd, and a new state with autograd on."""
+    pytest.importorskip("fla")
+    from compressor.modeling.gated_delta import gated_delta_rule
+
+    q, k, v, g, beta = (x[:, :1].cuda() for x in inputs)
+    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(4)).cuda()
+    expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True)
+    for grad in (False, True):
+        state = initial.clone()
+        with torch.set_grad_enabled(grad):
+            got = gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert (got[1].data_ptr() == state.data_ptr()) != grad

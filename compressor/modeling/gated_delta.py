@@ -20,6 +20,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .fla_decode_step import can_step_in_place, step_in_place
 from .packed_heads import heads_as_batch, heads_as_sequences, normalised
 
 
@@ -133,14 +134,17 @@ def gated_delta_rule(
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a sequence, or for
     one decode token a batch entry: see ``packed_heads.py``), PyTorch otherwise.
 
-    A single token with an initial state takes the recurrent step; longer inputs the chunked form.
+    A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
+    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
+    see ``fla_decode_step.py``) and returns that tensor, which a cache's copy into itself then skips.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
         if single_step:
-            return heads_as_batch(_fla_recurrent, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
+            step = step_in_place if output_final_state and can_step_in_place(initial_state) else _fla_recurrent
+            return heads_as_batch(step, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
         per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g, beta=beta)
         return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})
