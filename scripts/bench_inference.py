@@ -184,7 +184,8 @@ def measure_cold(folder: Path, cache: Path) -> dict:
 
 
 POINTS = ("prefill", "steps", *(str(batch) for batch in DECODE_BATCHES))
-"""What the warm phase can measure: prefill times, one decode step's launches, decoding at each batch size."""
+"""What the warm phase measures by default: prefill times, one decode step's launches, decoding at each batch size
+(``--points`` takes other batch sizes too)."""
 
 
 def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, points: tuple[str, ...] = POINTS
@@ -207,7 +208,7 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
         if stock and loaded.startswith("compressor"):
             sys.exit(f"{folder} loaded as {loaded}, not its stock class: compressor.register() ran in this process")
     names = list(runners)
-    batches = [batch for batch in DECODE_BATCHES if str(batch) in points]
+    batches = [int(point) for point in points if point.isdigit()]
     for runner in runners.values():  # compile and autotune every shape before timing
         runner.prefill(runner.tokens(4, 2048))
         for batch in batches or [1]:
@@ -323,7 +324,7 @@ def expected_decode_ratios(folders: list[Path]) -> dict:
         state_float32 = state_bytes(structure) * 4 // structure.save_dtype.itemsize
         sizes[folder.name] = (2 * parameter_count(structure.model), 2 * state_float32)
     weights, state = sizes[folders[0].name]
-    return {name: {f"b{batch}": (w + batch * s) / (weights + batch * state) for batch in DECODE_BATCHES}
+    return {name: {f"b{batch}": (w + batch * s) / (weights + batch * state) for batch in (*DECODE_BATCHES, 1024)}
             for name, (w, s) in list(sizes.items())[1:]}
 
 
@@ -347,15 +348,15 @@ def main() -> None:
                         help="cold: first calls, a fresh process per folder; warm: every folder in one process")
     parser.add_argument("--rounds", type=int, default=3, help="turns of the warm measurements (median)")
     parser.add_argument("--points", default=",".join(POINTS),
-                        help=f"warm phase: which of {','.join(POINTS)} to measure (a 10-minute device call holds "
-                             "about two decode batch sizes for three 2.2B models)")
+                        help="warm phase: what to measure: prefill, steps, decode batch sizes (a 10-minute device "
+                             "call holds about two decode batch sizes for three 2.2B models)")
     parser.add_argument("--resume", type=Path, help="with --build: figures of an earlier run (not measured again)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--expected-ratios", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if set(args.points.split(",")) - set(POINTS):
-        parser.error(f"--points takes some of {','.join(POINTS)}, got {args.points}")
+    if any(point not in POINTS[:2] and not (point.isdigit() and int(point) > 0) for point in args.points.split(",")):
+        parser.error(f"--points takes prefill, steps and decode batch sizes, got {args.points}")
     if args.expected_ratios:
         print(json.dumps(expected_decode_ratios(args.folders)))
         return
