@@ -9,9 +9,11 @@ click's convention); 130 interrupted by Ctrl-C, 143 by SIGTERM (nothing half-wri
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import fields
 from functools import wraps
@@ -412,9 +414,27 @@ _received: list[int] = []
 """The signals received so far (an import interrupted half-way can turn ``Interrupted`` into another error)."""
 
 
+RESEND_SECONDS = 0.05
+"""How soon a signal that arrived during an import is delivered again."""
+
+
 def _interrupt(signum, frame):
+    """Raise ``Interrupted``; during an import, deliver the signal again shortly instead: an import can run Python
+    code called from C++ (torch's extensions), and an exception raised there aborts the whole process."""
+    if _inside_import(frame):
+        threading.Timer(RESEND_SECONDS, os.kill, (os.getpid(), signum)).start()
+        return
     _received.append(signum)
     raise Interrupted(signum)
+
+
+def _inside_import(frame) -> bool:
+    """Whether ``frame`` or one of its callers runs Python's import machinery."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def run() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -224,6 +226,26 @@ def test_an_interrupt_that_a_library_turned_into_another_error_is_still_one_line
         cli.run()
     assert exit.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == "compress: interrupted (SIGTERM); nothing half-written was left."
+
+
+def test_a_signal_during_an_import_is_delivered_again_after_it(monkeypatch, tmp_path):
+    """Raising inside an import can cross C++ frames and abort the process (torch's pybind11 extensions), so the
+    handler sends the signal again instead, and raises once outside the import."""
+    from compressor import cli
+
+    resent = []
+    monkeypatch.setattr(cli.threading, "Timer", lambda delay, kill, args: SimpleNamespace(
+        start=lambda: resent.append((delay, kill, args))))
+    monkeypatch.setattr(cli, "_received", [])
+    (tmp_path / "module_being_imported.py").write_text(
+        "import signal, sys\nfrom compressor import cli\ncli._interrupt(signal.SIGTERM, sys._getframe())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("module_being_imported")  # the handler returned inside the import
+
+    assert resent == [(cli.RESEND_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))] and cli._received == []
+    with pytest.raises(cli.Interrupted):
+        cli._interrupt(signal.SIGTERM, sys._getframe())
+    assert cli._received == [signal.SIGTERM]
 
 
 def test_an_unreachable_hub_fails_fast_in_one_sentence(tmp_path, monkeypatch):
