@@ -230,6 +230,7 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
         ids = {name: runner.tokens(batch, length) for name, runner in runners.items()}
         for name, values in in_turns(lambda n, r: timed(lambda: r.prefill(ids[n]), repeat=3)).items():
             results[name][key] = median(values)
+            results[name][f"{key}_rounds"] = values
         save()
         log(f"  prefill {batch}x{length}: " + ", ".join(f"{n} {results[n][key] * 1e3:.1f} ms" for n in names))
     for batch in batches:
@@ -247,11 +248,12 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
 
         for name, values in in_turns(decode).items():
             results[name][key] = median([rate for rate, _ in values])
+            results[name][f"{key}_rounds"] = [rate for rate, _ in values]
             results[name][f"decode_b{batch}_extra_peak_gib"] = max(peak for _, peak in values)
         save()
         log(f"  decode batch {batch}: " + ", ".join(
-            f"{n} {results[n][key]:.1f} tok/s (extra peak {results[n][f'decode_b{batch}_extra_peak_gib']:.2f} GiB)"
-            for n in names))
+            f"{n} {results[n][key]:.1f} tok/s (rounds {', '.join(f'{r:.1f}' for r in results[n][f'{key}_rounds'])}; "
+            f"extra peak {results[n][f'decode_b{batch}_extra_peak_gib']:.2f} GiB)" for n in names))
     for batch in (1, 64) if "steps" in points else ():
         for name, runner in runners.items():
             results[name][f"decode_step_b{batch}"] = decode_step(runner, batch)
