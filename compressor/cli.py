@@ -218,12 +218,13 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_ma
 @user_errors
 def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **options):
     """Remove linear-attention heads and write a smaller checkpoint (MODEL: folder or Hub id)."""
-    from .pipeline import prune as run_prune
-
     evaluation = EvalSettings(eval_path, eval_samples, eval_seq_len)
     evaluation.check("--eval-")  # also when --eval is not given: a bad value is a mistake either way
     settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
                              **options)
+    settings.check(out_dir)  # before the pipeline's imports (fla, every family's modeling code): a quick refusal
+    from .pipeline import prune as run_prune
+
     command = command_line(click.get_current_context())
     if heal_tokens is not None:
         return prune_and_heal(model, out_dir, settings, evaluation, heal_tokens, command)

@@ -4,11 +4,12 @@ channels) to keep."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .families import Family, HeadLayout
-from .modeling.gated_deltanet import canonical_value_to_key
+if TYPE_CHECKING:  # the families import every family's modeling code (and fla): not needed to check options
+    from .families import Family, HeadLayout
 
 
 @dataclass
@@ -39,6 +40,8 @@ def linear_layers(model: nn.Module, family: Family) -> dict[int, nn.Module]:
 
 
 def head_layout(mixer: nn.Module) -> HeadLayout:
+    from .families import HeadLayout
+
     return HeadLayout(
         num_key_heads=mixer.num_k_heads,
         num_value_heads=mixer.num_v_heads,
@@ -51,6 +54,8 @@ def head_layout(mixer: nn.Module) -> HeadLayout:
 def pruned_layout(source: HeadLayout, kept_values: list[int], key_dim: int | None = None) -> HeadLayout:
     """The layout after keeping ``kept_values`` (and ``key_dim`` channels per key head, None: all): key heads
     survive when one of their value heads does."""
+    from .families import HeadLayout
+
     kept_keys = sorted({source.value_to_key[j] for j in kept_values})
     return HeadLayout(
         num_key_heads=len(kept_keys),
@@ -63,6 +68,8 @@ def pruned_layout(source: HeadLayout, kept_values: list[int], key_dim: int | Non
 
 def explicit_value_to_key(layout: HeadLayout) -> list[int] | None:
     """The head map to write in the config, or None when the stock grouping (j // r) describes it."""
+    from .modeling.gated_deltanet import canonical_value_to_key
+
     canonical = canonical_value_to_key(layout.num_value_heads, layout.num_key_heads)
     even = layout.num_value_heads % layout.num_key_heads == 0
     return None if even and list(layout.value_to_key) == canonical else list(layout.value_to_key)

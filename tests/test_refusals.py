@@ -3,6 +3,8 @@ weight is loaded or anything written."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from click.testing import CliRunner
 from fla.models import HGRN2Config, RetNetConfig, RWKV7Config
@@ -75,3 +77,14 @@ def test_a_folder_without_a_tokenizer_is_refused_in_one_sentence(tmp_path):
     assert result.exit_code == 1, result.output
     assert "has no usable tokenizer" in result.output.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_bad_prune_options_are_refused_before_the_pipeline_is_imported(monkeypatch, tmp_path):
+    """Option checks come before the pipeline's imports (fla and every family's modeling code): a mistake is
+    refused in a second or two, not after ten."""
+    from conftest import assert_user_error, invoke
+
+    monkeypatch.setitem(sys.modules, "compressor.pipeline", None)  # importing it now raises ImportError
+    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--state-reduction", "1.5")
+    assert_user_error(result, "--state-reduction", "1.5")
+    assert not (tmp_path / "out").exists()
