@@ -17,8 +17,9 @@ side by side, not across processes or machines): prefill of 1 x 8192 and 4 x 204
 128 new tokens after a 512-token prompt at batch 1, 16, 64 and 256 (decode rate: the 127 tokens after the first,
 from generate(128) - generate(1); the median of the rounds, every round, and the best) with the peak memory each
 adds, then the kernel launches, GPU time and wall time of one decode step. Each model's class is recorded; a folder
-without ``auto_map`` (the source, a stock layout) must load with its stock class. The decode time ratio expected from the bytes each step moves is written beside. Figures are
-printed as measured and written to ``--out`` with the versions.
+without ``auto_map`` (the source, a stock layout) must load with its stock class. The decode time ratio expected
+from the bytes each step moves is written beside. Figures are printed as measured and written to ``--out`` with the
+versions.
 """
 
 from __future__ import annotations
