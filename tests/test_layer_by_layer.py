@@ -13,7 +13,7 @@ import torch
 from conftest import EVAL_TEXT, FIXTURE, assert_user_error, invoke
 from safetensors.torch import load_file
 from tiny_hybrids import saved_tiny_hybrid
-from synthetic import RSS, synthetic_source
+from synthetic import MEASURING_ENV, RSS, synthetic_source
 from tiny_models import tiny_model
 
 from compressor.calibration import collect_state_statistics
@@ -153,7 +153,7 @@ def test_layer_by_layer_calibration_holds_one_layer_in_memory(tmp_path):
 
     source = synthetic_source(tmp_path / "source")
     measured = subprocess.run([sys.executable, "-c", MEASURE, str(source)], capture_output=True, text=True,
-                              check=True)
+                              check=True, env=MEASURING_ENV)
     rss = json.loads(measured.stdout.strip().splitlines()[-1])
     assert rss["layers"] == [0, 1, 2, 4, 5, 6]
     assert rss["peak"] - rss["before"] <= 2 * rss["largest"] + 2**26, rss

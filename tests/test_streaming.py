@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FIXTURE, assert_user_error, invoke
 from safetensors.torch import load_file
-from synthetic import RSS, synthetic_source
+from synthetic import MEASURING_ENV, RSS, synthetic_source
 from tiny_hybrids import saved_tiny_hybrid, tiny_hybrid
 from tiny_models import PLANS, tiny_model
 
@@ -152,7 +152,7 @@ def test_the_streaming_export_holds_about_one_shard_in_memory(tmp_path):
     out.mkdir()
     kept = {i: list(range(0, 16, 2)) for i in range(8) if (i + 1) % 4}
     measured = subprocess.run([sys.executable, "-c", MEASURE, str(source), str(out), json.dumps(kept)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env=MEASURING_ENV)
     rss = json.loads(measured.stdout.strip().splitlines()[-1])
     largest = max(p.stat().st_size for p in out.glob("model*.safetensors"))
     assert len(list(out.glob("model-*.safetensors"))) > 8
