@@ -9,11 +9,11 @@ click's convention); 130 interrupted by Ctrl-C, 143 by SIGTERM (nothing half-wri
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import fields
 from functools import wraps
@@ -418,15 +418,35 @@ _received: list[int] = []
 RESEND_SECONDS = 0.05
 """How soon a signal that arrived during an import is delivered again."""
 
+DEFER_SECONDS = 5.0
+"""How long signals are deferred while imports run (one that hangs must not make the command unstoppable)."""
+
+_deferral = {"since": None, "armed": False}
+"""When the first deferred signal came (monotonic seconds), and whether its next delivery is pending."""
+
 
 def _interrupt(signum, frame):
-    """Raise ``Interrupted``; during an import, deliver the signal again shortly instead: an import can run Python
-    code called from C++ (torch's extensions), and an exception raised there aborts the whole process."""
-    if _inside_import(frame):
-        threading.Timer(RESEND_SECONDS, os.kill, (os.getpid(), signum)).start()
+    """Raise ``Interrupted``. During an import, deliver the signal again shortly instead (an import can run Python
+    code called from C++, torch's extensions, and an exception raised there aborts the whole process), unless a
+    delivery is already pending (the user repeated the signal) or imports have deferred signals for
+    ``DEFER_SECONDS``."""
+    now = time.monotonic()
+    since = _deferral["since"] if _deferral["since"] is not None else now
+    if _inside_import(frame) and not _deferral["armed"] and now - since < DEFER_SECONDS:
+        _deferral.update(since=since, armed=True)
+        timer = threading.Timer(RESEND_SECONDS, _deliver_again, (signum,))
+        timer.daemon = True  # a command that ends meanwhile has finished its work: nothing to interrupt
+        timer.start()
         return
     _received.append(signum)
     raise Interrupted(signum)
+
+
+def _deliver_again(signum: int) -> None:
+    """Send ``signum`` to the main thread: it stays pending while the main thread blocks it (``_signals_held`` around
+    the last renames of an output folder)."""
+    _deferral["armed"] = False
+    signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def _inside_import(frame) -> bool:
@@ -441,8 +461,9 @@ def _inside_import(frame) -> bool:
 def run() -> None:
     """The ``compress`` executable: :func:`main` with Ctrl-C and SIGTERM turned into one line and exit status
     128 + the signal's number, after every ``with`` block on the way out has cleaned up."""
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored by the parent (a background job): left so
+            signal.signal(signum, _interrupt)
     # fla warns on import when Triton has no GPU; compressor keeps CPU tensors away from Triton anyway.
     warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     try:

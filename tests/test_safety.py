@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -228,24 +229,45 @@ def test_an_interrupt_that_a_library_turned_into_another_error_is_still_one_line
     assert capsys.readouterr().err.strip() == "compress: interrupted (SIGTERM); nothing half-written was left."
 
 
+def interrupt_inside_an_import(cli, tmp_path, name: str) -> None:
+    """Call ``cli._interrupt(SIGTERM, frame)`` from the top level of a module being imported."""
+    (tmp_path / f"{name}.py").write_text(
+        "import signal, sys\nfrom compressor import cli\ncli._interrupt(signal.SIGTERM, sys._getframe())\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
 def test_a_signal_during_an_import_is_delivered_again_after_it(monkeypatch, tmp_path):
     """Raising inside an import can cross C++ frames and abort the process (torch's pybind11 extensions), so the
-    handler sends the signal again instead, and raises once outside the import."""
+    handler has the signal delivered again to the main thread, and raises once outside the import; a signal
+    repeated while a delivery is pending, or imports deferring signals for too long, raise at once."""
     from compressor import cli
 
-    resent = []
-    monkeypatch.setattr(cli.threading, "Timer", lambda delay, kill, args: SimpleNamespace(
-        start=lambda: resent.append((delay, kill, args))))
+    timers, sent = [], []
+    monkeypatch.setattr(cli.threading, "Timer", lambda delay, deliver, args: SimpleNamespace(
+        start=lambda: timers.append((delay, deliver, args))))
+    monkeypatch.setattr(cli.signal, "pthread_kill", lambda thread, signum: sent.append((thread, signum)))
     monkeypatch.setattr(cli, "_received", [])
-    (tmp_path / "module_being_imported.py").write_text(
-        "import signal, sys\nfrom compressor import cli\ncli._interrupt(signal.SIGTERM, sys._getframe())\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.import_module("module_being_imported")  # the handler returned inside the import
+    monkeypatch.setattr(cli, "_deferral", {"since": None, "armed": False})
 
-    assert resent == [(cli.RESEND_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))] and cli._received == []
-    with pytest.raises(cli.Interrupted):
+    interrupt_inside_an_import(cli, tmp_path, "first_import")  # the handler returned inside the import
+    assert timers == [(cli.RESEND_SECONDS, cli._deliver_again, (signal.SIGTERM,))] and cli._received == []
+    with pytest.raises(cli.Interrupted):  # the user repeated it before the delivery: at once
+        interrupt_inside_an_import(cli, tmp_path, "second_import")
+    timers[0][1](*timers[0][2])  # the delivery, to the main thread
+    assert sent == [(threading.main_thread().ident, signal.SIGTERM)] and not cli._deferral["armed"]
+    interrupt_inside_an_import(cli, tmp_path, "third_import")  # deferred again
+    assert len(timers) == 2
+    with pytest.raises(cli.Interrupted):  # outside any import
         cli._interrupt(signal.SIGTERM, sys._getframe())
-    assert cli._received == [signal.SIGTERM]
+    cli._deferral.update(since=time.monotonic() - cli.DEFER_SECONDS - 1, armed=False)
+    with pytest.raises(cli.Interrupted):  # imports deferred signals for too long: at once
+        interrupt_inside_an_import(cli, tmp_path, "fourth_import")
+    assert cli._received == [signal.SIGTERM] * 3 and len(timers) == 2
 
 
 def test_an_unreachable_hub_fails_fast_in_one_sentence(tmp_path, monkeypatch):
