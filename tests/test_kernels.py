@@ -125,10 +125,11 @@ from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
 from compressor.modeling.packed_heads import heads_as_batch, heads_as_sequences
 
 generator = torch.Generator().manual_seed(0)
-q, k = (torch.randn(3, 5, 1, 16, generator=generator).transpose(1, 2) for _ in range(2))  # head-major
-v = torch.randn(3, 1, 5, 24, generator=generator)[..., :8]  # a slice of a wider tensor
+# d_k 12 and d_v 20: the kernel pads the keys to 16 and splits the values into blocks of 8, the last one partial
+q, k = (torch.randn(3, 5, 1, 12, generator=generator).transpose(1, 2) for _ in range(2))  # head-major
+v = torch.randn(3, 1, 5, 48, generator=generator)[..., :20]  # a slice of a wider tensor
 g, beta = -torch.rand(3, 1, 5, generator=generator), torch.rand(3, 1, 5, generator=generator)
-options = dict(initial_state=torch.randn(3, 5, 16, 8, generator=generator), output_final_state=True,
+options = dict(initial_state=torch.randn(3, 5, 12, 20, generator=generator), output_final_state=True,
                use_qk_l2norm_in_kernel=True)
 expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)
 for pack in (heads_as_batch, heads_as_sequences):
@@ -139,7 +140,7 @@ state = options["initial_state"].clone()
 got = heads_as_batch(step_in_place, dict(q=q, k=k, v=v, g=g, beta=beta), **{**options, "initial_state": state})
 for name, a, b in zip(("output", "state"), got, expected):
     assert a.shape == b.shape and (a - b).abs().max() < 1e-5, ("in place", name, (a - b).abs().max())
-assert got[1].data_ptr() == state.data_ptr() and torch.equal(state, got[1])  # the new state over the old one
+assert got[1].data_ptr() == state.data_ptr() and (state - expected[1]).abs().max() < 1e-5  # over the old one
 print("ok")
 """
 
@@ -265,14 +266,17 @@ def test_the_in_place_decode_step_is_taken_only_with_the_kernel_it_was_written_f
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode step runs on CUDA tensors")
-def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_reference(inputs):
+def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_reference():
     """gated_delta_rule's CUDA decode step: the reference's output and state, the state written over the cache's
     tensor outside autograd, and a new state with autograd on."""
     pytest.importorskip("fla")
     from compressor.modeling.gated_delta import gated_delta_rule
 
-    q, k, v, g, beta = (x[:, :1].cuda() for x in inputs)
-    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(4)).cuda()
+    generator = torch.Generator().manual_seed(4)  # d_k 12 and d_v 20: padded keys, a partial block of values
+    q, k = (torch.randn(2, 1, 3, 12, generator=generator).cuda() for _ in range(2))
+    v = torch.randn(2, 1, 3, 20, generator=generator).cuda()
+    g, beta = (-0.3 * torch.rand(2, 1, 3, generator=generator)).cuda(), torch.rand(2, 1, 3, generator=generator).cuda()
+    initial = torch.randn(2, 3, 12, 20, generator=generator).cuda()
     expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial, output_final_state=True,
                                                 use_qk_l2norm_in_kernel=True)
     for grad in (False, True):
