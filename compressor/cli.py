@@ -22,6 +22,8 @@ from pathlib import Path
 import click
 
 from .errors import CompressorError
+from .model_source import local_folder_of, locate_model
+from .preflight import check_prune_inputs
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
                        PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
                        PruneSettings)
@@ -222,7 +224,8 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
     evaluation.check("--eval-")  # also when --eval is not given: a bad value is a mistake either way
     settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
                              **options)
-    settings.check(out_dir)  # before the pipeline's imports (fla, every family's modeling code): a quick refusal
+    check_prune_inputs(local_folder_of(model), out_dir, settings)  # before the pipeline's imports: quick refusals
+    locate_model(model)
     from .pipeline import prune as run_prune
 
     command = command_line(click.get_current_context())

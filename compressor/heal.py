@@ -711,14 +711,11 @@ class Outcome:
 def check_inputs(pruned_dir: Path, teacher: str, out_dir: Path, settings: HealSettings, overwrite: bool):
     """Every input checked before a weight loads; returns the pruned folder's record."""
     from .calibration import check_source
-    from .outputs import check_output_folder, check_writable, clear_stale_staging
+    from .outputs import check_output
 
     settings.check()
     record = read_pruned_record(pruned_dir)
-    teacher_path = Path(teacher).expanduser()
-    clear_stale_staging(out_dir)
-    check_output_folder(out_dir, overwrite, [pruned_dir, teacher_path if teacher_path.exists() else None])
-    check_writable(out_dir)
+    check_output(out_dir, overwrite, [pruned_dir, Path(teacher).expanduser()])
     check_source(settings.calib, settings.text_field)
     check_teacher(teacher, pruned_dir, record)
     return record

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from .errors import CompressorError
+from .model_source import locate_model
 from .families import Family, family_for
 from .families.fla_support import check_config as check_fla_config
 from .families.fla_support import require_fla
@@ -66,11 +64,6 @@ def checkpoint_dtype(config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
 def as_family_class(model: nn.Module, family: Family) -> nn.Module:
     """``model`` (a stock class of the family's architecture) rebuilt as ``family.model_class`` with the same
     weights; every parameter and buffer must match by name and shape."""
@@ -100,16 +93,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
     from . import register
 
     register()
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise CompressorError(f"{path} is not a model folder: it has no config.json.")
-        local_path = path
-    elif _looks_like_hub_id(name):
-        local_path = None
-        check_hub_reachable(name)
-    else:
-        raise CompressorError(f"model folder {name} does not exist (and is not a Hub id of the form owner/name).")
+    local_path = locate_model(name)
     try:
         require_fla(PretrainedConfig.get_config_dict(name)[0].get("model_type"))
         config = AutoConfig.from_pretrained(name)
@@ -178,31 +162,6 @@ def check_weights(folder: Path) -> None:
         except Exception as error:  # SafetensorError, OSError: a truncated, empty or foreign file
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CompressorError(f"the weights file {file} is damaged or not a safetensors file ({reason}).") from None
-
-
-def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
-    """Fail fast, in one sentence, when ``repo_id`` must come from a Hub that cannot be reached and is not cached
-    (huggingface_hub would otherwise retry for half a minute). With ``HF_HUB_OFFLINE=1`` only the cache is read."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    if constants.HF_HUB_OFFLINE:
-        if not cached:
-            raise CompressorError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                                  "download it on a connected machine or give a local folder.")
-        return
-    host = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
-    except OSError:
-        if not cached:
-            raise CompressorError(
-                f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached and {repo_id} is not in the local "
-                "cache; give a local model folder, or download it on a connected machine (then HF_HUB_OFFLINE=1 "
-                "reads the cache without trying the network)."
-            ) from None
-        os.environ["HF_HUB_OFFLINE"] = "1"  # the cached copy, without half a minute of retries
-        constants.HF_HUB_OFFLINE = True
 
 
 def load_structure(name: str) -> LoadedModel:

@@ -21,8 +21,11 @@ from .evaluation import eval_record, eval_windows, quality
 from .layerwise_checks import layer_by_layer_quality
 from .export import write_folder
 from .loading import LoadedModel, load_layer_by_layer, load_model, load_structure, resolve_device, resolve_dtype
-from .outputs import check_free_space, check_output_folder, check_writable, clear_stale_staging, staging_folder
+from . import outputs
+from .outputs import check_free_space, staging_folder
+from .model_source import local_folder_of
 from .placement import max_memory
+from .preflight import check_prune_inputs
 from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .sequential import memory_budget, weights_bytes
@@ -126,11 +129,8 @@ def calibrate(loaded: LoadedModel, calibration: CalibrationSettings, progress: b
 
 
 def check_output(out_dir: Path, overwrite: bool, model: str | LoadedModel) -> None:
-    """Everything about ``out_dir`` that can fail, checked before the model loads."""
-    source = model.local_path if isinstance(model, LoadedModel) else Path(model).expanduser()
-    clear_stale_staging(out_dir)
-    check_output_folder(out_dir, overwrite, [source if source is not None and source.exists() else None])
-    check_writable(out_dir)
+    """``outputs.check_output`` of ``out_dir``, which must not be ``model``'s folder."""
+    outputs.check_output(out_dir, overwrite, [local_folder(model)])
 
 
 def load(model: str, device: str, dtype: str, max_gpu_memory: str | None, max_cpu_memory: str | None,
@@ -173,10 +173,7 @@ def check_layer_by_layer(settings: PruneSettings) -> None:
 
 def local_folder(model: str | LoadedModel) -> Path | None:
     """The model's local folder, or None for a Hub id."""
-    if isinstance(model, LoadedModel):
-        return model.local_path
-    path = Path(model).expanduser()
-    return path if path.exists() else None
+    return model.local_path if isinstance(model, LoadedModel) else local_folder_of(model)
 
 
 def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneSettings | None = None, *,
@@ -186,12 +183,7 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     push it when ``settings.push_to_hub``. Returns the plan, the record and the pruned model (in memory)."""
     settings = settings or PruneSettings()
     out_dir = None if out_dir is None else Path(out_dir)
-    budget = settings.check(out_dir)
-    if out_dir is not None and not settings.dry_run:
-        check_output(out_dir, settings.overwrite, model)
-        if settings.export == "stream" and local_folder(model) is None:
-            raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
-                                  "folder; download the model first or use --export memory.")
+    budget = check_prune_inputs(local_folder(model), out_dir, settings)
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
     if saved_stats is None or settings.method == "loss":
         check_source(settings.calibration.calib, settings.calibration.text_field)

@@ -79,12 +79,19 @@ def test_a_folder_without_a_tokenizer_is_refused_in_one_sentence(tmp_path):
     assert not out.exists()
 
 
-def test_bad_prune_options_are_refused_before_the_pipeline_is_imported(monkeypatch, tmp_path):
-    """Option checks come before the pipeline's imports (fla and every family's modeling code): a mistake is
-    refused in a second or two, not after ten."""
+@pytest.mark.parametrize("mistake", ["bad value", "no such model", "foreign output folder"])
+def test_mistakes_are_refused_before_the_pipeline_is_imported(monkeypatch, tmp_path, mistake):
+    """Options, the model's location and the output folder are checked before the pipeline's imports (fla and every
+    family's modeling code): a mistake is refused in a second or two, not after ten."""
     from conftest import assert_user_error, invoke
 
     monkeypatch.setitem(sys.modules, "compressor.pipeline", None)  # importing it now raises ImportError
-    result = invoke("prune", FIXTURE, "--out", tmp_path / "out", "--state-reduction", "1.5")
-    assert_user_error(result, "--state-reduction", "1.5")
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    args, words = {
+        "bad value": ([FIXTURE, "--out", out, "--state-reduction", "1.5"], ["--state-reduction", "1.5"]),
+        "no such model": ([tmp_path / "missing", "--out", out], ["does not exist"]),
+        "foreign output folder": ([FIXTURE, "--out", tmp_path], ["did not write"]),
+    }[mistake]
+    (tmp_path / "keep.txt").write_text("mine")
+    assert_user_error(invoke("prune", *args), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
