@@ -13,7 +13,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 import warnings
 from dataclasses import fields
 from functools import wraps
@@ -421,22 +420,17 @@ _received: list[int] = []
 RESEND_SECONDS = 0.05
 """How soon a signal that arrived during an import is delivered again."""
 
-DEFER_SECONDS = 5.0
-"""How long signals are deferred while imports run (one that hangs must not make the command unstoppable)."""
-
-_deferral = {"since": None, "armed": False}
-"""When the first deferred signal came (monotonic seconds), and whether its next delivery is pending."""
+_deferral = {"armed": False}
+"""Whether the next delivery of a signal deferred by an import is pending."""
 
 
 def _interrupt(signum, frame):
     """Raise ``Interrupted``. During an import, deliver the signal again shortly instead (an import can run Python
-    code called from C++, torch's extensions, and an exception raised there aborts the whole process), unless a
-    delivery is already pending (the user repeated the signal) or imports have deferred signals for
-    ``DEFER_SECONDS``."""
-    now = time.monotonic()
-    since = _deferral["since"] if _deferral["since"] is not None else now
-    if _inside_import(frame) and not _deferral["armed"] and now - since < DEFER_SECONDS:
-        _deferral.update(since=since, armed=True)
+    code called from C++, torch's extensions, where an exception aborts the whole process, and libraries' bare
+    ``except:`` around imports can swallow it), unless a delivery is already pending: the user repeated the signal,
+    which raises at once (a way out of an import that hangs)."""
+    if _inside_import(frame) and not _deferral["armed"]:
+        _deferral["armed"] = True
         timer = threading.Timer(RESEND_SECONDS, _deliver_again, (signum,))
         timer.daemon = True  # a command that ends meanwhile has finished its work: nothing to interrupt
         timer.start()
