@@ -358,3 +358,16 @@ def test_an_output_in_folders_that_do_not_exist_yet_is_written(tmp_path):
     result = invoke("prune", FIXTURE, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     assert (out / "compression.json").is_file()
+
+
+def test_signals_the_parent_ignores_stay_ignored(monkeypatch):
+    """A background job of a script inherits SIGINT ignored: the handler is installed for SIGTERM only."""
+    from compressor import cli
+
+    installed = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN if signum == signal.SIGINT else None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
+    monkeypatch.setattr(cli, "main", lambda **_: 0)
+    with pytest.raises(SystemExit) as exit:
+        cli.run()
+    assert exit.value.code == 0 and installed == [(signal.SIGTERM, cli._interrupt)]
