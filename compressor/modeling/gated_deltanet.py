@@ -6,7 +6,8 @@ top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
 * CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
   ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states);
-* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``).
+* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``);
+* a decode step on CUDA replays a recorded CUDA graph of itself where it can (``decode_graph.py``).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
 """
@@ -24,6 +25,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from . import gated_delta
+from .decode_graph import DecodeGraph
+from .fla_decode_step import can_step_in_place
 from .gated_delta import gated_delta_rule
 
 try:  # fla is optional: without it, the gated norm runs the stock module's PyTorch forward.
@@ -118,6 +121,7 @@ class PrunableGatedDeltaNetMixin:
             )
         self.value_to_key = list(value_to_key)
         self._index_cache: dict[torch.device, torch.Tensor] = {}
+        self._decode_graph = DecodeGraph()
 
     @classmethod
     def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module:
@@ -155,6 +159,10 @@ class PrunableGatedDeltaNetMixin:
         """beta [B, T, H_v] from the b projection: sigmoid(b) (families with negative eigenvalues override it)."""
         return b.sigmoid()
 
+    use_decode_graph: bool = True
+    """Whether decode steps on CUDA replay a recorded CUDA graph (``decode_graph.py``) where they can; set it to
+    False on a model's mixers to run every step eagerly."""
+
     def forward(
         self, hidden_states: torch.Tensor, cache=None, attention_mask=None, cache_params=None, **kwargs
     ) -> torch.Tensor:
@@ -162,16 +170,38 @@ class PrunableGatedDeltaNetMixin:
         cache = cache if cache is not None else cache_params
         if attention_mask is not None:
             hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-        batch, length, _ = hidden_states.shape
         conv_state = recurrent_state = None
         if cache is not None:
             conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
             recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+        stepping = hidden_states.shape[1] == 1 and conv_state is not None and not cache.is_recording_past(self.layer_idx)
+        if stepping and self.graphable(hidden_states, recurrent_state):
+            return self._decode_graph(self.mix, hidden_states, (conv_state, recurrent_state),
+                                      [*self.parameters(), *self.buffers()])
+        return self.mix(hidden_states, conv_state, recurrent_state, cache, stepping)
 
+    def graphable(self, hidden_states: torch.Tensor, recurrent_state: torch.Tensor) -> bool:
+        """Whether this decode step may come from a recorded graph: on CUDA with fla, outside autograd, compilation
+        and any other capture, the recurrent state updated in place, the stock recurrence, and weights that stay
+        put (no accelerate hooks, which move or swap them). The head indices a step reads are made once per
+        device; ``set_value_to_key`` drops the graph with them."""
+        return (self.use_decode_graph and hidden_states.is_cuda and gated_delta.HAS_FLA
+                and can_step_in_place(recurrent_state) and self.recurrence is gated_delta_rule
+                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+                and not any(hasattr(module, "_hf_hook") for module in self.modules()))
+
+    def mix(
+        self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,
+        recurrent_state: torch.Tensor | None = None, cache=None, stepping: bool = True,
+    ) -> torch.Tensor:
+        """hidden [B, T, D] -> [B, T, D] from the cache's states (None: none yet). ``stepping``: one token after a
+        cached conv_state [B, C, W], which is updated in place, as recurrent_state [B, H_v, d_k, d_v] is where
+        ``gated_delta_rule`` can; otherwise ``cache`` (if any) receives the new states."""
+        batch, length, _ = hidden_states.shape
         mixed_qkv, z, b, a = self.project(hidden_states)
         mixed_qkv = mixed_qkv.transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
-        if conv_state is not None and length == 1 and not cache.is_recording_past(self.layer_idx):
+        if stepping:
             mixed_qkv = causal_conv1d_step(mixed_qkv, conv_state, weight, self.conv1d.bias, self.activation)
         else:
             if cache is not None:
@@ -188,7 +218,8 @@ class PrunableGatedDeltaNetMixin:
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         out, final_state = self.recurrence(
-            query, key, value, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
+            query, key, value, g, beta, initial_state=recurrent_state,
+            output_final_state=cache is not None or recurrent_state is not None,
         )
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
