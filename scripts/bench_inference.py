@@ -189,8 +189,14 @@ POINTS = ("prefill", "steps", *(str(batch) for batch in DECODE_BATCHES))
 (``--points`` takes other batch sizes too)."""
 
 
-def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, points: tuple[str, ...] = POINTS
-                         ) -> None:
+def graph_counts(model) -> dict[str, int]:
+    """Decode graphs the shipped mixers of ``model`` recorded and replayed so far (zero for stock classes)."""
+    graphs = [module._decode_graph for module in model.modules() if hasattr(module, "_decode_graph")]
+    return {"captures": sum(g.captures for g in graphs), "replays": sum(g.replays for g in graphs)}
+
+
+def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, points: tuple[str, ...] = POINTS,
+                         eager_copy: bool = False) -> None:
     """Warm figures of every folder, all loaded in this process and measured in turns (the order reversed every
     round), each the median of ``rounds``: prefill times, decode rates and the peak memory each decode adds, then
     the kernel launches, GPU time and wall time of one decode step (batch 1 and 64) (``points``: which of
@@ -199,6 +205,11 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
     import torch
 
     runners = {}
+    if eager_copy:
+        runners[f"{folders[-1].name}-eager"] = Runner(folders[-1])
+        for module in runners[f"{folders[-1].name}-eager"].model.modules():
+            if hasattr(module, "use_decode_graph"):
+                module.use_decode_graph = False
     for folder in folders:
         runners[folder.name] = runner = Runner(folder)
         loaded = f"{type(runner.model).__module__}.{type(runner.model).__name__}"
@@ -208,7 +219,9 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
         stock = "auto_map" not in json.loads((folder / "config.json").read_text())
         if stock and loaded.startswith("compressor"):
             sys.exit(f"{folder} loaded as {loaded}, not its stock class: compressor.register() ran in this process")
-    names = list(runners)
+    names = [folder.name for folder in folders] + [name for name in runners if name.endswith("-eager")]
+    for name in names:
+        results.setdefault(name, {})
     batches = [int(point) for point in points if point.isdigit()]
     for runner in runners.values():  # compile and autotune every shape before timing
         runner.prefill(runner.tokens(4, 2048))
@@ -248,6 +261,7 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
             return batch * (NEW_TOKENS - 1) / (full - one), (torch.cuda.max_memory_allocated() - base) / 2**30
 
         for name, values in in_turns(decode).items():
+            results[name][f"decode_b{batch}_graphs_so_far"] = graph_counts(runners[name].model)
             results[name][key] = median([rate for rate, _ in values])
             results[name][f"{key}_rounds"] = [rate for rate, _ in values]
             # the host's interruptions only ever add time: the best round is the least disturbed one
@@ -355,6 +369,8 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(POINTS),
                         help="warm phase: what to measure: prefill, steps, decode batch sizes (a 10-minute device "
                              "call holds about two decode batch sizes for three 2.2B models)")
+    parser.add_argument("--eager-copy", action="store_true",
+                        help="warm phase: also the last folder with its decode graphs off")
     parser.add_argument("--resume", type=Path, help="with --build: figures of an earlier run (not measured again)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--expected-ratios", action="store_true", help=argparse.SUPPRESS)
@@ -402,12 +418,12 @@ def main() -> None:
                 if (work / f"triton-{folder.name}").is_dir():
                     shutil.copytree(work / f"triton-{folder.name}", os.environ["TRITON_CACHE_DIR"], dirs_exist_ok=True)
         measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save,
-                             tuple(args.points.split(",")))
+                             tuple(args.points.split(",")), args.eager_copy)
     for part in ("cold", "warm"):
         figures = results.get(part, {})
         if names[0] not in figures:
             continue
-        for name in names[1:]:
+        for name in [name for name in figures if name != names[0]]:
             ratios = {key: figures[name][key] / figures[names[0]][key] for key in figures.get(name, {})
                       if key.endswith(("_s", "_gib")) and figures[names[0]].get(key)}
             ratios.update({key.replace("_tok_s", "_time"): figures[names[0]][key] / figures[name][key]
