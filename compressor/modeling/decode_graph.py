@@ -10,9 +10,9 @@ where they are in memory, and ``DecodeGraph`` keys it on their addresses and sha
 
 The first step with a new key runs eagerly (a new cache: its kernels compile and autotune there, outside any
 capture); the next step with the same key records the graph, and every later one replays it. A record goes into the
-memory pool of the last graph recorded on its device while that graph lives (a pool whose graphs are all gone cannot
-take new ones), so the layers of a model share one pool: a graph's temporaries are dead once its output has been
-copied out, which ``DecodeGraph`` does after every replay, so graphs may replay in any order.
+memory pool of the last graph recorded for the same device and stream while that graph lives (a pool whose graphs
+are all gone cannot take new ones), so the layers of a model share one pool: a graph's temporaries are dead once its
+output has been copied out, which ``DecodeGraph`` does after every replay, so graphs may replay in any order.
 
 Shapes: hidden [B, 1, D] -> [B, 1, D]; the states as the layer's cache keeps them.
 """
@@ -27,18 +27,31 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-LAST_RECORDED: dict[torch.device, weakref.ref] = {}
-"""Device -> the graph recorded last on it (a weak reference)."""
+CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+"""Device -> the side stream every decode graph on it is recorded on (the caching allocator hands a block freed by
+one capture to the next only on the same stream, so one stream lets the graphs share their temporaries)."""
+
+LAST_RECORDED: dict[tuple[torch.device, int], weakref.ref] = {}
+"""(device, the stream a graph was recorded for) -> the graph recorded last for them (a weak reference)."""
 
 
-def shared_pool(device: torch.device) -> tuple | None:
-    """The memory pool of the last graph recorded on ``device`` if that graph lives, else None (a new pool)."""
-    graph = LAST_RECORDED[device]() if device in LAST_RECORDED else None
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in CAPTURE_STREAMS:
+        CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return CAPTURE_STREAMS[device]
+
+
+def shared_pool(place: tuple[torch.device, int]) -> tuple | None:
+    """The memory pool of the last graph recorded for ``place`` (device, stream) if that graph lives, else None
+    (a new pool). Graphs replayed on one stream run one after another, so they may share temporaries; graphs of
+    another stream get a pool of their own."""
+    graph = LAST_RECORDED[place]() if place in LAST_RECORDED else None
     return None if graph is None else graph.pool()
 
 
 class DecodeGraph:
-    """One layer's recorded decode step, for the cache and weights it last saw."""
+    """One layer's recorded decode step, for the cache and weights it last saw. Not for two ``generate`` calls on
+    one model at the same time. Copies and pickles of it start empty (a CUDA graph cannot be copied)."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -49,15 +62,19 @@ class DecodeGraph:
         self.captures = 0
         self.replays = 0
 
+    def __reduce__(self):
+        return type(self), ()
+
     def __call__(
         self, step: Callable[..., torch.Tensor], hidden: torch.Tensor, states: Sequence[torch.Tensor],
         parameters: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """``step(hidden, *states)``, eagerly the first time a key is seen, from a graph after that. ``states``:
-        the tensors the step updates in place; ``parameters``: every tensor it reads besides (the layer's)."""
+        """``step(hidden, *states)`` for hidden [B, 1, D] -> [B, 1, D]: eagerly the first time a key is seen, from a
+        graph after that. ``states``: the tensors the step updates in place (the cache's); ``parameters``: every
+        other tensor it reads (the layer's weights and buffers)."""
         key = (hidden.shape, hidden.dtype, hidden.device, torch.is_inference_mode_enabled(),
-               *((state.data_ptr(), state.shape, state.dtype) for state in states),
-               *(parameter.data_ptr() for parameter in parameters))
+               *((state.data_ptr(), state.shape, state.stride(), state.dtype) for state in states),
+               *((parameter.data_ptr(), parameter.shape, parameter.dtype) for parameter in parameters))
         if key != self.key or self.failed:
             self.key, self.graph, self.input, self.output = key, None, None, None
             return step(hidden, *states)
@@ -70,27 +87,29 @@ class DecodeGraph:
         return self.output.clone()
 
     def capture(self, step: Callable[..., torch.Tensor], hidden: torch.Tensor, states: Sequence[torch.Tensor]) -> bool:
-        """Record ``step`` on a side stream (nothing runs: the states are untouched). On failure, warn once and
-        keep this layer eager; returns whether it recorded."""
+        """Record ``step`` (hidden [B, 1, D], states) on the device's capture stream; nothing runs, the states are
+        untouched. On failure, warn and keep this layer eager; returns whether it recorded."""
         self.input = hidden.clone()
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(hidden.device)
-        side = torch.cuda.Stream(hidden.device)
+        place = (hidden.device, current.cuda_stream)
+        side = capture_stream(hidden.device)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin(pool=shared_pool(hidden.device), capture_error_mode="thread_local")
+                graph.capture_begin(pool=shared_pool(place), capture_error_mode="thread_local")
                 try:
                     self.output = step(self.input, *states)
                 finally:
                     graph.capture_end()
         except Exception as error:  # an operation a graph cannot hold: this layer stays eager
-            logger.warning("decode steps of this layer run eagerly: recording a CUDA graph failed (%s)", error)
+            cause = error.__context__ or error  # capture_end's own error hides the step's
+            logger.warning("decode steps of this layer run eagerly: recording a CUDA graph failed (%s)", cause)
             self.failed, self.input, self.output = True, None, None
             return False
         finally:
             current.wait_stream(side)
         self.graph = graph
-        LAST_RECORDED[hidden.device] = weakref.ref(graph)
+        LAST_RECORDED[place] = weakref.ref(graph)
         self.captures += 1
         return True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -176,23 +177,30 @@ class PrunableGatedDeltaNetMixin:
             recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
         stepping = hidden_states.shape[1] == 1 and conv_state is not None and not cache.is_recording_past(self.layer_idx)
         if stepping and self.graphable(hidden_states, recurrent_state):
-            return self._decode_graph(self.mix, hidden_states, (conv_state, recurrent_state),
+            return self._decode_graph(partial(self.mix, stepping=True), hidden_states, (conv_state, recurrent_state),
                                       [*self.parameters(), *self.buffers()])
         return self.mix(hidden_states, conv_state, recurrent_state, cache, stepping)
 
     def graphable(self, hidden_states: torch.Tensor, recurrent_state: torch.Tensor) -> bool:
-        """Whether this decode step may come from a recorded graph: on CUDA with fla, outside autograd, compilation
-        and any other capture, the recurrent state updated in place, the stock recurrence, and weights that stay
-        put (no accelerate hooks, which move or swap them). The head indices a step reads are made once per
-        device; ``set_value_to_key`` drops the graph with them."""
+        """Whether this decode step may come from a recorded graph: on CUDA with fla, outside autograd, autocast
+        (whose cached casts die with it), compilation and any other capture, the recurrent state updated in place,
+        the stock recurrence, and submodules whose forward a replay would not run: none with hooks (accelerate's
+        move or swap weights, others would stop firing) and no peft adapter layers (their switches are Python
+        flags). The head indices a step reads are made once per device; ``set_value_to_key`` drops the graph
+        with them."""
         return (self.use_decode_graph and hidden_states.is_cuda and gated_delta.HAS_FLA
                 and can_step_in_place(recurrent_state) and self.recurrence is gated_delta_rule
-                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-                and not any(hasattr(module, "_hf_hook") for module in self.modules()))
+                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing() and self.submodules_replayable())
+
+    def submodules_replayable(self) -> bool:
+        """Whether a replay runs what this layer's submodules would: none has hooks or is a peft adapter layer."""
+        return not any(hasattr(module, "_hf_hook") or module._forward_hooks or module._forward_pre_hooks
+                       or hasattr(module, "base_layer") for module in self.modules() if module is not self)
 
     def mix(
         self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,
-        recurrent_state: torch.Tensor | None = None, cache=None, stepping: bool = True,
+        recurrent_state: torch.Tensor | None = None, cache=None, stepping: bool = False,
     ) -> torch.Tensor:
         """hidden [B, T, D] -> [B, T, D] from the cache's states (None: none yet). ``stepping``: one token after a
         cached conv_state [B, C, W], which is updated in place, as recurrent_state [B, H_v, d_k, d_v] is where
