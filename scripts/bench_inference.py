@@ -18,8 +18,9 @@ side by side, not across processes or machines): prefill of 1 x 8192 and 4 x 204
 from generate(128) - generate(1); the median of the rounds, every round, and the best) with the peak memory each
 adds, then the kernel launches, GPU time and wall time of one decode step. Each model's class is recorded; a folder
 without ``auto_map`` (the source, a stock layout) must load with its stock class. The decode time ratio expected
-from the bytes each step moves is written beside. Figures are printed as measured and written to ``--out`` with the
-versions.
+from the bytes each step moves is written beside, and the decode graphs each shipped model recorded and replayed so
+far; ``--eager-copy`` adds the last folder with shipped code a second time, its decode graphs off (NAME-eager).
+Figures are printed as measured and written to ``--out`` with the versions.
 """
 
 from __future__ import annotations
@@ -205,11 +206,17 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
     import torch
 
     runners = {}
-    if eager_copy:
-        runners[f"{folders[-1].name}-eager"] = Runner(folders[-1])
-        for module in runners[f"{folders[-1].name}-eager"].model.modules():
-            if hasattr(module, "use_decode_graph"):
-                module.use_decode_graph = False
+    if eager_copy:  # the last folder with shipped code, a second time with its decode graphs off
+        shipped = [folder for folder in folders if "auto_map" in json.loads((folder / "config.json").read_text())]
+        if not shipped:
+            sys.exit("--eager-copy: no folder loads with compressor's shipped code")
+        runner = runners[f"{shipped[-1].name}-eager"] = Runner(shipped[-1])
+        mixers = [module for module in runner.model.modules() if hasattr(module, "use_decode_graph")]
+        if not mixers:
+            sys.exit(f"--eager-copy: {shipped[-1]}'s code has no decode graphs to turn off")
+        for module in mixers:
+            module.use_decode_graph = False
+        results.setdefault(f"{shipped[-1].name}-eager", {})["class"] = type(runner.model).__name__ + ", graphs off"
     for folder in folders:
         runners[folder.name] = runner = Runner(folder)
         loaded = f"{type(runner.model).__module__}.{type(runner.model).__name__}"
@@ -423,7 +430,7 @@ def main() -> None:
         figures = results.get(part, {})
         if names[0] not in figures:
             continue
-        for name in [name for name in figures if name != names[0]]:
+        for name in [name for name in figures if name != names[0] and (name in names or name.endswith("-eager"))]:
             ratios = {key: figures[name][key] / figures[names[0]][key] for key in figures.get(name, {})
                       if key.endswith(("_s", "_gib")) and figures[names[0]].get(key)}
             ratios.update({key.replace("_tok_s", "_time"): figures[names[0]][key] / figures[name][key]
