@@ -1,13 +1,24 @@
 """Shared paths and helpers of the tests; every path is relative to this file, not to the working directory."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker of `pytest -n N`, set up before torch and transformers load
+    # the cores shared out among the workers (and the processes their tests start), not each worker taking all
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    # transformers copies a folder's modeling code into this cache to import it: one cache per worker, no races
+    modules = tempfile.mkdtemp(prefix=f"compressor-tests-hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ.setdefault("HF_MODULES_CACHE", modules)
+    atexit.register(shutil.rmtree, modules, ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from click.testing import CliRunner, Result  # noqa: E402
