@@ -58,6 +58,7 @@ def render_card(
         "heads_total": sum(row["before"] for row in layers),
         "heads_removed": sum(row["before"] - row["after"] for row in layers),
         "ships_code": bool(record["per_layer_heads"] or uneven),
+        "decode_graphs": replays_decode_graphs(record["family"]),
         "eval": record.get("eval"),
         "eval_rows": _eval_rows(record.get("eval") or {}),
         "verify": record.get("verify"),
@@ -67,6 +68,16 @@ def render_card(
         "text_model_of": text_model_of,
     }
     return _redact(_template().render(context))
+
+
+def replays_decode_graphs(model_type: str) -> bool:
+    """Whether the shipped code of ``model_type`` replays its decode steps from CUDA graphs: its mixer runs the
+    Gated DeltaNet forward of ``compressor/modeling/gated_deltanet.py``."""
+    from .families import FAMILIES
+    from .modeling.gated_deltanet import PrunableGatedDeltaNetMixin
+
+    family = next((family for family in FAMILIES if model_type in family.model_types), None)
+    return family is not None and family.mixer_class.forward is PrunableGatedDeltaNetMixin.forward
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import importlib.util
 import re
 
 import pytest
 from conftest import EVAL_TEXT, FIXTURE
 from huggingface_hub import ModelCard
 
-from compressor.card import human_bytes, human_params, render_card
+from compressor.card import human_bytes, human_params, render_card, replays_decode_graphs
 from compressor.pipeline import prune
 from compressor.settings import CalibrationSettings, EvalSettings, PruneSettings
 
@@ -76,6 +77,14 @@ def test_body_tables_follow_the_record(record):
     assert f"maximum absolute difference {record.verify.max_abs_logit_diff:.3g}, **passed**." in lines
     assert 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)' in lines
     assert "vision tower" not in card  # only for the text model of a vision-language checkpoint
+
+
+def test_the_card_says_how_to_turn_decode_graphs_off_where_the_shipped_code_records_them(record):
+    assert "module.use_decode_graph = False" in render_card(record)  # Qwen3.5's shipped layers record them
+    assert replays_decode_graphs("qwen3_next") and replays_decode_graphs("olmo_hybrid")
+    assert not replays_decode_graphs("kimi_linear") and not replays_decode_graphs("unknown")
+    if importlib.util.find_spec("fla") is not None:  # fla's layers have forwards of their own
+        assert not any(map(replays_decode_graphs, ("gated_deltanet", "kda", "gla", "delta_net")))
 
 
 def test_a_local_source_without_eval_or_verification(record, tmp_path):
