@@ -153,3 +153,36 @@ def test_layers_with_hooked_or_adapted_submodules_are_not_replayed():
 
     inject_adapter_in_model(LoraConfig(target_modules=["in_proj_qkvz"], r=2), mixers[1])
     assert not mixers[1].submodules_replayable() and mixers[2].submodules_replayable()
+
+
+def test_a_decode_step_is_graphable_only_where_a_replay_would_compute_the_same(monkeypatch):
+    """Every condition of ``graphable`` rules a replay out on its own (checked on CPU: the device checks are stood
+    in for, the others are the real ones)."""
+    pytest.importorskip("fla")
+    from types import SimpleNamespace
+
+    from compressor.modeling import gated_deltanet
+
+    model, _ = pruned_model()
+    mixer = next(iter(linear_layers(model, family_for(model.config)).values()))
+    monkeypatch.setattr(gated_deltanet, "can_step_in_place", lambda state: state is not None)
+    capturing = {"now": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["now"])
+    on_gpu, state = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert mixer.graphable(on_gpu, state)
+    assert not mixer.graphable(SimpleNamespace(is_cuda=False), state)
+    assert not mixer.graphable(on_gpu, None)  # no state the step can update in place
+    capturing["now"] = True
+    assert not mixer.graphable(on_gpu, state)
+    capturing["now"] = False
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: device_type == "cuda")
+    assert not mixer.graphable(on_gpu, state)
+    monkeypatch.undo()
+    monkeypatch.setattr(gated_deltanet, "can_step_in_place", lambda state: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    mixer.recurrence = lambda *args, **kwargs: None  # calibration's swap
+    assert not mixer.graphable(on_gpu, state)
+    del mixer.recurrence
+    assert mixer.graphable(on_gpu, state)
+    mixer.use_decode_graph = False
+    assert not mixer.graphable(on_gpu, state)
