@@ -34,6 +34,7 @@ from .settings import KEY_METHODS, SCORE_METHODS, CalibrationSettings, PruneSett
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
 from .streaming import check_streamable
+from .tuned_kernels import recorded_fla_configs
 
 
 @dataclass
@@ -77,6 +78,7 @@ class PruneResult:
     """The Hub commit URL, after ``push_to_hub``."""
 
 
+@recorded_fla_configs()
 def analyze(
     model: str | LoadedModel,
     calibration: CalibrationSettings | None = None,
@@ -176,6 +178,7 @@ def local_folder(model: str | LoadedModel) -> Path | None:
     return model.local_path if isinstance(model, LoadedModel) else local_folder_of(model)
 
 
+@recorded_fla_configs()
 def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneSettings | None = None, *,
           command: str | None = None, progress: bool = True) -> PruneResult:
     """Remove linear-attention heads chosen by ``settings.method`` within its budget and write ``out_dir``

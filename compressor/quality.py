@@ -12,8 +12,10 @@ from .errors import CompressorError
 from .evaluation import eval_windows, quality
 from .loading import LoadedModel, load_model
 from .settings import DEVICE_MAPS, EvalSettings, choice
+from .tuned_kernels import recorded_fla_configs
 
 
+@recorded_fla_configs()
 def evaluate(
     model: str | LoadedModel,
     settings: EvalSettings | None = None,

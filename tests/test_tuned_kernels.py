@@ -1,0 +1,126 @@
+"""The fla launch configurations recorded on known GPUs: valid for fla's own reader, found by it inside
+``recorded_fla_configs`` (and only there), and in force while ``prune``, ``analyze`` and ``eval`` run."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+fla_cache = pytest.importorskip("fla.ops.utils.cache")
+
+from compressor import pipeline, quality, tuned_kernels  # noqa: E402
+from compressor.tuned_kernels import RECORDED, recorded_fla_configs  # noqa: E402
+
+H200 = RECORDED / "NVIDIA_H200"
+RECORDED_FILES = sorted(RECORDED.glob("*/*.json"))
+KERNEL_MODULES = ["fla.modules.norm.l2norm", "fla.ops.utils.cumsum", "fla.ops.common.chunk_delta_h",
+                  "fla.ops.common.chunk_o", "fla.ops.gated_delta_rule.chunk_fwd", "fla.ops.gated_delta_rule.wy_fast"]
+
+
+def fla_tuners() -> dict[str, object]:
+    """Kernel name -> fla's autotuner of that name (the modules the recorded kernels come from imported)."""
+    for name in KERNEL_MODULES:
+        importlib.import_module(name)
+    return {obj.kernel_name: obj for obj in gc.get_objects() if isinstance(obj, fla_cache.CachedAutotuner)}
+
+
+def test_configurations_are_recorded_for_the_h200():
+    assert {path.stem for path in H200.glob("*.json")} >= {"chunk_fwd_kernel_o", "recompute_w_u_fwd_kernel",
+                                                          "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"}
+
+
+@pytest.mark.parametrize("path", RECORDED_FILES, ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_each_recorded_file_is_read_by_fla_and_sets_only_what_the_kernel_tunes(path):
+    parsed = fla_cache.KernelConfigFile.from_file(path)
+    assert parsed is not None and parsed.kernel_name == path.stem and parsed.autotune_entries
+    tuner = fla_tuners()[path.stem]
+    tuned = set().union(*(config.kwargs for config in tuner.configs))
+    for digest, entry in parsed.autotune_entries.items():
+        assert fla_cache.AutotuneKey.key_hash(entry["autotune_key"]) == digest
+        assert len(entry["autotune_key"]) > len(tuner.keys)  # the kernel's key arguments, then tensor dtypes
+        assert set(entry["config"]["kwargs"]) <= tuned
+        assert entry["config"]["num_warps"] in (1, 2, 4, 8, 16, 32) and entry["config"]["num_stages"] >= 1
+
+
+def recorded_entry(kernel: str) -> dict:
+    return next(iter(json.loads((H200 / f"{kernel}.json").read_text())["autotune_entries"].values()))
+
+
+def test_fla_finds_the_recorded_configurations_inside_the_block_only(monkeypatch):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    entry = recorded_entry("chunk_fwd_kernel_o")
+    key = entry["autotune_key"]
+    other_sizes = [n * 2 if isinstance(n, int) and not isinstance(n, bool) else n for n in key]
+    other_dtype = [("torch.float16" if n == key[-1] else n) for n in key]
+    mode = fla_cache.FLA_CACHE_MODE
+    with recorded_fla_configs(H200) as used:
+        assert used and os.environ["FLA_CONFIG_DIR"] == str(H200)
+        lookup = lambda k: fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(tuple(k)))  # noqa: E731
+        assert lookup(key) == entry["config"]
+        assert lookup(other_sizes) == entry["config"]  # sizes differ: fla's fuzzy match
+        assert lookup(other_dtype) is None  # another dtype: fla autotunes
+    assert fla_cache.FLA_CACHE_MODE is mode and "FLA_CONFIG_DIR" not in os.environ
+    if mode is fla_cache.FlaCacheMode.DISABLED:  # fla's default: after the block, nothing is read again
+        assert fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(tuple(key))) is None
+
+
+def test_the_block_restores_fla_after_an_error(monkeypatch):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    mode = fla_cache.FLA_CACHE_MODE
+    with pytest.raises(KeyError), recorded_fla_configs(H200):
+        raise KeyError("inside")
+    assert fla_cache.FLA_CACHE_MODE is mode and "FLA_CONFIG_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("variable", ["FLA_CACHE_MODE", "FLA_CONFIG_DIR"])
+def test_a_users_fla_setting_stands(monkeypatch, variable):
+    monkeypatch.setenv(variable, "strict" if variable == "FLA_CACHE_MODE" else "/somewhere")
+    mode = fla_cache.FLA_CACHE_MODE
+    with recorded_fla_configs(H200) as used:
+        assert not used and fla_cache.FLA_CACHE_MODE is mode
+
+
+@pytest.mark.parametrize("gpu, expected", [("NVIDIA_H200", H200), ("Some_Other_GPU", None)])
+def test_the_folder_is_the_one_recorded_for_this_gpu(monkeypatch, gpu, expected):
+    monkeypatch.setattr(tuned_kernels.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fla_cache, "get_gpu_info", lambda: gpu)
+    assert tuned_kernels.recorded_folder() == expected
+
+
+def test_no_folder_without_cuda(monkeypatch):
+    monkeypatch.setattr(tuned_kernels.torch.cuda, "is_available", lambda: False)
+    assert tuned_kernels.recorded_folder() is None
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze", "evaluate"])
+def test_prune_analyze_and_eval_run_with_the_recorded_configurations(monkeypatch, command):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(tuned_kernels, "recorded_folder", lambda: H200)
+    seen = []
+
+    def first_step(*args, **kwargs):
+        seen.append((fla_cache.FLA_CACHE_MODE, os.environ.get("FLA_CONFIG_DIR")))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "check_prune_inputs", first_step)
+    monkeypatch.setattr(pipeline, "check_source", first_step)
+    monkeypatch.setattr(quality, "load_model", first_step)
+    fixture = str(Path("tests/fixtures/qwen35-tiny-6m"))
+    call = {"prune": lambda: pipeline.prune(fixture, None), "analyze": lambda: pipeline.analyze(fixture),
+            "evaluate": lambda: quality.evaluate(fixture)}[command]
+    with pytest.raises(Stop):
+        call()
+    assert seen == [(fla_cache.FlaCacheMode.FUZZY, str(H200))]
