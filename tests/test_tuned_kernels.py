@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -124,3 +125,29 @@ def test_prune_analyze_and_eval_run_with_the_recorded_configurations(monkeypatch
     with pytest.raises(Stop):
         call()
     assert seen == [(fla_cache.FlaCacheMode.FUZZY, str(H200))]
+
+
+def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLA_CACHE_MODE", "restored after the test")  # the script sets it when imported
+    spec = importlib.util.spec_from_file_location("record_fla_configs",
+                                                  Path(__file__).parents[1] / "scripts" / "record_fla_configs.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    monkeypatch.delenv("FLA_CACHE_MODE")
+    import triton
+
+    tuner = fla_tuners()["chunk_fwd_kernel_o"]
+    chosen = {"kwargs": {"BK": 32, "BV": 64}, "num_warps": 8, "num_stages": 2, "num_ctas": 1, "maxnreg": None}
+    keys = [tuple(entry["autotune_key"]) for entry in
+            json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values()]
+    for key in keys[:1]:
+        monkeypatch.setitem(tuner.cache, key, triton.Config(chosen["kwargs"], num_warps=8, num_stages=2))
+    recorder.write(recorder.chosen_configs(), tmp_path)
+    with recorded_fla_configs(tmp_path):
+        assert fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(keys[0])) == chosen
+    if len(keys) > 1:  # a second recording adds its keys and keeps the first's
+        monkeypatch.setitem(tuner.cache, keys[1], triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3))
+        del tuner.cache[keys[0]]
+        recorder.write(recorder.chosen_configs(), tmp_path)
+        entries = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"]
+        assert {fla_cache.AutotuneKey.key_hash(key) for key in keys[:2]} <= set(entries)
