@@ -1,17 +1,23 @@
 """Launch configurations of fla's kernels recorded on known GPUs, so that a first run on a machine whose Triton
-cache is empty compiles one configuration per kernel instead of autotuning every candidate.
+cache is empty compiles one configuration for each recorded kernel instead of autotuning every candidate.
 
 fla reads such configurations itself (``fla.ops.utils.cache``: ``FLA_CACHE_MODE``, ``FLA_CONFIG_DIR``, one
 ``{kernel}.json`` per kernel, entries keyed by Triton's autotuning key). ``compressor/data/fla_configs/{GPU}/``
-holds the configurations autotuning chose on that GPU (fla's sanitised device name, e.g. ``NVIDIA_H200``) during a
-``compress prune``, written by ``scripts/record_fla_configs.py``. On other GPUs, or where the user set either
-variable, fla autotunes as it always does.
+holds the configurations autotuning chose on that GPU (fla's sanitised name of CUDA device 0, e.g.
+``NVIDIA_H200``) during a ``compress prune``, written by ``scripts/record_fla_configs.py``; each file also names
+the fla version and the module of its kernel. A folder is used only under the fla version it was recorded with
+and only if every configuration in it is still one of its kernel's autotuning candidates (fla drops candidates
+that miscompile). Only kernels that fla autotunes through its config files can take one; the others autotune.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +26,12 @@ import torch
 RECORDED = Path(__file__).parent / "data" / "fla_configs"
 """One folder per GPU name, in fla's config-file format."""
 
+_switch = threading.Lock()
+
 
 def recorded_folder() -> Path | None:
-    """The recorded configurations for this process's CUDA GPU, or None (no CUDA, no fla, no folder for it)."""
+    """The recorded configurations for this process's CUDA GPU, or None (no CUDA, no fla, no folder for it, or one
+    that does not fit the installed fla: :func:`fits_installed_fla`)."""
     if not torch.cuda.is_available():
         return None
     try:
@@ -30,27 +39,65 @@ def recorded_folder() -> Path | None:
     except Exception:  # fla absent, or a version without config files
         return None
     folder = RECORDED / get_gpu_info()
-    return folder if folder.is_dir() else None
+    return folder if folder.is_dir() and fits_installed_fla(folder) else None
+
+
+@functools.lru_cache(maxsize=None)
+def fits_installed_fla(folder: Path) -> bool:
+    """Whether every file of ``folder`` was recorded under the installed fla version and names a kernel of fla's
+    config-file autotuner whose current candidates include each of its configurations."""
+    from importlib.metadata import version
+
+    from fla.ops.utils.cache import CachedAutotuner
+
+    installed = version("flash-linear-attention")
+    for path in sorted(folder.glob("*.json")):
+        content = json.loads(path.read_text())
+        tuner = getattr(importlib.import_module(content["module"]), content["kernel_name"], None)
+        while tuner is not None and not isinstance(tuner, CachedAutotuner):
+            tuner = getattr(tuner, "fn", None)
+        if content.get("fla_version") != installed or tuner is None:
+            return False
+        candidates = [candidate_of(config) for config in tuner.configs]
+        if any(candidate_of(entry["config"]) not in candidates for entry in content["autotune_entries"].values()):
+            return False
+    return True
+
+
+def candidate_of(config) -> tuple:
+    """A Triton ``Config`` or a recorded configuration (dict) as comparable values: the tuned arguments, warps,
+    stages and CTAs."""
+    if isinstance(config, dict):
+        return (sorted(config["kwargs"].items()), config["num_warps"], config["num_stages"], config["num_ctas"])
+    return (sorted(config.kwargs.items()), config.num_warps, config.num_stages, config.num_ctas)
 
 
 @contextlib.contextmanager
 def recorded_fla_configs(folder: Path | None = None) -> Iterator[bool]:
-    """Within the block (or the decorated call), fla's autotuned kernels take the configurations in ``folder``
+    """Within the block (or the decorated call), fla's config-file kernels take the configurations in ``folder``
     (default: :func:`recorded_folder`) for every call whose autotuning key matches a recorded one, numbers aside
-    (fla's ``fuzzy`` mode); other calls autotune. Yields whether configurations are in use. Does nothing where
-    ``FLA_CACHE_MODE`` or ``FLA_CONFIG_DIR`` is set: the user's choice stands. Configurations a kernel took in the
-    block stay with it for the rest of the process, as an autotuned one would."""
+    (fla's ``fuzzy`` mode); other calls autotune. Yields whether configurations are in use.
+
+    Does nothing where fla's mode is not its default (``disabled``) or ``FLA_CACHE_MODE`` or ``FLA_CONFIG_DIR``
+    is set: the user's choice, or an enclosing block, stands. The switch is made and undone under a lock; while a
+    block runs, fla calls of every thread read the recorded configurations. A configuration a kernel took in the
+    block stays with it for the rest of the process, as an autotuned one would."""
     folder = folder or recorded_folder()
-    if folder is None or "FLA_CACHE_MODE" in os.environ or "FLA_CONFIG_DIR" in os.environ:
+    if folder is None:
         yield False
         return
     from fla.ops.utils import cache
 
-    mode = cache.FLA_CACHE_MODE
-    cache.FLA_CACHE_MODE = cache.FlaCacheMode.FUZZY
-    os.environ["FLA_CONFIG_DIR"] = str(folder)
+    with _switch:
+        switched = (cache.FLA_CACHE_MODE is cache.FlaCacheMode.DISABLED
+                    and "FLA_CACHE_MODE" not in os.environ and "FLA_CONFIG_DIR" not in os.environ)
+        if switched:
+            cache.FLA_CACHE_MODE = cache.FlaCacheMode.FUZZY
+            os.environ["FLA_CONFIG_DIR"] = str(folder)
     try:
-        yield True
+        yield switched
     finally:
-        cache.FLA_CACHE_MODE = mode
-        os.environ.pop("FLA_CONFIG_DIR", None)
+        if switched:
+            with _switch:
+                cache.FLA_CACHE_MODE = cache.FlaCacheMode.DISABLED
+                os.environ.pop("FLA_CONFIG_DIR", None)

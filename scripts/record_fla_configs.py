@@ -5,32 +5,51 @@ files that ``compressor.tuned_kernels`` hands to fla on GPUs of the same name.
 
 Runs the ``compress`` command after ``--`` in this process with fla's config files off (every kernel autotunes),
 then writes one ``{kernel}.json`` per autotuned fla kernel into ``--out`` (default:
-``compressor/data/fla_configs/{GPU}``), merged with the entries already there. Run it with an empty Triton cache
+``compressor/data/fla_configs/{GPU}``), with its module and the fla and Triton versions, merged with the entries
+recorded there under the same fla version. Run it with an empty Triton cache
 (``TRITON_CACHE_DIR`` set to a new folder), so that every configuration is chosen on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-os.environ["FLA_CACHE_MODE"] = "disabled"  # before fla is imported: every kernel autotunes
+os.environ["FLA_CACHE_MODE"] = "disabled"  # before fla is imported: every kernel autotunes (and, the variable
+# being set, compressor.tuned_kernels leaves fla alone)
 
 
-def chosen_configs() -> dict[str, dict[str, dict]]:
-    """Kernel name -> fla config-file entries (keyed by the hash of Triton's autotuning key) of every fla autotuner
-    that chose a configuration in this process."""
-    from fla.ops.utils.cache import AutotuneKey, CachedAutotuner
+def fla_autotuners() -> Iterator[tuple[str, object]]:
+    """(module name, autotuner) of every fla kernel autotuned through fla's config files, in the fla modules this
+    process imported."""
+    from fla.ops.utils.cache import CachedAutotuner
 
-    kernels: dict[str, dict[str, dict]] = {}
-    for tuner in (obj for obj in gc.get_objects() if isinstance(obj, CachedAutotuner) and obj.cache):
-        entries = kernels.setdefault(tuner.kernel_name, {})
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "fla" or module is None:
+            continue
+        for value in list(vars(module).values()):
+            while value is not None and not isinstance(value, CachedAutotuner) and hasattr(value, "fn"):
+                value = value.fn
+            if isinstance(value, CachedAutotuner) and value.fn.__module__ == name:
+                yield name, value
+
+
+def chosen_configs() -> dict[str, dict]:
+    """Kernel name -> the content of its fla config file: its module, and one entry (keyed by the hash of Triton's
+    autotuning key) for every key whose configuration autotuning chose in this process."""
+    from fla.ops.utils.cache import AutotuneKey
+
+    kernels: dict[str, dict] = {}
+    for module, tuner in fla_autotuners():
+        if not tuner.cache:
+            continue
+        content = kernels.setdefault(tuner.kernel_name, {"module": module, "autotune_entries": {}})
         for key, config in tuner.cache.items():
-            entries[AutotuneKey.key_hash(key)] = {
+            content["autotune_entries"][AutotuneKey.key_hash(key)] = {
                 "autotune_key": AutotuneKey.normalize_autotune_key(key),
                 "config": {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
                            "num_stages": config.num_stages, "num_ctas": config.num_ctas, "maxnreg": config.maxnreg},
@@ -38,18 +57,24 @@ def chosen_configs() -> dict[str, dict[str, dict]]:
     return kernels
 
 
-def write(kernels: dict[str, dict[str, dict]], folder: Path) -> None:
-    """Merge ``kernels`` into ``folder``'s config files (new entries replace recorded ones of the same key)."""
+def write(kernels: dict[str, dict], folder: Path) -> None:
+    """Write ``kernels`` into ``folder``'s config files, keeping the entries already recorded under the same fla
+    version (a new entry replaces one of the same key) and dropping those of another."""
+    from importlib.metadata import version
+
     import triton
 
+    fla_version = version("flash-linear-attention")
     folder.mkdir(parents=True, exist_ok=True)
-    for name, entries in sorted(kernels.items()):
+    for name, content in sorted(kernels.items()):
         path = folder / f"{name}.json"
-        recorded = json.loads(path.read_text())["autotune_entries"] if path.exists() else {}
-        content = {"kernel_name": name, "triton_version": triton.__version__,
-                   "autotune_entries": {**recorded, **entries}}
-        path.write_text(json.dumps(content, indent=1) + "\n")
-        print(f"{path}: {len(entries)} configurations recorded", file=sys.stderr)
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        kept = recorded.get("autotune_entries", {}) if recorded.get("fla_version") == fla_version else {}
+        written = {"kernel_name": name, "module": content["module"], "fla_version": fla_version,
+                   "triton_version": triton.__version__,
+                   "autotune_entries": {**kept, **content["autotune_entries"]}}
+        path.write_text(json.dumps(written, indent=1) + "\n")
+        print(f"{path}: {len(content['autotune_entries'])} configurations recorded", file=sys.stderr)
 
 
 def main() -> None:

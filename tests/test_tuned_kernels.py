@@ -60,40 +60,92 @@ def test_fla_finds_the_recorded_configurations_inside_the_block_only(monkeypatch
     key = entry["autotune_key"]
     other_sizes = [n * 2 if isinstance(n, int) and not isinstance(n, bool) else n for n in key]
     other_dtype = [("torch.float16" if n == key[-1] else n) for n in key]
-    mode = fla_cache.FLA_CACHE_MODE
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.DISABLED)  # fla's default
     with recorded_fla_configs(H200) as used:
         assert used and os.environ["FLA_CONFIG_DIR"] == str(H200)
         lookup = lambda k: fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(tuple(k)))  # noqa: E731
         assert lookup(key) == entry["config"]
         assert lookup(other_sizes) == entry["config"]  # sizes differ: fla's fuzzy match
         assert lookup(other_dtype) is None  # another dtype: fla autotunes
-    assert fla_cache.FLA_CACHE_MODE is mode and "FLA_CONFIG_DIR" not in os.environ
-    if mode is fla_cache.FlaCacheMode.DISABLED:  # fla's default: after the block, nothing is read again
-        assert fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(tuple(key))) is None
+    assert fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.DISABLED and "FLA_CONFIG_DIR" not in os.environ
+    assert fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(tuple(key))) is None
 
 
 def test_the_block_restores_fla_after_an_error(monkeypatch):
     monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
     monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
-    mode = fla_cache.FLA_CACHE_MODE
-    with pytest.raises(KeyError), recorded_fla_configs(H200):
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.DISABLED)
+    with pytest.raises(KeyError), recorded_fla_configs(H200) as used:
+        assert used and fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.FUZZY
         raise KeyError("inside")
-    assert fla_cache.FLA_CACHE_MODE is mode and "FLA_CONFIG_DIR" not in os.environ
+    assert fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.DISABLED and "FLA_CONFIG_DIR" not in os.environ
 
 
 @pytest.mark.parametrize("variable", ["FLA_CACHE_MODE", "FLA_CONFIG_DIR"])
-def test_a_users_fla_setting_stands(monkeypatch, variable):
+def test_a_users_fla_variable_stands(monkeypatch, variable):
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.DISABLED)
     monkeypatch.setenv(variable, "strict" if variable == "FLA_CACHE_MODE" else "/somewhere")
-    mode = fla_cache.FLA_CACHE_MODE
     with recorded_fla_configs(H200) as used:
-        assert not used and fla_cache.FLA_CACHE_MODE is mode
+        assert not used and fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.DISABLED
 
 
-@pytest.mark.parametrize("gpu, expected", [("NVIDIA_H200", H200), ("Some_Other_GPU", None)])
-def test_the_folder_is_the_one_recorded_for_this_gpu(monkeypatch, gpu, expected):
+def test_a_mode_set_in_code_and_an_enclosing_block_stand(monkeypatch):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.STRICT)
+    with recorded_fla_configs(H200) as used:
+        assert not used and fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.STRICT
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.DISABLED)
+    with recorded_fla_configs(H200) as outer:
+        with recorded_fla_configs(H200) as inner:
+            assert outer and not inner
+        assert fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.FUZZY and os.environ["FLA_CONFIG_DIR"] == str(H200)
+    assert fla_cache.FLA_CACHE_MODE is fla_cache.FlaCacheMode.DISABLED and "FLA_CONFIG_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("gpu, fits, expected", [("NVIDIA_H200", True, H200), ("NVIDIA_H200", False, None),
+                                                 ("Some_Other_GPU", True, None)])
+def test_the_folder_is_the_one_recorded_for_this_gpu_if_it_fits_the_installed_fla(monkeypatch, gpu, fits, expected):
     monkeypatch.setattr(tuned_kernels.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fla_cache, "get_gpu_info", lambda: gpu)
+    monkeypatch.setattr(tuned_kernels, "fits_installed_fla", lambda folder: fits)
     assert tuned_kernels.recorded_folder() == expected
+
+
+def candidates_here(tmp_path: Path, change=None) -> Path:
+    """The H200 files with every configuration replaced by its kernel's first candidate on this machine (fla's
+    candidates depend on the hardware), then ``change(content)`` applied to each file's content."""
+    folder = tmp_path / f"recorded-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    tuners = fla_tuners()
+    for path in RECORDED_FILES:
+        if path.parent != H200:
+            continue
+        content = json.loads(path.read_text())
+        first = tuners[content["kernel_name"]].configs[0]
+        for entry in content["autotune_entries"].values():
+            entry["config"] = {"kwargs": dict(first.kwargs), "num_warps": first.num_warps,
+                               "num_stages": first.num_stages, "num_ctas": first.num_ctas, "maxnreg": None}
+        if change is not None:
+            change(content)
+        (folder / path.name).write_text(json.dumps(content))
+    return folder
+
+
+def test_recorded_configurations_are_used_only_as_candidates_of_the_installed_fla(tmp_path):
+    def other_version(content):
+        content["fla_version"] = "0.5.0"
+
+    def not_a_candidate(content):
+        for entry in content["autotune_entries"].values():
+            entry["config"]["num_warps"] = 64
+
+    def kernel_gone(content):
+        content["kernel_name"] = "a_kernel_fla_renamed"
+
+    assert tuned_kernels.fits_installed_fla(candidates_here(tmp_path))
+    for change in (other_version, not_a_candidate, kernel_gone):
+        assert not tuned_kernels.fits_installed_fla(candidates_here(tmp_path, change)), change.__name__
 
 
 def test_no_folder_without_cuda(monkeypatch):
@@ -134,20 +186,24 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     recorder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recorder)
     monkeypatch.delenv("FLA_CACHE_MODE")
+    monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", fla_cache.FlaCacheMode.DISABLED)
     import triton
 
     tuner = fla_tuners()["chunk_fwd_kernel_o"]
-    chosen = {"kwargs": {"BK": 32, "BV": 64}, "num_warps": 8, "num_stages": 2, "num_ctas": 1, "maxnreg": None}
-    keys = [tuple(entry["autotune_key"]) for entry in
-            json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values()]
-    for key in keys[:1]:
-        monkeypatch.setitem(tuner.cache, key, triton.Config(chosen["kwargs"], num_warps=8, num_stages=2))
+    first, second = tuner.configs[:2]
+    float32_key, bfloat16_key = [tuple(entry["autotune_key"]) for entry in
+                                 json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values()]
+    monkeypatch.setitem(tuner.cache, float32_key, first)
     recorder.write(recorder.chosen_configs(), tmp_path)
+    content = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())
+    assert content["module"] == "fla.ops.common.chunk_o" and tuned_kernels.fits_installed_fla(tmp_path)
     with recorded_fla_configs(tmp_path):
-        assert fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(keys[0])) == chosen
-    if len(keys) > 1:  # a second recording adds its keys and keeps the first's
-        monkeypatch.setitem(tuner.cache, keys[1], triton.Config({"BK": 64, "BV": 32}, num_warps=4, num_stages=3))
-        del tuner.cache[keys[0]]
-        recorder.write(recorder.chosen_configs(), tmp_path)
-        entries = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"]
-        assert {fla_cache.AutotuneKey.key_hash(key) for key in keys[:2]} <= set(entries)
+        read = fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(float32_key))
+    assert tuned_kernels.candidate_of(read) == tuned_kernels.candidate_of(first)
+
+    del tuner.cache[float32_key]  # a second recording adds its keys and keeps the first's
+    monkeypatch.setitem(tuner.cache, bfloat16_key, triton.Config(dict(second.kwargs), num_warps=second.num_warps,
+                                                                 num_stages=second.num_stages))
+    recorder.write(recorder.chosen_configs(), tmp_path)
+    entries = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"]
+    assert set(entries) == {fla_cache.AutotuneKey.key_hash(key) for key in (float32_key, bfloat16_key)}
