@@ -45,22 +45,26 @@ def recorded_folder() -> Path | None:
 @functools.lru_cache(maxsize=None)
 def fits_installed_fla(folder: Path) -> bool:
     """Whether every file of ``folder`` was recorded under the installed fla version and names a kernel of fla's
-    config-file autotuner whose current candidates include each of its configurations."""
+    config-file autotuner whose current candidates include each of its configurations (False for a file that
+    cannot be read as one)."""
     from importlib.metadata import version
 
     from fla.ops.utils.cache import CachedAutotuner
 
     installed = version("flash-linear-attention")
-    for path in sorted(folder.glob("*.json")):
-        content = json.loads(path.read_text())
-        tuner = getattr(importlib.import_module(content["module"]), content["kernel_name"], None)
-        while tuner is not None and not isinstance(tuner, CachedAutotuner):
-            tuner = getattr(tuner, "fn", None)
-        if content.get("fla_version") != installed or tuner is None:
-            return False
-        candidates = [candidate_of(config) for config in tuner.configs]
-        if any(candidate_of(entry["config"]) not in candidates for entry in content["autotune_entries"].values()):
-            return False
+    try:
+        for path in sorted(folder.glob("*.json")):
+            content = json.loads(path.read_text())
+            tuner = getattr(importlib.import_module(content["module"]), content["kernel_name"], None)
+            while tuner is not None and not isinstance(tuner, CachedAutotuner):
+                tuner = getattr(tuner, "fn", None)
+            if content.get("fla_version") != installed or tuner is None:
+                return False
+            candidates = [candidate_of(config) for config in tuner.configs]
+            if any(candidate_of(entry["config"]) not in candidates for entry in content["autotune_entries"].values()):
+                return False
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, ImportError):  # unreadable: autotune
+        return False
     return True
 
 

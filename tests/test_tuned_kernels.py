@@ -143,9 +143,22 @@ def test_recorded_configurations_are_used_only_as_candidates_of_the_installed_fl
     def kernel_gone(content):
         content["kernel_name"] = "a_kernel_fla_renamed"
 
+    def module_gone(content):
+        content["module"] = "fla.a_module_fla_removed"
+
+    def no_module_named(content):
+        del content["module"]
+
+    def config_cut(content):
+        for entry in content["autotune_entries"].values():
+            del entry["config"]["num_stages"]
+
     assert tuned_kernels.fits_installed_fla(candidates_here(tmp_path))
-    for change in (other_version, not_a_candidate, kernel_gone):
+    for change in (other_version, not_a_candidate, kernel_gone, module_gone, no_module_named, config_cut):
         assert not tuned_kernels.fits_installed_fla(candidates_here(tmp_path, change)), change.__name__
+    broken = candidates_here(tmp_path)
+    (broken / "l2norm_fwd_kernel.json").write_text("{ not json")
+    assert not tuned_kernels.fits_installed_fla(broken)
 
 
 def test_no_folder_without_cuda(monkeypatch):
