@@ -49,18 +49,14 @@ def fits_installed_fla(folder: Path) -> bool:
     cannot be read as one)."""
     from importlib.metadata import version
 
-    from fla.ops.utils.cache import CachedAutotuner
-
     installed = version("flash-linear-attention")
     try:
         for path in sorted(folder.glob("*.json")):
             content = json.loads(path.read_text())
-            tuner = getattr(importlib.import_module(content["module"]), content["kernel_name"], None)
-            while tuner is not None and not isinstance(tuner, CachedAutotuner):
-                tuner = getattr(tuner, "fn", None)
+            tuner = config_file_autotuner(getattr(importlib.import_module(content["module"]), content["kernel_name"]))
             if content.get("fla_version") != installed or tuner is None:
                 return False
-            candidates = [candidate_of(config) for config in tuner.configs]
+            candidates = [candidate_of(as_recorded(config)) for config in tuner.configs]
             if any(candidate_of(entry["config"]) not in candidates for entry in content["autotune_entries"].values()):
                 return False
     except (OSError, ValueError, LookupError, TypeError, AttributeError, ImportError):  # unreadable: autotune
@@ -68,12 +64,25 @@ def fits_installed_fla(folder: Path) -> bool:
     return True
 
 
-def candidate_of(config) -> tuple:
-    """A Triton ``Config`` or a recorded configuration (dict) as comparable values: the tuned arguments, warps,
-    stages and CTAs."""
-    if isinstance(config, dict):
-        return (sorted(config["kwargs"].items()), config["num_warps"], config["num_stages"], config["num_ctas"])
-    return (sorted(config.kwargs.items()), config.num_warps, config.num_stages, config.num_ctas)
+def config_file_autotuner(kernel):
+    """fla's config-file autotuner (``CachedAutotuner``) of ``kernel`` (a module's kernel object, through any
+    ``triton.heuristics`` around it), or None where fla autotunes it otherwise or not at all."""
+    from fla.ops.utils.cache import CachedAutotuner
+
+    while kernel is not None and not isinstance(kernel, CachedAutotuner):
+        kernel = getattr(kernel, "fn", None)
+    return kernel
+
+
+def as_recorded(config) -> dict:
+    """A Triton ``Config`` in fla's config-file form."""
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_ctas": config.num_ctas, "maxnreg": config.maxnreg}
+
+
+def candidate_of(config: dict) -> tuple:
+    """A recorded configuration as comparable values: the tuned arguments, warps, stages and CTAs."""
+    return (sorted(config["kwargs"].items()), config["num_warps"], config["num_stages"], config["num_ctas"])
 
 
 @contextlib.contextmanager

@@ -26,22 +26,23 @@ os.environ["FLA_CACHE_MODE"] = "disabled"  # before fla is imported: every kerne
 def fla_autotuners() -> Iterator[tuple[str, object]]:
     """(module name, autotuner) of every fla kernel autotuned through fla's config files, in the fla modules this
     process imported."""
-    from fla.ops.utils.cache import CachedAutotuner
+    from compressor.tuned_kernels import config_file_autotuner
 
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] != "fla" or module is None:
             continue
         for value in list(vars(module).values()):
-            while value is not None and not isinstance(value, CachedAutotuner) and hasattr(value, "fn"):
-                value = value.fn
-            if isinstance(value, CachedAutotuner) and value.fn.__module__ == name:
-                yield name, value
+            tuner = config_file_autotuner(value) if hasattr(value, "fn") else None
+            if tuner is not None and tuner.fn.__module__ == name:
+                yield name, tuner
 
 
 def chosen_configs() -> dict[str, dict]:
     """Kernel name -> the content of its fla config file: its module, and one entry (keyed by the hash of Triton's
     autotuning key) for every key whose configuration autotuning chose in this process."""
     from fla.ops.utils.cache import AutotuneKey
+
+    from compressor.tuned_kernels import as_recorded
 
     kernels: dict[str, dict] = {}
     for module, tuner in fla_autotuners():
@@ -50,10 +51,7 @@ def chosen_configs() -> dict[str, dict]:
         content = kernels.setdefault(tuner.kernel_name, {"module": module, "autotune_entries": {}})
         for key, config in tuner.cache.items():
             content["autotune_entries"][AutotuneKey.key_hash(key)] = {
-                "autotune_key": AutotuneKey.normalize_autotune_key(key),
-                "config": {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
-                           "num_stages": config.num_stages, "num_ctas": config.num_ctas, "maxnreg": config.maxnreg},
-            }
+                "autotune_key": AutotuneKey.normalize_autotune_key(key), "config": as_recorded(config)}
     return kernels
 
 
@@ -68,13 +66,24 @@ def write(kernels: dict[str, dict], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in sorted(kernels.items()):
         path = folder / f"{name}.json"
-        recorded = json.loads(path.read_text()) if path.exists() else {}
+        recorded = recorded_file(path) if path.exists() else {}
+        if path.exists() and recorded.get("kernel_name") != name:
+            sys.exit(f"{path} is not a recorded configuration of {name}; choose another --out.")
         kept = recorded.get("autotune_entries", {}) if recorded.get("fla_version") == fla_version else {}
         written = {"kernel_name": name, "module": content["module"], "fla_version": fla_version,
                    "triton_version": triton.__version__,
                    "autotune_entries": {**kept, **content["autotune_entries"]}}
         path.write_text(json.dumps(written, indent=1) + "\n")
         print(f"{path}: {len(content['autotune_entries'])} configurations recorded", file=sys.stderr)
+
+
+def recorded_file(path: Path) -> dict:
+    """The content of a config file, or {} for a file that is not JSON of one."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def main() -> None:

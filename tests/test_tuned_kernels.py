@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib
 import importlib.util
 import json
@@ -25,10 +24,10 @@ KERNEL_MODULES = ["fla.modules.norm.l2norm", "fla.ops.utils.cumsum", "fla.ops.co
 
 
 def fla_tuners() -> dict[str, object]:
-    """Kernel name -> fla's autotuner of that name (the modules the recorded kernels come from imported)."""
-    for name in KERNEL_MODULES:
-        importlib.import_module(name)
-    return {obj.kernel_name: obj for obj in gc.get_objects() if isinstance(obj, fla_cache.CachedAutotuner)}
+    """Kernel name -> fla's config-file autotuner of that name, in the modules the recorded kernels come from."""
+    kernels = (value for name in KERNEL_MODULES for value in vars(importlib.import_module(name)).values())
+    tuners = (tuned_kernels.config_file_autotuner(value) for value in kernels if hasattr(value, "fn"))
+    return {tuner.kernel_name: tuner for tuner in tuners if tuner is not None}
 
 
 def test_configurations_are_recorded_for_the_h200():
@@ -124,8 +123,7 @@ def candidates_here(tmp_path: Path, change=None) -> Path:
         content = json.loads(path.read_text())
         first = tuners[content["kernel_name"]].configs[0]
         for entry in content["autotune_entries"].values():
-            entry["config"] = {"kwargs": dict(first.kwargs), "num_warps": first.num_warps,
-                               "num_stages": first.num_stages, "num_ctas": first.num_ctas, "maxnreg": None}
+            entry["config"] = tuned_kernels.as_recorded(first)
         if change is not None:
             change(content)
         (folder / path.name).write_text(json.dumps(content))
@@ -212,7 +210,7 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     assert content["module"] == "fla.ops.common.chunk_o" and tuned_kernels.fits_installed_fla(tmp_path)
     with recorded_fla_configs(tmp_path):
         read = fla_cache.load_cached_config("chunk_fwd_kernel_o", fla_cache.AutotuneKey(float32_key))
-    assert tuned_kernels.candidate_of(read) == tuned_kernels.candidate_of(first)
+    assert tuned_kernels.candidate_of(read) == tuned_kernels.candidate_of(tuned_kernels.as_recorded(first))
 
     del tuner.cache[float32_key]  # a second recording adds its keys and keeps the first's
     monkeypatch.setitem(tuner.cache, bfloat16_key, triton.Config(dict(second.kwargs), num_warps=second.num_warps,
@@ -220,3 +218,14 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     recorder.write(recorder.chosen_configs(), tmp_path)
     entries = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"]
     assert set(entries) == {fla_cache.AutotuneKey.key_hash(key) for key in (float32_key, bfloat16_key)}
+
+    foreign = tmp_path / "elsewhere"  # a file of the same name that the recorder did not write stays as it was
+    foreign.mkdir()
+    (foreign / "chunk_fwd_kernel_o.json").write_text('{"a user": "file"}')
+    with pytest.raises(SystemExit, match="not a recorded configuration"):
+        recorder.write(recorder.chosen_configs(), foreign)
+    assert (foreign / "chunk_fwd_kernel_o.json").read_text() == '{"a user": "file"}'
+    (foreign / "chunk_fwd_kernel_o.json").write_text("not json")
+    with pytest.raises(SystemExit, match="not a recorded configuration"):
+        recorder.write(recorder.chosen_configs(), foreign)
+    assert (foreign / "chunk_fwd_kernel_o.json").read_text() == "not json"

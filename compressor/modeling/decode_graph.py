@@ -36,6 +36,7 @@ LAST_RECORDED: dict[tuple[torch.device, int], weakref.ref] = {}
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream decode graphs on ``device`` are recorded on, made on first use."""
     if device not in CAPTURE_STREAMS:
         CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return CAPTURE_STREAMS[device]
