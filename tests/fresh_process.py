@@ -46,6 +46,14 @@ def run_without_compressor(script: str, workdir: Path, timeout: int = 300) -> su
     return done
 
 
+STOCK_DISPATCH = """
+stock_class = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+assert type(model)._can_set_experts_implementation() == stock_class._can_set_experts_implementation(), type(model)
+"""
+"""A check (``model`` in scope) that transformers lets the loaded class choose its MoE experts' kernel exactly when
+it lets the stock class do so (otherwise the experts run a Python loop)."""
+
+
 RELOAD = """
 import torch
 from transformers import AutoModelForCausalLM

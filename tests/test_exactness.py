@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from textwrap import dedent
+
 import pytest
 import torch
-from fresh_process import FLA_BLOCKER, reloaded_logits
-from tiny_models import CONFIGS, PLANS, check_cached_generation, masked_copy, tiny_model
+from fresh_process import FLA_BLOCKER, STOCK_DISPATCH, reloaded_logits
+from tiny_models import CONFIGS, PLANS, check_cached_generation, in_float64, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
@@ -41,7 +43,7 @@ def test_removing_heads_equals_masking_them(config_name, plan_name):
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_removal_is_exact_in_float64(config_name):
     """In float64 every head's arithmetic is identical: pruning and masking agree to rounding of 1e-12."""
-    model = tiny_model(config_name).double()
+    model = in_float64(tiny_model(config_name))
     kept = PLANS["uneven"]
     ids = input_ids(1)
     with torch.no_grad():
@@ -86,13 +88,13 @@ def test_saved_folders_reload_without_compressor(tmp_path):
             with torch.no_grad():
                 expected[folder.name] = model(ids).logits
     assert any(p.name == "model.safetensors.index.json" for p in tmp_path.rglob("*")), "sharding was exercised"
-    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks=dedent("""
         if name.endswith("even-uniform"):
             stock_class = AutoModelForCausalLM._model_mapping[type(model.config)]
             stock, info = stock_class.from_pretrained(name, output_loading_info=True)
             assert type(stock).__module__.startswith("transformers."), type(stock)
             assert not any(info.values()), info
-        """, prelude=FLA_BLOCKER)
+        """) + STOCK_DISPATCH, prelude=FLA_BLOCKER)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 

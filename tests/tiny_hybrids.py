@@ -14,11 +14,12 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from textwrap import dedent
 
 import torch
 from click.testing import CliRunner
-from fresh_process import FLA_BLOCKER, reloaded_logits
-from tiny_models import COMMON, masked_copy
+from fresh_process import FLA_BLOCKER, STOCK_DISPATCH, reloaded_logits
+from tiny_models import COMMON, in_float64, masked_copy
 from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig
 
 import compressor
@@ -125,7 +126,7 @@ def stock_torch_functions(module):
 
 def check_matches_stock(model: torch.nn.Module) -> None:
     """The shipped class, unpruned, gives the stock transformers class's logits (on its PyTorch path)."""
-    stock_class = type(model).__mro__[1]
+    stock_class = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers."))
     assert stock_class.__module__.startswith("transformers."), stock_class
     stock = stock_class(model.config).eval()
     stock.load_state_dict(model.state_dict())
@@ -155,7 +156,7 @@ def check_calibration_states(model: torch.nn.Module) -> None:
 
 def check_exact_in_float64(model: torch.nn.Module, kept: dict[int, list[int]]) -> None:
     """In float64 the pruned and masked models agree to rounding (1e-10)."""
-    model = model.double()
+    model = in_float64(model)
     ids = input_ids(1)
     with torch.no_grad():
         masked = masked_copy(model, kept)(ids).logits
@@ -172,9 +173,9 @@ def check_fresh_reload(models: dict[str, torch.nn.Module], tmp_path: Path) -> No
         write_model(model, family_for(model.config), tmp_path / name, max_shard_size="500KB")
         with torch.no_grad():
             expected[name] = model(ids).logits
-    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks="""
+    reloaded = reloaded_logits(sorted(expected), ids, tmp_path, checks=dedent("""
         assert type(model).__name__.startswith("Pruned"), type(model)
-        """, prelude=FLA_BLOCKER)
+        """) + STOCK_DISPATCH, prelude=FLA_BLOCKER)
     for name, logits in expected.items():
         assert (reloaded[name] - logits).abs().max().item() <= TOLERANCE, name
 

@@ -85,6 +85,14 @@ PLANS = {
 }
 
 
+def in_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in float64, its MoE experts (if any) running their loop: torch's grouped matrix product,
+    transformers' default for experts, takes no float64."""
+    if model._can_set_experts_implementation():
+        model.set_experts_implementation("eager")
+    return model.double()
+
+
 def masked_copy(model: torch.nn.Module, kept: dict[int, list[int]]) -> torch.nn.Module:
     """The model with the removed heads' output-projection columns set to zero."""
     masked = copy.deepcopy(model)

@@ -16,6 +16,7 @@ from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDelta
 
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
 from .kda import kimi_delta_attention
+from .stock_dispatch import StockExpertsDispatch
 
 LINEAR_LAYER = "linear_attention"
 
@@ -118,7 +119,7 @@ FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_he
 """The config fields of a KDA layer's heads: one key head per value head, d_k = d_v."""
 
 
-class PrunedKimiLinearForCausalLM(KimiLinearForCausalLM):
+class PrunedKimiLinearForCausalLM(StockExpertsDispatch, KimiLinearForCausalLM):
     """KimiLinearForCausalLM whose KDA layers read their head counts from ``config.per_layer_config``."""
 
     config_class = PrunedKimiLinearConfig
