@@ -291,6 +291,24 @@ STEP_TOTALS = ("launches", "gpu_ms", "wall_ms")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
+def profiled(fn) -> dict:
+    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), and the operators
+    launched most often in it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return {"launches": sum(e.count for e in events if e.key in LAUNCHES),
+            "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3),
+            "most_launched": [(e.key[:60], e.count) for e in sorted(events, key=lambda e: -e.count)
+                              if e.self_device_time_total > 0][:12]}
+
+
 def decode_step(runner: Runner, batch: int) -> dict:
     """Kernel launches, GPU kernel time and wall time of one decode step: ``generate`` of 16 tokens minus 1 token,
     over 15 (launches and GPU time profiled, wall time not: the median of 5), and the operators with the most GPU

@@ -17,8 +17,9 @@ comes from.
 Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
 families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
 folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
-tokens after 256). Figures are printed as measured; each worker writes its figures beside ``--out``
-(check-N.json, speed.json) after every family, and ``--out`` gathers them with the versions.
+tokens after 256), then the kernel launches and GPU time of one prefill (``--phase speed`` alone builds the folders
+it does not find). Figures are printed as measured; each worker writes its figures beside ``--out`` (check-N.json,
+speed.json) after every family, and ``--out`` gathers them with the versions.
 """
 
 from __future__ import annotations
@@ -268,8 +269,10 @@ def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round), medians of ``rounds``."""
     import torch
-    from bench_inference import Runner, timed
+    from bench_inference import Runner, profiled, timed
 
+    if not (work / name / "source").is_dir():  # a speed-only run: the check phase did not build them
+        build_folders(name, work)
     runners = {"source": stock_runner(work / name / "source")}
     for variant in ("heads", "channels"):
         if (work / name / variant).is_dir():
@@ -292,6 +295,8 @@ def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
     for v in names:
         figures[v]["prefill_4x2048_s"] = sorted(values[v]["prefill"])[rounds // 2]
         figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[rounds // 2]
+    for v, runner in runners.items():
+        figures[v]["prefill_4x2048_profile"] = profiled(lambda: runner.prefill(prefill[v]))
     for v in names[1:]:
         figures[v]["prefill_time_ratio"] = figures[v]["prefill_4x2048_s"] / figures["source"]["prefill_4x2048_s"]
         figures[v]["decode_time_ratio"] = (figures["source"][f"decode_b{DECODE_BATCH}_tok_s"]
@@ -306,10 +311,9 @@ def run_worker(names: list[str], work: Path, out: Path, speed: bool) -> None:
     """Check (or time) ``names`` one after the other in this process, writing ``out`` after each."""
     import fla  # noqa: F401  (registers fla's model types with transformers)
 
-    if not speed:
-        import compressor
+    import compressor
 
-        compressor.register()
+    compressor.register()
     results = {}
     for name in names:
         try:
