@@ -17,9 +17,11 @@ comes from.
 Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
 families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
 folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
-tokens after 256), then the kernel launches and GPU time of one prefill (``--phase speed`` alone builds the folders
-it does not find). Figures are printed as measured; each worker writes its figures beside ``--out`` (check-N.json,
-speed.json) after every family, and ``--out`` gathers them with the versions.
+tokens after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side
+by side run each family's workloads once (building the folders the check phase did not build), so that Triton's
+compilations land in the cache the timing process reads. Figures are printed as measured; each worker writes its
+figures beside ``--out`` (check-N.json, warm-N.json, speed.json) after every family, and ``--out`` gathers them
+with the versions.
 """
 
 from __future__ import annotations
@@ -265,22 +267,46 @@ def stock_runner(folder: Path):
     return Runner(folder, model.eval())
 
 
-def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
-    """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
-    turns (order reversed every round), medians of ``rounds``."""
-    import torch
-    from bench_inference import Runner, profiled, timed
+def speed_runners(name: str, work: Path) -> dict:
+    """The source (stock class) and each pruned folder of ``name`` on the GPU, by variant; the folders are built
+    first where the check phase did not build them."""
+    from bench_inference import Runner
 
-    if not (work / name / "source").is_dir():  # a speed-only run: the check phase did not build them
+    if not (work / name / "source").is_dir():
         build_folders(name, work)
     runners = {"source": stock_runner(work / name / "source")}
     for variant in ("heads", "channels"):
         if (work / name / variant).is_dir():
             runners[variant] = Runner(work / name / variant)
+    return runners
+
+
+def warm_up(name: str, work: Path) -> str:
+    """Run the speed workloads of ``name``'s folders once, untimed, so that Triton compiles their kernels into the
+    cache the timing process then reads (families side by side, as in the check phase)."""
+    import torch
+
+    started = time.time()
+    for runner in speed_runners(name, work).values():
+        runner.prefill(runner.tokens(4, 2048))
+        runner.generate(runner.tokens(DECODE_BATCH, PROMPT), 4)
+    torch.cuda.empty_cache()
+    done = f"warmed up in {time.time() - started:.0f} s"
+    log(f"{name} {done}")
+    return done
+
+
+def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
+    """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
+    turns (order reversed every round), medians of ``rounds``."""
+    import torch
+    from bench_inference import profiled, timed
+
+    runners = speed_runners(name, work)
     figures = {variant: {"class": type(r.model).__name__} for variant, r in runners.items()}
     prefill = {v: r.tokens(4, 2048) for v, r in runners.items()}
     prompts = {v: r.tokens(DECODE_BATCH, PROMPT) for v, r in runners.items()}
-    for v, runner in runners.items():  # compile and autotune every shape first
+    for v, runner in runners.items():  # autotune every shape first (compiled already if warm_up ran)
         runner.prefill(prefill[v])
         runner.generate(prompts[v], 4)
     names = list(runners)
@@ -307,8 +333,9 @@ def measure_speed(name: str, work: Path, rounds: int = 3) -> dict:
     return figures
 
 
-def run_worker(names: list[str], work: Path, out: Path, speed: bool) -> None:
-    """Check (or time) ``names`` one after the other in this process, writing ``out`` after each."""
+def run_worker(names: list[str], work: Path, out: Path, task) -> None:
+    """``task(name, work)`` (``check_family``, ``warm_up`` or ``measure_speed``) for ``names`` one after the other in
+    this process, writing ``out`` after each."""
     import fla  # noqa: F401  (registers fla's model types with transformers)
 
     import compressor
@@ -317,7 +344,7 @@ def run_worker(names: list[str], work: Path, out: Path, speed: bool) -> None:
     results = {}
     for name in names:
         try:
-            results[name] = measure_speed(name, work) if speed else check_family(name, work)
+            results[name] = task(name, work)
         except Exception as error:  # report and go on with the next family
             results[name] = f"failed: {type(error).__name__}: {error}"[:2000]
             log(f"{name}: {results[name]}")
@@ -333,12 +360,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: try the check phase without a GPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
-    if args.worker or args.speed_worker:
-        run_worker((args.worker or args.speed_worker).split(","), args.work, args.out, bool(args.speed_worker))
-        return
+    for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
+        if names:
+            run_worker(names.split(","), args.work, args.out, task)
+            return
     from bench_inference import versions
 
     from compressor.accounting import versions as package_versions
@@ -353,6 +382,7 @@ def main() -> None:
         parser.error(f"--work {args.work} is not empty; name a new folder (the script writes model folders in it)")
     groups = [[f for f in group if f in wanted] for group in WORKERS]
     parts = {i: args.out.parent / f"check-{i}.json" for i, group in enumerate(groups) if group}
+    parts.update({f"warm-{i}": args.out.parent / f"warm-{i}.json" for i, group in enumerate(groups) if group})
     parts["speed"] = args.out.parent / "speed.json"
     taken = [str(part) for part in [*parts.values(), args.out] if part.exists()]
     if taken:
@@ -361,7 +391,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(),
-               "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "speed": {}}
+               "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
         args.out.write_text(json.dumps(results, indent=2))
@@ -373,18 +403,23 @@ def main() -> None:
             figures[f"worker {part.stem}"] = f"failed: exit status {returncode}"
         return figures
 
-    save()
-    if args.phase in ("check", "both"):
+    def side_by_side(flag: str, key: str, part) -> None:
+        """One worker process per group of families, all at once; their figures gathered into results[key]."""
         started = time.time()
-        workers = [(subprocess.Popen([sys.executable, __file__, "--worker", ",".join(group), "--work", str(args.work),
-                                      "--out", str(parts[i]), "--device", DEVICE]), i)
+        workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
+                                      "--out", str(parts[part(i)]), "--device", DEVICE]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
-            results["check"].update(gather(parts[i], process.wait()))
+            results[key].update(gather(parts[part(i)], process.wait()))
             save()
-        results["check_seconds"] = round(time.time() - started, 1)
+        results[f"{key}_seconds"] = round(time.time() - started, 1)
         save()
-    if args.phase in ("speed", "both"):  # one process, one family after the other
+
+    save()
+    if args.phase in ("check", "both"):
+        side_by_side("--worker", "check", lambda i: i)
+    if args.phase in ("speed", "both"):  # compiled side by side, then timed in one process, one family at a time
+        side_by_side("--warm-worker", "warm_up", lambda i: f"warm-{i}")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
                                   str(args.work), "--out", str(parts["speed"])])
         results["speed"] = gather(parts["speed"], process.returncode)
