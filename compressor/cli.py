@@ -22,7 +22,7 @@ import click
 
 from .errors import CompressorError
 from .model_source import local_folder_of, locate_model
-from .preflight import check_prune_inputs
+from .preflight import check_eval_inputs, check_prune_inputs
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
                        PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
                        PruneSettings)
@@ -318,10 +318,11 @@ def plan(config, stats, seed, **options):
 @user_errors
 def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path, overwrite, device_map):
     """Perplexity and copy-recall accuracy of MODEL (folder, prune output or Hub id)."""
+    settings = EvalSettings(path, samples, seq_len, batch_size)
+    check_eval_inputs(settings, json_path, overwrite)
     from .quality import evaluate as run_evaluate
 
-    figures = run_evaluate(model, EvalSettings(path, samples, seq_len, batch_size), device, dtype, json_path,
-                           overwrite=overwrite, device_map=device_map)
+    figures = run_evaluate(model, settings, device, dtype, json_path, overwrite=overwrite, device_map=device_map)
     click.echo(f"perplexity: {figures['perplexity']:.2f} on {figures['windows']} x {figures['seq_len']} tokens of "
                f"{figures['data']}")
     click.echo(f"copy-recall accuracy: {figures['recall_accuracy']:.1%} ({figures['recall_probe']})")

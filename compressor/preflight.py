@@ -1,5 +1,6 @@
-"""What ``prune`` refuses before a model loads, with light imports only: the command line runs it before it imports
-the pipeline (fla, every family's modeling code), so that a mistake is refused in a second or two."""
+"""What ``prune`` and ``eval`` refuse before a model loads, with light imports only: the command line runs it before
+it imports the pipeline (torch, fla, every family's modeling code), so that a mistake is refused in a second or
+two."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from .errors import CompressorError
 from .outputs import check_output
-from .settings import PruneSettings
+from .settings import EvalSettings, PruneSettings
 
 
 def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: PruneSettings):
@@ -20,3 +21,13 @@ def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: Prun
             raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
                                   "folder; download the model first or use --export memory.")
     return budget
+
+
+def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, overwrite: bool) -> None:
+    """Check the evaluation options, and that ``json_path`` (if any) can be written: its folder exists, and it is
+    not there yet unless ``overwrite`` (and then a file)."""
+    settings.check()
+    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
+        raise CompressorError(f"the folder of --json {json_path} does not exist.")
+    if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
+        raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")

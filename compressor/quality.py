@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 from .accounting import versions
-from .errors import CompressorError
 from .evaluation import eval_windows, quality
 from .loading import LoadedModel, load_model
+from .preflight import check_eval_inputs
 from .settings import DEVICE_MAPS, EvalSettings, choice
 from .tuned_kernels import recorded_fla_configs
 
@@ -35,11 +35,7 @@ def evaluate(
     ``sequential``) spreads the decoder layers over the visible GPUs instead of ``device``.
     """
     settings = settings or EvalSettings()
-    settings.check()
-    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
-        raise CompressorError(f"the folder of --json {json_path} does not exist.")
-    if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
-        raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
+    check_eval_inputs(settings, json_path, overwrite)
 
     if device_map is not None:
         choice("--device-map", device_map, DEVICE_MAPS)

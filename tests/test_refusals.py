@@ -95,3 +95,15 @@ def test_mistakes_are_refused_before_the_pipeline_is_imported(monkeypatch, tmp_p
     (tmp_path / "keep.txt").write_text("mine")
     assert_user_error(invoke("prune", *args), *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_eval_output_mistakes_are_refused_before_the_evaluation_is_imported(monkeypatch, tmp_path):
+    """An existing --json file or a missing folder for it is refused before ``compress eval`` imports torch."""
+    from conftest import assert_user_error, invoke
+
+    monkeypatch.setitem(sys.modules, "compressor.quality", None)  # importing it now raises ImportError
+    mine = tmp_path / "figures.json"
+    mine.write_text("mine")
+    assert_user_error(invoke("eval", FIXTURE, "--json", mine), "already exists", "--overwrite")
+    assert_user_error(invoke("eval", FIXTURE, "--json", tmp_path / "no" / "f.json"), "does not exist")
+    assert mine.read_text() == "mine"
