@@ -291,9 +291,17 @@ STEP_TOTALS = ("launches", "gpu_ms", "wall_ms")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
+def on_device(events) -> list:
+    """The device-side events (kernels, copies, memsets) of a profile's ``key_averages()``. Each CPU operator also
+    carries the device time of the kernels it launched, so a sum over every event counts those kernels twice."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA]
+
+
 def profiled(fn) -> dict:
-    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), and the operators
-    launched most often in it."""
+    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), and the kernels launched
+    most often in it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -303,15 +311,15 @@ def profiled(fn) -> dict:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
+    kernels = on_device(events)
     return {"launches": sum(e.count for e in events if e.key in LAUNCHES),
-            "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3),
-            "most_launched": [(e.key[:60], e.count) for e in sorted(events, key=lambda e: -e.count)
-                              if e.self_device_time_total > 0][:12]}
+            "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
+            "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12]}
 
 
 def decode_step(runner: Runner, batch: int) -> dict:
     """Kernel launches, GPU kernel time and wall time of one decode step: ``generate`` of 16 tokens minus 1 token,
-    over 15 (launches and GPU time profiled, wall time not: the median of 5), and the operators with the most GPU
+    over 15 (launches and GPU time profiled, wall time not: the median of 5), and the kernels with the most GPU
     time and the most launched over the 16 tokens."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -322,13 +330,13 @@ def decode_step(runner: Runner, batch: int) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             runner.generate(prompt, new)
         events = prof.key_averages()
+        on_gpu = on_device(events)
         totals[new] = (sum(e.count for e in events if e.key in LAUNCHES),
-                       sum(e.self_device_time_total for e in events) / 1e3)
+                       sum(e.self_device_time_total for e in on_gpu) / 1e3)
         if new == 16:
             top = [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count)
-                   for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]]
-            kernels = [(e.key[:60], e.count) for e in sorted(events, key=lambda e: -e.count)
-                       if e.self_device_time_total > 0][:16]
+                   for e in sorted(on_gpu, key=lambda e: -e.self_device_time_total)[:8]]
+            kernels = [(e.key[:60], e.count) for e in sorted(on_gpu, key=lambda e: -e.count)][:16]
     return {"launches": round((totals[16][0] - totals[1][0]) / 15, 1),
             "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3),
             "wall_ms": round((wall[16] - wall[1]) / 15 * 1e3, 3), "top_gpu_16_tokens": top,

@@ -52,6 +52,8 @@ MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shar
 FLA = dict(hidden_size=1024, num_hidden_layers=3, vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False,
            pad_token_id=0, bos_token_id=1, eos_token_id=2)
 KEPT_CHANNELS = 64
+BUILT = "built"
+"""The file ``build_folders`` leaves in a family's folder once every model folder of it is written."""
 PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
 DEVICE = "cuda"  # --device cpu tries the check phase here
 
@@ -151,6 +153,7 @@ def build_folders(name: str, work: Path):
         slim(pruned, family, PruningPlan(kept=heads, channels=channels))
         write_model(pruned, family, work / name / variant)
         del pruned
+    (work / name / BUILT).touch()
     return model, variants
 
 
@@ -272,7 +275,7 @@ def speed_runners(name: str, work: Path) -> dict:
     first where the check phase did not build them."""
     from bench_inference import Runner
 
-    if not (work / name / "source").is_dir():
+    if not (work / name / BUILT).is_file():
         build_folders(name, work)
     runners = {"source": stock_runner(work / name / "source")}
     for variant in ("heads", "channels"):
@@ -287,9 +290,11 @@ def warm_up(name: str, work: Path) -> str:
     import torch
 
     started = time.time()
-    for runner in speed_runners(name, work).values():
+    runners = speed_runners(name, work)
+    for runner in runners.values():
         runner.prefill(runner.tokens(4, 2048))
         runner.generate(runner.tokens(DECODE_BATCH, PROMPT), 4)
+    del runners, runner
     torch.cuda.empty_cache()
     done = f"warmed up in {time.time() - started:.0f} s"
     log(f"{name} {done}")

@@ -47,11 +47,17 @@ def run_without_compressor(script: str, workdir: Path, timeout: int = 300) -> su
 
 
 STOCK_DISPATCH = """
+import inspect
 stock_class = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
-assert type(model)._can_set_experts_implementation() == stock_class._can_set_experts_implementation(), type(model)
+stock_chooses = "@use_experts_implementation" in inspect.getsource(sys.modules[stock_class.__module__])
+assert model.config._experts_implementation == ("grouped_mm" if stock_chooses else "eager"), type(model)
+for klass in type(model).__mro__:  # transformers caches its verdict on a class, and subclasses inherit it
+    if "_can_set_experts_implementation_cached_value" in vars(klass):
+        delattr(klass, "_can_set_experts_implementation_cached_value")
 """
-"""A check (``model`` in scope) that transformers lets the loaded class choose its MoE experts' kernel exactly when
-it lets the stock class do so (otherwise the experts run a Python loop)."""
+"""A check (``model`` in scope) that a loaded model's MoE experts run the kernel its stock class would choose
+(transformers lets a class choose only if its own module uses ``@use_experts_implementation``; otherwise the
+experts run a Python loop); it then forgets the cached verdicts, so that the next folder's class decides afresh."""
 
 
 RELOAD = """

@@ -245,7 +245,7 @@ def test_taylor_scores_are_the_loss_gradients_of_channel_masks(name):
     """``taylor``'s score of a channel is |∂L/∂m| of a mask on it (summed over batches): checked against central
     differences of the loss, for a grouped model and an fla family (masks applied where the heads split);
     the key heads it keeps are those of largest score."""
-    model = build(name).double()
+    model = tiny_models.in_float64(build(name))
     family = family_for(model.config)
     mixers = linear_layers(model, family)
     windows = torch.randint(3, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))

@@ -16,5 +16,7 @@ class StockExpertsDispatch:
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
-        stock = next(base for base in cls.__mro__ if base.__module__.startswith("transformers.models."))
+        stock = next((base for base in cls.__mro__ if base.__module__.startswith("transformers.models.")), None)
+        if stock is None:
+            raise TypeError(f"{cls.__name__}: StockExpertsDispatch needs a transformers model class among its bases")
         return stock._can_set_experts_implementation()
