@@ -19,6 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -42,15 +43,18 @@ def recorded_folder() -> Path | None:
     return folder if folder.is_dir() and fits_installed_fla(folder) else None
 
 
+def installed_fla_version() -> str:
+    """The version of ``fla-core``, the distribution that holds fla's kernels (``fla.ops``)."""
+    return metadata.version("fla-core")
+
+
 @functools.lru_cache(maxsize=None)
 def fits_installed_fla(folder: Path) -> bool:
     """Whether every file of ``folder`` was recorded under the installed fla version and names a kernel of fla's
     config-file autotuner whose current candidates include each of its configurations (False for a file that
-    cannot be read as one)."""
-    from importlib.metadata import version
-
-    installed = version("flash-linear-attention")
+    cannot be read as one, or fla's kernels without a version to compare)."""
     try:
+        installed = installed_fla_version()
         for path in sorted(folder.glob("*.json")):
             content = json.loads(path.read_text())
             tuner = config_file_autotuner(getattr(importlib.import_module(content["module"]), content["kernel_name"]))

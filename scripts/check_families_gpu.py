@@ -20,7 +20,7 @@ folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greed
 tokens after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side
 by side run each family's workloads once (building the folders the check phase did not build), so that Triton's
 compilations land in the cache the timing process reads. Figures are printed as measured; each worker writes its
-figures beside ``--out`` (check-N.json, warm-N.json, speed.json) after every family, and ``--out`` gathers them
+figures beside ``--out`` (check-N.json, warm_up-N.json, speed.json) after every family, and ``--out`` gathers them
 with the versions.
 """
 
@@ -386,8 +386,8 @@ def main() -> None:
     if args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty; name a new folder (the script writes model folders in it)")
     groups = [[f for f in group if f in wanted] for group in WORKERS]
-    parts = {i: args.out.parent / f"check-{i}.json" for i, group in enumerate(groups) if group}
-    parts.update({f"warm-{i}": args.out.parent / f"warm-{i}.json" for i, group in enumerate(groups) if group})
+    parts = {f"{key}-{i}": args.out.parent / f"{key}-{i}.json"
+             for key in ("check", "warm_up") for i, group in enumerate(groups) if group}
     parts["speed"] = args.out.parent / "speed.json"
     taken = [str(part) for part in [*parts.values(), args.out] if part.exists()]
     if taken:
@@ -408,23 +408,23 @@ def main() -> None:
             figures[f"worker {part.stem}"] = f"failed: exit status {returncode}"
         return figures
 
-    def side_by_side(flag: str, key: str, part) -> None:
+    def side_by_side(flag: str, key: str) -> None:
         """One worker process per group of families, all at once; their figures gathered into results[key]."""
         started = time.time()
         workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
-                                      "--out", str(parts[part(i)]), "--device", DEVICE]), i)
+                                      "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
-            results[key].update(gather(parts[part(i)], process.wait()))
+            results[key].update(gather(parts[f"{key}-{i}"], process.wait()))
             save()
         results[f"{key}_seconds"] = round(time.time() - started, 1)
         save()
 
     save()
     if args.phase in ("check", "both"):
-        side_by_side("--worker", "check", lambda i: i)
+        side_by_side("--worker", "check")
     if args.phase in ("speed", "both"):  # compiled side by side, then timed in one process, one family at a time
-        side_by_side("--warm-worker", "warm_up", lambda i: f"warm-{i}")
+        side_by_side("--warm-worker", "warm_up")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
                                   str(args.work), "--out", str(parts["speed"])])
         results["speed"] = gather(parts["speed"], process.returncode)

@@ -58,11 +58,11 @@ def chosen_configs() -> dict[str, dict]:
 def write(kernels: dict[str, dict], folder: Path) -> None:
     """Write ``kernels`` into ``folder``'s config files, keeping the entries already recorded under the same fla
     version (a new entry replaces one of the same key) and dropping those of another."""
-    from importlib.metadata import version
-
     import triton
 
-    fla_version = version("flash-linear-attention")
+    from compressor.tuned_kernels import installed_fla_version
+
+    fla_version = installed_fla_version()
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in sorted(kernels.items()):
         path = folder / f"{name}.json"

@@ -159,6 +159,15 @@ def test_recorded_configurations_are_used_only_as_candidates_of_the_installed_fl
     assert not tuned_kernels.fits_installed_fla(broken)
 
 
+def test_recorded_configurations_are_not_used_without_a_version_of_fla_kernels(monkeypatch, tmp_path):
+    def no_distribution(name):
+        raise tuned_kernels.metadata.PackageNotFoundError(name)
+
+    folder = candidates_here(tmp_path)
+    monkeypatch.setattr(tuned_kernels.metadata, "version", no_distribution)
+    assert not tuned_kernels.fits_installed_fla(folder)
+
+
 def test_no_folder_without_cuda(monkeypatch):
     monkeypatch.setattr(tuned_kernels.torch.cuda, "is_available", lambda: False)
     assert tuned_kernels.recorded_folder() is None
