@@ -299,14 +299,25 @@ def on_device(events) -> list:
     return [e for e in events if e.device_type == DeviceType.CUDA]
 
 
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+         "aten::nonzero")
+"""Host calls that wait for the GPU (explicit synchronisations, a tensor read as a Python number, ``nonzero``)."""
+
+
 def profiled(fn) -> dict:
-    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), and the kernels launched
-    most often in it."""
+    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), the host calls in it that
+    wait for the GPU, the kernels launched most often, and, unprofiled, the time the host took to return from
+    ``fn`` against the time until the GPU finished (close together: the host, not the GPU, sets the pace)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    returned = time.perf_counter()
+    torch.cuda.synchronize()
+    finished = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -314,6 +325,8 @@ def profiled(fn) -> dict:
     kernels = on_device(events)
     return {"launches": sum(e.count for e in events if e.key in LAUNCHES),
             "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
+            "host_ms": round((returned - started) * 1e3, 3), "wall_ms": round((finished - started) * 1e3, 3),
+            "waits": {e.key: e.count for e in events if e.key in WAITS},
             "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12]}
 
 
