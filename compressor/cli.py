@@ -12,7 +12,6 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import fields
 from functools import wraps
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from . import interrupts
 from .errors import CompressorError
 from .model_source import local_folder_of, locate_model
 from .preflight import check_eval_inputs, check_prune_inputs
@@ -406,81 +406,24 @@ def summary(record) -> str:
     return "\n".join(lines)
 
 
-class Interrupted(KeyboardInterrupt):
-    """Raised in the main thread by a signal handler, so that every staging folder is removed on the way out."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_received: list[int] = []
-"""The signals received so far (an import interrupted half-way can turn ``Interrupted`` into another error)."""
-
-
-RESEND_SECONDS = 0.05
-"""How soon a signal that arrived during an import is delivered again."""
-
-_deferral = {"armed": False}
-"""Whether the next delivery of a signal deferred by an import is pending."""
-
-
-def _interrupt(signum, frame):
-    """Raise ``Interrupted``. During an import, deliver the signal again shortly instead (an import can run Python
-    code called from C++, torch's extensions, where an exception aborts the whole process, and libraries' bare
-    ``except:`` around imports can swallow it), unless a delivery is already pending: the user repeated the signal,
-    which raises at once (a way out of an import that hangs)."""
-    if _inside_import(frame) and not _deferral["armed"]:
-        _deferral["armed"] = True
-        timer = threading.Timer(RESEND_SECONDS, _deliver_again, (signum,))
-        timer.daemon = True  # a command that ends meanwhile has finished its work: nothing to interrupt
-        timer.start()
-        return
-    _received.append(signum)
-    raise Interrupted(signum)
-
-
-def _deliver_again(signum: int) -> None:
-    """Send ``signum`` to the main thread: it stays pending while the main thread blocks it (``_signals_held`` around
-    the last renames of an output folder)."""
-    _deferral["armed"] = False
-    signal.pthread_kill(threading.main_thread().ident, signum)
-
-
-def _inside_import(frame) -> bool:
-    """Whether ``frame`` or one of its callers runs Python's import machinery."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def run() -> None:
-    """The ``compress`` executable: :func:`main` with Ctrl-C and SIGTERM turned into one line and exit status
-    128 + the signal's number, after every ``with`` block on the way out has cleaned up."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored by the parent (a background job): left so
-            signal.signal(signum, _interrupt)
+    """:func:`main` with Ctrl-C and SIGTERM turned into one line and exit status 128 + the signal's number, after
+    every ``with`` block on the way out has cleaned up (``interrupts.py``)."""
+    interrupts.install()
     # fla warns on import when Triton has no GPU; compressor keeps CPU tensors away from Triton anyway.
     warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     try:
         code = main(standalone_mode=False)
     except Exception as error:
-        if isinstance(error, click.exceptions.Abort) or _received:  # Abort: click's form of Ctrl-C
-            _interrupted(_received[0] if _received else signal.SIGINT)
+        if isinstance(error, click.exceptions.Abort) or interrupts.received:  # Abort: click's form of Ctrl-C
+            interrupts.exit_interrupted(interrupts.received[0] if interrupts.received else signal.SIGINT)
         if not isinstance(error, click.ClickException):
             raise
         error.show()
         sys.exit(error.exit_code)
     except KeyboardInterrupt as error:
-        _interrupted(getattr(error, "signum", signal.SIGINT))
+        interrupts.exit_interrupted(getattr(error, "signum", signal.SIGINT))
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _interrupted(signum: int) -> None:
-    click.echo(f"\ncompress: interrupted ({signal.Signals(signum).name}); nothing half-written was left.", err=True)
-    sys.exit(128 + signum)
 
 
 # compress heal (compressor/heal.py) ------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def build(work: Path, small: bool, stock: bool, synthetic: bool, results: dict, 
         if (work / out / "config.json").exists() or (name == "warm" and (name in seconds or synthetic)) or \
                 (extra and not stock):
             continue
-        command = [sys.executable, "-c", "from compressor.cli import run; run()", "prune", str(source),
+        command = [sys.executable, "-m", "compressor", "prune", str(source),
                    "--out", str(work / out), "--overwrite", *PRUNE, *extra_options, *extra]
         start = time.perf_counter()
         subprocess.run(command, check=True, env={**os.environ, "TRITON_CACHE_DIR": str(cache)})

@@ -20,7 +20,7 @@ from compressor.outputs import MARKER, check_output_folder, remove_stale_staging
 from conftest import FIXTURE, assert_user_error, invoke
 
 FAST = ["--method", "norm", "--samples", "2", "--seq-len", "128", "--no-verify"]
-COMPRESS = [sys.executable, "-c", "from compressor.cli import run; run()"]
+COMPRESS = [sys.executable, "-m", "compressor"]
 
 
 def user_files(folder: Path) -> dict[str, str]:
@@ -218,15 +218,15 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
 def test_an_interrupt_that_a_library_turned_into_another_error_is_still_one_line(monkeypatch, capsys):
     """A signal landing inside a half-done import can surface as another error (numpy's lazy attributes gave a
     RecursionError): the exit is still the interrupt's."""
-    from compressor import cli
+    from compressor import cli, interrupts
 
     def interrupted_then_broken(**_):
         try:
-            cli._interrupt(signal.SIGTERM, None)
+            interrupts.interrupt(signal.SIGTERM, None)
         except KeyboardInterrupt:
             raise RecursionError("maximum recursion depth exceeded") from None
 
-    monkeypatch.setattr(cli, "_received", [])
+    monkeypatch.setattr(interrupts, "received", [])
     monkeypatch.setattr(cli, "main", interrupted_then_broken)
     monkeypatch.setattr(signal, "signal", lambda *_: None)
     with pytest.raises(SystemExit) as exit:
@@ -235,10 +235,10 @@ def test_an_interrupt_that_a_library_turned_into_another_error_is_still_one_line
     assert capsys.readouterr().err.strip() == "compress: interrupted (SIGTERM); nothing half-written was left."
 
 
-def interrupt_inside_an_import(cli, tmp_path, name: str) -> None:
-    """Call ``cli._interrupt(SIGTERM, frame)`` from the top level of a module being imported."""
-    (tmp_path / f"{name}.py").write_text(
-        "import signal, sys\nfrom compressor import cli\ncli._interrupt(signal.SIGTERM, sys._getframe())\n")
+def interrupt_inside_an_import(tmp_path, name: str) -> None:
+    """Call ``interrupts.interrupt(SIGTERM, frame)`` from the top level of a module being imported."""
+    (tmp_path / f"{name}.py").write_text("import signal, sys\nfrom compressor import interrupts\n"
+                                         "interrupts.interrupt(signal.SIGTERM, sys._getframe())\n")
     sys.path.insert(0, str(tmp_path))
     try:
         importlib.import_module(name)
@@ -251,26 +251,52 @@ def test_a_signal_during_an_import_is_delivered_again_after_it(monkeypatch, tmp_
     """Raising inside an import can cross C++ frames and abort the process (torch's pybind11 extensions), so the
     handler has the signal delivered again to the main thread, and raises once outside the import; a signal
     repeated while a delivery is pending raises at once."""
-    from compressor import cli
+    from compressor import interrupts
 
     timers, sent = [], []
-    monkeypatch.setattr(cli.threading, "Timer", lambda delay, deliver, args: SimpleNamespace(
+    monkeypatch.setattr(interrupts.threading, "Timer", lambda delay, deliver, args: SimpleNamespace(
         start=lambda: timers.append((delay, deliver, args))))
-    monkeypatch.setattr(cli.signal, "pthread_kill", lambda thread, signum: sent.append((thread, signum)))
-    monkeypatch.setattr(cli, "_received", [])
-    monkeypatch.setattr(cli, "_deferral", {"armed": False})
+    monkeypatch.setattr(interrupts.signal, "pthread_kill", lambda thread, signum: sent.append((thread, signum)))
+    monkeypatch.setattr(interrupts, "received", [])
+    monkeypatch.setattr(interrupts, "deferral", {"armed": False})
 
-    interrupt_inside_an_import(cli, tmp_path, "first_import")  # the handler returned inside the import
-    assert timers == [(cli.RESEND_SECONDS, cli._deliver_again, (signal.SIGTERM,))] and cli._received == []
-    with pytest.raises(cli.Interrupted):  # the user repeated it before the delivery: at once
-        interrupt_inside_an_import(cli, tmp_path, "second_import")
+    interrupt_inside_an_import(tmp_path, "first_import")  # the handler returned inside the import
+    assert timers == [(interrupts.RESEND_SECONDS, interrupts.deliver_again, (signal.SIGTERM,))]
+    assert interrupts.received == []
+    with pytest.raises(interrupts.Interrupted):  # the user repeated it before the delivery: at once
+        interrupt_inside_an_import(tmp_path, "second_import")
     timers[0][1](*timers[0][2])  # the delivery, to the main thread
-    assert sent == [(threading.main_thread().ident, signal.SIGTERM)] and not cli._deferral["armed"]
-    interrupt_inside_an_import(cli, tmp_path, "third_import")  # deferred again
+    assert sent == [(threading.main_thread().ident, signal.SIGTERM)] and not interrupts.deferral["armed"]
+    interrupt_inside_an_import(tmp_path, "third_import")  # deferred again
     assert len(timers) == 2
-    with pytest.raises(cli.Interrupted):  # outside any import
-        cli._interrupt(signal.SIGTERM, sys._getframe())
-    assert cli._received == [signal.SIGTERM] * 2 and len(timers) == 2
+    with pytest.raises(interrupts.Interrupted):  # outside any import
+        interrupts.interrupt(signal.SIGTERM, sys._getframe())
+    assert interrupts.received == [signal.SIGTERM] * 2 and len(timers) == 2
+
+
+def test_an_interrupt_while_the_command_line_is_imported_is_one_line(monkeypatch, capsys):
+    """The executable installs the handlers before it imports the command line (click and the settings take a
+    noticeable part of a second): an interrupt then is the interrupt's line and exit status too."""
+    from compressor import __main__ as executable
+    from compressor import interrupts
+
+    installed, handlers_when_imported = [], []
+
+    class InterruptedImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "compressor.cli":
+                handlers_when_imported.extend(installed)
+                raise interrupts.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_DFL)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
+    monkeypatch.delitem(sys.modules, "compressor.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit:
+        executable.run()
+    assert handlers_when_imported == [(signal.SIGINT, interrupts.interrupt), (signal.SIGTERM, interrupts.interrupt)]
+    assert exit.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == "compress: interrupted (SIGINT); nothing half-written was left."
 
 
 def test_an_unreachable_hub_fails_fast_in_one_sentence(tmp_path, monkeypatch):
@@ -368,7 +394,7 @@ def test_an_output_in_folders_that_do_not_exist_yet_is_written(tmp_path):
 
 def test_signals_the_parent_ignores_stay_ignored(monkeypatch):
     """A background job of a script inherits SIGINT ignored: the handler is installed for SIGTERM only."""
-    from compressor import cli
+    from compressor import cli, interrupts
 
     installed = []
     monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN if signum == signal.SIGINT else None)
@@ -376,4 +402,4 @@ def test_signals_the_parent_ignores_stay_ignored(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda **_: 0)
     with pytest.raises(SystemExit) as exit:
         cli.run()
-    assert exit.value.code == 0 and installed == [(signal.SIGTERM, cli._interrupt)]
+    assert exit.value.code == 0 and installed == [(signal.SIGTERM, interrupts.interrupt)]
