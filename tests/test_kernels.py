@@ -203,6 +203,23 @@ def test_queries_and_keys_normalised_as_fla_does_keep_their_dtype_and_layout():
     assert (y.double() - reference).abs().max() <= 2**-8  # one bfloat16 rounding of values below 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's l2norm runs on CUDA tensors")
+@pytest.mark.parametrize("heads", [3, 40])
+def test_queries_and_keys_normalised_by_fla_in_pieces_equal_pytorch(heads):
+    """On CUDA, ``normalised`` calls fla's l2norm on at most 65,536 rows at a time (40 heads x 2 x 1000 tokens: two
+    pieces); it must give PyTorch's values, head-major."""
+    pytest.importorskip("fla")
+    from compressor.modeling import packed_heads
+
+    x = torch.randn(2, 1000, heads, 128, device="cuda").to(torch.bfloat16)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # head-major
+    with torch.no_grad():
+        fla_rows = packed_heads.normalised(x)
+    torch_rows = packed_heads.normalised(x.cpu()).cuda()
+    assert packed_heads._fla_l2norm is not None and fla_rows.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(fla_rows.float(), torch_rows.float(), rtol=0, atol=2**-8)
+
+
 def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():
     from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
 

@@ -1,14 +1,14 @@
 """Run an fla kernel with every head packed as a sequence of its own, so that no head or batch count is a
 compile-time constant.
 
-Shipped inside output folders (imports only torch). fla's Triton kernels take head counts, and some (the gates'
-chunked cumulative sum, the delta rule's decode step) the batch size, as compile-time constants: a model whose
-layers keep different numbers of heads would compile and autotune those kernels once per distinct count. The heads
-of a linear-attention layer never mix inside the recurrence, so a batch of B sequences of H heads is the same
-computation as B·H sequences of one head; packed back to back into one batch of variable-length sequences
-(fla's ``cu_seqlens``), every layer hands the kernels batch 1 and one head, whatever it kept. fla's chunked kernels
-L2-normalise queries and keys with a kernel whose autotuning key counts the rows (tokens x heads), so the chunked
-path normalises them here instead (``normalised``).
+Shipped inside output folders (imports only torch and, optionally, fla). fla's Triton kernels take head counts,
+and some (the gates' chunked cumulative sum, the delta rule's decode step) the batch size, as compile-time
+constants: a model whose layers keep different numbers of heads would compile and autotune those kernels once per
+distinct count. The heads of a linear-attention layer never mix inside the recurrence, so a batch of B sequences of
+H heads is the same computation as B·H sequences of one head; packed back to back into one batch of
+variable-length sequences (fla's ``cu_seqlens``), every layer hands the kernels batch 1 and one head, whatever it
+kept. fla's chunked kernels L2-normalise queries and keys with a kernel whose compile-time constants count the rows (tokens x heads) in steps of
+65,536, so the chunked path normalises them here instead, in calls of at most that many rows (``normalised``).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
@@ -29,11 +29,29 @@ CHUNK_SIZE = 64
 kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 
+try:  # fla is optional: without it, ``normalised`` computes in PyTorch.
+    from fla.modules.l2norm import l2norm as _fla_l2norm
+except Exception:  # ImportError, or fla without triton
+    _fla_l2norm = None
+
+FLA_L2NORM_ROWS = 65536
+"""Rows per call of fla's l2norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning key:
+calls of at most this many rows compile and tune it once, whatever number of heads a layer kept."""
+
+
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype and layout, as
-    fla's l2norm kernel computes it."""
-    y = x.float()
-    return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
+    kernel computes it. x [B, T, H, ·] -> the same shape, head-major (``y.transpose(1, 2)`` contiguous). CUDA
+    tensors outside autograd take fla's kernel (one launch per ``FLA_L2NORM_ROWS`` rows, where PyTorch launches
+    seven and keeps float32 copies in memory), everything else PyTorch."""
+    if _fla_l2norm is None or not x.is_cuda or torch.is_grad_enabled():
+        y = x.float()
+        return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    heads_first = x.transpose(1, 2)
+    rows = heads_first.reshape(-1, x.shape[-1])
+    pieces = [_fla_l2norm(part, eps) for part in rows.split(FLA_L2NORM_ROWS)]
+    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return y.view(heads_first.shape).transpose(1, 2)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
