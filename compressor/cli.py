@@ -22,7 +22,8 @@ import click
 from . import interrupts
 from .errors import CompressorError
 from .model_source import local_folder_of, locate_model
-from .preflight import check_eval_inputs, check_prune_inputs
+from .outputs import check_output
+from .preflight import check_eval_inputs, check_prune_inputs, check_pruned_folder, check_teacher_location
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
                        PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
                        PruneSettings)
@@ -127,6 +128,9 @@ def main():
 @user_errors
 def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_map, **options):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
+    if out_dir is not None:  # before the pipeline's imports: quick refusals, in the pipeline's order
+        check_output(out_dir, overwrite, [local_folder_of(model)])
+    locate_model(model)
     from .pipeline import analyze as run_analyze
 
     device, dtype = options.pop("device"), options.pop("dtype")
@@ -244,7 +248,7 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
     import tempfile
 
     from .heal import HealSettings, heal_folder
-    from .pipeline import check_output, prune as run_prune
+    from .pipeline import prune as run_prune
 
     calibration = settings.calibration
     heal_settings = HealSettings(tokens=tokens, calib=calibration.calib, text_field=calibration.text_field,
@@ -254,7 +258,7 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
     heal_settings.check()
     if settings.dry_run or out_dir is None:
         raise CompressorError("--heal trains and writes the pruned model; it needs --out and no --dry-run.")
-    check_output(out_dir, settings.overwrite, model)
+    check_output(out_dir, settings.overwrite, [local_folder_of(model)])
     push, settings.push_to_hub = settings.push_to_hub, None
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.unhealed-", dir=out_dir.resolve().parent) as folder:
         result = run_prune(model, Path(folder) / "pruned", settings, command=command)
@@ -320,6 +324,7 @@ def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path
     """Perplexity and copy-recall accuracy of MODEL (folder, prune output or Hub id)."""
     settings = EvalSettings(path, samples, seq_len, batch_size)
     check_eval_inputs(settings, json_path, overwrite)
+    locate_model(model)
     from .quality import evaluate as run_evaluate
 
     figures = run_evaluate(model, settings, device, dtype, json_path, overwrite=overwrite, device_map=device_map)
@@ -470,6 +475,8 @@ def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, cal
          seq_len, batch_size, held_out, curve_points, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device,
          overwrite):
     """Distil the unpruned TEACHER into a PRUNED folder (KL on next-token distributions) and write it to --out."""
+    check_pruned_folder(pruned_dir)  # before heal's imports: quick refusals
+    check_teacher_location(teacher, pruned_dir)
     from .heal import HealSettings, heal_folder
 
     settings = HealSettings(

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import CompressorError
+from .preflight import check_pruned_folder, check_teacher_location
 
 TRAIN_GROUPS = ("linear", "all")
 DATA_SOURCES = ("calib", "teacher")
@@ -154,13 +155,7 @@ def read_pruned_record(pruned_dir: Path):
     wrote; refuse anything else in one sentence."""
     from .record import CompressionRecord
 
-    if not pruned_dir.is_dir():
-        raise CompressorError(f"pruned folder {pruned_dir} does not exist.")
-    if not (pruned_dir / "config.json").is_file():
-        raise CompressorError(f"{pruned_dir} is not a model folder: it has no config.json.")
-    if not (pruned_dir / "compression.json").is_file():
-        raise CompressorError(f"{pruned_dir} was not written by compressor (it has no compression.json); "
-                              "heal takes the output folder of `compress prune`.")
+    check_pruned_folder(pruned_dir)
     return CompressionRecord.read(pruned_dir)
 
 
@@ -187,13 +182,7 @@ def check_teacher(teacher: str, pruned_dir: Path, record) -> None:
     tokenizers only; no weights load)."""
     from transformers import AutoTokenizer
 
-    path = Path(teacher).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise CompressorError(f"teacher {teacher} is not a model folder: it has no config.json.")
-    if not path.exists() and (teacher.count("/") != 1 or teacher.startswith((".", "/", "~"))):
-        raise CompressorError(f"teacher folder {teacher} does not exist (and is not a Hub id of the form owner/name).")
-    if path.exists() and path.resolve() == pruned_dir.resolve():
-        raise CompressorError("the teacher is the pruned folder itself; give the unpruned source model.")
+    check_teacher_location(teacher, pruned_dir)
     student_config = _text_config(str(pruned_dir))
     teacher_config = _text_config(teacher)
     wanted = _base_type(record.family)

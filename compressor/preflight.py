@@ -1,4 +1,4 @@
-"""What ``prune`` and ``eval`` refuse before a model loads, with light imports only: the command line runs it before
+"""What ``prune``, ``eval``, ``analyze`` and ``heal`` refuse before a model loads, with light imports only: the command line runs it before
 it imports the pipeline (torch, fla, every family's modeling code), so that a mistake is refused in a second or
 two."""
 
@@ -31,3 +31,26 @@ def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, over
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
     if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
         raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
+
+
+def check_pruned_folder(pruned_dir: Path) -> None:
+    """Refuse, in one sentence, a ``heal`` input that is not a folder ``compress prune`` wrote."""
+    if not pruned_dir.is_dir():
+        raise CompressorError(f"pruned folder {pruned_dir} does not exist.")
+    if not (pruned_dir / "config.json").is_file():
+        raise CompressorError(f"{pruned_dir} is not a model folder: it has no config.json.")
+    if not (pruned_dir / "compression.json").is_file():
+        raise CompressorError(f"{pruned_dir} was not written by compressor (it has no compression.json); "
+                              "heal takes the output folder of `compress prune`.")
+
+
+def check_teacher_location(teacher: str, pruned_dir: Path) -> None:
+    """Refuse, in one sentence, a ``heal`` teacher that is neither a model folder nor a Hub id, or is the pruned
+    folder itself."""
+    path = Path(teacher).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise CompressorError(f"teacher {teacher} is not a model folder: it has no config.json.")
+    if not path.exists() and (teacher.count("/") != 1 or teacher.startswith((".", "/", "~"))):
+        raise CompressorError(f"teacher folder {teacher} does not exist (and is not a Hub id of the form owner/name).")
+    if path.exists() and path.resolve() == pruned_dir.resolve():
+        raise CompressorError("the teacher is the pruned folder itself; give the unpruned source model.")
