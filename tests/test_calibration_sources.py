@@ -97,7 +97,9 @@ def test_a_hub_dataset_without_the_datasets_extra_is_one_clear_sentence(monkeypa
         read_documents("hf:wikitext")
     with pytest.raises(CompressorError, match=message):
         check_source("hf:wikitext")
-    result = CliRunner().invoke(main, ["analyze", "no/such/model", "--calib", "hf:wikitext", "--out", str(tmp_path / "o")])
+    from conftest import FIXTURE
+
+    result = CliRunner().invoke(main, ["analyze", str(FIXTURE), "--calib", "hf:wikitext", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "needs the datasets extra" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
