@@ -26,7 +26,7 @@ from .outputs import check_output
 from .preflight import check_eval_inputs, check_prune_inputs, check_pruned_folder, check_teacher_location
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
                        PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
-                       PruneSettings)
+                       PruneSettings, check_memory_sizes)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
@@ -128,13 +128,16 @@ def main():
 @user_errors
 def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_map, **options):
     """Measure every head's state rank and norm over time on calibration text (MODEL: folder or Hub id)."""
-    if out_dir is not None:  # before the pipeline's imports: quick refusals, in the pipeline's order
+    device, dtype = options.pop("device"), options.pop("dtype")
+    calibration = calibration_settings(options)
+    calibration.check()  # before the pipeline's imports: quick refusals, in the pipeline's order
+    check_memory_sizes(max_gpu_memory, max_cpu_memory)
+    if out_dir is not None:
         check_output(out_dir, overwrite, [local_folder_of(model)])
     locate_model(model)
     from .pipeline import analyze as run_analyze
 
-    device, dtype = options.pop("device"), options.pop("dtype")
-    stats = run_analyze(model, calibration_settings(options), out_dir, device, dtype, overwrite=overwrite,
+    stats = run_analyze(model, calibration, out_dir, device, dtype, overwrite=overwrite,
                         max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, device_map=device_map)
     ranks = stats.per_layer("threshold_rank")
     for i, layer in enumerate(stats.layers):
@@ -475,8 +478,6 @@ def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, cal
          seq_len, batch_size, held_out, curve_points, teacher_top_k, eval_path, eval_samples, eval_seq_len, seed, device,
          overwrite):
     """Distil the unpruned TEACHER into a PRUNED folder (KL on next-token distributions) and write it to --out."""
-    check_pruned_folder(pruned_dir)  # before heal's imports: quick refusals
-    check_teacher_location(teacher, pruned_dir)
     from .heal import HealSettings, heal_folder
 
     settings = HealSettings(
@@ -485,6 +486,10 @@ def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, cal
         curve_points=curve_points, teacher_top_k=teacher_top_k, eval_path=None if eval_path is None else str(eval_path),
         eval_samples=eval_samples, eval_seq_len=eval_seq_len, seed=seed, device=device,
     )
+    settings.check()  # before torch and transformers are imported: quick refusals, in heal's order
+    check_pruned_folder(pruned_dir)
+    check_output(out_dir, overwrite, [pruned_dir, Path(teacher).expanduser()])
+    check_teacher_location(teacher, pruned_dir)
     record = heal_folder(pruned_dir, teacher, out_dir, settings, overwrite=overwrite,
                          command=command_line(click.get_current_context()))
     echo_recovery(record.recovery, out_dir)

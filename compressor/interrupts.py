@@ -54,8 +54,8 @@ def interrupt(signum, frame):
 
 
 def deliver_again(signum: int) -> None:
-    """Send ``signum`` to the main thread: it stays pending while the main thread blocks it (``_signals_held`` around
-    the last renames of an output folder)."""
+    """Send ``signum`` to the main thread: it stays pending while the main thread blocks it
+    (``outputs._signals_held`` around the last renames of an output folder)."""
     deferral["armed"] = False
     signal.pthread_kill(threading.main_thread().ident, signum)
 

@@ -1,5 +1,5 @@
-"""What ``prune``, ``eval``, ``analyze`` and ``heal`` refuse before a model loads, with light imports only: the command line runs it before
-it imports the pipeline (torch, fla, every family's modeling code), so that a mistake is refused in a second or
+"""What the commands refuse before a model loads, with light imports only: the command line runs it before it
+imports the pipeline (torch, fla, every family's modeling code), so that a mistake is refused in a second or
 two."""
 
 from __future__ import annotations

@@ -302,14 +302,16 @@ def on_device(events) -> list:
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
          "aten::nonzero")
 """Host calls that wait for the GPU (explicit synchronisations, a tensor read as a Python number, ``nonzero``)."""
+MEASURED = "bench_inference.measured"
+"""The profiler range around the profiled call: waits are counted inside it (the harness's own are outside)."""
 
 
 def profiled(fn) -> dict:
-    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), the host calls in it that
-    wait for the GPU, the kernels launched most often, and, unprofiled, the time the host took to return from
+    """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), the host calls inside it
+    that wait for the GPU, the kernels launched most often, and, unprofiled, the time the host took to return from
     ``fn`` against the time until the GPU finished (close together: the host, not the GPU, sets the pace)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     fn()
     torch.cuda.synchronize()
@@ -319,14 +321,18 @@ def profiled(fn) -> dict:
     torch.cuda.synchronize()
     finished = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
+        with record_function(MEASURED):
+            fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = on_device(events)
+    call = next(e.time_range for e in prof.events() if e.name == MEASURED)
+    waits = [e.name for e in prof.events()
+             if e.name in WAITS and call.start <= e.time_range.start and e.time_range.end <= call.end]
     return {"launches": sum(e.count for e in events if e.key in LAUNCHES),
             "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
             "host_ms": round((returned - started) * 1e3, 3), "wall_ms": round((finished - started) * 1e3, 3),
-            "waits": {e.key: e.count for e in events if e.key in WAITS},
+            "waits": {name: waits.count(name) for name in sorted(set(waits))},
             "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12]}
 
 

@@ -109,24 +109,30 @@ def test_eval_output_mistakes_are_refused_before_the_evaluation_is_imported(monk
     assert mine.read_text() == "mine"
 
 
-@pytest.mark.parametrize("command, blocked, words", [
-    (["eval", "{missing}"], "compressor.quality", ["model folder", "does not exist"]),
-    (["analyze", "{missing}"], "compressor.pipeline", ["model folder", "does not exist"]),
-    (["heal", "{missing}", "--teacher", FIXTURE, "--out", "{out}"], "compressor.heal", ["pruned folder", "does not exist"]),
-    (["heal", FIXTURE, "--teacher", FIXTURE, "--out", "{out}"], "compressor.heal", ["was not written by compressor"]),
-    (["heal", "{pruned}", "--teacher", "{missing}", "--out", "{out}"], "compressor.heal", ["teacher folder",
-                                                                                           "does not exist"]),
+HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "compressor.calibration")
+"""The modules that pull in torch, transformers and fla."""
+
+
+@pytest.mark.parametrize("command, words", [
+    (["eval", "{missing}"], ["model folder", "does not exist"]),
+    (["analyze", "{missing}"], ["model folder", "does not exist"]),
+    (["analyze", "{missing}", "--every", "63"], ["--every"]),  # the options first, as the pipeline checks them
+    (["heal", "{missing}", "--teacher", FIXTURE, "--out", "{out}"], ["pruned folder", "does not exist"]),
+    (["heal", "{missing}", "--teacher", FIXTURE, "--out", "{out}", "--tokens", "0"], ["--tokens"]),
+    (["heal", FIXTURE, "--teacher", FIXTURE, "--out", "{out}"], ["was not written by compressor"]),
+    (["heal", "{pruned}", "--teacher", "{missing}", "--out", "{out}"], ["teacher folder", "does not exist"]),
 ])
-def test_missing_models_are_refused_before_the_heavy_imports(monkeypatch, tmp_path, command, blocked, words):
-    """eval, analyze and heal say that a model folder is missing (or not a prune output) before they import the
-    modules that pull in torch, transformers and fla."""
+def test_missing_models_are_refused_before_the_heavy_imports(monkeypatch, tmp_path, command, words):
+    """eval, analyze and heal check their options, then say that a model folder is missing (or not a prune output)
+    before they import the modules that pull in torch, transformers and fla."""
     from conftest import assert_user_error, invoke
 
     pruned = tmp_path / "pruned"
     pruned.mkdir()
     for name in ("config.json", "compression.json"):
         (pruned / name).write_text("{}")
-    monkeypatch.setitem(sys.modules, blocked, None)  # importing it now raises ImportError
+    for module in HEAVY:
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     values = dict(missing=tmp_path / "missing", out=tmp_path / "out", pruned=pruned)
     args = [str(part).format(**values) for part in command]
     assert_user_error(invoke(*args), *words)

@@ -274,23 +274,30 @@ def test_a_signal_during_an_import_is_delivered_again_after_it(monkeypatch, tmp_
     assert interrupts.received == [signal.SIGTERM] * 2 and len(timers) == 2
 
 
-def test_an_interrupt_while_the_command_line_is_imported_is_one_line(monkeypatch, capsys):
-    """The executable installs the handlers before it imports the command line (click and the settings take a
-    noticeable part of a second): an interrupt then is the interrupt's line and exit status too."""
+@pytest.mark.parametrize("surfaces_as", ["the interrupt", "another error"])
+def test_an_interrupt_while_the_command_line_is_imported_is_one_line(monkeypatch, capsys, surfaces_as):
+    """The executable installs the handlers before it imports the command line: an interrupt then is the interrupt's
+    line and exit status too, also where the half-done import turned it into another error."""
     from compressor import __main__ as executable
     from compressor import interrupts
 
     installed, handlers_when_imported = [], []
+    monkeypatch.setattr(interrupts, "received", [])
 
     class InterruptedImport:
         def find_spec(self, name, path=None, target=None):
             if name == "compressor.cli":
                 handlers_when_imported.extend(installed)
-                raise interrupts.Interrupted(signal.SIGINT)
+                try:
+                    interrupts.interrupt(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    if surfaces_as == "the interrupt":
+                        raise
+                    raise RecursionError("maximum recursion depth exceeded") from None
 
     monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_DFL)
     monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
-    monkeypatch.delitem(sys.modules, "compressor.cli")
+    monkeypatch.delitem(sys.modules, "compressor.cli", raising=False)
     monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
     with pytest.raises(SystemExit) as exit:
         executable.run()

@@ -7,8 +7,9 @@ constants: a model whose layers keep different numbers of heads would compile an
 distinct count. The heads of a linear-attention layer never mix inside the recurrence, so a batch of B sequences of
 H heads is the same computation as B·H sequences of one head; packed back to back into one batch of
 variable-length sequences (fla's ``cu_seqlens``), every layer hands the kernels batch 1 and one head, whatever it
-kept. fla's chunked kernels L2-normalise queries and keys with a kernel whose compile-time constants count the rows (tokens x heads) in steps of
-65,536, so the chunked path normalises them here instead, in calls of at most that many rows (``normalised``).
+kept. fla's chunked kernels L2-normalise queries and keys with a kernel whose compile-time constants count the
+rows (tokens x heads) in steps of 65,536, so the chunked path normalises them here instead, in calls of at most
+that many rows (``normalised``).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
@@ -41,9 +42,10 @@ calls of at most this many rows compile and tune it once, whatever number of hea
 
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
-    kernel computes it. x [B, T, H, ·] -> the same shape, head-major (``y.transpose(1, 2)`` contiguous). CUDA
-    tensors outside autograd take fla's kernel (one launch per ``FLA_L2NORM_ROWS`` rows, where PyTorch launches
-    seven and keeps float32 copies in memory), everything else PyTorch."""
+    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd take fla's kernel (one
+    launch per ``FLA_L2NORM_ROWS`` rows, and a copy joining several, where PyTorch launches seven and keeps
+    float32 copies in memory) and return head-major (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in
+    x's layout."""
     if _fla_l2norm is None or not x.is_cuda or torch.is_grad_enabled():
         y = x.float()
         return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
