@@ -216,8 +216,25 @@ def test_queries_and_keys_normalised_by_fla_in_pieces_equal_pytorch(heads):
     with torch.no_grad():
         fla_rows = packed_heads.normalised(x)
     torch_rows = packed_heads.normalised(x.cpu()).cuda()
-    assert packed_heads._fla_l2norm is not None and fla_rows.transpose(1, 2).is_contiguous()
+    assert packed_heads._fla_l2norm_fwd is not None and fla_rows.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(fla_rows.float(), torch_rows.float(), rtol=0, atol=2**-8)
+
+
+def test_a_gate_computed_from_its_head_major_copy_packs_without_a_copy():
+    """``head_major`` casts and lays out [B, T, H] (or [B, T, H, ·]) in one copy; the elementwise ops of a gate keep
+    that layout, so ``pack`` of the result is a view of its memory, with the values of the token-major form."""
+    from compressor.modeling.packed_heads import head_major, pack
+
+    a = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    rate, bias = torch.rand(3).to(torch.bfloat16), torch.randn(3).to(torch.bfloat16)
+    copied = head_major(a, torch.float32)
+    assert copied.dtype == torch.float32 and torch.equal(copied, a.float()) and copied.transpose(1, 2).is_contiguous()
+    gate = torch.nn.functional.softplus(copied + bias) * -rate.float().exp()
+    expected = -rate.float().exp() * torch.nn.functional.softplus(a.float() + bias.float())
+    torch.testing.assert_close(gate, expected, rtol=1e-6, atol=0)  # the CPU's vector and scalar paths may differ
+    assert pack(gate).data_ptr() == gate.data_ptr() and torch.equal(pack(gate), pack(gate.contiguous()))
+    channels = head_major(torch.randn(2, 7, 3, 4))
+    assert channels.transpose(1, 2).is_contiguous() and pack(channels).data_ptr() == channels.data_ptr()
 
 
 def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():

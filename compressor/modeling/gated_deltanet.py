@@ -29,6 +29,7 @@ from . import gated_delta
 from .decode_graph import DecodeGraph
 from .fla_decode_step import can_step_in_place
 from .gated_delta import gated_delta_rule
+from .packed_heads import head_major
 
 try:  # fla is optional: without it, the gated norm runs the stock module's PyTorch forward.
     from fla.modules.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
@@ -223,7 +224,7 @@ class PrunableGatedDeltaNetMixin:
         query, key = self.queries_and_keys(query_key, hidden_states.device)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         beta = self.write_strength(b)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        g = F.softplus(head_major(a, torch.float32) + self.dt_bias) * -self.A_log.float().exp()  # packs as a view
 
         out, final_state = self.recurrence(
             query, key, value, g, beta, initial_state=recurrent_state,

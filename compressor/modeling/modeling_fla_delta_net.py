@@ -64,7 +64,8 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
         if self.qk_norm == "sum":
             q, k = (F.normalize(x.float(), p=1, dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
         beta = self.b_proj(hidden_states).sigmoid() if self.use_beta else torch.ones_like(q[..., 0])
-        beta = beta * (2.0 if self.allow_neg_eigval else 1.0)
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
         out, final_state = self.recurrence(
             q, k, v, beta, use_qk_l2norm=self.qk_norm == "l2",
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

@@ -10,6 +10,7 @@ AutoConfig imports it first).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache
@@ -24,6 +25,7 @@ from .fla_layers import (
     route_to_torch,
 )
 from .gated_delta import gated_delta_rule
+from .packed_heads import head_major
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -63,8 +65,11 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         if conv_states is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
-        beta = self.b_proj(hidden_states).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        beta = self.b_proj(hidden_states).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        a = head_major(self.a_proj(hidden_states), torch.float32)  # the gate then packs as a view
+        g = F.softplus(a + self.dt_bias) * -self.A_log.float().exp()
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

@@ -11,6 +11,7 @@ AutoConfig imports it first).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from fla.layers.gla import GatedLinearAttention
 from fla.layers.utils import get_layer_cache, update_layer_cache
@@ -24,6 +25,7 @@ from .fla_layers import (
     route_to_torch,
 )
 from .gla import gla
+from .packed_heads import head_major
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -57,7 +59,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
         q, k, v = self.heads(q, k, v)
         gk = self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim)
-        gk = F.logsigmoid(gk.float()) / self.gate_logit_normalizer
+        gk = F.logsigmoid(head_major(gk, torch.float32)) / self.gate_logit_normalizer  # packs as a view
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
         if self.feature_map_fn is not None:

@@ -10,6 +10,7 @@ AutoConfig imports it first).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from fla.layers.kda import KimiDeltaAttention
 from fla.layers.utils import get_layer_cache
@@ -24,6 +25,7 @@ from .fla_layers import (
     route_to_torch,
 )
 from .kda import kimi_delta_attention
+from .packed_heads import head_major
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -65,14 +67,16 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         if conv_states is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
-        f = self.f_proj(hidden_states).float().reshape(batch, length, self.num_v_heads, self.head_k_dim)
-        f = f + self.dt_bias.float().view(self.num_v_heads, self.head_k_dim)
+        f = self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim)
+        f = head_major(f, torch.float32) + self.dt_bias.view(self.num_v_heads, self.head_k_dim)  # packs as a view
         rate = self.A_log.float().exp()[:, None]  # [H_v, 1]
         if self.lower_bound is not None:  # fla's bounded gate: lower_bound · sigmoid(exp(A_log) · (f + dt_bias))
-            g = self.lower_bound * (rate * f).sigmoid()
+            g = (f * rate).sigmoid() * self.lower_bound
         else:  # g [B, T, H_v, d_k] = -exp(A_log) · softplus(f + dt_bias)
-            g = -rate * F.softplus(f)
-        beta = self.b_proj(hidden_states).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
+            g = F.softplus(f) * -rate
+        beta = self.b_proj(hidden_states).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

@@ -31,9 +31,9 @@ kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 
 try:  # fla is optional: without it, ``normalised`` computes in PyTorch.
-    from fla.modules.l2norm import l2norm as _fla_l2norm
+    from fla.modules.l2norm import l2norm_fwd as _fla_l2norm_fwd
 except Exception:  # ImportError, or fla without triton
-    _fla_l2norm = None
+    _fla_l2norm_fwd = None
 
 FLA_L2NORM_ROWS = 65536
 """Rows per call of fla's l2norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning key:
@@ -46,14 +46,22 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     launch per ``FLA_L2NORM_ROWS`` rows, and a copy joining several, where PyTorch launches seven and keeps
     float32 copies in memory) and return head-major (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in
     x's layout."""
-    if _fla_l2norm is None or not x.is_cuda or torch.is_grad_enabled():
+    if _fla_l2norm_fwd is None or not x.is_cuda or torch.is_grad_enabled():
         y = x.float()
         return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
     heads_first = x.transpose(1, 2)
     rows = heads_first.reshape(-1, x.shape[-1])
-    pieces = [_fla_l2norm(part, eps) for part in rows.split(FLA_L2NORM_ROWS)]
+    pieces = [_fla_l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return y.view(heads_first.shape).transpose(1, 2)
+
+
+def head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [B, T, H, ·] or [B, T, H] copied, and cast to ``dtype`` (default: x's), into head-major memory in one copy:
+    the same shape, whose ``transpose(1, 2)`` is contiguous. Elementwise results of it are laid out the same way, so
+    ``pack`` of them is a view, where a per-head gate computed in x's layout would be copied again to pack it."""
+    shape = (x.shape[0], x.shape[2], x.shape[1], *x.shape[3:])
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).transpose(1, 2).copy_(x)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
