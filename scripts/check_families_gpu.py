@@ -304,7 +304,7 @@ def warm_up(name: str, work: Path) -> str:
 def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round): prefill in ``rounds`` rounds of the median of 5 calls (ratios of the medians
-    and of the best rounds: these host-bound prefills vary by half from round to round), decoding in the first
+    of the rounds and of the best rounds: host-bound prefills vary from round to round), decoding in the first
     ``decode_rounds`` (median)."""
     import torch
     from bench_inference import profiled, timed
@@ -329,7 +329,7 @@ def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3
     for v in names:
         figures[v]["prefill_4x2048_s"] = sorted(values[v]["prefill"])[rounds // 2]
         figures[v]["prefill_4x2048_best_s"] = min(values[v]["prefill"])
-        figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[decode_rounds // 2]
+        figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[len(values[v]["decode"]) // 2]
     for v, runner in runners.items():
         figures[v]["prefill_4x2048_profile"] = profiled(lambda: runner.prefill(prefill[v]))
     for v in names[1:]:

@@ -3,14 +3,15 @@ revision's modeling files and with the working tree's, against its source with t
 
     python scripts/compare_shipped_code.py --work DIR --out results.json --old-rev cdda7b9 [--families a,b] [--decode]
 
-For each family of ``check_families_gpu.py`` (the same 4-layer models at d_k = d_v = 128, random weights), the
+For each family of ``check_families_gpu.py`` (the same models at d_k = d_v = 128, random weights: 4 layers, fla's 3),
+the
 ``heads`` folder is built with the working tree; ``heads_old`` is a copy of it whose ``*.py`` files are replaced by
 ``git show OLD_REV:compressor/modeling/NAME`` (weights and config are the export's, which the code change must not
 touch). It reports whether the two give bit-identical bf16 logits on one 512-token prompt, then times prefill of
 4 x 2048 tokens (7 rounds, the variants in turns with the order reversed every round, each round the median of 5
 calls) and, with ``--decode``, the time per greedy decoding step at batch 16 (3 rounds). Prefill of these small models
-is bound by the host's Python and launch time, which on a shared machine varies by half between rounds: compare the
-medians and minima of many rounds, not one.
+is bound by the host's Python and launch time, which varies between rounds on a shared machine: compare the medians
+and minima of many rounds, not one.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 ROUNDS, CALLS, DECODE_ROUNDS = 7, 5, 3
 
 
+def git(*arguments: str) -> bytes:
+    return subprocess.run(["git", "-C", str(ROOT), *arguments], check=True, capture_output=True).stdout
+
+
 def old_folder(new: Path, old: Path, revision: str) -> None:
     """Copy the folder ``new`` to ``old`` with each shipped ``.py`` file as it was at ``revision``."""
     shutil.copytree(new, old)
     for path in old.glob("*.py"):
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:compressor/modeling/{path.name}"],
-                                check=True, capture_output=True, text=True).stdout
-        path.write_text(source)
+        path.write_bytes(git("show", f"{revision}:compressor/modeling/{path.name}"))
 
 
 def median(values: list[float]) -> float:
@@ -48,10 +51,8 @@ def compare(name: str, work: Path, revision: str, decode: bool) -> dict:
     import torch
     from bench_inference import Runner
 
-    if not (work / name / families.BUILT).is_file():
-        families.build_folders(name, work)
-    if not (work / name / "heads_old").is_dir():
-        old_folder(work / name / "heads", work / name / "heads_old", revision)
+    families.build_folders(name, work)
+    old_folder(work / name / "heads", work / name / "heads_old", revision)
     runners = {"source": families.stock_runner(work / name / "source"), "heads_old": Runner(work / name / "heads_old"),
                "heads": Runner(work / name / "heads")}
     ids = runners["source"].tokens(4, 2048)
@@ -112,15 +113,22 @@ def main() -> None:
         parser.error(f"will not overwrite {args.out}")
     if args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty; name a new folder")
+    try:
+        old_rev = git("rev-parse", "--verify", f"{args.old_rev}^{{commit}}").decode().strip()
+        new_rev = git("rev-parse", "HEAD").decode().strip()
+        dirty = bool(git("status", "--porcelain", "--", "compressor/modeling").strip())
+    except subprocess.CalledProcessError:
+        parser.error(f"--old-rev {args.old_rev} is not a commit of the repository at {ROOT}")
     import fla  # noqa: F401  (registers fla's model types with transformers)
     from bench_inference import versions
 
     import compressor
 
     compressor.register()
-    results = {"versions": versions(), "old_rev": args.old_rev, "new_rev": "working tree"}
+    results = {"versions": versions(), "old_rev": old_rev, "new_rev": new_rev,
+               "new_modeling_files_differ_from_new_rev": dirty}
     for name in args.families.split(","):
-        results[name] = compare(name, args.work, args.old_rev, args.decode)
+        results[name] = compare(name, args.work, old_rev, args.decode)
         args.out.write_text(json.dumps(results, indent=2))
 
 

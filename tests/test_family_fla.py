@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fresh_process import reloaded_logits
 from tiny_fla import (
     CONFIGS,
@@ -116,6 +117,50 @@ def test_padded_positions_leave_the_others_unchanged(config_name):
         plain = model(ids).logits
         left = model(padded, attention_mask=mask).logits[:, 7:]
     assert (plain - left).abs().max().item() <= 1e-4
+
+
+def fla_gates(name: str, mixer, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The decay and write strength of fla's layer definitions, written out from its parameters: hidden [B, T, D] ->
+    GLA: (gk [B, T, H, d_k],); the delta rules: (g [B, T, H] or [B, T, H, d_k], beta [B, T, H])."""
+    batch, length, _ = hidden.shape
+    if name.startswith("gla"):
+        gk = F.logsigmoid(mixer.gk_proj(hidden).reshape(batch, length, mixer.num_heads, -1))
+        gk = gk / mixer.gate_logit_normalizer
+        return (gk if mixer.clamp_min is None else gk.clamp_min(mixer.clamp_min),)
+    beta = mixer.b_proj(hidden).sigmoid() * (2.0 if mixer.allow_neg_eigval else 1.0)
+    rate = mixer.A_log.exp()
+    if name.startswith("kda"):
+        f = mixer.f_proj(hidden).reshape(batch, length, mixer.num_v_heads, -1) + mixer.dt_bias.view(rate.shape[0], -1)
+        if mixer.lower_bound is not None:
+            return mixer.lower_bound * torch.sigmoid(rate[:, None] * f), beta
+        return -rate[:, None] * F.softplus(f), beta
+    return -rate * F.softplus(mixer.a_proj(hidden) + mixer.dt_bias), beta
+
+
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "gla", "gla_conv_relu", "kda_gva", "kda_safe_gate"])
+def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
+    """The decay (and beta) the shipped forward hands its recurrence equal fla's formulas on the layer's input (GLA's
+    clamp set where it binds)."""
+    model = tiny_fla_model(config_name)
+    mixer = model.model.layers[1].attn
+    if config_name == "gla_conv_relu":
+        mixer.clamp_min = -0.05
+    seen = {}
+    mixer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0]
+                                                                             if args else None)), with_kwargs=True)
+    recurrence = mixer.recurrence
+
+    def spy(q, k, v, *gates, **options):
+        seen["gates"] = gates
+        return recurrence(q, k, v, *gates, **options)
+
+    mixer.recurrence = spy
+    with torch.no_grad():
+        model(input_ids())
+        expected = fla_gates(config_name, mixer, seen["hidden"])
+    assert len(seen["gates"]) == len(expected)
+    for got, want in zip(seen["gates"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_hybrid_with_attention_layers_is_refused(tmp_path):

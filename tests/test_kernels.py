@@ -235,6 +235,7 @@ def test_a_gate_computed_from_its_head_major_copy_packs_without_a_copy():
     assert pack(gate).data_ptr() == gate.data_ptr() and torch.equal(pack(gate), pack(gate.contiguous()))
     channels = head_major(torch.randn(2, 7, 3, 4))
     assert channels.transpose(1, 2).is_contiguous() and pack(channels).data_ptr() == channels.data_ptr()
+    assert head_major(channels).data_ptr() == channels.data_ptr()  # already head-major: no copy
 
 
 def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():

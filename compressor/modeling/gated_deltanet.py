@@ -224,7 +224,8 @@ class PrunableGatedDeltaNetMixin:
         query, key = self.queries_and_keys(query_key, hidden_states.device)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         beta = self.write_strength(b)
-        g = F.softplus(head_major(a, torch.float32) + self.dt_bias) * -self.A_log.float().exp()  # packs as a view
+        # g [B, T, H_v], head-major: on CUDA it packs as a view
+        g = F.softplus(head_major(a, torch.float32) + self.dt_bias) * -self.A_log.float().exp()
 
         out, final_state = self.recurrence(
             query, key, value, g, beta, initial_state=recurrent_state,

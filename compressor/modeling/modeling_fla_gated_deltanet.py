@@ -68,7 +68,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         beta = self.b_proj(hidden_states).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        a = head_major(self.a_proj(hidden_states), torch.float32)  # the gate then packs as a view
+        a = head_major(self.a_proj(hidden_states), torch.float32)  # the gate then packs as a view on CUDA
         g = F.softplus(a + self.dt_bias) * -self.A_log.float().exp()
         out, final_state = self.recurrence(
             q, k, v, g, beta,

@@ -59,7 +59,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
         q, k, v = self.heads(q, k, v)
         gk = self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim)
-        gk = F.logsigmoid(head_major(gk, torch.float32)) / self.gate_logit_normalizer  # packs as a view
+        gk = F.logsigmoid(head_major(gk, torch.float32)) / self.gate_logit_normalizer  # packs as a view on CUDA
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
         if self.feature_map_fn is not None:

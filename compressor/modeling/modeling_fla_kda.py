@@ -68,7 +68,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
         f = self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim)
-        f = head_major(f, torch.float32) + self.dt_bias.view(self.num_v_heads, self.head_k_dim)  # packs as a view
+        # head-major [B, T, H_v, d_k]: on CUDA the gate packs as a view
+        f = head_major(f, torch.float32) + self.dt_bias.view(self.num_v_heads, self.head_k_dim)
         rate = self.A_log.float().exp()[:, None]  # [H_v, 1]
         if self.lower_bound is not None:  # fla's bounded gate: lower_bound · sigmoid(exp(A_log) · (f + dt_bias))
             g = (f * rate).sigmoid() * self.lower_bound

@@ -51,17 +51,21 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
     heads_first = x.transpose(1, 2)
     rows = heads_first.reshape(-1, x.shape[-1])
-    pieces = [_fla_l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        pieces = [_fla_l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return y.view(heads_first.shape).transpose(1, 2)
 
 
 def head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [B, T, H, ·] or [B, T, H] copied, and cast to ``dtype`` (default: x's), into head-major memory in one copy:
-    the same shape, whose ``transpose(1, 2)`` is contiguous. Elementwise results of it are laid out the same way, so
-    ``pack`` of them is a view, where a per-head gate computed in x's layout would be copied again to pack it."""
-    shape = (x.shape[0], x.shape[2], x.shape[1], *x.shape[3:])
-    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).transpose(1, 2).copy_(x)
+    """x [B, T, H, ·] or [B, T, H] cast to ``dtype`` (default: x's) in head-major memory, in one copy (none where it
+    already is, in that dtype): the same shape, whose ``transpose(1, 2)`` is contiguous. On CUDA, elementwise results of it are laid
+    out the same way, so ``pack`` of them is a view, where a per-head gate computed in x's layout would be copied
+    again to pack it."""
+    heads_first = x.transpose(1, 2)
+    if dtype is None or dtype == x.dtype:
+        return heads_first.contiguous().transpose(1, 2)
+    return heads_first.to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
