@@ -238,6 +238,31 @@ def test_a_gate_computed_from_its_head_major_copy_packs_without_a_copy():
     assert head_major(channels).data_ptr() == channels.data_ptr()  # already head-major: no copy
 
 
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next_dense"])
+def test_the_transformers_mixers_hand_their_recurrence_the_stock_decay_head_major(name):
+    """g = -exp(A_log) · softplus(a + dt_bias), as the stock transformers forward computes it, laid out head-major so
+    that packing heads takes a view of it."""
+    model = tiny_model(name)
+    mixer = model.model.layers[0].linear_attn
+    seen = {}
+    mixer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(hidden=kwargs["hidden_states"] if not args else args[0]),
+        with_kwargs=True)
+    recurrence = mixer.recurrence
+
+    def spy(q, k, v, g, beta, **options):
+        seen["g"] = g
+        return recurrence(q, k, v, g, beta, **options)
+
+    mixer.recurrence = spy
+    with torch.no_grad():
+        model(torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(7)))
+        a = mixer.project(seen["hidden"])[3]
+        expected = -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
+    torch.testing.assert_close(seen["g"], expected, rtol=1e-6, atol=1e-7)
+    assert seen["g"].transpose(1, 2).is_contiguous()
+
+
 def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():
     from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
 

@@ -59,9 +59,9 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [B, T, H, ·] or [B, T, H] cast to ``dtype`` (default: x's) in head-major memory, in one copy (none where it
-    already is, in that dtype): the same shape, whose ``transpose(1, 2)`` is contiguous. On CUDA, elementwise results of it are laid
-    out the same way, so ``pack`` of them is a view, where a per-head gate computed in x's layout would be copied
-    again to pack it."""
+    already is, in that dtype): the same shape, whose ``transpose(1, 2)`` is contiguous. On CUDA, elementwise
+    results of it are laid out the same way, so ``pack`` of them is a view, where a per-head gate computed in x's
+    layout would be copied again to pack it."""
     heads_first = x.transpose(1, 2)
     if dtype is None or dtype == x.dtype:
         return heads_first.contiguous().transpose(1, 2)
