@@ -72,12 +72,12 @@ def render_card(
 
 def replays_decode_graphs(model_type: str) -> bool:
     """Whether the shipped code of ``model_type`` replays its decode steps from CUDA graphs: its mixer runs the
-    Gated DeltaNet forward of ``compressor/modeling/gated_deltanet.py``."""
+    forward of ``compressor/modeling/decode_graph.py``."""
     from .families import FAMILIES
-    from .modeling.gated_deltanet import PrunableGatedDeltaNetMixin
+    from .modeling.decode_graph import RecordedDecodeSteps
 
     family = next((family for family in FAMILIES if model_type in family.model_types), None)
-    return family is not None and family.mixer_class.forward is PrunableGatedDeltaNetMixin.forward
+    return family is not None and family.mixer_class.forward is RecordedDecodeSteps.forward
 
 
 @functools.lru_cache(maxsize=1)

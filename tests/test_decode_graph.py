@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from tiny_hybrids import tiny_hybrid
 from tiny_models import PLANS, masked_copy, qwen3_next_config
 
 from compressor.families import family_for
@@ -35,6 +36,10 @@ def pruned_model():
     masked = masked_copy(model, kept)
     slim(model, family_for(model.config), PruningPlan(kept=kept))
     return model, masked
+
+
+KIMI_KEPT = {0: [0, 2, 5], 2: [1, 4], 3: [0, 1, 2, 3, 5]}
+"""Kept KDA heads of the tiny Kimi Linear (6 heads in layers 0, 2 and 3)."""
 
 
 def generate(model, prompt, mask=None):
@@ -86,6 +91,29 @@ def test_graphed_decode_steps_equal_eager_steps_and_the_masked_source(caplog):
     assert {(m._decode_graph.captures, m._decode_graph.replays) for m in mixers} == {(1, 8)}  # counts start anew
     assert not [r for r in caplog.records if r.name.endswith("decode_graph")]  # no layer fell back to eager steps
     torch.randn(4, device="cuda")  # the random generator is not left inside a capture
+
+
+@cuda_with_fla
+def test_kimi_linear_decode_steps_replayed_equal_eager_steps():
+    """Kimi Linear's KDA layers replay their decode steps too (the MLA and MoE layers stay eager)."""
+    pytest.importorskip("fla")
+    model = tiny_hybrid("kimi_linear")
+    slim(model, family_for(model.config), PruningPlan(kept=KIMI_KEPT))
+    model = model.cuda()
+    mixers = list(linear_layers(model, family_for(model.config)).values())
+    prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    for mixer in mixers:
+        mixer.use_decode_graph = False
+    eager = generate(model, prompt, mask)
+    for mixer in mixers:
+        mixer.use_decode_graph = True
+    graphed = generate(model, prompt, mask)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for a, b in zip(graphed.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert {(m._decode_graph.captures, m._decode_graph.replays) for m in mixers} == {(1, 8)}
 
 
 @cuda_with_fla
@@ -185,4 +213,25 @@ def test_a_decode_step_is_graphable_only_where_a_replay_would_compute_the_same(m
     del mixer.recurrence
     assert mixer.graphable(on_gpu, state)
     mixer.use_decode_graph = False
+    assert not mixer.graphable(on_gpu, state)
+
+
+def test_a_kimi_linear_decode_step_is_graphable_where_its_kda_step_writes_in_place(monkeypatch):
+    pytest.importorskip("fla")
+    from types import SimpleNamespace
+
+    from compressor.modeling import kda, modeling_kimi_linear
+
+    model = tiny_hybrid("kimi_linear")
+    slim(model, family_for(model.config), PruningPlan(kept=KIMI_KEPT))
+    mixer = next(iter(linear_layers(model, family_for(model.config)).values()))
+    monkeypatch.setattr(modeling_kimi_linear, "can_step_kda_in_place", lambda state: state is not None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA here
+    on_gpu, state = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert mixer.graphable(on_gpu, state)
+    assert not mixer.graphable(on_gpu, None)
+    mixer.recurrence = lambda *args, **kwargs: None  # calibration's swap
+    assert not mixer.graphable(on_gpu, state)
+    del mixer.recurrence
+    monkeypatch.setattr(kda, "HAS_FLA", False)  # the recurrences kept off fla (healing)
     assert not mixer.graphable(on_gpu, state)

@@ -1,9 +1,13 @@
 """The PyTorch KDA recurrences: chunked against token-by-token, against fla's and transformers' own PyTorch
-references, chunk states at every boundary, and CPU tensors kept away from Triton."""
+references, chunk states at every boundary, CPU tensors kept away from Triton, and the CUDA decode step through
+fla's functions."""
 
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +93,91 @@ def test_cpu_tensors_never_reach_fla(inputs, monkeypatch):
     assert states.shape == (2, 3, 3, 16, 8)
     step, _ = kimi_delta_attention(*(x[:, :1] for x in inputs), initial_state=final, output_final_state=True)
     assert step.shape == (2, 1, 3, 8)
+
+
+KDA_STEP_THROUGH_FLA = """
+import torch
+from fla.ops.kda import fused_recurrent_kda
+from compressor.modeling.fla_decode_step import kda_step_in_place
+from compressor.modeling.kda import naive_recurrent_kda
+from compressor.modeling.packed_heads import heads_as_batch
+
+generator = torch.Generator().manual_seed(0)
+# d 12 and 20: the kernel pads the keys to 16, and the 20 values are one partial block of 32
+q, k = (torch.randn(3, 5, 1, 12, generator=generator).transpose(1, 2) for _ in range(2))  # head-major
+v = torch.randn(3, 1, 5, 48, generator=generator)[..., :20]  # a slice of a wider tensor
+g = -torch.rand(3, 1, 5, 12, generator=generator)  # a log decay per key channel
+beta = torch.rand(3, 1, 5, generator=generator)
+options = dict(initial_state=torch.randn(3, 5, 12, 20, generator=generator), output_final_state=True,
+               use_qk_l2norm_in_kernel=True)
+expected = naive_recurrent_kda(q, k, v, g, beta, **options)
+got = heads_as_batch(fused_recurrent_kda, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
+for name, a, b in zip(("output", "state"), got, expected):
+    assert a.shape == b.shape and (a - b).abs().max() < 1e-5, ("public", name, (a - b).abs().max())
+state = options["initial_state"].clone()
+got = heads_as_batch(kda_step_in_place, dict(q=q, k=k, v=v, g=g, beta=beta), **{**options, "initial_state": state})
+for name, a, b in zip(("output", "state"), got, expected):
+    assert a.shape == b.shape and (a - b).abs().max() < 1e-5, ("in place", name, (a - b).abs().max())
+assert got[1].data_ptr() == state.data_ptr() and (state - expected[1]).abs().max() < 1e-5  # over the old one
+print("ok")
+"""
+
+
+def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
+    """The CUDA decode step's calls of fla's KDA step (heads as batch entries, through fla's public function and
+    with the state written over itself), run on the CPU by Triton's interpreter: fla's argument names, shapes and
+    state layout as the shipped code assumes."""
+    pytest.importorskip("fla.ops.kda")
+    triton = pytest.importorskip("triton")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton 3.6's interpreter fails on the KDA step's token loop (3.9's runs it; 3.7 and 3.8 "
+                    "untried); on a GPU the CUDA test below runs the kernel itself")
+    result = subprocess.run([sys.executable, "-c", KDA_STEP_THROUGH_FLA], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
+
+
+def test_the_kda_step_writes_in_place_only_through_the_fla_function_it_was_written_for(monkeypatch):
+    """fla's KDA forward without ``inplace_final_state``, or a state the kernel cannot update in place, sends the
+    decode step to fla's public function."""
+    fused_recurrent = pytest.importorskip("fla.ops.kda.fused_recurrent")
+    from compressor.modeling import fla_decode_step
+
+    fla_decode_step.kda_step.cache_clear()
+    assert fla_decode_step.kda_step() is fused_recurrent.fused_recurrent_kda_fwd
+    assert not fla_decode_step.can_step_kda_in_place(torch.zeros(4, 1, 8, 8))  # a CPU tensor
+    original = fused_recurrent.fused_recurrent_kda_fwd
+
+    def older(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, out=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(fused_recurrent, "fused_recurrent_kda_fwd", older)
+    fla_decode_step.kda_step.cache_clear()
+    try:
+        assert fla_decode_step.kda_step() is None
+    finally:
+        monkeypatch.undo()
+        fla_decode_step.kda_step.cache_clear()
+    assert fla_decode_step.kda_step() is original
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode step runs on CUDA tensors")
+def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_reference():
+    """kimi_delta_attention's CUDA decode step: the reference's output and state, the state written over the
+    cache's tensor outside autograd, and a new state with autograd on."""
+    pytest.importorskip("fla")
+    generator = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 1, 3, 12, generator=generator).cuda() for _ in range(2))
+    v = torch.randn(2, 1, 3, 20, generator=generator).cuda()
+    g = (-0.3 * torch.rand(2, 1, 3, 12, generator=generator)).cuda()
+    beta = torch.rand(2, 1, 3, generator=generator).cuda()
+    initial = torch.randn(2, 3, 12, 20, generator=generator).cuda()
+    expected = naive_recurrent_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
+                                   use_qk_l2norm_in_kernel=True)
+    for grad in (False, True):
+        state = initial.clone()
+        with torch.set_grad_enabled(grad):
+            got = kimi_delta_attention(q, k, v, g, beta, initial_state=state, output_final_state=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert (got[1].data_ptr() == state.data_ptr()) != grad

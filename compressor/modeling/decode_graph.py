@@ -14,6 +14,9 @@ memory pool of the last graph recorded for the same device and stream while that
 are all gone cannot take new ones), so the layers of a model share one pool: a graph's temporaries are dead once its
 output has been copied out, which ``DecodeGraph`` does after every replay, so graphs may replay in any order.
 
+``RecordedDecodeSteps`` is the forward of a mixer that keeps its states in transformers' linear-attention cache (a
+convolution state and a recurrent state per layer) and takes its decode steps from such a graph.
+
 Shapes: hidden [B, 1, D] -> [B, 1, D]; the states as the layer's cache keeps them.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -114,3 +118,62 @@ class DecodeGraph:
         LAST_RECORDED[place] = weakref.ref(graph)
         self.captures += 1
         return True
+
+
+class RecordedDecodeSteps:
+    """Forward of a linear-attention mixer whose states live in transformers' cache (``get_conv_state``,
+    ``get_recurrent_state``), its decode steps on CUDA replayed from a ``DecodeGraph`` where a replay computes what
+    the step would.
+
+    Subclasses define ``mix`` (the layer's computation), ``steps_in_place`` and ``recurrence`` (the class's own; a
+    different one set on an instance, as calibration does, keeps its steps eager), and give every instance a
+    ``_decode_graph``.
+    """
+
+    recurrence: Callable
+    _decode_graph: DecodeGraph
+
+    use_decode_graph: bool = True
+    """Whether decode steps on CUDA replay a recorded CUDA graph where they can; set it to False on a model's mixers
+    to run every step eagerly."""
+
+    def mix(self, hidden_states, conv_state=None, recurrent_state=None, cache=None, stepping: bool = False):
+        """hidden [B, T, D] -> [B, T, D] from the cache's states (None: none yet). ``stepping``: one token after a
+        cached conv_state [B, C, W], updated in place, as the recurrent state [B, H, K, V] is where
+        ``steps_in_place``; otherwise ``cache`` (if any) receives the new states."""
+        raise NotImplementedError
+
+    def steps_in_place(self, recurrent_state) -> bool:
+        """Whether this layer's decode step writes the new state over ``recurrent_state`` (a graph's replay must)."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
+        """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
+        cache = cache if cache is not None else cache_params
+        if attention_mask is not None:
+            hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+        conv_state = recurrent_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
+            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+        stepping = hidden_states.shape[1] == 1 and conv_state is not None and not cache.is_recording_past(self.layer_idx)
+        if stepping and self.graphable(hidden_states, recurrent_state):
+            return self._decode_graph(partial(self.mix, stepping=True), hidden_states, (conv_state, recurrent_state),
+                                      [*self.parameters(), *self.buffers()])
+        return self.mix(hidden_states, conv_state, recurrent_state, cache, stepping)
+
+    def graphable(self, hidden_states: torch.Tensor, recurrent_state: torch.Tensor | None) -> bool:
+        """Whether this decode step may come from a recorded graph: on CUDA, outside autograd, autocast (whose
+        cached casts die with it), compilation and any other capture, the recurrent state updated in place, the
+        class's own recurrence, and submodules whose forward a replay would not run: none with hooks (accelerate's
+        move or swap weights, others would stop firing) and no peft adapter layers (their switches are Python
+        flags)."""
+        return (self.use_decode_graph and hidden_states.is_cuda and self.steps_in_place(recurrent_state)
+                and self.recurrence is type(self).recurrence
+                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing() and self.submodules_replayable())
+
+    def submodules_replayable(self) -> bool:
+        """Whether a replay runs what this layer's submodules would: none has hooks or is a peft adapter layer."""
+        return not any(hasattr(module, "_hf_hook") or module._forward_hooks or module._forward_pre_hooks
+                       or hasattr(module, "base_layer") for module in self.modules() if module is not self)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from . import gated_delta
-from .decode_graph import DecodeGraph
+from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
 from .gated_delta import gated_delta_rule
 from .packed_heads import head_major
@@ -94,7 +93,7 @@ def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int
     return [j * num_key_heads // num_value_heads for j in range(num_value_heads)]
 
 
-class PrunableGatedDeltaNetMixin:
+class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
     """Forward pass shared by the pruned Gated DeltaNet mixers. Subclasses implement ``project``."""
 
     recurrence = staticmethod(gated_delta_rule)
@@ -113,7 +112,8 @@ class PrunableGatedDeltaNetMixin:
         return out * (self.query_scale * self.head_k_dim**0.5)
 
     def set_value_to_key(self, value_to_key: list[int] | None) -> None:
-        """Set which key head each value head reads (None: the stock j // r grouping)."""
+        """Set which key head each value head reads (None: the stock j // r grouping); drops the recorded decode
+        graph, which read the old head indices (made once per device)."""
         if value_to_key is None:
             value_to_key = canonical_value_to_key(self.num_v_heads, self.num_k_heads)
         if len(value_to_key) != self.num_v_heads or sorted(set(value_to_key)) != list(range(self.num_k_heads)):
@@ -161,43 +161,9 @@ class PrunableGatedDeltaNetMixin:
         """beta [B, T, H_v] from the b projection: sigmoid(b) (families with negative eigenvalues override it)."""
         return b.sigmoid()
 
-    use_decode_graph: bool = True
-    """Whether decode steps on CUDA replay a recorded CUDA graph (``decode_graph.py``) where they can; set it to
-    False on a model's mixers to run every step eagerly."""
-
-    def forward(
-        self, hidden_states: torch.Tensor, cache=None, attention_mask=None, cache_params=None, **kwargs
-    ) -> torch.Tensor:
-        """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
-        cache = cache if cache is not None else cache_params
-        if attention_mask is not None:
-            hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-        conv_state = recurrent_state = None
-        if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
-            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
-        stepping = hidden_states.shape[1] == 1 and conv_state is not None and not cache.is_recording_past(self.layer_idx)
-        if stepping and self.graphable(hidden_states, recurrent_state):
-            return self._decode_graph(partial(self.mix, stepping=True), hidden_states, (conv_state, recurrent_state),
-                                      [*self.parameters(), *self.buffers()])
-        return self.mix(hidden_states, conv_state, recurrent_state, cache, stepping)
-
-    def graphable(self, hidden_states: torch.Tensor, recurrent_state: torch.Tensor) -> bool:
-        """Whether this decode step may come from a recorded graph: on CUDA with fla, outside autograd, autocast
-        (whose cached casts die with it), compilation and any other capture, the recurrent state updated in place,
-        the stock recurrence, and submodules whose forward a replay would not run: none with hooks (accelerate's
-        move or swap weights, others would stop firing) and no peft adapter layers (their switches are Python
-        flags). The head indices a step reads are made once per device; ``set_value_to_key`` drops the graph
-        with them."""
-        return (self.use_decode_graph and hidden_states.is_cuda and gated_delta.HAS_FLA
-                and can_step_in_place(recurrent_state) and self.recurrence is gated_delta_rule
-                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()
-                and not torch.cuda.is_current_stream_capturing() and self.submodules_replayable())
-
-    def submodules_replayable(self) -> bool:
-        """Whether a replay runs what this layer's submodules would: none has hooks or is a peft adapter layer."""
-        return not any(hasattr(module, "_hf_hook") or module._forward_hooks or module._forward_pre_hooks
-                       or hasattr(module, "base_layer") for module in self.modules() if module is not self)
+    def steps_in_place(self, recurrent_state: torch.Tensor | None) -> bool:
+        """Whether fla's decode step writes the new state over ``recurrent_state`` (``fla_decode_step.py``)."""
+        return gated_delta.HAS_FLA and can_step_in_place(recurrent_state)
 
     def mix(
         self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,

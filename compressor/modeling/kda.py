@@ -24,7 +24,8 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .packed_heads import heads_as_sequences, normalised
+from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
+from .packed_heads import heads_as_batch, heads_as_sequences, normalised
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -128,17 +129,20 @@ def kimi_delta_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a packed sequence),
-    PyTorch otherwise.
+    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a packed sequence, or
+    for one decode token a batch entry: see ``packed_heads.py``), PyTorch otherwise.
 
-    A single token with an initial state takes the recurrent step; longer inputs the chunked form.
-    Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
+    A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
+    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
+    see ``fla_decode_step.py``) and returns that tensor. Returns ``(o [B, T, H, V], final state [B, H, K, V] or
+    None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if q.is_cuda and HAS_FLA:
         if single_step:
-            return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
+            step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent
+            return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
         per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g.float(), beta=beta)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})

@@ -4,7 +4,8 @@ Kimi Linear mixes MLA attention layers and KDA (Kimi Delta Attention) layers, bo
 KDA layers (``config.layer_types[i] == "linear_attention"``) have heads that this code resizes, each from
 ``config.per_layer_config[i].linear_num_heads``. KDA has one key head per value head (d_k = d_v = head_dim),
 a per-channel decay (``forget_gate``: low-rank ``f_a_proj`` → ``f_b_proj``, ``dt_bias`` per head × channel,
-``A_log`` per head) and a low-rank output gate (``g_a_proj`` → ``g_b_proj``).
+``A_log`` per head) and a low-rank output gate (``g_a_proj`` → ``g_b_proj``). Decode steps on CUDA replay a recorded
+CUDA graph of themselves where they can (``decode_graph.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from torch import nn
 from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention, KimiLinearForCausalLM
 
+from . import kda
+from .decode_graph import DecodeGraph, RecordedDecodeSteps
+from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
 from .kda import kimi_delta_attention
 from .stock_dispatch import StockExpertsDispatch
@@ -35,17 +39,19 @@ class PrunedKimiLinearConfig(KimiLinearConfig):
             self.per_layer_config = per_layer_config
 
 
-class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
-    """KimiLinearDeltaAttention whose CPU tensors use the PyTorch KDA recurrence (``recurrence``)."""
+class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
+    """KimiLinearDeltaAttention whose CPU tensors use the PyTorch KDA recurrence (``recurrence``) and whose decode
+    steps on CUDA replay a recorded CUDA graph of themselves where they can (``decode_graph.py``)."""
 
     recurrence = staticmethod(kimi_delta_attention)
 
     @classmethod
     def adopt(cls, module: nn.Module, value_to_key: list[int] | None = None) -> nn.Module:
         """Turn a stock KDA mixer into this class in place (same parameters, new forward)."""
-        module.__class__ = cls
         if value_to_key is not None and list(value_to_key) != list(range(module.num_heads)):
             raise ValueError(f"layer {module.layer_idx}: KDA reads key head j for value head j, not {value_to_key}")
+        module.__class__ = cls
+        module._decode_graph = DecodeGraph()
         return module
 
     # The pruning contract's names: one key head per value head, d_k = d_v.
@@ -74,24 +80,23 @@ class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
         """The output projection [hidden, H·d]; its input columns are contiguous per head."""
         return self.o_proj
 
-    def forward(
-        self, hidden_states: torch.Tensor, cache=None, attention_mask=None, cache_params=None, **kwargs
-    ) -> torch.Tensor:
-        """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
-        cache = cache if cache is not None else cache_params
-        if attention_mask is not None:
-            hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-        batch, length, _ = hidden_states.shape
-        conv_state = recurrent_state = None
-        if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
-            recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+    def steps_in_place(self, recurrent_state: torch.Tensor | None) -> bool:
+        """Whether fla's KDA decode step writes the new state over ``recurrent_state`` (``fla_decode_step.py``)."""
+        return kda.HAS_FLA and can_step_kda_in_place(recurrent_state)
 
+    def mix(
+        self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,
+        recurrent_state: torch.Tensor | None = None, cache=None, stepping: bool = False,
+    ) -> torch.Tensor:
+        """hidden [B, T, D] -> [B, T, D] from the cache's states (None: none yet). ``stepping``: one token after a
+        cached conv_state [B, 3·H·d, W], which is updated in place, as recurrent_state [B, H, d, d] float32 is
+        where ``kimi_delta_attention`` can; otherwise ``cache`` (if any) receives the new states."""
+        batch, length, _ = hidden_states.shape
         mixed_qkv = torch.cat(
             [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1
         ).transpose(1, 2)
         weight = self.conv1d.weight.squeeze(1)
-        if conv_state is not None and length == 1 and not cache.is_recording_past(self.layer_idx):
+        if stepping:
             mixed_qkv = causal_conv1d_step(mixed_qkv, conv_state, weight, self.conv1d.bias, self.activation)
         else:
             if cache is not None:
@@ -105,7 +110,8 @@ class PrunedKimiDeltaAttention(KimiLinearDeltaAttention):
         g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
         beta = self.b_proj(hidden_states).sigmoid()
         out, final_state = self.recurrence(
-            query, key, value, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
+            query, key, value, g, beta, initial_state=recurrent_state,
+            output_final_state=cache is not None or recurrent_state is not None,
         )
         if cache is not None:
             cache.update_recurrent_state(final_state.float(), self.layer_idx)
