@@ -138,8 +138,8 @@ def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
 
 
 def test_the_kda_step_writes_in_place_only_through_the_fla_function_it_was_written_for(monkeypatch):
-    """fla's KDA forward without ``inplace_final_state``, or a state the kernel cannot update in place, sends the
-    decode step to fla's public function."""
+    """The in-place KDA step is offered only by an fla whose KDA forward takes ``inplace_final_state`` (else
+    ``kda_step()`` is None and the step takes fla's public function), and only for a state the kernel can update."""
     fused_recurrent = pytest.importorskip("fla.ops.kda.fused_recurrent")
     from compressor.modeling import fla_decode_step
 

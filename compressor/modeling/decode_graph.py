@@ -147,6 +147,37 @@ class RecordedDecodeSteps:
         """Whether this layer's decode step writes the new state over ``recurrent_state`` (a graph's replay must)."""
         raise NotImplementedError
 
+    def recur(self, q, k, v, g, beta, recurrent_state, cache):
+        """``self.recurrence`` over q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H(, K)] from
+        ``recurrent_state`` [B, H, K, V] (None: zeros). Returns (o [B, T, H, V], what ``cache`` takes: the final state
+        [B, H, K, V], None without cache or state).
+
+        A cache recording the past for a rollback (assisted generation) keeps the state it had: the recurrence
+        starts from a copy, as a decode step may write over its initial state. Where it asks for the states after
+        each of its last N tokens (``get_recurrent_states_to_keep``, transformers >= 5.25), those tokens run one step
+        at a time after the chunked form over the others, as in transformers' own layers, and the cache takes the
+        list of their states."""
+        output_final_state = cache is not None or recurrent_state is not None
+        keep = 0
+        if cache is not None and cache.is_recording_past(self.layer_idx):
+            states_to_keep = getattr(cache, "get_recurrent_states_to_keep", None)
+            keep = min(states_to_keep(self.layer_idx) or 0, q.shape[1]) if states_to_keep is not None else 0
+            recurrent_state = None if recurrent_state is None else recurrent_state.clone()
+        if keep == 0:
+            return self.recurrence(q, k, v, g, beta, initial_state=recurrent_state,
+                                   output_final_state=output_final_state)
+        split = q.shape[1] - keep
+        spans = [(0, split)] * (split > 0) + [(t, t + 1) for t in range(split, q.shape[1])]
+        outputs, states, state = [], [], recurrent_state
+        for start, end in spans:
+            out, state = self.recurrence(*(x[:, start:end] for x in (q, k, v, g, beta)),
+                                         initial_state=None if state is None else state.clone(),
+                                         output_final_state=True)
+            outputs.append(out)
+            if end > split:
+                states.append(state)
+        return torch.cat(outputs, dim=1), states
+
     def forward(self, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
         """hidden [B, T, D] -> [B, T, D]. transformers >= 5.24 passes the cache as `cache`, older as `cache_params`."""
         cache = cache if cache is not None else cache_params

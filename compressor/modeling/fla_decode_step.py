@@ -17,8 +17,8 @@ float32, contiguous.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import inspect
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch

@@ -193,10 +193,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         # g [B, T, H_v], head-major: on CUDA it packs as a view
         g = F.softplus(head_major(a, torch.float32) + self.dt_bias) * -self.A_log.float().exp()
 
-        out, final_state = self.recurrence(
-            query, key, value, g, beta, initial_state=recurrent_state,
-            output_final_state=cache is not None or recurrent_state is not None,
-        )
+        out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
         out = self.scaled(out)

@@ -109,12 +109,9 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
 
         g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
         beta = self.b_proj(hidden_states).sigmoid()
-        out, final_state = self.recurrence(
-            query, key, value, g, beta, initial_state=recurrent_state,
-            output_final_state=cache is not None or recurrent_state is not None,
-        )
+        out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)  # float32 states
         if cache is not None:
-            cache.update_recurrent_state(final_state.float(), self.layer_idx)
+            cache.update_recurrent_state(final_state, self.layer_idx)
 
         gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(shape)
         return self.o_proj(self.o_norm(out, gate).reshape(batch, length, -1))
