@@ -157,15 +157,13 @@ class RecordedDecodeSteps:
         each of its last N tokens (``get_recurrent_states_to_keep``, transformers >= 5.25), those tokens run one step
         at a time after the chunked form over the others, as in transformers' own layers, and the cache takes the
         list of their states."""
-        output_final_state = cache is not None or recurrent_state is not None
-        keep = 0
-        if cache is not None and cache.is_recording_past(self.layer_idx):
-            states_to_keep = getattr(cache, "get_recurrent_states_to_keep", None)
-            keep = min(states_to_keep(self.layer_idx) or 0, q.shape[1]) if states_to_keep is not None else 0
-            recurrent_state = None if recurrent_state is None else recurrent_state.clone()
+        recording = cache is not None and cache.is_recording_past(self.layer_idx)
+        states_to_keep = getattr(cache, "get_recurrent_states_to_keep", None) if recording else None
+        keep = 0 if states_to_keep is None else min(states_to_keep(self.layer_idx) or 0, q.shape[1])
         if keep == 0:
-            return self.recurrence(q, k, v, g, beta, initial_state=recurrent_state,
-                                   output_final_state=output_final_state)
+            initial = recurrent_state.clone() if recording and recurrent_state is not None else recurrent_state
+            return self.recurrence(q, k, v, g, beta, initial_state=initial,
+                                   output_final_state=cache is not None or recurrent_state is not None)
         split = q.shape[1] - keep
         spans = [(0, split)] * (split > 0) + [(t, t + 1) for t in range(split, q.shape[1])]
         outputs, states, state = [], [], recurrent_state
