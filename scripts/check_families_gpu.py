@@ -12,7 +12,11 @@ layers getting uneven groups) and ``channels`` (the same heads, and 64 of the 12
 key head chosen at random; not for Kimi Linear, whose channel removal is refused). ``qwen3_next_dense`` and
 ``kimi_linear_dense`` are the MoE models with every MLP dense (no expert choice for rounding to flip). In float32
 each side is also compared with itself on the CPU (the shipped PyTorch path), to tell which side a GPU difference
-comes from.
+comes from (``--no-cpu``: not; transformers' own Qwen3.5 and Qwen3-Next classes before 5.25 call fla for CPU tensors,
+so the masked source cannot run there), and a left-padded prompt decodes as it does alone.
+
+Run it once per transformers version to check the versions ``pyproject.toml`` admits (each on ``PYTHONPATH``, the
+figures record which one ran).
 
 Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
 families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
@@ -56,6 +60,8 @@ BUILT = "built"
 """The file ``build_folders`` leaves in a family's folder once every model folder of it is written."""
 PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
 DEVICE = "cuda"  # --device cpu tries the check phase here
+CPU_COMPARISON = True  # --no-cpu: no float32 comparison with the CPU
+PADDING = 8
 
 
 def config(name: str):
@@ -208,13 +214,39 @@ def check_family(name: str, work: Path) -> dict:
                 "greedy_tokens_equal_masked_source": torch.equal(generated.sequences, generated_masked),
                 **near_ties(generated.sequences[:, PROMPT:], full),
             }
-            if dtype == torch.float32 and DEVICE != "cpu":  # each side against its own PyTorch path on the CPU
+            if dtype == torch.float32:
+                figures["float32"].update(left_padding(pruned, ids))
+            if dtype == torch.float32 and DEVICE != "cpu" and CPU_COMPARISON:  # each side against its CPU path
                 figures["float32"].update(against_cpu(work / name / variant, model, kept, channels, family, ids,
                                                       ours, reference))
             log(f"{name} {variant} {dtype}: {json.dumps(figures[str(dtype).removeprefix('torch.')])}")
             del pruned, masked, unpruned
     report["check_seconds"] = round(time.time() - started, 1)
     return report
+
+
+def left_padding(model, ids) -> dict:
+    """Cached greedy decoding of a prompt (``ids[0]``'s first ``PROMPT`` tokens) left-padded by ``PADDING`` tokens in
+    a batch with another, against the same prompt alone: whether the new tokens are equal, and the largest
+    difference of their logits over the steps up to the first token that differs."""
+    import torch
+
+    prompt = ids[:1, :PROMPT]
+    padded = torch.cat([torch.zeros_like(ids[:1, :PADDING]), prompt], dim=1)
+    batch = torch.cat([padded, ids[1:, : PROMPT + PADDING]])
+    mask = torch.ones_like(batch)
+    mask[0, :PADDING] = 0
+    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True,
+                    return_dict_in_generate=True)
+    together = model.generate(batch, attention_mask=mask, **settings)
+    alone = model.generate(prompt, **settings)
+    new_together, new_alone = together.sequences[0, PROMPT + PADDING :], alone.sequences[0, PROMPT:]
+    differing = (new_together != new_alone).nonzero()
+    steps = int(differing[0]) + 1 if len(differing) else len(new_alone)
+    return {"left_padded_tokens_equal_alone": torch.equal(new_together, new_alone),
+            "left_padded_vs_alone_max_abs_diff": max(
+                (a[0].float() - b[0].float()).abs().max().item() for a, b in zip(together.logits[:steps],
+                                                                                  alone.logits[:steps]))}
 
 
 def against_cpu(folder, model, kept, channels, family, ids, ours, reference) -> dict:
@@ -369,12 +401,14 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(f for group in WORKERS for f in group))
     parser.add_argument("--phase", choices=["check", "speed", "both"], default="both")
     parser.add_argument("--device", default="cuda", help="cpu: try the check phase without a GPU")
+    parser.add_argument("--no-cpu", action="store_true",
+                        help="no float32 comparison with the CPU (needed with transformers < 5.25 and fla installed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, CPU_COMPARISON
+    DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
         if names:
             run_worker(names.split(","), args.work, args.out, task)
@@ -418,7 +452,8 @@ def main() -> None:
         """One worker process per group of families, all at once; their figures gathered into results[key]."""
         started = time.time()
         workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
-                                      "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE]), i)
+                                      "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE,
+                                      *["--no-cpu"] * args.no_cpu]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
             results[key].update(gather(parts[f"{key}-{i}"], process.wait()))

@@ -22,13 +22,17 @@ KEPT = {"qwen3_next": PLANS["uneven"], "kimi_linear": {0: [0, 2, 5], 2: [1, 4], 
 SETTINGS = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
 
 
-def pruned(name: str) -> torch.nn.Module:
-    """A tiny model of the shipped classes with heads removed unevenly (float32, CPU)."""
+def pruned(name: str, fla_head_sizes: bool = False) -> torch.nn.Module:
+    """A tiny model of the shipped classes with heads removed unevenly (float32, CPU); ``fla_head_sizes``: Qwen3-Next's
+    key and value heads of 16 and 32, sizes fla's kernels take."""
     if name == "kimi_linear":
         model = tiny_hybrid(name)
     else:
+        config = qwen3_next_config(moe=False)
+        if fla_head_sizes:
+            config.linear_key_head_dim, config.linear_value_head_dim = 16, 32
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(qwen3_next_config(moe=False), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         with torch.no_grad():
             for parameter in model.parameters():
                 if parameter.dim() >= 2:
@@ -75,3 +79,19 @@ def test_assisted_generation_gives_the_greedy_tokens(name, in_place):
         assert torch.equal(model.generate(prompt, assistant_model=assistant, **SETTINGS), plain)
         assert torch.equal(assistant.generate(prompt, assistant_model=model, **SETTINGS),
                            assistant.generate(prompt, **SETTINGS))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's decode steps and the decode graphs run on CUDA only")
+@pytest.mark.parametrize("name", ["qwen3_next", "kimi_linear"])
+def test_assisted_generation_on_cuda_gives_the_greedy_tokens(name):
+    """On CUDA fla's decode step writes over the cache's state and plain decoding replays CUDA graphs."""
+    pytest.importorskip("fla")
+    model = pruned(name, fla_head_sizes=True).cuda()
+    assistant = perturbed(model)
+    prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        plain = model.generate(prompt, **SETTINGS)
+        assert torch.equal(model.generate(prompt, assistant_model=assistant, **SETTINGS), plain)
+        assert torch.equal(assistant.generate(prompt, assistant_model=model, **SETTINGS),
+                           assistant.generate(prompt, **SETTINGS))
+    assert any(mixer._decode_graph.replays for mixer in linear_layers(model, family_for(model.config)).values())
