@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from triton_interpreter import skip_where_the_interpreter_cannot_run_decode_steps
 
 import compressor.modeling.kda as kda
 from compressor.modeling.kda import chunk_kda_torch, kimi_delta_attention, naive_recurrent_kda
@@ -128,10 +129,7 @@ def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
     with the state written over itself), run on the CPU by Triton's interpreter: fla's argument names, shapes and
     state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.kda")
-    triton = pytest.importorskip("triton")
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip("Triton 3.6's interpreter fails on the KDA step's token loop (3.9's runs it; 3.7 and 3.8 "
-                    "untried); on a GPU the CUDA test below runs the kernel itself")
+    skip_where_the_interpreter_cannot_run_decode_steps("fla's KDA step")
     result = subprocess.run([sys.executable, "-c", KDA_STEP_THROUGH_FLA], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
