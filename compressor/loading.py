@@ -139,7 +139,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
         with init_empty_weights():
             skeleton = family.model_class(text_config)
         placed = infer_device_map(skeleton, device_map, max_memory, compute)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=compute, device_map=placed)
+    # no hub kernels (transformers >= 5.25 fetches them by default on a GPU): calibration reads the stock mixers
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=compute, device_map=placed, use_kernels=False)
     if not isinstance(model, family.model_class):  # transformers' own text class of a vision-language checkpoint
         model = as_family_class(model, family)
     model = (model if placed is not None else model.to(torch_device)).eval()

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
+from .stock_dispatch import HubKernelsOffByDefault
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -144,7 +145,7 @@ def check_supported(config) -> None:
             )
 
 
-class PrunedFlaForCausalLMMixin:
+class PrunedFlaForCausalLMMixin(HubKernelsOffByDefault):
     """What compressor's fla causal-LM classes add to fla's (list it first among the bases):
 
     - every layer reads its heads from ``config.per_layer_config`` (the subclass names its ``mixer_class`` and the

@@ -20,7 +20,7 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
 from .kda import kimi_delta_attention
-from .stock_dispatch import StockExpertsDispatch
+from .stock_dispatch import HubKernelsOffByDefault, StockExpertsDispatch
 
 LINEAR_LAYER = "linear_attention"
 
@@ -122,7 +122,7 @@ FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_he
 """The config fields of a KDA layer's heads: one key head per value head, d_k = d_v."""
 
 
-class PrunedKimiLinearForCausalLM(StockExpertsDispatch, KimiLinearForCausalLM):
+class PrunedKimiLinearForCausalLM(HubKernelsOffByDefault, StockExpertsDispatch, KimiLinearForCausalLM):
     """KimiLinearForCausalLM whose KDA layers read their head counts from ``config.per_layer_config``."""
 
     config_class = PrunedKimiLinearConfig

@@ -9,6 +9,7 @@ import torch
 from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridForCausalLM, OlmoHybridGatedDeltaNet
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
+from .stock_dispatch import HubKernelsOffByDefault
 
 
 class PrunedOlmoHybridGatedDeltaNet(PrunableGatedDeltaNetMixin, OlmoHybridGatedDeltaNet):
@@ -32,7 +33,7 @@ class PrunedOlmoHybridGatedDeltaNet(PrunableGatedDeltaNetMixin, OlmoHybridGatedD
         return beta * 2.0 if self.allow_neg_eigval else beta
 
 
-class PrunedOlmoHybridForCausalLM(OlmoHybridForCausalLM):
+class PrunedOlmoHybridForCausalLM(HubKernelsOffByDefault, OlmoHybridForCausalLM):
     """OlmoHybridForCausalLM whose linear-attention layers read their heads from ``config.per_layer_config``."""
 
     def __init__(self, config):

@@ -3,6 +3,7 @@
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5GatedDeltaNet
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
+from .stock_dispatch import HubKernelsOffByDefault
 
 
 class PrunedQwen3_5GatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3_5GatedDeltaNet):
@@ -17,7 +18,7 @@ class PrunedQwen3_5GatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3_5GatedDeltaNe
         )
 
 
-class PrunedQwen3_5ForCausalLM(Qwen3_5ForCausalLM):
+class PrunedQwen3_5ForCausalLM(HubKernelsOffByDefault, Qwen3_5ForCausalLM):
     """Qwen3_5ForCausalLM whose linear-attention layers read their heads from ``config.per_layer_config``."""
 
     def __init__(self, config):

@@ -6,7 +6,7 @@ Its Gated DeltaNet mixer is Qwen3.5's (separate q|k|v, z, b and a projections); 
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeGatedDeltaNet
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
-from .stock_dispatch import StockExpertsDispatch
+from .stock_dispatch import HubKernelsOffByDefault, StockExpertsDispatch
 
 
 class PrunedQwen3_5MoeGatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3_5MoeGatedDeltaNet):
@@ -21,7 +21,7 @@ class PrunedQwen3_5MoeGatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3_5MoeGatedD
         )
 
 
-class PrunedQwen3_5MoeForCausalLM(StockExpertsDispatch, Qwen3_5MoeForCausalLM):
+class PrunedQwen3_5MoeForCausalLM(HubKernelsOffByDefault, StockExpertsDispatch, Qwen3_5MoeForCausalLM):
     """Qwen3_5MoeForCausalLM whose linear-attention layers read their heads from ``config.per_layer_config``."""
 
     def __init__(self, config):

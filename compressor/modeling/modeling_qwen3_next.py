@@ -4,7 +4,7 @@ import torch
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextForCausalLM, Qwen3NextGatedDeltaNet
 
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
-from .stock_dispatch import StockExpertsDispatch
+from .stock_dispatch import HubKernelsOffByDefault, StockExpertsDispatch
 
 
 def grouped_to_flat_order(value_to_key: list[int], key_dim: int, value_dim: int) -> tuple[list[int], list[int]]:
@@ -51,7 +51,7 @@ class PrunedQwen3NextGatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3NextGatedDel
         return mixed_qkv, z, b, a
 
 
-class PrunedQwen3NextForCausalLM(StockExpertsDispatch, Qwen3NextForCausalLM):
+class PrunedQwen3NextForCausalLM(HubKernelsOffByDefault, StockExpertsDispatch, Qwen3NextForCausalLM):
     """Qwen3NextForCausalLM whose linear-attention layers read their heads from ``config.per_layer_config``."""
 
     def __init__(self, config):

@@ -1,9 +1,25 @@
-"""Kernel choices that transformers makes for a stock class, made the same way for a subclass shipped in a folder.
+"""Kernel choices that transformers makes for a stock class, made for a subclass shipped in a folder.
 
-Shipped inside output folders whose model has MoE experts (imports nothing).
+Shipped inside every output folder (imports nothing).
 """
 
 from __future__ import annotations
+
+
+class HubKernelsOffByDefault:
+    """Mixin for a shipped ``...ForCausalLM``: ``from_pretrained`` loads no kernels from the Hub unless the caller
+    passes ``use_kernels=True``.
+
+    transformers 5.25 turned hub kernels on by default: on a GPU, ``from_pretrained`` then fetches kernels (for the
+    linear-attention families ``kernels-community/fla``, for activations ``kernels-community/activation``) to swap
+    into the stock modules, and fails without a network. The shipped mixers call fla themselves, and this code was
+    checked without hub kernels, as transformers 5.21-5.24 load by default.
+    """
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("use_kernels", False)
+        return super().from_pretrained(*args, **kwargs)
 
 
 class StockExpertsDispatch:
