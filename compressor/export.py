@@ -147,7 +147,7 @@ def verify_folder(model: nn.Module, folder: Path, tokens: torch.Tensor) -> Verif
 
     placed = getattr(model, "hf_device_map", None)  # spread over devices: the reloaded model the same way
     reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=model.dtype,
-                                                    device_map=placed)
+                                                    device_map=placed, use_kernels=False)
     reloaded = (reloaded if placed is not None else reloaded.to(next(model.parameters()).device)).eval()
     difference = max_logit_difference(model, reloaded, tokens)
     if not difference <= VERIFY_TOLERANCE:

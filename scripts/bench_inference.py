@@ -139,6 +139,7 @@ class Runner:
 
         start = time.perf_counter()
         self.model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
+                                                                   use_kernels=False,
                                                                    trust_remote_code=True).eval()
         self.load_seconds = time.perf_counter() - start
         self.generator = torch.Generator(device="cuda").manual_seed(0)

@@ -11,15 +11,18 @@ from tiny_models import PLANS, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from compressor.export import write_model
-from compressor.families import family_for
+from compressor.families import FAMILIES, family_for
 from compressor.layers import PruningPlan
 from compressor.loading import load_model
+from compressor.modeling.stock_dispatch import HubKernelsOffByDefault
 from compressor.slicing import slim
 
 
 @pytest.fixture
 def use_kernels_asked(monkeypatch) -> list:
-    """The ``use_kernels`` value of every ``set_use_kernels`` call from here on."""
+    """The ``use_kernels`` value of every ``set_use_kernels`` call from here on (transformers >= 5.25 defaults to
+    True, older ones to False: on those only an explicit False or True is told apart)."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # it overrides what the caller asks
     asked = []
     monkeypatch.setattr(PreTrainedModel, "set_use_kernels",
                         lambda self, use_kernels, *args, **kwargs: asked.append(use_kernels))
@@ -43,6 +46,24 @@ def test_a_pruned_folder_loads_without_hub_kernels_unless_asked(name, tmp_path, 
     assert use_kernels_asked == [False, True]
 
 
-def test_compressor_loads_its_source_without_hub_kernels(use_kernels_asked):
+def test_every_shipped_class_defaults_to_no_hub_kernels():
+    """Before transformers' own ``from_pretrained`` in the method order of every family's model class."""
+    for family in FAMILIES:
+        order = family.model_class.__mro__
+        assert HubKernelsOffByDefault in order, family.model_class
+        assert order.index(HubKernelsOffByDefault) < order.index(PreTrainedModel), family.model_class
+
+
+def test_compressor_loads_its_source_without_hub_kernels(monkeypatch):
+    """Asked explicitly, not through the shipped classes' default: transformers' own class of a vision-language
+    checkpoint loads the same way."""
+    asked = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        asked.append(kwargs.get("use_kernels"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
     load_model(str(FIXTURE), device="cpu")
-    assert use_kernels_asked == [False]
+    assert asked == [False]

@@ -51,19 +51,20 @@ def olmo_hybrid_config() -> OlmoHybridConfig:
     return OlmoHybridConfig(**fields, linear_allow_neg_eigval=True)
 
 
-def kimi_linear_config():
-    """KDA in layers 0, 2, 3 (6 heads of d 8), MLA in layer 1; a dense MLP in layer 0, MoE after. Built by the
-    config class that ``import compressor`` registers for "kimi_linear", as loading a folder would."""
-    return AutoConfig.for_model(
-        "kimi_linear",
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=len(HYBRID["layer_types"]), layer_types=HYBRID["layer_types"],
-        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        num_experts=4, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1,
-        linear_num_heads=6, linear_head_dim=8, linear_conv_kernel_dim=4,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
+def kimi_linear_config(**fields):
+    """KDA in layers 0, 2, 3 (6 heads of d 8), MLA in layer 1; a dense MLP in layer 0, MoE after; ``fields``
+    override any of these. Built by the config class that ``import compressor`` registers for "kimi_linear", as
+    loading a folder would."""
+    return AutoConfig.for_model("kimi_linear", **{
+        **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+               num_hidden_layers=len(HYBRID["layer_types"]), layer_types=HYBRID["layer_types"],
+               num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None,
+               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+               num_experts=4, num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1,
+               linear_num_heads=6, linear_head_dim=8, linear_conv_kernel_dim=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        **fields,
+    })
 
 
 CONFIGS = {
@@ -73,14 +74,15 @@ CONFIGS = {
 }
 
 
-def tiny_hybrid(name: str, seed: int = 0) -> torch.nn.Module:
-    """A float32 model in eval mode whose weights (std 0.05) make every head move the logits by more than 1.
+def tiny_hybrid(name: str, seed: int = 0, **fields) -> torch.nn.Module:
+    """A float32 model in eval mode whose weights (std 0.05) make every head move the logits by more than 1;
+    ``fields``: config fields to override (Kimi Linear's only).
 
     Stronger weights (std 0.1) drive the MoE hybrids' residual streams into a regime where float32 rounding of
     the reordered matrix products alone reaches 1e-4 on a few tokens (float64 stays exact).
     """
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](**fields), dtype=torch.float32).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() >= 2 and not name.endswith("A_log"):  # Kimi's A_log is [1, 1, H, 1]: keep its spread

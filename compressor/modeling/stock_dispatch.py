@@ -1,6 +1,6 @@
-"""Kernel choices that transformers makes for a stock class, made for a subclass shipped in a folder.
+"""Kernel choices for the model classes shipped in a folder: the stock class's, and no hub kernels by default.
 
-Shipped inside every output folder (imports nothing).
+Shipped inside every output folder that ships code (imports nothing).
 """
 
 from __future__ import annotations
@@ -8,17 +8,19 @@ from __future__ import annotations
 
 class HubKernelsOffByDefault:
     """Mixin for a shipped ``...ForCausalLM``: ``from_pretrained`` loads no kernels from the Hub unless the caller
-    passes ``use_kernels=True``.
+    passes ``use_kernels=True`` or a ``kernel_config``.
 
     transformers 5.25 turned hub kernels on by default: on a GPU, ``from_pretrained`` then fetches kernels (for the
     linear-attention families ``kernels-community/fla``, for activations ``kernels-community/activation``) to swap
     into the stock modules, and fails without a network. The shipped mixers call fla themselves, and this code was
-    checked without hub kernels, as transformers 5.21-5.24 load by default.
+    checked without hub kernels, as transformers 5.21-5.24 load by default. After ``compressor.register()`` these
+    classes also load the stock checkpoints of their families in that process.
     """
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        kwargs.setdefault("use_kernels", False)
+        if kwargs.get("kernel_config") is None:
+            kwargs.setdefault("use_kernels", False)
         return super().from_pretrained(*args, **kwargs)
 
 
