@@ -82,10 +82,10 @@ def test_assisted_generation_gives_the_greedy_tokens(name, in_place):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's decode steps and the decode graphs run on CUDA only")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a defect: on an H200 (transformers 5.25.0, torch 2.11, triton 3.6, fla 0.6.0) "
-                   "assisted generation left greedy decoding at the second new token (Qwen3-Next) and the first (Kimi "
-                   "Linear, then with heads of 8), where the greedy choice leads by 0.35 and 0.16 in logits; cause "
-                   "not found yet")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="a defect: on an H200 (transformers 5.25.0, torch 2.11, triton 3.6, fla 0.6.0) assisted "
+                   "generation left greedy decoding at the second new token (Qwen3-Next) and the first (Kimi Linear, "
+                   "then with heads of 8), where the greedy choice leads by 0.35 and 0.16 in logits; cause not found")
 @pytest.mark.parametrize("name", ["qwen3_next", "kimi_linear"])
 def test_assisted_generation_on_cuda_gives_the_greedy_tokens(name):
     """On CUDA fla's decode step writes over the cache's state and plain decoding replays CUDA graphs."""

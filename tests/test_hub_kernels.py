@@ -67,3 +67,20 @@ def test_compressor_loads_its_source_without_hub_kernels(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
     load_model(str(FIXTURE), device="cpu")
     assert asked == [False]
+
+
+def test_a_callers_kernel_choice_is_passed_on():
+    """``use_kernels`` defaults to False, a caller's value or ``kernel_config`` reaches transformers untouched."""
+
+    class Stock:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return kwargs
+
+    class Shipped(HubKernelsOffByDefault, Stock):
+        pass
+
+    config = object()
+    assert Shipped.from_pretrained("folder") == {"use_kernels": False}
+    assert Shipped.from_pretrained("folder", use_kernels=True) == {"use_kernels": True}
+    assert Shipped.from_pretrained("folder", kernel_config=config) == {"kernel_config": config}
