@@ -205,6 +205,28 @@ def test_queries_and_keys_normalised_as_fla_does_keep_their_dtype_and_layout():
     assert (y.double() - reference).abs().max() <= 2**-8  # one bfloat16 rounding of values below 1
 
 
+def rows_read_as_fla_does(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, None]:
+    """fla's ``l2norm_fwd`` as its kernel reads memory: ``x.view(-1, D)``, then row i at i·D from the first element,
+    whatever the view's strides."""
+    rows = x.view(-1, x.shape[-1])
+    read = rows.as_strided(rows.shape, (rows.shape[-1], 1)).float()
+    return (read * torch.rsqrt((read * read).sum(-1, keepdim=True) + eps)).to(x.dtype), None
+
+
+@pytest.mark.parametrize("tokens", [slice(0, 1), slice(3, 4), slice(2, 5), slice(None)],
+                         ids=["first-token", "one-token", "three-tokens", "all"])
+@pytest.mark.parametrize("batch,heads", [(1, 3), (2, 1), (2, 3)])
+def test_slices_of_head_major_queries_reach_fla_normalised(batch, heads, tokens):
+    """A rollback runs its tokens one at a time on slices of head-major q and k (``RecordedDecodeSteps.recur``); a
+    one-token slice reshapes to rows a sequence apart, which fla's l2norm kernel would read as if contiguous (on an
+    H200 this sent assisted generation off greedy decoding). Through a stand-in that reads memory as that kernel
+    does, every slice gives PyTorch's values."""
+    from compressor.modeling.packed_heads import head_major, normalised_by
+
+    x = head_major(torch.randn(batch, 6, heads, 16, generator=torch.Generator().manual_seed(4)))[:, tokens]
+    torch.testing.assert_close(normalised_by(rows_read_as_fla_does, x), normalised(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's l2norm runs on CUDA tensors")
 @pytest.mark.parametrize("heads", [3, 40])
 def test_queries_and_keys_normalised_by_fla_in_pieces_equal_pytorch(heads):

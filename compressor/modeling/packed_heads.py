@@ -49,10 +49,19 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     if _fla_l2norm_fwd is None or not x.is_cuda or torch.is_grad_enabled():
         y = x.float()
         return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
-    heads_first = x.transpose(1, 2)
-    rows = heads_first.reshape(-1, x.shape[-1])
     with torch.cuda.device(x.device):  # Triton launches on the current device
-        pieces = [_fla_l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
+        return normalised_by(_fla_l2norm_fwd, x, eps)
+
+
+def normalised_by(l2norm_fwd: Callable, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``normalised`` through ``l2norm_fwd`` (fla's: rows [N, D] -> (rows normalised, rstd)), called on x's rows in
+    head-major order, at most ``FLA_L2NORM_ROWS`` at a time. fla's kernel reads row i at i·D from the first
+    element, so the rows are made contiguous first: a one-token slice of a head-major tensor (a rollback's first
+    step, see ``decode_graph.RecordedDecodeSteps.recur``) reshapes to rows a whole sequence apart. x [B, T, H, D] ->
+    the same shape, head-major."""
+    heads_first = x.transpose(1, 2)
+    rows = heads_first.reshape(-1, x.shape[-1]).contiguous()
+    pieces = [l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return y.view(heads_first.shape).transpose(1, 2)
 
