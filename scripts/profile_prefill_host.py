@@ -1,0 +1,76 @@
+"""Where the host's time goes in one prefill of a small hybrid model, on a GPU: the source with its stock class, the
+same source with the shipped class (every layer unpruned, under the shipped forward), and the pruned folders.
+
+    python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5]
+
+The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
+``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns, for three rounds; the host's time
+to return from the ten calls and the wall time until the GPU finished are printed (close together: the host sets
+the pace, or waits inside the call). Then cProfile of 20 prefills of each variant, the functions with the most own
+and cumulative time written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than
+GPU work: compare the unprofiled times, read the profile for where the calls go).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import check_families_gpu  # noqa: E402
+from bench_inference import Runner  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="a new folder for the models")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--family", default="qwen3_5", choices=[f for g in check_families_gpu.WORKERS for f in g])
+    args = parser.parse_args()
+    import compressor
+
+    compressor.register()
+    runners = check_families_gpu.speed_runners(args.family, args.work)
+    runners["source_shipped"] = Runner(args.work / args.family / "source")  # the shipped class, once registered
+    print({variant: type(runner.model).__name__ for variant, runner in runners.items()}, flush=True)
+    ids = {variant: runner.tokens(4, 2048) for variant, runner in runners.items()}
+    for variant, runner in runners.items():
+        for _ in range(3):
+            runner.prefill(ids[variant])
+    for turn in range(3):
+        line = []
+        for variant, runner in runners.items():
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(10):
+                runner.prefill(ids[variant])
+            returned = time.perf_counter()
+            torch.cuda.synchronize()
+            finished = time.perf_counter()
+            line.append(f"{variant} host {(returned - started) * 100:.2f} wall {(finished - started) * 100:.2f} ms")
+        print("round", turn, " | ".join(line), flush=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / f"profile_prefill_host_{args.family}.txt", "w") as out:
+        for variant, runner in runners.items():
+            profiler = cProfile.Profile()
+            torch.cuda.synchronize()
+            profiler.enable()
+            for _ in range(20):
+                runner.prefill(ids[variant])
+            profiler.disable()
+            torch.cuda.synchronize()
+            for key in ("tottime", "cumulative"):
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(45)
+                out.write(f"===== {variant} by {key} (20 prefills) =====\n{text.getvalue()}\n")
+
+
+if __name__ == "__main__":
+    main()
