@@ -171,7 +171,7 @@ def chunk_gated_delta_rule_fla_states(
         g = _fla_cumsum(g.float().contiguous(), chunk_size=chunk_size, scale=_RCP_LN2)
         w, u, _ = _fla_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk_size)
         h, v_new, final = _fla_fwd_h(
-            k=k, w=w, u=u, g=g, initial_state=None if initial_state is None else initial_state.float(),
+            k=k, w=w, u=u, g=g, initial_state=None if initial_state is None else initial_state.float().contiguous(),
             output_final_state=True, chunk_size=chunk_size,
         )
     finally:

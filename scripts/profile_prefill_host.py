@@ -4,10 +4,11 @@ same source with the shipped class (every layer unpruned, under the shipped forw
     python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5]
 
 The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
-``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns, for three rounds; the host's time
-to return from the ten calls and the wall time until the GPU finished are printed (close together: the host sets
-the pace, or waits inside the call). Then cProfile of 20 prefills of each variant, the functions with the most own
-and cumulative time written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than
+``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for
+three rounds; the host's time to return from the ten calls and the wall time until the GPU finished are printed and
+written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace, or waits inside the
+call). Then cProfile of 20 prefills of each variant, the functions with the most own and cumulative time written to
+``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than
 GPU work: compare the unprofiled times, read the profile for where the calls go).
 """
 
@@ -34,19 +35,26 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--family", default="qwen3_5", choices=[f for g in check_families_gpu.WORKERS for f in g])
     args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     import compressor
 
     compressor.register()
     runners = check_families_gpu.speed_runners(args.family, args.work)
     runners["source_shipped"] = Runner(args.work / args.family / "source")  # the shipped class, once registered
-    print({variant: type(runner.model).__name__ for variant, runner in runners.items()}, flush=True)
+    log = open(args.out_dir / f"profile_prefill_host_{args.family}.log", "w")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    say(str({variant: type(runner.model).__name__ for variant, runner in runners.items()}))
     ids = {variant: runner.tokens(4, 2048) for variant, runner in runners.items()}
     for variant, runner in runners.items():
         for _ in range(3):
             runner.prefill(ids[variant])
     for turn in range(3):
         line = []
-        for variant, runner in runners.items():
+        for variant, runner in list(runners.items())[:: 1 if turn % 2 == 0 else -1]:
             torch.cuda.synchronize()
             started = time.perf_counter()
             for _ in range(10):
@@ -55,8 +63,8 @@ def main() -> None:
             torch.cuda.synchronize()
             finished = time.perf_counter()
             line.append(f"{variant} host {(returned - started) * 100:.2f} wall {(finished - started) * 100:.2f} ms")
-        print("round", turn, " | ".join(line), flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+        say(f"round {turn} " + " | ".join(line))
+    log.close()
     with open(args.out_dir / f"profile_prefill_host_{args.family}.txt", "w") as out:
         for variant, runner in runners.items():
             profiler = cProfile.Profile()

@@ -102,8 +102,7 @@ def test_assisted_generation_on_cuda_gives_the_greedy_tokens(name):
 @pytest.mark.parametrize("name", ["qwen3_next", "kimi_linear"])
 def test_a_forward_recording_every_state_on_cuda_equals_a_plain_one(name):
     """A cache that records the state after each of the last N ≥ T tokens runs every token as a step, the first
-    without a state through fla's chunked path: the logits equal a forward without a cache (float32; fla's chunked
-    and recurrent kernels differ by ~1e-3 at these sizes)."""
+    without a state through fla's chunked path: the logits equal a forward without a cache."""
     pytest.importorskip("fla")
     model = pruned(name, fla_head_sizes=True).cuda()
     ids = torch.randint(3, 96, (1, 21), generator=torch.Generator().manual_seed(2)).cuda()
@@ -111,4 +110,4 @@ def test_a_forward_recording_every_state_on_cuda_equals_a_plain_one(name):
     cache.activate_past_recording(recurrent_states_to_keep=ids.shape[1])
     with torch.no_grad():
         torch.testing.assert_close(model(ids, cache=cache, use_cache=True).logits, model(ids).logits,
-                                   rtol=0, atol=1e-2)
+                                   rtol=0, atol=1e-2)  # float32: fla's chunked and recurrent kernels differ slightly

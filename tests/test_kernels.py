@@ -218,9 +218,8 @@ def rows_read_as_fla_does(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, No
 @pytest.mark.parametrize("batch,heads", [(1, 3), (2, 1), (2, 3)])
 def test_slices_of_head_major_queries_reach_fla_normalised(batch, heads, tokens):
     """A rollback runs its tokens one at a time on slices of head-major q and k (``RecordedDecodeSteps.recur``); a
-    one-token slice reshapes to rows a sequence apart, which fla's l2norm kernel would read as if contiguous (on an
-    H200 this sent assisted generation off greedy decoding). Through a stand-in that reads memory as that kernel
-    does, every slice gives PyTorch's values."""
+    one-token slice reshapes to rows a sequence apart, which fla's l2norm kernel would read as if contiguous.
+    Through a stand-in that reads memory as that kernel does, every slice gives PyTorch's values."""
     from compressor.modeling.packed_heads import head_major, normalised_by
 
     x = head_major(torch.randn(batch, 6, heads, 16, generator=torch.Generator().manual_seed(4)))[:, tokens]
