@@ -8,8 +8,8 @@ The models are those of ``check_families_gpu.py`` (random weights, head size 128
 three rounds; the host's time to return from the ten calls and the wall time until the GPU finished are printed and
 written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace, or waits inside the
 call). Then cProfile of 20 prefills of each variant, the functions with the most own and cumulative time written to
-``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than
-GPU work: compare the unprofiled times, read the profile for where the calls go).
+``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the unprofiled
+times, read the profile for where the calls go).
 """
 
 from __future__ import annotations

@@ -12,7 +12,14 @@ from tiny_models import tiny_model
 from triton_interpreter import skip_where_the_interpreter_cannot_run_decode_steps
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
-from compressor.modeling.packed_heads import heads_as_batch, heads_as_sequences, normalised, sequence_index
+from compressor.modeling.packed_heads import (
+    head_major,
+    heads_as_batch,
+    heads_as_sequences,
+    normalised,
+    normalised_by,
+    sequence_index,
+)
 from compressor.state_capture import STATES_DOT_PRECISION, states_dot_precision
 
 
@@ -220,8 +227,6 @@ def test_slices_of_head_major_queries_reach_fla_normalised(batch, heads, tokens)
     """A rollback runs its tokens one at a time on slices of head-major q and k (``RecordedDecodeSteps.recur``); a
     one-token slice reshapes to rows a sequence apart, which fla's l2norm kernel would read as if contiguous.
     Through a stand-in that reads memory as that kernel does, every slice gives PyTorch's values."""
-    from compressor.modeling.packed_heads import head_major, normalised_by
-
     x = head_major(torch.randn(batch, 6, heads, 16, generator=torch.Generator().manual_seed(4)))[:, tokens]
     torch.testing.assert_close(normalised_by(rows_read_as_fla_does, x), normalised(x), rtol=0, atol=1e-6)
 

@@ -44,8 +44,8 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
     kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd take fla's kernel (one
     launch per ``FLA_L2NORM_ROWS`` rows, a copy joining several, and a copy first of rows that are not contiguous
-    in head-major order, where PyTorch launches seven and keeps float32 copies in memory) and return head-major (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in
-    x's layout."""
+    in head-major order, where PyTorch launches seven and keeps float32 copies in memory) and return head-major
+    (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in x's layout."""
     if _fla_l2norm_fwd is None or not x.is_cuda or torch.is_grad_enabled():
         y = x.float()
         return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
