@@ -35,13 +35,17 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--family", default="qwen3_5", choices=[f for g in check_families_gpu.WORKERS for f in g])
     args = parser.parse_args()
+    outputs = [args.out_dir / f"profile_prefill_host_{args.family}.{suffix}" for suffix in ("log", "txt")]
+    taken = [str(path) for path in outputs if path.exists()]
+    if taken:
+        parser.error(f"will not overwrite {', '.join(taken)}: move them or choose another --out-dir")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     import compressor
 
     compressor.register()
     runners = check_families_gpu.speed_runners(args.family, args.work)
     runners["source_shipped"] = Runner(args.work / args.family / "source")  # the shipped class, once registered
-    log = open(args.out_dir / f"profile_prefill_host_{args.family}.log", "w")
+    log = open(outputs[0], "w")
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -65,7 +69,7 @@ def main() -> None:
             line.append(f"{variant} host {(returned - started) * 100:.2f} wall {(finished - started) * 100:.2f} ms")
         say(f"round {turn} " + " | ".join(line))
     log.close()
-    with open(args.out_dir / f"profile_prefill_host_{args.family}.txt", "w") as out:
+    with open(outputs[1], "w") as out:
         for variant, runner in runners.items():
             profiler = cProfile.Profile()
             torch.cuda.synchronize()
