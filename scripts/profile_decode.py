@@ -33,10 +33,24 @@ import pstats
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+@contextmanager
+def stock_gated_norm():
+    """The shipped mixers' gated norm through the stock module's forward: fla's kernel hidden from them."""
+    from compressor.modeling import gated_deltanet
+
+    found = gated_deltanet.gated_norm_kernel
+    gated_deltanet.gated_norm_kernel = lambda: None
+    try:
+        yield
+    finally:
+        gated_deltanet.gated_norm_kernel = found
 
 
 def layer_config():
@@ -97,12 +111,8 @@ def variants(batch: int) -> dict:
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
     def no_fused_norm():
-        saved = gated_deltanet._fla_rms_norm_gated
-        gated_deltanet._fla_rms_norm_gated = None
-        try:
+        with stock_gated_norm():
             shipped(hidden, cache=caches["shipped"])
-        finally:
-            gated_deltanet._fla_rms_norm_gated = saved
 
     qkvz = stock.in_proj_qkvz(hidden)
     ba = stock.in_proj_ba(hidden)
@@ -225,7 +235,6 @@ def model_phase(batches: list[int], rounds: int, steps: int, results: dict, save
     from bench_inference import source_config
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
-    from compressor.modeling import gated_deltanet
     from compressor.modeling.modeling_qwen3_next import PrunedQwen3NextGatedDeltaNet
 
     start = time.perf_counter()
@@ -239,13 +248,10 @@ def model_phase(batches: list[int], rounds: int, steps: int, results: dict, save
         def step(batch: int) -> float:
             for mixer in mixers:
                 mixer.__class__ = PrunedQwen3NextGatedDeltaNet if shipped else Qwen3NextGatedDeltaNet
-            saved = gated_deltanet._fla_rms_norm_gated
-            if not fused_norm:
-                gated_deltanet._fla_rms_norm_gated = None
-            try:
+            if fused_norm:
                 return decode_step_ms(model, batch, steps)
-            finally:
-                gated_deltanet._fla_rms_norm_gated = saved
+            with stock_gated_norm():
+                return decode_step_ms(model, batch, steps)
         return step
 
     variants = {"stock class": run(stock, False, True), "stock weights, shipped forward": run(stock, True, True),

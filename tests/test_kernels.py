@@ -212,12 +212,10 @@ def test_queries_and_keys_normalised_as_fla_does_keep_their_dtype_and_layout():
     assert (y.double() - reference).abs().max() <= 2**-8  # one bfloat16 rounding of values below 1
 
 
-def rows_read_as_fla_does(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, None]:
-    """fla's ``l2norm_fwd`` as its kernel reads memory: ``x.view(-1, D)``, then row i at i·D from the first element,
-    whatever the view's strides."""
-    rows = x.view(-1, x.shape[-1])
+def rows_read_as_fla_does(rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """fla's l2norm kernel as it reads memory: row i at i·D from the first element, whatever the strides."""
     read = rows.as_strided(rows.shape, (rows.shape[-1], 1)).float()
-    return (read * torch.rsqrt((read * read).sum(-1, keepdim=True) + eps)).to(x.dtype), None
+    return (read * torch.rsqrt((read * read).sum(-1, keepdim=True) + eps)).to(rows.dtype)
 
 
 @pytest.mark.parametrize("tokens", [slice(0, 1), slice(3, 4), slice(2, 5), slice(None)],
@@ -233,19 +231,19 @@ def test_slices_of_head_major_queries_reach_fla_normalised(batch, heads, tokens)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's l2norm runs on CUDA tensors")
 @pytest.mark.parametrize("heads", [3, 40])
-def test_queries_and_keys_normalised_by_fla_in_pieces_equal_pytorch(heads):
-    """On CUDA, ``normalised`` calls fla's l2norm on at most 65,536 rows at a time (40 heads x 2 x 1000 tokens: two
-    pieces); it must give PyTorch's values, head-major."""
+def test_queries_and_keys_normalised_by_fla_in_one_launch_equal_pytorch(heads):
+    """On CUDA, ``normalised`` launches fla's l2norm kernel once, on any number of rows (40 heads x 2 x 1000 tokens:
+    more than the 65,536 that fla's own wrapper counts as one step); it must give PyTorch's values, head-major."""
     pytest.importorskip("fla")
-    from compressor.modeling import packed_heads
+    from compressor.modeling import fla_rows, packed_heads
 
     x = torch.randn(2, 1000, heads, 128, device="cuda").to(torch.bfloat16)
     x = x.transpose(1, 2).contiguous().transpose(1, 2)  # head-major
     with torch.no_grad():
-        fla_rows = packed_heads.normalised(x)
-    torch_rows = packed_heads.normalised(x.cpu()).cuda()
-    assert packed_heads._fla_l2norm_fwd is not None and fla_rows.transpose(1, 2).is_contiguous()
-    torch.testing.assert_close(fla_rows.float(), torch_rows.float(), rtol=0, atol=2**-8)
+        by_fla = packed_heads.normalised(x)
+    by_torch = packed_heads.normalised(x.cpu()).cuda()
+    assert fla_rows.l2norm_kernel() is not None and by_fla.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(by_fla.float(), by_torch.float(), rtol=0, atol=2**-8)
 
 
 def test_a_gate_computed_from_its_head_major_copy_packs_without_a_copy():
@@ -320,7 +318,7 @@ def test_gated_norm_on_cuda_equals_the_stock_module(rows):
     with torch.no_grad():
         fused = gated_deltanet.gated_rms_norm(norm, x, gate)
         expected = norm(x, gate)
-    assert gated_deltanet._fla_rms_norm_gated is not None and fused.shape == expected.shape
+    assert gated_deltanet.gated_norm_kernel() is not None and fused.shape == expected.shape
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # bfloat16: the stock forward rounds before the weight, fla at the end
         half = gated_deltanet.gated_rms_norm(norm.bfloat16(), x.bfloat16(), gate.bfloat16())

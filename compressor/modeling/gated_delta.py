@@ -21,7 +21,7 @@ except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
 from .fla_decode_step import can_step_in_place, step_in_place
-from .packed_heads import heads_as_batch, heads_as_sequences, normalised
+from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -145,7 +145,8 @@ def gated_delta_rule(
         if single_step:
             step = step_in_place if output_final_state and can_step_in_place(initial_state) else _fla_recurrent
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
-        per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g, beta=beta)
+        q, k = normalised_pair(q, k)
+        per_head = dict(q=q, k=k, v=v, g=g, beta=beta)
         return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})
     if single_step:

@@ -27,13 +27,9 @@ from transformers.activations import ACT2FN
 from . import gated_delta
 from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
+from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
 from .gated_delta import gated_delta_rule
 from .packed_heads import head_major
-
-try:  # fla is optional: without it, the gated norm runs the stock module's PyTorch forward.
-    from fla.modules.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
-except Exception:  # ImportError, or fla without triton
-    _fla_rms_norm_gated = None
 
 TRANSFORMERS_FLOOR = (5, 21)
 """The oldest transformers whose caches this code uses (``get_conv_state`` appeared in 5.21)."""
@@ -68,24 +64,16 @@ def causal_conv1d_step(
     return ACT2FN[activation](out).to(x.dtype)
 
 
-FLA_NORM_ROWS = 65536
-"""Rows per call of fla's gated norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning
-key (for d_v ≤ 512; wider rows take a kernel without it): calls of at most this many rows compile and tune it
-once, whatever number of heads a layer kept."""
-
-
 def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [N, d_v] -> [N, d_v] in x's dtype (``norm``:
-    the layer's stock RMSNormGated). CUDA tensors outside autograd take fla's fused kernel (one launch per
-    ``FLA_NORM_ROWS`` rows where the stock forward launches about a dozen; it keeps float32 until the end, where
-    the stock forward rounds to x's dtype before the weight); everything else, and everything while the
+    the layer's stock RMSNormGated). CUDA tensors outside autograd take fla's fused kernel in one launch
+    (``fla_rows.gated_rms_normalised``, where the stock forward launches about a dozen; it keeps float32 until the
+    end, where the stock forward rounds to x's dtype before the weight); everything else, and everything while the
     recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared), the stock forward."""
-    if _fla_rms_norm_gated is None or not gated_delta.HAS_FLA or not x.is_cuda or torch.is_grad_enabled():
+    if (not gated_delta.HAS_FLA or not takes(x) or norm.activation not in GATE_ACTIVATIONS
+            or gated_norm_kernel() is None):
         return norm(x, gate)
-    pieces = [_fla_rms_norm_gated(part, part_gate, norm.weight, None, activation=norm.activation,
-                                  eps=norm.variance_epsilon)
-              for part, part_gate in zip(x.split(FLA_NORM_ROWS), gate.split(FLA_NORM_ROWS))]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return gated_rms_normalised(x.contiguous(), gate.contiguous(), norm.weight, norm.variance_epsilon, norm.activation)
 
 
 def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int]:

@@ -8,8 +8,8 @@ distinct count. The heads of a linear-attention layer never mix inside the recur
 H heads is the same computation as B·H sequences of one head; packed back to back into one batch of
 variable-length sequences (fla's ``cu_seqlens``), every layer hands the kernels batch 1 and one head, whatever it
 kept. fla's chunked kernels L2-normalise queries and keys with a kernel whose compile-time constants count the
-rows (tokens x heads) in steps of 65,536, so the chunked path normalises them here instead, in calls of at most
-that many rows (``normalised``).
+rows (tokens x heads) in steps of 65,536, so the chunked path normalises them here instead, through that kernel
+launched with a constant count (``normalised``, ``fla_rows.py``).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
@@ -25,45 +25,75 @@ from functools import lru_cache
 
 import torch
 
+from .fla_rows import l2_normalised, l2norm_kernel, takes
+
 CHUNK_SIZE = 64
 """The chunk size of fla's chunked gated delta rule, for which ``chunk_indices`` are prepared (the other chunked
 kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 
-try:  # fla is optional: without it, ``normalised`` computes in PyTorch.
-    from fla.modules.l2norm import l2norm_fwd as _fla_l2norm_fwd
-except Exception:  # ImportError, or fla without triton
-    _fla_l2norm_fwd = None
-
-FLA_L2NORM_ROWS = 65536
-"""Rows per call of fla's l2norm kernel, which takes ⌈rows / 65,536⌉ as a compile-time constant and autotuning key:
-calls of at most this many rows compile and tune it once, whatever number of heads a layer kept."""
-
-
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
-    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd take fla's kernel (one
-    launch per ``FLA_L2NORM_ROWS`` rows, a copy joining several, and a copy first of rows that are not contiguous
-    in head-major order, where PyTorch launches seven and keeps float32 copies in memory) and return head-major
-    (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in x's layout."""
-    if _fla_l2norm_fwd is None or not x.is_cuda or torch.is_grad_enabled():
-        y = x.float()
-        return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
-    with torch.cuda.device(x.device):  # Triton launches on the current device
-        return normalised_by(_fla_l2norm_fwd, x, eps)
+    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd take fla's kernel in one launch
+    (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in head-major order; PyTorch launches
+    seven and keeps float32 copies in memory) and return head-major (``y.transpose(1, 2)`` contiguous); everything
+    else PyTorch, in x's layout."""
+    if takes(x) and l2norm_kernel() is not None:
+        return normalised_by(l2_normalised, x, eps)
+    y = x.float()
+    return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def normalised_by(l2norm_fwd: Callable, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``normalised`` through ``l2norm_fwd`` (fla's: rows [N, D] -> (rows normalised, rstd)), called on x's rows in
-    head-major order, at most ``FLA_L2NORM_ROWS`` at a time. fla's kernel reads row i at i·D from the first
-    element, so the rows are made contiguous first: a one-token slice of a head-major tensor (a rollback's first
-    step, see ``decode_graph.RecordedDecodeSteps.recur``) reshapes to rows a whole sequence apart. x [B, T, H, D] ->
-    the same shape, head-major."""
+def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normalised(q), normalised(k))``; where fla's kernel runs and q and k tile one block of memory row by row (the
+    two halves of a mixer's ``queries_and_keys``), in one launch over that block (``normalised_pair_by``)."""
+    if takes(q) and l2norm_kernel() is not None:
+        return normalised_pair_by(l2_normalised, q, k, eps)
+    return normalised(q, eps), normalised(k, eps)
+
+
+def normalised_by(normalise_rows: Callable, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``normalised`` through ``normalise_rows`` (rows [N, D], contiguous -> normalised rows [N, D]), called on x's rows
+    in head-major order. The rows are made contiguous first: fla's kernel reads row i at i·D from the first element,
+    and a one-token slice of a head-major tensor (a rollback's first step, see ``decode_graph.RecordedDecodeSteps.recur``)
+    reshapes to rows a whole sequence apart. x [B, T, H, D] -> the same shape, head-major."""
     heads_first = x.transpose(1, 2)
     rows = heads_first.reshape(-1, x.shape[-1]).contiguous()
-    pieces = [l2norm_fwd(part, eps)[0] for part in rows.split(FLA_L2NORM_ROWS)]
-    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return y.view(heads_first.shape).transpose(1, 2)
+    return normalise_rows(rows, eps).view(heads_first.shape).transpose(1, 2)
+
+
+def normalised_pair_by(
+    normalise_rows: Callable, q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normalised_pair`` through ``normalise_rows`` (as ``normalised_by``): one call over the rows q and k tile
+    (``shared_rows``), returned as the views of its output that q and k are of the memory, in their layouts;
+    otherwise ``normalised_by`` of each."""
+    rows = shared_rows(q, k)
+    if rows is None:
+        return normalised_by(normalise_rows, q, eps), normalised_by(normalise_rows, k, eps)
+    out = normalise_rows(rows, eps)
+    start = rows.storage_offset()
+    return tuple(out.as_strided(x.shape, x.stride(), x.storage_offset() - start) for x in (q, k))
+
+
+def shared_rows(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The block of memory that q and k [..., D] tile, as contiguous rows [N, D] (N·D = q's and k's elements), when
+    each of their rows [D] is one of the block's; None otherwise (different memory, gaps, overlaps, rows that
+    straddle two of the block's). Read from the layout alone: views made under ``torch.inference_mode`` record no
+    base."""
+    width = q.shape[-1]
+    if (q.dtype != k.dtype or k.shape[-1] != width or not q.numel() or not k.numel()
+            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()):
+        return None
+    start = min(q.storage_offset(), k.storage_offset())
+    end = max(x.storage_offset() + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1
+              for x in (q, k))
+    if end - start != q.numel() + k.numel():
+        return None
+    for x in (q, k):
+        if x.stride(-1) != 1 or (x.storage_offset() - start) % width or any(s % width for s in x.stride()[:-1]):
+            return None
+    return q.as_strided(((end - start) // width, width), (width, 1), start)
 
 
 def head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
