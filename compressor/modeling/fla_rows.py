@@ -1,13 +1,16 @@
-"""fla's row kernels (L2 norm, gated RMS norm) launched once on any number of rows, compiled once.
+"""fla's row kernels (L2 norm, gated RMS norm) launched once on any number of rows, compiled once per process.
 
-Shipped inside output folders (imports only torch; fla is looked up at the first call). fla's public ``l2norm_fwd``
-and ``rms_norm_gated`` hand their Triton kernels ⌈rows / 65,536⌉ as a compile-time constant (``NB``) that only
-selects an autotuning entry: layers that kept different numbers of heads would compile and tune the kernels once
-per distinct value. ``NB`` appears nowhere else in the kernels, so launching them with ``NB = 1`` on every input
-gives the same values with one compilation, in one launch, without the wrappers fla puts around its public
-functions for autograd and backend dispatch (host time a small model's prefill spends several times per layer).
-``l2norm_kernel()`` or ``gated_norm_kernel()`` is None where fla differs from the version this code was written
-for (0.6), and callers compute in PyTorch.
+Shipped inside output folders (imports only torch; fla and triton are looked up at the first call). fla's public
+``l2norm_fwd`` and ``rms_norm_gated`` hand their Triton kernels ⌈rows / 65,536⌉ (``NB``) as a compile-time
+constant that only selects an autotuning entry: layers that kept different numbers of heads would compile and tune
+them once per distinct value. ``NB`` appears nowhere else in the kernels, so the functions here launch them with
+``NB = 1`` on every input: one launch per call, none of the wrappers fla puts around its public functions for
+autograd and backend dispatch (host time a small model's prefill spends several times per layer). The l2norm
+kernel is launched beneath fla's autotuner, with the one configuration of those it tunes among that was measured
+closest to the best at the sizes models hand it (``L2NORM_CONFIG``, ``scripts/tune_row_kernels.py``): one
+compilation instead of 25 in every process. The gated norm keeps fla's autotuning (its 9 configurations).
+``l2norm_kernel()`` or ``gated_norm_kernel()`` is None where fla differs from the version this code was written for
+(0.6), and callers compute in PyTorch.
 
 Shapes: rows [N, D], contiguous, D ≤ 512; outputs [N, D] in the input's dtype. CPU tensors only under Triton's
 interpreter.
@@ -36,26 +39,37 @@ GATE_ACTIVATIONS = ("silu", "swish", "sigmoid")
 MAX_ROW_SIZE = 512
 """The widest rows these kernels take (fla launches a kernel of another shape above it)."""
 
+L2NORM_CONFIG = dict(BT=32, num_warps=16)
+"""The configuration ``l2_normalised`` launches fla's l2norm kernel with: of the 25 fla tunes among, the one whose
+time was nearest the best at every size measured (``scripts/results/tune_row_kernels_h200.log``)."""
 
-def _kernel(module_name: str, kernel_name: str, arguments: tuple[str, ...]):
+
+def fla_kernel(module_name: str, kernel_name: str, arguments: tuple[str, ...], beneath_autotuner: bool):
+    """fla's Triton kernel ``module_name.kernel_name`` (``beneath_autotuner``: the function beneath its autotuner and
+    heuristics, launched with a configuration of the caller's) if its arguments are ``arguments``; else None."""
     try:
         module = importlib.import_module(module_name)
+        from triton.runtime.autotuner import Autotuner, Heuristics
     except Exception:  # no fla, or fla without triton
         return None
     found = getattr(module, kernel_name, None)
+    while beneath_autotuner and isinstance(found, (Autotuner, Heuristics)):
+        found = found.fn
     return found if tuple(getattr(found, "arg_names", ())) == arguments else None
 
 
 @lru_cache(maxsize=1)
 def l2norm_kernel():
-    """fla's ``l2norm_fwd_kernel`` if its arguments are ``L2NORM_ARGUMENTS``, else None."""
-    return _kernel("fla.modules.norm.l2norm", "l2norm_fwd_kernel", L2NORM_ARGUMENTS)
+    """The function beneath fla's autotuner for ``l2norm_fwd_kernel`` if its arguments are ``L2NORM_ARGUMENTS``,
+    else None."""
+    return fla_kernel("fla.modules.norm.l2norm", "l2norm_fwd_kernel", L2NORM_ARGUMENTS, beneath_autotuner=True)
 
 
 @lru_cache(maxsize=1)
 def gated_norm_kernel():
-    """fla's ``layer_norm_gated_fwd_kernel`` if its arguments are ``GATED_NORM_ARGUMENTS``, else None."""
-    return _kernel("fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel", GATED_NORM_ARGUMENTS)
+    """fla's ``layer_norm_gated_fwd_kernel`` (autotuned) if its arguments are ``GATED_NORM_ARGUMENTS``, else None."""
+    return fla_kernel("fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel", GATED_NORM_ARGUMENTS,
+                      beneath_autotuner=False)
 
 
 def takes(rows: torch.Tensor) -> bool:
@@ -79,9 +93,9 @@ def l2_normalised(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     out = torch.empty_like(rows)
     if count:
         with launcher(rows):
-            l2norm_kernel()[lambda meta: (-(-count // meta["BT"]),)](
+            l2norm_kernel()[(-(-count // L2NORM_CONFIG["BT"]),)](
                 x=rows, y=out, rstd=torch.empty(count, dtype=torch.float32, device=rows.device), eps=eps, T=count,
-                D=width, BD=next_power_of_2(width), NB=1,
+                D=width, BD=next_power_of_2(width), NB=1, **L2NORM_CONFIG,
             )
     return out
 

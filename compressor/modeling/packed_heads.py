@@ -55,8 +55,9 @@ def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tupl
 def normalised_by(normalise_rows: Callable, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``normalised`` through ``normalise_rows`` (rows [N, D], contiguous -> normalised rows [N, D]), called on x's rows
     in head-major order. The rows are made contiguous first: fla's kernel reads row i at i·D from the first element,
-    and a one-token slice of a head-major tensor (a rollback's first step, see ``decode_graph.RecordedDecodeSteps.recur``)
-    reshapes to rows a whole sequence apart. x [B, T, H, D] -> the same shape, head-major."""
+    and a one-token slice of a head-major tensor (a rollback's first step, see
+    ``decode_graph.RecordedDecodeSteps.recur``) reshapes to rows a whole sequence apart. x [B, T, H, D] -> the same
+    shape, head-major."""
     heads_first = x.transpose(1, 2)
     rows = heads_first.reshape(-1, x.shape[-1]).contiguous()
     return normalise_rows(rows, eps).view(heads_first.shape).transpose(1, 2)
