@@ -56,7 +56,10 @@ def test_a_row_kernel_of_other_arguments_is_not_launched(monkeypatch, lookup, ki
     pytest.importorskip("fla.modules.norm.fused_norm_gate")
     found = getattr(fla_rows, lookup)()
     assert type(found).__name__ == kind
-    monkeypatch.setattr(found, "arg_names", [*found.arg_names[:-1], "SOMETHING_NEW"])
+    function = found
+    while type(function).__name__ != "JITFunction":  # the arguments are read beneath the autotuner and heuristics
+        function = function.fn
+    monkeypatch.setattr(function, "arg_names", [*function.arg_names[:-1], "SOMETHING_NEW"])
     getattr(fla_rows, lookup).cache_clear()
     try:
         assert getattr(fla_rows, lookup)() is None
@@ -90,8 +93,15 @@ def two_halves_of_one_projection():
     return tuple(part.reshape(2, 7, 3, 4) for part in both.split(12, dim=-1))
 
 
+def inside_a_larger_block():
+    """q, k [4, 4] back to back from the fifth element of their memory: the block starts inside it."""
+    memory = torch.randn(40, generator=torch.Generator().manual_seed(9))
+    return memory[4:20].view(1, 4, 1, 4), memory[20:36].view(1, 4, 1, 4)
+
+
 LAYOUTS = {
     "one gather": (mixer_queries_and_keys, 1),
+    "inside a larger block": (inside_a_larger_block, 1),
     "one gather, keys first": (lambda: mixer_queries_and_keys()[::-1], 1),
     "two halves of one projection": (two_halves_of_one_projection, 1),
     "one token of one gather": (lambda: tuple(x[:, 3:4] for x in mixer_queries_and_keys()), 2),
@@ -128,7 +138,9 @@ def test_rows_that_are_not_whole_rows_of_the_block_are_not_shared():
     assert shared_rows(q, memory[20:36].view(4, 4)) is None  # a gap
     overlapping = memory.as_strided((2, 4), (2, 1), 0)  # rows at 0 and 2, then a gap until 8
     assert shared_rows(overlapping, memory.as_strided((2, 4), (4, 1), 8)) is None
-    assert shared_rows(q, k.to(torch.float64)) is None
+    # whole rows a stride of the width apart, and rows that start two elements into one: no gap, no block
+    assert shared_rows(memory.as_strided((3, 4), (8, 1), 0), memory.as_strided((2, 4), (4, 1), 2)) is None
+    assert shared_rows(q, memory.view(torch.int32)[16:32].view(4, 4)) is None  # the same memory read as integers
 
 
 def test_the_pair_on_the_cpu_is_pytorchs():
@@ -137,3 +149,62 @@ def test_the_pair_on_the_cpu_is_pytorchs():
         got = normalised_pair(q, k)
     for x, y in zip((q, k), got):
         assert torch.equal(y, normalised(x))
+
+
+def counting(calls: list, function):
+    def counted_call(*args, **kwargs):
+        calls.append(args[0].shape)
+        return function(*args, **kwargs)
+    return counted_call
+
+
+def test_cuda_shaped_inputs_reach_the_row_kernels_once(monkeypatch):
+    """Where the row kernels take the input (on CUDA, outside autograd), queries and keys of one gather reach the
+    l2norm kernel in one call, one tensor in one call, and a gated norm the gated norm kernel in one call; a gate the
+    kernel does not apply goes to the stock module. (PyTorch stand-ins for the kernels, so that this runs anywhere.)"""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNormGated
+
+    from compressor.modeling import gated_deltanet, packed_heads
+
+    calls = []
+    monkeypatch.setattr(packed_heads, "takes", lambda rows: True)
+    monkeypatch.setattr(packed_heads, "l2norm_kernel", lambda: object())
+    monkeypatch.setattr(packed_heads, "l2_normalised", counting(calls, counted([])))
+    q, k = mixer_queries_and_keys()
+    with torch.no_grad():
+        pair = normalised_pair(q, k)
+        single = normalised(q)
+    assert calls == [(2 * q.numel() // 4, 4), (q.numel() // 4, 4)]
+    monkeypatch.undo()
+    for got, x in zip((*pair, single), (q, k, q)):
+        torch.testing.assert_close(got, normalised(x), rtol=0, atol=1e-6)
+
+    norm = Qwen3_5RMSNormGated(4, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(10))
+    x, gate = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(11)).unbind()
+    stand_in = lambda rows, gate, weight, eps, activation: norm(rows, gate)  # noqa: E731
+    calls = []
+    monkeypatch.setattr(gated_deltanet.gated_delta, "HAS_FLA", True)
+    monkeypatch.setattr(gated_deltanet, "takes", lambda rows: True)
+    monkeypatch.setattr(gated_deltanet, "gated_norm_kernel", lambda: object())
+    monkeypatch.setattr(gated_deltanet, "gated_rms_normalised", counting(calls, stand_in))
+    with torch.no_grad():
+        assert torch.equal(gated_deltanet.gated_rms_norm(norm, x, gate), norm(x, gate))
+        norm.activation = "gelu"
+        gated_deltanet.gated_rms_norm(norm, x, gate)
+    assert calls == [(9, 4)]
+
+
+def test_a_kernel_that_reads_nb_in_its_body_is_not_launched():
+    """Launching with NB = 1 on any number of rows is exact only while NB is an autotuning key and nothing else."""
+    from types import SimpleNamespace
+
+    from compressor.modeling.fla_rows import names_nb_once
+
+    def key_only(x, y, NB, BT):
+        return x + y
+
+    def reads_it(x, y, NB, BT):
+        return x + y * NB
+
+    assert names_nb_once(SimpleNamespace(fn=key_only)) and not names_nb_once(SimpleNamespace(fn=reads_it))

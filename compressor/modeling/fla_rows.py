@@ -1,16 +1,16 @@
-"""fla's row kernels (L2 norm, gated RMS norm) launched once on any number of rows, compiled once per process.
+"""fla's row kernels (L2 norm, gated RMS norm) launched once on any number of rows, compiled once.
 
 Shipped inside output folders (imports only torch; fla and triton are looked up at the first call). fla's public
 ``l2norm_fwd`` and ``rms_norm_gated`` hand their Triton kernels ⌈rows / 65,536⌉ (``NB``) as a compile-time
 constant that only selects an autotuning entry: layers that kept different numbers of heads would compile and tune
-them once per distinct value. ``NB`` appears nowhere else in the kernels, so the functions here launch them with
-``NB = 1`` on every input: one launch per call, none of the wrappers fla puts around its public functions for
-autograd and backend dispatch (host time a small model's prefill spends several times per layer). The l2norm
-kernel is launched beneath fla's autotuner, with the one configuration of those it tunes among that was measured
-closest to the best at the sizes models hand it (``L2NORM_CONFIG``, ``scripts/tune_row_kernels.py``): one
-compilation instead of 25 in every process. The gated norm keeps fla's autotuning (its 9 configurations).
-``l2norm_kernel()`` or ``gated_norm_kernel()`` is None where fla differs from the version this code was written for
-(0.6), and callers compute in PyTorch.
+them once per distinct value. ``NB`` appears nowhere else in the kernels (``fla_kernel`` checks), so the functions
+here launch them with ``NB = 1`` on every input: one launch per call, none of the wrappers fla puts around its
+public functions for autograd and backend dispatch (host time a small model's prefill spends several times per
+layer). The l2norm kernel is launched beneath fla's autotuner with one of the configurations it tunes among
+(``L2NORM_CONFIG``, chosen with ``scripts/tune_row_kernels.py``): with an empty Triton cache, one compilation
+instead of 25. The gated norm keeps fla's autotuning (its 9 configurations). ``l2norm_kernel()`` or
+``gated_norm_kernel()`` is None where fla differs from the version this code was written for (0.6), and callers
+compute in PyTorch.
 
 Shapes: rows [N, D], contiguous, D ≤ 512; outputs [N, D] in the input's dtype. CPU tensors only under Triton's
 interpreter.
@@ -19,6 +19,8 @@ interpreter.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from contextlib import nullcontext
 from functools import lru_cache
 
@@ -41,21 +43,36 @@ MAX_ROW_SIZE = 512
 
 L2NORM_CONFIG = dict(BT=32, num_warps=16)
 """The configuration ``l2_normalised`` launches fla's l2norm kernel with: of the 25 fla tunes among, the one whose
-time was nearest the best at every size measured (``scripts/results/tune_row_kernels_h200.log``)."""
+largest ratio to the best configuration over the sizes measured was smallest
+(``scripts/results/tune_row_kernels_h200.log``)."""
 
 
 def fla_kernel(module_name: str, kernel_name: str, arguments: tuple[str, ...], beneath_autotuner: bool):
     """fla's Triton kernel ``module_name.kernel_name`` (``beneath_autotuner``: the function beneath its autotuner and
-    heuristics, launched with a configuration of the caller's) if its arguments are ``arguments``; else None."""
+    heuristics, launched with a configuration of the caller's) if its arguments are ``arguments`` and its source
+    names ``NB`` only among them; else None."""
     try:
         module = importlib.import_module(module_name)
         from triton.runtime.autotuner import Autotuner, Heuristics
     except Exception:  # no fla, or fla without triton
         return None
     found = getattr(module, kernel_name, None)
-    while beneath_autotuner and isinstance(found, (Autotuner, Heuristics)):
-        found = found.fn
-    return found if tuple(getattr(found, "arg_names", ())) == arguments else None
+    function = found
+    while isinstance(function, (Autotuner, Heuristics)):
+        function = function.fn
+    if tuple(getattr(function, "arg_names", ())) != arguments or not names_nb_once(function):
+        return None
+    return function if beneath_autotuner else found
+
+
+def names_nb_once(function) -> bool:
+    """Whether the source of a Triton function (decorators left out) names ``NB`` once: among its arguments."""
+    try:
+        source = inspect.getsource(function.fn)
+    except (AttributeError, OSError, TypeError):  # no Python function beneath, or its source is not on disk
+        return False
+    definition = re.search(r"^\s*def\s", source, re.MULTILINE)
+    return definition is not None and len(re.findall(r"\bNB\b", source[definition.start():])) == 1
 
 
 @lru_cache(maxsize=1)
@@ -89,6 +106,8 @@ def launcher(x: torch.Tensor):
 def l2_normalised(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """rows / sqrt(sum rows² + eps) over the last dimension, in float32, returned in the rows' dtype, in one launch
     of ``l2norm_kernel()``. rows [N, D] contiguous -> [N, D]."""
+    if not rows.is_contiguous():
+        raise ValueError("l2_normalised takes contiguous rows")
     count, width = rows.shape
     out = torch.empty_like(rows)
     if count:
@@ -107,6 +126,9 @@ def gated_rms_normalised(
     the rows' dtype, in one launch of ``gated_norm_kernel()``. rows, gate [N, D] contiguous, weight [D] -> [N, D]."""
     if activation not in GATE_ACTIVATIONS:
         raise ValueError(f"fla's gated norm applies {', '.join(GATE_ACTIVATIONS)}, not {activation!r}")
+    if not (rows.is_contiguous() and gate.is_contiguous() and gate.shape == rows.shape
+            and weight.shape == rows.shape[-1:]):
+        raise ValueError("gated_rms_normalised takes contiguous rows and gates [N, D] and a weight [D]")
     count, width = rows.shape
     out = torch.empty_like(rows)
     if count:

@@ -34,10 +34,10 @@ kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
-    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd take fla's kernel in one launch
-    (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in head-major order; PyTorch launches
-    seven and keeps float32 copies in memory) and return head-major (``y.transpose(1, 2)`` contiguous); everything
-    else PyTorch, in x's layout."""
+    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd with at most 512 channels take
+    fla's kernel in one launch (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in
+    head-major order; PyTorch launches seven and keeps float32 copies in memory) and return head-major
+    (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in x's layout."""
     if takes(x) and l2norm_kernel() is not None:
         return normalised_by(l2_normalised, x, eps)
     y = x.float()
@@ -47,7 +47,7 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normalised(q), normalised(k))``; where fla's kernel runs and q and k tile one block of memory row by row (the
     two halves of a mixer's ``queries_and_keys``), in one launch over that block (``normalised_pair_by``)."""
-    if takes(q) and l2norm_kernel() is not None:
+    if takes(q) and takes(k) and l2norm_kernel() is not None:
         return normalised_pair_by(l2_normalised, q, k, eps)
     return normalised(q, eps), normalised(k, eps)
 
