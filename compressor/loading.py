@@ -98,7 +98,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", purpose: st
         require_fla(PretrainedConfig.get_config_dict(name)[0].get("model_type"))
         config = AutoConfig.from_pretrained(name)
     except OSError as error:
-        raise CompressorError(f"could not load the config of '{name}' (offline, or not on the Hub): {error}") from error
+        where = "its config.json cannot be read" if local_path is not None else "offline, or not on the Hub"
+        raise CompressorError(f"could not load the config of '{name}' ({where}): {error}") from error
     except ValueError as error:
         raise CompressorError(f"the config of '{name}' cannot be read: {str(error).splitlines()[0]}") from None
     text_config = config.get_text_config()

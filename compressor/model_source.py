@@ -16,6 +16,8 @@ def locate_model(name: str) -> Path | None:
     ``config.json``, a path that does not exist, or an unreachable Hub fails in one sentence."""
     path = Path(name).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise CompressorError(f"{path} is a file; give the model's folder (the one holding config.json).")
         if not (path / "config.json").is_file():
             raise CompressorError(f"{path} is not a model folder: it has no config.json.")
         return path

@@ -4,6 +4,7 @@ two."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from .errors import CompressorError
@@ -24,13 +25,19 @@ def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: Prun
 
 
 def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, overwrite: bool) -> None:
-    """Check the evaluation options, and that ``json_path`` (if any) can be written: its folder exists, and it is
-    not there yet unless ``overwrite`` (and then a file)."""
+    """Check the evaluation options, and that ``json_path`` (if any) can be written: its folder exists and takes a
+    file, and it is not there yet unless ``overwrite`` (and then a file)."""
     settings.check()
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
     if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
         raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
+    if json_path is not None:
+        try:  # a folder that cannot be written fails now, not after the evaluation; nothing stays
+            with tempfile.NamedTemporaryFile(dir=Path(json_path).resolve().parent, prefix=f".{Path(json_path).name}."):
+                pass
+        except OSError as error:
+            raise CompressorError(f"cannot write --json {json_path}: {error.strerror or error}.") from None
 
 
 def check_pruned_folder(pruned_dir: Path) -> None:

@@ -251,6 +251,18 @@ def test_missing_model_folder(tmp_path, no_weights_load):
     assert listing(tmp_path) == set()
 
 
+def test_a_file_a_folder_without_config_and_a_broken_config_are_named(tmp_path, no_weights_load):
+    (tmp_path / "model.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert_user_error(invoke("prune", tmp_path / "model.txt", "--out", tmp_path / "out"), "is a file")
+    assert_user_error(invoke("prune", tmp_path / "empty", "--out", tmp_path / "out"), "no config.json")
+    message = assert_user_error(invoke("prune", tmp_path / "broken", "--out", tmp_path / "out"), "config.json")
+    assert "Hub" not in message
+    assert listing(tmp_path) == {"model.txt", "empty", "broken", "broken/config.json"}
+
+
 def test_unreachable_hub_id(tmp_path, no_weights_load, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)

@@ -134,6 +134,16 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, no_model_load)
     assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "cannot write")
 
 
+def test_an_unwritable_json_folder_fails_before_the_model_loads(tmp_path, no_model_load):
+    if os.geteuid() == 0:  # root writes anywhere but in /proc
+        folder = Path("/proc/self")
+    else:
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        folder.chmod(0o500)
+    assert_user_error(invoke("eval", FIXTURE, "--json", folder / "figures.json"), "cannot write --json")
+
+
 @pytest.mark.parametrize("content", [b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8, b"\xff\xfe\xfa" * 100,
                                      "".join(chr(i % 32) for i in range(2000)).encode()])
 def test_binary_calibration_files_are_refused(tmp_path, content):
