@@ -386,6 +386,10 @@ def summary(record) -> str:
     lines.append(f"{'layer':>5}  {'heads':>11}  kept value heads")
     for layer, info in record.layers.items():
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
+    heads_before = sum(info.heads_before for info in record.layers.values())
+    removed = heads_before - sum(len(info.kept_heads) for info in record.layers.values())
+    lines.append(f"{'all':>5}  {heads_before:>4} -> {heads_before - removed:<4}  {removed} of {heads_before} "
+                 "value heads removed")
     if method.axes_candidates:
         lines.append("--key-reduction auto, held-out perplexity: " + ", ".join(
             f"{c['axes']}" + (f" (channels {c['key_reduction']:.3g})" if c["key_reduction"] else "")

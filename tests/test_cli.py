@@ -101,6 +101,9 @@ def test_prune_exits_cleanly_and_prints_the_summary(pruned):
     assert "perplexity" in result.stdout
     assert f"wrote {out}" in result.stdout
     assert "verified" in result.stdout
+    kept = sum(len(heads) for heads in printed_plan(result.stdout).values())
+    total = len(LINEAR_LAYERS) * HEADS
+    assert f"{total - kept} of {total} value heads removed" in result.stdout
 
 
 def test_prune_reaches_the_state_reduction(record):
