@@ -25,15 +25,6 @@ ROWS = [64 * 32, 8192 * 8, 8192 * 20, 8192 * 32]  # rows: tokens x heads
 WIDTHS = [128, 256]
 
 
-def versions() -> dict:
-    import fla
-    import transformers
-    import triton
-
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-                triton=triton.__version__, fla=fla.__version__)
-
-
 def launches(name: str, rows: int, width: int):
     """(fla's public function, a function of one configuration's keywords) for ``name`` at [rows, width]."""
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
@@ -69,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"will not overwrite {args.out}")
+    from bench_inference import versions
     from fla.modules.norm import fused_norm_gate, l2norm
     from triton.testing import do_bench
 

@@ -80,6 +80,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def launching_on(x: torch.Tensor):
+    """Triton launches on the current device: a context that makes it x's (none for a CPU tensor)."""
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+
+
 def step_in_place(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor, output_final_state: bool = True, use_qk_l2norm_in_kernel: bool = True,
@@ -95,7 +100,7 @@ def step_in_place(
     value_dim = v.shape[-1]
     block_v = min(8, next_power_of_2(value_dim))
     out = torch.empty_like(v)
-    with torch.cuda.device(v.device) if v.is_cuda else nullcontext():  # Triton launches on the current device
+    with launching_on(v):
         kernel()[(-(-value_dim // block_v) * count,)](
             q=q, k=k, v=v, g=g, gk=None, gv=None, beta=beta, A_log=None, dt_bias=None, o=out, h0=initial_state,
             ht=initial_state, cu_seqlens=None, scale=key_dim**-0.5, T=1, H=1, HV=1, K=key_dim, V=value_dim,
@@ -116,6 +121,6 @@ def kda_step_in_place(
     if not (output_final_state and use_qk_l2norm_in_kernel):
         raise ValueError("kda_step_in_place returns the state it updates and normalises q and k in the kernel")
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    with torch.cuda.device(v.device) if v.is_cuda else nullcontext():  # Triton launches on the current device
+    with launching_on(v):
         return kda_step()(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
                           inplace_final_state=True, use_qk_l2norm_in_kernel=True, out=torch.empty_like(v))

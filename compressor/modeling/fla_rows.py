@@ -1,6 +1,7 @@
 """fla's row kernels (L2 norm, gated RMS norm) launched once on any number of rows, compiled once.
 
-Shipped inside output folders (imports only torch; fla and triton are looked up at the first call). fla's public
+Shipped inside output folders (imports only torch and ``fla_decode_step``'s launch helpers; fla and triton are
+looked up at the first call). fla's public
 ``l2norm_fwd`` and ``rms_norm_gated`` hand their Triton kernels ⌈rows / 65,536⌉ (``NB``) as a compile-time
 constant that only selects an autotuning entry: layers that kept different numbers of heads would compile and tune
 them once per distinct value. ``NB`` appears nowhere else in the kernels (``fla_kernel`` checks), so the functions
@@ -21,10 +22,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
+
+from .fla_decode_step import launching_on, next_power_of_2
 
 L2NORM_ARGUMENTS = ("x", "y", "rstd", "eps", "T", "D", "BD", "NB", "BT")
 """The arguments of fla 0.6's ``l2norm_fwd_kernel``, in order."""
@@ -94,15 +96,6 @@ def takes(rows: torch.Tensor) -> bool:
     return rows.is_cuda and not torch.is_grad_enabled() and rows.shape[-1] <= MAX_ROW_SIZE
 
 
-def next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def launcher(x: torch.Tensor):
-    """Triton launches on the current device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
-
-
 def l2_normalised(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """rows / sqrt(sum rows² + eps) over the last dimension, in float32, returned in the rows' dtype, in one launch
     of ``l2norm_kernel()``. rows [N, D] contiguous -> [N, D]."""
@@ -111,7 +104,7 @@ def l2_normalised(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     count, width = rows.shape
     out = torch.empty_like(rows)
     if count:
-        with launcher(rows):
+        with launching_on(rows):
             l2norm_kernel()[(-(-count // L2NORM_CONFIG["BT"]),)](
                 x=rows, y=out, rstd=torch.empty(count, dtype=torch.float32, device=rows.device), eps=eps, T=count,
                 D=width, BD=next_power_of_2(width), NB=1, **L2NORM_CONFIG,
@@ -132,7 +125,7 @@ def gated_rms_normalised(
     count, width = rows.shape
     out = torch.empty_like(rows)
     if count:
-        with launcher(rows):
+        with launching_on(rows):
             gated_norm_kernel()[lambda meta: (-(-count // meta["BT"]),)](
                 x=rows, g=gate, y=out, w=weight, b=None, residual=None, residual_out=None, mean=None,
                 rstd=torch.empty(count, dtype=torch.float32, device=rows.device), eps=eps, T=count, D=width,
