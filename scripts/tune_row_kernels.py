@@ -1,8 +1,8 @@
 """Time every configuration fla autotunes its row kernels among (l2norm, gated RMS norm) at the sizes a model hands
-them, beside fla's own autotuned public functions, to choose the configuration ``fla_rows.py`` launches the l2norm
-kernel with (``L2NORM_CONFIG``; the gated norm keeps fla's autotuning).
+them, beside fla's own autotuned public functions, to choose the configurations ``fla_rows.py`` launches them with
+(``L2NORM_CONFIG``, ``GATED_NORM_CONFIG``).
 
-    python scripts/tune_row_kernels.py --out results.json
+    python scripts/tune_row_kernels.py --out results.json [--kernels gated_norm]
 
 Sizes: rows of a short prefill (64 tokens x 32 heads) and of prefills of 8,192 tokens over 8, 20 and 32 heads, of
 128 and 256 channels, bfloat16. For every configuration the time at each size relative to the best configuration
@@ -43,11 +43,8 @@ def launches(name: str, rows: int, width: int):
                                                          NB=1, BT=BT, num_warps=num_warps)
         return lambda: l2norm_fwd(x), configured
 
-    untuned = fla_rows.fla_kernel("fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel",
-                                  fla_rows.GATED_NORM_ARGUMENTS, beneath_autotuner=True)
-
     def configured(BT, num_warps):
-        untuned[(-(-rows // BT),)](
+        fla_rows.gated_norm_kernel()[(-(-rows // BT),)](
             x=x, g=gate, y=out, w=weight, b=None, residual=None, residual_out=None, mean=None, rstd=rstd, eps=1e-6,
             T=rows, D=width, BD=block, NB=1, ACTIVATION="silu", IS_RMS_NORM=True, STORE_RESIDUAL_OUT=False,
             HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False, BT=BT, num_warps=num_warps)
@@ -57,6 +54,7 @@ def launches(name: str, rows: int, width: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kernels", default="l2norm,gated_norm", help="which kernels to time (comma-separated)")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"will not overwrite {args.out}")
@@ -68,10 +66,15 @@ def main() -> None:
 
     configs = {"l2norm": l2norm.l2norm_fwd_kernel.configs,
                "gated_norm": fused_norm_gate.layer_norm_gated_fwd_kernel.fn.configs}  # beneath its heuristics
-    chosen = json.dumps(fla_rows.L2NORM_CONFIG)
-    results = dict(versions=versions(), l2norm_config=fla_rows.L2NORM_CONFIG, kernels={})
+    unknown = set(args.kernels.split(",")) - set(configs)
+    if unknown:
+        parser.error(f"unknown kernels {sorted(unknown)}; choose among {sorted(configs)}")
+    configs = {name: found for name, found in configs.items() if name in args.kernels.split(",")}
+    launched = {"l2norm": fla_rows.L2NORM_CONFIG, "gated_norm": fla_rows.GATED_NORM_CONFIG}
+    results = dict(versions=versions(), launched=launched, kernels={})
     with torch.no_grad():
         for name, kernel_configs in configs.items():
+            chosen = json.dumps(launched[name])
             table = results["kernels"][name] = {}
             for width in WIDTHS:
                 for rows in ROWS:
@@ -83,16 +86,16 @@ def main() -> None:
                     table[f"{rows}x{width}"] = times
                     best = min(v for k, v in times.items() if k.startswith("{"))
                     print(f"{name} {rows}x{width}: best configuration {best:.1f} us, fla public "
-                          f"{times['fla public (autotuned)']:.1f} us" + (
-                              f", chosen {times[chosen] / best:.2f}x the best" if name == "l2norm" else ""), flush=True)
+                          f"{times['fla public (autotuned)']:.1f} us, chosen {times[chosen] / best:.2f}x the best",
+                          flush=True)
             worst = {}
             for times in table.values():
                 best = min(v for k, v in times.items() if k.startswith("{"))
                 for key, value in times.items():
                     worst[key] = max(worst.get(key, 0.0), value / best)
             results.setdefault("worst_ratio", {})[name] = dict(sorted(worst.items(), key=lambda item: item[1]))
-            print(f"{name}: worst ratio to the best, lowest five: {list(results['worst_ratio'][name].items())[:5]}"
-                  + (f"; chosen {worst[chosen]:.2f}" if name == "l2norm" else ""), flush=True)
+            print(f"{name}: worst ratio to the best, lowest five: {list(results['worst_ratio'][name].items())[:5]}; "
+                  f"chosen {worst[chosen]:.2f}", flush=True)
             args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -7,9 +7,9 @@ constant that only selects an autotuning entry: layers that kept different numbe
 them once per distinct value. ``NB`` appears nowhere else in the kernels (``fla_kernel`` checks), so the functions
 here launch them with ``NB = 1`` on every input: one launch per call, none of the wrappers fla puts around its
 public functions for autograd and backend dispatch (host time a small model's prefill spends several times per
-layer). The l2norm kernel is launched beneath fla's autotuner with one of the configurations it tunes among
-(``L2NORM_CONFIG``, chosen with ``scripts/tune_row_kernels.py``): with an empty Triton cache, one compilation
-instead of 25. The gated norm keeps fla's autotuning (its 9 configurations). ``l2norm_kernel()`` or
+layer). Both kernels are launched beneath fla's autotuner (and heuristics) with one of the configurations it tunes
+among (``L2NORM_CONFIG``, ``GATED_NORM_CONFIG``, chosen with ``scripts/tune_row_kernels.py``): with an empty Triton
+cache, one compilation each instead of 25 and 9, and no autotuning run. ``l2norm_kernel()`` or
 ``gated_norm_kernel()`` is None where fla differs from the version this code was written for (0.6), and callers
 compute in PyTorch.
 
@@ -48,23 +48,26 @@ L2NORM_CONFIG = dict(BT=32, num_warps=16)
 largest ratio to the best configuration over the sizes measured was smallest
 (``scripts/results/tune_row_kernels_h200.log``)."""
 
+GATED_NORM_CONFIG = dict(BT=16, num_warps=8)
+"""The configuration ``gated_rms_normalised`` launches fla's gated norm kernel with, chosen as ``L2NORM_CONFIG`` among
+fla's 9 (``scripts/results/tune_row_kernels_h200_gated_norm.log``)."""
 
-def fla_kernel(module_name: str, kernel_name: str, arguments: tuple[str, ...], beneath_autotuner: bool):
-    """fla's Triton kernel ``module_name.kernel_name`` (``beneath_autotuner``: the function beneath its autotuner and
-    heuristics, launched with a configuration of the caller's) if its arguments are ``arguments`` and its source
-    names ``NB`` only among them; else None."""
+
+def fla_kernel(module_name: str, kernel_name: str, arguments: tuple[str, ...]):
+    """The function beneath the autotuner and heuristics of fla's Triton kernel ``module_name.kernel_name`` (launched
+    with a configuration of the caller's) if its arguments are ``arguments`` and its source names ``NB`` only among
+    them; else None."""
     try:
         module = importlib.import_module(module_name)
         from triton.runtime.autotuner import Autotuner, Heuristics
     except Exception:  # no fla, or fla without triton
         return None
-    found = getattr(module, kernel_name, None)
-    function = found
+    function = getattr(module, kernel_name, None)
     while isinstance(function, (Autotuner, Heuristics)):
         function = function.fn
     if tuple(getattr(function, "arg_names", ())) != arguments or not names_nb_once(function):
         return None
-    return function if beneath_autotuner else found
+    return function
 
 
 def names_nb_once(function) -> bool:
@@ -81,14 +84,14 @@ def names_nb_once(function) -> bool:
 def l2norm_kernel():
     """The function beneath fla's autotuner for ``l2norm_fwd_kernel`` if its arguments are ``L2NORM_ARGUMENTS``,
     else None."""
-    return fla_kernel("fla.modules.norm.l2norm", "l2norm_fwd_kernel", L2NORM_ARGUMENTS, beneath_autotuner=True)
+    return fla_kernel("fla.modules.norm.l2norm", "l2norm_fwd_kernel", L2NORM_ARGUMENTS)
 
 
 @lru_cache(maxsize=1)
 def gated_norm_kernel():
-    """fla's ``layer_norm_gated_fwd_kernel`` (autotuned) if its arguments are ``GATED_NORM_ARGUMENTS``, else None."""
-    return fla_kernel("fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel", GATED_NORM_ARGUMENTS,
-                      beneath_autotuner=False)
+    """The function beneath fla's heuristics and autotuner for ``layer_norm_gated_fwd_kernel`` if its arguments are
+    ``GATED_NORM_ARGUMENTS``, else None."""
+    return fla_kernel("fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel", GATED_NORM_ARGUMENTS)
 
 
 def takes(rows: torch.Tensor) -> bool:
@@ -126,9 +129,10 @@ def gated_rms_normalised(
     out = torch.empty_like(rows)
     if count:
         with launching_on(rows):
-            gated_norm_kernel()[lambda meta: (-(-count // meta["BT"]),)](
+            gated_norm_kernel()[(-(-count // GATED_NORM_CONFIG["BT"]),)](
                 x=rows, g=gate, y=out, w=weight, b=None, residual=None, residual_out=None, mean=None,
                 rstd=torch.empty(count, dtype=torch.float32, device=rows.device), eps=eps, T=count, D=width,
-                BD=next_power_of_2(width), NB=1, ACTIVATION=activation, IS_RMS_NORM=True,
+                BD=next_power_of_2(width), NB=1, ACTIVATION=activation, IS_RMS_NORM=True, STORE_RESIDUAL_OUT=False,
+                HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False, **GATED_NORM_CONFIG,
             )
     return out
