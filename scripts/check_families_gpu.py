@@ -337,8 +337,8 @@ def warm_up(name: str, work: Path) -> str:
 def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round): prefill in ``rounds`` rounds of the median of 5 calls (ratios of the medians
-    of the rounds and of the best rounds: host-bound prefills vary from round to round), decoding in the first
-    ``decode_rounds`` (median)."""
+    of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary from
+    round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds`` (median)."""
     import torch
     from bench_inference import profiled, timed
 
@@ -370,6 +370,8 @@ def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3
         figures[v]["prefill_time_ratio"] = figures[v]["prefill_4x2048_s"] / figures["source"]["prefill_4x2048_s"]
         figures[v]["prefill_best_time_ratio"] = (figures[v]["prefill_4x2048_best_s"]
                                                  / figures["source"]["prefill_4x2048_best_s"])
+        paired = sorted(a / b for a, b in zip(values[v]["prefill"], values["source"]["prefill"]))
+        figures[v]["prefill_paired_time_ratio"] = paired[rounds // 2]
         figures[v]["decode_time_ratio"] = (figures["source"][f"decode_b{DECODE_BATCH}_tok_s"]
                                            / figures[v][f"decode_b{DECODE_BATCH}_tok_s"])
     log(f"{name} speed: {json.dumps(figures)}")
