@@ -18,7 +18,8 @@ Run it once per transformers version to check the versions ``pyproject.toml`` ad
 figures record which one ran).
 
 Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
-families that share kernels in one worker. Phase two measures speed in one process, one family at a time, the
+families that share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the
+kernels it shares with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one family at a time, the
 folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
 tokens after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side
 by side run each family's workloads once (building the folders the check phase did not build), so that Triton's
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
-WORKERS = [  # families that share fla kernels run in one worker, which compiles them once
+WORKERS = [  # families that share fla kernels run in one worker, which compiles them once (see the docstring)
     ["qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid", "qwen3_next_dense"],
     ["gated_deltanet"],  # fla's own model class compiles its convolution, norms and MLP besides the shared kernels
     ["kimi_linear", "kda", "kimi_linear_dense"],

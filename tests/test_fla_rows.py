@@ -67,6 +67,32 @@ def test_a_row_kernel_of_other_arguments_is_not_launched(monkeypatch, lookup):
     assert getattr(fla_rows, lookup)() is found
 
 
+@pytest.mark.parametrize(("config", "module", "kernel"), [
+    ("L2NORM_CONFIG", "fla.modules.norm.l2norm", "l2norm_fwd_kernel"),
+    ("GATED_NORM_CONFIG", "fla.modules.norm.fused_norm_gate", "layer_norm_gated_fwd_kernel"),
+])
+def test_the_row_kernels_launch_with_one_of_the_configurations_fla_tunes_among(config, module, kernel):
+    """A configuration is launch keywords (Triton's interpreter drops unknown ones that a GPU would refuse) and one
+    of the candidates of fla's autotuner for that kernel."""
+    tuner = getattr(pytest.importorskip(module), kernel)
+    from triton.runtime.autotuner import Autotuner
+
+    while not isinstance(tuner, Autotuner):  # beneath the heuristics
+        tuner = tuner.fn
+    chosen = getattr(fla_rows, config)
+    assert set(chosen) == {"BT", "num_warps"}
+    assert (chosen["BT"], chosen["num_warps"]) in {(c.kwargs["BT"], c.num_warps) for c in tuner.configs}
+
+
+@pytest.mark.parametrize("part", ["rows", "gate", "weight"])
+def test_the_gated_norm_refuses_what_its_kernel_would_misread(part):
+    """The kernel reads rows, gates and weight as contiguous memory: a strided one is refused, not misread."""
+    tensors = dict(rows=torch.randn(6, 8), gate=torch.randn(6, 8), weight=torch.randn(8))
+    tensors[part] = torch.randn(*tensors[part].shape[:-1], 16)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        fla_rows.gated_rms_normalised(tensors["rows"], tensors["gate"], tensors["weight"], 1e-6, "silu")
+
+
 def mixer_queries_and_keys(batch: int = 2, tokens: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [B, T, 5, 4] as a Gated DeltaNet mixer hands them to its recurrence (one gather, uneven groups)."""
     mixer = PrunableGatedDeltaNetMixin()

@@ -119,12 +119,12 @@ def gated_rms_normalised(
     rows: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str
 ) -> torch.Tensor:
     """weight · rows / rms(rows) · act(gate) (act: one of ``GATE_ACTIVATIONS``), in float32 until the end, returned in
-    the rows' dtype, in one launch of ``gated_norm_kernel()``. rows, gate [N, D] contiguous, weight [D] -> [N, D]."""
+    the rows' dtype, in one launch of ``gated_norm_kernel()``. rows, gate [N, D], weight [D], contiguous -> [N, D]."""
     if activation not in GATE_ACTIVATIONS:
         raise ValueError(f"fla's gated norm applies {', '.join(GATE_ACTIVATIONS)}, not {activation!r}")
     if not (rows.is_contiguous() and gate.is_contiguous() and gate.shape == rows.shape
-            and weight.shape == rows.shape[-1:]):
-        raise ValueError("gated_rms_normalised takes contiguous rows and gates [N, D] and a weight [D]")
+            and weight.shape == rows.shape[-1:] and weight.is_contiguous()):
+        raise ValueError("gated_rms_normalised takes contiguous rows and gates [N, D] and a contiguous weight [D]")
     count, width = rows.shape
     out = torch.empty_like(rows)
     if count:
