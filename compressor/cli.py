@@ -238,7 +238,9 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
     if heal_tokens is not None:
         return prune_and_heal(model, out_dir, settings, evaluation, heal_tokens, command)
     result = run_prune(model, out_dir, settings, command=command)
-    click.echo(summary(result.record))
+    click.echo(summary(result.record, settings.asked_state_reduction))
+    if settings.dry_run:
+        click.echo("dry run: nothing written")
     if result.out_dir is not None:
         click.echo(f"wrote {result.out_dir}")
     if result.pushed is not None:
@@ -265,7 +267,7 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
     push, settings.push_to_hub = settings.push_to_hub, None
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.unhealed-", dir=out_dir.resolve().parent) as folder:
         result = run_prune(model, Path(folder) / "pruned", settings, command=command)
-        click.echo(summary(result.record))
+        click.echo(summary(result.record, settings.asked_state_reduction))
         record = heal_folder(result.out_dir, model, out_dir, heal_settings, overwrite=settings.overwrite,
                              command=command)
     echo_recovery(record.recovery, out_dir)
@@ -302,7 +304,7 @@ def plan(config, stats, seed, **options):
     settings = PruneSettings(stats=stats, dry_run=True, calibration=CalibrationSettings(seed=seed), **options)
     loaded = load_structure(config)
     result = run_prune(loaded, None, settings, progress=False)
-    click.echo(summary(result.record))
+    click.echo(summary(result.record, settings.asked_state_reduction))
     shards = output_shards(loaded, result.plan, settings.max_shard_size)
     click.echo(f"output: {len(shards)} shard(s) of {', '.join(f'{size / 2**30:.2f}' for size in shards)} GiB "
                f"({sum(shards) / 2**30:.2f} GiB of weights)")
@@ -373,8 +375,9 @@ def command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
-def summary(record) -> str:
-    """A per-layer plan and the before/after sizes of a ``CompressionRecord``, as printed by prune."""
+def summary(record, asked: float | None = None) -> str:
+    """A per-layer plan and the before/after sizes of a ``CompressionRecord``, as printed by prune (``asked``: the
+    share of the state the options asked to remove, printed beside the share removed)."""
     lines = []
     method = record.method
     for candidate in method.candidates or []:
@@ -405,10 +408,13 @@ def summary(record) -> str:
             for key, kept in info.kept_key_channels.items():
                 lines.append(f"{layer:>5}  key head {key}: {kept}")
     before, after = record.state_bytes_before, record.state_bytes_after
-    lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller)")
+    asked = "" if asked is None else f"; asked: {asked:.1%}"
+    lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller"
+                 f"{asked})")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")
     if record.layout == "stock":
-        lines.append("layout: stock (the same heads in every layer: a stock config, no shipped code)")
+        lines.append("layout: stock (the same heads in every layer: a stock config, no shipped code; coarser steps "
+                     "than --layout free, so it may remove more than asked)")
     if record.eval is not None:
         lines.append(f"perplexity: {record.eval.perplexity_before:.2f} -> {record.eval.perplexity_after:.2f}")
         lines.append(f"copy-recall accuracy: {record.eval.recall_accuracy_before:.1%} -> "

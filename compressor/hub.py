@@ -73,20 +73,20 @@ def push_folder(
     except HfHubHTTPError as err:
         raise CompressorError(_http_error_message(err, repo_id)) from err
     except OfflineModeIsEnabled as err:
-        raise CompressorError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload.") from err
+        raise CompressorError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload.") from err
     except (_HTTPError, ConnectionError) as err:
         raise CompressorError(
             f"Could not reach the Hub at {api.endpoint} to push {repo_id} ({type(err).__name__}); check the network."
         ) from err
     except ValueError as err:  # raised by huggingface_hub before uploading, e.g. invalid README metadata
-        raise CompressorError(f"Cannot push {folder} to {repo_id}: {' '.join(str(err).split())}") from err
+        raise CompressorError(f"cannot push {folder} to {repo_id}: {' '.join(str(err).split())}") from err
     return info.pr_url or info.commit_url
 
 
 def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
     """The folder's compression.json record; refuse folders that did not come from a verified prune."""
     if not folder.is_dir():
-        raise CompressorError(f"Cannot push {folder}: it is not a folder.")
+        raise CompressorError(f"cannot push {folder}: it is not a folder.")
     record, problem = None, None
     if not (folder / FILE).is_file():
         problem = f"it has no {FILE}, so it did not come from `compress prune`"
@@ -98,7 +98,7 @@ def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
     if problem is None and not (record.verify is not None and record.verify.passed):
         problem = f"its reload check did not pass or never ran (verify.passed in {FILE})"
     if problem is not None and not force:
-        raise CompressorError(f"Refusing to push {folder}: {problem}; use --force to push it anyway.")
+        raise CompressorError(f"refusing to push {folder}: {problem}; use --force to push it anyway.")
     return record
 
 

@@ -187,6 +187,14 @@ class PruneSettings:
         return self.key_reduction is None or self.state_reduction is not None or self.heads_per_layer is not None
 
     @property
+    def asked_state_reduction(self) -> float | None:
+        """The share of the recurrent state the options ask to remove (None: heads per layer given, or a share of
+        channels alone)."""
+        if self.heads_per_layer is not None or not (self.removes_heads or self.key_reduction == "auto"):
+            return None
+        return DEFAULT_STATE_REDUCTION if self.state_reduction is None else self.state_reduction
+
+    @property
     def end(self) -> str:
         """The end of the scores removed (``auto`` measures both and records its choice)."""
         return self.remove or DEFAULT_REMOVE

@@ -98,8 +98,10 @@ def test_prune_exits_cleanly_and_prints_the_summary(pruned):
     assert result.exit_code == 0, result.output
     assert result.exception is None
     assert "recurrent state per sequence" in result.stdout
+    assert f"smaller; asked: {STATE_REDUCTION:.1%})" in result.stdout
     assert "perplexity" in result.stdout
     assert f"wrote {out}" in result.stdout
+    assert "dry run" not in result.stdout
     assert "verified" in result.stdout
     kept = sum(len(heads) for heads in printed_plan(result.stdout).values())
     total = len(LINEAR_LAYERS) * HEADS
@@ -188,7 +190,8 @@ def test_dry_run_remove_low_writes_nothing(fixture_model_path, tmp_path, record)
     plan = printed_plan(result.stdout)
     assert sorted(plan, key=int) == LINEAR_LAYERS
     assert "recurrent state per sequence" in result.stdout
-    assert "wrote" not in result.stdout
+    assert "wrote" not in result.stdout and result.stdout.rstrip().endswith("dry run: nothing written")
+    assert "asked: 38.9%" in result.stdout  # the default
     # Same calibration as the shared run, opposite direction: a different plan.
     assert plan != {layer: info["kept_heads"] for layer, info in record["layers"].items()}
 
@@ -426,5 +429,5 @@ def test_push_refuses_a_folder_that_prune_did_not_write(tmp_path, monkeypatch):
     (folder / "config.json").write_text("{}")
     monkeypatch.setenv("HF_TOKEN", "hf_secret_never_printed")
     result = invoke("push", folder, "someone/model")
-    message = assert_user_error(result, "Refusing to push", "--force")
+    message = assert_user_error(result, "refusing to push", "--force")
     assert "hf_secret_never_printed" not in result.output + message

@@ -92,7 +92,8 @@ def test_prune_with_the_stock_layout_writes_a_stock_folder_and_records_it(tmp_pa
     result = invoke("prune", FIXTURE, "--out", out, "--layout", "stock", "--method", "norm", "--samples", "2",
                     "--seq-len", "128")
     assert result.exit_code == 0, result.output
-    assert "layout: stock" in result.stdout
+    assert "layout: stock" in result.stdout and "may remove more than asked" in result.stdout
+    assert "(50.0% smaller; asked: 38.9%)" in result.stdout  # 4 of 8 heads in every layer: the coarser step
     record = json.loads((out / "compression.json").read_text())
     assert record["layout"] == "stock" and record["per_layer_heads"] is False
     assert {len(layer["kept_heads"]) for layer in record["layers"].values()} == {4}
