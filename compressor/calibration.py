@@ -62,13 +62,17 @@ def read_documents(
     if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
         return read_json_lines(path, text_field), f"{path} (field {text_field!r})"
     if path.is_file():
-        return [read_text_file(path)], str(path)
-    if path.is_dir():
+        documents = [read_text_file(path)]
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise CompressorError(f"calibration folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)}).")
-        return [read_text_file(p) for p in files], str(path)
-    raise CompressorError(f"calibration file {source} does not exist (give literal text as text:...).")
+        documents = [read_text_file(p) for p in files]
+    else:
+        raise CompressorError(f"calibration file {source} does not exist (give literal text as text:...).")
+    if not any(document.strip() for document in documents):
+        raise CompressorError(f"calibration {'file' if path.is_file() else 'folder'} {path} holds no text.")
+    return documents, str(path)
 
 
 def read_text_file(path: Path) -> str:
@@ -201,12 +205,14 @@ def token_windows(
         return torch.tensor([windows[i] for i in chosen.tolist()], dtype=torch.long)
     ids = tokenizer("\n\n".join(documents), add_special_tokens=False, verbose=False)["input_ids"]
     available = len(ids) // seq_len
-    if samples is None:
+    every = samples is None
+    if every:
         samples = available
     if available < max(samples, 1):
+        asked = "" if every else f" but {samples:,} were asked"
         raise CompressorError(
-            f"the text has {len(ids)} tokens, enough for {available} samples of {seq_len} tokens but {max(samples, 1)} "
-            f"were asked; lower {option} or {length_option}, or give more text."
+            f"the text has {len(ids):,} tokens, enough for {available:,} samples of {seq_len:,} tokens{asked}; lower "
+            f"{length_option if every else f'{option} or {length_option}'}, or give more text."
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len

@@ -30,6 +30,8 @@ def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, over
     settings.check()
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
+    if json_path is not None and Path(json_path).is_dir():
+        raise CompressorError(f"--json {json_path} is a folder; give the path of a file to write.")
     if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
         raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
     if json_path is not None:

@@ -129,6 +129,8 @@ class EvalSettings:
         """``prefix`` names the options as the command spells them (``--eval-`` for prune's)."""
         if self.path is not None and not Path(self.path).is_file():
             raise CompressorError(f"evaluation file {self.path} does not exist.")
+        if self.path is not None and not Path(self.path).read_bytes().strip():
+            raise CompressorError(f"evaluation file {self.path} is empty.")
         at_least(f"{prefix}samples", self.samples, 1)
         at_least(f"{prefix}seq-len", self.seq_len, 2)
         at_least("--batch-size", self.batch_size, 1)

@@ -67,6 +67,30 @@ def test_a_folder_gives_one_document_per_text_file_in_path_order(tmp_path):
         read_documents(str(tmp_path / "empty"))
 
 
+def test_a_file_or_folder_without_text_is_refused_by_name(tmp_path):
+    (tmp_path / "blank.txt").write_text(" \n\n ")
+    with pytest.raises(CompressorError, match=f"calibration file {tmp_path / 'blank.txt'} holds no text."):
+        read_documents(str(tmp_path / "blank.txt"))
+    (tmp_path / "empty.md").write_text("")
+    with pytest.raises(CompressorError, match=f"calibration folder {tmp_path} holds no text."):
+        read_documents(str(tmp_path))
+    (tmp_path / "words.txt").write_text("words")
+    assert read_documents(str(tmp_path))[0] == [" \n\n ", "", "words"]  # a folder needs text in one file
+
+
+def test_too_little_text_names_what_to_change(tokenizer):
+    """Every window asked (samples None): only the length can help; a count asked: either."""
+    text = " ".join(f"w{i}" for i in range(300))
+    length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(CompressorError) as error:
+        token_windows(tokenizer, text, None, 2048, 0, "--eval-samples")
+    assert str(error.value) == (f"the text has {length:,} tokens, enough for 0 samples of 2,048 tokens; lower "
+                                "--eval-seq-len, or give more text.")
+    with pytest.raises(CompressorError, match="enough for 0 samples of 2,048 tokens but 3 were asked; lower "
+                                              "--samples or --seq-len, or give more text."):
+        token_windows(tokenizer, text, 3, 2048, 0)
+
+
 def test_truncate_gives_each_long_document_its_own_window_and_pack_cuts_across_documents(tokenizer):
     words = [f"w{i}" for i in range(400)]
     long_a, long_b, short = " ".join(words[:200]), " ".join(words[200:]), "tiny document"

@@ -53,8 +53,14 @@ def test_eval_defaults_to_the_embedded_held_out_text(fixture_model_path):
     (["--samples", "0"], "--samples must be at least 1, got 0."),
     (["--seq-len", "1"], "--seq-len must be at least 2, got 1."),
     (["--json", "no/such/folder/figures.json"], "the folder of --json no/such/folder/figures.json does not exist."),
+    (["--eval", "blank.txt"], "evaluation file blank.txt is empty."),
+    (["--json", "a-folder", "--overwrite"], "--json a-folder is a folder; give the path of a file to write."),
 ])
-def test_eval_refuses_bad_input_before_loading(fixture_model_path, no_model_load, args, message):
+def test_eval_refuses_bad_input_before_loading(fixture_model_path, no_model_load, args, message, tmp_path,
+                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blank.txt").write_text("\n \n")
+    (tmp_path / "a-folder").mkdir()
     result = invoke("eval", fixture_model_path, *args)
     assert result.exit_code == 1 and message in result.output, result.output
 
