@@ -144,7 +144,8 @@ def check_budget(head_counts: dict[int, int], head_bytes: dict[int, int], state_
         protected = f" and leaving layers {', '.join(map(str, protect_layers))} whole" if protect_layers else ""
         raise CompressorError(
             f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
-            f"per layer{protected}; at most {freeable / total:.1%} is possible."
+            f"per layer{protected}; at most {freeable / total:.1%} is possible: lower --state-reduction"
+            f"{', protect fewer layers' if protect_layers else ''} or lower --min-heads-per-layer."
         )
 
 
@@ -296,10 +297,14 @@ def parse_heads_per_layer(spec: str) -> dict[int, int]:
         if not path.is_file():
             raise CompressorError(f"--heads-per-layer file {spec} does not exist.")
         try:
-            pairs = list(json.loads(path.read_text()).items())
-        except (json.JSONDecodeError, AttributeError):
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise CompressorError(f"--heads-per-layer file {spec} is not valid JSON ({error.msg} at line "
+                                  f"{error.lineno}, column {error.colno}).") from None
+        if not isinstance(content, dict):
             raise CompressorError(f"--heads-per-layer file {spec} must hold a JSON object like "
-                                  '{"0": 6, "1": 4}.') from None
+                                  '{"0": 6, "1": 4}.')
+        pairs = list(content.items())
     else:
         pairs = [part.split(":", 1) if ":" in part else (part, "") for part in spec.split(",") if part.strip()]
     try:

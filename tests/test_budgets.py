@@ -93,7 +93,9 @@ def test_impossible_option_combinations_are_refused_in_one_sentence(options, mes
     (make_budget(heads_per_layer="2:9"), "keeps 9 heads in layer 2, which has only 8."),
     (make_budget(heads_per_layer="2:8"), "keeps every head of every layer"),
     (make_budget("uniform", 0.5, protect_layers="0,2,5"), "cannot be met without the protected layers 0, 2, 5."),
-    (make_budget("global", 0.5, protect_layers="0,2"), "leaving layers 0, 2 whole; at most 29.2% is possible."),
+    (make_budget("global", 0.5, protect_layers="0,2"), "leaving layers 0, 2 whole; at most 29.2% is possible: "
+                                                       "lower --state-reduction, protect fewer layers or lower "
+                                                       "--min-heads-per-layer."),
 ])
 def test_budgets_this_model_cannot_meet_are_refused(budget, message):
     with pytest.raises(CompressorError, match=message):
@@ -106,6 +108,9 @@ def test_heads_per_layer_reads_a_json_file(tmp_path):
     assert parse_heads_per_layer(str(path)) == {0: 6, 4: 2} == parse_heads_per_layer("0:6, 4:2")
     path.write_text("[6, 2]")
     with pytest.raises(CompressorError, match="must hold a JSON object"):
+        parse_heads_per_layer(str(path))
+    path.write_text('{"0": 6, "1": }')
+    with pytest.raises(CompressorError, match=r"is not valid JSON \(Expecting value at line 1, column 15\)\.$"):
         parse_heads_per_layer(str(path))
 
 
