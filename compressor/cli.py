@@ -514,4 +514,6 @@ def echo_recovery(recovery: dict, out_dir: Path) -> None:
                f"(teacher {figures['perplexity_teacher']:.2f})")
     click.echo(f"copy-recall accuracy: {figures['recall_accuracy_before']:.1%} -> "
                f"{figures['recall_accuracy_after']:.1%}")
+    if recovery.get("verify"):
+        click.echo(f"verified: reloaded logits differ by {recovery['verify']['max_abs_logit_diff']:.3g}")
     click.echo(f"wrote {out_dir}")

@@ -87,6 +87,8 @@ def healed(folders) -> Path:
                     "--lr", 3e-3, *TINY, *small_text(folders))
     assert result.exit_code == 0, result.output
     assert "held-out KL to the teacher" in result.stdout
+    verified = json.loads((out / "compression.json").read_text())["recovery"]["verify"]
+    assert f"verified: reloaded logits differ by {verified['max_abs_logit_diff']:.3g}" in result.stdout
     return out
 
 
