@@ -195,24 +195,18 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
                   and settings.key_reduction is None)
     if isinstance(model, LoadedModel):
         loaded = model
-    else:  # a dry run from saved statistics needs the shapes only: the model on the meta device, no weights
-        loaded = load_structure(model) if weightless else load(model, settings.device, settings.dtype,
-                                                                   settings.max_gpu_memory, settings.max_cpu_memory,
-                                                                   settings)
+    elif weightless:  # a dry run from saved statistics needs the shapes only: the model on the meta device
+        loaded = load_structure(model)
+    else:
+        if local_folder(model) is not None:  # a budget this model cannot meet is refused before its weights load
+            check_budget_early(model, budget, settings)
+        loaded = load(model, settings.device, settings.dtype, settings.max_gpu_memory, settings.max_cpu_memory,
+                      settings)
     if settings.export == "stream" and not settings.dry_run:
         check_streamable(loaded.model, loaded.family)
     head_bytes = head_state_bytes(loaded)
     mixers = linear_layers(loaded.model, loaded.family)
-    budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
-    kept_dim = None
-    if settings.key_reduction not in (None, "auto"):
-        from .key_channels import check_key_reduction, heads_share
-
-        kept_dim = check_key_reduction(loaded.family, mixers, settings.key_reduction)
-        if settings.removes_heads:
-            key_dim = next(iter(mixers.values())).head_k_dim
-            budget = replace(budget, state_reduction=heads_share(budget.state_reduction, kept_dim / key_dim))
-    budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_bytes)
+    budget, kept_dim = fitted_budget(loaded, budget, settings)
     eval_tokens = None
     if settings.evaluation is not None and not settings.dry_run:
         eval_tokens, eval_data = eval_windows(settings.evaluation, loaded.tokenizer, "--eval-")
@@ -256,6 +250,34 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
 
         pushed = push_folder(out_dir, settings.push_to_hub, private=settings.private)
     return PruneResult(choice.plan, record, out_dir, loaded.model, pushed)
+
+
+def fitted_budget(loaded: LoadedModel, budget, settings: PruneSettings):
+    """(``budget`` fitted to ``loaded``'s layers, for heads alone where ``settings`` also remove a share of
+    query/key channels; the query/key channels kept per key head, or None), refused in one sentence where the model
+    cannot meet it. ``loaded`` may be the model's structure alone (``load_structure``)."""
+    mixers = linear_layers(loaded.model, loaded.family)
+    budget = budget.fitted({i: tuple(m.value_to_key) for i, m in mixers.items()})
+    kept_dim = None
+    if settings.key_reduction not in (None, "auto"):
+        from .key_channels import check_key_reduction, heads_share
+
+        kept_dim = check_key_reduction(loaded.family, mixers, settings.key_reduction)
+        if settings.removes_heads:
+            key_dim = next(iter(mixers.values())).head_k_dim
+            budget = replace(budget, state_reduction=heads_share(budget.state_reduction, kept_dim / key_dim))
+    budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_state_bytes(loaded))
+    return budget, kept_dim
+
+
+def check_budget_early(model: str, budget, settings: PruneSettings) -> None:
+    """Refuses, in one sentence, a budget the local folder ``model`` cannot meet, from its config alone. A folder
+    whose structure cannot be built from its config is left for ``load_model`` to explain."""
+    try:
+        structure = load_structure(model)
+    except CompressorError:
+        return
+    fitted_budget(structure, budget, settings)
 
 
 def evaluate_written(record: CompressionRecord, before, data: str, tokens: torch.Tensor, settings: PruneSettings):

@@ -137,3 +137,19 @@ def test_missing_models_are_refused_before_the_heavy_imports(monkeypatch, tmp_pa
     args = [str(part).format(**values) for part in command]
     assert_user_error(invoke(*args), *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_the_model_cannot_meet_is_refused_before_the_weights_load(tmp_path):
+    """A folder holding a config alone: the refusal must name the budget, not the missing weights."""
+    from tiny_models import qwen3_5_config
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    config = qwen3_5_config()
+    config.save_pretrained(source)
+    heads = config.linear_num_value_heads
+    result = CliRunner().invoke(main, ["prune", str(source), "--out", str(out), "--state-reduction", "0.9",
+                                       "--min-heads-per-layer", str(heads - 1)])
+    assert result.exit_code != 0, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "lower --state-reduction" in message and "--min-heads-per-layer" in message, message
+    assert not out.exists()
