@@ -231,6 +231,8 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
     settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
                              **options)
     check_prune_inputs(local_folder_of(model), out_dir, settings)  # before the pipeline's imports: quick refusals
+    if not settings.reads_calibration_text:
+        refuse_unread_calibration_options(click.get_current_context())
     locate_model(model)
     from .pipeline import prune as run_prune
 
@@ -245,6 +247,17 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
         click.echo(f"wrote {result.out_dir}")
     if result.pushed is not None:
         click.echo(f"pushed: {result.pushed}")
+
+
+def refuse_unread_calibration_options(ctx: click.Context) -> None:
+    """With ``--stats`` and a statistics score the calibration text is not read: a calibration option typed then
+    would be ignored, so it is refused (``--seed``, ``--device`` and ``--dtype`` still apply)."""
+    for name in ("calib", "text_field", "split", "packing", "every", "steps", "samples", "seq_len", "batch_size",
+                 "eps"):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            option = "--" + name.replace("_", "-")
+            raise CompressorError(f"{option} has no effect with --stats, whose statistics `compress analyze` "
+                                  f"measured and recorded with their calibration; drop {option}.")
 
 
 def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, evaluation: EvalSettings,

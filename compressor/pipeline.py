@@ -188,7 +188,7 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     out_dir = None if out_dir is None else Path(out_dir)
     budget = check_prune_inputs(local_folder(model), out_dir, settings)
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
-    if saved_stats is None or settings.method == "loss":
+    if settings.reads_calibration_text:
         check_source(settings.calibration.calib, settings.calibration.text_field)
 
     weightless = (settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS

@@ -197,6 +197,14 @@ class PruneSettings:
         return DEFAULT_STATE_REDUCTION if self.state_reduction is None else self.state_reduction
 
     @property
+    def reads_calibration_text(self) -> bool:
+        """Whether the calibration text is read: always without ``stats``; with them, by the loss scorer, ``auto``,
+        and query/key channels chosen from activations or gradients."""
+        if self.stats is None or self.method not in SCORE_METHODS:
+            return True
+        return self.key_reduction is not None and self.key_method in ("auto", "rrqr", "wanda", "taylor")
+
+    @property
     def end(self) -> str:
         """The end of the scores removed (``auto`` measures both and records its choice)."""
         return self.remove or DEFAULT_REMOVE

@@ -242,6 +242,23 @@ def test_prune_refuses_statistics_of_another_model(fixture_model_path, tmp_path,
     assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("option", [("--samples", "4"), ("--calib", "text:other text"), ("--seq-len", "64")])
+def test_prune_refuses_calibration_options_that_saved_statistics_make_unread(fixture_model_path, tmp_path, stats_dir,
+                                                                             option):
+    before = listing(tmp_path)
+    result = invoke("prune", fixture_model_path, "--method", "norm", "--stats", stats_dir, *option, "--dry-run")
+    message = assert_user_error(result, option[0], "no effect with --stats", "drop")
+    assert message.count(option[0]) == 2, message
+    assert listing(tmp_path) == before
+
+
+def test_the_loss_scorer_with_saved_statistics_takes_calibration_options(fixture_model_path, stats_dir):
+    """--method loss reads the calibration text even beside --stats: its options apply, so they are not refused."""
+    result = invoke("prune", fixture_model_path, "--method", "loss", "--stats", stats_dir, "--samples", "2",
+                    "--seq-len", "64", "--loss-seq-len", "32", "--dry-run")
+    assert result.exit_code == 0, result.output
+
+
 def test_prune_refuses_a_missing_statistics_folder(fixture_model_path, tmp_path):
     result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", tmp_path / "nothing", "--dry-run")
     assert_user_error(result, "no statistics", "compress analyze")
