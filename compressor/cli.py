@@ -272,7 +272,8 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
     heal_settings = HealSettings(tokens=tokens, calib=calibration.calib, text_field=calibration.text_field,
                                  split=calibration.split, seed=calibration.seed, device=settings.device,
                                  eval_path=None if evaluation.path is None else str(evaluation.path),
-                                 eval_samples=evaluation.samples, eval_seq_len=evaluation.seq_len)
+                                 eval_samples=evaluation.samples, eval_seq_len=evaluation.seq_len,
+                                 verify=settings.verify)
     heal_settings.check()
     if settings.dry_run or out_dir is None:
         raise CompressorError("--heal trains and writes the pruned model; it needs --out and no --dry-run.")
@@ -283,7 +284,7 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
         click.echo(summary(result.record, settings.asked_state_reduction))
         record = heal_folder(result.out_dir, model, out_dir, heal_settings, overwrite=settings.overwrite,
                              command=command)
-    echo_recovery(record.recovery, out_dir)
+    echo_recovery(record, out_dir)
     if push is not None:
         from .hub import push_folder
 
@@ -515,11 +516,13 @@ def heal(pruned_dir, teacher, out_dir, tokens, train_group, lora_rank, data, cal
     check_teacher_location(teacher, pruned_dir)
     record = heal_folder(pruned_dir, teacher, out_dir, settings, overwrite=overwrite,
                          command=command_line(click.get_current_context()))
-    echo_recovery(record.recovery, out_dir)
+    echo_recovery(record, out_dir)
 
 
-def echo_recovery(recovery: dict, out_dir: Path) -> None:
-    """What healing did, as ``heal`` and ``prune --heal`` print it."""
+def echo_recovery(record, out_dir: Path) -> None:
+    """What healing did (``record``: the healed folder's ``CompressionRecord``), as ``heal`` and ``prune --heal``
+    print it."""
+    recovery = record.recovery
     figures = recovery["eval"]
     click.echo(f"healed on {recovery['tokens']:,} tokens ({recovery['data']}) in {recovery['wall_seconds']:.0f} s")
     click.echo(f"held-out KL to the teacher: {recovery['kl_before']:.4f} -> {recovery['kl_after']:.4f}")
@@ -527,6 +530,6 @@ def echo_recovery(recovery: dict, out_dir: Path) -> None:
                f"(teacher {figures['perplexity_teacher']:.2f})")
     click.echo(f"copy-recall accuracy: {figures['recall_accuracy_before']:.1%} -> "
                f"{figures['recall_accuracy_after']:.1%}")
-    if recovery.get("verify"):
-        click.echo(f"verified: reloaded logits differ by {recovery['verify']['max_abs_logit_diff']:.3g}")
+    if record.verify is not None:
+        click.echo(f"verified: reloaded logits differ by {record.verify.max_abs_logit_diff:.3g}")
     click.echo(f"wrote {out_dir}")

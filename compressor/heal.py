@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import CompressorError
@@ -853,7 +853,7 @@ def write_healed(healed, outcome: Outcome, pruned_dir: Path, out_dir: Path, sett
         write_folder(outcome.student, pruned_dir, staging, outcome.save_dtype)
         if settings.verify:
             check = verify_folder(outcome.student, staging, verification_tokens(outcome.student.config, (2, 128)))
-            healed.recovery["verify"] = asdict(check)
+            healed.verify = check
         healed.recovery["wall_seconds"] = round(time.perf_counter() - started, 2)
         healed.write(staging)
         commands = list(dict.fromkeys(c for c in (_card_command(pruned_dir), command) if c))
@@ -891,7 +891,7 @@ def heal_folder(pruned_dir: str | Path, teacher: str, out_dir: str | Path, setti
     recovery = recovery_entry(teacher, record, settings, material, outcome, device)
     if record.recovery is not None:
         recovery["previous"] = record.recovery
-    healed = dataclasses.replace(record, recovery=recovery)
+    healed = dataclasses.replace(record, recovery=recovery, verify=None)  # the pruned weights' check is not these
     teacher_path = Path(teacher).expanduser()
     write_healed(healed, outcome, pruned_dir, out_dir, settings, overwrite,
                  [pruned_dir, teacher_path if teacher_path.exists() else None], command, started)
