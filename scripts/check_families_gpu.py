@@ -365,6 +365,8 @@ def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3
         figures[v]["prefill_4x2048_best_s"] = min(values[v]["prefill"])
         figures[v]["prefill_4x2048_rounds_s"] = values[v]["prefill"]  # in the order measured: how noisy the host is
         figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[len(values[v]["decode"]) // 2]
+        figures[v][f"decode_b{DECODE_BATCH}_rounds_tok_s"] = values[v]["decode"]
+        figures[v]["decode_graphs"] = graph_counts(runners[v].model)
     for v, runner in runners.items():
         figures[v]["prefill_4x2048_profile"] = profiled(lambda: runner.prefill(prefill[v]))
     for v in names[1:]:
@@ -379,6 +381,16 @@ def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3
     del runners
     torch.cuda.empty_cache()
     return figures
+
+
+def graph_counts(model) -> dict | None:
+    """The decode graphs a shipped model's mixers recorded and replayed so far (None: a stock model, which has
+    none): whether the decode steps timed came from graphs, or ran eagerly."""
+    graphs = [module._decode_graph for module in model.modules() if hasattr(module, "_decode_graph")]
+    if not graphs:
+        return None
+    return {"layers": len(graphs), "captures": sum(g.captures for g in graphs), "replays": sum(g.replays for g in graphs),
+            "failed": sum(g.failed for g in graphs)}
 
 
 def run_worker(names: list[str], work: Path, out: Path, task) -> None:
