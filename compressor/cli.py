@@ -426,6 +426,9 @@ def summary(record, asked: float | None = None) -> str:
     lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller"
                  f"{asked})")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")
+    if record.method.budget == "uniform":
+        lines.append("budget: uniform (the same share of heads in every layer, whole heads each, so it may remove "
+                     "more than asked; --budget global spreads the heads by score)")
     if record.layout == "stock":
         lines.append("layout: stock (the same heads in every layer: a stock config, no shipped code; coarser steps "
                      "than --layout free, so it may remove more than asked)")

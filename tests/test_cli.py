@@ -313,6 +313,17 @@ def test_state_reduction_out_of_range(fixture_model_path, tmp_path, no_model_loa
     assert listing(tmp_path) == set()
 
 
+def test_a_uniform_budget_says_it_may_remove_more_than_asked(fixture_model_path, stats_dir):
+    """Whole heads in every layer: on the fixture (8 heads a layer) 38.9 % asks for 3.1 heads, so 4 go (50 %)."""
+    result = invoke("prune", fixture_model_path, "--budget", "uniform", "--method", "norm", "--stats", stats_dir,
+                    "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "(50.0% smaller; asked: 38.9%)" in result.stdout
+    assert "budget: uniform" in result.stdout and "may remove more than asked" in result.stdout
+    default = invoke("prune", fixture_model_path, "--method", "norm", "--stats", stats_dir, "--dry-run")
+    assert default.exit_code == 0 and "budget: uniform" not in default.stdout, default.output
+
+
 def test_budget_that_cannot_be_met(fixture_model_path, tmp_path, stats_dir):
     # Refused only once statistics exist (here reused; without --stats it comes after calibrating).
     result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", tmp_path / "out",
