@@ -405,8 +405,10 @@ def summary(record, asked: float | None = None) -> str:
         lines.append(f"{layer:>5}  {info.heads_before:>4} -> {len(info.kept_heads):<4}  {info.kept_heads}")
     heads_before = sum(info.heads_before for info in record.layers.values())
     removed = heads_before - sum(len(info.kept_heads) for info in record.layers.values())
+    alone = (" (--key-reduction alone removes query/key channels; add --state-reduction to remove heads as well)"
+             if removed == 0 and method.key_reduction not in (None, "auto") else "")
     lines.append(f"{'all':>5}  {heads_before:>4} -> {heads_before - removed:<4}  {removed} of {heads_before} "
-                 "value heads removed")
+                 f"value heads removed{alone}")
     if method.axes_candidates:
         lines.append("--key-reduction auto, held-out perplexity: " + ", ".join(
             f"{c['axes']}" + (f" (channels {c['key_reduction']:.3g})" if c["key_reduction"] else "")

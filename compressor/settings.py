@@ -219,7 +219,7 @@ class PruneSettings:
             choice("--remove", self.remove, REMOVE)
         if not 0.0 <= self.alpha <= 1.0:
             raise CompressorError(f"--alpha must lie in [0, 1], got {self.alpha}.")
-        if self.method == "auto":
+        if self.method == "auto" and (self.removes_heads or self.key_reduction == "auto"):  # else no head is scored
             self._check_auto()
         choice("--layout", self.layout, LAYOUTS)
         self._check_key_reduction()

@@ -190,6 +190,16 @@ def test_combined_dry_run_reaches_the_state_budget():
     assert "32 -> 24" in result.output
     smaller = float(result.output.split("bytes (")[1].split("%")[0])
     assert smaller >= 50.0
+    assert "--key-reduction alone" not in result.output  # heads were removed: nothing to explain
+
+
+def test_channels_alone_say_how_to_remove_heads_too():
+    """No head is scored, so --method auto (the default) asks for no held-out windows: one calibration window will do."""
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.5", "--key-method", "l1", "--samples", "1",
+                    "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    assert "0 of 32 value heads removed (--key-reduction alone removes query/key channels; add --state-reduction" \
+        in result.stdout
 
 
 def test_the_record_and_card_name_the_kept_channels(tmp_path):
