@@ -74,14 +74,16 @@ def step_index(times: torch.Tensor, tokens: int) -> int:
 
 def consistency(stats: StateStatistics, halves: tuple[StateStatistics, StateStatistics] | None) -> dict:
     """Spearman correlations of the heads' ordering, for threshold rank and nuclear norm:
-    ``early_vs_final`` (values at t = 128 against the last step) and ``halves`` (time means on two disjoint halves
-    of the calibration samples; None without halves)."""
+    ``early_vs_final`` (values at t = 128 against the last step; None where the last step is the first at or
+    after t = 128, which would compare a step with itself) and ``halves`` (time means on two disjoint halves of the
+    calibration samples; None without halves)."""
     early = step_index(stats.times, EARLY_STEP)
+    last = len(stats.times) - 1
     result = {"early_step_tokens": int(stats.times[early]), "final_step_tokens": int(stats.times[-1])}
     for name in CONSISTENCY_METRICS:
         series = stats.mean[name]  # [time, layer, head]
         result[name] = {
-            "early_vs_final": spearman(flat(stats, series[early]), flat(stats, series[-1])),
+            "early_vs_final": None if early == last else spearman(flat(stats, series[early]), flat(stats, series[-1])),
             "halves": None if halves is None else spearman(
                 *(flat(half, half.mean[name].mean(0)) for half in halves)
             ),
@@ -185,6 +187,9 @@ def render_markdown(report: dict, figures: dict[str, str]) -> str:
     """``report.md``: settings, stratification, consistency, per-layer tables and the embedded figures."""
     settings, strata, agreement = report["settings"], report["stratification"], report["consistency"]
     threshold = strata["threshold_rank"]
+    early, final = agreement["early_step_tokens"], agreement["final_step_tokens"]
+    over_time = (f"t = {early} vs t = {final}" if early < final
+                 else f"over time (n/a: no step after t = {early}; raise --seq-len)")
     lines = [
         f"# State-rank analysis of {settings.get('model', 'the model')}",
         "",
@@ -211,8 +216,7 @@ def render_markdown(report: dict, figures: dict[str, str]) -> str:
         "",
         "## Consistency (Spearman correlation of the heads' ordering)",
         "",
-        f"| metric | t = {agreement['early_step_tokens']} vs t = {agreement['final_step_tokens']} | "
-        "two disjoint halves of the samples |",
+        f"| metric | {over_time} | two disjoint halves of the samples |",
         "| --- | --- | --- |",
     ]
     for name in CONSISTENCY_METRICS:

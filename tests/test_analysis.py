@@ -95,6 +95,14 @@ def test_report_labels_heads_and_summarises_every_metric():
         assert agreement[name]["early_vs_final"] == pytest.approx(1.0)
         assert agreement[name]["halves"] == pytest.approx(-1.0)
     assert build_report(stats)["consistency"]["threshold_rank"]["halves"] is None
+    # Two steps: the last is t = 128 itself, and no later step is there to compare it with.
+    stats.times = stats.times[:2]
+    stats.mean, stats.std = ({name: v[:2] for name, v in d.items()} for d in (stats.mean, stats.std))
+    short = build_report(stats)["consistency"]
+    assert (short["early_step_tokens"], short["final_step_tokens"]) == (128, 128)
+    assert short["threshold_rank"]["early_vs_final"] is None and short["nuclear_norm"]["early_vs_final"] is None
+    assert "| over time (n/a: no step after t = 128; raise --seq-len) |" in render_markdown(
+        build_report(stats), {key: "x.png" for key in ("heatmap", "curves", "histogram")})
     assert report["settings"]["times"] == [64, 128, 192]
 
 
