@@ -14,6 +14,7 @@ import torch
 
 from .calibration import StateStatistics
 from .metrics import METRICS
+from .settings import CHUNK
 
 GROUPS = ("low-rank", "high-rank")
 CONSISTENCY_METRICS = ("threshold_rank", "nuclear_norm")
@@ -183,6 +184,12 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def steps_in_words(settings: dict) -> str:
+    """When the states were measured, in words: ``every N tokens`` or ``64, 128, 256, … tokens`` (``--steps log``)."""
+    steps = settings.get("steps", f"every {CHUNK} tokens")  # statistics older than --steps record none
+    return "64, 128, 256, … tokens" if steps == "log" else steps
+
+
 def render_markdown(report: dict, figures: dict[str, str]) -> str:
     """``report.md``: settings, stratification, consistency, per-layer tables and the embedded figures."""
     settings, strata, agreement = report["settings"], report["stratification"], report["consistency"]
@@ -195,7 +202,7 @@ def render_markdown(report: dict, figures: dict[str, str]) -> str:
         "",
         f"Calibration: {settings.get('samples')} samples × {settings.get('seq_len')} tokens from "
         f"{settings.get('source')}, seed {settings.get('seed')}; threshold rank counts σ_i > {settings.get('eps')}·σ_1; "
-        f"states measured every 64 tokens up to t = {agreement['final_step_tokens']}.",
+        f"states measured at {steps_in_words(report['settings'])} up to t = {agreement['final_step_tokens']}.",
         "",
         "## Low-rank and high-rank heads",
         "",

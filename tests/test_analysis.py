@@ -101,8 +101,12 @@ def test_report_labels_heads_and_summarises_every_metric():
     short = build_report(stats)["consistency"]
     assert (short["early_step_tokens"], short["final_step_tokens"]) == (128, 128)
     assert short["threshold_rank"]["early_vs_final"] is None and short["nuclear_norm"]["early_vs_final"] is None
-    assert "| over time (n/a: no step after t = 128; raise --seq-len) |" in render_markdown(
-        build_report(stats), {key: "x.png" for key in ("heatmap", "curves", "histogram")})
+    markdown = render_markdown(build_report(stats), {key: "x.png" for key in ("heatmap", "curves", "histogram")})
+    assert "| over time (n/a: no step after t = 128; raise --seq-len) |" in markdown
+    assert "states measured at every 64 tokens up to t = 128." in markdown  # statistics without a steps setting
+    stats.settings["steps"] = "log"
+    markdown = render_markdown(build_report(stats), {key: "x.png" for key in ("heatmap", "curves", "histogram")})
+    assert "states measured at 64, 128, 256, … tokens up to t = 128." in markdown
     assert report["settings"]["times"] == [64, 128, 192]
 
 
