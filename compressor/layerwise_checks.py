@@ -37,7 +37,7 @@ def layer_by_layer_quality(runner: LayerByLayer, tokens: torch.Tensor, batch_siz
         for ids, states in zip(copies, hidden[len(windows):]):
             ids = ids.to(runner.device)
             correct += (head(states).argmax(-1)[:, span:-1] == ids[:, span + 1:]).sum().item()
-    probe = f"{spans.shape[0]} spans of {span} evaluation tokens, each repeated; greedy accuracy on the second copy"
+    probe = f"{spans.shape[0]} span{'s' * (spans.shape[0] != 1)} of {span} evaluation tokens, each repeated; greedy accuracy on the second copy"
     return Quality(total / count, math.exp(total / count), correct / (spans.shape[0] * (span - 1)), probe)
 
 

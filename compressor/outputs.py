@@ -71,9 +71,12 @@ def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path |
     foreign = foreign_entries(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        if len(foreign) == len(written_paths(out)):  # a folder compressor never wrote
+            raise CompressorError(f"output folder {out_dir} holds {shown}, which compressor did not write, and "
+                                  "--overwrite only replaces folders that compressor wrote; choose another --out.")
         raise CompressorError(
-            f"output folder {out_dir} holds {shown}, which compressor did not write, and --overwrite only replaces "
-            "folders that compressor wrote; choose another --out."
+            f"output folder {out_dir} holds {shown}, added after compressor wrote it, and --overwrite replaces only "
+            f"what compressor wrote; move {'it' if len(foreign) == 1 else 'them'} out or choose another --out."
         )
     if not overwrite:
         raise CompressorError(f"output folder {out_dir} already exists; pass --overwrite to replace it.")

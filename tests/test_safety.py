@@ -61,7 +61,7 @@ def test_analyze_overwrite_refuses_a_folder_with_foreign_files(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("keep\n")
     result = invoke("analyze", FIXTURE, "--out", out, "--overwrite", "--samples", "2", "--seq-len", "128")
-    assert_user_error(result, "keep.txt")
+    assert_user_error(result, "keep.txt", "which compressor did not write", "choose another --out")
     assert (out / "keep.txt").read_text() == "keep\n"
 
 
@@ -75,7 +75,7 @@ def test_overwrite_replaces_an_earlier_output_and_then_refuses_foreign_additions
     assert '"state_reduction": 0.2' in (out / "compression.json").read_text()
     (out / "my-notes.md").write_text("mine\n")
     refused = invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST)
-    assert_user_error(refused, "my-notes.md")
+    assert_user_error(refused, "my-notes.md", "added after compressor wrote it", "move it out")
     assert (out / "my-notes.md").read_text() == "mine\n"
     assert not list(tmp_path.glob(".pruned.*")), "a staging folder was left behind"
 
