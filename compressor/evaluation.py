@@ -128,9 +128,14 @@ def quality(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4, progres
     """Perplexity on ``tokens`` [N, L] and copy recall on the first 64 tokens of its first 8 windows."""
     loss = next_token_loss(model, tokens, batch_size, progress, desc)
     spans = recall_spans(tokens)
-    probe = (f"{spans.shape[0]} span{'s' * (spans.shape[0] != 1)} of {spans.shape[1]} evaluation tokens, each repeated; greedy accuracy on the "
-             "second copy")
-    return Quality(loss, math.exp(loss), copy_recall(model, spans, batch_size), probe)
+    return Quality(loss, math.exp(loss), copy_recall(model, spans, batch_size), recall_probe(spans))
+
+
+def recall_probe(spans: torch.Tensor) -> str:
+    """What the copy-recall figure measured, in words, for ``spans`` [N, S] (``recall_spans``)."""
+    count, length = spans.shape
+    return (f"{count} span{'s' * (count != 1)} of {length} evaluation tokens, each repeated; greedy accuracy on the "
+            "second copy")
 
 
 def eval_record(before: Quality, after: Quality, data: str, tokens: torch.Tensor) -> EvalRecord:

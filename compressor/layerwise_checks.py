@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import CompressorError
-from .evaluation import Quality, losses_of_hidden, recall_spans
+from .evaluation import Quality, losses_of_hidden, recall_probe, recall_spans
 from .layers import PruningPlan, linear_layers
 from .record import VerifyRecord
 from .sequential import LayerByLayer
@@ -37,8 +37,8 @@ def layer_by_layer_quality(runner: LayerByLayer, tokens: torch.Tensor, batch_siz
         for ids, states in zip(copies, hidden[len(windows):]):
             ids = ids.to(runner.device)
             correct += (head(states).argmax(-1)[:, span:-1] == ids[:, span + 1:]).sum().item()
-    probe = f"{spans.shape[0]} span{'s' * (spans.shape[0] != 1)} of {span} evaluation tokens, each repeated; greedy accuracy on the second copy"
-    return Quality(total / count, math.exp(total / count), correct / (spans.shape[0] * (span - 1)), probe)
+    accuracy = correct / (spans.shape[0] * (span - 1))
+    return Quality(total / count, math.exp(total / count), accuracy, recall_probe(spans))
 
 
 def pruning_edit(runner: LayerByLayer, plan: PruningPlan) -> Callable[[int], None]:

@@ -14,7 +14,7 @@ from compressor.budgets import Budget
 from compressor.calibration import calibration_windows, collect_state_statistics, read_text, token_windows
 from compressor.card import render_card
 from compressor.cli import summary
-from compressor.evaluation import copy_recall, next_token_loss, recall_spans
+from compressor.evaluation import copy_recall, next_token_loss, recall_probe, recall_spans
 from compressor.errors import CompressorError
 from compressor.families import family_for
 from compressor.loading import load_model
@@ -201,3 +201,8 @@ def test_loss_windows_are_configurable():
     tokens = torch.arange(5 * 300).view(5, 300)
     assert loss_windows(tokens).shape == (2, 256)
     assert loss_windows(tokens, samples=3, seq_len=100).shape == (3, 100)
+
+
+def test_the_recall_probe_names_its_spans_in_words():
+    assert recall_probe(torch.zeros(1, 64)).startswith("1 span of 64 evaluation tokens, each repeated")
+    assert recall_probe(torch.zeros(8, 32)).startswith("8 spans of 32 evaluation tokens")
