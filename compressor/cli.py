@@ -194,8 +194,8 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_ma
 @click.option("--auto-holdout", default=0.25, show_default=True,
               help="With --method auto: share of the calibration windows held out to compare the rules.")
 @click.option("--stats", type=click.Path(path_type=Path), default=None,
-              help="Reuse statistics written by `compress analyze --out` instead of calibrating (needs a --method "
-                   "other than auto).")
+              help="Reuse statistics written by `compress analyze --out` instead of calibrating (where heads are "
+                   "removed, needs a --method other than auto).")
 @calibration_options
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
               help="Text file for held-out perplexity and copy recall before and after.")
@@ -231,8 +231,8 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
     settings = PruneSettings(calibration=calibration_settings(options), evaluation=evaluation if eval_path else None,
                              **options)
     check_prune_inputs(local_folder_of(model), out_dir, settings)  # before the pipeline's imports: quick refusals
-    if not settings.reads_calibration_text:
-        refuse_unread_calibration_options(click.get_current_context())
+    if settings.stats is not None:
+        refuse_unread_calibration_options(click.get_current_context(), settings, heal_tokens is not None)
     locate_model(model)
     from .pipeline import prune as run_prune
 
@@ -249,11 +249,15 @@ def prune(model, out_dir, eval_path, eval_samples, eval_seq_len, heal_tokens, **
         click.echo(f"pushed: {result.pushed}")
 
 
-def refuse_unread_calibration_options(ctx: click.Context) -> None:
-    """With ``--stats`` and a statistics score the calibration text is not read: a calibration option typed then
-    would be ignored, so it is refused (``--seed``, ``--device`` and ``--dtype`` still apply)."""
-    for name in ("calib", "text_field", "split", "packing", "every", "steps", "samples", "seq_len", "batch_size",
-                 "eps"):
+def refuse_unread_calibration_options(ctx: click.Context, settings: PruneSettings, heals: bool) -> None:
+    """With ``--stats`` the statistics' own options (``--every``, ``--steps``, ``--eps``) are not read, nor, where
+    nothing else reads the calibration text (``settings.reads_calibration_text``), the text's options (but those
+    healing trains on, with ``heals``): an option typed then would be ignored, so it is refused (``--seed``,
+    ``--device`` and ``--dtype`` still apply)."""
+    unread = ["every", "steps", "eps"]
+    if not settings.reads_calibration_text:
+        unread += ["packing", "samples", "seq_len", "batch_size"] + ([] if heals else ["calib", "text_field", "split"])
+    for name in unread:
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
             option = "--" + name.replace("_", "-")
             raise CompressorError(f"{option} has no effect with --stats, whose statistics `compress analyze` "
@@ -406,7 +410,7 @@ def summary(record, asked: float | None = None) -> str:
     heads_before = sum(info.heads_before for info in record.layers.values())
     removed = heads_before - sum(len(info.kept_heads) for info in record.layers.values())
     alone = (" (--key-reduction alone removes query/key channels; add --state-reduction to remove heads as well)"
-             if removed == 0 and method.key_reduction not in (None, "auto") else "")
+             if removed == 0 and method.key_reduction not in (None, "auto") and not method.axes_chosen else "")
     lines.append(f"{'all':>5}  {heads_before:>4} -> {heads_before - removed:<4}  {removed} of {heads_before} "
                  f"value heads removed{alone}")
     if method.axes_candidates:
@@ -428,7 +432,7 @@ def summary(record, asked: float | None = None) -> str:
     lines.append(f"recurrent state per sequence: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller"
                  f"{asked})")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,}")
-    if record.method.budget == "uniform":
+    if record.method.budget == "uniform" and removed:
         lines.append("budget: uniform (the same share of heads in every layer, whole heads each, so it may remove "
                      "more than asked; --budget global spreads the heads by score)")
     if record.layout == "stock":

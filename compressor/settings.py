@@ -198,11 +198,14 @@ class PruneSettings:
 
     @property
     def reads_calibration_text(self) -> bool:
-        """Whether the calibration text is read: always without ``stats``; with them, by the loss scorer, ``auto``,
-        and query/key channels chosen from activations or gradients."""
-        if self.stats is None or self.method not in SCORE_METHODS:
+        """Whether the calibration text is read: always without ``stats``; with them, by the loss scorer or ``auto``
+        where heads are scored, and where query/key channels are chosen from activations or gradients."""
+        if self.stats is None:
             return True
-        return self.key_reduction is not None and self.key_method in ("auto", "rrqr", "wanda", "taylor")
+        heads_by_loss = (self.removes_heads or self.key_reduction == "auto") and self.method not in SCORE_METHODS
+        channels_by_activations = self.key_reduction is not None and self.key_method in ("auto", "rrqr", "wanda",
+                                                                                         "taylor")
+        return heads_by_loss or channels_by_activations
 
     @property
     def end(self) -> str:

@@ -252,11 +252,37 @@ def test_prune_refuses_calibration_options_that_saved_statistics_make_unread(fix
     assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("options", [
+    ("--key-reduction", "0.5", "--key-method", "l1", "--samples", "3"),  # channels alone, by weights: no text read
+    ("--method", "loss", "--every", "128"),  # the loss scorer reads the text, never the statistics' options
+    ("--method", "norm", "--heal", "4096", "--seq-len", "64"),  # healing reads the text, not its windows
+])
+def test_prune_refuses_each_option_that_saved_statistics_leave_unread(fixture_model_path, stats_dir, options,
+                                                                     tmp_path):
+    result = invoke("prune", fixture_model_path, "--stats", stats_dir, *options, "--out", tmp_path / "out")
+    assert_user_error(result, f"{options[-2]} has no effect with --stats")
+    assert listing(tmp_path) == set()
+
+
 def test_the_loss_scorer_with_saved_statistics_takes_calibration_options(fixture_model_path, stats_dir):
     """--method loss reads the calibration text even beside --stats: its options apply, so they are not refused."""
     result = invoke("prune", fixture_model_path, "--method", "loss", "--stats", stats_dir, "--samples", "2",
                     "--seq-len", "64", "--loss-seq-len", "32", "--dry-run")
     assert result.exit_code == 0, result.output
+
+
+def test_channels_from_activations_with_saved_statistics_take_calibration_options(fixture_model_path, stats_dir):
+    result = invoke("prune", fixture_model_path, "--key-reduction", "0.5", "--key-method", "rrqr", "--stats",
+                    stats_dir, "--samples", "2", "--seq-len", "64", "--dry-run")
+    assert result.exit_code == 0, result.output
+
+
+def test_healing_after_saved_statistics_takes_its_calibration_text(fixture_model_path, stats_dir, tmp_path):
+    """--heal trains on --calib, so --calib is not refused beside --stats (the run stops at --dry-run, refused by
+    --heal itself)."""
+    result = invoke("prune", fixture_model_path, "--method", "norm", "--stats", stats_dir, "--heal", "4096",
+                    "--calib", EVAL_TEXT, "--dry-run")
+    assert_user_error(result, "--heal trains and writes")
 
 
 def test_prune_refuses_a_missing_statistics_folder(fixture_model_path, tmp_path):

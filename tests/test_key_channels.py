@@ -193,6 +193,15 @@ def test_combined_dry_run_reaches_the_state_budget():
     assert "--key-reduction alone" not in result.output  # heads were removed: nothing to explain
 
 
+def test_channels_chosen_by_auto_are_not_taken_for_channels_alone():
+    """At 10 % the fixture's held-out loss favours channels alone: no head goes, and since --state-reduction was
+    given and auto chose the split, there is no advice to add it."""
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "auto", "--state-reduction", "0.1", "--method",
+                    "norm", "--key-method", "l1", "--samples", "4", "--seq-len", "128")
+    assert result.exit_code == 0, result.output
+    assert "chose channels\n" in result.stdout and "0 of 32 value heads removed\n" in result.stdout
+
+
 def test_channels_alone_say_how_to_remove_heads_too():
     """No head is scored, so --method auto (the default) asks for no held-out windows: one calibration window will do."""
     result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.5", "--key-method", "l1", "--samples", "1",
