@@ -119,11 +119,20 @@ def uniform_removals(head_counts: dict[int, int], head_bytes: dict[int, int], st
             if head_counts[layer] - n < min_heads_per_layer:
                 raise CompressorError(
                     f"a uniform state reduction of {state_reduction:.1%} removes {n} of the {head_counts[layer]} "
-                    f"heads of layer {layer}, leaving fewer than --min-heads-per-layer {min_heads_per_layer}."
+                    f"heads of layer {layer}, leaving fewer than --min-heads-per-layer {min_heads_per_layer}: "
+                    f"{remedies(min_heads_per_layer, ())}, or use --budget global."
                 )
         return {layer: counts.get(layer, 0) for layer in head_counts}
     raise CompressorError(f"a state reduction of {state_reduction:.1%} cannot be met without the protected layers "
-                          f"{', '.join(map(str, protect_layers))}.")
+                          f"{', '.join(map(str, protect_layers))}: {remedies(1, protect_layers)}.")
+
+
+def remedies(min_heads_per_layer: int, protect_layers: tuple[int, ...]) -> str:
+    """What a refused budget can lower, in words: the share, the protected layers where some are, the minimum per
+    layer where it is above one."""
+    options = ["lower --state-reduction"] + ["protect fewer layers"] * bool(protect_layers)
+    options += ["lower --min-heads-per-layer"] * (min_heads_per_layer > 1)
+    return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
 
 
 def check_budget_options(state_reduction: float, min_heads_per_layer: int) -> None:
@@ -143,9 +152,9 @@ def check_budget(head_counts: dict[int, int], head_bytes: dict[int, int], state_
     if freeable < math.ceil(state_reduction * total - 1e-9):
         protected = f" and leaving layers {', '.join(map(str, protect_layers))} whole" if protect_layers else ""
         raise CompressorError(
-            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} head(s) "
-            f"per layer{protected}; at most {freeable / total:.1%} is possible: lower --state-reduction"
-            f"{', protect fewer layers' if protect_layers else ''} or lower --min-heads-per-layer."
+            f"a state reduction of {state_reduction:.1%} cannot be met while keeping {min_heads_per_layer} "
+            f"head{'s' * (min_heads_per_layer != 1)} per layer{protected}; at most {freeable / total:.1%} is possible: "
+            f"{remedies(min_heads_per_layer, protect_layers)}."
         )
 
 

@@ -266,7 +266,14 @@ def fitted_budget(loaded: LoadedModel, budget, settings: PruneSettings):
         if settings.removes_heads:
             key_dim = next(iter(mixers.values())).head_k_dim
             budget = replace(budget, state_reduction=heads_share(budget.state_reduction, kept_dim / key_dim))
-    budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_state_bytes(loaded))
+    try:
+        budget.check_model({i: m.num_v_heads for i, m in mixers.items()}, head_state_bytes(loaded))
+    except CompressorError as error:
+        if kept_dim is None or not settings.removes_heads:
+            raise
+        raise CompressorError(f"{str(error).rstrip('.')}, or raise --key-reduction (heads must remove "
+                              f"{budget.state_reduction:.1%} of the state the channels leave for --state-reduction "
+                              f"{settings.state_reduction} in all).") from None
     return budget, kept_dim
 
 

@@ -92,10 +92,18 @@ def test_impossible_option_combinations_are_refused_in_one_sentence(options, mes
                                       "those are 0, 2, 5."),
     (make_budget(heads_per_layer="2:9"), "keeps 9 heads in layer 2, which has only 8."),
     (make_budget(heads_per_layer="2:8"), "keeps every head of every layer"),
-    (make_budget("uniform", 0.5, protect_layers="0,2,5"), "cannot be met without the protected layers 0, 2, 5."),
+    (make_budget("uniform", 0.5, protect_layers="0,2,5"), "cannot be met without the protected layers 0, 2, 5: "
+                                                           "lower --state-reduction or protect fewer layers."),
+    (make_budget("uniform", 0.7, min_heads_per_layer=3), "leaving fewer than --min-heads-per-layer 3: lower "
+                                                          "--state-reduction or lower --min-heads-per-layer, or use "
+                                                          "--budget global."),
     (make_budget("global", 0.5, protect_layers="0,2"), "leaving layers 0, 2 whole; at most 29.2% is possible: "
-                                                       "lower --state-reduction, protect fewer layers or lower "
-                                                       "--min-heads-per-layer."),
+                                                       "lower --state-reduction or protect fewer layers.$"),
+    (make_budget("global", 0.9), "keeping 1 head per layer; at most 87.5% is possible: lower "
+                                 "--state-reduction.$"),
+    (make_budget("global", 0.5, protect_layers="0,2", min_heads_per_layer=2), "possible: lower --state-reduction, "
+                                                                               "protect fewer layers or lower "
+                                                                               "--min-heads-per-layer.$"),
 ])
 def test_budgets_this_model_cannot_meet_are_refused(budget, message):
     with pytest.raises(CompressorError, match=message):

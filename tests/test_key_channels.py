@@ -183,6 +183,13 @@ def test_a_state_reduction_below_the_channels_alone_is_refused():
     assert_user_error(result, "--state-reduction")
 
 
+def test_a_combined_budget_the_heads_cannot_meet_names_the_channels_share_too():
+    result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.25", "--state-reduction", "0.5",
+                    "--min-heads-per-layer", "6")
+    message = assert_user_error(result, "lower --min-heads-per-layer, or raise --key-reduction")
+    assert "heads must remove 33.3% of the state the channels leave for --state-reduction 0.5 in all" in message
+
+
 def test_combined_dry_run_reaches_the_state_budget():
     result = invoke("prune", FIXTURE, "--dry-run", "--key-reduction", "0.25", "--key-method", "l1",
                     "--state-reduction", "0.5", "--method", "norm", "--samples", "1", "--seq-len", "128")
