@@ -460,6 +460,14 @@ def test_push_to_hub_with_dry_run_is_refused(fixture_model_path, tmp_path, no_mo
     assert listing(tmp_path) == set()
 
 
+def test_push_to_hub_without_the_reload_check_is_refused_before_anything_runs(fixture_model_path, tmp_path,
+                                                                             no_model_load, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("prune", fixture_model_path, "--out", "out", "--no-verify", "--push-to-hub", "alice/pruned")
+    assert_user_error(result, "--push-to-hub", "--no-verify", "compress push --force")
+    assert listing(tmp_path) == set()
+
+
 # 5. Help ---------------------------------------------------------------------------------------------------
 
 

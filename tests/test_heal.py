@@ -115,6 +115,7 @@ def test_healing_lowers_the_kl_and_keeps_the_folder_loadable(folders, healed):
     assert {"perplexity_before", "perplexity_after", "recall_accuracy_before", "recall_accuracy_after"} <= set(
         recovery["eval"])
     assert record["verify"]["passed"] and "verify" not in recovery
+    assert "compared with those of the healed model in memory" in (healed / "README.md").read_text()
     pruned_record = json.loads((folders["pruned"] / "compression.json").read_text())
     assert record["layers"] == pruned_record["layers"]  # same plan, heads and record otherwise
     assert (healed / "config.json").read_text() == (folders["pruned"] / "config.json").read_text()
@@ -253,15 +254,20 @@ def test_settings_check_names_the_bad_value(field, value, words):
 
 
 @pytest.mark.slow
-def test_prune_with_heal_writes_one_healed_folder(folders):
-    out = folders["root"] / "pruned-and-healed"
+@pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
+def test_prune_with_heal_writes_one_healed_folder(folders, verify):
+    out = folders["root"] / f"pruned-and-healed{verify}"
     result = invoke("prune", folders["source"], "--out", out, "--state-reduction", 0.4, "--method", "random",
                     "--samples", 2, "--seq-len", 128, "--device", "cpu", "--heal", 4096,
                     "--calib", folders["root"] / "calib.txt", "--eval", folders["root"] / "eval.txt",
-                    "--eval-samples", 2, "--eval-seq-len", 64, "--no-verify")
+                    "--eval-samples", 2, "--eval-seq-len", 64, verify)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "compression.json").read_text())
-    assert "verify" not in record and "verified" not in result.stdout  # neither folder checked: no claim of one
+    if verify == "--verify":  # the healed weights' own check, which push requires
+        assert record["verify"]["passed"] and "verify" not in record["recovery"]
+        assert f"verified: reloaded logits differ by {record['verify']['max_abs_logit_diff']:.3g}" in result.stdout
+    else:  # neither folder checked: no claim of one
+        assert "verify" not in record and "verified" not in result.stdout
     assert record["recovery"]["tokens"] == 4096 and record["recovery"]["teacher"] == str(folders["source"])
     assert record["eval"]["tokens"] == 128 and "held-out KL to the teacher" in result.stdout
     assert not [p.name for p in folders["root"].iterdir() if ".unhealed-" in p.name], "the pruned folder was left"
