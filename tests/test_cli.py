@@ -354,7 +354,7 @@ def test_budget_that_cannot_be_met(fixture_model_path, tmp_path, stats_dir):
     # Refused only once statistics exist (here reused; without --stats it comes after calibrating).
     result = invoke("prune", fixture_model_path, "--method", "joint", "--stats", stats_dir, "--out", tmp_path / "out",
                     "--state-reduction", "0.95", "--min-heads-per-layer", "2")
-    message = assert_user_error(result, "95.0%", "cannot be met", "2 head(s)")
+    message = assert_user_error(result, "95.0%", "cannot be met", "2 heads per layer")
     assert "75.0%" in message  # 2 of 8 heads kept in every layer
     assert listing(tmp_path) == set()
 
