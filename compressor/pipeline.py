@@ -190,18 +190,7 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
     if settings.reads_calibration_text:
         check_source(settings.calibration.calib, settings.calibration.text_field)
-
-    weightless = (settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS
-                  and settings.key_reduction is None)
-    if isinstance(model, LoadedModel):
-        loaded = model
-    elif weightless:  # a dry run from saved statistics needs the shapes only: the model on the meta device
-        loaded = load_structure(model)
-    else:
-        if local_folder(model) is not None:  # a budget this model cannot meet is refused before its weights load
-            check_budget_early(model, budget, settings)
-        loaded = load(model, settings.device, settings.dtype, settings.max_gpu_memory, settings.max_cpu_memory,
-                      settings)
+    loaded = model_to_prune(model, settings, budget, saved_stats)
     if settings.export == "stream" and not settings.dry_run:
         check_streamable(loaded.model, loaded.family)
     head_bytes = head_state_bytes(loaded)
@@ -250,6 +239,21 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
 
         pushed = push_folder(out_dir, settings.push_to_hub, private=settings.private)
     return PruneResult(choice.plan, record, out_dir, loaded.model, pushed)
+
+
+def model_to_prune(model: str | LoadedModel, settings: PruneSettings, budget,
+                   saved_stats: StateStatistics | None) -> LoadedModel:
+    """``model`` as ``prune`` needs it: as given where it is loaded already; its structure alone (the meta device)
+    for a dry run that scores heads from saved statistics; else loaded with its weights, after a budget it cannot
+    meet has been refused from its config (a local folder)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if (settings.dry_run and saved_stats is not None and settings.method in SCORE_METHODS
+            and settings.key_reduction is None):
+        return load_structure(model)
+    if local_folder(model) is not None:
+        check_budget_early(model, budget, settings)
+    return load(model, settings.device, settings.dtype, settings.max_gpu_memory, settings.max_cpu_memory, settings)
 
 
 def fitted_budget(loaded: LoadedModel, budget, settings: PruneSettings):
