@@ -76,7 +76,7 @@ def push_folder(
         raise CompressorError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload.") from err
     except (_HTTPError, ConnectionError) as err:
         raise CompressorError(
-            f"Could not reach the Hub at {api.endpoint} to push {repo_id} ({type(err).__name__}); check the network."
+            f"could not reach the Hub at {api.endpoint} to push {repo_id} ({type(err).__name__}); check the network."
         ) from err
     except ValueError as err:  # raised by huggingface_hub before uploading, e.g. invalid README metadata
         raise CompressorError(f"cannot push {folder} to {repo_id}: {' '.join(str(err).split())}") from err
@@ -121,7 +121,7 @@ def _upload_large(api: HfApi, folder: Path, repo_id: str, *, revision, create_pr
     """huggingface_hub 1.x, folders over 50 GB: ``upload_large_folder``, then one commit removing stale shards."""
     if create_pr:
         raise CompressorError(
-            f"Cannot open a pull request on {repo_id}: folders over 50 GB go through huggingface_hub's "
+            f"cannot open a pull request on {repo_id}: folders over 50 GB go through huggingface_hub's "
             "upload_large_folder, which cannot; push to a branch with --revision or upgrade huggingface_hub to 2.x."
         )
     api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
