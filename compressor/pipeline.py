@@ -30,7 +30,8 @@ from .record import CompressionRecord
 from .selection import Candidate, choose_plan, loss_scores, loss_windows, split_windows
 from .sequential import memory_budget, weights_bytes
 from .evaluation import next_token_loss
-from .settings import KEY_METHODS, SCORE_METHODS, CalibrationSettings, PruneSettings, check_memory_sizes
+from .settings import (ACTIVATION_KEY_METHODS, KEY_METHODS, SCORE_METHODS, CalibrationSettings, PruneSettings,
+                       check_memory_sizes)
 from .layers import PruningPlan, linear_layers
 from .slicing import slim
 from .streaming import check_streamable
@@ -370,7 +371,7 @@ def plan_channels(loaded: LoadedModel, settings: PruneSettings, plan: PruningPla
     methods = [m for m in KEY_METHODS if m != "auto"] if settings.key_method == "auto" else [settings.key_method]
     activations = held_out = None
     memo = {} if memo is None else memo
-    if {"rrqr", "wanda", "taylor"} & set(methods) and "activations" not in memo:
+    if set(ACTIVATION_KEY_METHODS) & set(methods) and "activations" not in memo:
         if windows is None:
             windows, _ = calibration_windows(calibration, loaded.tokenizer)
         if settings.key_method == "auto":

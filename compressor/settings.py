@@ -18,6 +18,8 @@ PRUNE_METHODS = ("auto", *SCORE_METHODS, "loss")
 """``--method`` choices: the statistics scores, the measured loss of masking each head, and ``auto``."""
 KEY_METHODS = ("auto", "rrqr", "l1", "wanda", "taylor", "random")
 """How ``--key-reduction`` chooses each key head's query/key channels (``compressor.key_channels``)."""
+ACTIVATION_KEY_METHODS = ("rrqr", "wanda", "taylor")
+"""The ``KEY_METHODS`` that read activations (or gradients) on the calibration windows."""
 REMOVE = ("high", "low")
 DEFAULT_REMOVE = "low"
 """The end of a score removed when ``--remove`` is not given: on every trained model measured, removing low scores
@@ -189,10 +191,16 @@ class PruneSettings:
         return self.key_reduction is None or self.state_reduction is not None or self.heads_per_layer is not None
 
     @property
+    def scores_heads(self) -> bool:
+        """Whether heads are scored by ``method``: where heads are removed, and by ``--key-reduction auto``, which
+        tries removing them."""
+        return self.removes_heads or self.key_reduction == "auto"
+
+    @property
     def asked_state_reduction(self) -> float | None:
         """The share of the recurrent state the options ask to remove (None: heads per layer given, or a share of
         channels alone)."""
-        if self.heads_per_layer is not None or not (self.removes_heads or self.key_reduction == "auto"):
+        if self.heads_per_layer is not None or not self.scores_heads:
             return None
         return DEFAULT_STATE_REDUCTION if self.state_reduction is None else self.state_reduction
 
@@ -202,9 +210,9 @@ class PruneSettings:
         where heads are scored, and where query/key channels are chosen from activations or gradients."""
         if self.stats is None:
             return True
-        heads_by_loss = (self.removes_heads or self.key_reduction == "auto") and self.method not in SCORE_METHODS
-        channels_by_activations = self.key_reduction is not None and self.key_method in ("auto", "rrqr", "wanda",
-                                                                                         "taylor")
+        heads_by_loss = self.scores_heads and self.method not in SCORE_METHODS
+        channels_by_activations = self.key_reduction is not None and self.key_method in ("auto",
+                                                                                         *ACTIVATION_KEY_METHODS)
         return heads_by_loss or channels_by_activations
 
     @property
@@ -222,7 +230,7 @@ class PruneSettings:
             choice("--remove", self.remove, REMOVE)
         if not 0.0 <= self.alpha <= 1.0:
             raise CompressorError(f"--alpha must lie in [0, 1], got {self.alpha}.")
-        if self.method == "auto" and (self.removes_heads or self.key_reduction == "auto"):  # else no head is scored
+        if self.method == "auto" and self.scores_heads:
             self._check_auto()
         choice("--layout", self.layout, LAYOUTS)
         self._check_key_reduction()

@@ -153,3 +153,26 @@ def test_a_budget_the_model_cannot_meet_is_refused_before_the_weights_load(tmp_p
     message = result.output.strip().splitlines()[-1]
     assert "lower --state-reduction" in message and "--min-heads-per-layer" in message, message
     assert not out.exists()
+
+
+def test_a_file_given_as_the_model_is_named_as_a_file(tmp_path):
+    result = CliRunner().invoke(main, ["prune", str(FIXTURE / "config.json"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "config.json is a file; give the model's folder (the one holding config.json)." in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_local_config_is_named_as_such(monkeypatch):
+    """A local folder whose config.json cannot be read is not blamed on the network or the Hub."""
+    from transformers import AutoConfig
+
+    from compressor.errors import CompressorError
+    from compressor.loading import load_model
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreadable)
+    with pytest.raises(CompressorError, match=r"^could not load the config of '.*' \(its config.json cannot be "
+                                              r"read\): \[Errno 13\] Permission denied"):
+        load_model(str(FIXTURE))
