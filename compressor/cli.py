@@ -467,7 +467,7 @@ def run() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-# compress heal (compressor/heal.py) ------------------------------------------------------------------------
+# compress heal (compressor/heal/) --------------------------------------------------------------------------
 
 
 @main.command("heal", context_settings=CONTEXT)

@@ -103,7 +103,7 @@ EMBEDDED_EVALUATION = "python-docs-eval.txt"
 def eval_windows(settings: EvalSettings, tokenizer, prefix: str = "--") -> tuple[torch.Tensor, str]:
     """(evaluation windows [N, seq_len] of ``settings.path``, every whole one in order unless ``settings.samples``;
     a description of the text). ``path`` None is the embedded held-out Python-docs text."""
-    from .calibration import read_text_file, token_windows
+    from .calibration_text import read_text_file, token_windows
 
     if settings.path is None:
         text = resources.files("compressor.data").joinpath(EMBEDDED_EVALUATION).read_text(encoding="utf-8")

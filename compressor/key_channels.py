@@ -107,11 +107,11 @@ def channel_gradients(model: nn.Module, family: Family, windows: torch.Tensor,
     """Layer -> [H_k, d_k] float64: Σ over batches of ``windows`` [N, L] of |∂L/∂m|, L the batch's mean next-token
     loss and m a multiplicative mask of ones on each query/key channel of each key head (in every value head that
     reads it; each mask on its layer's device). Backward passes go through the PyTorch recurrences
-    (``heal.torch_recurrences``: fla 0.6's backward kernels are refused on some GPUs); the weights take no
+    (``recurrences.torch_recurrences``: fla 0.6's backward kernels are refused on some GPUs); the weights take no
     gradient. The output head runs 512 positions at a time (``evaluation.losses_of_hidden``), though the backward
     pass keeps every chunk's float32 logits."""
     from .evaluation import losses_of_hidden
-    from .heal import torch_recurrences
+    from .recurrences import torch_recurrences
     from .selection import channel_masks
 
     mixers = linear_layers(model, family)

@@ -15,7 +15,8 @@ from dataclasses import replace
 import torch
 
 from .accounting import build_record, check_statistics, head_state_bytes, parameter_count, state_bytes
-from .calibration import StateStatistics, calibration_windows, check_source, collect_state_statistics
+from .calibration import StateStatistics, collect_state_statistics
+from .calibration_text import calibration_windows, check_source
 from .errors import CompressorError
 from .evaluation import eval_record, eval_windows, quality
 from .layerwise_checks import layer_by_layer_quality

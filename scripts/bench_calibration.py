@@ -229,7 +229,7 @@ def rank_agreement(model, family, ids, times: list[int], path: str) -> dict:
 def fixture_agreement(path: str, device: torch.device, path_name: str = "fla") -> dict:
     """Threshold-rank agreement of fla's float32 IEEE states with the PyTorch reference on a trained model in
     float32, every 64 tokens of 4 embedded-text windows of 1024 tokens."""
-    from compressor.calibration import read_text, token_windows
+    from compressor.calibration_text import read_text, token_windows
     from compressor.loading import load_model
 
     loaded = load_model(path, str(device), "float32")

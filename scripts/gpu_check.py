@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import compressor  # noqa: E402
 from bench_inference import timed  # noqa: E402  (this folder is on sys.path when a script runs)
-from compressor.calibration import collect_state_statistics, read_text, token_windows  # noqa: E402
+from compressor.calibration import collect_state_statistics  # noqa: E402
+from compressor.calibration_text import read_text, token_windows  # noqa: E402
 from compressor.evaluation import perplexity  # noqa: E402
 from compressor.families import family_for  # noqa: E402
 from compressor.loading import load_model  # noqa: E402

@@ -112,7 +112,8 @@ def speed(pruned: Path, device: str, batch: int = 8, seq_len: int = 512, repeat:
     recurrence, and a training step (forward + backward, PyTorch recurrence) of the pruned model."""
     import torch
 
-    from compressor.heal import distillation_loss, torch_recurrences
+    from compressor.heal.losses import distillation_loss
+    from compressor.recurrences import torch_recurrences
     from compressor.loading import load_model
 
     loaded = load_model(str(pruned), device, "float32")

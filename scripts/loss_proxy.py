@@ -101,7 +101,7 @@ def models():
     from tiny_hybrids import tiny_hybrid
     from tiny_models import tiny_model
 
-    from compressor.calibration import calibration_windows
+    from compressor.calibration_text import calibration_windows
     from compressor.families import family_for
     from compressor.loading import load_model
     from compressor.settings import CalibrationSettings

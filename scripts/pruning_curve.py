@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from compressor.budgets import make_budget  # noqa: E402
-from compressor.calibration import collect_state_statistics, read_text, token_windows  # noqa: E402
+from compressor.calibration import collect_state_statistics  # noqa: E402
+from compressor.calibration_text import read_text, token_windows  # noqa: E402
 from compressor.evaluation import copy_recall, next_token_loss, recall_spans  # noqa: E402
 from compressor.loading import load_model  # noqa: E402
 from compressor.accounting import versions  # noqa: E402

@@ -12,17 +12,8 @@ from click.testing import CliRunner
 from tiny_models import tiny_model
 from transformers import AutoTokenizer
 
-from compressor.calibration import (
-    MetricSums,
-    StateStatistics,
-    check_source,
-    collect_state_statistics,
-    measured_steps,
-    read_documents,
-    read_text,
-    states_handed_to,
-    token_windows,
-)
+from compressor.calibration import MetricSums, StateStatistics, collect_state_statistics, measured_steps, states_handed_to
+from compressor.calibration_text import check_source, read_documents, read_text, token_windows
 from compressor.cli import main
 from compressor.errors import CompressorError
 from compressor.families import family_for

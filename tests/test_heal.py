@@ -1,4 +1,4 @@
-"""``compress heal``: distilling the unpruned source into a pruned folder (compressor/heal.py), on a tiny random
+"""``compress heal``: distilling the unpruned source into a pruned folder (compressor/heal/), on a tiny random
 Qwen3.5 hybrid with the fixture's tokenizer (CPU, a few steps of 4 × 64 tokens)."""
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from tiny_hybrids import FIXTURE, HYBRID, TOKENIZER_FILES
 from transformers import AutoTokenizer, Qwen3_5TextConfig, Qwen3NextConfig
 
 import compressor.loading
-from compressor.heal import HealSettings, distillation_loss, torch_recurrences
+from compressor.heal import HealSettings
+from compressor.heal.losses import distillation_loss
 from compressor.modeling import gated_delta
+from compressor.recurrences import torch_recurrences
 
 TINY = ["--seq-len", "64", "--batch-size", "4", "--held-out", "2", "--curve-points", "0", "--eval-samples", "2", "--eval-seq-len", "64",
         "--device", "cpu"]
@@ -292,7 +294,7 @@ def test_a_teacher_cached_to_disk_first_trains_the_student_and_leaves_no_cache(f
 
 
 def test_cached_batches_repeat_windows_when_the_cache_holds_fewer_than_a_batch(tmp_path):
-    from compressor.heal import TopKCache, cached_batches
+    from compressor.heal.topk_cache import TopKCache, cached_batches
 
     class Teacher(torch.nn.Module):
         """Stands in for a model: uniform log-probabilities over 32 tokens."""
@@ -315,7 +317,7 @@ def test_cached_batches_repeat_windows_when_the_cache_holds_fewer_than_a_batch(t
 
 
 def test_the_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_training_on_it_lowers_the_full_kl():
-    from compressor.heal import _kl_chunk, _topk_kl_chunk
+    from compressor.heal.losses import _kl_chunk, _topk_kl_chunk
 
     torch.manual_seed(0)
     vocab, width, positions = 32, 8, 10
@@ -340,7 +342,7 @@ def test_the_top_k_kl_is_the_full_kl_when_k_is_the_vocabulary_and_training_on_it
 
 
 def test_a_marker_naming_files_outside_the_pruned_folder_copies_nothing_from_there(folders, tmp_path):
-    from compressor.heal import write_folder
+    from compressor.heal.folder import write_folder
     from compressor.loading import load_model
     from compressor.outputs import MARKER
 

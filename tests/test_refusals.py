@@ -109,7 +109,8 @@ def test_eval_output_mistakes_are_refused_before_the_evaluation_is_imported(monk
     assert mine.read_text() == "mine"
 
 
-HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "compressor.calibration")
+HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "compressor.calibration",
+         "compressor.calibration_text")
 """The modules that pull in torch, transformers and fla."""
 
 

@@ -11,7 +11,8 @@ from conftest import EVAL_TEXT, invoke
 from tiny_models import PLANS, masked_copy, tiny_model
 
 from compressor.budgets import Budget
-from compressor.calibration import calibration_windows, collect_state_statistics, read_text, token_windows
+from compressor.calibration import collect_state_statistics
+from compressor.calibration_text import calibration_windows, read_text, token_windows
 from compressor.card import render_card
 from compressor.cli import summary
 from compressor.evaluation import copy_recall, next_token_loss, recall_probe, recall_spans
