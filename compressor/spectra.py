@@ -110,7 +110,7 @@ def eigenvalues_padded(matrices: torch.Tensor, overwrite: bool = False) -> torch
         for first, stop, warps in launches:
             _tridiagonalize_kernel[(count,)](
                 work, diagonal, squared_off_diagonal, N=padded, FIRST=first, STOP=stop, STAGES=stages, num_warps=warps)
-        _bisection_kernel[(count,)](  # H200, 384 matrices: 4 warps 0.21 ms (2: 0.26); 6912: 2 warps 2.22 (4: 2.33)
+        _bisection_kernel[(count,)](  # warps per matrix: docs/benchmarks.md, "Spectra kernels"
             diagonal, squared_off_diagonal, counts, values, N=padded, STEPS=BISECTION_STEPS, OCTAVES=GRID_OCTAVES,
             num_warps=4 if count <= 1024 else 2)
     return values
