@@ -12,6 +12,8 @@ kernel whatever the dot precision of a later call.
     python scripts/check_fla_states.py
 """
 
+import argparse
+
 import torch
 
 from compressor.metrics import state_metrics
@@ -45,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("check_fla_states.py compares fla's CUDA kernels: it needs a CUDA GPU.")
     main()

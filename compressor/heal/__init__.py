@@ -16,7 +16,7 @@ A hidden-state term would tie the student to the teacher's internal representati
 used: the pruned layers' outputs are meant to differ (their heads are gone) and only the output matters.
 
 Memory. The teacher runs per batch beside the student, under ``torch.no_grad`` in eval mode; its logits exist
-for one batch at a time, and both models' logits only for ``POSITIONS_PER_CHUNK`` positions at a time (the loss
+for one batch at a time, and both models' logits only for ``losses.POSITIONS_PER_CHUNK`` positions at a time (the loss
 goes through the output heads in checkpointed chunks, so a 248k vocabulary costs no [B, T, V] tensor with
 autograd history). A teacher too big to sit beside the student is run first instead (``teacher_top_k``): its
 top-k log-probabilities (float16) and token ids (int32) at every position of every training window are cached to
@@ -25,7 +25,7 @@ freed, then the student trains on the cache with the KL between the two distribu
 teacher's k tokens plus one bin for the rest of the vocabulary (a lower bound of the full KL).
 
 CUDA. fla 0.6's backward kernels fail on Hopper with triton 3.6, so the student's training forward and backward
-run inside :func:`torch_recurrences`, which sends the recurrences of ``compressor.modeling`` (gated delta rule,
+run inside :func:`compressor.recurrences.torch_recurrences`, which sends the recurrences of ``compressor.modeling`` (gated delta rule,
 delta rule, GLA, KDA) to their PyTorch chunked forms, which autograd differentiates. Inference (teacher, sampling,
 evaluation) keeps fla's kernels.
 """
