@@ -22,7 +22,12 @@ def locate_model(name: str) -> Path | None:
             raise CompressorError(f"{path} is not a model folder: it has no config.json.")
         return path
     if looks_like_hub_id(name):
-        check_hub_reachable(name)
+        try:
+            check_hub_reachable(name)
+        except CompressorError as error:
+            if not path.parent.is_dir():
+                raise
+            raise CompressorError(f"model folder {name} does not exist; read as a Hub id, {error}") from None
         return None
     raise CompressorError(f"model folder {name} does not exist (and is not a Hub id of the form owner/name).")
 

@@ -131,11 +131,14 @@ def _write_marker(folder: Path, kind: str, files: list[str], state: str) -> None
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
-def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = ()) -> None:
+def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = (), clear_stale: bool = True
+                 ) -> None:
     """Everything about ``out_dir`` that can fail, checked before a model loads: stale staging folders of an
-    interrupted run removed, the folder free (or an earlier output with ``overwrite``) and none of ``sources`` (the
-    inputs' local folders; those that do not exist are skipped), and writable."""
-    clear_stale_staging(out_dir)
+    interrupted run removed (unless not ``clear_stale``: a dry run changes nothing), the folder free (or an earlier
+    output with ``overwrite``) and none of ``sources`` (the inputs' local folders; those that do not exist are
+    skipped), and writable."""
+    if clear_stale:
+        clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, [source if source is not None and source.exists() else None
                                              for source in sources])
     check_writable(out_dir)

@@ -13,11 +13,12 @@ from .settings import EvalSettings, PruneSettings
 
 
 def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: PruneSettings):
-    """Check the options, ``out_dir`` (free or an earlier output, not the source, writable) and that streaming has a
-    local folder to read; ``source``: the model's local folder, None for a Hub id. Returns the options' budget."""
+    """Check the options, ``out_dir`` (free or an earlier output, not the source, writable; checked on a dry run
+    too, which then says what the run would refuse) and that streaming has a local folder to read; ``source``: the
+    model's local folder, None for a Hub id. Returns the options' budget."""
     budget = settings.check(out_dir)
-    if out_dir is not None and not settings.dry_run:
-        check_output(out_dir, settings.overwrite, [source])
+    if out_dir is not None:
+        check_output(out_dir, settings.overwrite, [source], clear_stale=not settings.dry_run)
         if settings.export == "stream" and source is None:
             raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
                                   "folder; download the model first or use --export memory.")

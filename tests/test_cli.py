@@ -320,6 +320,18 @@ def test_unreachable_hub_id(tmp_path, no_weights_load, monkeypatch):
     assert listing(tmp_path) == set()
 
 
+def test_a_missing_folder_under_an_existing_one_is_called_a_missing_folder(tmp_path, no_weights_load, monkeypatch):
+    """``out/typo`` has the form of a Hub id, but ``out`` is a local folder: the message says first that the
+    folder does not exist, then why the Hub did not serve it either."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    message = assert_user_error(invoke("eval", "models/typo"), "model folder models/typo does not exist",
+                                "HF_HUB_OFFLINE")
+    assert message.index("does not exist") < message.index("Hub")
+    assert listing(tmp_path) == {"models"}
+
+
 def test_unsupported_model_type(tmp_path, no_weights_load):
     from transformers import LlamaConfig
 
@@ -451,6 +463,22 @@ def test_prune_needs_out_or_dry_run(fixture_model_path, tmp_path, no_model_load,
     result = invoke("prune", fixture_model_path)
     assert_user_error(result, "--out", "--dry-run")
     assert listing(tmp_path) == set()
+
+
+def test_a_dry_run_refuses_the_output_folder_the_run_would_refuse(fixture_model_path, tmp_path, no_model_load,
+                                                                  monkeypatch):
+    """--dry-run writes nothing, and says so when the run itself would refuse --out (here a folder holding a
+    user's file, with --overwrite); an interrupted run's staging folder beside it stays, as the dry run changes
+    nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    stale = tmp_path / ".out.partial-x"
+    stale.mkdir()
+    (stale / MARKER).write_text('{"written_by": "compressor", "state": "staging", "pid": 999999999, "files": []}')
+    result = invoke("prune", fixture_model_path, "--out", "out", "--overwrite", "--dry-run")
+    assert_user_error(result, "notes.txt", "compressor did not write")
+    assert listing(tmp_path) == {"out", "out/notes.txt", ".out.partial-x", f".out.partial-x/{MARKER}"}
 
 
 def test_push_to_hub_with_dry_run_is_refused(fixture_model_path, tmp_path, no_model_load, monkeypatch):
