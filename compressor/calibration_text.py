@@ -1,16 +1,19 @@
 """Calibration text: a source (the embedded text, a file or folder, JSON Lines, a Hub dataset, literal text) ->
-documents -> token windows [samples, seq_len]."""
+documents -> token windows [samples, seq_len]. Reading and checking a source imports no torch (the command line
+checks the source before its heavy imports); cutting windows does."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CompressorError
 from .settings import PACKINGS, CalibrationSettings
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_CALIBRATION = "python-docs-calib.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -178,6 +181,8 @@ def token_windows(
     """
     if packing not in PACKINGS:
         raise CompressorError(f"--packing must be one of {', '.join(PACKINGS)}, got '{packing}'.")
+    import torch
+
     documents = [text] if isinstance(text, str) else list(text)
     length_option = option.replace("samples", "seq-len")
     if packing == "truncate":

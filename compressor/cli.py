@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from . import interrupts
+from .calibration_text import check_source
 from .errors import CompressorError
 from .model_source import local_folder_of, locate_model
 from .outputs import check_output
@@ -134,6 +135,7 @@ def analyze(model, out_dir, overwrite, max_gpu_memory, max_cpu_memory, device_ma
     check_memory_sizes(max_gpu_memory, max_cpu_memory)
     if out_dir is not None:
         check_output(out_dir, overwrite, [local_folder_of(model)])
+    check_source(calibration.calib, calibration.text_field)
     locate_model(model)
     from .pipeline import analyze as run_analyze
 

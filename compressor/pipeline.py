@@ -190,8 +190,6 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     out_dir = None if out_dir is None else Path(out_dir)
     budget = check_prune_inputs(local_folder(model), out_dir, settings)
     saved_stats = StateStatistics.load(settings.stats) if settings.stats is not None else None
-    if settings.reads_calibration_text:
-        check_source(settings.calibration.calib, settings.calibration.text_field)
     loaded = model_to_prune(model, settings, budget, saved_stats)
     if settings.export == "stream" and not settings.dry_run:
         check_streamable(loaded.model, loaded.family)

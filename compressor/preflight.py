@@ -7,16 +7,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .calibration_text import check_source
 from .errors import CompressorError
 from .outputs import check_output
 from .settings import EvalSettings, PruneSettings
 
 
 def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: PruneSettings):
-    """Check the options, ``out_dir`` (free or an earlier output, not the source, writable; checked on a dry run
-    too, which then says what the run would refuse) and that streaming has a local folder to read; ``source``: the
-    model's local folder, None for a Hub id. Returns the options' budget."""
+    """Check the options, the calibration source (when the text is read), ``out_dir`` (free or an earlier output,
+    not the source, writable; checked on a dry run too, which then says what the run would refuse) and that
+    streaming has a local folder to read; ``source``: the model's local folder, None for a Hub id. Returns the
+    options' budget."""
     budget = settings.check(out_dir)
+    if settings.reads_calibration_text:
+        check_source(settings.calibration.calib, settings.calibration.text_field)
     if out_dir is not None:
         check_output(out_dir, settings.overwrite, [source], clear_stale=not settings.dry_run)
         if settings.export == "stream" and source is None:

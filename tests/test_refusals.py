@@ -109,8 +109,7 @@ def test_eval_output_mistakes_are_refused_before_the_evaluation_is_imported(monk
     assert mine.read_text() == "mine"
 
 
-HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "compressor.calibration",
-         "compressor.calibration_text")
+HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "compressor.calibration")
 """The modules that pull in torch, transformers and fla."""
 
 
@@ -122,10 +121,14 @@ HEAVY = ("compressor.pipeline", "compressor.quality", "compressor.loading", "com
     (["heal", "{missing}", "--teacher", FIXTURE, "--out", "{out}", "--tokens", "0"], ["--tokens"]),
     (["heal", FIXTURE, "--teacher", FIXTURE, "--out", "{out}"], ["was not written by compressor"]),
     (["heal", "{pruned}", "--teacher", "{missing}", "--out", "{out}"], ["teacher folder", "does not exist"]),
+    (["prune", FIXTURE, "--out", "{out}", "--calib", "{missing}"], ["calibration file", "does not exist"]),
+    (["prune", FIXTURE, "--dry-run", "--calib", "{pruned}"], ["calibration folder", "holds no text files"]),
+    (["analyze", FIXTURE, "--calib", "{missing}"], ["calibration file", "does not exist"]),
 ])
 def test_missing_models_are_refused_before_the_heavy_imports(monkeypatch, tmp_path, command, words):
-    """eval, analyze and heal check their options, then say that a model folder is missing (or not a prune output)
-    before they import the modules that pull in torch, transformers and fla."""
+    """eval, analyze, prune and heal check their options, then say that a model folder or the calibration text is
+    missing (or a folder not a prune output) before they import the modules that pull in torch, transformers and
+    fla."""
     from conftest import assert_user_error, invoke
 
     pruned = tmp_path / "pruned"
