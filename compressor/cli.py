@@ -341,7 +341,7 @@ def plan(config, stats, seed, **options):
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the figures here.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier --json file of compress eval.")
 @click.option("--device-map", default=None, type=click.Choice(DEVICE_MAPS),
               help="Spread the decoder layers over every visible GPU with accelerate, as prune does.")
 @user_errors

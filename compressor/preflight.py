@@ -4,6 +4,7 @@ two."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -29,16 +30,40 @@ def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: Prun
     return budget
 
 
+EVAL_WRITER = "compress eval"
+"""The ``written_by`` field of the figures file ``compress eval --json`` writes: ``--overwrite`` replaces only those."""
+
+
+def written_by_eval(path: Path) -> bool:
+    """Whether ``path`` is a figures file that ``compress eval`` wrote (a JSON object naming it in ``written_by``)."""
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(figures, dict) and figures.get("written_by") == EVAL_WRITER
+
+
+def check_json_replaceable(json_path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``json_path`` unless ``overwrite`` and ``compress eval`` wrote it."""
+    if not json_path.exists():
+        return
+    if not (json_path.is_file() and written_by_eval(json_path)):
+        raise CompressorError(f"--json {json_path} already exists and compress eval did not write it; choose "
+                              "another path.")
+    if not overwrite:
+        raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
+
+
 def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, overwrite: bool) -> None:
     """Check the evaluation options, and that ``json_path`` (if any) can be written: its folder exists and takes a
-    file, and it is not there yet unless ``overwrite`` (and then a file)."""
+    file, and it is not there yet, or (with ``overwrite``) is an earlier figures file of ``compress eval``."""
     settings.check()
     if json_path is not None and not Path(json_path).resolve().parent.is_dir():
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
     if json_path is not None and Path(json_path).is_dir():
         raise CompressorError(f"--json {json_path} is a folder; give the path of a file to write.")
-    if json_path is not None and Path(json_path).exists() and not (overwrite and Path(json_path).is_file()):
-        raise CompressorError(f"--json {json_path} already exists; pass --overwrite to replace the file.")
+    if json_path is not None:
+        check_json_replaceable(Path(json_path), overwrite)
     if json_path is not None:
         try:  # a folder that cannot be written fails now, not after the evaluation; nothing stays
             with tempfile.NamedTemporaryFile(dir=Path(json_path).resolve().parent, prefix=f".{Path(json_path).name}."):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .accounting import versions
 from .evaluation import eval_windows, quality
 from .loading import LoadedModel, load_model
-from .preflight import check_eval_inputs
+from .preflight import EVAL_WRITER, check_eval_inputs, check_json_replaceable
 from .settings import DEVICE_MAPS, EvalSettings, choice
 from .tuned_kernels import recorded_fla_configs
 
@@ -31,7 +31,7 @@ def evaluate(
     the first 8 windows (``evaluation.copy_recall``), as ``prune --eval`` measures them.
 
     Returns the figures as a dict, also written to ``json_path`` when given (an existing file only with
-    ``overwrite``). Options are checked before the model loads. ``device_map`` (``auto``, ``balanced``,
+    ``overwrite``, and only one that ``compress eval`` wrote). Options are checked before the model loads. ``device_map`` (``auto``, ``balanced``,
     ``sequential``) spreads the decoder layers over the visible GPUs instead of ``device``.
     """
     settings = settings or EvalSettings()
@@ -44,6 +44,7 @@ def evaluate(
     tokens, data = eval_windows(settings, loaded.tokenizer)
     measured = quality(loaded.model, tokens, settings.batch_size, progress)
     figures = {
+        "written_by": EVAL_WRITER,
         "model": loaded.source,
         "data": data,
         "windows": tokens.shape[0],
@@ -65,6 +66,7 @@ def evaluate(
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(staging, 0o666 & ~umask)  # mkstemp's file is private; the result gets the usual permissions
+            check_json_replaceable(Path(json_path), overwrite)  # nothing else appeared there meanwhile
             os.replace(staging, json_path)
         finally:
             Path(staging).unlink(missing_ok=True)

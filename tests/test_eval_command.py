@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import EVAL_TEXT, invoke
+from conftest import EVAL_TEXT, assert_user_error, invoke
 
 import compressor.quality
 from compressor.pipeline import prune
@@ -75,17 +75,49 @@ def test_eval_refuses_to_replace_a_file_without_overwrite(fixture_model_path, tm
     mine.write_text("{}")
     (tmp_path / "config.json.partial").write_text("mine too")
     result = invoke("eval", fixture_model_path, "--json", mine)
-    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "compress eval did not write it" in result.output
     assert mine.read_text() == "{}"
+    ours = tmp_path / "figures.json"
+    ours.write_text('{"written_by": "compress eval"}')
+    result = invoke("eval", fixture_model_path, "--json", ours)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert ours.read_text() == '{"written_by": "compress eval"}'
+    ours.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "config.json.partial"]
 
 
-def test_eval_overwrite_replaces_only_the_json_file(fixture_model_path, tmp_path):
-    mine = tmp_path / "figures.json"
-    mine.write_text("{}")
+def test_eval_overwrite_replaces_only_its_own_json_file(fixture_model_path, tmp_path):
+    """--overwrite replaces an earlier figures file of compress eval, and refuses any other file (a user's JSON,
+    even one with the same fields), which stays as it was."""
+    figures = tmp_path / "figures.json"
+    figures.write_text(json.dumps({"written_by": "compress eval", "windows": 9}))
     (tmp_path / "figures.json.partial").write_text("mine too")
-    result = invoke("eval", fixture_model_path, *SHORT, "--json", mine, "--overwrite")
+    result = invoke("eval", fixture_model_path, *SHORT, "--json", figures, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert json.loads(mine.read_text())["windows"] == 2
+    assert json.loads(figures.read_text())["windows"] == 2
+    assert json.loads(figures.read_text())["written_by"] == "compress eval"
     assert (tmp_path / "figures.json.partial").read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json", "figures.json.partial"]
+
+    mine = tmp_path / "mine.json"
+    for text in ('{"windows": 9, "perplexity": 1.0}', "not json", '["compress eval"]'):
+        mine.write_text(text)
+        assert_user_error(invoke("eval", fixture_model_path, *SHORT, "--json", mine, "--overwrite"),
+                          "compress eval did not write it")
+        assert mine.read_text() == text
+
+
+def test_a_file_that_appears_at_json_during_the_evaluation_stays(fixture_model_path, tmp_path, monkeypatch):
+    """The --json path is checked again just before the figures are renamed onto it: a file a user wrote there
+    while the model was evaluated is kept, the run refused, and no temporary file is left."""
+    target = tmp_path / "figures.json"
+    measure = compressor.quality.quality
+
+    def meanwhile(*args, **kwargs):
+        target.write_text("written meanwhile")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(compressor.quality, "quality", meanwhile)
+    assert_user_error(invoke("eval", fixture_model_path, *SHORT, "--json", target), "did not write it")
+    assert target.read_text() == "written meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]

@@ -104,7 +104,7 @@ def test_eval_output_mistakes_are_refused_before_the_evaluation_is_imported(monk
     monkeypatch.setitem(sys.modules, "compressor.quality", None)  # importing it now raises ImportError
     mine = tmp_path / "figures.json"
     mine.write_text("mine")
-    assert_user_error(invoke("eval", FIXTURE, "--json", mine), "already exists", "--overwrite")
+    assert_user_error(invoke("eval", FIXTURE, "--json", mine), "already exists", "did not write it")
     assert_user_error(invoke("eval", FIXTURE, "--json", tmp_path / "no" / "f.json"), "does not exist")
     assert mine.read_text() == "mine"
 
