@@ -255,6 +255,19 @@ def test_settings_check_names_the_bad_value(field, value, words):
         HealSettings(**{field: value}).check()
 
 
+def test_a_top_k_cache_folder_holding_files_is_refused(tmp_path):
+    """The cache's part files would be written over a user's; a new or empty folder is taken."""
+    (tmp_path / "empty").mkdir()
+    HealSettings(teacher_top_k=4, cache_dir=str(tmp_path / "empty")).check()
+    HealSettings(teacher_top_k=4, cache_dir=str(tmp_path / "new")).check()
+    (tmp_path / "used" / "train").mkdir(parents=True)
+    (tmp_path / "file").write_text("mine")
+    for name in ("used", "file"):
+        with pytest.raises(compressor.errors.CompressorError, match="not an empty folder"):
+            HealSettings(teacher_top_k=4, cache_dir=str(tmp_path / name)).check()
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
 def test_prune_with_heal_writes_one_healed_folder(folders, verify):

@@ -56,7 +56,8 @@ class HealSettings:
     """Set: run the teacher first and train on its cached top-k log-probabilities (a teacher that does not fit
     beside the student)."""
     cache_dir: str | None = None
-    """Folder for the top-k cache (None: a temporary folder beside the output, removed at the end)."""
+    """Folder for the top-k cache, new or empty, kept after the run (None: a temporary folder beside the output,
+    removed at the end)."""
     device: str = "auto"
     teacher_dtype: str = "auto"
     """Teacher compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU); the student trains in float32."""
@@ -91,6 +92,10 @@ class HealSettings:
             raise CompressorError(f"--teacher-top-k must be at least 1, got {self.teacher_top_k}.")
         if self.eval_path is not None and not Path(self.eval_path).is_file():
             raise CompressorError(f"evaluation file {self.eval_path} does not exist.")
+        cache = None if self.cache_dir is None else Path(self.cache_dir).expanduser()
+        if cache is not None and cache.exists() and not (cache.is_dir() and not any(cache.iterdir())):
+            raise CompressorError(f"the top-k cache folder {self.cache_dir} exists and is not an empty folder; give a new or "
+                                  "empty folder.")
 
     @property
     def steps(self) -> int:
