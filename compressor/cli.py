@@ -292,9 +292,9 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
                              command=command)
     echo_recovery(record, out_dir)
     if push is not None:
-        from .hub import push_folder
+        from .hub import push_written
 
-        click.echo(f"pushed: {push_folder(out_dir, push, private=settings.private)}")
+        click.echo(f"pushed: {push_written(out_dir, push, private=settings.private)}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -368,7 +368,8 @@ def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login]; never printed.")
 @click.option("--endpoint", default=None, help="Hub endpoint [default: huggingface.co].")
-@click.option("--force", is_flag=True, help="Push a folder that did not come from prune or failed verification.")
+@click.option("--force", is_flag=True, help="Push a folder that did not come from prune or failed verification, "
+              "or into a repo that holds another model.")
 @user_errors
 def push(folder, repo_id, private, revision, create_pr, token, endpoint, force):
     """Upload a pruned FOLDER to the Hugging Face Hub as REPO_ID."""

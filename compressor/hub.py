@@ -43,7 +43,9 @@ def push_folder(
     The upload is one commit that also deletes remote ``*.safetensors`` shards and indexes the folder no
     longer has. With ``create_pr`` the commit goes to a new pull request and its URL is returned instead.
     ``private`` only applies when the repo is created; without it the owner's default visibility applies.
-    A folder without ``compression.json``, or whose reload check did not pass, is refused unless ``force``.
+    Refused unless ``force``: a folder without ``compression.json`` or whose reload check did not pass, and a repo
+    (at ``revision``) that holds files but no ``compression.json``, another model whose files the push would
+    replace or delete.
 
     With huggingface_hub 1.x a folder over 50 GB goes through ``upload_large_folder`` (resumable, several
     commits), which cannot open a pull request; huggingface_hub 2.x streams large folders in ``upload_folder``.
@@ -58,6 +60,7 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        _check_remote(api, repo_id, revision, force)
         if hasattr(api, "upload_large_folder") and _size(folder) > LARGE_FOLDER_BYTES:
             return _upload_large(api, folder, repo_id, revision=revision, create_pr=create_pr, message=message)
         info = api.upload_folder(
@@ -83,6 +86,16 @@ def push_folder(
     return info.pr_url or info.commit_url
 
 
+def push_written(folder: Path, repo_id: str, private: bool = False) -> str:
+    """``push_folder`` of a folder this run has just written (``--push-to-hub``): a refused or failed push says
+    that the folder stays written and how to push it later."""
+    try:
+        return push_folder(folder, repo_id, private=private)
+    except CompressorError as error:
+        raise CompressorError(f"wrote {folder}, but the push failed: {str(error).rstrip('.')}; push it later with "
+                              f"`compress push {folder} {repo_id}`.") from error
+
+
 def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
     """The folder's compression.json record; refuse folders that did not come from a verified prune."""
     if not folder.is_dir():
@@ -100,6 +113,24 @@ def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
     if problem is not None and not force:
         raise CompressorError(f"refusing to push {folder}: {problem}; use --force to push it anyway.")
     return record
+
+
+def _check_remote(api: HfApi, repo_id: str, revision: str | None, force: bool) -> None:
+    """Refuse, unless ``force``, a repo whose files compressor did not push: it holds more than ``.gitattributes``
+    and no ``compression.json`` (a branch that does not exist yet holds nothing)."""
+    if force:
+        return
+    try:
+        files = api.list_repo_files(repo_id, revision=revision)
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code == 404:
+            return
+        raise
+    foreign = [path for path in files if path != ".gitattributes"]
+    if foreign and FILE not in files:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CompressorError(f"refusing to push to {repo_id}: it holds {shown} but no {FILE}, so compressor did not "
+                              "push them; push to a new repo id, or use --force to replace them.")
 
 
 def _commit_message(record: CompressionRecord | None) -> str:

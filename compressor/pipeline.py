@@ -235,9 +235,9 @@ def prune(model: str | LoadedModel, out_dir: str | Path | None, settings: PruneS
     write_folder(loaded, record, measured.stats, choice, out_dir, settings, command, written)
     pushed = None
     if settings.push_to_hub is not None:
-        from .hub import push_folder
+        from .hub import push_written
 
-        pushed = push_folder(out_dir, settings.push_to_hub, private=settings.private)
+        pushed = push_written(out_dir, settings.push_to_hub, private=settings.private)
     return PruneResult(choice.plan, record, out_dir, loaded.model, pushed)
 
 

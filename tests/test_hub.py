@@ -31,6 +31,7 @@ OID = "0123456789abcdef0123456789abcdef01234567"
 REMOTE_FILES = [  # what an earlier push left: two shards and an index that the new folder no longer has
     ".gitattributes",
     "README.md",
+    "compression.json",
     "old-00001-of-00002.safetensors",
     "old-00002-of-00002.safetensors",
     "model.safetensors.index.json",
@@ -52,6 +53,7 @@ class FakeHub(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.requests: list[dict] = []
         self.deny: int | None = None  # answer every request with this status
+        self.remote_files = list(REMOTE_FILES)  # what the repo holds
 
     def of(self, method: str, op: str) -> list[dict]:
         """Recorded requests of one kind (``op`` is a path fragment such as ``/commit/``)."""
@@ -94,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
             return 404, {"error": f"no route {method} {path}"}
         repo, op = match["repo"], match["op"]
         if method == "GET" and op == "tree":
-            return 200, [{"type": "file", "path": p, "size": 10, "oid": "1" * 40} for p in REMOTE_FILES]
+            return 200, [{"type": "file", "path": p, "size": 10, "oid": "1" * 40} for p in self.server.remote_files]
         if method == "POST" and op == "preupload":
             files = json.loads(body)["files"]
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
@@ -318,3 +320,32 @@ def test_large_folder_on_hub_1x_uses_upload_large_folder(fake_hub, folder, monke
     assert commit["path"] == f"/api/models/{REPO}/commit/v2"
     deleted = {line["value"]["path"] for line in _commit_lines(commit) if line["key"] == "deletedFile"}
     assert deleted == STALE
+
+
+@pytest.mark.parametrize("remote", [
+    [".gitattributes", "README.md", "config.json", "model.safetensors"],  # another model, e.g. the source's repo
+    [".gitattributes", "notes.md"],
+])
+def test_a_repo_compressor_did_not_push_to_needs_force(fake_hub, folder, remote):
+    """A repo holding files but no compression.json is another model: nothing is committed (no file replaced or
+    deleted) without --force; an empty repo (.gitattributes alone) takes the push."""
+    fake_hub.remote_files = remote
+    with pytest.raises(CompressorError, match="no compression.json.*--force"):
+        push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.of("POST", "/commit/") == []
+    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, force=True)
+    assert len(fake_hub.of("POST", "/commit/")) == 1
+    fake_hub.remote_files = [".gitattributes"]
+    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
+    assert len(fake_hub.of("POST", "/commit/")) == 2
+
+
+def test_a_failed_push_after_writing_says_the_folder_stays(folder, monkeypatch):
+    """prune --push-to-hub: the folder is written before the push; a push that fails says so and how to retry."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CompressorError) as info:
+        hub.push_written(folder, REPO)
+    message = str(info.value)
+    assert message.startswith(f"wrote {folder}, but the push failed: cannot push to {REPO}: HF_HUB_OFFLINE")
+    assert message.endswith(f"push it later with `compress push {folder} {REPO}`.") and message.count(". ") == 0
+    assert (folder / "compression.json").is_file()
