@@ -170,6 +170,14 @@ def test_help_imports_neither_torch_nor_transformers():
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
+def test_the_api_imports_fla_without_its_cpu_warning():
+    """fla warns on import when Triton has no GPU; importing it through compressor's API keeps that quiet (that
+    warning is an error in this process)."""
+    pytest.importorskip("fla")
+    subprocess.run([sys.executable, "-W", "error:Triton is not supported on current platform:UserWarning", "-c",
+                    "import compressor.families"], check=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_import_compressor_registers_nothing():
     script = ("import compressor, transformers\n"

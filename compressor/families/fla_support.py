@@ -6,6 +6,8 @@ installed. Without fla (or triton) the fla families are absent and ``require_fla
 
 from __future__ import annotations
 
+import warnings
+
 from ..errors import CompressorError
 
 FLA_MODEL_TYPES = tuple(
@@ -13,8 +15,10 @@ FLA_MODEL_TYPES = tuple(
 )
 
 try:  # fla's model classes register only with triton installed; the fla family modules import them
-    import fla  # noqa: F401
-    from fla.models import GatedDeltaNetConfig  # noqa: F401
+    with warnings.catch_warnings():  # fla warns on import when Triton has no GPU; CPU tensors never reach Triton
+        warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+        import fla  # noqa: F401
+        from fla.models import GatedDeltaNetConfig  # noqa: F401
 
     FLA_IMPORT_ERROR: Exception | None = None
 except ImportError as error:  # fla missing, or fla without triton (then its layers do not import)
