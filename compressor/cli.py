@@ -23,7 +23,7 @@ from . import interrupts
 from .calibration_text import check_source
 from .errors import CompressorError
 from .model_source import local_folder_of, locate_model
-from .outputs import check_output
+from .outputs import check_output, scratch_folder
 from .preflight import check_eval_inputs, check_prune_inputs, check_pruned_folder, check_teacher_location
 from .settings import (BUDGETS, DEFAULT_STATE_REDUCTION, DEVICE_MAPS, DTYPE_CHOICES, EXPORTS, KEY_METHODS, LAYOUTS,
                        PACKINGS, PRUNE_METHODS, REMOVE, SCORE_METHODS, STEP_CHOICES, CalibrationSettings, EvalSettings,
@@ -269,8 +269,6 @@ def refuse_unread_calibration_options(ctx: click.Context, settings: PruneSetting
 def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, evaluation: EvalSettings,
                    tokens: int, command: str) -> None:
     """``prune --heal``: prune into a temporary folder beside --out, heal it from MODEL into --out, push it."""
-    import tempfile
-
     from .heal import HealSettings, heal_folder
     from .pipeline import prune as run_prune
 
@@ -285,8 +283,8 @@ def prune_and_heal(model: str, out_dir: Path | None, settings: PruneSettings, ev
         raise CompressorError("--heal trains and writes the pruned model; it needs --out and no --dry-run.")
     check_output(out_dir, settings.overwrite, [local_folder_of(model)])
     push, settings.push_to_hub = settings.push_to_hub, None
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.unhealed-", dir=out_dir.resolve().parent) as folder:
-        result = run_prune(model, Path(folder) / "pruned", settings, command=command)
+    with scratch_folder(out_dir, "unhealed") as folder:
+        result = run_prune(model, folder / "pruned", settings, command=command)
         click.echo(summary(result.record, settings.asked_state_reduction))
         record = heal_folder(result.out_dir, model, out_dir, heal_settings, overwrite=settings.overwrite,
                              command=command)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Interrupted(KeyboardInterrupt):
@@ -29,6 +31,9 @@ RESEND_SECONDS = 0.05
 deferral = {"armed": False}
 """Whether the next delivery of a signal deferred by an import is pending."""
 
+holding = {"depth": 0, "pending": None}
+"""While ``depth`` > 0 (:func:`held`), a signal is noted in ``pending`` instead of raising."""
+
 
 def install() -> None:
     """Handle SIGINT and SIGTERM with :func:`interrupt`, except a signal the parent process ignores (a background
@@ -39,10 +44,14 @@ def install() -> None:
 
 
 def interrupt(signum, frame):
-    """Raise ``Interrupted``. During an import, deliver the signal again shortly instead (an import can run Python
-    code called from C++, torch's extensions, where an exception aborts the whole process, and libraries' bare
-    ``except:`` around imports can swallow it), unless a delivery is already pending: the user repeated the signal,
-    which raises at once (a way out of an import that hangs)."""
+    """Raise ``Interrupted``. Within :func:`held`, note the signal instead (it is raised when the block ends). During
+    an import, deliver the signal again shortly instead (an import can run Python code called from C++, torch's
+    extensions, where an exception aborts the whole process, and libraries' bare ``except:`` around imports can
+    swallow it), unless a delivery is already pending: the user repeated the signal, which raises at once (a way
+    out of an import that hangs)."""
+    if holding["depth"]:
+        holding["pending"] = holding["pending"] or signum
+        return
     if inside_import(frame) and not deferral["armed"]:
         deferral["armed"] = True
         timer = threading.Timer(RESEND_SECONDS, deliver_again, (signum,))
@@ -51,6 +60,25 @@ def interrupt(signum, frame):
         return
     received.append(signum)
     raise Interrupted(signum)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait: blocked in the main thread, and a delivery to another thread (the
+    kernel may choose any thread that does not block it; Python then runs the handler in the main thread) only
+    noted by :func:`interrupt`. After the block, a signal that arrived is raised as ``Interrupted``. Blocks nest."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    holding["depth"] += 1
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal blocked meanwhile is handled now: noted
+        holding["depth"] -= 1
+        if not holding["depth"] and holding["pending"] is not None:
+            signum, holding["pending"] = holding["pending"], None
+            received.append(signum)
+            raise Interrupted(signum)
 
 
 def deliver_again(signum: int) -> None:

@@ -1,8 +1,9 @@
 """Output folders that never cost a user a file.
 
-Every folder ``compressor`` writes holds a marker, ``.compressor``, listing the files it wrote. ``--overwrite``
-replaces a folder only when everything in it is listed there (or, for folders written before the marker existed,
-has a name ``compressor`` writes). An output is built in a staging folder beside ``--out`` and swapped in at the
+Every folder ``compressor`` writes holds a marker, ``.compressor``, listing the files it wrote with each one's size
+and modification time. ``--overwrite`` replaces a folder only when everything in it is listed there, as it was
+written (a file saved over one of compressor's is the user's), or, for folders written before the marker existed,
+has a name ``compressor`` writes. An output is built in a staging folder beside ``--out`` and swapped in at the
 end: the old folder is renamed aside, the new one renamed in, and only then is the old one deleted, so a failure or
 an interrupt at any moment leaves either the previous output or the new one, never a mix. Staging folders left by
 a run that was killed (its process gone) are removed by the next run into the same place.
@@ -14,7 +15,6 @@ import fnmatch
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CompressorError
+from .interrupts import held
 
 MARKER = ".compressor"
 STAGING = ".partial-"
@@ -71,25 +72,29 @@ def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path |
     foreign = foreign_entries(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        if len(foreign) == len(written_paths(out)):  # a folder compressor never wrote
+        if _read_marker(out) is None and len(foreign) == len(written_paths(out)):  # a folder compressor never wrote
             raise CompressorError(f"output folder {out_dir} holds {shown}, which compressor did not write, and "
                                   "--overwrite only replaces folders that compressor wrote; choose another --out.")
         raise CompressorError(
-            f"output folder {out_dir} holds {shown}, added after compressor wrote it, and --overwrite replaces only "
-            f"what compressor wrote; move {'it' if len(foreign) == 1 else 'them'} out or choose another --out."
+            f"output folder {out_dir} holds {shown}, added or changed after compressor wrote it, and --overwrite "
+            f"replaces only what compressor wrote; move {'it' if len(foreign) == 1 else 'them'} out or choose another "
+            "--out."
         )
     if not overwrite:
         raise CompressorError(f"output folder {out_dir} already exists; pass --overwrite to replace it.")
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """Paths (relative, every file and link at any depth) in ``folder`` that ``compressor`` did not write there
-    (all of them for a folder it never wrote)."""
+    """Paths (relative, every file and link at any depth) in ``folder`` that ``compressor`` did not write there, or
+    that changed since (another size or modification time than the marker's); all of them for a folder it never
+    wrote."""
     paths = written_paths(folder)
     marker = _read_marker(folder)
     if marker is not None:
         ours = set(marker.get("files", []))
-        return [path for path in paths if path not in ours]
+        stamps = marker.get("stamps") or {}
+        return [path for path in paths
+                if path not in ours or (path in stamps and stamps[path] != _stamp(folder / path))]
     if not {"compression.json", "stats.safetensors"} & set(paths):
         return paths
     return [path for path in paths if not _legacy(path)]
@@ -124,10 +129,19 @@ def _read_marker(folder: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _write_marker(folder: Path, kind: str, files: list[str], state: str) -> None:
+def _stamp(path: Path) -> list[int]:
+    """[size, modification time in ns] of ``path`` itself (a link's own, not its target's)."""
+    info = path.lstat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
     """``state``: ``staging`` (being written), ``done`` (an output) or ``aside`` (an output being replaced); ``pid``
-    the process that wrote this state, so that a later run knows a leftover from a live run's folder."""
+    the process that wrote this state, so that a later run knows a leftover from a live run's folder; ``stamps``
+    each file's :func:`_stamp` as written."""
     marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
+    if stamps:
+        marker["stamps"] = stamps
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
@@ -191,18 +205,19 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     removed = []
     if not out.parent.is_dir():
         return removed
-    for entry in sorted(out.parent.glob(f".{out.name}.*")):
+    entries = sorted(entry for entry in out.parent.iterdir() if entry.name.startswith(f".{out.name}."))
+    for entry in entries:
         marker = _read_marker(entry) if entry.is_dir() and not entry.is_symlink() else None
         if marker is None or marker.get("written_by") != "compressor" or _alive(int(marker.get("pid", 0))):
             continue
-        state = marker.get("state")
-        if state == "aside" and entry.name.startswith(f".{out.name}{ASIDE}") and not out.exists():
-            _write_marker(entry, marker.get("kind", "prune"), marker.get("files", []), "done")
+        aside = marker.get("state") == "aside" and entry.name.startswith(f".{out.name}{ASIDE}")
+        if aside and not out.exists():
+            _write_marker(entry, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
             entry.rename(out)  # the run died between renaming the old output aside and the new one in
-        elif (state == "staging" and entry.name.startswith(f".{out.name}{STAGING}")) or (
-                state == "aside" and entry.name.startswith(f".{out.name}{ASIDE}")):
+        elif aside or entry.name.startswith(f".{out.name}{STAGING}"):  # staging, or built but not swapped in
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+            if not entry.exists():
+                removed.append(entry)
     return removed
 
 
@@ -210,6 +225,22 @@ def clear_stale_staging(out_dir: Path) -> None:
     """:func:`remove_stale_staging`, saying on stderr what it removed."""
     for stale in remove_stale_staging(out_dir):
         print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+
+
+@contextmanager
+def scratch_folder(out_dir: Path, kind: str) -> Iterator[Path]:
+    """Yield a working folder beside ``out_dir`` (``.<out name>.partial-<kind>-<random>``, marked as staging),
+    removed when the block ends; one left by a killed run goes at the next run into ``out_dir``, as staging
+    folders do."""
+    out = out_dir.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{kind}-", dir=out.parent))
+    try:
+        _write_marker(folder, kind, [], "staging")
+        yield folder
+    finally:
+        with held():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -226,25 +257,15 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
     try:
         _write_marker(staging, kind, [], "staging")
         yield staging
-        _write_marker(staging, kind, written_paths(staging), "done")
+        files = written_paths(staging)
+        _write_marker(staging, kind, files, "done", {path: _stamp(staging / path) for path in files})
         _default_permissions(staging)
         check_output_folder(out_dir, overwrite, sources)  # nothing foreign appeared there meanwhile
         _swap_in(staging, out, kind)
     except BaseException:
-        with _signals_held():  # a second Ctrl-C must not stop the cleanup half-way
+        with held():  # a second Ctrl-C must not stop the cleanup half-way
             shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM wait (they are delivered after it)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _swap_in(staging: Path, out: Path, kind: str) -> None:
@@ -252,16 +273,16 @@ def _swap_in(staging: Path, out: Path, kind: str) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    with _signals_held():
+    with held():
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
         old = _read_marker(out) or {}
-        _write_marker(out, old.get("kind", kind), old.get("files", written_paths(out)), "aside")
+        _write_marker(out, old.get("kind", kind), old.get("files", written_paths(out)), "aside", old.get("stamps"))
         out.rename(aside)  # replaces the empty folder mkdtemp made
         try:
             staging.rename(out)
         except BaseException:
             aside.rename(out)
-            _write_marker(out, old.get("kind", kind), old.get("files", []), "done")
+            _write_marker(out, old.get("kind", kind), old.get("files", []), "done", old.get("stamps"))
             raise
         shutil.rmtree(aside, ignore_errors=True)
 

@@ -44,7 +44,10 @@ def written_by_eval(path: Path) -> bool:
 
 
 def check_json_replaceable(json_path: Path, overwrite: bool) -> None:
-    """Refuse an existing ``json_path`` unless ``overwrite`` and ``compress eval`` wrote it."""
+    """Refuse an existing ``json_path`` unless ``overwrite`` and ``compress eval`` wrote it; refuse a link (the
+    figures would replace the link, not its target)."""
+    if json_path.is_symlink():
+        raise CompressorError(f"--json {json_path} is a symbolic link; give the path of a file to write.")
     if not json_path.exists():
         return
     if not (json_path.is_file() and written_by_eval(json_path)):
@@ -58,18 +61,20 @@ def check_eval_inputs(settings: EvalSettings, json_path: str | Path | None, over
     """Check the evaluation options, and that ``json_path`` (if any) can be written: its folder exists and takes a
     file, and it is not there yet, or (with ``overwrite``) is an earlier figures file of ``compress eval``."""
     settings.check()
-    if json_path is not None and not Path(json_path).resolve().parent.is_dir():
+    if json_path is None:
+        return
+    json_path = Path(json_path).expanduser()
+    folder = json_path.resolve().parent
+    if not folder.is_dir():
         raise CompressorError(f"the folder of --json {json_path} does not exist.")
-    if json_path is not None and Path(json_path).is_dir():
+    if json_path.is_dir():
         raise CompressorError(f"--json {json_path} is a folder; give the path of a file to write.")
-    if json_path is not None:
-        check_json_replaceable(Path(json_path), overwrite)
-    if json_path is not None:
-        try:  # a folder that cannot be written fails now, not after the evaluation; nothing stays
-            with tempfile.NamedTemporaryFile(dir=Path(json_path).resolve().parent, prefix=f".{Path(json_path).name}."):
-                pass
-        except OSError as error:
-            raise CompressorError(f"cannot write --json {json_path}: {error.strerror or error}.") from None
+    check_json_replaceable(json_path, overwrite)
+    try:  # a folder that cannot be written fails now, not after the evaluation; nothing stays
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{json_path.name}."):
+            pass
+    except OSError as error:
+        raise CompressorError(f"cannot write --json {json_path}: {error.strerror or error}.") from None
 
 
 def check_pruned_folder(pruned_dir: Path) -> None:

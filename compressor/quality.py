@@ -35,6 +35,7 @@ def evaluate(
     ``sequential``) spreads the decoder layers over the visible GPUs instead of ``device``.
     """
     settings = settings or EvalSettings()
+    json_path = None if json_path is None else Path(json_path).expanduser()
     check_eval_inputs(settings, json_path, overwrite)
 
     if device_map is not None:

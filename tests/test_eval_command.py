@@ -121,3 +121,20 @@ def test_a_file_that_appears_at_json_during_the_evaluation_stays(fixture_model_p
     assert_user_error(invoke("eval", fixture_model_path, *SHORT, "--json", target), "did not write it")
     assert target.read_text() == "written meanwhile"
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]
+
+
+def test_a_json_path_that_is_a_link_is_refused_and_a_tilde_is_expanded(fixture_model_path, tmp_path, monkeypatch,
+                                                                        no_model_load):
+    """os.replace would put the figures in place of a link, not in its target: links are refused, dangling ones
+    too. ``~`` (quoted, or after ``--json=``, where the shell leaves it) is the home folder."""
+    (tmp_path / "target.json").write_text('{"written_by": "compress eval"}')
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere.json")
+    for link in ("link.json", "dangling.json"):
+        assert_user_error(invoke("eval", fixture_model_path, "--json", tmp_path / link, "--overwrite"),
+                          "symbolic link")
+        assert (tmp_path / link).is_symlink()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.json").write_text("mine")
+    assert_user_error(invoke("eval", fixture_model_path, "--json", "~/mine.json"), "mine.json",
+                      "compress eval did not write it")

@@ -285,7 +285,7 @@ def test_prune_with_heal_writes_one_healed_folder(folders, verify):
         assert "verify" not in record and "verified" not in result.stdout
     assert record["recovery"]["tokens"] == 4096 and record["recovery"]["teacher"] == str(folders["source"])
     assert record["eval"]["tokens"] == 128 and "held-out KL to the teacher" in result.stdout
-    assert not [p.name for p in folders["root"].iterdir() if ".unhealed-" in p.name], "the pruned folder was left"
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "a work folder was left"
 
 
 @pytest.mark.slow
@@ -303,7 +303,7 @@ def test_a_teacher_cached_to_disk_first_trains_the_student_and_leaves_no_cache(f
     assert recovery["cache_bytes"] >= per_window * (2 + 12 * 4)  # the held-out windows and those the steps read
     before, after = weights(folders["pruned"]), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert not [p for p in folders["root"].iterdir() if p.name.startswith(".heal-cache-")]
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "the cache was left"
 
 
 def test_cached_batches_repeat_windows_when_the_cache_holds_fewer_than_a_batch(tmp_path):

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from compressor.errors import CompressorError
-from compressor.outputs import MARKER, check_output_folder, remove_stale_staging, staging_folder
+from compressor import interrupts
+from compressor.outputs import MARKER, check_output_folder, remove_stale_staging, scratch_folder, staging_folder
 from conftest import FIXTURE, assert_user_error, invoke
 
 FAST = ["--method", "norm", "--samples", "2", "--seq-len", "128", "--no-verify"]
@@ -75,9 +76,30 @@ def test_overwrite_replaces_an_earlier_output_and_then_refuses_foreign_additions
     assert '"state_reduction": 0.2' in (out / "compression.json").read_text()
     (out / "my-notes.md").write_text("mine\n")
     refused = invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST)
-    assert_user_error(refused, "my-notes.md", "added after compressor wrote it", "move it out")
+    assert_user_error(refused, "my-notes.md", "added or changed after compressor wrote it", "move it out")
     assert (out / "my-notes.md").read_text() == "mine\n"
     assert not list(tmp_path.glob(".pruned.*")), "a staging folder was left behind"
+
+
+def test_overwrite_refuses_a_file_the_user_saved_over_one_of_compressors(tmp_path):
+    """The marker keeps each file's size and modification time: a file written again (a fine-tuned model saved
+    into the output, an edited config) is the user's, and --overwrite refuses to replace it."""
+    out = tmp_path / "pruned"
+    with staging_folder(out, overwrite=False) as staging:
+        (staging / "config.json").write_text('{"a": 1}')
+        (staging / "model.safetensors").write_bytes(b"weights")
+    with staging_folder(out, overwrite=True) as staging:  # unchanged: replaced
+        (staging / "config.json").write_text('{"a": 2}')
+    assert (out / "config.json").read_text() == '{"a": 2}'
+    (out / "config.json").write_text('{"a": 3, "mine": true}')
+    with pytest.raises(CompressorError, match="config.json, added or changed after compressor wrote it"):
+        with staging_folder(out, overwrite=True) as staging:
+            (staging / "config.json").write_text('{"a": 4}')
+    os.utime(out / "config.json", ns=(0, 0))  # the same size, another modification time: still the user's
+    with pytest.raises(CompressorError, match="config.json, added or changed"):
+        check_output_folder(out, overwrite=True)
+    assert (out / "config.json").read_text() == '{"a": 3, "mine": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
 
 def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
@@ -89,6 +111,60 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
         raise RuntimeError("disk full")
     assert (out / "report.json").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+@pytest.mark.parametrize("name", ["out", "r[1]", "a*b"])
+def test_every_leftover_of_a_killed_run_goes_at_the_next_run(tmp_path, name):
+    """A killed run can leave a staging folder still being written, one built and marked done but not yet swapped
+    in, or a scratch folder (prune --heal's unhealed model, heal's top-k cache); the next run into the same --out
+    removes them all, whatever characters the name holds, and nothing it did not write."""
+    out, dead = tmp_path / name, _dead_pid()
+    for suffix, state in ((".partial-a", "staging"), (".partial-b", "done"), (".partial-unhealed-c", "staging")):
+        (tmp_path / f".{name}{suffix}").mkdir()
+        (tmp_path / f".{name}{suffix}" / MARKER).write_text(
+            f'{{"written_by": "compressor", "state": "{state}", "pid": {dead}, "files": []}}')
+    (tmp_path / f".{name}.partial-unhealed-c" / "pruned").mkdir()
+    (tmp_path / f".{name}.partial-mine").mkdir()  # no marker: not compressor's
+    removed = remove_stale_staging(out)
+    assert sorted(p.name for p in removed) == [f".{name}.partial-a", f".{name}.partial-b", f".{name}.partial-unhealed-c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.partial-mine"]
+
+
+def test_a_scratch_folder_is_marked_as_staging_and_removed_after_its_block(tmp_path):
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(RuntimeError), scratch_folder(out, "unhealed") as folder:
+        assert folder.parent == out.parent and folder.name.startswith(".out.partial-unhealed-")
+        assert '"state": "staging"' in (folder / MARKER).read_text()
+        assert remove_stale_staging(out) == []  # a live run's scratch folder stays
+        (folder / "pruned").mkdir()
+        raise RuntimeError("heal failed")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_signals_inside_a_held_block_are_raised_after_it(monkeypatch):
+    """While an output is swapped in, a Ctrl-C handled for another thread (the kernel may give the signal to any
+    thread; Python runs its handler in the main thread) is noted, not raised, and raised when the outermost block
+    ends."""
+    monkeypatch.setattr(interrupts, "received", [])
+    steps = []
+    with pytest.raises(interrupts.Interrupted) as raised:
+        with interrupts.held():
+            with interrupts.held():
+                interrupts.interrupt(signal.SIGTERM, None)
+                steps.append("inner")
+            interrupts.interrupt(signal.SIGINT, None)  # the first signal is the one raised
+            steps.append("outer")
+    assert steps == ["inner", "outer"] and raised.value.signum == signal.SIGTERM
+    assert interrupts.holding == {"depth": 0, "pending": None}
+    with interrupts.held():
+        steps.append("quiet")
+    with pytest.raises(interrupts.Interrupted):  # outside a held block the handler raises at once
+        interrupts.interrupt(signal.SIGINT, None)
 
 
 def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):

@@ -60,7 +60,7 @@ def write_folder(model, pruned_dir: Path, staging: Path, save_dtype) -> None:
     for parameter in model.parameters():
         if parameter.is_floating_point():
             parameter.data = parameter.data.to(save_dtype)
-    with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".heal-weights-") as weights:
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".heal-weights-") as weights:  # goes with the staging
         model.save_pretrained(weights)
         for item in Path(weights).iterdir():
             if WEIGHT_FILES.match(item.name):

@@ -3,14 +3,14 @@ student, write the folder."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import scratch_folder
 from .data import calib_batches, sample_windows, split_held_out, teacher_batches, training_windows
 from .folder import write_healed
 from .inputs import check_inputs
@@ -40,7 +40,6 @@ class Material:
     teacher_quality: object
     cache: TopKCache | None = None
     held_cache: TopKCache | None = None
-    cache_root: Path | None = None
     timer: dict = dataclasses.field(default_factory=dict)
 
 
@@ -76,14 +75,12 @@ def load_material(teacher: str, settings: HealSettings, device: str) -> Material
                     quality(model, eval_tokens, progress=False))
 
 
-def cache_teacher(material: Material, settings: HealSettings, out_dir: Path) -> None:
-    """Run the teacher first: its top-k log-probabilities on every training and held-out window go to disk, then
-    the teacher is freed (``settings.teacher_top_k``, for a teacher that does not fit beside the student)."""
+def cache_teacher(material: Material, settings: HealSettings, root: Path) -> None:
+    """Run the teacher first: its top-k log-probabilities on every training and held-out window go to disk under
+    ``root``, then the teacher is freed (``settings.teacher_top_k``, for a teacher that does not fit beside the
+    student)."""
     import torch
 
-    root = Path(settings.cache_dir) if settings.cache_dir else Path(
-        tempfile.mkdtemp(prefix=".heal-cache-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    material.cache_root = root
     material.cache = TopKCache(root / "train", settings.teacher_top_k)
     material.held_cache = TopKCache(root / "held_out", settings.teacher_top_k)
     for folder in (root / "train", root / "held_out"):
@@ -209,13 +206,12 @@ def heal_folder(pruned_dir: str | Path, teacher: str, out_dir: str | Path, setti
     device = str(resolve_device(settings.device))
     torch.manual_seed(settings.seed)
     material = load_material(teacher, settings, device)
-    try:
+    with contextlib.ExitStack() as stack:  # a temporary cache goes when training ends (or fails)
         if settings.teacher_top_k is not None:
-            cache_teacher(material, settings, out_dir)
+            root = (Path(settings.cache_dir).expanduser() if settings.cache_dir
+                    else stack.enter_context(scratch_folder(out_dir, "heal-cache")))
+            cache_teacher(material, settings, root)
         outcome = train_student(pruned_dir, material, settings, device, progress)
-    finally:
-        if material.cache_root is not None and settings.cache_dir is None:
-            shutil.rmtree(material.cache_root, ignore_errors=True)
     recovery = recovery_entry(teacher, record, settings, material, outcome, device)
     if record.recovery is not None:
         recovery["previous"] = record.recovery
