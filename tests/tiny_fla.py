@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tiny_models import spread_constant_vectors
 from transformers import AutoModelForCausalLM
 
 import compressor
@@ -78,7 +79,7 @@ def tiny_fla_model(name: str, seed: int = 0, **fields) -> torch.nn.Module:
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.1)
-    return model
+    return spread_constant_vectors(model)
 
 
 def save_with_tokenizer(name: str, folder: Path) -> Path:

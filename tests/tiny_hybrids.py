@@ -19,7 +19,7 @@ from textwrap import dedent
 import torch
 from click.testing import CliRunner
 from fresh_process import FLA_BLOCKER, STOCK_DISPATCH, reloaded_logits
-from tiny_models import COMMON, in_float64, masked_copy
+from tiny_models import COMMON, in_float64, masked_copy, spread_constant_vectors
 from transformers import AutoConfig, AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig
 
 import compressor
@@ -87,7 +87,7 @@ def tiny_hybrid(name: str, seed: int = 0, **fields) -> torch.nn.Module:
         for name, parameter in model.named_parameters():
             if parameter.dim() >= 2 and not name.endswith("A_log"):  # Kimi's A_log is [1, 1, H, 1]: keep its spread
                 parameter.normal_(0.0, 0.05)
-    return model
+    return spread_constant_vectors(model)
 
 
 def input_ids(seed: int = 0, length: int = 150) -> torch.Tensor:

@@ -60,6 +60,17 @@ CONFIGS = {
 }
 
 
+def spread_constant_vectors(model: torch.nn.Module) -> torch.nn.Module:
+    """Add N(0, 0.1) noise to every bias, ``dt_bias`` and ``A_log`` whose entries the initialisation left all equal
+    (zero biases, Qwen's ``dt_bias`` of ones): a per-head vector taken from the wrong heads or channels must
+    change the logits, or no test would see it."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("bias", "A_log")) and parameter.numel() > 1 and parameter.std() == 0:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
 def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
     """A float32 model in eval mode whose decays and gates are spread enough to make every head matter
     (``vocab_size``: instead of 96, e.g. the fixture tokenizer's 8,192 for a model saved with it)."""
@@ -74,7 +85,7 @@ def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None) -> torch
         for parameter in model.parameters():  # stronger weights than the tiny init, so differences show
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.1)
-    return model
+    return spread_constant_vectors(model)
 
 
 # Linear layers 0, 2, 3; 6 value heads over 3 key heads (value head j reads key head j // 2).
