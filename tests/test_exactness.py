@@ -52,6 +52,21 @@ def test_removal_is_exact_in_float64(config_name):
         assert (model(ids).logits - masked).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("config_name", ["qwen3_5", "qwen3_next_dense"])
+def test_groups_of_three_value_heads_kept_unevenly_keep_their_head_map(config_name):
+    """With 3 value heads per key head, keeping 1 and 3 of them (4 heads over 2 key heads: a count that divides
+    evenly) still needs the explicit map [0, 1, 1, 1]; the stock grouping of 4 heads would be [0, 0, 1, 1]."""
+    model = tiny_model(config_name, linear_num_key_heads=2)
+    kept = {0: [0, 3, 4, 5], 2: [0, 1, 2, 3, 4, 5], 3: [1, 2, 3, 4]}  # layer 3: [0, 0, 1, 1], the stock grouping
+    ids = input_ids(4)
+    with torch.no_grad():
+        masked = masked_copy(model, kept)(ids).logits
+        slim(model, family_for(model.config), PruningPlan(kept=kept))
+        assert (model(ids).logits - masked).abs().max().item() <= TOLERANCE
+    assert model.config.per_layer_config[0].linear_value_to_key_head == [0, 1, 1, 1]
+    assert getattr(model.config.per_layer_config[3], "linear_value_to_key_head", None) in (None, [0, 0, 1, 1])
+
+
 def test_config_is_stock_only_for_even_uniform_plans():
     uneven, even = tiny_model("qwen3_next_moe"), tiny_model("qwen3_next_moe")
     slim(uneven, family_for(uneven.config), PruningPlan(kept=PLANS["uneven"]))

@@ -103,6 +103,20 @@ def test_the_sliced_layers_keep_the_source_query_scale():
         assert (model(ids).logits - masked).abs().max().item() > 1e-2
 
 
+def test_channels_with_a_stock_shaped_head_plan_keep_a_per_layer_config():
+    """An even uniform head plan alone writes a stock config; with query/key channels removed too, a stock reader
+    would scale queries by the new d_k, so the config stays per-layer and carries the source's query scale."""
+    model = tiny_models.tiny_model("qwen3_5")
+    kept = tiny_models.PLANS["even-uniform"]
+    channels = random_channels(model, 4)
+    slim(model, family_for(model.config), PruningPlan(kept=kept, channels=channels))
+    config = model.config
+    assert config.is_heterogeneous and config.architectures != ["Qwen3_5ForCausalLM"]
+    for index in kept:
+        assert config.per_layer_config[index].linear_key_head_dim == 4
+        assert config.per_layer_config[index].linear_query_scale == 8**-0.5
+
+
 def test_cached_generation_after_channel_removal():
     model, masked, _, ids = sliced_with_channels("qwen3_next_moe")
     settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)

@@ -71,14 +71,17 @@ def spread_constant_vectors(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None, **fields) -> torch.nn.Module:
     """A float32 model in eval mode whose decays and gates are spread enough to make every head matter
-    (``vocab_size``: instead of 96, e.g. the fixture tokenizer's 8,192 for a model saved with it)."""
+    (``vocab_size``: instead of 96, e.g. the fixture tokenizer's 8,192 for a model saved with it; ``fields``: other
+    config fields to override)."""
     from transformers import AutoModelForCausalLM
 
     config = CONFIGS[name]()
     if vocab_size is not None:
         config.vocab_size = vocab_size
+    for field, value in fields.items():
+        setattr(config, field, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
