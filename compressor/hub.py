@@ -117,15 +117,10 @@ def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
 
 def _check_remote(api: HfApi, repo_id: str, revision: str | None, force: bool) -> None:
     """Refuse, unless ``force``, a repo whose files compressor did not push: it holds more than ``.gitattributes``
-    and no ``compression.json`` (a branch that does not exist yet holds nothing)."""
+    and no ``compression.json``. (A branch the Hub does not know fails here as the upload would.)"""
     if force:
         return
-    try:
-        files = api.list_repo_files(repo_id, revision=revision)
-    except HfHubHTTPError as err:
-        if err.response is not None and err.response.status_code == 404:
-            return
-        raise
+    files = api.list_repo_files(repo_id, revision=revision)
     foreign = [path for path in files if path != ".gitattributes"]
     if foreign and FILE not in files:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

@@ -228,13 +228,14 @@ def clear_stale_staging(out_dir: Path) -> None:
 
 
 @contextmanager
-def scratch_folder(out_dir: Path, kind: str) -> Iterator[Path]:
-    """Yield a working folder beside ``out_dir`` (``.<out name>.partial-<kind>-<random>``, marked as staging),
-    removed when the block ends; one left by a killed run goes at the next run into ``out_dir``, as staging
-    folders do."""
+def scratch_folder(out_dir: Path, kind: str, tag: str | None = None) -> Iterator[Path]:
+    """Yield a working folder beside ``out_dir`` (``.<out name>.partial-<tag><random>``, ``tag`` ``<kind>-`` unless
+    given, marked as staging), removed when the block ends unless renamed away; one left by a killed run goes at the
+    next run into ``out_dir``, as staging folders do."""
     out = out_dir.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{kind}-", dir=out.parent))
+    tag = f"{kind}-" if tag is None else tag
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{tag}", dir=out.parent))
     try:
         _write_marker(folder, kind, [], "staging")
         yield folder
@@ -251,21 +252,13 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
     sources = list(sources)
     clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, sources)
-    out = out_dir.expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}", dir=out.parent))
-    try:
-        _write_marker(staging, kind, [], "staging")
+    with scratch_folder(out_dir, kind, tag="") as staging:  # removed on failure, signals held
         yield staging
         files = written_paths(staging)
         _write_marker(staging, kind, files, "done", {path: _stamp(staging / path) for path in files})
         _default_permissions(staging)
         check_output_folder(out_dir, overwrite, sources)  # nothing foreign appeared there meanwhile
-        _swap_in(staging, out, kind)
-    except BaseException:
-        with held():  # a second Ctrl-C must not stop the cleanup half-way
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _swap_in(staging, out_dir.expanduser().resolve(), kind)
 
 
 def _swap_in(staging: Path, out: Path, kind: str) -> None:

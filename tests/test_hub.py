@@ -54,6 +54,7 @@ class FakeHub(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.deny: int | None = None  # answer every request with this status
         self.remote_files = list(REMOTE_FILES)  # what the repo holds
+        self.missing_branches: set[str] = set()  # branches whose file listing is answered 404
 
     def of(self, method: str, op: str) -> list[dict]:
         """Recorded requests of one kind (``op`` is a path fragment such as ``/commit/``)."""
@@ -95,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
         if match is None:
             return 404, {"error": f"no route {method} {path}"}
         repo, op = match["repo"], match["op"]
+        if method == "GET" and op == "tree" and (match["rest"] or "").split("/")[0] in self.server.missing_branches:
+            return 404, {"error": "Invalid rev id"}
         if method == "GET" and op == "tree":
             return 200, [{"type": "file", "path": p, "size": 10, "oid": "1" * 40} for p in self.server.remote_files]
         if method == "POST" and op == "preupload":
@@ -338,6 +341,18 @@ def test_a_repo_compressor_did_not_push_to_needs_force(fake_hub, folder, remote)
     fake_hub.remote_files = [".gitattributes"]
     push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
     assert len(fake_hub.of("POST", "/commit/")) == 2
+
+
+def test_a_branch_the_hub_does_not_know_is_one_sentence(fake_hub, folder):
+    """The remote check lists the files of --revision: a branch the Hub does not know gets the Hub's answer in one
+    sentence, and nothing is committed; the check reads that branch, not main (which holds another model)."""
+    fake_hub.remote_files = [".gitattributes", "model.safetensors"]  # another model on main
+    fake_hub.missing_branches = {"fresh"}
+    with pytest.raises(CompressorError, match=r"^The Hub refused the push to alice/pruned \(HTTP 404\)"):
+        push_folder(folder, REPO, revision="fresh", token=TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.of("POST", "/commit/") == []
+    with pytest.raises(CompressorError, match="no compression.json"):
+        push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
 
 
 def test_a_failed_push_after_writing_says_the_folder_stays(folder, monkeypatch):
