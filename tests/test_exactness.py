@@ -7,6 +7,7 @@ from textwrap import dedent
 import pytest
 import torch
 from fresh_process import FLA_BLOCKER, STOCK_DISPATCH, reloaded_logits
+from tiny_hybrids import check_matches_stock
 from tiny_models import CONFIGS, PLANS, check_cached_generation, in_float64, masked_copy, tiny_model
 
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
@@ -41,10 +42,18 @@ def test_removing_heads_equals_masking_them(config_name, plan_name):
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
-def test_removal_is_exact_in_float64(config_name):
-    """In float64 every head's arithmetic is identical: pruning and masking agree to rounding of 1e-12."""
+def test_unpruned_model_matches_the_stock_class(config_name):
+    check_matches_stock(tiny_model(config_name), input_ids(2))
+    check_matches_stock(in_float64(tiny_model(config_name)), input_ids(2))  # the shipped norm's float64 form
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_removal_is_exact_in_float64(config_name, plan_name):
+    """In float64 (the recurrences too) every head's arithmetic is identical: pruning and masking agree to rounding
+    of 1e-12, whatever the plan, where float32 batches of one head and of six round differently."""
     model = in_float64(tiny_model(config_name))
-    kept = PLANS["uneven"]
+    kept = PLANS[plan_name]
     ids = input_ids(1)
     with torch.no_grad():
         masked = masked_copy(model, kept)(ids).logits

@@ -18,6 +18,7 @@ from tiny_fla import (
     plans_for,
     tiny_fla_model,
 )
+from tiny_hybrids import check_exact_in_float64
 from tiny_models import check_cached_generation
 
 from compressor.errors import CompressorError
@@ -35,6 +36,12 @@ FAMILY_EXAMPLES = ["gated_deltanet_gva", "delta_net", "gla", "kda_gva"]
 @pytest.mark.parametrize("config_name", NAMES)
 def test_removing_heads_equals_masking_them(config_name, plan_name):
     check_removal_equals_masking(config_name, plan_name)
+
+
+@pytest.mark.parametrize("plan_name", ["uneven", "single-and-odd", "even-uniform"])
+@pytest.mark.parametrize("config_name", NAMES)
+def test_removal_is_exact_in_float64(config_name, plan_name):
+    check_exact_in_float64(tiny_fla_model(config_name), plans_for(config_name)[plan_name], input_ids(1))
 
 
 @pytest.mark.parametrize("config_name", NAMES)

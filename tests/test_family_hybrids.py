@@ -43,9 +43,10 @@ def test_removing_heads_equals_masking_them(name, plan_name):
     check_removal_equals_masking(tiny_hybrid(name), PLANS[plan_name])
 
 
+@pytest.mark.parametrize("plan_name", PLANS)
 @pytest.mark.parametrize("name", MODEL_TYPES)
-def test_removal_is_exact_in_float64(name):
-    check_exact_in_float64(tiny_hybrid(name), PLANS["uneven"])
+def test_removal_is_exact_in_float64(name, plan_name):
+    check_exact_in_float64(tiny_hybrid(name), PLANS[plan_name])
 
 
 @pytest.mark.parametrize("name", MODEL_TYPES)

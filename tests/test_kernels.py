@@ -70,6 +70,38 @@ def test_chunked_and_recurrent_outputs_agree_with_an_initial_state(inputs):
     assert (final_chunk - final_step).abs().max() < 1e-5
 
 
+def float64_forms(name: str):
+    """(chunked form, token-by-token form, float64 inputs in the order both take) of one recurrence module."""
+    from compressor.modeling import delta_rule, gla, kda
+
+    generator = torch.Generator().manual_seed(4)
+    q, k, gates = (torch.randn(2, 150, 3, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+    q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))  # unit keys: the delta rules stay bounded
+    v = torch.randn(2, 150, 3, 8, generator=generator, dtype=torch.float64)
+    decay, beta = -0.3 * torch.rand(2, 150, 3, generator=generator, dtype=torch.float64), torch.rand_like(v[..., 0])
+    per_channel = -0.3 * gates.sigmoid()
+    return {
+        "gated_delta": (chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch, (q, k, v, decay, beta)),
+        "delta_rule": (delta_rule.chunk_delta_rule_torch, delta_rule.recurrent_delta_rule_torch, (q, k, v, beta)),
+        "gla": (gla.chunk_gla_torch, gla.recurrent_gla_torch, (q, k, v, per_channel)),
+        "kda": (kda.chunk_kda_torch, kda.naive_recurrent_kda, (q, k, v, per_channel, beta)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["gated_delta", "delta_rule", "gla", "kda"])
+def test_float64_inputs_are_computed_in_float64(name):
+    """The PyTorch forms keep float64 inputs in float64: the chunked and token-by-token forms, which order their
+    sums differently, agree to 1e-12 (in float32 they differ by about 1e-7), and the states stay float64."""
+    chunked, token_by_token, args = float64_forms(name)
+    initial = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    options = dict(initial_state=initial, output_final_state=True)
+    out_chunk, final_chunk = chunked(*args, **options)[:2]
+    out_step, final_step = token_by_token(*args, **options)
+    assert out_chunk.dtype == final_chunk.dtype == final_step.dtype == torch.float64
+    assert (out_chunk - out_step).abs().max() < 1e-12
+    assert (final_chunk - final_step).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("length", [1, 150])
 def test_heads_packed_as_sequences_give_the_same_outputs_and_states(inputs, length):
     """What the CUDA path does around fla's kernels (every head a sequence of its own, packed back to back), checked

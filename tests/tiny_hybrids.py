@@ -126,12 +126,14 @@ def stock_torch_functions(module):
             setattr(module, name, function)
 
 
-def check_matches_stock(model: torch.nn.Module) -> None:
-    """The shipped class, unpruned, gives the stock transformers class's logits (on its PyTorch path)."""
+def check_matches_stock(model: torch.nn.Module, ids: torch.Tensor | None = None) -> None:
+    """The shipped class, unpruned, gives the stock transformers class's logits (on its PyTorch path) for ``ids``
+    (default: ``input_ids(4)``): a slip in the shipped forward that removal and masking share (a wrong gate, norm or
+    scale) shows here."""
     stock_class = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers."))
-    stock = stock_class(model.config).eval()
+    stock = stock_class(model.config).to(model.dtype).eval()
     stock.load_state_dict(model.state_dict())
-    ids = input_ids(4)
+    ids = input_ids(4) if ids is None else ids
     with torch.no_grad(), stock_torch_functions(sys.modules[stock_class.__module__]):
         assert (model(ids).logits - stock(ids).logits).abs().max().item() <= TOLERANCE
 
@@ -155,10 +157,10 @@ def check_calibration_states(model: torch.nn.Module) -> None:
     assert ranks.shape[0] == 2 and (ranks > 0).all() and (ranks <= 8).all()  # d_k = 8 in every tiny family
 
 
-def check_exact_in_float64(model: torch.nn.Module, kept: dict[int, list[int]]) -> None:
-    """In float64 the pruned and masked models agree to rounding (1e-10)."""
+def check_exact_in_float64(model: torch.nn.Module, kept: dict[int, list[int]], ids: torch.Tensor | None = None) -> None:
+    """In float64 the pruned and masked models agree to rounding (1e-10) on ``ids`` (default: ``input_ids(1)``)."""
     model = in_float64(model)
-    ids = input_ids(1)
+    ids = input_ids(1) if ids is None else ids
     with torch.no_grad():
         masked = masked_copy(model, kept)(ids).logits
         slim(model, family_for(model.config), PruningPlan(kept=kept))

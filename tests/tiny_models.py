@@ -61,12 +61,12 @@ CONFIGS = {
 
 
 def spread_constant_vectors(model: torch.nn.Module) -> torch.nn.Module:
-    """Add N(0, 0.1) noise to every bias, ``dt_bias`` and ``A_log`` whose entries the initialisation left all equal
-    (zero biases, Qwen's ``dt_bias`` of ones): a per-head vector taken from the wrong heads or channels must
-    change the logits, or no test would see it."""
+    """Add N(0, 0.1) noise to every vector parameter whose entries the initialisation left all equal (zero biases,
+    Qwen's ``dt_bias`` of ones, norm weights): a per-head vector taken from the wrong heads or channels, or a weight
+    the shipped forward forgets, must change the logits, or no test would see it."""
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("bias", "A_log")) and parameter.numel() > 1 and parameter.std() == 0:
+        for parameter in model.parameters():
+            if parameter.dim() == 1 and parameter.numel() > 1 and parameter.std() == 0:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return model
 

@@ -3,6 +3,7 @@
 Shipped inside output folders of fla DeltaNet models (imports only torch and, optionally, fla). The delta rule is
 the gated delta rule without decay: S_t = S_{t-1} + k_t (beta_t (v_t - S_{t-1}^T k_t))^T, o_t = S_t^T q_t · scale,
 so the PyTorch forms are those of ``gated_delta.py`` with log-decay g = 0 (exp(0) = 1 exactly).
+The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes: q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; states [B, H, K, V].
 """
@@ -40,8 +41,9 @@ def chunk_delta_rule_torch(
     chunk_size: int = 64,
     return_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked delta rule in float32. Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or
-    None, chunk states [B, H, N, K, V] float32 or None)``, N = ceil(T / chunk_size), the last after token T."""
+    """Chunked delta rule in working precision. Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] or
+    None, chunk states [B, H, N, K, V] or None)``, states in working precision, N = ceil(T / chunk_size), the last
+    after token T."""
     return chunk_gated_delta_rule_torch(
         q, k, v, _no_decay(beta), beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
@@ -59,8 +61,8 @@ def recurrent_delta_rule_torch(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token delta rule in float32 (the naive reference, and the decode step).
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``."""
+    """Token-by-token delta rule in working precision (the naive reference, and the decode step).
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None)``."""
     return recurrent_gated_delta_rule_torch(
         q, k, v, _no_decay(beta), beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

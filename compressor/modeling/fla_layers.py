@@ -24,13 +24,18 @@ from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, inst
 from .stock_dispatch import HubKernelsOffByDefault
 
 
+def working(x: torch.Tensor) -> torch.Tensor:
+    """x in the CPU paths' working precision: float32, or float64 for float64 x."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMS normalisation of the last dimension in float32; returns float32 [..., D]."""
-    x = x.float()
+    """RMS normalisation of the last dimension in working precision; returns [..., D] in it."""
+    x = working(x)
     out = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        out = out * weight.float()
-    return out if bias is None else out + bias.float()
+        out = out * weight.to(x.dtype)
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 class TorchRoutedRMSNorm(RMSNorm):
@@ -39,7 +44,7 @@ class TorchRoutedRMSNorm(RMSNorm):
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
         if x.is_cuda:
             return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
-        summed = x.float() if residual is None else x.float() + residual.float()
+        summed = working(x) if residual is None else working(x) + working(residual)
         out = rms_norm(summed, self.weight, self.bias, self.eps).to(x.dtype)
         if not prenorm:
             return out
@@ -54,7 +59,7 @@ class TorchRoutedFusedRMSNormGated(FusedRMSNormGated):
             return super().forward(x, g, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         if residual is not None or prenorm:
             raise NotImplementedError("the CPU path of FusedRMSNormGated takes no residual")
-        gate = g.float()
+        gate = working(g)
         gate = gate.sigmoid() if self.activation == "sigmoid" else F.silu(gate)
         return (rms_norm(x, self.weight, self.bias, self.eps) * gate).to(x.dtype)
 
@@ -77,7 +82,7 @@ def short_convolution(
     activation: str | None,
     cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution in float32 after the cached inputs.
+    """Depthwise causal convolution in working precision after the cached inputs.
 
     x [B, T, D], weight [D, W], cache [B, D, W] (the last W inputs, fla's layout) or None (zeros).
     Returns (y [B, T, D] in x's dtype, new cache [B, D, W] in x's dtype).
@@ -86,7 +91,9 @@ def short_convolution(
     width = weight.shape[-1]
     past = x.new_zeros(batch, channels, width - 1) if cache is None else cache[..., 1:].to(x.dtype)
     window = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, D, W - 1 + T]
-    y = F.conv1d(window.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=channels)
+    widened = working(window)
+    y = F.conv1d(widened, weight.to(widened.dtype).unsqueeze(1), None if bias is None else bias.to(widened.dtype),
+                 groups=channels)
     if activation is not None:
         y = F.silu(y)
     return y.transpose(1, 2).to(x.dtype), window[..., -width:].contiguous()

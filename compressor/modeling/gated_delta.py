@@ -3,6 +3,7 @@
 Shipped inside every output folder (imports only torch and, optionally, fla). All functions take heads that are
 already aligned: queries and keys have one head per value head (grouped heads are expanded by the caller), so
 one signature serves every head layout.
+The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay), beta [B, T, H]; states [B, H, K, V].
 """
@@ -42,15 +43,16 @@ def chunk_gated_delta_rule_torch(
     chunk_size: int = 64,
     return_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked gated delta rule in float32 (WY representation, one sequential step per chunk).
+    """Chunked gated delta rule in working precision (WY representation, one sequential step per chunk).
 
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
-    chunk states [B, H, N, K, V] float32 or None)``: the state after each chunk of ``chunk_size`` tokens,
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None,
+    chunk states [B, H, N, K, V] in working precision or None)``: the state after each chunk of ``chunk_size`` tokens,
     the last one after token T (N = ceil(T / chunk_size)).
     """
     out_dtype = v.dtype
     batch, length, heads, key_dim = q.shape
-    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    working = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, beta, g = (x.transpose(1, 2).to(working) for x in (q, k, v, beta, g))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q = q * (key_dim**-0.5 if scale is None else scale)
@@ -74,7 +76,7 @@ def chunk_gated_delta_rule_torch(
     k_decayed = k * (g[..., -1:] - g).exp()[..., None]
     chunk_decay = g[..., -1].exp()[..., None, None]
 
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     states = []
     for i in range(chunks):
@@ -99,19 +101,20 @@ def recurrent_gated_delta_rule_torch(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token gated delta rule in float32: the naive reference, and the decode step.
+    """Token-by-token gated delta rule in working precision: the naive reference, and the decode step.
 
     S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - k_t^T exp(g_t) S_{t-1}))^T,  o_t = S_t^T q_t.
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``.
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None)``.
     """
     out_dtype = v.dtype
     key_dim = q.shape[-1]
-    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    working = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, beta, g = (x.transpose(1, 2).to(working) for x in (q, k, v, beta, g))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q = q * (key_dim**-0.5 if scale is None else scale)
     batch, heads, length, _ = q.shape
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     for t in range(length):
         state = state * g[:, :, t].exp()[..., None, None]

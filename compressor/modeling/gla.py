@@ -2,6 +2,7 @@
 
 Shipped inside output folders of fla GLA models (imports only torch and, optionally, fla).
 S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = S_t^T q_t · scale  (gk_t <= 0: a log decay per key channel).
+The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes: q, k, gk [B, T, H, K]; v [B, T, H, V]; states [B, H, K, V].
 """
@@ -33,15 +34,16 @@ def chunk_gla_torch(
     chunk_size: int = 64,
     return_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked GLA in float32, one sequential step per chunk; within a chunk every decay factor is
+    """Chunked GLA in working precision, one sequential step per chunk; within a chunk every decay factor is
     exp(G_i - G_j) with j <= i (G the in-chunk cumulative log decay), so nothing overflows.
 
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
-    chunk states [B, H, N, K, V] float32 or None)``, N = ceil(T / chunk_size), the last after token T.
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None,
+    chunk states [B, H, N, K, V] in working precision or None)``, N = ceil(T / chunk_size), the last after token T.
     """
     out_dtype = v.dtype
     batch, length, heads, key_dim = q.shape
-    q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
+    working = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, gk = (x.transpose(1, 2).to(working) for x in (q, k, v, gk))
     q = q * (key_dim**-0.5 if scale is None else scale)
     pad = (-length) % chunk_size  # padded tokens: k = v = 0 and no decay, so the state passes through unchanged
     q, k, v, gk = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, gk))
@@ -50,7 +52,7 @@ def chunk_gla_torch(
     cumulative = gk.cumsum(-2)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
 
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     states = []
     for i in range(chunks):
@@ -76,14 +78,15 @@ def recurrent_gla_torch(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token GLA in float32 (the naive reference, and the decode step).
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``."""
+    """Token-by-token GLA in working precision (the naive reference, and the decode step).
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None)``."""
     out_dtype = v.dtype
     key_dim = q.shape[-1]
-    q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
+    working = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, gk = (x.transpose(1, 2).to(working) for x in (q, k, v, gk))
     q = q * (key_dim**-0.5 if scale is None else scale)
     batch, heads, length, _ = q.shape
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     for t in range(length):
         state = state * gk[:, :, t].exp()[..., None] + k[:, :, t, :, None] * v[:, :, t, None, :]

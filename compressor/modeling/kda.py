@@ -4,6 +4,7 @@ Shipped inside output folders of KDA models (imports only torch and, optionally,
 rule with one decay per key channel instead of one per head:
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t (beta_t (v_t - k_t^T diag(exp(g_t)) S_{t-1}))^T,   o_t = S_t^T q_t.
+The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes (fla's): q, k [B, T, H, K]; v [B, T, H, V]; g (log decay per key channel) [B, T, H, K]; beta [B, T, H];
 states [B, H, K, V].
@@ -29,8 +30,9 @@ from .packed_heads import heads_as_batch, heads_as_sequences, normalised
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
-    """Float32 copies in [B, H, T, ·] layout, q/k normalised and q scaled."""
-    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))
+    """Copies in working precision, [B, H, T, ·] layout, q/k normalised and q scaled."""
+    working = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, g, beta = (x.transpose(1, 2).to(working) for x in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     return q * (q.shape[-1] ** -0.5 if scale is None else scale), k, v, g, beta
@@ -49,12 +51,12 @@ def chunk_kda_torch(
     chunk_size: int = 64,
     return_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked KDA in float32 (WY representation, one sequential step per chunk).
+    """Chunked KDA in working precision (WY representation, one sequential step per chunk).
 
     Within a chunk with cumulative log decays G_t, the per-channel decay between tokens s <= t is
     exp(G_t - G_s) <= 1, formed per chunk as a [C, C, K] tensor (never exp(-G), which overflows).
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None,
-    chunk states [B, H, N, K, V] float32 or None)``: the state after each chunk of ``chunk_size`` tokens,
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None,
+    chunk states [B, H, N, K, V] in working precision or None)``: the state after each chunk of ``chunk_size`` tokens,
     the last one after token T (N = ceil(T / chunk_size)).
     """
     out_dtype = v.dtype
@@ -70,7 +72,7 @@ def chunk_kda_torch(
     g = g.cumsum(-2)
 
     later = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)[..., None]  # s > t
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     states = []
     for i in range(chunks):
@@ -102,14 +104,14 @@ def naive_recurrent_kda(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token KDA in float32: the reference for the chunked form, and the decode step.
+    """Token-by-token KDA in working precision: the reference for the chunked form, and the decode step.
 
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``.
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] in working precision or None)``.
     """
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
     batch, heads, length, key_dim = q.shape
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     out = torch.empty_like(v)
     for t in range(length):
         state = state * g[:, :, t, :, None].exp()
