@@ -366,15 +366,17 @@ def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login]; never printed.")
 @click.option("--endpoint", default=None, help="Hub endpoint [default: huggingface.co].")
-@click.option("--force", is_flag=True, help="Push a folder that did not come from prune or failed verification, "
-              "or into a repo that holds another model.")
+@click.option("--unverified", is_flag=True, help="Push a folder that prune did not write, or whose reload check "
+              "failed or never ran.")
+@click.option("--replace", is_flag=True, help="Push into a repo that holds files compressor did not push (another "
+              "model): they are replaced, and its safetensors shards deleted.")
 @user_errors
-def push(folder, repo_id, private, revision, create_pr, token, endpoint, force):
+def push(folder, repo_id, private, revision, create_pr, token, endpoint, unverified, replace):
     """Upload a pruned FOLDER to the Hugging Face Hub as REPO_ID."""
     from .hub import push_folder
 
     url = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr, token=token,
-                      endpoint=endpoint, force=force)
+                      endpoint=endpoint, unverified=unverified, replace=replace)
     click.echo(f"pushed: {url}")
 
 

@@ -35,7 +35,8 @@ def push_folder(
     create_pr: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
-    force: bool = False,
+    unverified: bool = False,
+    replace: bool = False,
     commit_message: str | None = None,
 ) -> str:
     """Upload ``folder`` to the model repo ``repo_id`` (created if missing) and return the commit URL.
@@ -43,15 +44,15 @@ def push_folder(
     The upload is one commit that also deletes remote ``*.safetensors`` shards and indexes the folder no
     longer has. With ``create_pr`` the commit goes to a new pull request and its URL is returned instead.
     ``private`` only applies when the repo is created; without it the owner's default visibility applies.
-    Refused unless ``force``: a folder without ``compression.json`` or whose reload check did not pass, and a repo
-    (at ``revision``) that holds files but no ``compression.json``, another model whose files the push would
-    replace or delete.
+    Refused: a folder without ``compression.json`` or whose reload check did not pass (unless ``unverified``), and
+    a repo (at ``revision``) that holds files but no ``compression.json``, another model whose files the push would
+    replace or delete (unless ``replace``).
 
     With huggingface_hub 1.x a folder over 50 GB goes through ``upload_large_folder`` (resumable, several
     commits), which cannot open a pull request; huggingface_hub 2.x streams large folders in ``upload_folder``.
     """
     folder = Path(folder)
-    record = _checked_record(folder, force)
+    record = _checked_record(folder, unverified)
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -60,7 +61,7 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
-        _check_remote(api, repo_id, revision, force)
+        _check_remote(api, repo_id, revision, replace)
         if hasattr(api, "upload_large_folder") and _size(folder) > LARGE_FOLDER_BYTES:
             return _upload_large(api, folder, repo_id, revision=revision, create_pr=create_pr, message=message)
         info = api.upload_folder(
@@ -96,8 +97,9 @@ def push_written(folder: Path, repo_id: str, private: bool = False) -> str:
                               f"`compress push {folder} {repo_id}`.") from error
 
 
-def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
-    """The folder's compression.json record; refuse folders that did not come from a verified prune."""
+def _checked_record(folder: Path, unverified: bool) -> CompressionRecord | None:
+    """The folder's compression.json record; refuse folders that did not come from a verified prune, unless
+    ``unverified``."""
     if not folder.is_dir():
         raise CompressorError(f"cannot push {folder}: it is not a folder.")
     record, problem = None, None
@@ -110,22 +112,22 @@ def _checked_record(folder: Path, force: bool) -> CompressionRecord | None:
             problem = f"its {FILE} is not a compression record ({str(error).rstrip('.')})"
     if problem is None and not (record.verify is not None and record.verify.passed):
         problem = f"its reload check did not pass or never ran (verify.passed in {FILE})"
-    if problem is not None and not force:
-        raise CompressorError(f"refusing to push {folder}: {problem}; use --force to push it anyway.")
+    if problem is not None and not unverified:
+        raise CompressorError(f"refusing to push {folder}: {problem}; use --unverified to push it anyway.")
     return record
 
 
-def _check_remote(api: HfApi, repo_id: str, revision: str | None, force: bool) -> None:
-    """Refuse, unless ``force``, a repo whose files compressor did not push: it holds more than ``.gitattributes``
+def _check_remote(api: HfApi, repo_id: str, revision: str | None, replace: bool) -> None:
+    """Refuse, unless ``replace``, a repo whose files compressor did not push: it holds more than ``.gitattributes``
     and no ``compression.json``. (A branch the Hub does not know fails here as the upload would.)"""
-    if force:
+    if replace:
         return
     files = api.list_repo_files(repo_id, revision=revision)
     foreign = [path for path in files if path != ".gitattributes"]
     if foreign and FILE not in files:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CompressorError(f"refusing to push to {repo_id}: it holds {shown} but no {FILE}, so compressor did not "
-                              "push them; push to a new repo id, or use --force to replace them.")
+                              "push them; push to a new repo id, or use --replace to replace them.")
 
 
 def _commit_message(record: CompressionRecord | None) -> str:

@@ -492,7 +492,7 @@ def test_push_to_hub_without_the_reload_check_is_refused_before_anything_runs(fi
                                                                              no_model_load, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("prune", fixture_model_path, "--out", "out", "--no-verify", "--push-to-hub", "alice/pruned")
-    assert_user_error(result, "--push-to-hub", "--no-verify", "compress push --force")
+    assert_user_error(result, "--push-to-hub", "--no-verify", "compress push --unverified")
     assert listing(tmp_path) == set()
 
 
@@ -519,5 +519,5 @@ def test_push_refuses_a_folder_that_prune_did_not_write(tmp_path, monkeypatch):
     (folder / "config.json").write_text("{}")
     monkeypatch.setenv("HF_TOKEN", "hf_secret_never_printed")
     result = invoke("push", folder, "someone/model")
-    message = assert_user_error(result, "refusing to push", "--force")
+    message = assert_user_error(result, "refusing to push", "--unverified")
     assert "hf_secret_never_printed" not in result.output + message

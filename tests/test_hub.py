@@ -274,23 +274,25 @@ def test_unreachable_hub_is_one_sentence(folder):
         push_folder(folder, REPO, token=TOKEN, endpoint=_dead_url())
 
 
-def test_folder_without_record_needs_force(fake_hub, folder):
+def test_folder_without_record_needs_unverified(fake_hub, folder):
     (folder / "compression.json").unlink()
     with pytest.raises(CompressorError, match="compression.json"):
         push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
     assert fake_hub.requests == []
-    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, force=True)
+    with pytest.raises(CompressorError, match="--unverified"):
+        push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, replace=True)
+    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, unverified=True)
     [commit] = fake_hub.of("POST", "/commit/")
     assert _commit_lines(commit)[0]["value"]["summary"] == "Upload model folder with compressor"
 
 
 @pytest.mark.parametrize("passed", [False, None])
-def test_unverified_folder_needs_force(fake_hub, folder, passed):
+def test_unverified_folder_needs_unverified(fake_hub, folder, passed):
     (folder / "compression.json").write_text(json.dumps(_record(passed)))
     with pytest.raises(CompressorError, match="verify.passed"):
         push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
     assert fake_hub.requests == []
-    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, force=True, commit_message="mine")
+    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, unverified=True, commit_message="mine")
     [commit] = fake_hub.of("POST", "/commit/")
     assert _commit_lines(commit)[0]["value"]["summary"] == "mine"
 
@@ -329,14 +331,15 @@ def test_large_folder_on_hub_1x_uses_upload_large_folder(fake_hub, folder, monke
     [".gitattributes", "README.md", "config.json", "model.safetensors"],  # another model, e.g. the source's repo
     [".gitattributes", "notes.md"],
 ])
-def test_a_repo_compressor_did_not_push_to_needs_force(fake_hub, folder, remote):
+def test_a_repo_compressor_did_not_push_to_needs_replace(fake_hub, folder, remote):
     """A repo holding files but no compression.json is another model: nothing is committed (no file replaced or
-    deleted) without --force; an empty repo (.gitattributes alone) takes the push."""
+    deleted) without --replace, --unverified included; an empty repo (.gitattributes alone) takes the push."""
     fake_hub.remote_files = remote
-    with pytest.raises(CompressorError, match="no compression.json.*--force"):
-        push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
+    for unverified in (False, True):
+        with pytest.raises(CompressorError, match="no compression.json.*--replace"):
+            push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, unverified=unverified)
     assert fake_hub.of("POST", "/commit/") == []
-    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, force=True)
+    push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url, replace=True)
     assert len(fake_hub.of("POST", "/commit/")) == 1
     fake_hub.remote_files = [".gitattributes"]
     push_folder(folder, REPO, token=TOKEN, endpoint=fake_hub.url)
