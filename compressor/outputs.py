@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import CompressorError
@@ -262,22 +262,34 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
 
 
 def _swap_in(staging: Path, out: Path, kind: str) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards."""
+    """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards. An
+    ``out`` that cannot be renamed (an immutable folder, a mount point) stays as it was, and nothing is left beside
+    it; a previous output that cannot be wholly deleted is named on stderr (the next run into ``out`` retries)."""
     if not out.exists():
         staging.rename(out)
         return
     with held():
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
         old = _read_marker(out) or {}
-        _write_marker(out, old.get("kind", kind), old.get("files", written_paths(out)), "aside", old.get("stamps"))
-        out.rename(aside)  # replaces the empty folder mkdtemp made
+        kept = (old.get("kind", kind), old.get("files", written_paths(out)))
+        try:
+            _write_marker(out, *kept, "aside", old.get("stamps"))
+            out.rename(aside)  # replaces the empty folder mkdtemp made
+        except OSError as error:
+            aside.rmdir()
+            with suppress(OSError):
+                _write_marker(out, *kept, "done", old.get("stamps"))
+            raise CompressorError(f"cannot replace {out}: {error.strerror or error}; it is unchanged.") from None
         try:
             staging.rename(out)
         except BaseException:
             aside.rename(out)
-            _write_marker(out, old.get("kind", kind), old.get("files", []), "done", old.get("stamps"))
+            _write_marker(out, *kept, "done", old.get("stamps"))
             raise
         shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            print(f"could not delete all of {aside}, the output {out} replaced; the next run into {out} retries, or "
+                  "delete it yourself", file=sys.stderr)
 
 
 def _default_permissions(folder: Path) -> None:

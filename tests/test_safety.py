@@ -113,6 +113,42 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_out_that_cannot_be_renamed_stays_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch):
+    """An --out that cannot be renamed aside (an immutable folder, a mount point): one sentence, the previous output
+    and its marker as they were, no empty aside folder and no staging folder left."""
+    out = (tmp_path / "out").resolve()
+    with staging_folder(out, overwrite=False, kind="analyze") as staging:
+        (staging / "report.json").write_text("{}\n")
+    marker = (out / MARKER).read_text()
+    rename = Path.rename
+
+    def refuse_out(self, target):
+        if Path(self) == out:
+            raise PermissionError(1, "Operation not permitted", str(self), None, str(target))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_out)
+    with pytest.raises(CompressorError, match=r"^cannot replace .*out: Operation not permitted; it is unchanged\.$"):
+        with staging_folder(out, overwrite=True, kind="analyze") as staging:
+            (staging / "report.json").write_text("new\n")
+    assert (out / "report.json").read_text() == "{}\n" and (out / MARKER).read_text() == marker
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_replaced_output_that_cannot_be_deleted_is_named_and_never_called_removed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with staging_folder(out, overwrite=False, kind="analyze") as staging:
+        (staging / "report.json").write_text("{}\n")
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # e.g. a file it may not delete
+    with staging_folder(out, overwrite=True, kind="analyze") as staging:
+        (staging / "report.json").write_text("new\n")
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert f"could not delete all of {aside}" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == "new\n"
+    (aside / MARKER).write_text((aside / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
+    assert remove_stale_staging(out) == [] and aside.exists()  # still there: not reported as removed
+
+
 def _dead_pid() -> int:
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
