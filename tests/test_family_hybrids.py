@@ -18,7 +18,7 @@ from tiny_hybrids import (
     input_ids,
     tiny_hybrid,
 )
-from tiny_models import PLANS, check_cached_generation
+from tiny_models import PLANS, check_cached_generation, in_float64
 
 from compressor.families import family_for
 from compressor.layers import PruningPlan, linear_layers
@@ -35,6 +35,7 @@ PRUNED_CLASSES = {
 @pytest.mark.parametrize("name", MODEL_TYPES)
 def test_unpruned_model_matches_the_stock_class(name):
     check_matches_stock(tiny_hybrid(name))
+    check_matches_stock(in_float64(tiny_hybrid(name)))
 
 
 @pytest.mark.parametrize("plan_name", PLANS)
