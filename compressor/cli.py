@@ -358,6 +358,14 @@ def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path
         click.echo(f"wrote {json_path}")
 
 
+def _refuse_force(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``push --force``, which did two jobs: a usage error naming both flags that replaced it (click alone would
+    suggest ``--replace``, the one that overwrites another model)."""
+    if value:
+        raise click.UsageError("--force is now two flags: --unverified (a folder prune did not write or verify) and "
+                               "--replace (a repo that holds another model's files).")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.argument("repo_id")
@@ -370,6 +378,7 @@ def evaluate(model, path, samples, seq_len, batch_size, device, dtype, json_path
               "failed or never ran.")
 @click.option("--replace", is_flag=True, help="Push into a repo that holds files compressor did not push (another "
               "model): they are replaced, and its safetensors shards deleted.")
+@click.option("--force", is_flag=True, hidden=True, expose_value=False, callback=_refuse_force)
 @user_errors
 def push(folder, repo_id, private, revision, create_pr, token, endpoint, unverified, replace):
     """Upload a pruned FOLDER to the Hugging Face Hub as REPO_ID."""

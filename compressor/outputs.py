@@ -136,13 +136,25 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
-    """``state``: ``staging`` (being written), ``done`` (an output) or ``aside`` (an output being replaced); ``pid``
+    """``state``: ``staging`` (being written), ``done`` (an output), ``aside`` (an output being replaced) or
+    ``leftover`` (what could not be deleted of a replaced output); ``pid``
     the process that wrote this state, so that a later run knows a leftover from a live run's folder; ``stamps``
     each file's :func:`_stamp` as written."""
     marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
     if stamps:
         marker["stamps"] = stamps
-    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    _replace_file(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
+
+
+def _replace_file(path: Path, content: bytes) -> None:
+    """Write ``content`` to a new file beside ``path`` and rename it over ``path``: a write that fails part-way
+    leaves ``path`` as it was."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_bytes(content)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = (), clear_stale: bool = True
@@ -168,6 +180,23 @@ def check_writable(out_dir: Path) -> None:
         Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING}", dir=parent)).rmdir()
     except OSError as error:
         raise CompressorError(f"cannot write the output beside {out_dir}: {error.strerror or error}.") from None
+    if out_dir.expanduser().resolve().is_dir():
+        check_replaceable(out_dir)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An earlier output in ``out_dir`` is renamed aside at the end, then deleted: refuse now a mount point (it
+    cannot be renamed) and a folder whose entries cannot change (immutable, read-only), by creating and removing an
+    empty folder in it."""
+    out = out_dir.expanduser().resolve()
+    if os.path.ismount(out):
+        raise CompressorError(f"cannot replace {out_dir}: it is a mount point; choose a folder inside it as --out.")
+    try:
+        with held():
+            Path(tempfile.mkdtemp(prefix=f"{MARKER}.probe-", dir=out)).rmdir()
+    except OSError as error:
+        raise CompressorError(f"cannot replace {out_dir}: {error.strerror or error}; make it writable or choose "
+                              "another --out.") from None
 
 
 def existing_parent(out_dir: Path) -> Path:
@@ -210,11 +239,12 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         marker = _read_marker(entry) if entry.is_dir() and not entry.is_symlink() else None
         if marker is None or marker.get("written_by") != "compressor" or _alive(int(marker.get("pid", 0))):
             continue
-        aside = marker.get("state") == "aside" and entry.name.startswith(f".{out.name}{ASIDE}")
+        was_out = entry.name.startswith(f".{out.name}{ASIDE}")
+        aside = was_out and marker.get("state") == "aside"
         if aside and not out.exists():
             _write_marker(entry, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
             entry.rename(out)  # the run died between renaming the old output aside and the new one in
-        elif aside or entry.name.startswith(f".{out.name}{STAGING}"):  # staging, or built but not swapped in
+        elif was_out or entry.name.startswith(f".{out.name}{STAGING}"):  # staging, not swapped in, or a leftover
             shutil.rmtree(entry, ignore_errors=True)
             if not entry.exists():
                 removed.append(entry)
@@ -263,33 +293,62 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
 
 def _swap_in(staging: Path, out: Path, kind: str) -> None:
     """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards. An
-    ``out`` that cannot be renamed (an immutable folder, a mount point) stays as it was, and nothing is left beside
-    it; a previous output that cannot be wholly deleted is named on stderr (the next run into ``out`` retries)."""
+    ``out`` that cannot be renamed (an immutable folder, a mount point) stays as it was, its marker byte for byte,
+    with nothing left beside it; a previous output that cannot be wholly deleted is named on stderr."""
     if not out.exists():
         staging.rename(out)
         return
     with held():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
         old = _read_marker(out) or {}
         kept = (old.get("kind", kind), old.get("files", written_paths(out)))
+        marker = out / MARKER
+        before = (marker.read_bytes(), marker.stat()) if marker.is_file() else None
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
         try:
             _write_marker(out, *kept, "aside", old.get("stamps"))
             out.rename(aside)  # replaces the empty folder mkdtemp made
-        except OSError as error:
-            aside.rmdir()
+        except BaseException as error:
+            restored = _put_back(marker, before)
             with suppress(OSError):
-                _write_marker(out, *kept, "done", old.get("stamps"))
-            raise CompressorError(f"cannot replace {out}: {error.strerror or error}; it is unchanged.") from None
+                aside.rmdir()
+            if not isinstance(error, OSError):
+                raise
+            state = "it is unchanged" if restored else f"its {MARKER} marker could not be put back as it was"
+            raise CompressorError(f"cannot replace {out}: {error.strerror or error}; {state}.") from None
         try:
             staging.rename(out)
         except BaseException:
             aside.rename(out)
             _write_marker(out, *kept, "done", old.get("stamps"))
             raise
-        shutil.rmtree(aside, ignore_errors=True)
-        if aside.exists():
-            print(f"could not delete all of {aside}, the output {out} replaced; the next run into {out} retries, or "
-                  "delete it yourself", file=sys.stderr)
+        _delete_aside(aside, out)
+
+
+def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool:
+    """Restore ``marker`` to ``before`` (its content and stat when read; None: it did not exist); whether it is."""
+    try:
+        if before is None:
+            marker.unlink(missing_ok=True)
+        elif marker.read_bytes() != before[0] or marker.stat().st_mtime_ns != before[1].st_mtime_ns:
+            _replace_file(marker, before[0])
+            os.utime(marker, ns=(before[1].st_atime_ns, before[1].st_mtime_ns))
+        return True
+    except OSError:
+        return False
+
+
+def _delete_aside(aside: Path, out: Path) -> None:
+    """Delete the previous output renamed aside; what cannot be deleted is marked ``leftover`` (never put back), so
+    that the next run into ``out`` tries again once this process is gone, and is named on stderr."""
+    shutil.rmtree(aside, ignore_errors=True)
+    if not aside.exists():
+        return
+    try:
+        _write_marker(aside, "leftover", [], "leftover")
+        retry = f"the next run into {out} tries again, or delete it yourself"
+    except OSError:
+        retry = "delete it yourself"
+    print(f"could not delete all of {aside}, the output {out} replaced; {retry}", file=sys.stderr)
 
 
 def _default_permissions(folder: Path) -> None:

@@ -251,7 +251,8 @@ class PruneSettings:
             raise CompressorError("--push-to-hub uploads the written folder, and --dry-run writes none; drop one of them.")
         if not self.verify and self.push_to_hub is not None:
             raise CompressorError("--push-to-hub uploads only a folder whose reload check passed, and --no-verify "
-                                  "skips that check; drop --no-verify (or push later with `compress push --unverified`).")
+                                  "skips that check; drop --no-verify (or push later with "
+                                  "`compress push --unverified`).")
         if not self.dry_run and out_dir is None:
             raise CompressorError("an output folder (--out) is required unless --dry-run is given.")
         return budget

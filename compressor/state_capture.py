@@ -4,13 +4,14 @@ knows nothing of it.
 
 Every mixer calls its recurrence as ``self.recurrence`` (a class attribute: the inference dispatcher of
 ``compressor/modeling``); :func:`states_handed_to` puts, on each mixer instance, a wrapper that runs the same
-recurrence with its chunk states instead, in strict float32: the PyTorch chunked recurrence with TF32 off, or, for
-the gated delta rule on CUDA, fla's chunked kernels step by step on float32 inputs with float32-accurate dot
-products. bf16 intermediates would add noise of about 1e-3 of a state's scale, which swamps the singular values
-that a threshold rank at eps = 1e-4 counts (docs/benchmarks.md gives the agreement measured with each precision).
+recurrence with its chunk states instead, in strict float32 (float64 for a float64 model on the CPU): the PyTorch
+chunked recurrence with TF32 off, or, for the gated delta rule on CUDA, fla's chunked kernels step by step on
+float32 inputs with float32-accurate dot products. bf16 intermediates would add noise of about 1e-3 of a state's
+scale, which swamps the singular values that a threshold rank at eps = 1e-4 counts (docs/benchmarks.md gives the
+agreement measured with each precision).
 
-Shapes: q, k [B, T, H, K]; v [B, T, H, V]; chunk states [B, H, N, K, V] float32 (N = ceil(T / 64), the last one
-after token T), or [B, H, n, K, V] for a ``chunk_index`` of n chunks.
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; chunk states [B, H, N, K, V] float32 (float64 as above; N = ceil(T / 64),
+the last one after token T), or [B, H, n, K, V] for a ``chunk_index`` of n chunks.
 """
 
 from __future__ import annotations

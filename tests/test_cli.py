@@ -521,3 +521,17 @@ def test_push_refuses_a_folder_that_prune_did_not_write(tmp_path, monkeypatch):
     result = invoke("push", folder, "someone/model")
     message = assert_user_error(result, "refusing to push", "--unverified")
     assert "hf_secret_never_printed" not in result.output + message
+
+
+def test_push_passes_each_flag_to_its_own_check(tmp_path, monkeypatch):
+    """--unverified and --replace reach push_folder as themselves; the old --force is a usage error naming both."""
+    import compressor.hub
+
+    calls = []
+    monkeypatch.setattr(compressor.hub, "push_folder", lambda *args, **kwargs: calls.append(kwargs) or "url")
+    for flags in (["--unverified"], ["--replace"], []):
+        assert invoke("push", tmp_path, "someone/model", *flags).exit_code == 0
+    assert [(c["unverified"], c["replace"]) for c in calls] == [(True, False), (False, True), (False, False)]
+    result = invoke("push", tmp_path, "someone/model", "--force")
+    assert result.exit_code == 2 and "--unverified" in result.output and "--replace" in result.output
+    assert len(calls) == 3

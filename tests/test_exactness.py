@@ -17,7 +17,7 @@ from compressor.families import family_for
 from compressor.layers import PruningPlan, linear_layers
 from compressor.slicing import slim
 
-TOLERANCE = 1e-4
+TOLERANCE = 2e-4  # float32 rounds differently for different head counts; the float64 tests pin 1e-10
 
 
 def input_ids(seed: int = 0) -> torch.Tensor:

@@ -78,7 +78,8 @@ def float64_forms(name: str):
     q, k, gates = (torch.randn(2, 150, 3, 16, generator=generator, dtype=torch.float64) for _ in range(3))
     q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))  # unit keys: the delta rules stay bounded
     v = torch.randn(2, 150, 3, 8, generator=generator, dtype=torch.float64)
-    decay, beta = -0.3 * torch.rand(2, 150, 3, generator=generator, dtype=torch.float64), torch.rand_like(v[..., 0])
+    decay, beta = (torch.rand(2, 150, 3, generator=generator, dtype=torch.float64) for _ in range(2))
+    decay = -0.3 * decay
     per_channel = -0.3 * gates.sigmoid()
     return {
         "gated_delta": (chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch, (q, k, v, decay, beta)),

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -113,40 +114,62 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_an_out_that_cannot_be_renamed_stays_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch):
-    """An --out that cannot be renamed aside (an immutable folder, a mount point): one sentence, the previous output
-    and its marker as they were, no empty aside folder and no staging folder left."""
+@pytest.mark.parametrize("earlier", ["marked", "unmarked"])
+def test_an_out_that_cannot_be_renamed_stays_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch, earlier):
+    """An --out that cannot be renamed aside (a mount point; an immutable folder fails earlier, in the check before
+    loading): one sentence, and the previous output as it was, its marker byte for byte (another process wrote it)
+    or still absent (an output written before markers), with no aside or staging folder left."""
     out = (tmp_path / "out").resolve()
-    with staging_folder(out, overwrite=False, kind="analyze") as staging:
-        (staging / "report.json").write_text("{}\n")
-    marker = (out / MARKER).read_text()
+    if earlier == "marked":
+        with staging_folder(out, overwrite=False, kind="analyze") as staging:
+            (staging / "report.json").write_text("{}\n")
+        (out / MARKER).write_text((out / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
+    else:
+        out.mkdir()
+        for name in ("config.json", "compression.json"):
+            (out / name).write_text("{}\n")
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
     rename = Path.rename
 
     def refuse_out(self, target):
         if Path(self) == out:
-            raise PermissionError(1, "Operation not permitted", str(self), None, str(target))
+            raise OSError(16, "Device or resource busy", str(self), None, str(target))
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", refuse_out)
-    with pytest.raises(CompressorError, match=r"^cannot replace .*out: Operation not permitted; it is unchanged\.$"):
+    with pytest.raises(CompressorError, match=r"^cannot replace .*out: Device or resource busy; it is unchanged\.$"):
         with staging_folder(out, overwrite=True, kind="analyze") as staging:
             (staging / "report.json").write_text("new\n")
-    assert (out / "report.json").read_text() == "{}\n" and (out / MARKER).read_text() == marker
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_replaced_output_that_cannot_be_deleted_is_named_and_never_called_removed(tmp_path, monkeypatch, capsys):
+def test_what_cannot_be_deleted_of_a_replaced_output_is_named_and_goes_at_a_later_run(tmp_path, monkeypatch, capsys):
+    """Deleting the output renamed aside fails part-way, after its marker went: the rest is marked a leftover and
+    named; once this process is gone the next run into --out deletes it, and never puts it back as the output."""
     out = tmp_path / "out"
     with staging_folder(out, overwrite=False, kind="analyze") as staging:
         (staging / "report.json").write_text("{}\n")
-    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # e.g. a file it may not delete
+    rmtree = shutil.rmtree
+
+    def marker_only(path, ignore_errors=False):  # a file it may not delete stops it after the marker
+        if Path(path).name.startswith(".out.old-"):
+            return Path(path, MARKER).unlink()
+        return rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", marker_only)
     with staging_folder(out, overwrite=True, kind="analyze") as staging:
         (staging / "report.json").write_text("new\n")
-    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
-    assert f"could not delete all of {aside}" in capsys.readouterr().err
-    assert (out / "report.json").read_text() == "new\n"
-    (aside / MARKER).write_text((aside / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
-    assert remove_stale_staging(out) == [] and aside.exists()  # still there: not reported as removed
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert f"could not delete all of {leftover}" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == "new\n" and (leftover / "report.json").exists()
+    assert remove_stale_staging(out) == []  # this process is alive: not yet
+    (leftover / MARKER).write_text((leftover / MARKER).read_text().replace(f'"pid": {os.getpid()}',
+                                                                             f'"pid": {_dead_pid()}'))
+    shutil.rmtree(out)
+    assert remove_stale_staging(out) == [leftover.resolve()]
+    assert list(tmp_path.iterdir()) == []
 
 
 def _dead_pid() -> int:
@@ -244,6 +267,32 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, no_model_load)
         parent.mkdir()
         parent.chmod(0o500)
     assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "cannot write")
+
+
+@pytest.mark.parametrize("obstacle", ["mount point", "immutable"])
+def test_an_earlier_output_that_cannot_be_replaced_fails_before_the_model_loads(tmp_path, monkeypatch, obstacle,
+                                                                              no_model_load):
+    """An earlier output in a mount point (it cannot be renamed aside) or an immutable or read-only folder (it
+    cannot be emptied) is refused before loading, in one sentence, and stays as it was."""
+    out = (tmp_path / "out").resolve()
+    with staging_folder(out, overwrite=False, kind="prune") as staging:
+        (staging / "config.json").write_text("{}\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    if obstacle == "mount point":
+        ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out or ismount(path))
+    else:
+        mkdtemp = tempfile.mkdtemp
+
+        def immutable(*args, dir=None, **kwargs):
+            if Path(dir) == out:
+                raise PermissionError(1, "Operation not permitted", str(dir))
+            return mkdtemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", immutable)
+    message = assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "cannot replace")
+    assert ("mount point" if obstacle == "mount point" else "Operation not permitted") in message
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_an_unwritable_json_folder_fails_before_the_model_loads(tmp_path, no_model_load):

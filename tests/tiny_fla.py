@@ -97,7 +97,7 @@ def input_ids(seed: int = 0, vocab_size: int = 96) -> torch.Tensor:
 
 # Checks shared by the fla family test files (one file per family, parametrised over its tiny configs).
 
-TOLERANCE = 1e-4
+TOLERANCE = 2e-4  # float32 rounds differently for different head counts; the float64 tests pin 1e-10
 GLA_RELOAD_TOLERANCE = 1e-3
 """The same GLA folder's logits in this process and in a fresh one: the PyTorch chunked GLA (exp of cumulative
 log-gates, as fla's naive form) amplifies float32 rounding that differs between processes; 4.6e-4 was seen on

@@ -32,7 +32,7 @@ from compressor.families import family_for
 from compressor.layers import PruningPlan, linear_layers
 from compressor.slicing import slim
 
-TOLERANCE = 1e-4
+TOLERANCE = 2e-4  # float32 rounds differently for different head counts; the float64 tests pin 1e-10
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen35-tiny-6m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EVAL_TEXT = Path(compressor.__file__).parent / "data" / "python-docs-eval.txt"

@@ -66,13 +66,13 @@ def causal_conv1d_step(
 
 def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [N, d_v] -> [N, d_v] in x's dtype (``norm``:
-    the layer's stock RMSNormGated). CUDA tensors outside autograd take fla's fused kernel in one launch
-    (``fla_rows.gated_rms_normalised``, where the stock forward launches about a dozen; it keeps float32 until the
-    end, where the stock forward rounds to x's dtype before the weight); float64 rows the same formula in float64
-    (the stock forward computes in float32, whose row sums round differently for different numbers of rows);
-    everything else, and everything while the recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared), the
-    stock forward."""
-    if x.dtype == torch.float64:
+    the layer's stock RMSNormGated). Float64 rows off a GPU take the same formula in float64 (the stock forward
+    computes in float32, whose row sums round differently for different numbers of rows). CUDA tensors outside
+    autograd take fla's fused kernel in one launch (``fla_rows.gated_rms_normalised``, where the stock forward
+    launches about a dozen; it keeps float32 until the end, where the stock forward rounds to x's dtype before the
+    weight), unless the recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared). Everything else: the stock
+    forward."""
+    if x.dtype == torch.float64 and not x.is_cuda:
         normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * normalised * ACT2FN[norm.activation](gate)
     if (not gated_delta.HAS_FLA or not takes(x) or norm.activation not in GATE_ACTIVATIONS

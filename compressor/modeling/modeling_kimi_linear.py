@@ -109,7 +109,7 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
 
         g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
         beta = self.b_proj(hidden_states).sigmoid()
-        out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)  # float32 states
+        out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)  # states: float32, or float64
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
 

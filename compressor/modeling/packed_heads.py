@@ -33,14 +33,14 @@ kernels derive theirs from ``cu_seqlens_cpu``)."""
 
 
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum x² + eps) over the last dimension, computed in float32 (float64 for float64 x) and returned in x's
-    dtype, as fla's l2norm kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd with at
-    most 512 channels take fla's kernel in one launch (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in
+    """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
+    kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd with at most 512 channels take
+    fla's kernel in one launch (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in
     head-major order; PyTorch launches seven and keeps float32 copies in memory) and return head-major
     (``y.transpose(1, 2)`` contiguous); everything else PyTorch, in x's layout."""
     if takes(x) and l2norm_kernel() is not None:
         return normalised_by(l2_normalised, x, eps)
-    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = x.float()
     return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
