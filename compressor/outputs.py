@@ -6,7 +6,8 @@ written (a file saved over one of compressor's is the user's), or, for folders w
 has a name ``compressor`` writes. An output is built in a staging folder beside ``--out`` and swapped in at the
 end: the old folder is renamed aside, the new one renamed in, and only then is the old one deleted, so a failure or
 an interrupt at any moment leaves either the previous output or the new one, never a mix. Staging folders left by
-a run that was killed (its process gone) are removed by the next run into the same place.
+a run that was killed (its process gone), and what could not be deleted of a replaced output, are removed by the
+next run into the same place; a folder without compressor's marker never is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -25,6 +28,8 @@ from .errors import CompressorError
 from .interrupts import held
 
 MARKER = ".compressor"
+MARKER_PARTIAL = MARKER + ".partial"
+"""The marker being written (renamed over ``MARKER`` when complete)."""
 STAGING = ".partial-"
 """Infix of a staging folder's name: ``.<out name>.partial-<random>`` beside ``--out``."""
 ASIDE = ".old-"
@@ -101,12 +106,12 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def written_paths(folder: Path) -> list[str]:
-    """Every file and link below ``folder`` as a relative POSIX path, but the marker and huggingface_hub's upload
-    cache (``.cache/huggingface/``)."""
+    """Every file and link below ``folder`` as a relative POSIX path, but the marker (and one a killed run was
+    writing) and huggingface_hub's upload cache (``.cache/huggingface/``)."""
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder).as_posix()
-        if path.is_dir() and not path.is_symlink() or relative == MARKER:
+        if path.is_dir() and not path.is_symlink() or relative in (MARKER, MARKER_PARTIAL):
             continue
         if relative.startswith(f"{HUB_CACHE}/huggingface/"):
             continue
@@ -137,22 +142,21 @@ def _stamp(path: Path) -> list[int]:
 
 def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
     """``state``: ``staging`` (being written), ``done`` (an output), ``aside`` (an output being replaced) or
-    ``leftover`` (what could not be deleted of a replaced output); ``pid``
-    the process that wrote this state, so that a later run knows a leftover from a live run's folder; ``stamps``
-    each file's :func:`_stamp` as written."""
+    ``leftover`` (what could not be deleted of a replaced output); ``pid`` the process that wrote this state, so
+    that a later run knows a leftover from a live run's folder; ``stamps`` each file's :func:`_stamp` as written."""
     marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
     if stamps:
         marker["stamps"] = stamps
-    _replace_file(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
+    _replace_marker(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
 
 
-def _replace_file(path: Path, content: bytes) -> None:
-    """Write ``content`` to a new file beside ``path`` and rename it over ``path``: a write that fails part-way
-    leaves ``path`` as it was."""
-    partial = path.with_name(path.name + ".partial")
+def _replace_marker(marker: Path, content: bytes) -> None:
+    """Write ``content`` to ``MARKER_PARTIAL`` beside ``marker`` and rename it over ``marker``: a write that fails
+    part-way leaves the marker as it was."""
+    partial = marker.with_name(MARKER_PARTIAL)
     try:
         partial.write_bytes(content)
-        os.replace(partial, path)
+        os.replace(partial, marker)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -172,7 +176,8 @@ def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] 
 
 def check_writable(out_dir: Path) -> None:
     """Create and remove a staging folder in the nearest existing folder on the way to ``out_dir``: a place that
-    cannot be written fails now, in one sentence, not after calibration. Creates nothing that stays."""
+    cannot be written fails now, in one sentence, not after calibration (creates nothing that stays); then
+    :func:`check_replaceable` for an earlier output there."""
     parent = existing_parent(out_dir)
     try:
         if not parent.is_dir():
@@ -185,18 +190,29 @@ def check_writable(out_dir: Path) -> None:
 
 
 def check_replaceable(out_dir: Path) -> None:
-    """An earlier output in ``out_dir`` is renamed aside at the end, then deleted: refuse now a mount point (it
-    cannot be renamed) and a folder whose entries cannot change (immutable, read-only), by creating and removing an
-    empty folder in it."""
+    """An earlier output in ``out_dir`` is renamed aside at the end, then deleted, and its marker rewritten first:
+    refuse now, without writing anything, a mount point (it cannot be renamed) and a folder or marker that cannot be
+    changed (read-only, immutable)."""
     out = out_dir.expanduser().resolve()
-    if os.path.ismount(out):
+    if _mount_point(out):
         raise CompressorError(f"cannot replace {out_dir}: it is a mount point; choose a folder inside it as --out.")
+    for path in (out, out / MARKER):
+        if os.path.lexists(path) and not os.access(path, os.W_OK):
+            raise CompressorError(f"cannot replace {out_dir}: {path} is read-only or immutable; make it writable or "
+                                  "choose another --out.")
+
+
+def _mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point, bind mounts within one file system included (Linux's mount table)."""
+    if os.path.ismount(path):
+        return True
     try:
-        with held():
-            Path(tempfile.mkdtemp(prefix=f"{MARKER}.probe-", dir=out)).rmdir()
-    except OSError as error:
-        raise CompressorError(f"cannot replace {out_dir}: {error.strerror or error}; make it writable or choose "
-                              "another --out.") from None
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return False
+    fields = [line.split() for line in table.splitlines()]
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
+    return str(path) in points  # the table writes a space in a path as \040
 
 
 def existing_parent(out_dir: Path) -> Path:
@@ -228,8 +244,10 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove the staging folders of runs into ``out_dir`` whose process is gone (killed before it could clean
-    up), and put back a previous output that such a run had renamed aside; returns what was removed."""
+    """Remove what runs into ``out_dir`` whose process is gone left beside it: staging folders (killed before they
+    could clean up) and what could not be deleted of a replaced output (``leftover``); put back a previous output
+    that such a run had renamed aside (``aside``) if ``out_dir`` is missing, else delete it. Folders without
+    compressor's marker, and its folders in any other state, are never touched. Returns what was removed."""
     out = out_dir.expanduser().resolve()
     removed = []
     if not out.parent.is_dir():
@@ -239,22 +257,43 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         marker = _read_marker(entry) if entry.is_dir() and not entry.is_symlink() else None
         if marker is None or marker.get("written_by") != "compressor" or _alive(int(marker.get("pid", 0))):
             continue
-        was_out = entry.name.startswith(f".{out.name}{ASIDE}")
-        aside = was_out and marker.get("state") == "aside"
-        if aside and not out.exists():
-            _write_marker(entry, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
-            entry.rename(out)  # the run died between renaming the old output aside and the new one in
-        elif was_out or entry.name.startswith(f".{out.name}{STAGING}"):  # staging, not swapped in, or a leftover
-            shutil.rmtree(entry, ignore_errors=True)
-            if not entry.exists():
+        state = marker.get("state")
+        staging = entry.name.startswith(f".{out.name}{STAGING}")
+        aside = entry.name.startswith(f".{out.name}{ASIDE}") and state in ("aside", "leftover")
+        if state == "aside" and aside and not out.exists():
+            with held():  # the run died between renaming the old output aside and the new one in
+                entry.rename(out)
+                _write_marker(out, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
+        elif staging or aside:
+            if state == "aside":
+                _write_marker(entry, marker.get("kind", "prune"), [], "leftover")  # never put back once partly gone
+            if _delete_marked(entry):
                 removed.append(entry)
     return removed
+
+
+def _delete_marked(folder: Path) -> bool:
+    """Delete a folder compressor marked, its marker last, so that a folder it cannot wholly delete keeps its marker
+    (and a later run tries again); returns whether it is gone."""
+    for entry in folder.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                entry.unlink()
+    with suppress(OSError):
+        if [entry.name for entry in folder.iterdir()] in ([MARKER], []):
+            (folder / MARKER).unlink(missing_ok=True)
+            folder.rmdir()
+    return not folder.exists()
 
 
 def clear_stale_staging(out_dir: Path) -> None:
     """:func:`remove_stale_staging`, saying on stderr what it removed."""
     for stale in remove_stale_staging(out_dir):
-        print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+        print(f"removed {stale}, left by an earlier run", file=sys.stderr)
 
 
 @contextmanager
@@ -271,7 +310,8 @@ def scratch_folder(out_dir: Path, kind: str, tag: str | None = None) -> Iterator
         yield folder
     finally:
         with held():
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                _delete_marked(folder)
 
 
 @contextmanager
@@ -292,9 +332,10 @@ def staging_folder(out_dir: Path, overwrite: bool, kind: str = "prune",
 
 
 def _swap_in(staging: Path, out: Path, kind: str) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards. An
-    ``out`` that cannot be renamed (an immutable folder, a mount point) stays as it was, its marker byte for byte,
-    with nothing left beside it; a previous output that cannot be wholly deleted is named on stderr."""
+    """Rename ``staging`` to ``out``; an existing ``out`` is renamed aside first and deleted only afterwards. If
+    either rename fails, ``out`` stays (or is put back) as it was, its marker byte for byte (or absent, for an output
+    written before markers), with nothing left beside it; a previous output that cannot be wholly deleted is named on
+    stderr."""
     if not out.exists():
         staging.rename(out)
         return
@@ -302,15 +343,13 @@ def _swap_in(staging: Path, out: Path, kind: str) -> None:
         old = _read_marker(out) or {}
         kept = (old.get("kind", kind), old.get("files", written_paths(out)))
         marker = out / MARKER
-        before = (marker.read_bytes(), marker.stat()) if marker.is_file() else None
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE}", dir=out.parent))
+        before = (marker.read_bytes(), marker.stat()) if marker.is_file() and not marker.is_symlink() else None
+        aside = _unused_name(out.parent, f".{out.name}{ASIDE}")
         try:
             _write_marker(out, *kept, "aside", old.get("stamps"))
-            out.rename(aside)  # replaces the empty folder mkdtemp made
+            out.rename(aside)
         except BaseException as error:
             restored = _put_back(marker, before)
-            with suppress(OSError):
-                aside.rmdir()
             if not isinstance(error, OSError):
                 raise
             state = "it is unchanged" if restored else f"its {MARKER} marker could not be put back as it was"
@@ -319,9 +358,18 @@ def _swap_in(staging: Path, out: Path, kind: str) -> None:
             staging.rename(out)
         except BaseException:
             aside.rename(out)
-            _write_marker(out, *kept, "done", old.get("stamps"))
+            _put_back(marker, before)
             raise
-        _delete_aside(aside, out)
+        _delete_aside(aside, kept[0], out)
+
+
+def _unused_name(parent: Path, prefix: str) -> Path:
+    """A path in ``parent`` named ``prefix`` and eight random hex digits that nothing holds yet (nothing is made
+    there: a folder renamed to it arrives whole)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        if not os.path.lexists(path):
+            return path
 
 
 def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool:
@@ -330,24 +378,21 @@ def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool
         if before is None:
             marker.unlink(missing_ok=True)
         elif marker.read_bytes() != before[0] or marker.stat().st_mtime_ns != before[1].st_mtime_ns:
-            _replace_file(marker, before[0])
+            _replace_marker(marker, before[0])
             os.utime(marker, ns=(before[1].st_atime_ns, before[1].st_mtime_ns))
         return True
     except OSError:
         return False
 
 
-def _delete_aside(aside: Path, out: Path) -> None:
-    """Delete the previous output renamed aside; what cannot be deleted is marked ``leftover`` (never put back), so
-    that the next run into ``out`` tries again once this process is gone, and is named on stderr."""
-    shutil.rmtree(aside, ignore_errors=True)
-    if not aside.exists():
+def _delete_aside(aside: Path, kind: str, out: Path) -> None:
+    """Delete the previous output renamed aside, first marked ``leftover`` (never put back) so that what cannot be
+    deleted goes at the next run into ``out`` once this process is gone; name that on stderr."""
+    with suppress(OSError):
+        _write_marker(aside, kind, [], "leftover")
+    if _delete_marked(aside):
         return
-    try:
-        _write_marker(aside, "leftover", [], "leftover")
-        retry = f"the next run into {out} tries again, or delete it yourself"
-    except OSError:
-        retry = "delete it yourself"
+    retry = f"the next run into {out} tries again, or delete it yourself" if _read_marker(aside) else "delete it"
     print(f"could not delete all of {aside}, the output {out} replaced; {retry}", file=sys.stderr)
 
 

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from compressor.errors import CompressorError
-from compressor import interrupts
+from compressor import interrupts, outputs
 from compressor.outputs import MARKER, check_output_folder, remove_stale_staging, scratch_folder, staging_folder
 from conftest import FIXTURE, assert_user_error, invoke
 
@@ -114,12 +113,9 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("earlier", ["marked", "unmarked"])
-def test_an_out_that_cannot_be_renamed_stays_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch, earlier):
-    """An --out that cannot be renamed aside (a mount point; an immutable folder fails earlier, in the check before
-    loading): one sentence, and the previous output as it was, its marker byte for byte (another process wrote it)
-    or still absent (an output written before markers), with no aside or staging folder left."""
-    out = (tmp_path / "out").resolve()
+def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int]]:
+    """Write an earlier output into ``out``: ``marked`` by another (dead) process, or ``unmarked`` (written before
+    markers existed); returns every entry's (content, mtime) and the folder's own mtime."""
     if earlier == "marked":
         with staging_folder(out, overwrite=False, kind="analyze") as staging:
             (staging / "report.json").write_text("{}\n")
@@ -128,48 +124,95 @@ def test_an_out_that_cannot_be_renamed_stays_as_it_was_with_nothing_beside_it(tm
         out.mkdir()
         for name in ("config.json", "compression.json"):
             (out / name).write_text("{}\n")
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    return _snapshot(out)
+
+
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    found = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
+    return {**found, ".": (b"", out.stat().st_mtime_ns)}
+
+
+@pytest.mark.parametrize("earlier", ["marked", "unmarked"])
+@pytest.mark.parametrize("failing", ["out to aside", "staging to out"])
+def test_a_swap_whose_rename_fails_leaves_the_earlier_output_as_it_was(tmp_path, monkeypatch, earlier, failing):
+    """Either rename of the swap fails (a mount point, a full or vanished file system): the earlier output stays or
+    is put back as it was, its marker byte for byte (another process wrote it) or still absent (an output written
+    before markers), with nothing left beside it."""
+    out = (tmp_path / "out").resolve()
+    before = _earlier_output(out, earlier)
+    del before["."]  # the marker is rewritten in it, and put back
     rename = Path.rename
 
-    def refuse_out(self, target):
-        if Path(self) == out:
+    def refuse(self, target):
+        if Path(self) == out if failing == "out to aside" else Path(self).name.startswith(".out.partial-"):
             raise OSError(16, "Device or resource busy", str(self), None, str(target))
         return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", refuse_out)
-    with pytest.raises(CompressorError, match=r"^cannot replace .*out: Device or resource busy; it is unchanged\.$"):
+    monkeypatch.setattr(Path, "rename", refuse)
+    expected = (r"^cannot replace .*out: Device or resource busy; it is unchanged\.$" if failing == "out to aside"
+                else "Device or resource busy")
+    with pytest.raises((CompressorError, OSError), match=expected):
         with staging_folder(out, overwrite=True, kind="analyze") as staging:
             (staging / "report.json").write_text("new\n")
-    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()} == before
+    after = _snapshot(out)
+    del after["."]
+    assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_what_cannot_be_deleted_of_a_replaced_output_is_named_and_goes_at_a_later_run(tmp_path, monkeypatch, capsys):
-    """Deleting the output renamed aside fails part-way, after its marker went: the rest is marked a leftover and
-    named; once this process is gone the next run into --out deletes it, and never puts it back as the output."""
+def test_a_marker_that_cannot_be_put_back_is_said(tmp_path, monkeypatch):
+    out = (tmp_path / "out").resolve()
+    _earlier_output(out, "marked")
+    monkeypatch.setattr(outputs, "_put_back", lambda marker, before: False)
+    monkeypatch.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(OSError(16, "Device busy")))
+    with pytest.raises(CompressorError, match=r"its \.compressor marker could not be put back as it was\.$"):
+        with staging_folder(out, overwrite=True, kind="analyze"):
+            pass
+
+
+def test_what_cannot_be_deleted_of_a_replaced_output_goes_at_a_later_run(tmp_path, monkeypatch, capsys):
+    """Deleting the output renamed aside fails on one file, twice: it keeps its ``leftover`` marker (deleted last),
+    is named on stderr, is retried by each later run into --out once this process is gone, goes when it can, and is
+    never put back as the output, even with --out gone."""
     out = tmp_path / "out"
     with staging_folder(out, overwrite=False, kind="analyze") as staging:
         (staging / "report.json").write_text("{}\n")
-    rmtree = shutil.rmtree
+        (staging / "z.bin").write_text("stuck")
+    unlink = Path.unlink
 
-    def marker_only(path, ignore_errors=False):  # a file it may not delete stops it after the marker
-        if Path(path).name.startswith(".out.old-"):
-            return Path(path, MARKER).unlink()
-        return rmtree(path, ignore_errors=ignore_errors)
+    def stuck(self, missing_ok=False):
+        if self.name == "z.bin" and self.parent.name.startswith(".out.old-"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return unlink(self, missing_ok=missing_ok)
 
-    monkeypatch.setattr(shutil, "rmtree", marker_only)
+    monkeypatch.setattr(Path, "unlink", stuck)
     with staging_folder(out, overwrite=True, kind="analyze") as staging:
         (staging / "report.json").write_text("new\n")
-    monkeypatch.setattr(shutil, "rmtree", rmtree)
     [leftover] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
-    assert f"could not delete all of {leftover}" in capsys.readouterr().err
-    assert (out / "report.json").read_text() == "new\n" and (leftover / "report.json").exists()
+    err = capsys.readouterr().err
+    assert f"could not delete all of {leftover}" in err and "tries again" in err
+    assert sorted(p.name for p in leftover.iterdir()) == [MARKER, "z.bin"]
     assert remove_stale_staging(out) == []  # this process is alive: not yet
     (leftover / MARKER).write_text((leftover / MARKER).read_text().replace(f'"pid": {os.getpid()}',
                                                                              f'"pid": {_dead_pid()}'))
     shutil.rmtree(out)
+    assert remove_stale_staging(out) == [] and sorted(p.name for p in leftover.iterdir()) == [MARKER, "z.bin"]
+    assert '"state": "leftover"' in (leftover / MARKER).read_text() and not out.exists()
+    monkeypatch.setattr(Path, "unlink", unlink)
+    (leftover / MARKER).write_text((leftover / MARKER).read_text().replace(f'"pid": {os.getpid()}',
+                                                                             f'"pid": {_dead_pid()}'))
     assert remove_stale_staging(out) == [leftover.resolve()]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_folder_named_like_an_aside_one_is_kept(tmp_path):
+    """Only folders compressor marked as being replaced (``aside``) or not wholly deleted (``leftover``) go: a
+    finished output copied to ``.out.old-2024`` stays, as does one of a live process."""
+    out = tmp_path / "out"
+    _earlier_output(out, "marked")
+    shutil.copytree(out, tmp_path / ".out.old-2024")
+    assert remove_stale_staging(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-2024", "out"]
 
 
 def _dead_pid() -> int:
@@ -269,30 +312,47 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, no_model_load)
     assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "cannot write")
 
 
-@pytest.mark.parametrize("obstacle", ["mount point", "immutable"])
+@pytest.mark.parametrize("obstacle", ["mount point", "read-only folder", "read-only marker"])
 def test_an_earlier_output_that_cannot_be_replaced_fails_before_the_model_loads(tmp_path, monkeypatch, obstacle,
                                                                               no_model_load):
-    """An earlier output in a mount point (it cannot be renamed aside) or an immutable or read-only folder (it
-    cannot be emptied) is refused before loading, in one sentence, and stays as it was."""
+    """An earlier output in a mount point (it cannot be renamed aside), or whose folder or marker cannot change
+    (read-only, immutable), is refused before loading, in one sentence, and stays as it was; so does a dry run,
+    which writes nothing in it."""
     out = (tmp_path / "out").resolve()
-    with staging_folder(out, overwrite=False, kind="prune") as staging:
-        (staging / "config.json").write_text("{}\n")
-    before = sorted(p.name for p in tmp_path.rglob("*"))
+    before = _earlier_output(out, "marked")
     if obstacle == "mount point":
-        ismount = os.path.ismount
-        monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out or ismount(path))
+        monkeypatch.setattr(outputs, "_mount_point", lambda path: Path(path) == out)
     else:
-        mkdtemp = tempfile.mkdtemp
+        locked = out if obstacle == "read-only folder" else out / MARKER
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not (
+            Path(path) == locked and mode & os.W_OK))
+    for extra in ([], ["--dry-run"]):
+        message = assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST, *extra),
+                                    "cannot replace")
+        assert ("mount point" if obstacle == "mount point" else "read-only or immutable") in message
+        assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-        def immutable(*args, dir=None, **kwargs):
-            if Path(dir) == out:
-                raise PermissionError(1, "Operation not permitted", str(dir))
-            return mkdtemp(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr(tempfile, "mkdtemp", immutable)
-    message = assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "cannot replace")
-    assert ("mount point" if obstacle == "mount point" else "Operation not permitted") in message
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it(tmp_path):
+    out = (tmp_path / "out").resolve()
+    before = _earlier_output(out, "marked")
+    assert invoke("prune", FIXTURE, "--out", out, "--overwrite", "--dry-run").exit_code == 0
+    assert _snapshot(out) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="chattr +i needs root")
+def test_an_immutable_earlier_output_is_refused_before_the_model_loads(tmp_path, no_model_load):
+    out = (tmp_path / "out").resolve()
+    before = _earlier_output(out, "marked")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("this file system takes no immutable flag")
+    try:
+        assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "read-only or immutable")
+        assert _snapshot(out) == before
+    finally:
+        subprocess.run(["chattr", "-i", str(out)])
 
 
 def test_an_unwritable_json_folder_fails_before_the_model_loads(tmp_path, no_model_load):
