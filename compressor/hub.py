@@ -14,7 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import CompressorError
-from .outputs import MARKER, MARKER_PARTIAL
+from .outputs import MARKER
 from .record import FILE, CompressionRecord
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
@@ -72,7 +72,7 @@ def push_folder(
             create_pr=create_pr,
             commit_message=message,
             delete_patterns=STALE_PATTERNS,
-            ignore_patterns=[MARKER, MARKER_PARTIAL],
+            ignore_patterns=[MARKER],
         )
     except HfHubHTTPError as err:
         raise CompressorError(_http_error_message(err, repo_id)) from err

@@ -12,6 +12,7 @@ next run into the same place; a folder without compressor's marker never is.
 
 from __future__ import annotations
 
+import array
 import fnmatch
 import json
 import os
@@ -28,8 +29,6 @@ from .errors import CompressorError
 from .interrupts import held
 
 MARKER = ".compressor"
-MARKER_PARTIAL = MARKER + ".partial"
-"""The marker being written (renamed over ``MARKER`` when complete)."""
 STAGING = ".partial-"
 """Infix of a staging folder's name: ``.<out name>.partial-<random>`` beside ``--out``."""
 ASIDE = ".old-"
@@ -106,12 +105,12 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def written_paths(folder: Path) -> list[str]:
-    """Every file and link below ``folder`` as a relative POSIX path, but the marker (and one a killed run was
-    writing) and huggingface_hub's upload cache (``.cache/huggingface/``)."""
+    """Every file and link below ``folder`` as a relative POSIX path, but the marker and huggingface_hub's upload
+    cache (``.cache/huggingface/``)."""
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder).as_posix()
-        if path.is_dir() and not path.is_symlink() or relative in (MARKER, MARKER_PARTIAL):
+        if path.is_dir() and not path.is_symlink() or relative == MARKER:
             continue
         if relative.startswith(f"{HUB_CACHE}/huggingface/"):
             continue
@@ -151,11 +150,13 @@ def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps:
 
 
 def _replace_marker(marker: Path, content: bytes) -> None:
-    """Write ``content`` to ``MARKER_PARTIAL`` beside ``marker`` and rename it over ``marker``: a write that fails
-    part-way leaves the marker as it was."""
-    partial = marker.with_name(MARKER_PARTIAL)
+    """Write ``content`` to a new file beside ``marker`` (``.compressor.partial-<random>``, created here, never
+    through a link) and rename it over ``marker``: a write that fails part-way leaves the marker as it was."""
+    partial = _unused_name(marker.parent, f"{MARKER}.partial-")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        partial.write_bytes(content)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
         os.replace(partial, marker)
     finally:
         partial.unlink(missing_ok=True)
@@ -191,28 +192,56 @@ def check_writable(out_dir: Path) -> None:
 
 def check_replaceable(out_dir: Path) -> None:
     """An earlier output in ``out_dir`` is renamed aside at the end, then deleted, and its marker rewritten first:
-    refuse now, without writing anything, a mount point (it cannot be renamed) and a folder or marker that cannot be
-    changed (read-only, immutable)."""
+    refuse now, without writing anything, a mount point (it cannot be renamed) and a folder that cannot change
+    (read-only, or with its marker immutable or append-only)."""
     out = out_dir.expanduser().resolve()
     if _mount_point(out):
         raise CompressorError(f"cannot replace {out_dir}: it is a mount point; choose a folder inside it as --out.")
-    for path in (out, out / MARKER):
-        if os.path.lexists(path) and not os.access(path, os.W_OK):
-            raise CompressorError(f"cannot replace {out_dir}: {path} is read-only or immutable; make it writable or "
-                                  "choose another --out.")
+    marker = out / MARKER
+    if not os.access(out, os.W_OK | os.X_OK) or _unchangeable(out) or marker.is_file() and _unchangeable(marker):
+        raise CompressorError(f"cannot replace {out_dir}: it or its {MARKER} marker is read-only, immutable or "
+                              "append-only; make it writable or choose another --out.")
+
+
+MOUNT_TABLE = Path("/proc/self/mountinfo")
+"""Linux's table of this process's mounts (field 5: the mount point, with space, tab, newline and backslash written
+as octal escapes)."""
 
 
 def _mount_point(path: Path) -> bool:
-    """Whether ``path`` is a mount point, bind mounts within one file system included (Linux's mount table)."""
+    """Whether ``path`` is a mount point, bind mounts within one file system included (``MOUNT_TABLE``)."""
     if os.path.ismount(path):
         return True
     try:
-        table = Path("/proc/self/mountinfo").read_text()
+        table = MOUNT_TABLE.read_bytes()
     except OSError:
         return False
     fields = [line.split() for line in table.splitlines()]
-    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
-    return str(path) in points  # the table writes a space in a path as \040
+    unescaped = (re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), f[4]) for f in fields if len(f) > 4)
+    return os.fsencode(path) in set(unescaped)
+
+
+FS_IOC_GETFLAGS, FS_IMMUTABLE_FL, FS_APPEND_FL = 0x80086601, 0x10, 0x20
+"""Linux's ioctl that reads a file's attribute flags (``lsattr``), and the flags that forbid renaming or removal."""
+
+
+def _unchangeable(path: Path) -> bool:
+    """Whether Linux marks ``path`` immutable or append-only (``chattr +i``/``+a``: even root cannot then rename it or
+    remove what it holds); False where the flags cannot be read."""
+    try:
+        import fcntl
+
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except (ImportError, OSError):
+        return False
+    flags = array.array("l", [0])
+    try:
+        fcntl.ioctl(descriptor, FS_IOC_GETFLAGS, flags)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return bool(flags[0] & (FS_IMMUTABLE_FL | FS_APPEND_FL))
 
 
 def existing_parent(out_dir: Path) -> Path:
@@ -244,32 +273,58 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove what runs into ``out_dir`` whose process is gone left beside it: staging folders (killed before they
-    could clean up) and what could not be deleted of a replaced output (``leftover``); put back a previous output
-    that such a run had renamed aside (``aside``) if ``out_dir`` is missing, else delete it. Folders without
-    compressor's marker, and its folders in any other state, are never touched. Returns what was removed."""
+    """Clear what runs into ``out_dir`` whose process is gone left beside it, by compressor's names and markers only
+    (anything else is never touched): staging folders (``staging`` or ``done``, killed before the swap) and what
+    could not be deleted of a replaced output (``leftover``) are deleted, as are empty folders of those names (killed
+    before their marker). A previous output renamed aside (``aside``) is put back if ``out_dir`` is missing, deleted
+    if ``out_dir`` holds the output that replaced it, and otherwise kept and named on stderr. Returns what was
+    deleted."""
     out = out_dir.expanduser().resolve()
     removed = []
     if not out.parent.is_dir():
         return removed
-    entries = sorted(entry for entry in out.parent.iterdir() if entry.name.startswith(f".{out.name}."))
-    for entry in entries:
-        marker = _read_marker(entry) if entry.is_dir() and not entry.is_symlink() else None
-        if marker is None or marker.get("written_by") != "compressor" or _alive(int(marker.get("pid", 0))):
+    names = re.compile(rf"\.{re.escape(out.name)}(?P<kind>{re.escape(STAGING)}(?:[a-z]+-)*[a-z0-9_]{{8}}"
+                       rf"|{re.escape(ASIDE)}[0-9a-f]{{8}})")
+    for entry in sorted(out.parent.iterdir()):
+        named = names.fullmatch(entry.name)
+        if named is None or not entry.is_dir() or entry.is_symlink():
             continue
-        state = marker.get("state")
-        staging = entry.name.startswith(f".{out.name}{STAGING}")
-        aside = entry.name.startswith(f".{out.name}{ASIDE}") and state in ("aside", "leftover")
-        if state == "aside" and aside and not out.exists():
-            with held():  # the run died between renaming the old output aside and the new one in
-                entry.rename(out)
-                _write_marker(out, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
-        elif staging or aside:
-            if state == "aside":
-                _write_marker(entry, marker.get("kind", "prune"), [], "leftover")  # never put back once partly gone
-            if _delete_marked(entry):
-                removed.append(entry)
+        marker = _read_marker(entry)
+        if marker is None:
+            with suppress(OSError):
+                entry.rmdir()  # only if empty: a run killed before it wrote the marker
+            continue
+        if marker.get("written_by") != "compressor" or not isinstance(marker.get("pid"), int) or _alive(marker["pid"]):
+            continue
+        state, aside = marker.get("state"), named["kind"].startswith(ASIDE)
+        if aside and state == "aside":
+            _settle_aside(entry, marker, out, removed)
+        elif (state == "leftover" if aside else state in ("staging", "done")) and _delete_marked(entry):
+            removed.append(entry)
     return removed
+
+
+def _settle_aside(aside: Path, marker: dict, out: Path, removed: list[Path]) -> None:
+    """A previous output a dead run renamed aside (``marker`` its marker): back to ``out`` if that is missing; deleted
+    (``removed`` gets it) if ``out`` holds the new output of that run (marked done by the same process); else kept
+    and named."""
+    if not out.exists():
+        with held():  # the run died between renaming the old output aside and the new one in
+            aside.rename(out)
+            _write_marker(out, marker.get("kind", "prune"), marker.get("files", []), "done", marker.get("stamps"))
+        print(f"put back {out}, the output an interrupted run was replacing", file=sys.stderr)
+        return
+    replaced_by = _read_marker(out) or {}
+    if replaced_by.get("pid") == marker["pid"] and replaced_by.get("state") == "done":
+        try:
+            _write_marker(aside, marker.get("kind", "prune"), [], "leftover")  # never put back once partly gone
+        except OSError:
+            return
+        if _delete_marked(aside):
+            removed.append(aside)
+        return
+    print(f"kept {aside}, the output an interrupted run was replacing in {out}, which now holds another folder; "
+          "move one of them or delete it yourself", file=sys.stderr)
 
 
 def _delete_marked(folder: Path) -> bool:
@@ -387,13 +442,17 @@ def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool
 
 def _delete_aside(aside: Path, kind: str, out: Path) -> None:
     """Delete the previous output renamed aside, first marked ``leftover`` (never put back) so that what cannot be
-    deleted goes at the next run into ``out`` once this process is gone; name that on stderr."""
-    with suppress(OSError):
+    deleted goes at the next run into ``out`` once this process is gone; name what stays on stderr. If it cannot be
+    marked, it is kept whole."""
+    try:
         _write_marker(aside, kind, [], "leftover")
-    if _delete_marked(aside):
+    except OSError as error:
+        print(f"kept {aside}, the output {out} replaced, whole: it could not be marked for deletion "
+              f"({error.strerror or error}); delete it yourself", file=sys.stderr)
         return
-    retry = f"the next run into {out} tries again, or delete it yourself" if _read_marker(aside) else "delete it"
-    print(f"could not delete all of {aside}, the output {out} replaced; {retry}", file=sys.stderr)
+    if not _delete_marked(aside):
+        print(f"could not delete all of {aside}, the output {out} replaced; the next run into {out} tries again, or "
+              "delete it yourself", file=sys.stderr)
 
 
 def _default_permissions(folder: Path) -> None:

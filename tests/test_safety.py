@@ -226,15 +226,18 @@ def test_every_leftover_of_a_killed_run_goes_at_the_next_run(tmp_path, name):
     in, or a scratch folder (prune --heal's unhealed model, heal's top-k cache); the next run into the same --out
     removes them all, whatever characters the name holds, and nothing it did not write."""
     out, dead = tmp_path / name, _dead_pid()
-    for suffix, state in ((".partial-a", "staging"), (".partial-b", "done"), (".partial-unhealed-c", "staging")):
+    a, b, c = ".partial-a1b2c3d4", ".partial-e5f6g7h8", ".partial-unhealed-i9j0k1l2"  # mkdtemp's 8 characters
+    for suffix, state in ((a, "staging"), (b, "done"), (c, "staging")):
         (tmp_path / f".{name}{suffix}").mkdir()
         (tmp_path / f".{name}{suffix}" / MARKER).write_text(
             f'{{"written_by": "compressor", "state": "{state}", "pid": {dead}, "files": []}}')
-    (tmp_path / f".{name}.partial-unhealed-c" / "pruned").mkdir()
-    (tmp_path / f".{name}.partial-mine").mkdir()  # no marker: not compressor's
+    (tmp_path / f".{name}{c}" / "pruned").mkdir()
+    (tmp_path / f".{name}.partial-mine0000").mkdir()  # no marker: not compressor's
+    (tmp_path / f".{name}.partial-mine0000" / "notes.txt").write_text("mine")
+    (tmp_path / f".{name}.partial-zyxw9876").mkdir()  # empty: a run killed before it wrote the marker
     removed = remove_stale_staging(out)
-    assert sorted(p.name for p in removed) == [f".{name}.partial-a", f".{name}.partial-b", f".{name}.partial-unhealed-c"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.partial-mine"]
+    assert sorted(p.name for p in removed) == [f".{name}{a}", f".{name}{b}", f".{name}{c}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.partial-mine0000"]
 
 
 def test_a_scratch_folder_is_marked_as_staging_and_removed_after_its_block(tmp_path):
@@ -272,13 +275,14 @@ def test_signals_inside_a_held_block_are_raised_after_it(monkeypatch):
 def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path):
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for name, pid in ((".out.partial-dead", int(dead.stdout)), (".out.partial-live", os.getpid())):
+    for name, pid in ((".out.partial-dead0000", int(dead.stdout)), (".out.partial-live0000", os.getpid())):
         (tmp_path / name).mkdir()
         (tmp_path / name / MARKER).write_text(
             f'{{"written_by": "compressor", "state": "staging", "pid": {pid}, "files": []}}')
-    (tmp_path / ".out.partial-foreign").mkdir()  # no marker: not ours, never touched
-    assert remove_stale_staging(out) == [(tmp_path / ".out.partial-dead").resolve()]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign", ".out.partial-live"]
+    (tmp_path / ".out.partial-foreign0").mkdir()  # no marker: not ours, never touched
+    (tmp_path / ".out.partial-foreign0" / "notes.txt").write_text("mine")
+    assert remove_stale_staging(out) == [(tmp_path / ".out.partial-dead0000").resolve()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign0", ".out.partial-live0000"]
 
 
 def test_out_that_is_a_parent_of_the_current_folder_is_refused(tmp_path, monkeypatch):
@@ -312,27 +316,40 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, no_model_load)
     assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "cannot write")
 
 
-@pytest.mark.parametrize("obstacle", ["mount point", "read-only folder", "read-only marker"])
+@pytest.mark.parametrize("obstacle", ["mount point", "read-only folder", "immutable marker"])
 def test_an_earlier_output_that_cannot_be_replaced_fails_before_the_model_loads(tmp_path, monkeypatch, obstacle,
                                                                               no_model_load):
     """An earlier output in a mount point (it cannot be renamed aside), or whose folder or marker cannot change
-    (read-only, immutable), is refused before loading, in one sentence, and stays as it was; so does a dry run,
-    which writes nothing in it."""
+    (read-only, immutable, append-only), is refused before loading, in one sentence, and stays as it was; so does a
+    dry run, which writes nothing in it."""
     out = (tmp_path / "out").resolve()
     before = _earlier_output(out, "marked")
     if obstacle == "mount point":
-        monkeypatch.setattr(outputs, "_mount_point", lambda path: Path(path) == out)
-    else:
-        locked = out if obstacle == "read-only folder" else out / MARKER
+        table = tmp_path.parent / f"{tmp_path.name}-mountinfo"
+        table.write_bytes(b"36 35 98:0 /x " + os.fsencode(out) + b" rw - ext4 /dev/a rw\n")
+        monkeypatch.setattr(outputs, "MOUNT_TABLE", table)  # a bind mount on the same file system: ismount misses it
+    elif obstacle == "read-only folder":
         access = os.access
         monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not (
-            Path(path) == locked and mode & os.W_OK))
+            Path(path) == out and mode & os.W_OK))
+    else:
+        monkeypatch.setattr(outputs, "_unchangeable", lambda path: Path(path) == out / MARKER)
     for extra in ([], ["--dry-run"]):
         message = assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST, *extra),
                                     "cannot replace")
-        assert ("mount point" if obstacle == "mount point" else "read-only or immutable") in message
+        assert ("mount point" if obstacle == "mount point" else "read-only, immutable or append-only") in message
         assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_mount_points_are_read_from_the_mount_table_as_linux_escapes_them(tmp_path, monkeypatch):
+    """Space, tab, newline and backslash are octal escapes there; a mount point whose name is not UTF-8 is read."""
+    table = tmp_path / "mountinfo"
+    table.write_bytes(b"36 35 98:0 / /mnt/\xffodd rw - ext4 /dev/a rw\n"
+                      b"37 35 98:0 /x /srv/my\\040models\\134x rw - ext4 /dev/a rw\n")
+    monkeypatch.setattr(outputs, "MOUNT_TABLE", table)
+    assert outputs._mount_point(Path("/srv/my models\\x")) and outputs._mount_point(Path(os.fsdecode(b"/mnt/\xffodd")))
+    assert not outputs._mount_point(Path("/srv/my"))
 
 
 def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it(tmp_path):
@@ -342,17 +359,87 @@ def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it(tmp_path):
     assert _snapshot(out) == before
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="chattr +i needs root")
-def test_an_immutable_earlier_output_is_refused_before_the_model_loads(tmp_path, no_model_load):
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="chattr needs root")
+@pytest.mark.parametrize("flag, where", [("+i", "folder"), ("+a", "folder"), ("+i", "marker"), ("+a", "marker")])
+def test_an_immutable_or_append_only_earlier_output_is_refused_before_the_model_loads(tmp_path, no_model_load, flag,
+                                                                                      where):
     out = (tmp_path / "out").resolve()
     before = _earlier_output(out, "marked")
-    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
-        pytest.skip("this file system takes no immutable flag")
+    locked = out if where == "folder" else out / MARKER
+    if subprocess.run(["chattr", flag, str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("this file system takes no such flag")
     try:
-        assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "read-only or immutable")
+        assert_user_error(invoke("prune", FIXTURE, "--out", out, "--overwrite", *FAST), "immutable or append-only")
         assert _snapshot(out) == before
     finally:
-        subprocess.run(["chattr", "-i", str(out)])
+        subprocess.run(["chattr", "-" + flag[1:], str(locked)])
+
+
+def test_a_users_file_named_like_a_marker_being_written_is_theirs(tmp_path):
+    """A ``.compressor.partial`` in an earlier output is the user's: --overwrite names it, never writing through it."""
+    out = (tmp_path / "out").resolve()
+    _earlier_output(out, "marked")
+    target = tmp_path / "mine.txt"
+    target.write_text("mine\n")
+    (out / ".compressor.partial").symlink_to(target)
+    with pytest.raises(CompressorError, match=r"\.compressor\.partial"):
+        check_output_folder(out, overwrite=True)
+    assert target.read_text() == "mine\n"
+
+
+def test_an_aside_output_is_kept_when_out_holds_another_folder(tmp_path, capsys):
+    """A run killed between its two renames left the previous output aside; the user then made a new --out of their
+    own: the aside output is kept and named, never deleted."""
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.old-0123abcd"
+    aside.mkdir()
+    (aside / "report.json").write_text("{}")
+    (aside / MARKER).write_text(f'{{"written_by": "compressor", "state": "aside", "pid": {_dead_pid()}, '
+                                '"files": ["report.json"]}')
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert remove_stale_staging(out) == []
+    assert (aside / "report.json").exists() and f"kept {aside.resolve()}" in capsys.readouterr().err
+
+
+def test_an_aside_output_replaced_by_its_runs_new_one_goes_and_is_never_put_back_once_partly_gone(tmp_path,
+                                                                                                  monkeypatch):
+    """A run was killed after swapping its new output in, before deleting the old one: the next run deletes the old
+    one; what it cannot delete is marked ``leftover`` first, so it is never put back as the output."""
+    out, dead = tmp_path / "out", _dead_pid()
+    aside = tmp_path / ".out.old-0123abcd"
+    for folder, state, name in ((out, "done", "new.json"), (aside, "aside", "z.bin")):
+        folder.mkdir()
+        (folder / name).write_text("{}")
+        (folder / MARKER).write_text(f'{{"written_by": "compressor", "state": "{state}", "pid": {dead}, '
+                                     f'"files": ["{name}"]}}')
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        PermissionError(1, "Operation not permitted")) if self.name == "z.bin" else unlink(self, missing_ok))
+    assert remove_stale_staging(out) == [] and '"state": "leftover"' in (aside / MARKER).read_text()
+    shutil.rmtree(out)
+    (aside / MARKER).write_text((aside / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead}'))
+    assert remove_stale_staging(out) == [] and not out.exists()
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert remove_stale_staging(out) == [aside.resolve()]
+
+
+def test_a_replaced_output_that_cannot_be_marked_for_deletion_is_kept_whole(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with staging_folder(out, overwrite=False, kind="analyze") as staging:
+        (staging / "report.json").write_text("{}\n")
+    write_marker = outputs._write_marker
+
+    def disk_full(folder, kind, files, state, stamps=None):
+        if state == "leftover":
+            raise OSError(28, "No space left on device")
+        return write_marker(folder, kind, files, state, stamps)
+
+    monkeypatch.setattr(outputs, "_write_marker", disk_full)
+    with staging_folder(out, overwrite=True, kind="analyze") as staging:
+        (staging / "report.json").write_text("new\n")
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert (aside / "report.json").read_text() == "{}\n" and "whole" in capsys.readouterr().err
 
 
 def test_an_unwritable_json_folder_fails_before_the_model_loads(tmp_path, no_model_load):
@@ -609,7 +696,7 @@ def test_an_output_written_before_the_marker_is_replaced_but_not_with_foreign_fi
 
 def test_a_run_killed_mid_swap_gets_its_previous_output_back(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    aside = tmp_path / ".out.old-x1"
+    aside = tmp_path / ".out.old-0123abcd"
     aside.mkdir()
     (aside / "report.json").write_text("{}")
     (aside / MARKER).write_text(f'{{"written_by": "compressor", "state": "aside", "pid": {int(dead.stdout)}, '
