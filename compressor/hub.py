@@ -72,7 +72,7 @@ def push_folder(
             create_pr=create_pr,
             commit_message=message,
             delete_patterns=STALE_PATTERNS,
-            ignore_patterns=[MARKER],
+            ignore_patterns=[MARKER, f"{MARKER}.partial-*"],
         )
     except HfHubHTTPError as err:
         raise CompressorError(_http_error_message(err, repo_id)) from err
@@ -153,7 +153,7 @@ def _upload_large(api: HfApi, folder: Path, repo_id: str, *, revision, create_pr
             "upload_large_folder, which cannot; push to a branch with --revision or upgrade huggingface_hub to 2.x."
         )
     api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                             ignore_patterns=[MARKER])
+                             ignore_patterns=[MARKER, f"{MARKER}.partial-*"])
     stale = [
         CommitOperationDelete(path_in_repo=path)
         for path in api.list_repo_files(repo_id, revision=revision)

@@ -44,8 +44,12 @@ LEGACY_NAMES = (
 """What the versions before the marker wrote: a folder without a marker that holds ``compression.json`` or
 ``stats.safetensors`` and nothing else but these names (and PNGs under ``figures/``) is taken for one of their
 outputs."""
-HUB_CACHE = ".cache"
-"""huggingface_hub's ``upload_large_folder`` keeps its resumption state here, inside the pushed folder."""
+UPLOAD_CACHE = ".cache/huggingface/"
+"""Where huggingface_hub's ``upload_large_folder`` keeps its resumption state, inside the folder it pushes (after
+compressor wrote it)."""
+MARKER_HEAD = b'{\n "written_by": "compressor"'
+"""How every marker's JSON begins: a ``.compressor.partial-*`` beginning so (or empty) is one a killed run was
+writing."""
 
 
 def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = ()) -> None:
@@ -89,36 +93,40 @@ def check_output_folder(out_dir: Path, overwrite: bool, sources: Iterable[Path |
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """Paths (relative, every file and link at any depth) in ``folder`` that ``compressor`` did not write there, or
-    that changed since (another size or modification time than the marker's); all of them for a folder it never
-    wrote."""
+    """Paths (relative, every file and link at any depth; ``name/`` for a folder that cannot be listed) in ``folder``
+    that ``compressor`` did not write there, or that changed since (another size or modification time than the
+    marker's); all of them for a folder it never wrote. A ``.compressor`` that is not compressor's marker is one."""
     paths = written_paths(folder)
     marker = _read_marker(folder)
     if marker is not None:
         ours = set(marker.get("files", []))
         stamps = marker.get("stamps") or {}
-        return [path for path in paths
-                if path not in ours or (path in stamps and stamps[path] != _stamp(folder / path))]
+        return [path for path in paths if not path.startswith(UPLOAD_CACHE)
+                and (path not in ours or (path in stamps and stamps[path] != _stamp(folder / path)))]
+    paths += [MARKER] if os.path.lexists(folder / MARKER) else []
     if not {"compression.json", "stats.safetensors"} & set(paths):
         return paths
     return [path for path in paths if not _legacy(path)]
 
 
 def written_paths(folder: Path) -> list[str]:
-    """Every file and link below ``folder`` as a relative POSIX path, but the marker and huggingface_hub's upload
-    cache (``.cache/huggingface/``)."""
+    """Every file and link below ``folder`` as a relative POSIX path, but the marker; a folder that cannot be listed
+    as ``name/`` (what it holds is unknown)."""
     found = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_dir() and not path.is_symlink() or relative == MARKER:
-            continue
-        if relative.startswith(f"{HUB_CACHE}/huggingface/"):
-            continue
-        found.append(relative)
-    return sorted(found)
+
+    def unlisted(error: OSError) -> None:
+        found.append(Path(error.filename).relative_to(folder).as_posix() + "/")
+
+    for root, folders, files in os.walk(folder, onerror=unlisted):
+        here = Path(root).relative_to(folder)
+        links = [name for name in folders if os.path.islink(os.path.join(root, name))]
+        found += [(here / name).as_posix() for name in files + links]
+    return sorted(path for path in found if path != MARKER)
 
 
 def _legacy(path: str) -> bool:
+    if path.startswith(UPLOAD_CACHE):
+        return True
     top, _, rest = path.partition("/")
     if rest:
         return top == "figures" and "/" not in rest and rest.endswith(".png")
@@ -126,11 +134,14 @@ def _legacy(path: str) -> bool:
 
 
 def _read_marker(folder: Path) -> dict | None:
+    """``folder``'s marker: a file (not a link) holding a JSON object written by compressor; else None."""
+    if (folder / MARKER).is_symlink():
+        return None
     try:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) else None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "compressor" else None
 
 
 def _stamp(path: Path) -> list[int]:
@@ -285,10 +296,13 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         return removed
     names = re.compile(rf"\.{re.escape(out.name)}(?P<kind>{re.escape(STAGING)}(?:[a-z]+-)*[a-z0-9_]{{8}}"
                        rf"|{re.escape(ASIDE)}[0-9a-f]{{8}})")
+    if out.is_dir() and not out.is_symlink():
+        _remove_partial_markers(out)
     for entry in sorted(out.parent.iterdir()):
         named = names.fullmatch(entry.name)
         if named is None or not entry.is_dir() or entry.is_symlink():
             continue
+        _remove_partial_markers(entry)
         marker = _read_marker(entry)
         if marker is None:
             with suppress(OSError):
@@ -302,6 +316,21 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         elif (state == "leftover" if aside else state in ("staging", "done")) and _delete_marked(entry):
             removed.append(entry)
     return removed
+
+
+def _remove_partial_markers(folder: Path) -> None:
+    """Delete the markers a killed run was writing in ``folder``: files (not links) named ``.compressor.partial-`` and
+    eight hex digits, empty or beginning as every marker does (``MARKER_HEAD``)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not re.fullmatch(rf"{re.escape(MARKER)}\.partial-[0-9a-f]{{8}}", entry.name) or entry.is_symlink():
+            continue
+        with suppress(OSError):
+            if entry.is_file() and MARKER_HEAD.startswith(entry.read_bytes()[:len(MARKER_HEAD)]):
+                entry.unlink()
 
 
 def _settle_aside(aside: Path, marker: dict, out: Path, removed: list[Path]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -355,7 +356,7 @@ def test_mount_points_are_read_from_the_mount_table_as_linux_escapes_them(tmp_pa
 def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it(tmp_path):
     out = (tmp_path / "out").resolve()
     before = _earlier_output(out, "marked")
-    assert invoke("prune", FIXTURE, "--out", out, "--overwrite", "--dry-run").exit_code == 0
+    assert invoke("prune", FIXTURE, "--out", out, "--overwrite", "--dry-run", *FAST[:-1]).exit_code == 0
     assert _snapshot(out) == before
 
 
@@ -373,6 +374,49 @@ def test_an_immutable_or_append_only_earlier_output_is_refused_before_the_model_
         assert _snapshot(out) == before
     finally:
         subprocess.run(["chattr", "-" + flag[1:], str(locked)])
+
+
+def test_a_folder_that_cannot_be_listed_in_an_earlier_output_is_named_not_replaced(tmp_path, monkeypatch):
+    """What a subfolder the user closed holds is unknown, so --overwrite names it instead of deleting it."""
+    out = (tmp_path / "out").resolve()
+    _earlier_output(out, "marked")
+    (out / "private").mkdir()
+    (out / "private" / "diary.txt").write_text("mine")
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", str(path))) if Path(path).name == "private" else scandir(path))
+    with pytest.raises(CompressorError, match="private/"):
+        check_output_folder(out, overwrite=True)
+
+
+@pytest.mark.parametrize("content, where", [
+    ({".cache/huggingface/hub/models--org--big/blobs/abc": "weights"}, "a download cache"),
+    ({".compressor": '{"level": 9, "algo": "zstd"}'}, "another tool's .compressor"),
+    ({"config.json": "{}", "compression.json": "{}", ".compressor": "level=9"}, "a legacy output with it"),
+])
+def test_files_compressor_did_not_write_are_never_taken_for_its_own(tmp_path, content, where):
+    out = tmp_path / "out"
+    for name, text in content.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    foreign = [name for name in content if name not in ("config.json", "compression.json")]
+    with pytest.raises(CompressorError, match=re.escape(foreign[0])):
+        check_output_folder(out, overwrite=True)
+    assert {name: (out / name).read_text() for name in content} == content
+
+
+def test_a_marker_a_killed_run_was_writing_goes_at_the_next_run(tmp_path):
+    """A run killed while it rewrote the marker of --out left ``.compressor.partial-*``: the next run deletes it (and
+    an empty one), keeps a file of that name whose content is the user's, and names only that one."""
+    out = (tmp_path / "out").resolve()
+    _earlier_output(out, "marked")
+    (out / ".compressor.partial-0a1b2c3d").write_bytes(b'{\n "written_by": "compressor", "ki')
+    (out / ".compressor.partial-4e5f6a7b").write_bytes(b"")
+    (out / ".compressor.partial-8c9d0e1f").write_text("mine")
+    remove_stale_staging(out)
+    assert sorted(p.name for p in out.iterdir()) == [".compressor", ".compressor.partial-8c9d0e1f", "report.json"]
+    with pytest.raises(CompressorError, match=r"\.compressor\.partial-8c9d0e1f, added or changed"):
+        check_output_folder(out, overwrite=True)
 
 
 def test_a_users_file_named_like_a_marker_being_written_is_theirs(tmp_path):
