@@ -44,9 +44,9 @@ LEGACY_NAMES = (
 """What the versions before the marker wrote: a folder without a marker that holds ``compression.json`` or
 ``stats.safetensors`` and nothing else but these names (and PNGs under ``figures/``) is taken for one of their
 outputs."""
-UPLOAD_CACHE = ".cache/huggingface/"
-"""Where huggingface_hub's ``upload_large_folder`` keeps its resumption state, inside the folder it pushes (after
-compressor wrote it)."""
+UPLOAD_STATE = (".cache/huggingface/upload/", ".cache/huggingface/.gitignore")
+"""What huggingface_hub's ``upload_large_folder`` writes inside the folder it pushes (after compressor wrote it), by
+prefix; its ``download/`` state, beside a downloaded copy of a pushed output, is not compressor's."""
 MARKER_HEAD = b'{\n "written_by": "compressor"'
 """How every marker's JSON begins: a ``.compressor.partial-*`` beginning so (or empty) is one a killed run was
 writing."""
@@ -101,7 +101,7 @@ def foreign_entries(folder: Path) -> list[str]:
     if marker is not None:
         ours = set(marker.get("files", []))
         stamps = marker.get("stamps") or {}
-        return [path for path in paths if not path.startswith(UPLOAD_CACHE)
+        return [path for path in paths if not path.startswith(UPLOAD_STATE)
                 and (path not in ours or (path in stamps and stamps[path] != _stamp(folder / path)))]
     paths += [MARKER] if os.path.lexists(folder / MARKER) else []
     if not {"compression.json", "stats.safetensors"} & set(paths):
@@ -125,7 +125,7 @@ def written_paths(folder: Path) -> list[str]:
 
 
 def _legacy(path: str) -> bool:
-    if path.startswith(UPLOAD_CACHE):
+    if path.startswith(UPLOAD_STATE):
         return True
     top, _, rest = path.partition("/")
     if rest:

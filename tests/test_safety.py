@@ -391,6 +391,8 @@ def test_a_folder_that_cannot_be_listed_in_an_earlier_output_is_named_not_replac
 
 @pytest.mark.parametrize("content, where", [
     ({".cache/huggingface/hub/models--org--big/blobs/abc": "weights"}, "a download cache"),
+    ({"config.json": "{}", "compression.json": "{}", ".cache/huggingface/download/model.safetensors.metadata": "x"},
+     "a downloaded copy of a pushed output"),
     ({".compressor": '{"level": 9, "algo": "zstd"}'}, "another tool's .compressor"),
     ({"config.json": "{}", "compression.json": "{}", ".compressor": "level=9"}, "a legacy output with it"),
 ])
