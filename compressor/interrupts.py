@@ -45,14 +45,14 @@ def install() -> None:
 
 def interrupt(signum, frame):
     """Raise ``Interrupted``. Within :func:`held`, note the signal instead (it is raised when the block ends). During
-    an import, deliver the signal again shortly instead (an import can run Python code called from C++, torch's
-    extensions, where an exception aborts the whole process, and libraries' bare ``except:`` around imports can
-    swallow it), unless a delivery is already pending: the user repeated the signal, which raises at once (a way
-    out of an import that hangs)."""
+    an import or a finaliser, deliver the signal again shortly instead (an import can run Python code called from
+    C++, torch's extensions, where an exception aborts the whole process, and libraries' bare ``except:`` around
+    imports can swallow it; Python prints and drops an exception raised in a ``__del__``), unless a delivery is
+    already pending: the user repeated the signal, which raises at once (a way out of an import that hangs)."""
     if holding["depth"]:
         holding["pending"] = holding["pending"] or signum
         return
-    if inside_import(frame) and not deferral["armed"]:
+    if cannot_raise(frame) and not deferral["armed"]:
         deferral["armed"] = True
         timer = threading.Timer(RESEND_SECONDS, deliver_again, (signum,))
         timer.daemon = True  # a command that ends meanwhile has finished its work: nothing to interrupt
@@ -88,10 +88,11 @@ def deliver_again(signum: int) -> None:
     signal.pthread_kill(threading.main_thread().ident, signum)
 
 
-def inside_import(frame) -> bool:
-    """Whether ``frame`` or one of its callers runs Python's import machinery."""
+def cannot_raise(frame) -> bool:
+    """Whether ``frame`` or one of its callers runs Python's import machinery or a finaliser (``__del__``, whose
+    exceptions Python drops), where an exception would not reach the command."""
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        if frame.f_code.co_filename.startswith("<frozen importlib") or frame.f_code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False

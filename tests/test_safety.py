@@ -646,6 +646,26 @@ def test_a_signal_during_an_import_is_delivered_again_after_it(monkeypatch, tmp_
     assert interrupts.received == [signal.SIGTERM] * 2 and len(timers) == 2
 
 
+def test_a_signal_during_a_finaliser_is_delivered_again_after_it(monkeypatch):
+    """Python prints and drops an exception raised in a ``__del__`` (garbage collection can run one at any moment,
+    as regex's did during a start-up in CI), so the handler has the signal delivered again instead of raising it."""
+    from compressor import interrupts
+
+    timers = []
+    monkeypatch.setattr(interrupts.threading, "Timer", lambda delay, deliver, args: SimpleNamespace(
+        start=lambda: timers.append((delay, deliver, args))))
+    monkeypatch.setattr(interrupts, "received", [])
+    monkeypatch.setattr(interrupts, "deferral", {"armed": False})
+
+    class Finalised:
+        def __del__(self):
+            interrupts.interrupt(signal.SIGINT, sys._getframe())
+
+    Finalised()  # dropped at once: its __del__ runs the handler
+    assert timers == [(interrupts.RESEND_SECONDS, interrupts.deliver_again, (signal.SIGINT,))]
+    assert interrupts.received == []
+
+
 @pytest.mark.parametrize("surfaces_as", ["the interrupt", "another error"])
 def test_an_interrupt_while_the_command_line_is_imported_is_one_line(monkeypatch, capsys, surfaces_as):
     """The executable installs the handlers before it imports the command line: an interrupt then is the interrupt's
