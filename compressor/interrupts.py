@@ -29,7 +29,7 @@ RESEND_SECONDS = 0.05
 """How soon a signal that arrived during an import is delivered again."""
 
 deferral = {"armed": False}
-"""Whether the next delivery of a signal deferred by an import is pending."""
+"""Whether the next delivery of a signal deferred by an import or a finaliser is pending."""
 
 holding = {"depth": 0, "pending": None}
 """While ``depth`` > 0 (:func:`held`), a signal is noted in ``pending`` instead of raising."""

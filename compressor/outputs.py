@@ -308,7 +308,7 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
             with suppress(OSError):
                 entry.rmdir()  # only if empty: a run killed before it wrote the marker
             continue
-        if marker.get("written_by") != "compressor" or not isinstance(marker.get("pid"), int) or _alive(marker["pid"]):
+        if not isinstance(marker.get("pid"), int) or _alive(marker["pid"]):  # _read_marker: compressor's only
             continue
         state, aside = marker.get("state"), named["kind"].startswith(ASIDE)
         if aside and state == "aside":
