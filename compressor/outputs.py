@@ -152,9 +152,13 @@ def _stamp(path: Path) -> list[int]:
 
 def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
     """``state``: ``staging`` (being written), ``done`` (an output), ``aside`` (an output being replaced) or
-    ``leftover`` (what could not be deleted of a replaced output); ``pid`` the process that wrote this state, so
-    that a later run knows a leftover from a live run's folder; ``stamps`` each file's :func:`_stamp` as written."""
+    ``leftover`` (what could not be deleted of a replaced output); ``pid`` the process that wrote this state and
+    ``started`` when it started (:func:`_started`), so that a later run knows a leftover from a live run's folder even
+    where the pid was reused; ``stamps`` each file's :func:`_stamp` as written."""
     marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
+    started = _started(os.getpid())
+    if started is not None:
+        marker["started"] = started
     if stamps:
         marker["stamps"] = stamps
     _replace_marker(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
@@ -273,14 +277,28 @@ def check_free_space(out_dir: Path, needed: int) -> None:
         )
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since the machine booted (field 22 of Linux's
+    ``/proc/PID/stat``); None where that cannot be read (no such process, no ``/proc``)."""
     try:
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(marker: dict) -> bool:
+    """Whether the process that wrote ``marker`` still runs: its pid exists and, where the marker and this machine
+    both know start times, that process started when the marker's did (a pid reused, as in a new container, is
+    not the writer)."""
+    try:
+        os.kill(marker["pid"], 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started = marker.get("started")
+    return not isinstance(started, int) or _started(marker["pid"]) in (None, started)
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
@@ -308,7 +326,7 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
             with suppress(OSError):
                 entry.rmdir()  # only if empty: a run killed before it wrote the marker
             continue
-        if not isinstance(marker.get("pid"), int) or _alive(marker["pid"]):  # _read_marker: compressor's only
+        if not isinstance(marker.get("pid"), int) or _alive(marker):  # _read_marker: compressor's only
             continue
         state, aside = marker.get("state"), named["kind"].startswith(ASIDE)
         if aside and state == "aside":
@@ -344,7 +362,8 @@ def _settle_aside(aside: Path, marker: dict, out: Path, removed: list[Path]) -> 
         print(f"put back {out}, the output an interrupted run was replacing", file=sys.stderr)
         return
     replaced_by = _read_marker(out) or {}
-    if replaced_by.get("pid") == marker["pid"] and replaced_by.get("state") == "done":
+    same_run = all(replaced_by.get(key) == marker.get(key) for key in ("pid", "started"))
+    if same_run and replaced_by.get("state") == "done":
         try:
             _write_marker(aside, marker.get("kind", "prune"), [], "leftover")  # never put back once partly gone
         except OSError:

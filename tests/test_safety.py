@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -284,6 +285,27 @@ def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path
     (tmp_path / ".out.partial-foreign0" / "notes.txt").write_text("mine")
     assert remove_stale_staging(out) == [(tmp_path / ".out.partial-dead0000").resolve()]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign0", ".out.partial-live0000"]
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/stat").exists(), reason="start times are read from /proc")
+def test_a_reused_pid_does_not_keep_a_dead_runs_staging_alive(tmp_path):
+    """A marker of this process's pid with another start time is a dead run's (the pid reused, as in a new
+    container): cleared. With this process's own start time it is a live run's: kept."""
+    own = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    for name, started in ((".out.partial-reused00", own - 1), (".out.partial-live0000", own)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MARKER).write_text(json.dumps(
+            {"written_by": "compressor", "state": "staging", "pid": os.getpid(), "started": started, "files": []}))
+    assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-reused00").resolve()]
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial-live0000"]
+
+
+def test_an_output_marker_records_its_writers_start_time(tmp_path):
+    with staging_folder(tmp_path / "out", overwrite=False) as staging:
+        (staging / "config.json").write_text("{}")
+    marker = json.loads((tmp_path / "out" / MARKER).read_text())
+    assert (marker["pid"], marker["started"]) == (os.getpid(), outputs._started(os.getpid()))
+    assert isinstance(marker["started"], int)
 
 
 def test_out_that_is_a_parent_of_the_current_folder_is_refused(tmp_path, monkeypatch):
