@@ -195,6 +195,9 @@ def check_writable(out_dir: Path) -> None:
     cannot be written fails now, in one sentence, not after calibration (creates nothing that stays); then
     :func:`check_replaceable` for an earlier output there."""
     parent = existing_parent(out_dir)
+    if parent.is_dir() and _unchangeable(parent):  # an append-only one takes the probe but cannot give it back
+        raise CompressorError(f"cannot write the output beside {out_dir}: {parent} is immutable or append-only; "
+                              "choose another --out.")
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "a file stands where a folder is needed", str(parent))

@@ -398,6 +398,20 @@ def test_an_immutable_or_append_only_earlier_output_is_refused_before_the_model_
         subprocess.run(["chattr", "-" + flag[1:], str(locked)])
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="chattr needs root")
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+def test_an_immutable_or_append_only_parent_is_refused_with_nothing_left_in_it(tmp_path, no_model_load, flag):
+    parent = tmp_path / "models"
+    parent.mkdir()
+    if subprocess.run(["chattr", flag, str(parent)], capture_output=True).returncode != 0:
+        pytest.skip("this file system takes no such flag")
+    try:
+        assert_user_error(invoke("prune", FIXTURE, "--out", parent / "out", *FAST), "immutable or append-only")
+        assert list(parent.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-" + flag[1:], str(parent)])
+
+
 def test_a_folder_that_cannot_be_listed_in_an_earlier_output_is_named_not_replaced(tmp_path, monkeypatch):
     """What a subfolder the user closed holds is unknown, so --overwrite names it instead of deleting it."""
     out = (tmp_path / "out").resolve()
