@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -479,12 +480,16 @@ def _unused_name(parent: Path, prefix: str) -> Path:
 
 
 def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool:
-    """Restore ``marker`` to ``before`` (its content and stat when read; None: it did not exist); whether it is."""
+    """Restore ``marker`` to ``before`` (its content and stat when read; None: it did not exist): content, mode,
+    modification time and, where this process may set them, owner and group; whether it is."""
     try:
         if before is None:
             marker.unlink(missing_ok=True)
         elif marker.read_bytes() != before[0] or marker.stat().st_mtime_ns != before[1].st_mtime_ns:
             _replace_marker(marker, before[0])
+            with suppress(PermissionError):
+                os.chown(marker, before[1].st_uid, before[1].st_gid)
+            os.chmod(marker, stat.S_IMODE(before[1].st_mode))
             os.utime(marker, ns=(before[1].st_atime_ns, before[1].st_mtime_ns))
         return True
     except OSError:

@@ -115,13 +115,14 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int]]:
+def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int, int]]:
     """Write an earlier output into ``out``: ``marked`` by another (dead) process, or ``unmarked`` (written before
-    markers existed); returns every entry's (content, mtime) and the folder's own mtime."""
+    markers existed); returns every entry's (content, mtime, mode) and the folder's own."""
     if earlier == "marked":
         with staging_folder(out, overwrite=False, kind="analyze") as staging:
             (staging / "report.json").write_text("{}\n")
         (out / MARKER).write_text((out / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
+        (out / MARKER).chmod(0o600)  # not the mode compressor writes: a marker put back keeps it
     else:
         out.mkdir()
         for name in ("config.json", "compression.json"):
@@ -129,16 +130,16 @@ def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int]]:
     return _snapshot(out)
 
 
-def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
-    found = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.iterdir()}
-    return {**found, ".": (b"", out.stat().st_mtime_ns)}
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int, int]]:
+    found = {path.name: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_mode) for path in out.iterdir()}
+    return {**found, ".": (b"", out.stat().st_mtime_ns, out.stat().st_mode)}
 
 
 @pytest.mark.parametrize("earlier", ["marked", "unmarked"])
 @pytest.mark.parametrize("failing", ["out to aside", "staging to out"])
 def test_a_swap_whose_rename_fails_leaves_the_earlier_output_as_it_was(tmp_path, monkeypatch, earlier, failing):
     """Either rename of the swap fails (a mount point, a full or vanished file system): the earlier output stays or
-    is put back as it was, its marker byte for byte (another process wrote it) or still absent (an output written
+    is put back as it was, its marker byte for byte and mode (another process wrote it) or still absent (an output written
     before markers), with nothing left beside it."""
     out = (tmp_path / "out").resolve()
     before = _earlier_output(out, earlier)
