@@ -220,6 +220,19 @@ def check_replaceable(out_dir: Path) -> None:
     if not os.access(out, os.W_OK | os.X_OK) or _unchangeable(out) or marker.is_file() and _unchangeable(marker):
         raise CompressorError(f"cannot replace {out_dir}: it or its {MARKER} marker is read-only, immutable or "
                               "append-only; make it writable or choose another --out.")
+    if _sticky_and_not_ours(out):
+        raise CompressorError(f"cannot replace {out_dir}: another user owns it and its folder is sticky (as /tmp is), "
+                              "so only they can rename it; choose another --out.")
+
+
+def _sticky_and_not_ours(path: Path) -> bool:
+    """Whether ``path`` cannot be renamed by this process because its parent is sticky (``chmod +t``) and neither
+    the parent nor ``path`` is this user's (root may)."""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return False
+    user = os.geteuid()
+    parent = path.parent.stat()
+    return bool(parent.st_mode & stat.S_ISVTX) and user not in (parent.st_uid, path.stat().st_uid)
 
 
 MOUNT_TABLE = Path("/proc/self/mountinfo")

@@ -413,6 +413,25 @@ def test_an_immutable_or_append_only_parent_is_refused_with_nothing_left_in_it(t
         subprocess.run(["chattr", "-" + flag[1:], str(parent)])
 
 
+@pytest.mark.parametrize("sticky", [True, False])
+def test_another_users_output_in_a_sticky_folder_is_refused_before_anything_runs(tmp_path, monkeypatch, sticky):
+    """In a sticky folder (as /tmp) only the owner of an output, or of the folder, may rename it: a user who owns
+    neither is refused at once, not after calibration (this process is made to look like another user)."""
+    parent = tmp_path / "shared"
+    parent.mkdir(mode=0o1777 if sticky else 0o777)
+    parent.chmod(0o1777 if sticky else 0o777)
+    out = parent / "out"
+    _earlier_output(out, "marked")
+    monkeypatch.setattr(outputs.os, "geteuid", lambda: out.stat().st_uid + 1)
+    if sticky:
+        with pytest.raises(CompressorError, match="another user owns it and its folder is sticky"):
+            outputs.check_replaceable(out)
+    else:
+        outputs.check_replaceable(out)
+    monkeypatch.setattr(outputs.os, "geteuid", lambda: out.stat().st_uid)  # the owner may
+    outputs.check_replaceable(out)
+
+
 def test_a_folder_that_cannot_be_listed_in_an_earlier_output_is_named_not_replaced(tmp_path, monkeypatch):
     """What a subfolder the user closed holds is unknown, so --overwrite names it instead of deleting it."""
     out = (tmp_path / "out").resolve()
