@@ -298,8 +298,8 @@ def _started(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since the machine booted (field 22 of Linux's
     ``/proc/PID/stat``); None where that cannot be read (no such process, no ``/proc``)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        return int(stat.rsplit(b")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()  # after the name, from field 3
+        return int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
