@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import CompressorError
 from .interrupts import held
+from .output_locks import RUN, alive, holding, locked, same_run
 
 MARKER = ".compressor"
 STAGING = ".partial-"
@@ -153,26 +154,35 @@ def _stamp(path: Path) -> list[int]:
 
 def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
     """``state``: ``staging`` (being written), ``done`` (an output), ``aside`` (an output being replaced) or
-    ``leftover`` (what could not be deleted of a replaced output); ``pid`` the process that wrote this state and
-    ``started`` when it started (:func:`_started`), so that a later run knows a leftover from a live run's folder even
-    where the pid was reused; ``stamps`` each file's :func:`_stamp` as written."""
-    marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "files": files}
-    started = _started(os.getpid())
-    if started is not None:
-        marker["started"] = started
+    ``leftover`` (what could not be deleted of a replaced output); ``pid`` and ``run`` the process and run that wrote
+    this state, and ``locked`` whether it holds ``folder`` locked meanwhile, so that a later run knows a leftover
+    from a live run's folder (``output_locks``); ``stamps`` each file's :func:`_stamp` as written."""
+    marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "run": RUN,
+              "files": files}
+    if holding(folder):
+        marker["locked"] = True
     if stamps:
         marker["stamps"] = stamps
     _replace_marker(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
 
 
-def _replace_marker(marker: Path, content: bytes) -> None:
+def _replace_marker(marker: Path, content: bytes, like: os.stat_result | None = None) -> None:
     """Write ``content`` to a new file beside ``marker`` (``.compressor.partial-<random>``, created here, never
-    through a link) and rename it over ``marker``: a write that fails part-way leaves the marker as it was."""
+    through a link) and rename it over ``marker``: a write that fails part-way leaves the marker as it was. ``like``:
+    the stat of a marker this one restores, whose mode, times and (where this process may set them) owner and group
+    the new file takes through its own descriptor before the rename."""
     partial = _unused_name(marker.parent, f"{MARKER}.partial-")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(content)
+            file.flush()
+            if like is not None:
+                if (like.st_uid, like.st_gid) != (os.fstat(descriptor).st_uid, os.fstat(descriptor).st_gid):
+                    with suppress(OSError):  # not this user's to give (EPERM; EINVAL for an unmapped id)
+                        os.fchown(descriptor, like.st_uid, like.st_gid)
+                os.fchmod(descriptor, stat.S_IMODE(like.st_mode))
+                os.utime(descriptor, ns=(like.st_atime_ns, like.st_mtime_ns))
         os.replace(partial, marker)
     finally:
         partial.unlink(missing_ok=True)
@@ -294,30 +304,6 @@ def check_free_space(out_dir: Path, needed: int) -> None:
         )
 
 
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since the machine booted (field 22 of Linux's
-    ``/proc/PID/stat``); None where that cannot be read (no such process, no ``/proc``)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()  # after the name, from field 3
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(marker: dict) -> bool:
-    """Whether the process that wrote ``marker`` still runs: its pid exists and, where the marker and this machine
-    both know start times, that process started when the marker's did (a pid reused, as in a new container, is
-    not the writer)."""
-    try:
-        os.kill(marker["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started = marker.get("started")
-    return not isinstance(started, int) or _started(marker["pid"]) in (None, started)
-
-
 def remove_stale_staging(out_dir: Path) -> list[Path]:
     """Clear what runs into ``out_dir`` whose process is gone left beside it, by compressor's names and markers only
     (anything else is never touched): staging folders (``staging`` or ``done``, killed before the swap) and what
@@ -343,7 +329,7 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
             with suppress(OSError):
                 entry.rmdir()  # only if empty: a run killed before it wrote the marker
             continue
-        if not isinstance(marker.get("pid"), int) or _alive(marker):  # _read_marker: compressor's only
+        if not isinstance(marker.get("pid"), int) or alive(entry, marker):  # _read_marker: compressor's only
             continue
         state, aside = marker.get("state"), named["kind"].startswith(ASIDE)
         if aside and state == "aside":
@@ -379,8 +365,7 @@ def _settle_aside(aside: Path, marker: dict, out: Path, removed: list[Path]) -> 
         print(f"put back {out}, the output an interrupted run was replacing", file=sys.stderr)
         return
     replaced_by = _read_marker(out) or {}
-    same_run = all(replaced_by.get(key) == marker.get(key) for key in ("pid", "started"))
-    if same_run and replaced_by.get("state") == "done":
+    if same_run(replaced_by, marker) and replaced_by.get("state") == "done":
         try:
             _write_marker(aside, marker.get("kind", "prune"), [], "leftover")  # never put back once partly gone
         except OSError:
@@ -425,13 +410,14 @@ def scratch_folder(out_dir: Path, kind: str, tag: str | None = None) -> Iterator
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{kind}-" if tag is None else tag
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{tag}", dir=out.parent))
-    try:
-        _write_marker(folder, kind, [], "staging")
-        yield folder
-    finally:
-        with held():
-            if folder.exists():
-                _delete_marked(folder)
+    with locked(folder):  # a new folder: nothing else holds it
+        try:
+            _write_marker(folder, kind, [], "staging")
+            yield folder
+        finally:
+            with held():
+                if folder.exists():
+                    _delete_marked(folder)
 
 
 @contextmanager
@@ -459,7 +445,7 @@ def _swap_in(staging: Path, out: Path, kind: str) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    with held():
+    with held(), locked(out):  # held through the rename aside until deleted: a later run knows it is this run's
         old = _read_marker(out) or {}
         kept = (old.get("kind", kind), old.get("files", written_paths(out)))
         marker = out / MARKER
@@ -499,11 +485,7 @@ def _put_back(marker: Path, before: tuple[bytes, os.stat_result] | None) -> bool
         if before is None:
             marker.unlink(missing_ok=True)
         elif marker.read_bytes() != before[0] or marker.stat().st_mtime_ns != before[1].st_mtime_ns:
-            _replace_marker(marker, before[0])
-            with suppress(PermissionError):
-                os.chown(marker, before[1].st_uid, before[1].st_gid)
-            os.chmod(marker, stat.S_IMODE(before[1].st_mode))
-            os.utime(marker, ns=(before[1].st_atime_ns, before[1].st_mtime_ns))
+            _replace_marker(marker, before[0], like=before[1])
         return True
     except OSError:
         return False

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from compressor.errors import CompressorError
-from compressor import interrupts, outputs
+from compressor import interrupts, output_locks, outputs
 from compressor.outputs import MARKER, check_output_folder, remove_stale_staging, scratch_folder, staging_folder
 from conftest import FIXTURE, assert_user_error, invoke
 
@@ -288,25 +288,62 @@ def test_stale_staging_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign0", ".out.partial-live0000"]
 
 
-@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/stat").exists(), reason="start times are read from /proc")
-def test_a_reused_pid_does_not_keep_a_dead_runs_staging_alive(tmp_path):
-    """A marker of this process's pid with another start time is a dead run's (the pid reused, as in a new
-    container): cleared. With this process's own start time it is a live run's: kept."""
-    own = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    for name, started in ((".out.partial-reused00", own - 1), (".out.partial-live0000", own)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / MARKER).write_text(json.dumps(
-            {"written_by": "compressor", "state": "staging", "pid": os.getpid(), "started": started, "files": []}))
-    assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-reused00").resolve()]
-    assert [p.name for p in tmp_path.iterdir()] == [".out.partial-live0000"]
+HOLD_LOCK = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 
-def test_an_output_marker_records_its_writers_start_time(tmp_path):
-    with staging_folder(tmp_path / "out", overwrite=False) as staging:
+def test_the_lock_not_the_pid_tells_a_live_run(tmp_path):
+    """A marker that says its writer holds a lock is judged by the lock: a folder no process holds is a dead run's
+    even where a live process has its pid (pids are reused: a new container's, or one in another pid namespace);
+    a folder another process holds is a live run's even where its pid is gone. Markers without ``locked`` (written
+    before locks) are judged by the pid, as before."""
+    dead = _dead_pid()
+    folders = {"reused00": (os.getpid(), True), "holder00": (dead, True), "before00": (os.getpid(), False)}
+    for name, (pid, lock) in folders.items():
+        (tmp_path / f".out.partial-{name}").mkdir()
+        (tmp_path / f".out.partial-{name}" / MARKER).write_text(json.dumps(
+            {"written_by": "compressor", "state": "staging", "pid": pid, "files": [], **({"locked": True} if lock else {})}))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".out.partial-holder00")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-reused00").resolve()]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-before00", ".out.partial-holder00"]
+    assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-holder00").resolve()]
+
+
+def test_a_run_holds_its_staging_folder_locked_and_names_itself_in_its_markers(tmp_path):
+    """While a run writes, another process sees its staging folder held (and leaves it); the output's marker names
+    the run; an output that run is replacing is held too: a second run into it is refused in one sentence."""
+    out = tmp_path / "out"
+    with staging_folder(out, overwrite=False) as staging:
+        marker = json.loads((staging / MARKER).read_text())
+        assert (marker["locked"], marker["run"], marker["pid"]) == (True, output_locks.RUN, os.getpid())
+        look = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from compressor.outputs import remove_stale_staging as r; print(r(Path(sys.argv[1])))",
+                               str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert look.stdout.strip() == "[]", look.stderr
         (staging / "config.json").write_text("{}")
-    marker = json.loads((tmp_path / "out" / MARKER).read_text())
-    assert (marker["pid"], marker["started"]) == (os.getpid(), outputs._started(os.getpid()))
-    assert isinstance(marker["started"], int)
+    assert json.loads((out / MARKER).read_text())["run"] == output_locks.RUN
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CompressorError, match=r"^another compressor run is writing or replacing .*out; wait"):
+            with staging_folder(out, overwrite=True) as staging:
+                (staging / "config.json").write_text('{"new": 1}')
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_out_that_is_a_parent_of_the_current_folder_is_refused(tmp_path, monkeypatch):
@@ -413,23 +450,28 @@ def test_an_immutable_or_append_only_parent_is_refused_with_nothing_left_in_it(t
         subprocess.run(["chattr", "-" + flag[1:], str(parent)])
 
 
-@pytest.mark.parametrize("sticky", [True, False])
-def test_another_users_output_in_a_sticky_folder_is_refused_before_anything_runs(tmp_path, monkeypatch, sticky):
-    """In a sticky folder (as /tmp) only the owner of an output, or of the folder, may rename it: a user who owns
-    neither is refused at once, not after calibration (this process is made to look like another user)."""
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving folders to others needs root")
+@pytest.mark.parametrize("user, sticky, refused", [("another", True, True), ("the folder's owner", True, False),
+                                                    ("the output's owner", True, False), ("another", False, False)])
+def test_another_users_output_in_a_sticky_folder_is_refused_before_anything_runs(tmp_path, monkeypatch, user, sticky,
+                                                                                 refused):
+    """In a sticky folder (as /tmp) only the owner of an output, or of the folder, may rename it: any other user is
+    refused at once, not after calibration (the folder and the output get two owners; this process looks like a
+    third user or one of them)."""
     parent = tmp_path / "shared"
-    parent.mkdir(mode=0o1777 if sticky else 0o777)
+    parent.mkdir()
     parent.chmod(0o1777 if sticky else 0o777)
     out = parent / "out"
     _earlier_output(out, "marked")
-    monkeypatch.setattr(outputs.os, "geteuid", lambda: out.stat().st_uid + 1)
-    if sticky:
+    os.chown(parent, 4001, 4001)
+    os.chown(out, 4002, 4002)
+    uid = {"another": 4003, "the folder's owner": 4001, "the output's owner": 4002}[user]
+    monkeypatch.setattr(outputs.os, "geteuid", lambda: uid)
+    if refused:
         with pytest.raises(CompressorError, match="another user owns it and its folder is sticky"):
             outputs.check_replaceable(out)
     else:
         outputs.check_replaceable(out)
-    monkeypatch.setattr(outputs.os, "geteuid", lambda: out.stat().st_uid)  # the owner may
-    outputs.check_replaceable(out)
 
 
 def test_a_folder_that_cannot_be_listed_in_an_earlier_output_is_named_not_replaced(tmp_path, monkeypatch):
@@ -523,6 +565,21 @@ def test_an_aside_output_replaced_by_its_runs_new_one_goes_and_is_never_put_back
     (aside / MARKER).write_text((aside / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead}'))
     assert remove_stale_staging(out) == [] and not out.exists()
     monkeypatch.setattr(Path, "unlink", unlink)
+    assert remove_stale_staging(out) == [aside.resolve()]
+
+
+def test_an_aside_output_is_deleted_only_for_the_output_of_its_own_run_not_of_a_reused_pid(tmp_path, capsys):
+    """A dead run's aside output goes only when ``--out`` holds that run's new output: an output of another run that
+    had the same pid (pids are reused) leaves it kept and named."""
+    out, dead = tmp_path / "out", _dead_pid()
+    aside = tmp_path / ".out.old-0123abcd"
+    for folder, state, run in ((out, "done", "b" * 16), (aside, "aside", "a" * 16)):
+        folder.mkdir()
+        (folder / MARKER).write_text(json.dumps({"written_by": "compressor", "state": state, "pid": dead, "run": run,
+                                                 "files": []}))
+    assert remove_stale_staging(out) == [] and aside.is_dir()
+    assert f"kept {aside.resolve()}" in capsys.readouterr().err
+    (out / MARKER).write_text((out / MARKER).read_text().replace("b" * 16, "a" * 16))
     assert remove_stale_staging(out) == [aside.resolve()]
 
 

@@ -1,0 +1,125 @@
+"""Which run wrote a folder beside ``--out``, and whether that run still lives.
+
+A run holds an exclusive ``flock`` on each folder it is writing or replacing (its staging folder, an output it renames
+aside) for as long as it works on it; the kernel drops the lock when the process ends, however it ends. A later run
+that can take the lock knows the writer is gone, whatever pid the writer had: pids are reused (a new container starts
+again from 1), and a process in another pid or time namespace sees other pids and start times. Where a file system
+takes no locks, or a marker was written before locks (no ``locked`` in it), the writer's pid decides, as it did
+before.
+
+``RUN`` names this process's run in its markers, so that a later run can tell this run's output from one written by
+an unrelated process of the same pid.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CompressorError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: the pid decides
+    fcntl = None
+
+RUN = secrets.token_hex(8)
+"""This process's run, as its markers name it."""
+
+HELD: dict[tuple[int, int], int] = {}
+"""(device, inode) of each folder this process holds locked -> the descriptor holding it."""
+
+BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
+
+
+def identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``folder``, which a rename keeps; None if it cannot be read."""
+    try:
+        info = folder.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def holding(folder: Path) -> bool:
+    """Whether this process holds ``folder`` locked (its markers then say ``locked``)."""
+    return identity(folder) in HELD
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while the block runs (nothing, where its file system takes no lock).
+    A folder another live process holds is refused in one sentence: another run is writing or replacing it."""
+    descriptor = _open(folder)
+    if descriptor is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in BUSY:
+                raise CompressorError(f"another compressor run is writing or replacing {folder}; wait for it to "
+                                      "end, or choose another --out.") from None
+            descriptor = None
+    key = identity(folder) if descriptor is not None else None
+    if key is not None:
+        HELD[key] = descriptor
+    try:
+        yield
+    finally:
+        if key is not None:
+            HELD.pop(key, None)
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def lock_held(folder: Path) -> bool | None:
+    """Whether a live process holds ``folder`` locked; None where that cannot be told (no locks here)."""
+    if holding(folder):
+        return True
+    descriptor = _open(folder)
+    if descriptor is None:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        return True if error.errno in BUSY else None
+    finally:
+        os.close(descriptor)  # also releases the lock just taken
+    return False
+
+
+def alive(folder: Path, marker: dict) -> bool:
+    """Whether the run that wrote ``marker`` (in ``folder``) still runs: by the lock where the marker says its writer
+    held one and locks can be told here, else by its pid (``marker["pid"]``, an int)."""
+    if marker.get("locked") is True:
+        held = lock_held(folder)
+        if held is not None:
+            return held
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def same_run(marker: dict, other: dict) -> bool:
+    """Whether two markers were written by one run (by ``RUN``; by pid for markers written before it)."""
+    if "run" in marker or "run" in other:
+        return marker.get("run") == other.get("run")
+    return marker.get("pid") == other.get("pid")
+
+
+def _open(folder: Path) -> int | None:
+    """A read-only descriptor of ``folder`` itself (not through a link) to lock, or None (no locks here)."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
