@@ -188,21 +188,22 @@ def _replace_marker(marker: Path, content: bytes, like: os.stat_result | None = 
         partial.unlink(missing_ok=True)
 
 
-def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = (), clear_stale: bool = True
+def check_output(out_dir: Path, overwrite: bool, sources: Iterable[Path | None] = (), dry_run: bool = False
                  ) -> None:
     """Everything about ``out_dir`` that can fail, checked before a model loads: stale staging folders of an
-    interrupted run removed (unless not ``clear_stale``: a dry run changes nothing), the folder free (or an earlier
-    output with ``overwrite``) and none of ``sources`` (the inputs' local folders; those that do not exist are
-    skipped), and writable."""
-    if clear_stale:
+    interrupted run removed, the folder free (or an earlier output with ``overwrite``) and none of ``sources`` (the
+    inputs' local folders; those that do not exist are skipped), and writable. A ``dry_run`` changes nothing: it
+    clears nothing and asks the system whether the folder is writable instead of trying (:func:`check_writable`)."""
+    if not dry_run:
         clear_stale_staging(out_dir)
     check_output_folder(out_dir, overwrite, [source if source is not None and source.exists() else None
                                              for source in sources])
-    check_writable(out_dir)
+    check_writable(out_dir, probe=not dry_run)
 
 
-def check_writable(out_dir: Path) -> None:
-    """Create and remove a staging folder in the nearest existing folder on the way to ``out_dir``: a place that
+def check_writable(out_dir: Path, probe: bool = True) -> None:
+    """Create and remove a staging folder in the nearest existing folder on the way to ``out_dir`` (without
+    ``probe``: only ask ``os.access``, which changes nothing, not even that folder's modification time): a place that
     cannot be written fails now, in one sentence, not after calibration (creates nothing that stays); then
     :func:`check_replaceable` for an earlier output there."""
     parent = existing_parent(out_dir)
@@ -212,7 +213,10 @@ def check_writable(out_dir: Path) -> None:
     try:
         if not parent.is_dir():
             raise NotADirectoryError(20, "a file stands where a folder is needed", str(parent))
-        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING}", dir=parent)).rmdir()
+        if probe:
+            Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING}", dir=parent)).rmdir()
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(parent))
     except OSError as error:
         raise CompressorError(f"cannot write the output beside {out_dir}: {error.strerror or error}.") from None
     if out_dir.expanduser().resolve().is_dir():

@@ -23,7 +23,7 @@ def check_prune_inputs(source: Path | None, out_dir: Path | None, settings: Prun
     if settings.reads_calibration_text:
         check_source(settings.calibration.calib, settings.calibration.text_field)
     if out_dir is not None:
-        check_output(out_dir, settings.overwrite, [source], clear_stale=not settings.dry_run)
+        check_output(out_dir, settings.overwrite, [source], dry_run=settings.dry_run)
         if settings.export == "stream" and source is None:
             raise CompressorError("--export stream reads the source's safetensors files and needs a local model "
                                   "folder; download the model first or use --export memory.")

@@ -413,11 +413,20 @@ def test_mount_points_are_read_from_the_mount_table_as_linux_escapes_them(tmp_pa
     assert not outputs._mount_point(Path("/srv/my"))
 
 
-def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it(tmp_path):
+def test_a_dry_run_over_an_earlier_output_changes_nothing_in_it_or_beside_it(tmp_path):
     out = (tmp_path / "out").resolve()
     before = _earlier_output(out, "marked")
+    os.utime(tmp_path, ns=(0, 10**18))
     assert invoke("prune", FIXTURE, "--out", out, "--overwrite", "--dry-run", *FAST[:-1]).exit_code == 0
     assert _snapshot(out) == before
+    assert tmp_path.stat().st_mtime_ns == 10**18  # no probe folder made and removed beside it
+
+
+def test_a_dry_run_into_a_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch, no_model_load):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and Path(path) != tmp_path.resolve())
+    assert_user_error(invoke("prune", FIXTURE, "--out", tmp_path / "out", "--dry-run", *FAST),
+                      "cannot write the output beside")
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="chattr needs root")
