@@ -5,7 +5,8 @@ aside) for as long as it works on it; the kernel drops the lock when the process
 that can take the lock knows the writer is gone, whatever pid the writer had: pids are reused (a new container starts
 again from 1), and a process in another pid or time namespace sees other pids and start times. Where a file system
 takes no locks, or a marker was written before locks (no ``locked`` in it), the writer's pid decides, as it did
-before.
+before, but only where the marker was written on this boot of this machine in this pid namespace (``PLACE``):
+elsewhere its pid means nothing here, and the folder is kept.
 
 ``RUN`` names this process's run in its markers, so that a later run can tell this run's output from one written by
 an unrelated process of the same pid.
@@ -16,8 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import CompressorError
@@ -34,6 +36,23 @@ HELD: dict[tuple[int, int], int] = {}
 """(device, inode) of each folder this process holds locked -> the descriptor holding it."""
 
 BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
+TRIES = 20
+"""How often ``locked`` tries a held folder, 50 ms apart, before it calls it another run's (a later run's
+``lock_held`` takes the lock for an instant)."""
+
+
+def _place() -> str | None:
+    """This machine's boot and this process's pid namespace (Linux), in which a pid names one process; None where
+    either cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+PLACE = _place()
+"""Where this process's pid means this process, as its markers record it."""
 
 
 def identity(folder: Path) -> tuple[int, int] | None:
@@ -55,15 +74,20 @@ def locked(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` while the block runs (nothing, where its file system takes no lock).
     A folder another live process holds is refused in one sentence: another run is writing or replacing it."""
     descriptor = _open(folder)
-    if descriptor is not None:
+    for attempt in range(TRIES if descriptor is not None else 0):
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
         except OSError as error:
+            if error.errno in BUSY and attempt + 1 < TRIES:
+                time.sleep(0.05)
+                continue
             os.close(descriptor)
             if error.errno in BUSY:
                 raise CompressorError(f"another compressor run is writing or replacing {folder}; wait for it to "
                                       "end, or choose another --out.") from None
             descriptor = None
+            break
     key = identity(folder) if descriptor is not None else None
     if key is not None:
         HELD[key] = descriptor
@@ -73,6 +97,8 @@ def locked(folder: Path) -> Iterator[None]:
         if key is not None:
             HELD.pop(key, None)
         if descriptor is not None:
+            with suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_UN)  # also for copies of the descriptor a forked child holds
             os.close(descriptor)
 
 
@@ -94,11 +120,15 @@ def lock_held(folder: Path) -> bool | None:
 
 def alive(folder: Path, marker: dict) -> bool:
     """Whether the run that wrote ``marker`` (in ``folder``) still runs: by the lock where the marker says its writer
-    held one and locks can be told here, else by its pid (``marker["pid"]``, an int)."""
+    held one and locks can be told here; else by its pid (``marker["pid"]``, an int) where the marker was written in
+    this ``PLACE`` (or before markers recorded one); a marker from another machine, boot or pid namespace counts as
+    alive."""
     if marker.get("locked") is True:
         held = lock_held(folder)
         if held is not None:
             return held
+    if "place" in marker and marker["place"] != PLACE:
+        return True
     try:
         os.kill(marker["pid"], 0)
     except ProcessLookupError:
@@ -123,3 +153,16 @@ def _open(folder: Path) -> int | None:
         return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's folders: it closes its copies of their descriptors (which leaves
+    the parent's locks as they are), so that they go when the parent ends."""
+    for descriptor in HELD.values():
+        with suppress(OSError):
+            os.close(descriptor)
+    HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import CompressorError
 from .interrupts import held
-from .output_locks import RUN, alive, holding, locked, same_run
+from .output_locks import PLACE, RUN, alive, holding, lock_held, locked, same_run
 
 MARKER = ".compressor"
 STAGING = ".partial-"
@@ -155,10 +155,13 @@ def _stamp(path: Path) -> list[int]:
 def _write_marker(folder: Path, kind: str, files: list[str], state: str, stamps: dict | None = None) -> None:
     """``state``: ``staging`` (being written), ``done`` (an output), ``aside`` (an output being replaced) or
     ``leftover`` (what could not be deleted of a replaced output); ``pid`` and ``run`` the process and run that wrote
-    this state, and ``locked`` whether it holds ``folder`` locked meanwhile, so that a later run knows a leftover
-    from a live run's folder (``output_locks``); ``stamps`` each file's :func:`_stamp` as written."""
+    this state, ``place`` where that pid names it, and ``locked`` whether it holds ``folder`` locked meanwhile, so
+    that a later run knows a leftover from a live run's folder (``output_locks``); ``stamps`` each file's
+    :func:`_stamp` as written."""
     marker = {"written_by": "compressor", "kind": kind, "state": state, "pid": os.getpid(), "run": RUN,
               "files": files}
+    if PLACE is not None:
+        marker["place"] = PLACE
     if holding(folder):
         marker["locked"] = True
     if stamps:
@@ -321,12 +324,12 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         return removed
     names = re.compile(rf"\.{re.escape(out.name)}(?P<kind>{re.escape(STAGING)}(?:[a-z]+-)*[a-z0-9_]{{8}}"
                        rf"|{re.escape(ASIDE)}[0-9a-f]{{8}})")
-    if out.is_dir() and not out.is_symlink():
+    if out.is_dir() and not out.is_symlink() and not lock_held(out):  # a live run may be writing its marker
         _remove_partial_markers(out)
     for entry in sorted(out.parent.iterdir()):
         named = names.fullmatch(entry.name)
-        if named is None or not entry.is_dir() or entry.is_symlink():
-            continue
+        if named is None or not entry.is_dir() or entry.is_symlink() or lock_held(entry):
+            continue  # not compressor's, or a live run's
         _remove_partial_markers(entry)
         marker = _read_marker(entry)
         if marker is None:

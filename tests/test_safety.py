@@ -115,14 +115,17 @@ def test_a_failure_while_writing_leaves_the_previous_output_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int, int]]:
+def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int, int, int]]:
     """Write an earlier output into ``out``: ``marked`` by another (dead) process, or ``unmarked`` (written before
     markers existed); returns every entry's (content, mtime, mode) and the folder's own."""
     if earlier == "marked":
         with staging_folder(out, overwrite=False, kind="analyze") as staging:
             (staging / "report.json").write_text("{}\n")
-        (out / MARKER).write_text((out / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
+        (out / MARKER).write_text((out / MARKER).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}')
+                                  .replace(output_locks.RUN, "0" * 16))
         (out / MARKER).chmod(0o600)  # not the mode compressor writes: a marker put back keeps it
+        if os.geteuid() == 0:
+            os.chown(out / MARKER, 4001, 4001)  # nor the owner: it keeps that too
     else:
         out.mkdir()
         for name in ("config.json", "compression.json"):
@@ -130,9 +133,11 @@ def _earlier_output(out: Path, earlier: str) -> dict[str, tuple[bytes, int, int]
     return _snapshot(out)
 
 
-def _snapshot(out: Path) -> dict[str, tuple[bytes, int, int]]:
-    found = {path.name: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_mode) for path in out.iterdir()}
-    return {**found, ".": (b"", out.stat().st_mtime_ns, out.stat().st_mode)}
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int, int, int]]:
+    """Every entry's (content, mtime, mode, owner) and the folder's own."""
+    found = {path.name: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_mode, path.stat().st_uid)
+             for path in out.iterdir()}
+    return {**found, ".": (b"", out.stat().st_mtime_ns, out.stat().st_mode, out.stat().st_uid)}
 
 
 @pytest.mark.parametrize("earlier", ["marked", "unmarked"])
@@ -308,16 +313,54 @@ def test_the_lock_not_the_pid_tells_a_live_run(tmp_path):
         (tmp_path / f".out.partial-{name}").mkdir()
         (tmp_path / f".out.partial-{name}" / MARKER).write_text(json.dumps(
             {"written_by": "compressor", "state": "staging", "pid": pid, "files": [], **({"locked": True} if lock else {})}))
+    writing = tmp_path / ".out.partial-holder00" / f"{MARKER}.partial-0badc0de"
+    writing.write_bytes(b"")  # the marker the live run is writing now: left alone
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".out.partial-holder00")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-reused00").resolve()]
+        assert writing.exists()
     finally:
         holder.kill()
         holder.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-before00", ".out.partial-holder00"]
     assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-holder00").resolve()]
+
+
+def test_a_marker_from_another_machine_or_pid_namespace_is_never_judged_by_its_pid(tmp_path):
+    """Without a lock to tell, a pid is only checked where it was recorded: a dead pid from another boot, machine or
+    pid namespace may be a live process there, so its folder is kept; from this place it is a dead run's."""
+    dead = _dead_pid()
+    for name, place in (("elsewher", "another-boot:4026531836"), ("here0000", output_locks.PLACE)):
+        (tmp_path / f".out.partial-{name}").mkdir()
+        (tmp_path / f".out.partial-{name}" / MARKER).write_text(json.dumps(
+            {"written_by": "compressor", "state": "staging", "pid": dead, "place": place, "files": []}))
+    assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-here0000").resolve()]
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial-elsewher"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_does_not_keep_its_parents_folders_locked(tmp_path):
+    """A child forked while a run holds its staging folder holds none of it: once the run ends, a next run into the
+    same --out is not taken for a concurrent one while the child lives."""
+    out = tmp_path / "out"
+    read, write = os.pipe()
+    with staging_folder(out, overwrite=False) as staging:
+        (staging / "config.json").write_text("{}")
+        child = os.fork()
+        if child == 0:
+            os.write(write, str(len(output_locks.HELD)).encode())
+            time.sleep(30)
+            os._exit(0)
+    try:
+        assert os.read(read, 8) == b"0"
+        with staging_folder(out, overwrite=True) as staging:
+            (staging / "config.json").write_text('{"a": 1}')
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert (out / "config.json").read_text() == '{"a": 1}'
 
 
 def test_a_run_holds_its_staging_folder_locked_and_names_itself_in_its_markers(tmp_path):
@@ -588,7 +631,9 @@ def test_an_aside_output_is_deleted_only_for_the_output_of_its_own_run_not_of_a_
                                                  "files": []}))
     assert remove_stale_staging(out) == [] and aside.is_dir()
     assert f"kept {aside.resolve()}" in capsys.readouterr().err
-    (out / MARKER).write_text((out / MARKER).read_text().replace("b" * 16, "a" * 16))
+    (out / MARKER).write_text(json.dumps({"written_by": "compressor", "state": "done", "pid": dead, "files": []}))
+    assert remove_stale_staging(out) == [] and aside.is_dir()  # a marker naming no run is not that run's
+    (out / MARKER).write_text((out / MARKER).read_text().replace(f'"pid": {dead}', f'"pid": {dead}, "run": "{"a" * 16}"'))
     assert remove_stale_staging(out) == [aside.resolve()]
 
 
@@ -891,6 +936,7 @@ def test_a_run_killed_mid_swap_gets_its_previous_output_back(tmp_path):
                                 '"files": ["report.json"]}')
     assert remove_stale_staging(tmp_path / "out") == []
     assert (tmp_path / "out" / "report.json").read_text() == "{}" and not aside.exists()
+    assert "locked" not in json.loads((tmp_path / "out" / MARKER).read_text())  # this run holds no lock on it
 
 
 def test_a_failed_write_creates_no_parent_folders(tmp_path, no_model_load):
