@@ -118,17 +118,17 @@ def lock_held(folder: Path) -> bool | None:
     return False
 
 
-def alive(folder: Path, marker: dict) -> bool:
+def alive(folder: Path, marker: dict) -> bool | None:
     """Whether the run that wrote ``marker`` (in ``folder``) still runs: by the lock where the marker says its writer
     held one and locks can be told here; else by its pid (``marker["pid"]``, an int) where the marker was written in
-    this ``PLACE`` (or before markers recorded one); a marker from another machine, boot or pid namespace counts as
-    alive."""
+    this ``PLACE`` (or before markers recorded one); None for a marker from another machine, boot or pid namespace,
+    whose pid tells nothing here."""
     if marker.get("locked") is True:
         held = lock_held(folder)
         if held is not None:
             return held
     if "place" in marker and marker["place"] != PLACE:
-        return True
+        return None
     try:
         os.kill(marker["pid"], 0)
     except ProcessLookupError:

@@ -336,7 +336,11 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
             with suppress(OSError):
                 entry.rmdir()  # only if empty: a run killed before it wrote the marker
             continue
-        if not isinstance(marker.get("pid"), int) or alive(entry, marker):  # _read_marker: compressor's only
+        running = alive(entry, marker) if isinstance(marker.get("pid"), int) else True  # _read_marker: ours only
+        if running is None:
+            print(f"kept {entry}: a run on another machine or in another container wrote it, and whether that run "
+                  "still runs cannot be told from here; delete it yourself once it is over", file=sys.stderr)
+        if running is not False:
             continue
         state, aside = marker.get("state"), named["kind"].startswith(ASIDE)
         if aside and state == "aside":

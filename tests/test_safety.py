@@ -328,9 +328,10 @@ def test_the_lock_not_the_pid_tells_a_live_run(tmp_path):
     assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-holder00").resolve()]
 
 
-def test_a_marker_from_another_machine_or_pid_namespace_is_never_judged_by_its_pid(tmp_path):
+def test_a_marker_from_another_machine_or_pid_namespace_is_never_judged_by_its_pid(tmp_path, capsys):
     """Without a lock to tell, a pid is only checked where it was recorded: a dead pid from another boot, machine or
-    pid namespace may be a live process there, so its folder is kept; from this place it is a dead run's."""
+    pid namespace may be a live process there, so its folder is kept and named; from this place it is a dead
+    run's."""
     dead = _dead_pid()
     for name, place in (("elsewher", "another-boot:4026531836"), ("here0000", output_locks.PLACE)):
         (tmp_path / f".out.partial-{name}").mkdir()
@@ -338,6 +339,7 @@ def test_a_marker_from_another_machine_or_pid_namespace_is_never_judged_by_its_p
             {"written_by": "compressor", "state": "staging", "pid": dead, "place": place, "files": []}))
     assert remove_stale_staging(tmp_path / "out") == [(tmp_path / ".out.partial-here0000").resolve()]
     assert [p.name for p in tmp_path.iterdir()] == [".out.partial-elsewher"]
+    assert f"kept {(tmp_path / '.out.partial-elsewher').resolve()}: a run on another machine" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
