@@ -118,15 +118,13 @@ def lock_held(folder: Path) -> bool | None:
     return False
 
 
-def alive(folder: Path, marker: dict) -> bool | None:
-    """Whether the run that wrote ``marker`` (in ``folder``) still runs: by the lock where the marker says its writer
-    held one and locks can be told here; else by its pid (``marker["pid"]``, an int) where the marker was written in
-    this ``PLACE`` (or before markers recorded one); None for a marker from another machine, boot or pid namespace,
-    whose pid tells nothing here."""
-    if marker.get("locked") is True:
-        held = lock_held(folder)
-        if held is not None:
-            return held
+def alive(marker: dict, held: bool | None) -> bool | None:
+    """Whether the run that wrote ``marker`` still runs: by ``held`` (:func:`lock_held` of its folder) where the
+    marker says its writer held a lock and locks can be told here; else by its pid (``marker["pid"]``, an int) where
+    the marker was written in this ``PLACE`` (or before markers recorded one); None for a marker from another machine,
+    boot or pid namespace, whose pid tells nothing here."""
+    if marker.get("locked") is True and held is not None:
+        return held
     if "place" in marker and marker["place"] != PLACE:
         return None
     try:

@@ -181,7 +181,8 @@ def _replace_marker(marker: Path, content: bytes, like: os.stat_result | None = 
             file.write(content)
             file.flush()
             if like is not None:
-                if (like.st_uid, like.st_gid) != (os.fstat(descriptor).st_uid, os.fstat(descriptor).st_gid):
+                now = os.fstat(descriptor)
+                if (like.st_uid, like.st_gid) != (now.st_uid, now.st_gid):
                     with suppress(OSError):  # not this user's to give (EPERM; EINVAL for an unmapped id)
                         os.fchown(descriptor, like.st_uid, like.st_gid)
                 os.fchmod(descriptor, stat.S_IMODE(like.st_mode))
@@ -324,19 +325,22 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
         return removed
     names = re.compile(rf"\.{re.escape(out.name)}(?P<kind>{re.escape(STAGING)}(?:[a-z]+-)*[a-z0-9_]{{8}}"
                        rf"|{re.escape(ASIDE)}[0-9a-f]{{8}})")
-    if out.is_dir() and not out.is_symlink() and not lock_held(out):  # a live run may be writing its marker
-        _remove_partial_markers(out)
+    if out.is_dir() and not out.is_symlink() and _read_marker(out) is not None and not lock_held(out):
+        _remove_partial_markers(out)  # an output's (a live run may be writing its marker; a user's folder is theirs)
     for entry in sorted(out.parent.iterdir()):
         named = names.fullmatch(entry.name)
-        if named is None or not entry.is_dir() or entry.is_symlink() or lock_held(entry):
-            continue  # not compressor's, or a live run's
+        if named is None or not entry.is_dir() or entry.is_symlink():
+            continue  # not compressor's
+        held = lock_held(entry)
+        if held:
+            continue  # a live run's
         _remove_partial_markers(entry)
         marker = _read_marker(entry)
         if marker is None:
             with suppress(OSError):
                 entry.rmdir()  # only if empty: a run killed before it wrote the marker
             continue
-        running = alive(entry, marker) if isinstance(marker.get("pid"), int) else True  # _read_marker: ours only
+        running = alive(marker, held) if isinstance(marker.get("pid"), int) else True  # _read_marker: ours only
         if running is None:
             print(f"kept {entry}: a run on another machine or in another container wrote it, and whether that run "
                   "still runs cannot be told from here; delete it yourself once it is over", file=sys.stderr)

@@ -573,6 +573,51 @@ def test_a_marker_a_killed_run_was_writing_goes_at_the_next_run(tmp_path):
         check_output_folder(out, overwrite=True)
 
 
+def test_files_named_as_half_written_markers_in_a_users_folder_are_the_users(tmp_path):
+    """--out holding a folder compressor never wrote (no marker): nothing in it is touched, even an empty file named
+    as compressor's half-written markers are."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".compressor.partial-4e5f6a7b").write_bytes(b"")
+    remove_stale_staging(out)
+    assert [p.name for p in out.iterdir()] == [".compressor.partial-4e5f6a7b"]
+
+
+def test_a_lock_a_reader_holds_for_an_instant_is_waited_for(tmp_path):
+    """A later run's cleanup takes a folder's lock for an instant to see whether its writer lives; a run locking
+    that folder meanwhile waits for it instead of calling the folder another run's."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.replace("time.sleep(60)", "time.sleep(0.3)"),
+                               str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with output_locks.locked(folder):
+            assert output_locks.holding(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_where_the_file_system_takes_no_lock_markers_say_so_and_the_pid_decides(tmp_path, monkeypatch):
+    """A file system without locks (flock fails with ENOLCK): the run goes on unlocked, its markers do not claim a
+    lock, and a later run judges them by pid."""
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with staging_folder(out, overwrite=False) as staging:
+        assert "locked" not in json.loads((staging / MARKER).read_text())
+        assert output_locks.lock_held(staging) is None
+        assert remove_stale_staging(out) == []  # this process's pid: a live run's
+        (staging / "config.json").write_text("{}")
+    assert (out / "config.json").read_text() == "{}" and output_locks.HELD == {}
+
+
 def test_a_users_file_named_like_a_marker_being_written_is_theirs(tmp_path):
     """A ``.compressor.partial`` in an earlier output is the user's: --overwrite names it, never writing through it."""
     out = (tmp_path / "out").resolve()
