@@ -322,7 +322,42 @@ def test_the_transformers_mixers_hand_their_recurrence_the_stock_decay_head_majo
     assert seen["g"].transpose(1, 2).is_contiguous()
 
 
-def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays_head_major():
+def test_the_decay_parameters_are_kept_until_a_parameter_changes():
+    """Outside autograd a mixer keeps dt_bias and -exp(A_log) between forwards; a change of either parameter (in
+    place, or new memory) must give the new values, and autograd must reach the parameters."""
+    mixer = tiny_model("qwen3_5").model.layers[0].linear_attn
+    a = torch.randn(2, 5, mixer.num_v_heads, generator=torch.Generator().manual_seed(3))
+
+    def stock() -> torch.Tensor:
+        return -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
+
+    with torch.no_grad():
+        kept = mixer.decay_parameters(torch.float32)
+        assert all(x is y for x, y in zip(mixer.decay_parameters(torch.float32), kept))
+        torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
+        mixer.A_log.add_(0.5)
+        torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
+        mixer.dt_bias.data = mixer.dt_bias.data + 1.0
+        torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
+    gate = mixer.decay(a)
+    gate.sum().backward()
+    assert mixer.A_log.grad is not None and mixer.dt_bias.grad is not None
+    torch.testing.assert_close(gate.detach(), stock().detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_write_strength_is_written_head_major_outside_autograd():
+    from compressor.modeling.packed_heads import pack, sigmoid_head_major
+
+    b = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        beta = sigmoid_head_major(b)
+    assert torch.equal(beta, b.sigmoid()) and pack(beta).data_ptr() == beta.data_ptr()
+    b.requires_grad_(True)
+    sigmoid_head_major(b).sum().backward()
+    torch.testing.assert_close(b.grad, (b.sigmoid() * (1 - b.sigmoid())).detach())
+
+
+def test_one_gather_of_queries_and_keys_reads_the_mapped_key_heads_and_stays_head_major():
     from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
 
     mixer = PrunableGatedDeltaNetMixin()
@@ -332,7 +367,7 @@ def test_one_gather_of_queries_and_keys_equals_one_per_value_head_each_and_stays
     query, key = mixer.queries_and_keys(query_key, query_key.device)
     for got, part in ((query, query_key[..., :12]), (key, query_key[..., 12:])):
         expected = part.reshape(2, 7, 3, 4)[:, :, [2, 0, 0, 1, 2]]
-        assert torch.equal(got, expected) and torch.equal(got, mixer.per_value_head(part, part.device))
+        assert torch.equal(got, expected)
         assert got.transpose(1, 2).is_contiguous()  # the recurrence packs heads as sequences without a copy
 
 

@@ -22,7 +22,9 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .packed_heads import heads_as_sequences, normalised
+from .fla_chunk import chunk_delta_rule as unwrapped_chunk
+from .fla_chunk import delta_forward, direct
+from .packed_heads import heads_as_sequences, normalised_pair
 
 
 def _no_decay(beta: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,9 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence), PyTorch otherwise (and for
-    float32 prefill on CUDA: fla 0.6's chunked delta rule refuses float32).
+    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence; outside autograd the chunked form
+    beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise (and for float32 prefill on CUDA: fla 0.6's chunked
+    delta rule refuses float32).
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm)
@@ -88,9 +91,12 @@ def delta_rule(
         if single_step:
             return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, beta=beta), **options)
         if use_qk_l2norm:
-            q, k = normalised(q), normalised(k)
-        return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, beta=beta), also=("cu_seqlens_cpu",),
-                                  **{**options, "use_qk_l2norm_in_kernel": False})
+            q, k = normalised_pair(q, k)
+        per_head = dict(q=q, k=k, v=v, beta=beta)
+        options["use_qk_l2norm_in_kernel"] = False
+        if direct(q, delta_forward):
+            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices",), **options)
+        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return recurrent_delta_rule_torch(q, k, v, beta, **options)
     return chunk_delta_rule_torch(q, k, v, beta, **options)[:2]

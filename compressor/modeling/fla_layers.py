@@ -20,6 +20,7 @@ from fla.modules.activations import ACT2FN as FLA_ACT2FN
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .fla_rows import gated_norm_kernel, gated_rms_normalised, takes
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
 from .stock_dispatch import HubKernelsOffByDefault
 
@@ -52,9 +53,17 @@ class TorchRoutedRMSNorm(RMSNorm):
 
 
 class TorchRoutedFusedRMSNormGated(FusedRMSNormGated):
-    """fla's gated RMSNorm: rmsnorm(x) · w · act(g), act = swish (silu) or sigmoid."""
+    """fla's gated RMSNorm: rmsnorm(x) · w · act(g), act = swish (silu) or sigmoid. On CUDA, outside autograd and
+    without a residual, fla's kernel launched once on the rows (``fla_rows.gated_rms_normalised``: the same kernel,
+    none of the wrappers of fla's public function); otherwise fla's module."""
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if x.is_cuda and residual is None and not prenorm and self.weight is not None and takes(x) \
+                and gated_norm_kernel() is not None:
+            width = x.shape[-1]
+            rows = gated_rms_normalised(x.reshape(-1, width).contiguous(), g.reshape(-1, width).contiguous(),
+                                        self.weight, self.eps, self.activation)
+            return rows.view(x.shape)
         if x.is_cuda:
             return super().forward(x, g, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         if residual is not None or prenorm:
@@ -253,10 +262,11 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         return q, k, v, (conv_q, conv_k, conv_v)
 
     def heads(self, q, k, v):
-        """Split into heads, q and k repeated per value head by ``value_to_key``:
+        """Split into heads, q and k repeated per value head by ``value_to_key`` in one gather (``queries_and_keys``:
+        head-major, and tiling one block, which ``packed_heads.normalised_pair`` normalises in one launch):
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        q, k = (self.per_value_head(x, v.device) for x in (q, k))
+        q, k = self.queries_and_keys(torch.cat([q, k], dim=-1), v.device)
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):

@@ -21,6 +21,8 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .fla_chunk import chunk_gated_delta_rule as unwrapped_chunk
+from .fla_chunk import direct, gated_delta_forward
 from .fla_decode_step import can_step_in_place, step_in_place
 from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
 
@@ -135,7 +137,8 @@ def gated_delta_rule(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a sequence, or for
-    one decode token a batch entry: see ``packed_heads.py``), PyTorch otherwise.
+    one decode token a batch entry: see ``packed_heads.py``; outside autograd the chunked form beneath fla's
+    wrappers, ``fla_chunk.py``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
@@ -150,7 +153,8 @@ def gated_delta_rule(
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
         q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g, beta=beta)
-        return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",),
+        chunk = unwrapped_chunk if direct(q, gated_delta_forward) else _fla_chunk
+        return heads_as_sequences(chunk, per_head, also=("chunk_indices",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})
     if single_step:
         return recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)

@@ -15,8 +15,9 @@ Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' he
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
 from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
 from .gated_delta import gated_delta_rule
-from .packed_heads import head_major
+from .packed_heads import head_major, head_major_like, sigmoid_head_major
+
+T = TypeVar("T")
 
 TRANSFORMERS_FLOOR = (5, 21)
 """The oldest transformers whose caches this code uses (``get_conv_state`` appeared in 5.21)."""
@@ -131,16 +134,10 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
             self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
         return self._index_cache[device]
 
-    def per_value_head(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Queries or keys [B, T, H_k·d_k] -> [B, T, H_v, d_k], value head j reading key head ``value_to_key[j]``;
-        laid out head-major (one gather), so that the recurrence packs heads as sequences without a copy."""
-        batch, length, _ = x.shape
-        heads = x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2)
-        return heads.index_select(1, self.key_index(device)).transpose(1, 2)
-
     def queries_and_keys(self, query_key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
-        ``value_to_key[j]``: ``per_value_head`` of both in one gather."""
+        ``value_to_key[j]``, both head-major (so that the recurrence packs heads as sequences without a copy) and from
+        one gather, so that they tile one block of memory."""
         batch, length, _ = query_key.shape
         heads = query_key.reshape(batch, length, 2, self.num_k_heads, self.head_k_dim).permute(2, 0, 3, 1, 4)
         query, key = heads.index_select(2, self.key_index(device)).transpose(2, 3)
@@ -151,8 +148,38 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         raise NotImplementedError
 
     def write_strength(self, b: torch.Tensor) -> torch.Tensor:
-        """beta [B, T, H_v] from the b projection: sigmoid(b) (families with negative eigenvalues override it)."""
-        return b.sigmoid()
+        """beta [B, T, H_v] from the b projection: sigmoid(b), head-major (``sigmoid_head_major``; families with
+        negative eigenvalues override it)."""
+        return sigmoid_head_major(b)
+
+    def decay(self, a: torch.Tensor) -> torch.Tensor:
+        """The log decay g = -exp(A_log) · softplus(a + dt_bias) [B, T, H_v] from the a projection [B, T, H_v], in
+        float32 (float64 where dt_bias is), head-major: on CUDA it packs as a view. Outside autograd it takes three
+        launches, the parameters' part kept by ``decay_parameters``."""
+        dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
+        bias, rate = self.decay_parameters(dtype)
+        if torch.is_grad_enabled():
+            return F.softplus(head_major(a, dtype) + bias) * rate
+        return torch.mul(F.softplus(a + bias), rate, out=head_major_like(a, dtype))
+
+    def decay_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dt_bias, -exp(A_log)) [H_v] in ``dtype`` (the rate computed from A_log in float32, as the stock forwards
+        compute it), ``kept`` between forwards."""
+        return self.kept("decay", lambda: (self.dt_bias.to(dtype), (-self.A_log.float().exp()).to(dtype)),
+                         self.dt_bias, self.A_log, key=(dtype,))
+
+    def kept(self, name: str, compute: Callable[[], T], *parameters: torch.Tensor, key: tuple = ()) -> T:
+        """``compute()``, a function of ``parameters`` (and of ``key``) alone. Outside autograd and CUDA graph capture
+        it is kept under ``name`` until one of them changes (its version counter, memory, dtype or device; a write
+        through ``.data`` bypasses the counter) or ``key`` does, so that an eager forward launches no kernel for it;
+        a captured graph computes it in every replay."""
+        if torch.is_grad_enabled() or (parameters[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return compute()
+        key = (*key, *((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters))
+        store = self.__dict__.setdefault("_kept", {})
+        if name not in store or store[name][0] != key:
+            store[name] = (key, compute())
+        return store[name][1]
 
     def steps_in_place(self, recurrent_state: torch.Tensor | None) -> bool:
         """Whether fla's decode step writes the new state over ``recurrent_state`` (``fla_decode_step.py``)."""
@@ -182,9 +209,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         query_key, value = torch.split(mixed_qkv, [2 * self.key_dim, self.value_dim], dim=-1)
         query, key = self.queries_and_keys(query_key, hidden_states.device)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        beta = self.write_strength(b)
-        # g [B, T, H_v], head-major: on CUDA it packs as a view
-        g = F.softplus(head_major(a, torch.float32) + self.dt_bias) * -self.A_log.float().exp()
+        beta, g = self.write_strength(b), self.decay(a)
 
         out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)
         if cache is not None:

@@ -10,7 +10,6 @@ AutoConfig imports it first).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache
@@ -25,7 +24,6 @@ from .fla_layers import (
     route_to_torch,
 )
 from .gated_delta import gated_delta_rule
-from .packed_heads import head_major
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -65,11 +63,10 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         if conv_states is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
-        beta = self.b_proj(hidden_states).sigmoid()
+        beta = self.write_strength(self.b_proj(hidden_states))
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        a = head_major(self.a_proj(hidden_states), torch.float32)  # the gate then packs as a view on CUDA
-        g = F.softplus(a + self.dt_bias) * -self.A_log.float().exp()
+        g = self.decay(self.a_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

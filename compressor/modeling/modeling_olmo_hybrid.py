@@ -29,7 +29,7 @@ class PrunedOlmoHybridGatedDeltaNet(PrunableGatedDeltaNetMixin, OlmoHybridGatedD
         return mixed_qkv, self.g_proj(hidden_states), self.b_proj(hidden_states), self.a_proj(hidden_states)
 
     def write_strength(self, b):
-        beta = b.sigmoid()
+        beta = super().write_strength(b)
         return beta * 2.0 if self.allow_neg_eigval else beta
 
 

@@ -108,6 +108,22 @@ def head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return heads_first.to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
 
 
+def head_major_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor of x's shape [B, T, H, ·] or [B, T, H] (dtype: x's unless given) in head-major memory:
+    the ``out`` of an elementwise op whose result ``pack`` then takes as a view."""
+    batch, length, heads = x.shape[:3]
+    empty = torch.empty(batch, heads, length, *x.shape[3:], dtype=dtype or x.dtype, device=x.device)
+    return empty.transpose(1, 2)
+
+
+def sigmoid_head_major(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) for x [B, T, H]: written head-major in one launch (``head_major_like``), in x's layout where autograd
+    records it (it takes no ``out``)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.sigmoid()
+    return torch.sigmoid(x, out=head_major_like(x))
+
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, ·] or [B, T, H] -> [1, B·H·T, 1, ·] or [1, B·H·T, 1] (sequence b·H + h holds head h of b)."""
     batch, length, heads = x.shape[:3]

@@ -1,0 +1,95 @@
+"""fla's chunked forward beneath its public functions' wrappers (``compressor/modeling/fla_chunk.py``): found only
+where fla's functions take the parameters it passes, used only where it may be, and equal to the public functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.modeling import fla_chunk
+from compressor.modeling.packed_heads import sequence_index
+
+pytest.importorskip("fla")
+
+
+def test_the_forward_functions_of_fla_0_6_are_found():
+    from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+
+    assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
+    assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
+
+
+def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
+    from fla.ops.gated_delta_rule import chunk
+
+    def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size=64):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(chunk, "chunk_gated_delta_rule_fwd", chunk_gated_delta_rule_fwd)
+    fla_chunk.gated_delta_forward.cache_clear()
+    try:
+        assert fla_chunk.gated_delta_forward() is None
+        assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
+    finally:
+        fla_chunk.gated_delta_forward.cache_clear()
+
+
+def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
+    with torch.no_grad():
+        assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
+    if torch.cuda.is_available():
+        assert not fla_chunk.direct(torch.zeros(1, device="cuda"), fla_chunk.gated_delta_forward)  # grad enabled
+        with torch.no_grad():
+            assert fla_chunk.direct(torch.zeros(1, device="cuda"), fla_chunk.gated_delta_forward)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
+@pytest.mark.parametrize("gated", [True, False], ids=["gated-delta-rule", "delta-rule"])
+def test_the_direct_forward_equals_fla_public_function(gated):
+    """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16."""
+    from fla.ops.delta_rule import chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    count, length, width = 6, 200, 128
+    tokens = count * length
+
+    def random(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator)
+
+    q, k = (torch.nn.functional.normalize(random(1, tokens, 1, width), dim=-1).to(torch.bfloat16) for _ in "qk")
+    v = random(1, tokens, 1, width).to(torch.bfloat16)
+    beta = random(1, tokens, 1).sigmoid().to(torch.bfloat16)
+    g = -torch.rand(1, tokens, 1, device="cuda", generator=generator) * 0.1
+    state = random(count, 1, width, width) * 0.1
+    index = sequence_index(count, length, q.device)
+    inputs = dict(q=q, k=k, v=v, beta=beta, **(dict(g=g) if gated else {}))
+    public = chunk_gated_delta_rule if gated else chunk_delta_rule
+    direct = fla_chunk.chunk_gated_delta_rule if gated else fla_chunk.chunk_delta_rule
+    with torch.no_grad():
+        expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
+        got = direct(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"],
+                     chunk_indices=index["chunk_indices"])
+    assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's gated norm runs on CUDA tensors")
+def test_the_routed_gated_norm_on_cuda_equals_fla_module():
+    """fla families' gated output norm, launched once on its rows outside autograd, against fla's own module."""
+    from fla.modules import FusedRMSNormGated
+
+    from compressor.modeling.fla_layers import TorchRoutedFusedRMSNormGated
+
+    stock = FusedRMSNormGated(128, eps=1e-5).cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(stock.weight)
+    routed = FusedRMSNormGated(128, eps=1e-5).cuda().to(torch.bfloat16)
+    routed.load_state_dict(stock.state_dict())
+    routed.__class__ = TorchRoutedFusedRMSNormGated
+    x = torch.randn(2, 300, 8, 128, device="cuda").to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    gate = torch.randn(2, 300, 8, 128, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        got, expected = routed(x, gate), stock(x, gate)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
