@@ -26,7 +26,7 @@ except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
-from .packed_heads import heads_as_batch, heads_as_sequences, normalised
+from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -145,7 +145,8 @@ def kimi_delta_attention(
         if single_step:
             step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
-        per_head = dict(q=normalised(q), k=normalised(k), v=v, g=g.float(), beta=beta)
+        q, k = normalised_pair(q, k)
+        per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",),
                                   **{**options, "use_qk_l2norm_in_kernel": False})
     if single_step:

@@ -25,7 +25,7 @@ from .fla_layers import (
     route_to_torch,
 )
 from .kda import kimi_delta_attention
-from .packed_heads import head_major
+from .packed_heads import head_major, head_major_like
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -58,6 +58,22 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
                 self.k_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
         route_to_torch(self)
 
+    def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
+        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 and head-major (on CUDA
+        it packs as a view): -exp(A_log) · softplus(f + dt_bias), or fla's bounded gate lower_bound · sigmoid(exp(A_log)
+        · (f + dt_bias)). Outside autograd the parameters' part is ``kept`` and the result written head-major."""
+        bias, rate, negative_rate = self.kept(
+            "decay", lambda: (self.dt_bias.float().view(self.num_v_heads, self.head_k_dim),
+                              self.A_log.float().exp()[:, None], -self.A_log.float().exp()[:, None]),
+            self.dt_bias, self.A_log)
+        if torch.is_grad_enabled():
+            f = head_major(f, torch.float32) + bias
+            return (f * rate).sigmoid() * self.lower_bound if self.lower_bound is not None else F.softplus(f) * -rate
+        out = head_major_like(f, torch.float32)
+        if self.lower_bound is not None:
+            return torch.mul((f + bias).mul_(rate).sigmoid_(), self.lower_bound, out=out)
+        return torch.mul(F.softplus(f + bias), negative_rate, out=out)
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
@@ -67,15 +83,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         if conv_states is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
-        f = self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim)
-        # head-major [B, T, H_v, d_k]: on CUDA the gate packs as a view
-        f = head_major(f, torch.float32) + self.dt_bias.view(self.num_v_heads, self.head_k_dim)
-        rate = self.A_log.float().exp()[:, None]  # [H_v, 1]
-        if self.lower_bound is not None:  # fla's bounded gate: lower_bound · sigmoid(exp(A_log) · (f + dt_bias))
-            g = (f * rate).sigmoid() * self.lower_bound
-        else:  # g [B, T, H_v, d_k] = -exp(A_log) · softplus(f + dt_bias)
-            g = F.softplus(f) * -rate
-        beta = self.b_proj(hidden_states).sigmoid()
+        g = self.channel_decay(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
+        beta = self.write_strength(self.b_proj(hidden_states))
         if self.allow_neg_eigval:
             beta = beta * 2.0
         out, final_state = self.recurrence(

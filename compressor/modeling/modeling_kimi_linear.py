@@ -20,6 +20,7 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
 from .kda import kimi_delta_attention
+from .packed_heads import sigmoid_head_major
 from .stock_dispatch import HubKernelsOffByDefault, StockExpertsDispatch
 
 LINEAR_LAYER = "linear_attention"
@@ -108,7 +109,7 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
         query, key, value = (x.reshape(shape) for x in mixed_qkv.transpose(1, 2).split(self.qkv_dim, dim=-1))
 
         g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
-        beta = self.b_proj(hidden_states).sigmoid()
+        beta = sigmoid_head_major(self.b_proj(hidden_states))
         out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)  # states: float32, or float64
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
