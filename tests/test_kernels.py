@@ -345,6 +345,20 @@ def test_the_decay_parameters_are_kept_until_a_parameter_changes():
     torch.testing.assert_close(gate.detach(), stock().detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_the_decay_of_a_model_built_under_inference_mode_follows_its_parameters():
+    """Parameters made under ``torch.inference_mode`` keep no version counter: nothing is kept for them, and a change
+    in place still reaches the decay."""
+    with torch.inference_mode():
+        mixer = tiny_model("qwen3_5").model.layers[0].linear_attn
+        a = torch.randn(2, 5, mixer.num_v_heads, generator=torch.Generator().manual_seed(3))
+        before = mixer.decay(a)
+        mixer.A_log.add_(0.5)
+        after = mixer.decay(a)
+        expected = -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
+    assert mixer.A_log.is_inference() and not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_the_write_strength_is_written_head_major_outside_autograd():
     from compressor.modeling.packed_heads import pack, sigmoid_head_major
 

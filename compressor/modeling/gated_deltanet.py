@@ -172,8 +172,10 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         """``compute()``, a function of ``parameters`` (and of ``key``) alone. Outside autograd and CUDA graph capture
         it is kept under ``name`` until one of them changes (its version counter, memory, dtype or device; a write
         through ``.data`` bypasses the counter) or ``key`` does, so that an eager forward launches no kernel for it;
-        a captured graph computes it in every replay."""
-        if torch.is_grad_enabled() or (parameters[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        a captured graph computes it in every replay, and so does every call for parameters made under
+        ``torch.inference_mode``, which keep no version counter."""
+        if (torch.is_grad_enabled() or any(p.is_inference() for p in parameters)
+                or (parameters[0].is_cuda and torch.cuda.is_current_stream_capturing())):
             return compute()
         key = (*key, *((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters))
         store = self.__dict__.setdefault("_kept", {})
