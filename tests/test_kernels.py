@@ -323,10 +323,12 @@ def test_the_transformers_mixers_hand_their_recurrence_the_stock_decay_head_majo
 
 
 def test_the_decay_parameters_are_kept_until_a_parameter_changes():
-    """Outside autograd a mixer keeps dt_bias and -exp(A_log) between forwards; a change of either parameter (in
-    place, or new memory) must give the new values, and autograd must reach the parameters."""
-    mixer = tiny_model("qwen3_5").model.layers[0].linear_attn
-    a = torch.randn(2, 5, mixer.num_v_heads, generator=torch.Generator().manual_seed(3))
+    """In eval mode and outside autograd a mixer keeps dt_bias and -exp(A_log) between forwards (bf16 parameters, so
+    that what is kept is a float32 copy); a change of either parameter in place or in new memory must give the new
+    values, a write that bypasses the version counter (``.data``, as fused optimizers write) those after the next
+    ``eval()``, and autograd must reach the parameters."""
+    mixer = tiny_model("qwen3_5").model.layers[0].linear_attn.to(torch.bfloat16)
+    a = torch.randn(2, 5, mixer.num_v_heads, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
 
     def stock() -> torch.Tensor:
         return -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
@@ -339,6 +341,12 @@ def test_the_decay_parameters_are_kept_until_a_parameter_changes():
         torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
         mixer.dt_bias.data = mixer.dt_bias.data + 1.0
         torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
+        mixer.A_log.data.add_(0.25)  # no version bump
+        mixer.eval()
+        torch.testing.assert_close(mixer.decay(a), stock(), rtol=1e-6, atol=1e-7)
+        mixer.train()
+        assert not any(x is y for x, y in zip(mixer.decay_parameters(torch.float32),
+                                              mixer.decay_parameters(torch.float32)))  # nothing kept in training
     gate = mixer.decay(a)
     gate.sum().backward()
     assert mixer.A_log.grad is not None and mixer.dt_bias.grad is not None
@@ -357,6 +365,17 @@ def test_the_decay_of_a_model_built_under_inference_mode_follows_its_parameters(
         expected = -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
     assert mixer.A_log.is_inference() and not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next_dense"])
+def test_a_forward_under_inference_mode_leaves_the_model_trainable(name):
+    """What a mixer builds once and keeps (its key-head index) must not be an inference tensor: a later backward
+    pass saves it."""
+    model = tiny_model(name)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        model(ids)
+    model(ids).logits.sum().backward()
 
 
 def test_the_write_strength_is_written_head_major_outside_autograd():

@@ -131,7 +131,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
     def key_index(self, device: torch.device) -> torch.Tensor:
         """Long tensor [H_v]: the key head of every value head."""
         if device not in self._index_cache:
-            self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
+            with torch.inference_mode(False):  # an inference tensor could not be saved by a later backward pass
+                self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
         return self._index_cache[device]
 
     def queries_and_keys(self, query_key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +170,13 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
                          self.dt_bias, self.A_log, key=(dtype,))
 
     def kept(self, name: str, compute: Callable[[], T], *parameters: torch.Tensor, key: tuple = ()) -> T:
-        """``compute()``, a function of ``parameters`` (and of ``key``) alone. Outside autograd and CUDA graph capture
-        it is kept under ``name`` until one of them changes (its version counter, memory, dtype or device; a write
-        through ``.data`` bypasses the counter) or ``key`` does, so that an eager forward launches no kernel for it;
-        a captured graph computes it in every replay, and so does every call for parameters made under
-        ``torch.inference_mode``, which keep no version counter."""
-        if (torch.is_grad_enabled() or any(p.is_inference() for p in parameters)
+        """``compute()``, a function of ``parameters`` (and of ``key``) alone. In eval mode, outside autograd and CUDA
+        graph capture, it is kept under ``name`` until one of them changes (its version counter, memory, dtype or
+        device) or ``key`` does, so that an eager forward launches no kernel for it; ``train()`` and ``eval()`` drop
+        what was kept. Writes that bypass the version counter (through ``.data``, fused optimizers) are seen after
+        the next ``train()`` or ``eval()``. A captured graph computes it in every replay, and so does every call for
+        parameters made under ``torch.inference_mode``, which keep no version counter."""
+        if (self.training or torch.is_grad_enabled() or any(p.is_inference() for p in parameters)
                 or (parameters[0].is_cuda and torch.cuda.is_current_stream_capturing())):
             return compute()
         key = (*key, *((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters))
@@ -182,6 +184,12 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         if name not in store or store[name][0] != key:
             store[name] = (key, compute())
         return store[name][1]
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, dropping what ``kept`` kept (a training step may have written the parameters without
+        their version counters)."""
+        self.__dict__.pop("_kept", None)
+        return super().train(mode)
 
     def steps_in_place(self, recurrent_state: torch.Tensor | None) -> bool:
         """Whether fla's decode step writes the new state over ``recurrent_state`` (``fla_decode_step.py``)."""
