@@ -172,6 +172,28 @@ def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
         assert seen["gates"][0].transpose(1, 2).is_contiguous()  # GLA's, returns contiguous memory; CUDA's keeps it)
 
 
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "kda_gva", "kda_safe_gate"])
+def test_a_float64_model_hands_its_recurrence_a_float64_decay(config_name):
+    """The decay follows dt_bias's precision (exp(A_log) is taken in float32, as fla takes it)."""
+    model = tiny_fla_model(config_name).double()
+    mixer = model.model.layers[1].attn
+    seen = {}
+    mixer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0]
+                                                                             if args else None)), with_kwargs=True)
+    recurrence = mixer.recurrence
+
+    def spy(q, k, v, g, beta, **options):
+        seen["g"] = g
+        return recurrence(q, k, v, g, beta, **options)
+
+    mixer.recurrence = spy
+    with torch.no_grad():
+        model(input_ids())
+        expected = fla_gates(config_name, mixer, seen["hidden"])[0]
+    assert seen["g"].dtype == torch.float64
+    torch.testing.assert_close(seen["g"], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_hybrid_with_attention_layers_is_refused(tmp_path):
     CONFIGS["gated_deltanet"](attn={"layers": [1], "num_heads": 2}).save_pretrained(tmp_path)
     with pytest.raises(CompressorError, match="full-attention layers"):

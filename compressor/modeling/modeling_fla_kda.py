@@ -59,17 +59,21 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         route_to_torch(self)
 
     def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
-        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 and head-major (on CUDA
-        it packs as a view): -exp(A_log) · softplus(f + dt_bias), or fla's bounded gate lower_bound · sigmoid(exp(A_log)
-        · (f + dt_bias)). Outside autograd the parameters' part is ``kept`` and the result written head-major."""
-        bias, rate, negative_rate = self.kept(
-            "decay", lambda: (self.dt_bias.float().view(self.num_v_heads, self.head_k_dim),
-                              self.A_log.float().exp()[:, None], -self.A_log.float().exp()[:, None]),
-            self.dt_bias, self.A_log)
+        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
+        is) and head-major (on CUDA it packs as a view): -exp(A_log) · softplus(f + dt_bias), or fla's bounded gate
+        lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes it. Outside autograd
+        the parameters' part is ``kept`` and the result written head-major."""
+        dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
+
+        def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rate = self.A_log.float().exp()[:, None].to(dtype)  # [H_v, 1]
+            return self.dt_bias.to(dtype).view(self.num_v_heads, self.head_k_dim), rate, -rate
+
+        bias, rate, negative_rate = self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
         if torch.is_grad_enabled():
-            f = head_major(f, torch.float32) + bias
+            f = head_major(f, dtype) + bias
             return (f * rate).sigmoid() * self.lower_bound if self.lower_bound is not None else F.softplus(f) * -rate
-        out = head_major_like(f, torch.float32)
+        out = head_major_like(f, dtype)
         if self.lower_bound is not None:
             return torch.mul((f + bias).mul_(rate).sigmoid_(), self.lower_bound, out=out)
         return torch.mul(F.softplus(f + bias), negative_rate, out=out)
