@@ -60,9 +60,10 @@ def delta_forward():
 
 def direct(x: torch.Tensor, forward) -> bool:
     """Whether ``forward`` (one of the lookups above) was found and may run x's prefill without fla's wrappers: a
-    GPU tensor, outside autograd and autocast (the wrappers' casts)."""
+    GPU tensor, outside autograd, autocast (the wrappers' casts) and ``torch.compile`` (which fla's public functions
+    keep out of its graphs)."""
     return (x.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
-            and forward() is not None)
+            and not torch.compiler.is_compiling() and forward() is not None)
 
 
 def chunk_gated_delta_rule(

@@ -39,7 +39,9 @@ class PrunedQwen3NextGatedDeltaNet(PrunableGatedDeltaNetMixin, Qwen3NextGatedDel
 
     def _orders(self, device):
         if device not in self._order_cache:
-            self._order_cache[device] = [torch.tensor(o, dtype=torch.long, device=device) for o in self._flat_orders]
+            with torch.inference_mode(False):  # an inference tensor could not be saved by a later backward pass
+                self._order_cache[device] = [torch.tensor(o, dtype=torch.long, device=device)
+                                             for o in self._flat_orders]
         return self._order_cache[device]
 
     def project(self, hidden_states):
