@@ -93,3 +93,29 @@ def test_the_routed_gated_norm_on_cuda_equals_fla_module():
         got, expected = routed(x, gate), stock(x, gate)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
+@pytest.mark.parametrize("name, module, attribute", [("gated_deltanet_gva", "gated_delta", "unwrapped_chunk"),
+                                                     ("delta_net", "delta_rule", "unwrapped_chunk")])
+def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkeypatch, name, module, attribute):
+    import importlib
+
+    from tiny_fla import input_ids, tiny_fla_model
+
+    recurrences = importlib.import_module(f"compressor.modeling.{module}")
+    calls = []
+    direct_forward = getattr(recurrences, attribute)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return direct_forward(*args, **kwargs)
+
+    monkeypatch.setattr(recurrences, attribute, spy)
+    model = tiny_fla_model(name).cuda().to(torch.bfloat16)
+    ids = input_ids().cuda()
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == model.config.num_hidden_layers
+    model(ids)  # under autograd: fla's public function
+    assert len(calls) == model.config.num_hidden_layers
