@@ -19,7 +19,7 @@ from tiny_fla import (
     tiny_fla_model,
 )
 from tiny_hybrids import check_exact_in_float64
-from tiny_models import check_cached_generation
+from tiny_models import check_cached_generation, recurrence_inputs
 
 from compressor.errors import CompressorError
 from compressor.export import write_model
@@ -152,24 +152,14 @@ def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
     mixer = model.model.layers[1].attn
     if config_name == "gla_conv_relu":
         mixer.clamp_min = -0.05
-    seen = {}
-    mixer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0]
-                                                                             if args else None)), with_kwargs=True)
-    recurrence = mixer.recurrence
-
-    def spy(q, k, v, *gates, **options):
-        seen["gates"] = gates
-        return recurrence(q, k, v, *gates, **options)
-
-    mixer.recurrence = spy
+    hidden, gates = recurrence_inputs(model, mixer, input_ids())
     with torch.no_grad():
-        model(input_ids())
-        expected = fla_gates(config_name, mixer, seen["hidden"])
-    assert len(seen["gates"]) == len(expected)
-    for got, want in zip(seen["gates"], expected):
+        expected = fla_gates(config_name, mixer, hidden)
+    assert len(gates) == len(expected)
+    for got, want in zip(gates, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     if not config_name.startswith("gla"):  # the decay arrives head-major, so packing takes a view (CPU's logsigmoid,
-        assert seen["gates"][0].transpose(1, 2).is_contiguous()  # GLA's, returns contiguous memory; CUDA's keeps it)
+        assert gates[0].transpose(1, 2).is_contiguous()  # GLA's, returns contiguous memory; CUDA's keeps it)
 
 
 @pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "kda_gva", "kda_safe_gate"])
@@ -177,21 +167,25 @@ def test_a_float64_model_hands_its_recurrence_a_float64_decay(config_name):
     """The decay follows dt_bias's precision (exp(A_log) is taken in float32, as fla takes it)."""
     model = tiny_fla_model(config_name).double()
     mixer = model.model.layers[1].attn
-    seen = {}
-    mixer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0]
-                                                                             if args else None)), with_kwargs=True)
-    recurrence = mixer.recurrence
-
-    def spy(q, k, v, g, beta, **options):
-        seen["g"] = g
-        return recurrence(q, k, v, g, beta, **options)
-
-    mixer.recurrence = spy
+    hidden, (g, _) = recurrence_inputs(model, mixer, input_ids())
     with torch.no_grad():
-        model(input_ids())
-        expected = fla_gates(config_name, mixer, seen["hidden"])[0]
-    assert seen["g"].dtype == torch.float64
-    torch.testing.assert_close(seen["g"], expected, rtol=1e-6, atol=1e-7)
+        expected = fla_gates(config_name, mixer, hidden)[0]
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("config_name", ["kda_gva", "kda_safe_gate"])
+def test_kda_s_decay_under_autograd_equals_the_one_outside_it(config_name):
+    """KDA's decay takes one path under autograd (no ``out``, nothing kept) and another outside it; both must give
+    the values fla's formula gives (checked outside autograd above), and autograd must reach A_log and dt_bias."""
+    mixer = tiny_fla_model(config_name).model.layers[1].attn
+    f = torch.randn(2, 7, mixer.num_v_heads, mixer.head_k_dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        outside = mixer.channel_decay(f)
+    under = mixer.channel_decay(f)
+    under.sum().backward()
+    torch.testing.assert_close(under.detach(), outside, rtol=1e-6, atol=1e-7)
+    assert mixer.A_log.grad is not None and mixer.dt_bias.grad is not None
 
 
 def test_hybrid_with_attention_layers_is_refused(tmp_path):

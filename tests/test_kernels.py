@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import recurrence_inputs, tiny_model
 from triton_interpreter import skip_where_the_interpreter_cannot_run_decode_steps
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
@@ -303,23 +303,13 @@ def test_the_transformers_mixers_hand_their_recurrence_the_stock_decay_head_majo
     that packing heads takes a view of it."""
     model = tiny_model(name)
     mixer = model.model.layers[0].linear_attn
-    seen = {}
-    mixer.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(hidden=kwargs["hidden_states"] if not args else args[0]),
-        with_kwargs=True)
-    recurrence = mixer.recurrence
-
-    def spy(q, k, v, g, beta, **options):
-        seen["g"] = g
-        return recurrence(q, k, v, g, beta, **options)
-
-    mixer.recurrence = spy
+    hidden, (g, _) = recurrence_inputs(model, mixer, torch.randint(3, 96, (2, 40),
+                                                                    generator=torch.Generator().manual_seed(7)))
     with torch.no_grad():
-        model(torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(7)))
-        a = mixer.project(seen["hidden"])[3]
+        a = mixer.project(hidden)[3]
         expected = -mixer.A_log.float().exp() * torch.nn.functional.softplus(a.float() + mixer.dt_bias)
-    torch.testing.assert_close(seen["g"], expected, rtol=1e-6, atol=1e-7)
-    assert seen["g"].transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-7)
+    assert g.transpose(1, 2).is_contiguous()
 
 
 def test_the_decay_parameters_are_kept_until_a_parameter_changes():

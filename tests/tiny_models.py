@@ -135,3 +135,26 @@ def check_cached_generation(model: torch.nn.Module, kept: dict[int, list[int]], 
     for step, (a, b) in enumerate(zip(ours.logits, reference.logits)):
         assert (a - b).abs().max().item() <= 1e-4
         assert (a - full[:, prompt.shape[1] - 1 + step]).abs().max().item() <= 1e-4
+
+
+def recurrence_inputs(model: torch.nn.Module, mixer: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """One forward of ``model`` on ``ids`` without autograd: (``mixer``'s input hidden [B, T, D], the gates its
+    recurrence received: every positional argument after q, k and v)."""
+    seen = {}
+    hook = mixer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    recurrence = mixer.recurrence
+
+    def spy(q, k, v, *gates, **options):
+        seen["gates"] = gates
+        return recurrence(q, k, v, *gates, **options)
+
+    mixer.recurrence = spy
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        hook.remove()
+        del mixer.recurrence
+    return seen["hidden"], seen["gates"]
