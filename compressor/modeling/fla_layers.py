@@ -58,8 +58,8 @@ class TorchRoutedFusedRMSNormGated(FusedRMSNormGated):
     none of the wrappers of fla's public function); otherwise fla's module."""
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-        if x.is_cuda and residual is None and not prenorm and self.weight is not None and takes(x) \
-                and gated_norm_kernel() is not None:
+        if (x.is_cuda and residual is None and not prenorm and self.weight is not None and self.bias is None
+                and takes(x) and gated_norm_kernel() is not None):
             width = x.shape[-1]
             rows = gated_rms_normalised(x.reshape(-1, width).contiguous(), g.reshape(-1, width).contiguous(),
                                         self.weight, self.eps, self.activation)
