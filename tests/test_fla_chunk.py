@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_interpreter import CHUNKED_KERNELS, run_interpreted
 
 from compressor.modeling import fla_chunk
 from compressor.modeling.packed_heads import sequence_index
@@ -42,6 +43,50 @@ def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
         assert not fla_chunk.direct(torch.zeros(1, device="cuda"), fla_chunk.gated_delta_forward)  # grad enabled
         with torch.no_grad():
             assert fla_chunk.direct(torch.zeros(1, device="cuda"), fla_chunk.gated_delta_forward)
+
+
+DIRECT_FORWARDS_INTERPRETED = CHUNKED_KERNELS + """
+import torch
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+from compressor.modeling import fla_chunk
+from compressor.modeling.delta_rule import recurrent_delta_rule_torch
+from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
+from compressor.modeling.packed_heads import sequence_index
+
+loop_indices_as_scalars()
+generator = torch.Generator().manual_seed(0)
+count, length, width = 3, 100, 32  # each sequence one whole chunk and part of another
+q, k = (torch.nn.functional.normalize(torch.randn(1, count * length, 1, width, generator=generator), dim=-1)
+        for _ in "qk")
+v = torch.randn(1, count * length, 1, width, generator=generator)
+beta = torch.rand(1, count * length, 1, generator=generator)
+g = -0.1 * torch.rand(1, count * length, 1, generator=generator)
+state = 0.1 * torch.randn(count, 1, width, width, generator=generator)
+index = sequence_index(count, length, q.device)
+packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
+gated = fla_chunk.chunk_gated_delta_rule(q, k, v, g, beta, **packed, chunk_indices=index["chunk_indices"])
+public = chunk_gated_delta_rule(q, k, v, g, beta, **packed)
+assert torch.equal(gated[0], public[0]) and torch.equal(gated[1], public[1])
+plain = fla_chunk.chunk_delta_rule(q, k, v, beta, **packed, chunk_indices=index["chunk_indices"])
+for (out, final), reference in ((gated, recurrent_gated_delta_rule_torch), (plain, recurrent_delta_rule_torch)):
+    for sequence in range(count):  # fla's public delta rule refuses float32: both are checked against the reference
+        tokens = slice(sequence * length, (sequence + 1) * length)
+        decay = (g[:, tokens],) if reference is recurrent_gated_delta_rule_torch else ()
+        expected = reference(q[:, tokens], k[:, tokens], v[:, tokens], *decay, beta[:, tokens],
+                             initial_state=state[sequence:sequence + 1], output_final_state=True)
+        assert (out[:, tokens] - expected[0]).abs().max() < 1e-5, (reference.__name__, sequence, "output")
+        assert (final[sequence:sequence + 1] - expected[1]).abs().max() < 1e-5, (reference.__name__, sequence)
+print("ok")
+"""
+
+
+def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do():
+    """The direct forwards on CPU tensors under Triton's interpreter (float32, which it computes correctly; the
+    CUDA test below covers bfloat16): the gated delta rule's equals fla's public function bit for bit, and both
+    forwards equal the PyTorch reference on each packed sequence, initial and final states included."""
+    pytest.importorskip("fla.ops.gated_delta_rule")
+    run_interpreted(DIRECT_FORWARDS_INTERPRETED)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")

@@ -5,13 +5,10 @@ fla's functions."""
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from triton_interpreter import skip_where_the_interpreter_cannot_run_decode_steps
+from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
 
 import compressor.modeling.kda as kda
 from compressor.modeling.kda import chunk_kda_torch, kimi_delta_attention, naive_recurrent_kda
@@ -130,9 +127,7 @@ def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
     state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_cannot_run_decode_steps("fla's KDA step")
-    result = subprocess.run([sys.executable, "-c", KDA_STEP_THROUGH_FLA], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
+    run_interpreted(KDA_STEP_THROUGH_FLA)
 
 
 def test_the_kda_step_writes_in_place_only_through_the_fla_function_it_was_written_for(monkeypatch):

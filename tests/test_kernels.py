@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from tiny_models import recurrence_inputs, tiny_model
-from triton_interpreter import skip_where_the_interpreter_cannot_run_decode_steps
+from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
 from compressor.modeling.packed_heads import (
@@ -192,9 +188,7 @@ def test_the_decode_step_through_flas_own_kernel_equals_the_reference():
     interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.gated_delta_rule")
     skip_where_the_interpreter_cannot_run_decode_steps("fla's gated delta rule step")
-    result = subprocess.run([sys.executable, "-c", DECODE_STEP_THROUGH_FLA], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
+    run_interpreted(DECODE_STEP_THROUGH_FLA)
 
 
 @pytest.mark.parametrize("count, length", [(6, 150), (40, 2048), (3, 1)])
