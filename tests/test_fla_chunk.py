@@ -14,11 +14,27 @@ pytest.importorskip("fla")
 
 
 def test_the_forward_functions_of_fla_0_6_are_found():
+    from fla.ops.common.chunk_h import chunk_fwd_kernel_h
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+    from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+    from fla.ops.utils.cumsum import chunk_local_cumsum
 
     assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
     assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
+    assert fla_chunk.gla_forward() == (chunk_local_cumsum, chunk_fwd_kernel_h, chunk_gla_fwd_intra_gk,
+                                       chunk_gla_fwd_o_gk)
+
+
+def test_gla_pieces_of_other_parameters_are_not_used(monkeypatch):
+    from fla.ops.gla import chunk
+
+    monkeypatch.setattr(chunk, "chunk_gla_fwd_o_gk", lambda q, v, g, A, h, scale: None)
+    fla_chunk.gla_forward.cache_clear()
+    try:
+        assert fla_chunk.gla_forward() is None
+    finally:
+        fla_chunk.gla_forward.cache_clear()
 
 
 def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
@@ -116,6 +132,30 @@ def test_the_direct_forward_equals_fla_public_function(gated):
         expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
         got = direct(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"],
                      chunk_indices=index["chunk_indices"])
+    assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
+def test_the_direct_gla_forward_equals_fla_public_function():
+    """GLA's per-channel decay on packed heads (5 of 130 tokens), an initial state, bf16; the number of chunks from
+    the host instead of the GPU."""
+    from fla.ops.gla import chunk_gla
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    count, length, width = 5, 130, 128
+    tokens = count * length
+    q, k, v = (torch.randn(1, tokens, 1, width, device="cuda", generator=generator).to(torch.bfloat16)
+               for _ in "qkv")
+    g = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, device="cuda", generator=generator)) / 16
+    state = torch.randn(count, 1, width, width, device="cuda", generator=generator) * 0.1
+    index = sequence_index(count, length, q.device)
+    with torch.no_grad():
+        expected = chunk_gla(q=q, k=k, v=v, g=g, initial_state=state, output_final_state=True,
+                             cu_seqlens=index["cu_seqlens"])
+        got = fla_chunk.chunk_gla(q=q, k=k, v=v, g=g, initial_state=state, output_final_state=True,
+                                  cu_seqlens=index["cu_seqlens"], chunk_indices=index["chunk_indices"],
+                                  chunk_offsets=index["chunk_offsets"])
     assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
 

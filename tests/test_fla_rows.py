@@ -229,20 +229,21 @@ def test_a_kernel_that_reads_nb_in_its_body_is_not_launched():
     assert names_nb_once(SimpleNamespace(fn=key_only)) and not names_nb_once(SimpleNamespace(fn=reads_it))
 
 
-def test_fla_mixers_gather_queries_and_keys_head_major_into_one_block():
+@pytest.mark.parametrize("value_to_key", [[0, 1, 2, 3, 4, 5], [2, 0, 0, 1, 2, 1]], ids=["one-to-one", "gathered"])
+def test_fla_mixers_split_queries_and_keys_head_major_into_one_block(value_to_key):
     """fla's own layers project queries and keys apart; ``heads`` must hand value head j key head
     ``value_to_key[j]``, head-major, in one block that fla's l2norm kernel normalises in one launch."""
     pytest.importorskip("fla")
     from tiny_fla import tiny_fla_model
 
     mixer = tiny_fla_model("gated_deltanet_gva").model.layers[0].attn
-    value_to_key = [2, 0, 0, 1, 2, 1]
+    mixer.num_heads = 3 if len(set(value_to_key)) == 3 else 6
     mixer.set_value_to_key(value_to_key)
     generator = torch.Generator().manual_seed(2)
-    q, k = (torch.randn(2, 5, 3 * 8, generator=generator) for _ in "qk")
+    q, k = (torch.randn(2, 5, mixer.num_heads * 8, generator=generator) for _ in "qk")
     v = torch.randn(2, 5, 6 * mixer.head_v_dim, generator=generator)
     got_q, got_k, got_v = mixer.heads(q, k, v)
     for got, x in ((got_q, q), (got_k, k)):
-        assert torch.equal(got, x.reshape(2, 5, 3, 8)[:, :, value_to_key])
+        assert torch.equal(got, x.reshape(2, 5, mixer.num_heads, 8)[:, :, value_to_key])
         assert got.transpose(1, 2).is_contiguous()
     assert shared_rows(got_q, got_k) is not None and torch.equal(got_v, v.reshape(2, 5, 6, -1))

@@ -1,17 +1,18 @@
-"""fla's chunked forward passes of the (gated) delta rule, beneath the wrappers of its public functions.
+"""fla's chunked forward passes of the (gated) delta rule and of GLA, beneath the wrappers of its public functions.
 
 Shipped inside output folders (imports only torch and ``fla_decode_step``'s launch helper; fla is looked up at the
-first call). fla's public ``chunk_gated_delta_rule`` and ``chunk_delta_rule`` wrap their forward functions in an
-autograd Function that saves the inputs, a device guard that checks every argument, dtype casts for autocast, a
-backend dispatch and argument checks: host time that a small model's prefill spends in every layer, and that a
-forward outside autograd on inputs already packed (``packed_heads.heads_as_sequences``: contiguous, one device)
-does not need. ``gated_delta_forward()`` and ``delta_forward()`` are fla 0.6's ``chunk_gated_delta_rule_fwd`` and
-``chunk_delta_rule_fwd`` where their parameters are the ones this code passes, else None; ``direct()`` says when
-the functions below may replace the public ones, which callers take otherwise.
+first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule`` and ``chunk_gla`` wrap their forward
+functions in an autograd Function that saves the inputs, a device guard that checks every argument, dtype casts for
+autocast, a backend dispatch and argument checks: host time that a small model's prefill spends in every layer, and
+that a forward outside autograd on inputs already packed (``packed_heads.heads_as_sequences``: contiguous, one
+device) does not need. GLA's forward also reads the number of chunks from the GPU for packed sequences, where
+``chunk_gla`` takes it from the host. ``gated_delta_forward()``, ``delta_forward()`` and ``gla_forward()`` find fla
+0.6's functions where their parameters are the ones this code passes, else None; ``direct()`` says when the
+functions below may replace the public ones, which callers take otherwise.
 
-Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay), beta [1, N, 1]; states
-[S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1] and ``chunk_indices`` [⌈·/64⌉ chunks, 2] from
-``packed_heads.sequence_index``.
+Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for GLA,
+[1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
+[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ DELTA_PARAMETERS = (
 )
 """The parameters of fla 0.6's ``chunk_delta_rule_fwd``, in order."""
 
+CHUNK = 64
+"""The chunk size of every chunked form here, for which ``packed_heads.sequence_index`` prepares its indices."""
+
+
+GLA_PARAMETERS = {
+    ("fla.ops.utils.cumsum", "chunk_local_cumsum"): (
+        "g", "chunk_size", "reverse", "scale", "cu_seqlens", "output_dtype", "chunk_indices", "use_graph", "kwargs"),
+    ("fla.ops.gla.chunk", "chunk_gla_fwd_intra_gk"): (
+        "q", "k", "g", "scale", "cu_seqlens", "chunk_size", "chunk_indices"),
+    ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): (
+        "q", "v", "g", "A", "h", "scale", "state_v_first", "cu_seqlens", "chunk_size", "chunk_indices", "use_graph"),
+}
+"""The parameters of the pieces of fla 0.6's ``chunk_gla_fwd`` that ``chunk_gla`` calls, in order."""
+
+STATES_KERNEL_ARGUMENTS = (
+    "k", "v", "h", "g", "g_gamma", "gk", "gv", "h0", "ht", "cu_seqlens", "split_offsets", "T", "H", "K", "V", "BT", "BS",
+    "BK", "BV", "USE_G", "USE_G_GAMMA", "USE_GK", "USE_GV", "USE_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN",
+    "STATE_V_FIRST",
+)
+"""The arguments of fla 0.6's ``chunk_fwd_kernel_h`` (the chunk states of GLA), in order."""
+
 
 def fla_function(module_name: str, name: str, parameters: tuple[str, ...]):
     """fla's function ``module_name.name`` if its parameters are ``parameters``, else None."""
@@ -56,6 +78,26 @@ def gated_delta_forward():
 def delta_forward():
     """fla's ``chunk_delta_rule_fwd`` if its parameters are ``DELTA_PARAMETERS``, else None."""
     return fla_function("fla.ops.delta_rule.chunk", "chunk_delta_rule_fwd", DELTA_PARAMETERS)
+
+
+@lru_cache(maxsize=1)
+def gla_forward():
+    """(fla's ``chunk_local_cumsum``, ``chunk_fwd_kernel_h`` beneath its heuristics and autotuner's launch,
+    ``chunk_gla_fwd_intra_gk``, ``chunk_gla_fwd_o_gk``) if each takes what ``GLA_PARAMETERS`` and
+    ``STATES_KERNEL_ARGUMENTS`` name, else None."""
+    pieces = [fla_function(module, name, parameters) for (module, name), parameters in GLA_PARAMETERS.items()]
+    try:
+        from fla.ops.common.chunk_h import chunk_fwd_kernel_h
+        from triton.runtime.autotuner import Autotuner, Heuristics
+    except Exception:  # no fla, or fla without triton
+        return None
+    function = chunk_fwd_kernel_h
+    while isinstance(function, (Autotuner, Heuristics)):
+        function = function.fn
+    if None in pieces or tuple(getattr(function, "arg_names", ())) != STATES_KERNEL_ARGUMENTS:
+        return None
+    cumsum, intra, out = pieces
+    return cumsum, chunk_fwd_kernel_h, intra, out
 
 
 def direct(x: torch.Tensor, forward) -> bool:
@@ -106,3 +148,37 @@ def chunk_delta_rule(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         )
     return out.to(q.dtype), final
+
+
+def chunk_gla(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
+    chunk_offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_gla`` at its default scale d_k^-0.5 on packed sequences (g: per-channel log decay [1, N, 1, K]),
+    through the pieces of ``gla_forward()``, with its chunk states computed as fla's ``chunk_fwd_h`` computes them
+    but for the number of chunks, which packed sequences of one length give on the host (``chunk_indices``' rows):
+    ``chunk_fwd_h`` reads it from the GPU (``.item()``), a wait for every queued kernel in every layer.
+    Returns ``(o [1, N, 1, V], final state [S, 1, K, V] float32 or None)``."""
+    from fla.ops.utils.constant import RCP_LN2  # the scale fla's chunk_gla_fwd gives the cumulative sum
+
+    cumsum, states_kernel, intra, out = gla_forward()
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    _, length, heads, key_dim = k.shape
+    value_dim, sequences, chunks = v.shape[-1], cu_seqlens.shape[0] - 1, chunk_indices.shape[0]
+    scale = key_dim**-0.5
+    with launching_on(q):
+        g = cumsum(g, CHUNK, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+        states = k.new_empty(1, chunks, heads, key_dim, value_dim)
+        final = k.new_empty(sequences, heads, key_dim, value_dim, dtype=torch.float) if output_final_state else None
+        states_kernel[lambda meta: (-(-key_dim // meta["BK"]) * -(-value_dim // meta["BV"]) * sequences * heads,)](
+            k=k, v=v, h=states, g=None, g_gamma=None, gk=g, gv=None,
+            h0=None if initial_state is None else initial_state.contiguous(), ht=final, cu_seqlens=cu_seqlens,
+            split_offsets=chunk_offsets, T=length, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BS=CHUNK, USE_G=False,
+            USE_G_GAMMA=False, USE_GK=True, USE_GV=False, STATE_V_FIRST=False,
+        )
+        scores = intra(q=q, k=k, g=g, scale=scale, cu_seqlens=cu_seqlens, chunk_size=CHUNK, chunk_indices=chunk_indices)
+        o = out(q=q, v=v, g=g, A=scores, h=states, scale=scale, cu_seqlens=cu_seqlens, chunk_size=CHUNK,
+                chunk_indices=chunk_indices)
+    return o, final

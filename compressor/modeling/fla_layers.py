@@ -262,11 +262,16 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         return q, k, v, (conv_q, conv_k, conv_v)
 
     def heads(self, q, k, v):
-        """Split into heads, q and k repeated per value head by ``value_to_key`` in one gather (``queries_and_keys``:
-        head-major, and tiling one block, which ``packed_heads.normalised_pair`` normalises in one launch):
+        """Split into heads, q and k repeated per value head by ``value_to_key``, head-major and tiling one block
+        (which ``packed_heads.normalised_pair`` normalises in one launch): one copy where value head j reads key head
+        j, else one gather of their concatenation (``queries_and_keys``):
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        q, k = self.queries_and_keys(torch.cat([q, k], dim=-1), v.device)
+        if self.value_to_key == list(range(self.num_v_heads)):
+            heads = (x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2) for x in (q, k))
+            q, k = torch.stack(tuple(heads)).transpose(2, 3)
+        else:
+            q, k = self.queries_and_keys(torch.cat([q, k], dim=-1), v.device)
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):

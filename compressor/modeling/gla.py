@@ -20,6 +20,8 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .fla_chunk import chunk_gla as unwrapped_chunk
+from .fla_chunk import direct, gla_forward
 from .packed_heads import heads_as_sequences
 
 
@@ -102,13 +104,17 @@ def gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence), PyTorch otherwise.
+    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence; outside autograd the chunked form
+    beneath fla's wrappers and without its read of the GPU, ``fla_chunk.chunk_gla``), PyTorch otherwise.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state)
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA:
         if single_step:
             return heads_as_sequences(_fla_recurrent, dict(q=q, k=k, v=v, gk=gk), **options)
+        if direct(q, gla_forward):
+            return heads_as_sequences(unwrapped_chunk, dict(q=q, k=k, v=v, g=gk),
+                                      also=("chunk_indices", "chunk_offsets"), **options)
         return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, g=gk), also=("cu_seqlens_cpu",), **options)
     if single_step:
         return recurrent_gla_torch(q, k, v, gk, **options)
