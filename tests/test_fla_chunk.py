@@ -64,10 +64,12 @@ def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
 DIRECT_FORWARDS_INTERPRETED = CHUNKED_KERNELS + """
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+from fla.ops.gla import chunk_gla
 
 from compressor.modeling import fla_chunk
 from compressor.modeling.delta_rule import recurrent_delta_rule_torch
 from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
+from compressor.modeling.gla import recurrent_gla_torch
 from compressor.modeling.packed_heads import sequence_index
 
 loop_indices_as_scalars()
@@ -93,15 +95,26 @@ for (out, final), reference in ((gated, recurrent_gated_delta_rule_torch), (plai
                              initial_state=state[sequence:sequence + 1], output_final_state=True)
         assert (out[:, tokens] - expected[0]).abs().max() < 1e-5, (reference.__name__, sequence, "output")
         assert (final[sequence:sequence + 1] - expected[1]).abs().max() < 1e-5, (reference.__name__, sequence)
+g_channels = torch.nn.functional.logsigmoid(torch.randn(1, count * length, 1, width, generator=generator)) / 4
+gla = fla_chunk.chunk_gla(q, k, v, g_channels, **packed, chunk_indices=index["chunk_indices"],
+                          chunk_offsets=index["chunk_offsets"])
+public = chunk_gla(q, k, v, g_channels, **packed)
+assert torch.equal(gla[0], public[0]) and torch.equal(gla[1], public[1])
+for sequence in range(count):
+    tokens = slice(sequence * length, (sequence + 1) * length)
+    expected = recurrent_gla_torch(q[:, tokens], k[:, tokens], v[:, tokens], g_channels[:, tokens],
+                                   initial_state=state[sequence:sequence + 1], output_final_state=True)
+    assert (gla[0][:, tokens] - expected[0]).abs().max() < 1e-5, ("gla", sequence, "output")
+    assert (gla[1][sequence:sequence + 1] - expected[1]).abs().max() < 1e-5, ("gla", sequence)
 print("ok")
 """
 
 
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do():
     """The direct forwards on CPU tensors under Triton's interpreter (float32, which it computes correctly; the
-    CUDA test below covers bfloat16): the gated delta rule's equals fla's public function bit for bit, and both
-    forwards equal the PyTorch reference on each packed sequence, initial and final states included."""
-    pytest.importorskip("fla.ops.gated_delta_rule")
+    CUDA tests below cover bfloat16): the gated delta rule's and GLA's equal fla's public functions bit for bit, and
+    every forward equals the PyTorch reference on each packed sequence, initial and final states included."""
+    pytest.importorskip("fla.ops.gla")
     run_interpreted(DIRECT_FORWARDS_INTERPRETED)
 
 
@@ -182,7 +195,8 @@ def test_the_routed_gated_norm_on_cuda_equals_fla_module():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
 @pytest.mark.parametrize("name, module, attribute", [("gated_deltanet_gva", "gated_delta", "unwrapped_chunk"),
-                                                     ("delta_net", "delta_rule", "unwrapped_chunk")])
+                                                     ("delta_net", "delta_rule", "unwrapped_chunk"),
+                                                     ("gla", "gla", "unwrapped_chunk")])
 def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkeypatch, name, module, attribute):
     import importlib
 

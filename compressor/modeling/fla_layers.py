@@ -267,7 +267,7 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         j, else one gather of their concatenation (``queries_and_keys``):
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        if self.value_to_key == list(range(self.num_v_heads)):
+        if self.value_to_key == list(range(self.num_k_heads)):  # as many value heads as key heads, in order
             heads = (x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2) for x in (q, k))
             q, k = torch.stack(tuple(heads)).transpose(2, 3)
         else:

@@ -133,9 +133,10 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 def sequence_index(count: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
     """fla's descriptions of ``count`` packed sequences of ``length`` tokens: ``cu_seqlens`` [count + 1] (their
     starts, int32 on ``device``), its CPU copy ``cu_seqlens_cpu``, ``chunk_indices`` [count · ⌈length / 64⌉, 2]
-    (sequence, chunk within it) and ``chunk_offsets`` [count + 1] (each sequence's first chunk) on ``device``. Built without reading the GPU, and cached, so that the same
-    objects return for every layer of a shape (fla caches what it derives from them by identity); separately
-    inside and outside ``torch.inference_mode``, whose tensors autograd cannot save."""
+    (sequence, chunk within it) and ``chunk_offsets`` [count + 1] (each sequence's first chunk) on ``device``. Built
+    without reading the GPU, and cached, so that the same objects return for every layer of a shape (fla caches what
+    it derives from them by identity); separately inside and outside ``torch.inference_mode``, whose tensors
+    autograd cannot save."""
     return _sequence_index(count, length, device, torch.is_inference_mode_enabled())
 
 
