@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import CHUNKED_KERNELS, run_interpreted
+from triton_interpreter import run_interpreted
 
 from compressor.modeling import fla_chunk
 from compressor.modeling.packed_heads import sequence_index
@@ -61,7 +61,7 @@ def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
             assert fla_chunk.direct(torch.zeros(1, device="cuda"), fla_chunk.gated_delta_forward)
 
 
-DIRECT_FORWARDS_INTERPRETED = CHUNKED_KERNELS + """
+DIRECT_FORWARDS_INTERPRETED = """
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from fla.ops.gla import chunk_gla
@@ -71,8 +71,9 @@ from compressor.modeling.delta_rule import recurrent_delta_rule_torch
 from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
 from compressor.modeling.gla import recurrent_gla_torch
 from compressor.modeling.packed_heads import sequence_index
+from triton_interpreter import run_fla_chunked_kernels
 
-loop_indices_as_scalars()
+run_fla_chunked_kernels()
 generator = torch.Generator().manual_seed(0)
 count, length, width = 3, 100, 32  # each sequence one whole chunk and part of another
 q, k = (torch.nn.functional.normalize(torch.randn(1, count * length, 1, width, generator=generator), dim=-1)

@@ -20,34 +20,36 @@ COMMON = dict(hidden_size=64, num_hidden_layers=3, vocab_size=96, hidden_ratio=2
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def _config(model_type: str, **fields):
+def _config(model_type: str, fields: dict, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**COMMON, **fields})
+    return AutoConfig.for_model(model_type, **{**COMMON, **fields, **overrides})
 
 
 CONFIGS = {
     # 3 key heads, 6 value heads (value head j reads key head j // 2); d_k 8, d_v 12.
-    "gated_deltanet_gva": lambda **kw: _config("gated_deltanet", num_heads=3, num_v_heads=6, head_dim=8,
-                                                expand_v=1.5, **kw),
+    "gated_deltanet_gva": lambda **kw: _config("gated_deltanet", dict(num_heads=3, num_v_heads=6, head_dim=8,
+                                                                      expand_v=1.5), **kw),
     # 4 heads, no grouping, no output gate.
-    "gated_deltanet": lambda **kw: _config("gated_deltanet", num_heads=4, head_dim=16, expand_v=1.0, use_gate=False,
-                                            **kw),
+    "gated_deltanet": lambda **kw: _config("gated_deltanet", dict(num_heads=4, head_dim=16, expand_v=1.0,
+                                                                  use_gate=False), **kw),
     # 4 heads, d_k 8, d_v 16 (through expand_k/expand_v); output gate.
-    "delta_net": lambda **kw: _config("delta_net", num_heads=4, expand_k=0.5, expand_v=1.0, use_gate=True, **kw),
+    "delta_net": lambda **kw: _config("delta_net", dict(num_heads=4, expand_k=0.5, expand_v=1.0, use_gate=True),
+                                      **kw),
     # relu feature map, sum-normalised q/k, beta in (0, 2), no output gate.
-    "delta_net_relu_sum": lambda **kw: _config("delta_net", num_heads=4, expand_k=0.5, expand_v=1.0,
-                                                qk_activation="relu", qk_norm="sum", allow_neg_eigval=True, **kw),
+    "delta_net_relu_sum": lambda **kw: _config("delta_net", dict(num_heads=4, expand_k=0.5, expand_v=1.0,
+                                                               qk_activation="relu", qk_norm="sum",
+                                                               allow_neg_eigval=True), **kw),
     # 4 heads, d_k 8, d_v 16; fused gated norm, no convolutions (fla's defaults).
-    "gla": lambda **kw: _config("gla", num_heads=4, expand_k=0.5, expand_v=1.0, **kw),
+    "gla": lambda **kw: _config("gla", dict(num_heads=4, expand_k=0.5, expand_v=1.0), **kw),
     # Short convolutions, relu feature map, unfused norm then swish gate, clamped decay.
-    "gla_conv_relu": lambda **kw: _config("gla", num_heads=4, expand_k=0.5, expand_v=1.0, use_short_conv=True,
-                                           feature_map="relu", fuse_norm=False, clamp_min=-4.0, **kw),
+    "gla_conv_relu": lambda **kw: _config("gla", dict(num_heads=4, expand_k=0.5, expand_v=1.0, use_short_conv=True,
+                                                    feature_map="relu", fuse_norm=False, clamp_min=-4.0), **kw),
     # 3 key heads, 6 value heads, d_k 8, d_v 12; fla's softplus decay.
-    "kda_gva": lambda **kw: _config("kda", num_heads=3, num_v_heads=6, head_dim=8, expand_v=1.5, **kw),
+    "kda_gva": lambda **kw: _config("kda", dict(num_heads=3, num_v_heads=6, head_dim=8, expand_v=1.5), **kw),
     # 4 heads, bounded decay (safe_gate), beta in (0, 2).
-    "kda_safe_gate": lambda **kw: _config("kda", num_heads=4, head_dim=16, expand_v=1.0, safe_gate=True,
-                                           lower_bound=-5.0, allow_neg_eigval=True, **kw),
+    "kda_safe_gate": lambda **kw: _config("kda", dict(num_heads=4, head_dim=16, expand_v=1.0, safe_gate=True,
+                                                    lower_bound=-5.0, allow_neg_eigval=True), **kw),
 }
 
 # Value heads kept in layers 0, 1, 2, by number of value heads.

@@ -1,40 +1,33 @@
-"""Tests that run fla's kernels on the CPU under Triton's interpreter: which Triton's interpreter runs their loops, and
-the preamble a script needs to run fla's chunked kernels there."""
+"""Tests that run fla's kernels on the CPU under Triton's interpreter: which Triton's interpreter runs their loops,
+what fla's chunked kernels need to run there, and a fresh process to run them in."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-CHUNKED_KERNELS = """
-import builtins
-import sys
+def run_fla_chunked_kernels() -> None:
+    """Make fla's chunked kernels run under the interpreter, in a process where it is on (call after importing
+    them): the autotuner, which cannot time its candidates without a GPU, takes the first; and every fla.ops module
+    imported so far reads ``range`` as one whose indices have ``.to(dtype)``, as a compiled kernel's loop index (a
+    Triton scalar) has and fla's kernels use. Their float32 forms then compute correctly; bfloat16 inputs do not."""
+    import builtins
 
-import triton.language as tl
-from triton.runtime import autotuner
+    import triton.language as tl
+    from triton.runtime import autotuner
 
-# Without a GPU the autotuner cannot time its candidates: each reports the same time, so the first one runs.
-autotuner.Autotuner.do_bench = property(lambda self: lambda kernel_call, quantiles: (1.0, 1.0, 1.0))
+    class LoopIndex(int):
+        def to(self, dtype):
+            return tl.full((), int(self), dtype)
 
-
-class LoopIndex(int):
-    # A compiled kernel's loop index is a Triton scalar, which fla's chunked kernels convert (``i_t.to(tl.int64)``);
-    # the interpreter's is a Python int.
-    def to(self, dtype):
-        return tl.full((), int(self), dtype)
-
-
-def loop_indices_as_scalars():
-    # Every fla.ops module imported so far reads ``range`` as one that yields such indices.
+    autotuner.Autotuner.do_bench = property(lambda self: lambda kernel_call, quantiles: (1.0, 1.0, 1.0))
     for name, module in list(sys.modules.items()):
         if name.startswith("fla.ops"):
             module.range = lambda *bounds: map(LoopIndex, builtins.range(*bounds))
-"""
-"""Preamble of a script that runs fla's chunked kernels under the interpreter: call ``loop_indices_as_scalars()``
-after importing them. Their float32 forms compute correctly there; bfloat16 inputs do not."""
 
 
 def skip_where_the_interpreter_cannot_run_decode_steps(kernel: str) -> None:
@@ -47,7 +40,8 @@ def skip_where_the_interpreter_cannot_run_decode_steps(kernel: str) -> None:
 
 
 def run_interpreted(script: str) -> None:
-    """Run ``script`` in a fresh process under Triton's interpreter; it must print "ok" and nothing else."""
+    """Run ``script`` in a fresh process under Triton's interpreter, where this folder's modules can be imported;
+    it must print "ok" and nothing else."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]

@@ -1,0 +1,125 @@
+"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH`` prints one JSON line.
+
+Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and every tensor
+reports ``is_cuda``, the shipped code's only test for its GPU path, so each layer takes the fla functions a GPU
+would: packed heads, the direct chunked forwards, fla's decode steps and row kernels. What it cannot show: bfloat16
+(the interpreter miscomputes it), CUDA graphs (decode graphs are switched off), streams, the tile configurations a
+GPU would choose (the first candidate runs).
+
+A tiny model of MODEL (head dimensions of 16, which fla's kernels need at least) is pruned in place with the uneven
+plan; the masked copy runs the PyTorch path. Printed: the largest logit differences of the pruned model on the CUDA
+path from the masked copy (a prefill of a LENGTH-token prompt without and with autograd, and each step of a cached
+greedy generation), whether the generated tokens are the same, the logit scale, and how many times a direct chunked
+forward was called without and with autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("run under TRITON_INTERPRET=1")
+
+import tiny_fla  # noqa: E402 (after the check above: fla's kernels are made for the interpreter on import)
+import tiny_hybrids  # noqa: E402
+import tiny_models  # noqa: E402
+import torch  # noqa: E402
+from triton_interpreter import run_fla_chunked_kernels  # noqa: E402
+
+from compressor.families import family_for  # noqa: E402
+from compressor.layers import PruningPlan, linear_layers  # noqa: E402
+from compressor.slicing import slim  # noqa: E402
+
+for module in ("fla.ops.gla", "fla.ops.gated_delta_rule", "fla.ops.delta_rule", "fla.ops.kda"):
+    importlib.import_module(module)
+run_fla_chunked_kernels()
+
+WIDE = dict(linear_key_head_dim=16, linear_value_head_dim=16)
+RECURRENCES = ("gated_delta", "gla", "delta_rule")
+"""The shipped modules whose recurrence calls a direct chunked forward (``unwrapped_chunk``)."""
+
+
+def tiny(name: str) -> tuple[torch.nn.Module, dict[int, list[int]], int]:
+    """(a float32 tiny model of ``name`` with heads of 16, the uneven plan, its vocabulary size)."""
+    if name in tiny_models.CONFIGS:
+        return tiny_models.tiny_model(name, **WIDE), tiny_models.PLANS["uneven"], 96
+    if name in tiny_hybrids.CONFIGS:
+        tiny_hybrids.HYBRID.update(WIDE)
+        fields = dict(linear_head_dim=16) if name == "kimi_linear" else {}
+        return tiny_hybrids.tiny_hybrid(name, **fields), tiny_models.PLANS["uneven"], tiny_hybrids.VOCAB
+    widths = dict(gla=dict(hidden_size=128), gated_deltanet_gva=dict(head_dim=16), kda_gva=dict(head_dim=16))
+    return tiny_fla.tiny_fla_model(name, **widths.get(name, {})), tiny_fla.plans_for(name)["uneven"], 96
+
+
+@contextlib.contextmanager
+def counted_direct_forwards(counts: dict[str, int]):
+    """Inside, each call of a direct chunked forward adds one to ``counts["no_grad"]`` or ``counts["grad"]``."""
+    modules = [importlib.import_module(f"compressor.modeling.{name}") for name in RECURRENCES]
+    originals = [module.unwrapped_chunk for module in modules]
+
+    def counting(forward):
+        def spy(*args, **kwargs):
+            key = "grad" if torch.is_grad_enabled() else "no_grad"
+            counts[key] = counts.get(key, 0) + 1
+            return forward(*args, **kwargs)
+        return spy
+
+    for module, forward in zip(modules, originals):
+        module.unwrapped_chunk = counting(forward)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, originals):
+            module.unwrapped_chunk = forward
+
+
+@contextlib.contextmanager
+def cuda_path():
+    """Inside, every tensor reports ``is_cuda`` and the CUDA calls the shipped code makes around its kernels are
+    no-ops."""
+    saved = torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing
+    torch.Tensor.is_cuda = property(lambda self: True)
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    torch.cuda.is_current_stream_capturing = lambda: False
+    try:
+        yield
+    finally:
+        torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
+
+
+def main(name: str, length: int) -> dict:
+    """The differences above for a prompt of ``length`` tokens (a forward under autograd takes all but the last)."""
+    model, kept, vocabulary = tiny(name)
+    masked = tiny_models.masked_copy(model, kept)
+    slim(model, family_for(model.config), PruningPlan(kept=kept))
+    for mixer in linear_layers(model, family_for(model.config)).values():
+        mixer.use_decode_graph = False
+    prompt = torch.randint(3, vocabulary, (2, length), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    pad_token_id=0)
+    with torch.no_grad():
+        expected = masked(prompt).logits
+        reference = masked.generate(prompt, **settings)
+    counts = {}
+    with cuda_path(), counted_direct_forwards(counts):
+        with torch.no_grad():
+            prefill = model(prompt).logits
+            generated = model.generate(prompt, **settings)
+        no_grad = dict(counts)
+        autograd = model(prompt[:, :-1]).logits.detach()  # fla's public functions
+    return dict(
+        model=name, layers=len(kept),
+        prefill=(prefill - expected).abs().max().item(), scale=expected.abs().max().item(),
+        autograd=(autograd - expected[:, :-1]).abs().max().item(),
+        same_tokens=torch.equal(generated.sequences, reference.sequences),
+        steps=[(a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits)],
+        direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))

@@ -1,0 +1,45 @@
+"""Every family's shipped forward on its CUDA path, run on the CPU (``emulated_cuda.py``: Triton's interpreter runs
+fla's kernels, and tensors report ``is_cuda``): pruned against masked logits, cached greedy decoding, and which
+chunked forward each layer calls. The CUDA tests cover what this cannot: bfloat16, decode graphs, the GPU's own
+tile configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slice or argument moves logits by O(1)
+SLOW = pytest.mark.slow
+
+MODELS = [
+    ("qwen3_5", 80, True),
+    ("qwen3_next_moe", 80, True),  # grouped fused projections, uneven groups
+    ("olmo_hybrid", 80, True),  # negative eigenvalues (beta in (0, 2))
+    ("gated_deltanet_gva", 80, True),  # fla's own class, value heads sharing key heads
+    ("gla", 80, True),  # one value head per key head: queries and keys split in one copy
+    pytest.param("kda_gva", 40, False, marks=SLOW),  # KDA's kernels are slow under the interpreter
+    pytest.param("kimi_linear", 40, False, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("name, length, has_direct_forward", MODELS)
+def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, has_direct_forward):
+    """A prompt of two sequences (80 tokens: a whole 64-token chunk and part of the next; KDA's 40), with and
+    without autograd, then three greedily generated tokens from the cache; the direct chunked forward runs in
+    every layer of the two prefills without autograd, never under it."""
+    pytest.importorskip("fla.ops.kda")
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("emulated_cuda.py")), name, str(length)],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["scale"] > 1
+    for what in ("prefill", "autograd"):
+        assert figures[what] <= TOLERANCE, (what, figures)
+    assert figures["same_tokens"] and max(figures["steps"]) <= TOLERANCE, figures
+    assert figures["direct_without_grad"] == (2 * figures["layers"] if has_direct_forward else 0), figures
+    assert figures["direct_with_grad"] == 0, figures
