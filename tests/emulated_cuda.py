@@ -1,16 +1,18 @@
-"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH`` prints one JSON line.
+"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels`` prints
+one JSON line.
 
-Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and every tensor
-reports ``is_cuda``, the shipped code's only test for its GPU path, so each layer takes the fla functions a GPU
-would: packed heads, the direct chunked forwards, fla's decode steps and row kernels. What it cannot show: bfloat16
-(the interpreter miscomputes it), CUDA graphs (decode graphs are switched off), streams, the tile configurations a
-GPU would choose (the first candidate runs).
+Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and
+every tensor reports ``is_cuda``, the shipped code's only test for its GPU path, so each layer takes the fla
+functions a GPU would: packed heads, the direct chunked forwards, fla's decode steps and row kernels. What it cannot
+show: bfloat16 (the interpreter miscomputes it), CUDA graphs (decode graphs are switched off), streams, the tile
+configurations a GPU would choose (the first candidate runs).
 
 A tiny model of MODEL (head dimensions of 16, which fla's kernels need at least) is pruned in place with the uneven
-plan; the masked copy runs the PyTorch path. Printed: the largest logit differences of the pruned model on the CUDA
-path from the masked copy (a prefill of a LENGTH-token prompt without and with autograd, and each step of a cached
-greedy generation), whether the generated tokens are the same, the logit scale, and how many times a direct chunked
-forward was called without and with autograd.
+plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels); the masked copy runs the
+PyTorch path. Printed: the largest logit differences of the pruned model on the CUDA path from the masked copy (a
+prefill of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
+cached greedy generation), whether the generated tokens are the same, the logit scale, and how many times a direct
+chunked forward was called without and with autograd.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import tiny_models  # noqa: E402
 import torch  # noqa: E402
 from triton_interpreter import run_fla_chunked_kernels  # noqa: E402
 
+from test_key_channels import channel_masked, random_channels  # noqa: E402
+
 from compressor.families import family_for  # noqa: E402
+from compressor.key_channels import kept_key_dim  # noqa: E402
 from compressor.layers import PruningPlan, linear_layers  # noqa: E402
 from compressor.slicing import slim  # noqa: E402
 
@@ -39,6 +44,8 @@ for module in ("fla.ops.gla", "fla.ops.gated_delta_rule", "fla.ops.delta_rule", 
 run_fla_chunked_kernels()
 
 WIDE = dict(linear_key_head_dim=16, linear_value_head_dim=16)
+PADDING = 7
+"""Left padding of the prompt's second row."""
 RECURRENCES = ("gated_delta", "gla", "delta_rule")
 """The shipped modules whose recurrence calls a direct chunked forward (``unwrapped_chunk``)."""
 
@@ -91,30 +98,40 @@ def cuda_path():
         torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
 
 
-def main(name: str, length: int) -> dict:
-    """The differences above for a prompt of ``length`` tokens (a forward under autograd takes all but the last)."""
+def main(name: str, length: int, channels: bool) -> dict:
+    """The differences above for a prompt of ``length`` tokens whose second row is left-padded (a forward under
+    autograd takes all but the last token); ``channels``: the plan also removes 6 of each key head's 16 query/key
+    channels."""
     model, kept, vocabulary = tiny(name)
-    masked = tiny_models.masked_copy(model, kept)
-    slim(model, family_for(model.config), PruningPlan(kept=kept))
+    plan = PruningPlan(kept=kept)
+    if channels:
+        plan.channels = random_channels(model, kept_key_dim(16, 0.4))
+        masked = channel_masked(model, kept, plan.channels)
+    else:
+        masked = tiny_models.masked_copy(model, kept)
+    slim(model, family_for(model.config), plan)
     for mixer in linear_layers(model, family_for(model.config)).values():
         mixer.use_decode_graph = False
     prompt = torch.randint(3, vocabulary, (2, length), generator=torch.Generator().manual_seed(0))
-    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                    pad_token_id=0)
+    mask = torch.ones_like(prompt)
+    prompt[1, :PADDING], mask[1, :PADDING] = 0, 0
+    settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0)
+    real = mask.bool()  # logits are compared at the prompt's tokens, not at its padding
     with torch.no_grad():
-        expected = masked(prompt).logits
+        expected = masked(prompt, attention_mask=mask).logits
         reference = masked.generate(prompt, **settings)
     counts = {}
     with cuda_path(), counted_direct_forwards(counts):
         with torch.no_grad():
-            prefill = model(prompt).logits
+            prefill = model(prompt, attention_mask=mask).logits
             generated = model.generate(prompt, **settings)
         no_grad = dict(counts)
-        autograd = model(prompt[:, :-1]).logits.detach()  # fla's public functions
+        autograd = model(prompt[:, :-1], attention_mask=mask[:, :-1]).logits.detach()  # fla's public functions
     return dict(
         model=name, layers=len(kept),
-        prefill=(prefill - expected).abs().max().item(), scale=expected.abs().max().item(),
-        autograd=(autograd - expected[:, :-1]).abs().max().item(),
+        prefill=(prefill - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
+        autograd=(autograd - expected[:, :-1])[real[:, :-1]].abs().max().item(),
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
@@ -122,4 +139,4 @@ def main(name: str, length: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), channels=sys.argv[3] == "channels")))

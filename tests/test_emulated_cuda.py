@@ -17,24 +17,26 @@ TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slic
 SLOW = pytest.mark.slow
 
 MODELS = [
-    ("qwen3_5", 80, True),
-    ("qwen3_next_moe", 80, True),  # grouped fused projections, uneven groups
-    ("olmo_hybrid", 80, True),  # negative eigenvalues (beta in (0, 2))
-    ("gated_deltanet_gva", 80, True),  # fla's own class, value heads sharing key heads
-    ("gla", 80, True),  # one value head per key head: queries and keys split in one copy
-    pytest.param("kda_gva", 20, False, marks=SLOW),  # KDA's kernels are slow under the interpreter
-    pytest.param("kimi_linear", 20, False, marks=SLOW),
+    ("qwen3_5", 80, "heads", True),
+    ("qwen3_next_moe", 80, "channels", True),  # grouped fused projections, uneven groups
+    ("olmo_hybrid", 80, "heads", True),  # negative eigenvalues (beta in (0, 2))
+    ("gated_deltanet_gva", 80, "heads", True),  # fla's own class, value heads sharing key heads
+    ("gla", 80, "channels", True),  # one value head per key head: queries and keys split in one copy
+    pytest.param("kda_gva", 20, "heads", False, marks=SLOW),  # KDA's kernels are slow under the interpreter
+    pytest.param("kimi_linear", 20, "heads", False, marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("name, length, has_direct_forward", MODELS)
-def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, has_direct_forward):
-    """A prompt of two sequences (80 tokens: a whole 64-token chunk and part of the next; KDA's 20), with and
-    without autograd, then three greedily generated tokens from the cache; the direct chunked forward runs in
-    every layer of the two prefills without autograd, never under it."""
+@pytest.mark.parametrize("name, length, plan, has_direct_forward", MODELS)
+def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, plan, has_direct_forward):
+    """A prompt of two sequences, the second left-padded (80 tokens: a whole 64-token chunk and part of the next;
+    KDA's 20), with and without autograd, then three greedily generated tokens from the cache; the plan removes
+    heads, or heads and query/key channels. The direct chunked forward runs in every layer of the two prefills
+    without autograd, never under it."""
     pytest.importorskip("fla.ops.kda")
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("emulated_cuda.py")), name, str(length)],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    script = Path(__file__).with_name("emulated_cuda.py")
+    result = subprocess.run([sys.executable, str(script), name, str(length), plan], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.splitlines()[-1])
     assert figures["scale"] > 1
