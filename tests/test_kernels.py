@@ -197,8 +197,10 @@ def test_chunk_indices_are_the_ones_fla_derives(count, length):
     index_module = pytest.importorskip("fla.ops.utils.index")
     index = sequence_index(count, length, torch.device("cpu"))
     assert torch.equal(index["cu_seqlens"], index["cu_seqlens_cpu"])
-    assert torch.equal(index["chunk_indices"], index_module.prepare_chunk_indices(index["cu_seqlens"], 64))
-    assert torch.equal(index["chunk_offsets"], index_module.prepare_chunk_offsets(index["cu_seqlens"], 64))
+    for name, prepare in (("chunk_indices", index_module.prepare_chunk_indices),
+                          ("chunk_offsets", index_module.prepare_chunk_offsets)):
+        expected = prepare(index["cu_seqlens"], 64)
+        assert torch.equal(index[name], expected) and index[name].dtype == expected.dtype, name
     assert sequence_index(count, length, torch.device("cpu")) is index  # same objects: fla's identity caches hit
     with torch.inference_mode():
         inference = sequence_index(count, length, torch.device("cpu"))

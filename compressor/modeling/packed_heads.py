@@ -133,7 +133,8 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 def sequence_index(count: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
     """fla's descriptions of ``count`` packed sequences of ``length`` tokens: ``cu_seqlens`` [count + 1] (their
     starts, int32 on ``device``), its CPU copy ``cu_seqlens_cpu``, ``chunk_indices`` [count · ⌈length / 64⌉, 2]
-    (sequence, chunk within it) and ``chunk_offsets`` [count + 1] (each sequence's first chunk) on ``device``. Built
+    (sequence, chunk within it) and ``chunk_offsets`` [count + 1] (each sequence's first chunk, int64) on
+    ``device``, in the dtypes fla derives them in (a kernel compiles once for each dtype of its arguments). Built
     without reading the GPU, and cached, so that the same objects return for every layer of a shape (fla caches what
     it derives from them by identity); separately inside and outside ``torch.inference_mode``, whose tensors
     autograd cannot save."""
@@ -147,7 +148,7 @@ def _sequence_index(count: int, length: int, device: torch.device, inference: bo
     sequence = torch.arange(count, dtype=torch.int32, device=device).repeat_interleave(chunks)
     chunk = torch.arange(chunks, dtype=torch.int32, device=device).repeat(count)
     return dict(cu_seqlens=starts.to(device), cu_seqlens_cpu=starts, chunk_indices=torch.stack([sequence, chunk], 1),
-                chunk_offsets=torch.arange(count + 1, dtype=torch.int32, device=device) * chunks)
+                chunk_offsets=torch.arange(count + 1, dtype=torch.int64, device=device) * chunks)
 
 
 def heads_as_sequences(
