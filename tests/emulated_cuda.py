@@ -1,18 +1,19 @@
-"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels`` prints
-one JSON line.
+"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels DTYPE``
+(float32 or bfloat16) prints one JSON line.
 
 Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and
 every tensor reports ``is_cuda``, the shipped code's only test for its GPU path, so each layer takes the fla
 functions a GPU would: packed heads, the direct chunked forwards, fla's decode steps and row kernels. What it cannot
-show: bfloat16 (the interpreter miscomputes it), CUDA graphs (decode graphs are switched off), streams, the tile
-configurations a GPU would choose (the first candidate runs).
+show: CUDA graphs (decode graphs are switched off), streams, the tile configurations a GPU would choose (the first
+candidate runs).
 
 A tiny model of MODEL (head dimensions of 16, which fla's kernels need at least) is pruned in place with the uneven
-plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels); the masked copy runs the
-PyTorch path. Printed: the largest logit differences of the pruned model on the CUDA path from the masked copy (a
-prefill of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
-cached greedy generation), whether the generated tokens are the same, the logit scale, and how many times a direct
-chunked forward was called without and with autograd.
+plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels). Its masked copy runs the
+PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the CUDA path too. Printed:
+the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of a
+LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a cached greedy
+generation), whether the generated tokens are the same, the logit scale, and how many times a direct chunked forward
+was called without and with autograd.
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def cuda_path():
         torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
 
 
-def main(name: str, length: int, channels: bool) -> dict:
+def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     """The differences above for a prompt of ``length`` tokens whose second row is left-padded (a forward under
     autograd takes all but the last token); ``channels``: the plan also removes 6 of each key head's 16 query/key
-    channels."""
+    channels; ``dtype``: the models' (float32 or bfloat16)."""
     model, kept, vocabulary = tiny(name)
     plan = PruningPlan(kept=kept)
     if channels:
@@ -110,17 +111,21 @@ def main(name: str, length: int, channels: bool) -> dict:
     else:
         masked = tiny_models.masked_copy(model, kept)
     slim(model, family_for(model.config), plan)
-    for mixer in linear_layers(model, family_for(model.config)).values():
-        mixer.use_decode_graph = False
+    for each in (model, masked):
+        each.to(dtype)
+        for mixer in linear_layers(each, family_for(each.config)).values():
+            mixer.use_decode_graph = False
     prompt = torch.randint(3, vocabulary, (2, length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
     prompt[1, :PADDING], mask[1, :PADDING] = 0, 0
     settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=0)
     real = mask.bool()  # logits are compared at the prompt's tokens, not at its padding
-    with torch.no_grad():
-        expected = masked(prompt, attention_mask=mask).logits
-        reference = masked.generate(prompt, **settings)
+    with cuda_path() if dtype == torch.bfloat16 else contextlib.nullcontext():
+        expected_autograd = masked(prompt[:, :-1], attention_mask=mask[:, :-1]).logits.detach().float()
+        with torch.no_grad():
+            expected = masked(prompt, attention_mask=mask).logits.float()
+            reference = masked.generate(prompt, **settings)
     counts = {}
     with cuda_path(), counted_direct_forwards(counts):
         with torch.no_grad():
@@ -130,13 +135,14 @@ def main(name: str, length: int, channels: bool) -> dict:
         autograd = model(prompt[:, :-1], attention_mask=mask[:, :-1]).logits.detach()  # fla's public functions
     return dict(
         model=name, layers=len(kept),
-        prefill=(prefill - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
-        autograd=(autograd - expected[:, :-1])[real[:, :-1]].abs().max().item(),
+        prefill=(prefill.float() - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
+        autograd=(autograd.float() - expected_autograd)[real[:, :-1]].abs().max().item(),
         same_tokens=torch.equal(generated.sequences, reference.sequences),
-        steps=[(a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits)],
+        steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
     )
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), channels=sys.argv[3] == "channels")))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), channels=sys.argv[3] == "channels",
+                          dtype=getattr(torch, sys.argv[4]))))

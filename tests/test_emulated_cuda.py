@@ -1,7 +1,7 @@
 """Every family's shipped forward on its CUDA path, run on the CPU (``emulated_cuda.py``: Triton's interpreter runs
 fla's kernels, and tensors report ``is_cuda``): pruned against masked logits, cached greedy decoding, and which
-chunked forward each layer calls. The CUDA tests cover what this cannot: bfloat16, decode graphs, the GPU's own
-tile configurations."""
+chunked forward each layer calls. The CUDA tests cover what this cannot: decode graphs, the GPU's own tile
+configurations."""
 
 from __future__ import annotations
 
@@ -17,31 +17,33 @@ TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slic
 SLOW = pytest.mark.slow
 
 MODELS = [
-    ("qwen3_5", 80, "heads", True),
-    ("qwen3_next_moe", 80, "channels", True),  # grouped fused projections, uneven groups
-    ("olmo_hybrid", 80, "heads", True),  # negative eigenvalues (beta in (0, 2))
-    ("gated_deltanet_gva", 80, "heads", True),  # fla's own class, value heads sharing key heads
-    ("gla", 80, "channels", True),  # one value head per key head: queries and keys split in one copy
-    pytest.param("kda_gva", 20, "heads", False, marks=SLOW),  # KDA's kernels are slow under the interpreter
-    pytest.param("kimi_linear", 20, "heads", False, marks=SLOW),
+    ("qwen3_5", 80, "heads", "float32", True),
+    ("qwen3_next_moe", 80, "channels", "float32", True),  # grouped fused projections, uneven groups
+    ("olmo_hybrid", 80, "heads", "float32", True),  # negative eigenvalues (beta in (0, 2))
+    ("gated_deltanet_gva", 80, "heads", "float32", True),  # fla's own class, value heads sharing key heads
+    ("gla", 80, "channels", "float32", True),  # one value head per key head: queries and keys split in one copy
+    ("delta_net", 80, "heads", "bfloat16", True),  # fla's DeltaNet kernels refuse float32
+    pytest.param("kda_gva", 20, "heads", "float32", False, marks=SLOW),  # KDA's kernels: slow under the interpreter
+    pytest.param("kimi_linear", 20, "heads", "float32", False, marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("name, length, plan, has_direct_forward", MODELS)
-def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, plan, has_direct_forward):
+@pytest.mark.parametrize("name, length, plan, dtype, has_direct_forward", MODELS)
+def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, plan, dtype, has_direct_forward):
     """A prompt of two sequences, the second left-padded (80 tokens: a whole 64-token chunk and part of the next;
     KDA's 20), with and without autograd, then three greedily generated tokens from the cache; the plan removes
     heads, or heads and query/key channels. The direct chunked forward runs in every layer of the two prefills
-    without autograd, never under it."""
+    without autograd, never under it. In bfloat16 the masked model runs the same path, and the logits are equal."""
     pytest.importorskip("fla.ops.kda")
     script = Path(__file__).with_name("emulated_cuda.py")
-    result = subprocess.run([sys.executable, str(script), name, str(length), plan], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    result = subprocess.run([sys.executable, str(script), name, str(length), plan, dtype], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.splitlines()[-1])
     assert figures["scale"] > 1
+    tolerance = TOLERANCE if dtype == "float32" else 0
     for what in ("prefill", "autograd"):
-        assert figures[what] <= TOLERANCE, (what, figures)
-    assert figures["same_tokens"] and max(figures["steps"]) <= TOLERANCE, figures
+        assert figures[what] <= tolerance, (what, figures)
+    assert figures["same_tokens"] and max(figures["steps"]) <= tolerance, figures
     assert figures["direct_without_grad"] == (2 * figures["layers"] if has_direct_forward else 0), figures
     assert figures["direct_with_grad"] == 0, figures

@@ -63,6 +63,7 @@ def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
 
 DIRECT_FORWARDS_INTERPRETED = """
 import torch
+from fla.ops.delta_rule import chunk_delta_rule
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from fla.ops.gla import chunk_gla
 
@@ -76,45 +77,44 @@ from triton_interpreter import run_fla_chunked_kernels
 run_fla_chunked_kernels()
 generator = torch.Generator().manual_seed(0)
 count, length, width = 3, 100, 32  # each sequence one whole chunk and part of another
-q, k = (torch.nn.functional.normalize(torch.randn(1, count * length, 1, width, generator=generator), dim=-1)
-        for _ in "qk")
-v = torch.randn(1, count * length, 1, width, generator=generator)
-beta = torch.rand(1, count * length, 1, generator=generator)
-g = -0.1 * torch.rand(1, count * length, 1, generator=generator)
+tokens = count * length
+q, k = (torch.nn.functional.normalize(torch.randn(1, tokens, 1, width, generator=generator), dim=-1) for _ in "qk")
+v = torch.randn(1, tokens, 1, width, generator=generator)
+beta = torch.rand(1, tokens, 1, generator=generator)
+g = -0.1 * torch.rand(1, tokens, 1, generator=generator)  # log decay per token (the gated delta rule)
+g_channels = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, generator=generator)) / 4  # GLA's
 state = 0.1 * torch.randn(count, 1, width, width, generator=generator)
 index = sequence_index(count, length, q.device)
 packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
-gated = fla_chunk.chunk_gated_delta_rule(q, k, v, g, beta, **packed, chunk_indices=index["chunk_indices"])
-public = chunk_gated_delta_rule(q, k, v, g, beta, **packed)
-assert torch.equal(gated[0], public[0]) and torch.equal(gated[1], public[1])
-plain = fla_chunk.chunk_delta_rule(q, k, v, beta, **packed, chunk_indices=index["chunk_indices"])
-for (out, final), reference in ((gated, recurrent_gated_delta_rule_torch), (plain, recurrent_delta_rule_torch)):
-    for sequence in range(count):  # fla's public delta rule refuses float32: both are checked against the reference
-        tokens = slice(sequence * length, (sequence + 1) * length)
-        decay = (g[:, tokens],) if reference is recurrent_gated_delta_rule_torch else ()
-        expected = reference(q[:, tokens], k[:, tokens], v[:, tokens], *decay, beta[:, tokens],
-                             initial_state=state[sequence:sequence + 1], output_final_state=True)
-        assert (out[:, tokens] - expected[0]).abs().max() < 1e-5, (reference.__name__, sequence, "output")
-        assert (final[sequence:sequence + 1] - expected[1]).abs().max() < 1e-5, (reference.__name__, sequence)
-g_channels = torch.nn.functional.logsigmoid(torch.randn(1, count * length, 1, width, generator=generator)) / 4
-gla = fla_chunk.chunk_gla(q, k, v, g_channels, **packed, chunk_indices=index["chunk_indices"],
-                          chunk_offsets=index["chunk_offsets"])
-public = chunk_gla(q, k, v, g_channels, **packed)
-assert torch.equal(gla[0], public[0]) and torch.equal(gla[1], public[1])
-for sequence in range(count):
-    tokens = slice(sequence * length, (sequence + 1) * length)
-    expected = recurrent_gla_torch(q[:, tokens], k[:, tokens], v[:, tokens], g_channels[:, tokens],
-                                   initial_state=state[sequence:sequence + 1], output_final_state=True)
-    assert (gla[0][:, tokens] - expected[0]).abs().max() < 1e-5, ("gla", sequence, "output")
-    assert (gla[1][sequence:sequence + 1] - expected[1]).abs().max() < 1e-5, ("gla", sequence)
+chunks = dict(chunk_indices=index["chunk_indices"])
+# (direct forward, fla's public function (None: it refuses the dtype), PyTorch reference, the gates they take)
+forwards = [(fla_chunk.chunk_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule_torch, (g,)),
+            (fla_chunk.chunk_delta_rule, chunk_delta_rule, recurrent_delta_rule_torch, ()),
+            (fla_chunk.chunk_gla, chunk_gla, recurrent_gla_torch, (g_channels,))]
+for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+    qd, kd, vd, bd = (x.to(dtype) for x in (q, k, v, beta))
+    for direct, public, reference, gates in forwards:
+        delta = reference is not recurrent_gla_torch
+        arguments = (qd, kd, vd, *gates, *(bd,) * delta)
+        offsets = {} if delta else dict(chunk_offsets=index["chunk_offsets"])
+        out, final = direct(*arguments, **packed, **chunks, **offsets)
+        if public is not chunk_delta_rule or dtype != torch.float32:  # fla's delta rule refuses float32
+            expected = public(*arguments, **packed)
+            assert torch.equal(out, expected[0]) and torch.equal(final, expected[1]), (direct.__name__, dtype)
+        for sequence in range(count):
+            part = slice(sequence * length, (sequence + 1) * length)
+            expected = reference(*(x[:, part] for x in arguments), initial_state=state[sequence:sequence + 1],
+                                 output_final_state=True)
+            assert (out[:, part].float() - expected[0].float()).abs().max() < tolerance, (direct.__name__, dtype)
+            assert (final[sequence:sequence + 1] - expected[1]).abs().max() < tolerance, (direct.__name__, dtype)
 print("ok")
 """
 
 
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do():
-    """The direct forwards on CPU tensors under Triton's interpreter (float32, which it computes correctly; the
-    CUDA tests below cover bfloat16): the gated delta rule's and GLA's equal fla's public functions bit for bit, and
-    every forward equals the PyTorch reference on each packed sequence, initial and final states included."""
+    """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16: each equals fla's
+    public function bit for bit (DeltaNet's refuses float32) and the PyTorch reference (to bfloat16's rounding) on
+    each packed sequence, initial and final states included."""
     pytest.importorskip("fla.ops.gla")
     run_interpreted(DIRECT_FORWARDS_INTERPRETED)
 

@@ -11,20 +11,54 @@ from pathlib import Path
 import pytest
 
 def run_fla_chunked_kernels() -> None:
-    """Make fla's chunked kernels run under the interpreter, in a process where it is on (call after importing
-    them): the autotuner, which cannot time its candidates without a GPU, takes the first; and every fla.ops module
-    imported so far reads ``range`` as one whose indices have ``.to(dtype)``, as a compiled kernel's loop index (a
-    Triton scalar) has and fla's kernels use. Their float32 forms then compute correctly; bfloat16 inputs do not."""
+    """Make fla's chunked kernels run under the interpreter as on a GPU, in a process where it is on (call after
+    importing them): the autotuner, which cannot time its candidates without a GPU, takes the first; every fla.ops
+    module imported so far reads ``range`` as one whose indices have ``.to(dtype)``, as a compiled kernel's loop
+    index (a Triton scalar) has and fla's kernels use; and matrix products and elementwise arithmetic on bfloat16
+    compute on its values, not its bits. (Reductions and fused multiply-adds of bfloat16 would still read bits;
+    fla's kernels convert to float32 before those.)"""
     import builtins
 
+    import numpy as np
     import triton.language as tl
-    from triton.runtime import autotuner
+    from triton.runtime import autotuner, interpreter
 
     class LoopIndex(int):
         def to(self, dtype):
             return tl.full((), int(self), dtype)
 
     autotuner.Autotuner.do_bench = property(lambda self: lambda kernel_call, quantiles: (1.0, 1.0, 1.0))
+    # The interpreter keeps bfloat16 as its bits (uint16) and computes on those; a GPU computes on the numbers
+    # (in float32, rounding each result to bfloat16).
+    builder = interpreter.InterpreterBuilder
+    dot, binary, unary = builder.create_dot, builder.binary_op, builder.unary_op
+
+    def as_float(x):
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def as_bfloat16(data):
+        bits = data.astype(np.float32).view(np.uint32)
+        return interpreter.TensorHandle(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16), tl.bfloat16)
+
+    COMPARISONS = (np.less, np.greater, np.less_equal, np.greater_equal, np.equal, np.not_equal)
+
+    def is_bfloat16(x):
+        return x.dtype.scalar == tl.bfloat16
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = (as_float(x) if is_bfloat16(x) else x for x in (a, b))
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def binary_op(self, lhs, rhs, op):
+        if not (is_bfloat16(lhs) and is_bfloat16(rhs)):
+            return binary(self, lhs, rhs, op)
+        result = binary(self, as_float(lhs), as_float(rhs), op)
+        return result if op in COMPARISONS else as_bfloat16(result.data)
+
+    def unary_op(self, arg, op):
+        return as_bfloat16(unary(self, as_float(arg), op).data) if is_bfloat16(arg) else unary(self, arg, op)
+
+    builder.create_dot, builder.binary_op, builder.unary_op = create_dot, binary_op, unary_op
     for name, module in list(sys.modules.items()):
         if name.startswith("fla.ops"):
             module.range = lambda *bounds: map(LoopIndex, builtins.range(*bounds))
