@@ -7,7 +7,7 @@ functions a GPU would: packed heads, the direct chunked forwards, fla's decode s
 show: CUDA graphs (decode graphs are switched off), streams, the tile configurations a GPU would choose (the first
 candidate runs).
 
-A tiny model of MODEL (head dimensions of 16, which fla's kernels need at least) is pruned in place with the uneven
+A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven
 plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels). Its masked copy runs the
 PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the CUDA path too. Printed:
 the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of a

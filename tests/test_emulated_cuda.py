@@ -6,12 +6,12 @@ configurations."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from triton_interpreter import ROOT, interpreted_environment
 
 TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slice or argument moves logits by O(1)
 SLOW = pytest.mark.slow
@@ -21,6 +21,7 @@ MODELS = [
     ("qwen3_next_moe", 80, "channels", "float32", True),  # grouped fused projections, uneven groups
     ("olmo_hybrid", 80, "heads", "float32", True),  # negative eigenvalues (beta in (0, 2))
     ("gated_deltanet_gva", 80, "heads", "float32", True),  # fla's own class, value heads sharing key heads
+    ("gated_deltanet", 80, "heads", "float32", True),  # one value head per key head, normalised in one launch
     ("gla", 80, "channels", "float32", True),  # one value head per key head: queries and keys split in one copy
     ("delta_net", 80, "heads", "bfloat16", True),  # fla's DeltaNet kernels refuse float32
     pytest.param("kda_gva", 20, "heads", "float32", False, marks=SLOW),  # KDA's kernels: slow under the interpreter
@@ -37,7 +38,7 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     pytest.importorskip("fla.ops.kda")
     script = Path(__file__).with_name("emulated_cuda.py")
     result = subprocess.run([sys.executable, str(script), name, str(length), plan, dtype], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+                            text=True, timeout=600, cwd=ROOT, env=interpreted_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.splitlines()[-1])
     assert figures["scale"] > 1

@@ -75,5 +75,6 @@ def imported_on_import(source: str) -> list[str]:
 
 
 def test_imports_inside_functions_are_not_counted_as_made_on_import():
-    source = "try:\n    from fla.ops.common import a\nexcept Exception:\n    pass\ndef f():\n    from fla.ops.common import b\n"
+    source = ("try:\n    from fla.ops.common import a\nexcept Exception:\n    pass\n"
+              "def f():\n    from fla.ops.common import b\n")
     assert imported_on_import(source) == ["fla.ops.common"]

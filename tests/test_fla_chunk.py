@@ -18,12 +18,13 @@ def test_the_forward_functions_of_fla_0_6_are_found():
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
     from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
-    from fla.ops.utils.cumsum import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+    from fla.ops.utils.cumsum import chunk_local_cumsum_vector
 
     assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
     assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
-    assert fla_chunk.gla_forward() == (chunk_local_cumsum, chunk_fwd_kernel_h, chunk_gla_fwd_intra_gk,
-                                       chunk_gla_fwd_o_gk)
+    assert fla_chunk.gla_forward() == (chunk_local_cumsum_vector, chunk_fwd_kernel_h, chunk_gla_fwd_intra_gk,
+                                       chunk_gla_fwd_o_gk, RCP_LN2)
 
 
 def test_gla_pieces_of_other_parameters_are_not_used(monkeypatch):
@@ -35,6 +36,24 @@ def test_gla_pieces_of_other_parameters_are_not_used(monkeypatch):
         assert fla_chunk.gla_forward() is None
     finally:
         fla_chunk.gla_forward.cache_clear()
+
+
+def test_a_gla_states_kernel_whose_launch_sets_less_is_not_launched(monkeypatch):
+    """``chunk_gla`` leaves the tile sizes to the states kernel's autotuner: without one, it is not used."""
+    from fla.ops.common import chunk_h
+    from triton.runtime.autotuner import Autotuner
+
+    tuner = chunk_h.chunk_fwd_kernel_h
+    while not isinstance(tuner, Autotuner):
+        tuner = tuner.fn
+    monkeypatch.setattr(tuner, "configs", [type(c)({"BV": 32}, num_warps=c.num_warps) for c in tuner.configs])
+    fla_chunk.gla_forward.cache_clear()
+    try:
+        assert fla_chunk.gla_forward() is None
+    finally:
+        monkeypatch.undo()
+        fla_chunk.gla_forward.cache_clear()
+    assert fla_chunk.gla_forward() is not None
 
 
 def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
@@ -76,14 +95,14 @@ from triton_interpreter import run_fla_chunked_kernels
 
 run_fla_chunked_kernels()
 generator = torch.Generator().manual_seed(0)
-count, length, width = 3, 100, 32  # each sequence one whole chunk and part of another
+count, length, width, value_width = 3, 100, 32, 16  # each sequence one whole chunk and part of another
 tokens = count * length
 q, k = (torch.nn.functional.normalize(torch.randn(1, tokens, 1, width, generator=generator), dim=-1) for _ in "qk")
-v = torch.randn(1, tokens, 1, width, generator=generator)
+v = torch.randn(1, tokens, 1, value_width, generator=generator)
 beta = torch.rand(1, tokens, 1, generator=generator)
 g = -0.1 * torch.rand(1, tokens, 1, generator=generator)  # log decay per token (the gated delta rule)
 g_channels = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, generator=generator)) / 4  # GLA's
-state = 0.1 * torch.randn(count, 1, width, width, generator=generator)
+state = 0.1 * torch.randn(count, 1, width, value_width, generator=generator)
 index = sequence_index(count, length, q.device)
 packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
 chunks = dict(chunk_indices=index["chunk_indices"])
@@ -101,6 +120,9 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         if public is not chunk_delta_rule or dtype != torch.float32:  # fla's delta rule refuses float32
             expected = public(*arguments, **packed)
             assert torch.equal(out, expected[0]) and torch.equal(final, expected[1]), (direct.__name__, dtype)
+            stateless = direct(*arguments, cu_seqlens=index["cu_seqlens"], **chunks, **offsets)
+            expected = public(*arguments, cu_seqlens=index["cu_seqlens"])
+            assert torch.equal(stateless[0], expected[0]) and stateless[1] is None, (direct.__name__, dtype)
         for sequence in range(count):
             part = slice(sequence * length, (sequence + 1) * length)
             expected = reference(*(x[:, part] for x in arguments), initial_state=state[sequence:sequence + 1],
@@ -112,9 +134,9 @@ print("ok")
 
 
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do():
-    """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16: each equals fla's
-    public function bit for bit (DeltaNet's refuses float32) and the PyTorch reference (to bfloat16's rounding) on
-    each packed sequence, initial and final states included."""
+    """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
+    each equals fla's public function bit for bit, with and without initial and final states (DeltaNet's refuses
+    float32), and the PyTorch reference (to bfloat16's rounding) on each packed sequence."""
     pytest.importorskip("fla.ops.gla")
     run_interpreted(DIRECT_FORWARDS_INTERPRETED)
 

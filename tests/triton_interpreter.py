@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).parent.parent
+
+
 def run_fla_chunked_kernels() -> None:
     """Make fla's chunked kernels run under the interpreter as on a GPU, in a process where it is on (call after
     importing them): the autotuner, which cannot time its candidates without a GPU, takes the first; every fla.ops
@@ -73,9 +76,15 @@ def skip_where_the_interpreter_cannot_run_decode_steps(kernel: str) -> None:
         pytest.skip(f"Triton {triton.__version__}'s interpreter fails on the token loop of {kernel}; 3.9's runs it")
 
 
+def interpreted_environment() -> dict[str, str]:
+    """This process's environment with Triton's interpreter on, and this checkout's ``compressor`` and test modules
+    first on the import path (another checkout may be the one installed)."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+
+
 def run_interpreted(script: str) -> None:
-    """Run ``script`` in a fresh process under Triton's interpreter, where this folder's modules can be imported;
-    it must print "ok" and nothing else."""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)})
+    """Run ``script`` in a fresh process (``interpreted_environment``); it must print "ok" and nothing else."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=interpreted_environment())
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]

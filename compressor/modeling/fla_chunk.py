@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from .fla_decode_step import launching_on
+from .packed_heads import CHUNK_SIZE
 
 GATED_DELTA_PARAMETERS = (
     "q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state", "state_v_first", "cu_seqlens",
@@ -36,12 +37,8 @@ DELTA_PARAMETERS = (
 )
 """The parameters of fla 0.6's ``chunk_delta_rule_fwd``, in order."""
 
-CHUNK = 64
-"""The chunk size of every chunked form here, for which ``packed_heads.sequence_index`` prepares its indices."""
-
-
 GLA_PARAMETERS = {
-    ("fla.ops.utils.cumsum", "chunk_local_cumsum"): (
+    ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector"): (
         "g", "chunk_size", "reverse", "scale", "cu_seqlens", "output_dtype", "chunk_indices", "use_graph", "kwargs"),
     ("fla.ops.gla.chunk", "chunk_gla_fwd_intra_gk"): (
         "q", "k", "g", "scale", "cu_seqlens", "chunk_size", "chunk_indices"),
@@ -51,11 +48,14 @@ GLA_PARAMETERS = {
 """The parameters of the pieces of fla 0.6's ``chunk_gla_fwd`` that ``chunk_gla`` calls, in order."""
 
 STATES_KERNEL_ARGUMENTS = (
-    "k", "v", "h", "g", "g_gamma", "gk", "gv", "h0", "ht", "cu_seqlens", "split_offsets", "T", "H", "K", "V", "BT", "BS",
-    "BK", "BV", "USE_G", "USE_G_GAMMA", "USE_GK", "USE_GV", "USE_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN",
-    "STATE_V_FIRST",
+    "k", "v", "h", "g", "g_gamma", "gk", "gv", "h0", "ht", "cu_seqlens", "split_offsets", "T", "H", "K", "V", "BT",
+    "BS", "BK", "BV", "USE_G", "USE_G_GAMMA", "USE_GK", "USE_GV", "USE_INITIAL_STATE", "STORE_FINAL_STATE",
+    "IS_VARLEN", "STATE_V_FIRST",
 )
 """The arguments of fla 0.6's ``chunk_fwd_kernel_h`` (the chunk states of GLA), in order."""
+
+SET_BY_LAUNCH = {"BK", "BV", "USE_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN"}
+"""The arguments of ``chunk_fwd_kernel_h`` that its autotuner and heuristics set, which ``chunk_gla`` does not pass."""
 
 
 def fla_function(module_name: str, name: str, parameters: tuple[str, ...]):
@@ -82,22 +82,29 @@ def delta_forward():
 
 @lru_cache(maxsize=1)
 def gla_forward():
-    """(fla's ``chunk_local_cumsum``, ``chunk_fwd_kernel_h`` beneath its heuristics and autotuner's launch,
-    ``chunk_gla_fwd_intra_gk``, ``chunk_gla_fwd_o_gk``) if each takes what ``GLA_PARAMETERS`` and
-    ``STATES_KERNEL_ARGUMENTS`` name, else None."""
+    """(fla's ``chunk_local_cumsum_vector``, ``chunk_fwd_kernel_h`` beneath its heuristics and autotuner's launch,
+    ``chunk_gla_fwd_intra_gk``, ``chunk_gla_fwd_o_gk``, the scale ``chunk_gla_fwd`` gives the cumulative sum) if
+    each takes what ``GLA_PARAMETERS`` and ``STATES_KERNEL_ARGUMENTS`` name, and the launch's heuristics and
+    autotuner set the arguments ``chunk_gla`` leaves to them, else None."""
     pieces = [fla_function(module, name, parameters) for (module, name), parameters in GLA_PARAMETERS.items()]
     try:
         from fla.ops.common.chunk_h import chunk_fwd_kernel_h
+        from fla.ops.utils.constant import RCP_LN2
         from triton.runtime.autotuner import Autotuner, Heuristics
     except Exception:  # no fla, or fla without triton
         return None
-    function = chunk_fwd_kernel_h
+    function, set_by_launch = chunk_fwd_kernel_h, set()
     while isinstance(function, (Autotuner, Heuristics)):
+        if isinstance(function, Heuristics):
+            set_by_launch |= set(function.values)
+        else:
+            set_by_launch |= set.intersection(*(set(config.kwargs) for config in function.configs))
         function = function.fn
-    if None in pieces or tuple(getattr(function, "arg_names", ())) != STATES_KERNEL_ARGUMENTS:
+    if (None in pieces or tuple(getattr(function, "arg_names", ())) != STATES_KERNEL_ARGUMENTS
+            or not set_by_launch >= SET_BY_LAUNCH):
         return None
     cumsum, intra, out = pieces
-    return cumsum, chunk_fwd_kernel_h, intra, out
+    return cumsum, chunk_fwd_kernel_h, intra, out, RCP_LN2
 
 
 def direct(x: torch.Tensor, forward) -> bool:
@@ -152,33 +159,30 @@ def chunk_delta_rule(
 
 def chunk_gla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-    chunk_offsets: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
+    cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_gla`` at its default scale d_k^-0.5 on packed sequences (g: per-channel log decay [1, N, 1, K]),
-    through the pieces of ``gla_forward()``, with its chunk states computed as fla's ``chunk_fwd_h`` computes them
-    but for the number of chunks, which packed sequences of one length give on the host (``chunk_indices``' rows):
+    """fla's ``chunk_gla`` at its default scale d_k^-0.5 on packed sequences of one length (g: per-channel log decay
+    [1, N, 1, K]), through the pieces of ``gla_forward()``, with its chunk states computed as fla's ``chunk_fwd_h``
+    computes them but for the number of chunks, which such sequences give on the host (``chunk_indices``' rows):
     ``chunk_fwd_h`` reads it from the GPU (``.item()``), a wait for every queued kernel in every layer.
     Returns ``(o [1, N, 1, V], final state [S, 1, K, V] float32 or None)``."""
-    from fla.ops.utils.constant import RCP_LN2  # the scale fla's chunk_gla_fwd gives the cumulative sum
-
-    cumsum, states_kernel, intra, out = gla_forward()
+    cumsum, states_kernel, intra, out, cumulative_scale = gla_forward()
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     _, length, heads, key_dim = k.shape
     value_dim, sequences, chunks = v.shape[-1], cu_seqlens.shape[0] - 1, chunk_indices.shape[0]
     scale = key_dim**-0.5
     with launching_on(q):
-        g = cumsum(g, CHUNK, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+        g = cumsum(g, CHUNK_SIZE, scale=cumulative_scale, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
         states = k.new_empty(1, chunks, heads, key_dim, value_dim)
         final = k.new_empty(sequences, heads, key_dim, value_dim, dtype=torch.float) if output_final_state else None
         states_kernel[lambda meta: (-(-key_dim // meta["BK"]) * -(-value_dim // meta["BV"]) * sequences * heads,)](
             k=k, v=v, h=states, g=None, g_gamma=None, gk=g, gv=None,
             h0=None if initial_state is None else initial_state.contiguous(), ht=final, cu_seqlens=cu_seqlens,
-            split_offsets=chunk_offsets, T=length, H=heads, K=key_dim, V=value_dim, BT=CHUNK, BS=CHUNK, USE_G=False,
-            USE_G_GAMMA=False, USE_GK=True, USE_GV=False, STATE_V_FIRST=False,
+            split_offsets=chunk_offsets, T=length, H=heads, K=key_dim, V=value_dim, BT=CHUNK_SIZE, BS=CHUNK_SIZE,
+            USE_G=False, USE_G_GAMMA=False, USE_GK=True, USE_GV=False, STATE_V_FIRST=False,
         )
-        scores = intra(q=q, k=k, g=g, scale=scale, cu_seqlens=cu_seqlens, chunk_size=CHUNK, chunk_indices=chunk_indices)
-        o = out(q=q, v=v, g=g, A=scores, h=states, scale=scale, cu_seqlens=cu_seqlens, chunk_size=CHUNK,
-                chunk_indices=chunk_indices)
+        positions = dict(cu_seqlens=cu_seqlens, chunk_size=CHUNK_SIZE, chunk_indices=chunk_indices)
+        scores = intra(q=q, k=k, g=g, scale=scale, **positions)
+        o = out(q=q, v=v, g=g, A=scores, h=states, scale=scale, **positions)
     return o, final

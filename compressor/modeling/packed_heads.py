@@ -28,8 +28,8 @@ import torch
 from .fla_rows import l2_normalised, l2norm_kernel, takes
 
 CHUNK_SIZE = 64
-"""The chunk size of fla's chunked gated delta rule, for which ``chunk_indices`` are prepared (the other chunked
-kernels derive theirs from ``cu_seqlens_cpu``)."""
+"""The chunk size of fla's chunked kernels as the direct forwards run them (``fla_chunk``), for which
+``chunk_indices`` and ``chunk_offsets`` are prepared (fla's public functions derive theirs from ``cu_seqlens_cpu``)."""
 
 
 def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -159,8 +159,8 @@ def heads_as_sequences(
 
     ``per_head`` maps the kernel's argument names to tensors [B, T, H, ·] or [B, T, H] (H: value heads; q and k
     already expanded to one head per value head). ``also`` names the other entries of ``sequence_index`` the kernel
-    accepts (``cu_seqlens_cpu``, ``chunk_indices``). Returns ``(o [B, T, H, V], final state [B, H, K, V] or
-    None)``; o is a head-major view (``o.transpose(1, 2)`` is contiguous).
+    accepts (``cu_seqlens_cpu``, ``chunk_indices``, ``chunk_offsets``). Returns ``(o [B, T, H, V], final state
+    [B, H, K, V] or None)``; o is a head-major view (``o.transpose(1, 2)`` is contiguous).
     """
     batch, length, heads = per_head["v"].shape[:3]
     if initial_state is not None:
