@@ -122,18 +122,11 @@ def chunk_gated_delta_rule(
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_gated_delta_rule`` at its default scale d_k^-0.5, for q and k normalised already
-    (``use_qk_l2norm_in_kernel`` must be False), through ``gated_delta_forward()``.
+    (``use_qk_l2norm_in_kernel`` must be False), through ``gated_delta_forward()``, which returns
+    (g, o, A, final state, initial state, g's input).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
-    if use_qk_l2norm_in_kernel:
-        raise ValueError("the direct chunked forward takes queries and keys normalised already")
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    with launching_on(q):
-        _, out, _, final, _, _ = gated_delta_forward()(
-            q=q, k=k, v=v, g=g, beta=beta, scale=k.shape[-1] ** -0.5,
-            initial_state=None if initial_state is None else initial_state.contiguous(),
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-        )
-    return out.to(q.dtype), final
+    return _delta_rule(gated_delta_forward(), (1, 3), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
+                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
 
 
 def chunk_delta_rule(
@@ -143,18 +136,28 @@ def chunk_delta_rule(
     use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_delta_rule`` at its default scale d_k^-0.5, for q and k normalised already
-    (``use_qk_l2norm_in_kernel`` must be False), through ``delta_forward()``.
+    (``use_qk_l2norm_in_kernel`` must be False), through ``delta_forward()``, which returns (o, A, final state).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    return _delta_rule(delta_forward(), (0, 2), dict(q=q, k=k, v=v, beta=beta), initial_state, output_final_state,
+                       cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
+
+
+def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
+                initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
+                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool):
+    """``forward(**inputs, …)`` on contiguous inputs and on q's device; (o in q's dtype, final state) from the
+    ``positions`` of its results."""
     if use_qk_l2norm_in_kernel:
         raise ValueError("the direct chunked forward takes queries and keys normalised already")
-    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
-    with launching_on(q):
-        out, _, final = delta_forward()(
-            q=q, k=k, v=v, beta=beta, scale=k.shape[-1] ** -0.5,
+    inputs = {name: x.contiguous() for name, x in inputs.items()}
+    with launching_on(inputs["q"]):
+        results = forward(
+            **inputs, scale=inputs["k"].shape[-1] ** -0.5,
             initial_state=None if initial_state is None else initial_state.contiguous(),
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         )
-    return out.to(q.dtype), final
+    out, final = (results[position] for position in positions)
+    return out.to(inputs["q"].dtype), final
 
 
 def chunk_gla(
