@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fla_lookups import looked_up_afresh
 from triton_interpreter import run_interpreted
 
 from compressor.modeling import fla_chunk
@@ -30,12 +31,9 @@ def test_the_forward_functions_of_fla_0_6_are_found():
 def test_gla_pieces_of_other_parameters_are_not_used(monkeypatch):
     from fla.ops.gla import chunk
 
-    monkeypatch.setattr(chunk, "chunk_gla_fwd_o_gk", lambda q, v, g, A, h, scale: None)
-    fla_chunk.gla_forward.cache_clear()
-    try:
+    with looked_up_afresh(fla_chunk.gla_forward, monkeypatch):
+        monkeypatch.setattr(chunk, "chunk_gla_fwd_o_gk", lambda q, v, g, A, h, scale: None)
         assert fla_chunk.gla_forward() is None
-    finally:
-        fla_chunk.gla_forward.cache_clear()
 
 
 def test_a_gla_states_kernel_whose_launch_sets_less_is_not_launched(monkeypatch):
@@ -46,14 +44,9 @@ def test_a_gla_states_kernel_whose_launch_sets_less_is_not_launched(monkeypatch)
     tuner = chunk_h.chunk_fwd_kernel_h
     while not isinstance(tuner, Autotuner):
         tuner = tuner.fn
-    monkeypatch.setattr(tuner, "configs", [type(c)({"BV": 32}, num_warps=c.num_warps) for c in tuner.configs])
-    fla_chunk.gla_forward.cache_clear()
-    try:
+    with looked_up_afresh(fla_chunk.gla_forward, monkeypatch):
+        monkeypatch.setattr(tuner, "configs", [type(c)({"BV": 32}, num_warps=c.num_warps) for c in tuner.configs])
         assert fla_chunk.gla_forward() is None
-    finally:
-        monkeypatch.undo()
-        fla_chunk.gla_forward.cache_clear()
-    assert fla_chunk.gla_forward() is not None
 
 
 def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
@@ -62,13 +55,10 @@ def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
     def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size=64):
         raise AssertionError("not to be called")
 
-    monkeypatch.setattr(chunk, "chunk_gated_delta_rule_fwd", chunk_gated_delta_rule_fwd)
-    fla_chunk.gated_delta_forward.cache_clear()
-    try:
+    with looked_up_afresh(fla_chunk.gated_delta_forward, monkeypatch):
+        monkeypatch.setattr(chunk, "chunk_gated_delta_rule_fwd", chunk_gated_delta_rule_fwd)
         assert fla_chunk.gated_delta_forward() is None
         assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
-    finally:
-        fla_chunk.gated_delta_forward.cache_clear()
 
 
 def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fla_lookups import looked_up_afresh
 from triton_interpreter import run_interpreted
 
 from compressor.modeling import fla_rows
@@ -52,14 +53,9 @@ def test_a_row_kernel_of_other_arguments_is_not_launched(monkeypatch, lookup):
     pytest.importorskip("fla.modules.norm.fused_norm_gate")
     found = getattr(fla_rows, lookup)()
     assert type(found).__name__ == "JITFunction"
-    monkeypatch.setattr(found, "arg_names", [*found.arg_names[:-1], "SOMETHING_NEW"])
-    getattr(fla_rows, lookup).cache_clear()
-    try:
+    with looked_up_afresh(getattr(fla_rows, lookup), monkeypatch):
+        monkeypatch.setattr(found, "arg_names", [*found.arg_names[:-1], "SOMETHING_NEW"])
         assert getattr(fla_rows, lookup)() is None
-    finally:
-        monkeypatch.undo()
-        getattr(fla_rows, lookup).cache_clear()
-    assert getattr(fla_rows, lookup)() is found
 
 
 @pytest.mark.parametrize(("config", "module", "kernel"), [

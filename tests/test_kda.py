@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from fla_lookups import looked_up_afresh
 from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
 
 import compressor.modeling.kda as kda
@@ -144,13 +145,9 @@ def test_the_kda_step_writes_in_place_only_through_the_fla_function_it_was_writt
     def older(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, out=None):
         raise AssertionError("never called")
 
-    monkeypatch.setattr(fused_recurrent, "fused_recurrent_kda_fwd", older)
-    fla_decode_step.kda_step.cache_clear()
-    try:
+    with looked_up_afresh(fla_decode_step.kda_step, monkeypatch):
+        monkeypatch.setattr(fused_recurrent, "fused_recurrent_kda_fwd", older)
         assert fla_decode_step.kda_step() is None
-    finally:
-        monkeypatch.undo()
-        fla_decode_step.kda_step.cache_clear()
     assert fla_decode_step.kda_step() is original
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fla_lookups import looked_up_afresh
 from tiny_models import recurrence_inputs, tiny_model
 from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
 
@@ -427,13 +428,9 @@ def test_the_in_place_decode_step_is_taken_only_with_the_kernel_it_was_written_f
     assert not fla_decode_step.can_step_in_place(state)  # a CPU tensor
     original = fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel
     renamed = type("Kernel", (), {"arg_names": [*original.arg_names[:-1], "ALLOW_NEGATIVE_EIGENVALUES"]})()
-    monkeypatch.setattr(fused_recurrent, "fused_recurrent_gated_delta_rule_fwd_kernel", renamed)
-    fla_decode_step.kernel.cache_clear()
-    try:
+    with looked_up_afresh(fla_decode_step.kernel, monkeypatch):
+        monkeypatch.setattr(fused_recurrent, "fused_recurrent_gated_delta_rule_fwd_kernel", renamed)
         assert fla_decode_step.kernel() is None
-    finally:
-        monkeypatch.undo()
-        fla_decode_step.kernel.cache_clear()
     assert fla_decode_step.kernel() is original
 
 
