@@ -1,0 +1,170 @@
+"""Kernel launches in one prefill of each family's source (its stock class) and its pruned model (the shipped
+code), counted on the CPU: a proxy, needing no GPU, for the host-bound prefills of small models, where each launch
+costs the host its Python and dispatch path.
+
+    TRITON_INTERPRET=1 python scripts/count_launches.py [--families qwen3_5,gla] [--length 80] [--detail]
+
+Each family's tiny model (``tests/emulated_cuda.py``: heads of 16, the uneven plan, bfloat16) runs on its CUDA path
+under Triton's interpreter, as the emulated CUDA tests run it; the source is the same unpruned weights in the stock
+class (transformers' or fla's), and once more in the shipped class, unpruned. One prefill of 2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each
+model up, and the next is counted:
+
+- ``triton``: launches of Triton kernels (fla's, the shipped row kernels);
+- ``torch``: PyTorch operators that launch a kernel on a GPU (every operator but views and uninitialised
+  allocations; on a GPU a matrix product may launch more than one kernel, and an operator on a tensor the code keeps
+  on the host launches none, which the CPU cannot tell apart; and some CPU operators lay their results out
+  otherwise than their CUDA forms, e.g. ``logsigmoid`` returns contiguous memory where CUDA's keeps its input's
+  strides, so that a later copy runs here that a GPU skips);
+- ``syncs``: operators that make a GPU's host wait (``.item()``, ``nonzero`` and the like).
+
+Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels whose counts differ
+from the source's, for the unpruned and the pruned model in the shipped class. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s
+speed phase); this counts what the code asks for, and runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+FAMILIES = ["qwen3_5", "qwen3_next_moe", "qwen3_5_moe", "olmo_hybrid", "kimi_linear", "gated_deltanet_gva",
+            "gated_deltanet", "delta_net", "gla", "kda_gva"]
+NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default",
+             "empty_like.default", "lift_fresh.default", "_unsafe_view.default", "sym_size.int", "sym_stride.int",
+             "sym_numel.default", "sym_storage_offset.default", "promote_types.default", "is_same_size.default", "resize_.default",
+             "set_.source_Storage_storage_offset", "record_stream.default"}
+"""Operators that allocate without writing or only read metadata (views are found by their schema)."""
+SYNCS = {"_local_scalar_dense.default", "nonzero.default", "equal.default", "is_nonzero.default"}
+"""Operators after which a GPU's host waits for the device."""
+
+
+class Launches:
+    """What one prefill asks a GPU to do: ``torch`` (operators, by name), ``triton`` (kernels, by name) and
+    ``syncs`` (operators, by name)."""
+
+    def __init__(self):
+        self.torch, self.triton, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
+
+    def totals(self) -> dict[str, int]:
+        return {"triton": sum(self.triton.values()), "torch": sum(self.torch.values()),
+                "syncs": sum(self.syncs.values())}
+
+
+@contextlib.contextmanager
+def counting(launches: Launches):
+    """Inside, every PyTorch operator and Triton launch is added to ``launches`` (the operators the interpreter runs
+    to execute a Triton kernel on the CPU are not)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from triton.runtime import interpreter
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
+            if name in SYNCS:
+                launches.syncs[name] += 1
+            elif not (func.is_view or name in NO_LAUNCH):
+                launches.torch[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        launches.triton[self.fn.__name__] += 1
+        with _disable_current_modes():
+            return run(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = counted_run
+    try:
+        with Counting(), torch.no_grad():
+            yield
+    finally:
+        interpreter.InterpretedFunction.run = run
+
+
+def models(name: str) -> tuple[dict, int]:
+    """({"source": the source in its stock class, "unpruned": the source in the shipped class, "pruned": the pruned
+    model}, all bfloat16 and in eval mode; the number of linear-attention layers)."""
+    import copy
+
+    import emulated_cuda
+    import torch
+
+    from compressor.families import family_for
+    from compressor.layers import PruningPlan, linear_layers
+    from compressor.slicing import slim
+
+    pruned, kept, _ = emulated_cuda.tiny(name)
+    stock = next(c for c in type(pruned).__mro__[1:] if c.__module__.startswith(("transformers.", "fla.")))
+    source = stock(pruned.config)
+    source.load_state_dict(pruned.state_dict())
+    unpruned = copy.deepcopy(pruned)
+    slim(pruned, family_for(pruned.config), PruningPlan(kept=kept))
+    variants = dict(source=source, unpruned=unpruned, pruned=pruned)
+    for model in variants.values():
+        model.to(torch.bfloat16).eval()
+    for model in (unpruned, pruned):
+        for mixer in linear_layers(model, family_for(model.config)).values():
+            mixer.use_decode_graph = False
+    return variants, len(kept)
+
+
+def count(model, ids) -> Launches:
+    """The launches of the second of two prefills of ``ids`` on the emulated CUDA path."""
+    import emulated_cuda
+
+    launches = Launches()
+    with emulated_cuda.cuda_path():
+        with counting(Launches()):  # warm-up: kept decays, chosen configurations
+            model(ids, logits_to_keep=1)
+        with counting(launches):
+            model(ids, logits_to_keep=1)
+    return launches
+
+
+def difference(pruned: collections.Counter, source: collections.Counter) -> dict[str, int]:
+    return {key: pruned[key] - source[key] for key in sorted(pruned.keys() | source.keys())
+            if pruned[key] != source[key]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    parser.add_argument("--length", type=int, default=80, help="prompt tokens (over 64: fla's layers chunk)")
+    parser.add_argument("--detail", action="store_true", help="the operators and kernels whose counts differ")
+    args = parser.parse_args()
+    unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("run under TRITON_INTERPRET=1 (Triton's interpreter runs fla's kernels on the CPU)")
+    from transformers.integrations import hub_kernels
+
+    hub_kernels._PACKAGE_SUPPORTED_DEVICES["fla"] += ("cpu",)  # the stock classes call fla, as on a GPU
+    import torch
+
+    for name in args.families.split(","):
+        variants, layers = models(name)
+        vocabulary = min(variants["source"].config.vocab_size, 96)
+        ids = torch.randint(3, vocabulary, (2, args.length), generator=torch.Generator().manual_seed(0))
+        counts = {variant: count(model, ids) for variant, model in variants.items()}
+        line = {"family": name, "linear_layers": layers, "source_class": type(variants["source"]).__name__,
+                **{variant: launches.totals() for variant, launches in counts.items()}}
+        if args.detail:
+            for variant in ("unpruned", "pruned"):
+                line[f"{variant}_minus_source"] = {
+                    what: difference(getattr(counts[variant], what), getattr(counts["source"], what))
+                    for what in ("triton", "torch", "syncs")}
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
