@@ -47,7 +47,7 @@ run_fla_chunked_kernels()
 WIDE = dict(linear_key_head_dim=16, linear_value_head_dim=16)
 PADDING = 7
 """Left padding of the prompt's second row."""
-RECURRENCES = ("gated_delta", "gla", "delta_rule")
+RECURRENCES = ("gated_delta", "gla", "delta_rule", "kda")
 """The shipped modules whose recurrence calls a direct chunked forward (``unwrapped_chunk``)."""
 
 

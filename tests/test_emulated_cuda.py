@@ -17,20 +17,20 @@ TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slic
 SLOW = pytest.mark.slow  # the fast subset keeps two: a Gated DeltaNet of transformers' and fla's GLA
 
 MODELS = [
-    ("qwen3_5", 80, "heads", "float32", True),
-    ("gla", 80, "channels", "float32", True),  # one value head per key head: queries and keys split in one copy
-    pytest.param("qwen3_next_moe", 80, "channels", "float32", True, marks=SLOW),  # grouped projections, uneven groups
-    pytest.param("olmo_hybrid", 80, "heads", "float32", True, marks=SLOW),  # negative eigenvalues (beta in (0, 2))
-    pytest.param("gated_deltanet_gva", 80, "heads", "float32", True, marks=SLOW),  # value heads share key heads
-    pytest.param("gated_deltanet", 80, "heads", "float32", True, marks=SLOW),  # one value head per key head
-    pytest.param("delta_net", 80, "heads", "bfloat16", True, marks=SLOW),  # fla's DeltaNet kernels refuse float32
-    pytest.param("kda_gva", 20, "heads", "float32", False, marks=SLOW),  # KDA's kernels: slow under the interpreter
-    pytest.param("kimi_linear", 20, "heads", "float32", False, marks=SLOW),
+    ("qwen3_5", 80, "heads", "float32"),
+    ("gla", 80, "channels", "float32"),  # one value head per key head: queries and keys split in one copy
+    pytest.param("qwen3_next_moe", 80, "channels", "float32", marks=SLOW),  # grouped projections, uneven groups
+    pytest.param("olmo_hybrid", 80, "heads", "float32", marks=SLOW),  # negative eigenvalues (beta in (0, 2))
+    pytest.param("gated_deltanet_gva", 80, "heads", "float32", marks=SLOW),  # value heads share key heads
+    pytest.param("gated_deltanet", 80, "heads", "float32", marks=SLOW),  # one value head per key head
+    pytest.param("delta_net", 80, "heads", "bfloat16", marks=SLOW),  # fla's DeltaNet kernels refuse float32
+    pytest.param("kda_gva", 20, "heads", "float32", marks=SLOW),  # KDA's kernels: slow under the interpreter
+    pytest.param("kimi_linear", 20, "heads", "float32", marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("name, length, plan, dtype, has_direct_forward", MODELS)
-def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, plan, dtype, has_direct_forward):
+@pytest.mark.parametrize("name, length, plan, dtype", MODELS)
+def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, plan, dtype):
     """A prompt of two sequences, the second left-padded (80 tokens: a whole 64-token chunk and part of the next;
     KDA's 20), with and without autograd, then three greedily generated tokens from the cache; the plan removes
     heads, or heads and query/key channels. The direct chunked forward runs in every layer of the two prefills
@@ -46,5 +46,5 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     for what in ("prefill", "autograd"):
         assert figures[what] <= tolerance, (what, figures)
     assert figures["same_tokens"] and max(figures["steps"]) <= tolerance, figures
-    assert figures["direct_without_grad"] == (2 * figures["layers"] if has_direct_forward else 0), figures
+    assert figures["direct_without_grad"] == 2 * figures["layers"], figures
     assert figures["direct_with_grad"] == 0, figures

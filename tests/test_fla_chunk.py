@@ -19,11 +19,13 @@ def test_the_forward_functions_of_fla_0_6_are_found():
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
     from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
+    from fla.ops.kda.chunk_fwd import chunk_kda_fwd
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum_vector
 
     assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
     assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
+    assert fla_chunk.kda_forward() is chunk_kda_fwd
     assert fla_chunk.gla_forward() == (chunk_local_cumsum_vector, chunk_fwd_kernel_h, chunk_gla_fwd_intra_gk,
                                        chunk_gla_fwd_o_gk, RCP_LN2)
 
@@ -75,11 +77,13 @@ import torch
 from fla.ops.delta_rule import chunk_delta_rule
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from fla.ops.gla import chunk_gla
+from fla.ops.kda import chunk_kda
 
 from compressor.modeling import fla_chunk
 from compressor.modeling.delta_rule import recurrent_delta_rule_torch
 from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
 from compressor.modeling.gla import recurrent_gla_torch
+from compressor.modeling.kda import naive_recurrent_kda
 from compressor.modeling.packed_heads import sequence_index
 from triton_interpreter import run_fla_chunked_kernels
 
@@ -91,18 +95,21 @@ q, k = (torch.nn.functional.normalize(torch.randn(1, tokens, 1, width, generator
 v = torch.randn(1, tokens, 1, value_width, generator=generator)
 beta = torch.rand(1, tokens, 1, generator=generator)
 g = -0.1 * torch.rand(1, tokens, 1, generator=generator)  # log decay per token (the gated delta rule)
-g_channels = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, generator=generator)) / 4  # GLA's
+g_channels = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, generator=generator)) / 4  # KDA's, GLA's
 state = 0.1 * torch.randn(count, 1, width, value_width, generator=generator)
 index = sequence_index(count, length, q.device)
 packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
 chunks = dict(chunk_indices=index["chunk_indices"])
-# (direct forward, fla's public function (None: it refuses the dtype), PyTorch reference, the gates they take)
-forwards = [(fla_chunk.chunk_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule_torch, (g,)),
-            (fla_chunk.chunk_delta_rule, chunk_delta_rule, recurrent_delta_rule_torch, ()),
-            (fla_chunk.chunk_gla, chunk_gla, recurrent_gla_torch, (g_channels,))]
+# (direct forward, fla's public function, PyTorch reference, the gates they take), by the name the test gives
+forwards = dict(
+    gated_delta=(fla_chunk.chunk_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule_torch, (g,)),
+    delta=(fla_chunk.chunk_delta_rule, chunk_delta_rule, recurrent_delta_rule_torch, ()),
+    kda=(fla_chunk.chunk_kda, chunk_kda, naive_recurrent_kda, (g_channels,)),
+    gla=(fla_chunk.chunk_gla, chunk_gla, recurrent_gla_torch, (g_channels,)),
+)
 for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
     qd, kd, vd, bd = (x.to(dtype) for x in (q, k, v, beta))
-    for direct, public, reference, gates in forwards:
+    for direct, public, reference, gates in (forwards[name] for name in NAMES):
         delta = reference is not recurrent_gla_torch
         arguments = (qd, kd, vd, *gates, *(bd,) * delta)
         offsets = {} if delta else dict(chunk_offsets=index["chunk_offsets"])
@@ -123,20 +130,24 @@ print("ok")
 """
 
 
-def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do():
+@pytest.mark.parametrize("names", [("gated_delta", "delta", "gla"), pytest.param(("kda",), marks=pytest.mark.slow)],
+                         ids=["delta-rules-and-gla", "kda"])
+def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
     each equals fla's public function bit for bit, with and without initial and final states (DeltaNet's refuses
-    float32), and the PyTorch reference (to bfloat16's rounding) on each packed sequence."""
-    pytest.importorskip("fla.ops.gla")
-    run_interpreted(DIRECT_FORWARDS_INTERPRETED)
+    float32), and the PyTorch reference (to bfloat16's rounding) on each packed sequence. (KDA's kernels run slowly
+    under the interpreter: outside the fast subset.)"""
+    pytest.importorskip("fla.ops.kda")
+    run_interpreted(f"NAMES = {names!r}\n" + DIRECT_FORWARDS_INTERPRETED)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
-@pytest.mark.parametrize("gated", [True, False], ids=["gated-delta-rule", "delta-rule"])
-def test_the_direct_forward_equals_fla_public_function(gated):
+@pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
+def test_the_direct_forward_equals_fla_public_function(rule):
     """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.kda import chunk_kda
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     count, length, width = 6, 200, 128
@@ -148,12 +159,15 @@ def test_the_direct_forward_equals_fla_public_function(gated):
     q, k = (torch.nn.functional.normalize(random(1, tokens, 1, width), dim=-1).to(torch.bfloat16) for _ in "qk")
     v = random(1, tokens, 1, width).to(torch.bfloat16)
     beta = random(1, tokens, 1).sigmoid().to(torch.bfloat16)
-    g = -torch.rand(1, tokens, 1, device="cuda", generator=generator) * 0.1
+    gates = {"gated-delta-rule": dict(g=-torch.rand(1, tokens, 1, device="cuda", generator=generator) * 0.1),
+             "delta-rule": {},
+             "kda": dict(g=torch.nn.functional.logsigmoid(random(1, tokens, 1, width)) / 16)}[rule]
     state = random(count, 1, width, width) * 0.1
     index = sequence_index(count, length, q.device)
-    inputs = dict(q=q, k=k, v=v, beta=beta, **(dict(g=g) if gated else {}))
-    public = chunk_gated_delta_rule if gated else chunk_delta_rule
-    direct = fla_chunk.chunk_gated_delta_rule if gated else fla_chunk.chunk_delta_rule
+    inputs = dict(q=q, k=k, v=v, beta=beta, **gates)
+    public, direct = {"gated-delta-rule": (chunk_gated_delta_rule, fla_chunk.chunk_gated_delta_rule),
+                      "delta-rule": (chunk_delta_rule, fla_chunk.chunk_delta_rule),
+                      "kda": (chunk_kda, fla_chunk.chunk_kda)}[rule]
     with torch.no_grad():
         expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
         got = direct(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"],
@@ -209,6 +223,7 @@ def test_the_routed_gated_norm_on_cuda_equals_fla_module():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
 @pytest.mark.parametrize("name, module, attribute", [("gated_deltanet_gva", "gated_delta", "unwrapped_chunk"),
                                                      ("delta_net", "delta_rule", "unwrapped_chunk"),
+                                                     ("kda_gva", "kda", "unwrapped_chunk"),
                                                      ("gla", "gla", "unwrapped_chunk")])
 def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkeypatch, name, module, attribute):
     import importlib

@@ -1,17 +1,18 @@
-"""fla's chunked forward passes of the (gated) delta rule and of GLA, beneath the wrappers of its public functions.
+"""fla's chunked forward passes of the (gated) delta rule, KDA and GLA, beneath the wrappers of its public functions.
 
 Shipped inside output folders (imports only torch and ``fla_decode_step``'s launch helper; fla is looked up at the
-first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule`` and ``chunk_gla`` wrap their forward
-functions in an autograd Function that saves the inputs, a device guard that checks every argument, dtype casts for
-autocast, a backend dispatch and argument checks: host time that a small model's prefill spends in every layer, and
-that a forward outside autograd on inputs already packed (``packed_heads.heads_as_sequences``: contiguous, one
-device) does not need. GLA's forward also reads the number of chunks from the GPU for packed sequences, where
-``chunk_gla`` takes it from the host. ``gated_delta_forward()``, ``delta_forward()`` and ``gla_forward()`` find fla
-0.6's functions where their parameters are the ones this code passes, else None; ``direct()`` says when the
-functions below may replace the public ones, which callers take otherwise.
+first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule``, ``chunk_kda`` and ``chunk_gla`` wrap
+their forward functions in an autograd Function that saves the inputs, a device guard that checks every argument,
+dtype casts for autocast, a backend dispatch and argument checks: host time that a small model's prefill spends in
+every layer, and that a forward outside autograd on inputs already packed (``packed_heads.heads_as_sequences``:
+contiguous, one device) does not need. GLA's forward also reads the number of chunks from the GPU for packed
+sequences, where ``chunk_gla`` takes it from the host. ``gated_delta_forward()``, ``delta_forward()``,
+``kda_forward()`` and ``gla_forward()`` find fla 0.6's functions where their parameters are the ones this code
+passes, else None; ``direct()`` says when the functions below may replace the public ones, which callers take
+otherwise.
 
-Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for GLA,
-[1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
+Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for KDA and
+GLA, [1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
 [⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``.
 """
 
@@ -36,6 +37,13 @@ DELTA_PARAMETERS = (
     "q", "k", "v", "beta", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_indices", "chunk_size",
 )
 """The parameters of fla 0.6's ``chunk_delta_rule_fwd``, in order."""
+
+KDA_PARAMETERS = (
+    "q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state", "state_v_first", "cu_seqlens",
+    "cu_seqlens_cpu", "chunk_indices", "chunk_size", "safe_gate", "lower_bound", "use_gate_in_kernel", "A_log",
+    "dt_bias", "disable_recompute", "return_intermediate_states", "cp_context", "use_graph", "chunk_offsets",
+)
+"""The parameters of fla 0.6's ``chunk_kda_fwd``, in order."""
 
 GLA_PARAMETERS = {
     ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector"): (
@@ -78,6 +86,12 @@ def gated_delta_forward():
 def delta_forward():
     """fla's ``chunk_delta_rule_fwd`` if its parameters are ``DELTA_PARAMETERS``, else None."""
     return fla_function("fla.ops.delta_rule.chunk", "chunk_delta_rule_fwd", DELTA_PARAMETERS)
+
+
+@lru_cache(maxsize=1)
+def kda_forward():
+    """fla's ``chunk_kda_fwd`` if its parameters are ``KDA_PARAMETERS``, else None."""
+    return fla_function("fla.ops.kda.chunk_fwd", "chunk_kda_fwd", KDA_PARAMETERS)
 
 
 @lru_cache(maxsize=1)
@@ -140,6 +154,20 @@ def chunk_delta_rule(
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     return _delta_rule(delta_forward(), (0, 2), dict(q=q, k=k, v=v, beta=beta), initial_state, output_final_state,
                        cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
+
+
+def chunk_kda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_kda`` at its default scale d_k^-0.5 (g: per-channel log decay [1, N, 1, K], beta after its
+    sigmoid), for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False), through
+    ``kda_forward()``, which returns (o, final state, g's cumulative sum, …).
+    Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    return _delta_rule(kda_forward(), (0, 1), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
+                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
 
 
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],

@@ -25,6 +25,8 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .fla_chunk import chunk_kda as unwrapped_chunk
+from .fla_chunk import direct, kda_forward
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
 from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
 
@@ -132,7 +134,8 @@ def kimi_delta_attention(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a packed sequence, or
-    for one decode token a batch entry: see ``packed_heads.py``), PyTorch otherwise.
+    for one decode token a batch entry: see ``packed_heads.py``; outside autograd the chunked form beneath fla's
+    wrappers, ``fla_chunk.py``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
@@ -147,8 +150,10 @@ def kimi_delta_attention(
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
         q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
-        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",),
-                                  **{**options, "use_qk_l2norm_in_kernel": False})
+        options["use_qk_l2norm_in_kernel"] = False
+        if direct(q, kda_forward):
+            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices",), **options)
+        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
     return chunk_kda_torch(q, k, v, g, beta, **options)[:2]
