@@ -1,13 +1,16 @@
-"""Kernel launches in one prefill of each family's source (its stock class) and its pruned model (the shipped
-code), counted on the CPU: a proxy, needing no GPU, for the host-bound prefills of small models, where each launch
-costs the host its Python and dispatch path.
+"""Kernel launches and host time in one prefill of each family's source (its stock class) and its pruned model (the
+shipped code), measured on the CPU: a proxy, needing no GPU, for the host-bound prefills of small models, where each
+launch costs the host its Python and dispatch path.
 
     TRITON_INTERPRET=1 python scripts/count_launches.py [--families qwen3_5,gla] [--length 80] [--detail]
+        [--public] [--host-rounds 30]
 
 Each family's tiny model (``tests/emulated_cuda.py``: heads of 16, the uneven plan, bfloat16) runs on its CUDA path
-under Triton's interpreter, as the emulated CUDA tests run it; the source is the same unpruned weights in the stock
-class (transformers' or fla's), and once more in the shipped class, unpruned. One prefill of 2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each
-model up, and the next is counted:
+under Triton's interpreter, as the emulated CUDA tests run it: the source (the unpruned weights in the stock class,
+transformers' or fla's), the same weights in the shipped class (``unpruned``), the pruned model, and with
+``--public`` the pruned model through fla's public chunked functions instead of the direct forwards
+(``pruned_public``). One prefill of 2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each model up, and
+the next is counted:
 
 - ``triton``: launches of Triton kernels (fla's, the shipped row kernels);
 - ``torch``: PyTorch operators that launch a kernel on a GPU (every operator but views and uninitialised
@@ -17,9 +20,10 @@ model up, and the next is counted:
   strides, so that a later copy runs here that a GPU skips);
 - ``syncs``: operators that make a GPU's host wait (``.item()``, ``nonzero`` and the like).
 
-Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels whose counts differ
-from the source's, for the unpruned and the pruned model in the shipped class. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s
-speed phase); this counts what the code asks for, and runs anywhere.
+``--host-rounds N`` also times N prefills of each model with Triton's launches skipped (``host_ms``, medians; see
+``host_milliseconds``). Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels
+whose counts differ from the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s
+speed phase) and times it; this counts what the code asks for, and runs anywhere.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ FAMILIES = ["qwen3_5", "qwen3_next_moe", "qwen3_5_moe", "olmo_hybrid", "kimi_lin
             "gated_deltanet", "delta_net", "gla", "kda_gva"]
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default",
              "empty_like.default", "lift_fresh.default", "_unsafe_view.default", "sym_size.int", "sym_stride.int",
-             "sym_numel.default", "sym_storage_offset.default", "promote_types.default", "is_same_size.default", "resize_.default",
-             "set_.source_Storage_storage_offset", "record_stream.default"}
+             "sym_numel.default", "sym_storage_offset.default", "promote_types.default", "is_same_size.default",
+             "resize_.default", "set_.source_Storage_storage_offset", "record_stream.default"}
 """Operators that allocate without writing or only read metadata (views are found by their schema)."""
 SYNCS = {"_local_scalar_dense.default", "nonzero.default", "equal.default", "is_nonzero.default"}
 """Operators after which a GPU's host waits for the device."""
@@ -90,6 +94,30 @@ def counting(launches: Launches):
         interpreter.InterpretedFunction.run = run
 
 
+RECURRENCES = ("gated_delta", "delta_rule", "gla", "kda")
+"""The shipped modules whose chunked recurrence may take a direct forward (``fla_chunk.direct``)."""
+
+
+class WithPublicFunctions:
+    """A model whose forward takes fla's public chunked functions where it would take the direct forwards."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def __call__(self, *args, **kwargs):
+        import importlib
+
+        modules = [importlib.import_module(f"compressor.modeling.{name}") for name in RECURRENCES]
+        saved = [module.direct for module in modules]
+        for module in modules:
+            module.direct = lambda x, forward: False
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for module, direct in zip(modules, saved):
+                module.direct = direct
+
+
 def models(name: str) -> tuple[dict, int]:
     """({"source": the source in its stock class, "unpruned": the source in the shipped class, "pruned": the pruned
     model}, all bfloat16 and in eval mode; the number of linear-attention layers)."""
@@ -130,6 +158,33 @@ def count(model, ids) -> Launches:
     return launches
 
 
+def host_milliseconds(variants: dict, ids, rounds: int) -> dict[str, float]:
+    """The median time of a prefill of ``ids`` by each model of ``variants`` (name -> model) with every Triton launch
+    returning at once, in ``rounds`` turns (the order reversed every turn): the host's own work around the kernels,
+    its Python, fla's wrappers and PyTorch's operators (which compute here on the CPU, on tiny tensors), without
+    Triton's own launch path (the interpreter's stands in for it, skipped)."""
+    import statistics
+    import time
+
+    import emulated_cuda
+    import torch
+    from triton.runtime import interpreter
+
+    times = {variant: [] for variant in variants}
+    run = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        with emulated_cuda.cuda_path(), torch.no_grad():
+            for turn in range(rounds):
+                for variant in list(variants)[:: 1 if turn % 2 == 0 else -1]:
+                    start = time.perf_counter()
+                    variants[variant](ids, logits_to_keep=1)
+                    times[variant].append(time.perf_counter() - start)
+    finally:
+        interpreter.InterpretedFunction.run = run
+    return {variant: round(1e3 * statistics.median(values), 3) for variant, values in times.items()}
+
+
 def difference(pruned: collections.Counter, source: collections.Counter) -> dict[str, int]:
     return {key: pruned[key] - source[key] for key in sorted(pruned.keys() | source.keys())
             if pruned[key] != source[key]}
@@ -140,6 +195,11 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     parser.add_argument("--length", type=int, default=80, help="prompt tokens (over 64: fla's layers chunk)")
     parser.add_argument("--detail", action="store_true", help="the operators and kernels whose counts differ")
+    parser.add_argument("--public", action="store_true",
+                        help="also the pruned model through fla's public functions (pruned_public), not the direct "
+                             "forwards beneath their wrappers")
+    parser.add_argument("--host-rounds", type=int, default=0, metavar="N",
+                        help="also time N prefills of each model with Triton's launches skipped (host_ms)")
     args = parser.parse_args()
     unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
     if unknown:
@@ -153,13 +213,17 @@ def main() -> None:
 
     for name in args.families.split(","):
         variants, layers = models(name)
+        if args.public:
+            variants["pruned_public"] = WithPublicFunctions(variants["pruned"])
         vocabulary = min(variants["source"].config.vocab_size, 96)
         ids = torch.randint(3, vocabulary, (2, args.length), generator=torch.Generator().manual_seed(0))
         counts = {variant: count(model, ids) for variant, model in variants.items()}
         line = {"family": name, "linear_layers": layers, "source_class": type(variants["source"]).__name__,
                 **{variant: launches.totals() for variant, launches in counts.items()}}
+        if args.host_rounds:
+            line["host_ms"] = host_milliseconds(variants, ids, args.host_rounds)
         if args.detail:
-            for variant in ("unpruned", "pruned"):
+            for variant in list(variants)[1:]:
                 line[f"{variant}_minus_source"] = {
                     what: difference(getattr(counts[variant], what), getattr(counts["source"], what))
                     for what in ("triton", "torch", "syncs")}
