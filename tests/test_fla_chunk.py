@@ -63,6 +63,13 @@ def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
         assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
 
 
+def test_the_direct_kda_forward_refuses_an_initial_state_that_is_not_float32():
+    """As fla's ``chunk_kda`` does (another dtype would compile other kernels), before any kernel runs."""
+    q = torch.zeros(1, 64, 1, 16)
+    with pytest.raises(ValueError, match="must be float32"):
+        fla_chunk.chunk_kda(q, q, q, q, q[..., 0], initial_state=torch.zeros(1, 1, 16, 16, dtype=torch.bfloat16))
+
+
 def test_the_direct_forward_is_not_taken_on_cpu_or_under_autograd():
     with torch.no_grad():
         assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
@@ -112,14 +119,15 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
     for direct, public, reference, gates in (forwards[name] for name in NAMES):
         delta = reference is not recurrent_gla_torch
         arguments = (qd, kd, vd, *gates, *(bd,) * delta)
-        offsets = {} if delta else dict(chunk_offsets=index["chunk_offsets"])
-        out, final = direct(*arguments, **packed, **chunks, **offsets)
+        extra = {chunk_gla: dict(chunk_offsets=index["chunk_offsets"]),  # what the layers pass besides
+                 chunk_kda: dict(cu_seqlens_cpu=index["cu_seqlens_cpu"])}.get(public, {})
+        out, final = direct(*arguments, **packed, **chunks, **extra)
         if public is not chunk_delta_rule or dtype != torch.float32:  # fla's delta rule refuses float32
             expected = public(*arguments, **packed)
             assert torch.equal(out, expected[0]) and torch.equal(final, expected[1]), (direct.__name__, dtype)
         if public is not chunk_kda and (public is not chunk_delta_rule or dtype != torch.float32):
             # not KDA: slow here, and its call without states runs the delta rules' helper, checked with them
-            stateless = direct(*arguments, cu_seqlens=index["cu_seqlens"], **chunks, **offsets)
+            stateless = direct(*arguments, cu_seqlens=index["cu_seqlens"], **chunks, **extra)
             expected = public(*arguments, cu_seqlens=index["cu_seqlens"])
             assert torch.equal(stateless[0], expected[0]) and stateless[1] is None, (direct.__name__, dtype)
         for sequence in range(count):
@@ -137,8 +145,9 @@ print("ok")
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
     each equals fla's public function bit for bit, with and without initial and final states (DeltaNet's refuses
-    float32), and the PyTorch reference (to bfloat16's rounding) on each packed sequence. (KDA's kernels run slowly
-    under the interpreter: outside the fast subset.)"""
+    float32; KDA's only with them: its kernels run slowly here, outside the fast subset, and its call without states
+    runs the same helper as the delta rules'), and the PyTorch reference (to bfloat16's rounding) on each packed
+    sequence."""
     pytest.importorskip("fla.ops.kda")
     run_interpreted(f"NAMES = {names!r}\n" + DIRECT_FORWARDS_INTERPRETED)
 

@@ -159,22 +159,25 @@ def chunk_delta_rule(
 def chunk_kda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None, cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None, use_qk_l2norm_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_kda`` at its default scale d_k^-0.5 (g: per-channel log decay [1, N, 1, K], beta after its
-    sigmoid), for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False), through
-    ``kda_forward()``, which returns (o, final state, g's cumulative sum, …).
+    sigmoid), for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False) and a float32 initial state
+    (as ``chunk_kda`` requires), through ``kda_forward()``, which returns (o, final state, g's cumulative sum, …).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    if initial_state is not None and initial_state.dtype != torch.float32:
+        raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
     return _delta_rule(kda_forward(), (0, 1), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
-                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
+                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel,
+                       cu_seqlens_cpu=cu_seqlens_cpu)
 
 
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
                 initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
-                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool):
-    """``forward(**inputs, …)`` on contiguous inputs and on q's device; (o in q's dtype, final state) from the
-    ``positions`` of its results."""
+                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, **options):
+    """``forward(**inputs, …, **options)`` on contiguous inputs and on q's device; (o in q's dtype, final state) from
+    the ``positions`` of its results."""
     if use_qk_l2norm_in_kernel:
         raise ValueError("the direct chunked forward takes queries and keys normalised already")
     inputs = {name: x.contiguous() for name, x in inputs.items()}
@@ -182,7 +185,7 @@ def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Ten
         results = forward(
             **inputs, scale=inputs["k"].shape[-1] ** -0.5,
             initial_state=None if initial_state is None else initial_state.contiguous(),
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, **options,
         )
     out, final = (results[position] for position in positions)
     return out.to(inputs["q"].dtype), final

@@ -152,7 +152,7 @@ def kimi_delta_attention(
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
         if direct(q, kda_forward):
-            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices",), **options)
+            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices", "cu_seqlens_cpu"), **options)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
