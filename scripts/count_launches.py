@@ -1,9 +1,8 @@
-"""Kernel launches and host time in one prefill of each family's source (its stock class) and its pruned model (the
-shipped code), measured on the CPU: a proxy, needing no GPU, for the host-bound prefills of small models, where each
-launch costs the host its Python and dispatch path.
+"""Kernel launches in one prefill of each family's source (its stock class) and its pruned model (the shipped code),
+counted on the CPU: a proxy, needing no GPU, for the host-bound prefills of small models, where each launch costs the
+host its Python and dispatch path.
 
-    TRITON_INTERPRET=1 python scripts/count_launches.py [--families qwen3_5,gla] [--length 80] [--detail]
-        [--public] [--host-rounds 30]
+    TRITON_INTERPRET=1 python scripts/count_launches.py [--families qwen3_5,gla] [--length 80] [--detail] [--public]
 
 Each family's tiny model (``tests/emulated_cuda.py``: heads of 16, the uneven plan, bfloat16) runs on its CUDA path
 under Triton's interpreter, as the emulated CUDA tests run it: the source (the unpruned weights in the stock class,
@@ -18,12 +17,16 @@ the next is counted:
   on the host launches none, which the CPU cannot tell apart; and some CPU operators lay their results out
   otherwise than their CUDA forms, e.g. ``logsigmoid`` returns contiguous memory where CUDA's keeps its input's
   strides, so that a later copy runs here that a GPU skips);
-- ``syncs``: operators that make a GPU's host wait (``.item()``, ``nonzero`` and the like).
+- ``syncs``: operators that make a GPU's host wait (``.item()``, ``nonzero``, a boolean mask's indexing and the
+  like; ``.tolist()``, ``.cpu()`` and ``.numpy()`` call no operator on a CPU tensor and are not seen).
 
-``--host-rounds N`` also times N prefills of each model with Triton's launches skipped (``host_ms``, medians; see
-``host_milliseconds``). Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels
-whose counts differ from the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s
-speed phase) and times it; this counts what the code asks for, and runs anywhere.
+The counted prefill is the second of its shape, as in a warm benchmark: what fla derives from a tensor once and caches
+by its identity (e.g. chunk indices from ``cu_seqlens``, where none are passed) is not counted.
+
+Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels whose counts differ from
+the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s speed phase) and times it;
+this counts what the code asks for, and runs anywhere. It does not time the host: on the CPU, PyTorch's operators
+compute, and on the meta device their shape functions run instead, neither as a GPU's host spends its time.
 """
 
 from __future__ import annotations
@@ -44,10 +47,27 @@ FAMILIES = ["qwen3_5", "qwen3_next_moe", "qwen3_5_moe", "olmo_hybrid", "kimi_lin
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default",
              "empty_like.default", "lift_fresh.default", "_unsafe_view.default", "sym_size.int", "sym_stride.int",
              "sym_numel.default", "sym_storage_offset.default", "promote_types.default", "is_same_size.default",
-             "resize_.default", "set_.source_Storage_storage_offset", "record_stream.default"}
-"""Operators that allocate without writing or only read metadata (views are found by their schema)."""
-SYNCS = {"_local_scalar_dense.default", "nonzero.default", "equal.default", "is_nonzero.default"}
-"""Operators after which a GPU's host waits for the device."""
+             "resize_.default", "set_.source_Storage_storage_offset", "record_stream.default", "as_strided_.default",
+             "squeeze_.default", "squeeze_.dim", "unsqueeze_.default", "t_.default", "transpose_.default",
+             "detach_.default"}
+"""Operators that allocate without writing or only change or read metadata (views are found by their schema)."""
+SYNCS = {"_local_scalar_dense.default", "nonzero.default", "equal.default", "masked_select.default",
+         "_unique2.default", "unique_dim.default", "unique_consecutive.default", "bincount.default"}
+"""Operators after which a GPU's host waits for the device (``waits`` adds those that do for some arguments)."""
+
+
+def waits(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the operator ``name`` (``SYNCS``' form) called with ``args`` and ``kwargs`` makes the host wait: those
+    of ``SYNCS``, ``repeat_interleave`` by a tensor of counts without ``output_size``, indexing by a boolean mask."""
+    import torch
+
+    if name in SYNCS:
+        return True
+    if name == "repeat_interleave.Tensor":
+        return kwargs.get("output_size") is None
+    if name in ("index.Tensor", "index_put.default", "index_put_.default"):
+        return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1])
+    return False
 
 
 class Launches:
@@ -73,7 +93,7 @@ def counting(launches: Launches):
     class Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
-            if name in SYNCS:
+            if waits(name, args, kwargs or {}):
                 launches.syncs[name] += 1
             elif not (func.is_view or name in NO_LAUNCH):
                 launches.torch[name] += 1
@@ -94,10 +114,6 @@ def counting(launches: Launches):
         interpreter.InterpretedFunction.run = run
 
 
-RECURRENCES = ("gated_delta", "delta_rule", "gla", "kda")
-"""The shipped modules whose chunked recurrence may take a direct forward (``fla_chunk.direct``)."""
-
-
 class WithPublicFunctions:
     """A model whose forward takes fla's public chunked functions where it would take the direct forwards."""
 
@@ -107,7 +123,9 @@ class WithPublicFunctions:
     def __call__(self, *args, **kwargs):
         import importlib
 
-        modules = [importlib.import_module(f"compressor.modeling.{name}") for name in RECURRENCES]
+        import emulated_cuda
+
+        modules = [importlib.import_module(f"compressor.modeling.{name}") for name in emulated_cuda.RECURRENCES]
         saved = [module.direct for module in modules]
         for module in modules:
             module.direct = lambda x, forward: False
@@ -158,33 +176,6 @@ def count(model, ids) -> Launches:
     return launches
 
 
-def host_milliseconds(variants: dict, ids, rounds: int) -> dict[str, float]:
-    """The median time of a prefill of ``ids`` by each model of ``variants`` (name -> model) with every Triton launch
-    returning at once, in ``rounds`` turns (the order reversed every turn): the host's own work around the kernels,
-    its Python, fla's wrappers and PyTorch's operators (which compute here on the CPU, on tiny tensors), without
-    Triton's own launch path (the interpreter's stands in for it, skipped)."""
-    import statistics
-    import time
-
-    import emulated_cuda
-    import torch
-    from triton.runtime import interpreter
-
-    times = {variant: [] for variant in variants}
-    run = interpreter.InterpretedFunction.run
-    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
-    try:
-        with emulated_cuda.cuda_path(), torch.no_grad():
-            for turn in range(rounds):
-                for variant in list(variants)[:: 1 if turn % 2 == 0 else -1]:
-                    start = time.perf_counter()
-                    variants[variant](ids, logits_to_keep=1)
-                    times[variant].append(time.perf_counter() - start)
-    finally:
-        interpreter.InterpretedFunction.run = run
-    return {variant: round(1e3 * statistics.median(values), 3) for variant, values in times.items()}
-
-
 def difference(pruned: collections.Counter, source: collections.Counter) -> dict[str, int]:
     return {key: pruned[key] - source[key] for key in sorted(pruned.keys() | source.keys())
             if pruned[key] != source[key]}
@@ -198,8 +189,6 @@ def main() -> None:
     parser.add_argument("--public", action="store_true",
                         help="also the pruned model through fla's public functions (pruned_public), not the direct "
                              "forwards beneath their wrappers")
-    parser.add_argument("--host-rounds", type=int, default=0, metavar="N",
-                        help="also time N prefills of each model with Triton's launches skipped (host_ms)")
     args = parser.parse_args()
     unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
     if unknown:
@@ -220,8 +209,6 @@ def main() -> None:
         counts = {variant: count(model, ids) for variant, model in variants.items()}
         line = {"family": name, "linear_layers": layers, "source_class": type(variants["source"]).__name__,
                 **{variant: launches.totals() for variant, launches in counts.items()}}
-        if args.host_rounds:
-            line["host_ms"] = host_milliseconds(variants, ids, args.host_rounds)
         if args.detail:
             for variant in list(variants)[1:]:
                 line[f"{variant}_minus_source"] = {
