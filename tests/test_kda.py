@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 from fla_lookups import looked_up_afresh
-from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
+from triton_interpreter import run_interpreted, skip_where_the_interpreter_fails_on
 
 import compressor.modeling.kda as kda
 from compressor.modeling.kda import chunk_kda_torch, kimi_delta_attention, naive_recurrent_kda
@@ -127,7 +127,7 @@ def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
     with the state written over itself), run on the CPU by Triton's interpreter: fla's argument names, shapes and
     state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.kda")
-    skip_where_the_interpreter_cannot_run_decode_steps("fla's KDA step")
+    skip_where_the_interpreter_fails_on("the token loop of fla's KDA step")
     run_interpreted(KDA_STEP_THROUGH_FLA)
 
 

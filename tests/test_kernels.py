@@ -6,7 +6,7 @@ import pytest
 import torch
 from fla_lookups import looked_up_afresh
 from tiny_models import recurrence_inputs, tiny_model
-from triton_interpreter import run_interpreted, skip_where_the_interpreter_cannot_run_decode_steps
+from triton_interpreter import run_interpreted, skip_where_the_interpreter_fails_on
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
 from compressor.modeling.packed_heads import (
@@ -188,7 +188,7 @@ def test_the_decode_step_through_flas_own_kernel_equals_the_reference():
     launched with the state written over itself; heads as sequences beside them), run on the CPU by Triton's
     interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.gated_delta_rule")
-    skip_where_the_interpreter_cannot_run_decode_steps("fla's gated delta rule step")
+    skip_where_the_interpreter_fails_on("the token loop of fla's gated delta rule step")
     run_interpreted(DECODE_STEP_THROUGH_FLA)
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from triton_interpreter import ROOT, interpreted_environment
+from triton_interpreter import ROOT, interpreted_environment, skip_where_the_interpreter_fails_on
 
 
 @pytest.mark.slow
@@ -18,6 +18,7 @@ def test_the_shipped_prefill_launches_no_more_than_the_stock_one_and_never_waits
     """Qwen3.5, whose stock class runs fla's chunked kernels on a GPU: the shipped class, unpruned or pruned,
     launches at most what the stock class launches, and no operator of its prefill reads the GPU from the host."""
     pytest.importorskip("fla.ops.gated_delta_rule")
+    skip_where_the_interpreter_fails_on("fla's chunked kernels")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_launches.py"), "--families", "qwen3_5"],
                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=interpreted_environment())
     assert result.returncode == 0, result.stderr[-3000:]

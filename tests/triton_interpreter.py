@@ -67,13 +67,14 @@ def run_fla_chunked_kernels() -> None:
             module.range = lambda *bounds: map(LoopIndex, builtins.range(*bounds))
 
 
-def skip_where_the_interpreter_cannot_run_decode_steps(kernel: str) -> None:
-    """Skip the calling test under Triton < 3.9, whose interpreter fails on the token loop of fla's decode-step
-    kernels (a loop bounded by a runtime integer; 3.6's fails, 3.9's runs it, 3.7 and 3.8 untried). On a GPU the
-    CUDA tests run the kernel itself."""
+def skip_where_the_interpreter_fails_on(what: str) -> None:
+    """Skip the calling test under Triton < 3.9, whose interpreter fails on ``what``: the token loop of fla's
+    decode-step kernels (a loop bounded by a runtime integer), and fla's chunked kernels as
+    ``run_fla_chunked_kernels`` prepares them ("only 0-dimensional arrays can be converted to Python scalars"); 3.6's
+    fails, 3.9's runs them, 3.7 and 3.8 untried. On a GPU the CUDA tests run the kernels themselves."""
     triton = pytest.importorskip("triton")
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter fails on the token loop of {kernel}; 3.9's runs it")
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails on {what}; 3.9's runs it")
 
 
 def interpreted_environment() -> dict[str, str]:
