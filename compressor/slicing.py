@@ -14,9 +14,15 @@ from .families import Family, HeadLayout, kept_indices
 from .layers import PruningPlan, explicit_value_to_key, head_layout, linear_layers, pruned_layout
 
 
+def stock_base(shipped: type) -> type:
+    """The stock (transformers or fla) model class that a shipped model class extends: its first pretrained-model
+    base."""
+    return next(cls for cls in shipped.__mro__[1:] if issubclass(cls, PreTrainedModel))
+
+
 def stock_class(family: Family) -> type:
-    """The stock model class that the family's shipped class extends (the first pretrained-model base)."""
-    return next(cls for cls in family.model_class.__mro__[1:] if issubclass(cls, PreTrainedModel))
+    """The stock model class that the family's shipped class extends."""
+    return stock_base(family.model_class)
 
 
 def pruned_config(config, family: Family, layouts: dict[int, HeadLayout],

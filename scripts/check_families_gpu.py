@@ -287,12 +287,13 @@ def stock_runner(folder: Path):
     from bench_inference import Runner
 
     import compressor
+    from compressor.slicing import stock_base
 
     compressor.register()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shipped = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(folder))]
-    stock = next(c for c in shipped.__mro__[1:] if c.__module__.startswith(("transformers.", "fla.")))
+    stock = stock_base(shipped)
     try:
         model, info = stock.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda", output_loading_info=True,
                                             use_kernels=False)  # as the shipped classes load

@@ -146,10 +146,10 @@ def models(name: str) -> tuple[dict, int]:
 
     from compressor.families import family_for
     from compressor.layers import PruningPlan, linear_layers
-    from compressor.slicing import slim
+    from compressor.slicing import slim, stock_base
 
     pruned, kept, _ = emulated_cuda.tiny(name)
-    stock = next(c for c in type(pruned).__mro__[1:] if c.__module__.startswith(("transformers.", "fla.")))
+    stock = stock_base(type(pruned))
     source = stock(pruned.config)
     source.load_state_dict(pruned.state_dict())
     unpruned = copy.deepcopy(pruned)

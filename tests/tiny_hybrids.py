@@ -30,7 +30,7 @@ from compressor.cli import main
 from compressor.export import write_model
 from compressor.families import family_for
 from compressor.layers import PruningPlan, linear_layers
-from compressor.slicing import slim
+from compressor.slicing import slim, stock_base
 
 TOLERANCE = 2e-4  # float32 rounds differently for different head counts; the float64 tests pin 1e-10
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen35-tiny-6m"
@@ -130,7 +130,7 @@ def check_matches_stock(model: torch.nn.Module, ids: torch.Tensor | None = None)
     """The shipped class, unpruned, gives the stock transformers class's logits (on its PyTorch path) for ``ids``
     (default: ``input_ids(4)``): a slip in the shipped forward that removal and masking share (a wrong gate, norm or
     scale) shows here."""
-    stock_class = next(c for c in type(model).__mro__[1:] if c.__module__.startswith("transformers."))
+    stock_class = stock_base(type(model))
     stock = stock_class(model.config).to(model.dtype).eval()
     stock.load_state_dict(model.state_dict())
     ids = input_ids(4) if ids is None else ids
