@@ -25,7 +25,7 @@ from .fla_layers import (
     route_to_torch,
 )
 from .gla import gla
-from .packed_heads import head_major
+from .packed_heads import head_major, head_major_like
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -51,6 +51,17 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
     def num_v_heads(self) -> int:
         return self.num_heads
 
+    def key_decay(self, gk: torch.Tensor) -> torch.Tensor:
+        """The log decay of every key channel, logsigmoid(gk) / gate_logit_normalizer (clamped below at clamp_min)
+        [B, T, H, d_k], from gk [B, T, H, d_k]: logsigmoid in gk's dtype, as fla's layer computes it, the rest in
+        float32, written head-major (on CUDA it packs as a view) by the division, in two launches as fla's layer
+        takes."""
+        if torch.is_grad_enabled():
+            decay = head_major(F.logsigmoid(gk), torch.float32) / self.gate_logit_normalizer
+        else:
+            decay = torch.div(F.logsigmoid(gk), self.gate_logit_normalizer, out=head_major_like(gk, torch.float32))
+        return decay if self.clamp_min is None else decay.clamp_min(self.clamp_min)
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
@@ -58,10 +69,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         last_state = get_layer_cache(self, past_key_values)
         q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
         q, k, v = self.heads(q, k, v)
-        gk = self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim)
-        gk = F.logsigmoid(head_major(gk, torch.float32)) / self.gate_logit_normalizer  # packs as a view on CUDA
-        if self.clamp_min is not None:
-            gk = gk.clamp_min(self.clamp_min)
+        gk = self.key_decay(self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim))
         if self.feature_map_fn is not None:
             q, k = (activation(self.feature_map_fn, x) for x in (q, k))
         out, final_state = self.recurrence(
