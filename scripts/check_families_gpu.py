@@ -4,6 +4,7 @@ heads (and query/key channels) masked, in float32 and bfloat16; cached greedy de
 pass; and prefill and decode speed against the source loaded with its stock class.
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
+        [--variants heads]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
 1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
@@ -20,7 +21,7 @@ figures record which one ran).
 Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
 families that share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the
 kernels it shares with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one family at a time, the
-folders of a family in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
+folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
 tokens after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side
 by side run each family's workloads once (building the folders the check phase did not build), so that Triton's
 compilations land in the cache the timing process reads. Figures are printed as measured; each worker writes its
@@ -57,6 +58,9 @@ MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shar
 FLA = dict(hidden_size=1024, num_hidden_layers=3, vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False,
            pad_token_id=0, bos_token_id=1, eos_token_id=2)
 KEPT_CHANNELS = 64
+SPEED_VARIANTS = ("heads", "channels")
+"""The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
+and autotunes fla's kernels again."""
 BUILT = "built"
 """The file ``build_folders`` leaves in a family's folder once every model folder of it is written."""
 PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
@@ -313,7 +317,7 @@ def speed_runners(name: str, work: Path) -> dict:
     if not (work / name / BUILT).is_file():
         build_folders(name, work)
     runners = {"source": stock_runner(work / name / "source")}
-    for variant in ("heads", "channels"):
+    for variant in SPEED_VARIANTS:
         if (work / name / variant).is_dir():
             runners[variant] = Runner(work / name / variant)
     return runners
@@ -421,12 +425,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: try the check phase without a GPU")
     parser.add_argument("--no-cpu", action="store_true",
                         help="no float32 comparison with the CPU (a diagnostic; shortens the check)")
+    parser.add_argument("--variants", default="heads,channels",
+                        help="the folders the speed phase times (heads: shortens the warm-up)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE, CPU_COMPARISON
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
+    SPEED_VARIANTS = tuple(args.variants.split(","))
+    if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
+        parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
         if names:
             run_worker(names.split(","), args.work, args.out, task)
@@ -453,7 +462,7 @@ def main() -> None:
                      "--out)")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"versions": versions() if DEVICE == "cuda" else package_versions(),
+    results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
                "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
@@ -470,7 +479,8 @@ def main() -> None:
         """One worker process per group of families, all at once; their figures gathered into results[key]."""
         started = time.time()
         workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
-                                      "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE,
+                                      "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE, "--variants",
+                                      args.variants,
                                       *["--no-cpu"] * args.no_cpu]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
@@ -485,7 +495,7 @@ def main() -> None:
     if args.phase in ("speed", "both"):  # compiled side by side, then timed in one process, one family at a time
         side_by_side("--warm-worker", "warm_up")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
-                                  str(args.work), "--out", str(parts["speed"])])
+                                  str(args.work), "--out", str(parts["speed"]), "--variants", args.variants])
         results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")
