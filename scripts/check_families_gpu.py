@@ -18,15 +18,15 @@ comes from (``--no-cpu``: not, which shortens the check), and a left-padded prom
 Run it once per transformers version to check the versions ``pyproject.toml`` admits (each on ``PYTHONPATH``, the
 figures record which one ran).
 
-Phase one checks the families in worker processes side by side (Triton compiles their kernels there),
-families that share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the
-kernels it shares with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one family at a time, the
-folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill of 4 x 2048 tokens and greedy decoding at batch 16 (64 new
-tokens after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side
-by side run each family's workloads once (building the folders the check phase did not build), so that Triton's
-compilations land in the cache the timing process reads. Figures are printed as measured; each worker writes its
-figures beside ``--out`` (check-N.json, warm_up-N.json, speed.json) after every family, and ``--out`` gathers them
-with the versions.
+Phase one checks the families in worker processes side by side (Triton compiles their kernels there), families that
+share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the kernels it shares
+with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one
+family at a time, the folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill
+of 4 x 2048 tokens and greedy decoding at batch 16 (64 new tokens after 256), then the kernel launches and GPU time
+of one prefill. Before the timing, worker processes side by side run each family's workloads once (building the
+folders the check phase did not build), so that Triton's compilations land in the cache the timing process reads.
+Figures are printed as measured; each worker writes its figures beside ``--out`` (check-N.json, warm_up-N.json,
+speed.json) after every family, and ``--out`` gathers them with the versions.
 """
 
 from __future__ import annotations
@@ -394,8 +394,8 @@ def graph_counts(model) -> dict | None:
     graphs = [module._decode_graph for module in model.modules() if hasattr(module, "_decode_graph")]
     if not graphs:
         return None
-    return {"layers": len(graphs), "captures": sum(g.captures for g in graphs), "replays": sum(g.replays for g in graphs),
-            "failed": sum(g.failed for g in graphs)}
+    return {"layers": len(graphs), "captures": sum(g.captures for g in graphs),
+            "replays": sum(g.replays for g in graphs), "failed": sum(g.failed for g in graphs)}
 
 
 def run_worker(names: list[str], work: Path, out: Path, task) -> None:
