@@ -4,7 +4,7 @@ heads (and query/key channels) masked, in float32 and bfloat16; cached greedy de
 pass; and prefill and decode speed against the source loaded with its stock class.
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
-        [--variants heads]
+        [--variants heads] [--rounds 7]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
 1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
@@ -61,6 +61,8 @@ KEPT_CHANNELS = 64
 SPEED_VARIANTS = ("heads", "channels")
 """The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
 and autotunes fla's kernels again."""
+PREFILL_ROUNDS = 7
+"""Rounds of prefill timing per family (``--rounds``): host-bound prefills vary from round to round."""
 BUILT = "built"
 """The file ``build_folders`` leaves in a family's folder once every model folder of it is written."""
 PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
@@ -340,14 +342,16 @@ def warm_up(name: str, work: Path) -> str:
     return done
 
 
-def measure_speed(name: str, work: Path, rounds: int = 7, decode_rounds: int = 3) -> dict:
+def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
-    turns (order reversed every round): prefill in ``rounds`` rounds of the median of 5 calls (ratios of the medians
-    of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary from
-    round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds`` (median)."""
+    turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5 calls (ratios of the
+    medians of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary
+    from round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds``
+    (median)."""
     import torch
     from bench_inference import profiled, timed
 
+    rounds = PREFILL_ROUNDS
     runners = speed_runners(name, work)
     figures = {variant: {"class": type(r.model).__name__} for variant, r in runners.items()}
     prefill = {v: r.tokens(4, 2048) for v, r in runners.items()}
@@ -417,6 +421,7 @@ def run_worker(names: list[str], work: Path, out: Path, task) -> None:
 
 
 def main() -> None:
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
     parser.add_argument("--out", type=Path, required=True)
@@ -427,13 +432,13 @@ def main() -> None:
                         help="no float32 comparison with the CPU (a diagnostic; shortens the check)")
     parser.add_argument("--variants", default="heads,channels",
                         help="the folders the speed phase times (heads: shortens the warm-up)")
+    parser.add_argument("--rounds", type=int, default=PREFILL_ROUNDS, help="rounds of prefill timing per family")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
-    SPEED_VARIANTS = tuple(args.variants.split(","))
+    SPEED_VARIANTS, PREFILL_ROUNDS = tuple(args.variants.split(",")), args.rounds
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
@@ -463,6 +468,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
+               "prefill_rounds": PREFILL_ROUNDS,
                "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
@@ -495,7 +501,8 @@ def main() -> None:
     if args.phase in ("speed", "both"):  # compiled side by side, then timed in one process, one family at a time
         side_by_side("--warm-worker", "warm_up")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
-                                  str(args.work), "--out", str(parts["speed"]), "--variants", args.variants])
+                                  str(args.work), "--out", str(parts["speed"]), "--variants", args.variants,
+                                  "--rounds", str(args.rounds)])
         results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")
