@@ -18,7 +18,9 @@ the next is counted:
   otherwise than their CUDA forms, e.g. ``logsigmoid`` returns contiguous memory where CUDA's keeps its input's
   strides, so that a later copy runs here that a GPU skips);
 - ``syncs``: operators that make a GPU's host wait (``.item()``, ``nonzero``, a boolean mask's indexing and the
-  like; ``.tolist()``, ``.cpu()`` and ``.numpy()`` call no operator on a CPU tensor and are not seen).
+  like; ``.tolist()``, ``.cpu()`` and ``.numpy()`` call no operator on a CPU tensor and are not seen);
+- ``python_calls``: Python functions the host enters in a third prefill, counted apart (the counting above runs
+  Python of its own), outside the interpreter's execution of Triton kernels (a GPU's host only launches them).
 
 The counted prefill is the second of its shape, as in a warm benchmark: what fla derives from a tensor once and caches
 by its identity (e.g. chunk indices from ``cu_seqlens``, where none are passed) is not counted.
@@ -77,9 +79,11 @@ class Launches:
     def __init__(self):
         self.torch, self.triton, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
 
+        self.python_calls = 0
+
     def totals(self) -> dict[str, int]:
         return {"triton": sum(self.triton.values()), "torch": sum(self.torch.values()),
-                "syncs": sum(self.syncs.values())}
+                "syncs": sum(self.syncs.values()), "python_calls": self.python_calls}
 
 
 @contextlib.contextmanager
@@ -111,6 +115,36 @@ def counting(launches: Launches):
         with Counting(), torch.no_grad():
             yield
     finally:
+        interpreter.InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
+def counting_python_calls(launches: Launches):
+    """Inside, every Python function entered adds one to ``launches.python_calls``, except within the interpreter's
+    execution of a Triton kernel."""
+    from triton.runtime import interpreter
+
+    inside_kernel = 0
+    run = interpreter.InterpretedFunction.run
+
+    def uncounted_run(self, *args, **kwargs):
+        nonlocal inside_kernel
+        inside_kernel += 1
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside_kernel -= 1
+
+    def profile(frame, event, arg):
+        if event == "call" and not inside_kernel:
+            launches.python_calls += 1
+
+    interpreter.InterpretedFunction.run = uncounted_run
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
         interpreter.InterpretedFunction.run = run
 
 
@@ -164,14 +198,18 @@ def models(name: str) -> tuple[dict, int]:
 
 
 def count(model, ids) -> Launches:
-    """The launches of the second of two prefills of ``ids`` on the emulated CUDA path."""
+    """The launches of the second of three prefills of ``ids`` on the emulated CUDA path, and the Python calls of
+    the third."""
     import emulated_cuda
+    import torch
 
     launches = Launches()
     with emulated_cuda.cuda_path():
         with counting(Launches()):  # warm-up: kept decays, chosen configurations
             model(ids, logits_to_keep=1)
         with counting(launches):
+            model(ids, logits_to_keep=1)
+        with torch.no_grad(), counting_python_calls(launches):
             model(ids, logits_to_keep=1)
     return launches
 

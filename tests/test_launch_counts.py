@@ -1,7 +1,7 @@
 """What a prefill asks a GPU to launch, counted on the CPU (``scripts/count_launches.py``: the shipped forward's CUDA
-path under Triton's interpreter): the shipped class launches no more than transformers' stock class, and never
-makes the host wait for the device. (fla's families launch a few copies more per layer than their stock classes,
-the packed layout's: ``docs/benchmarks.md``.)"""
+path under Triton's interpreter): the shipped class launches no more than transformers' stock class, enters no
+more Python functions, and never makes the host wait for the device. (fla's families launch a few copies more per
+layer than their stock classes, the packed layout's: ``docs/benchmarks.md``.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from triton_interpreter import ROOT, interpreted_environment, skip_where_the_int
 @pytest.mark.slow
 def test_the_shipped_prefill_launches_no_more_than_the_stock_one_and_never_waits_for_the_gpu():
     """Qwen3.5, whose stock class runs fla's chunked kernels on a GPU: the shipped class, unpruned or pruned,
-    launches at most what the stock class launches, and no operator of its prefill reads the GPU from the host."""
+    launches at most what the stock class launches, enters at most as many Python functions, and no operator of its
+    prefill reads the GPU from the host."""
     pytest.importorskip("fla.ops.gated_delta_rule")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_launches.py"), "--families", "qwen3_5"],
@@ -28,3 +29,4 @@ def test_the_shipped_prefill_launches_no_more_than_the_stock_one_and_never_waits
     assert counts["source"]["triton"] > 0, counts  # the stock class runs fla's kernels, as on a GPU
     assert counts["unpruned"]["syncs"] == counts["pruned"]["syncs"] == 0, counts
     assert total["pruned"] <= total["unpruned"] <= total["source"], counts
+    assert 0 < counts["pruned"]["python_calls"] <= counts["source"]["python_calls"], counts  # the host's own work
