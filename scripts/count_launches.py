@@ -78,7 +78,6 @@ class Launches:
 
     def __init__(self):
         self.torch, self.triton, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
-
         self.python_calls = 0
 
     def totals(self) -> dict[str, int]:
