@@ -74,7 +74,7 @@ def waits(name: str, args: tuple, kwargs: dict) -> bool:
 
 class Launches:
     """What one prefill asks a GPU to do: ``torch`` (operators, by name), ``triton`` (kernels, by name) and
-    ``syncs`` (operators, by name)."""
+    ``syncs`` (operators, by name); and ``python_calls``, the Python functions the host entered."""
 
     def __init__(self):
         self.torch, self.triton, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
