@@ -25,6 +25,8 @@ family at a time, the folders of a family (``--variants``: heads, channels or bo
 of 4 x 2048 tokens and greedy decoding at batch 16 (64 new tokens after 256), then the kernel launches and GPU time
 of one prefill. Before the timing, worker processes side by side run each family's workloads once (building the
 folders the check phase did not build), so that Triton's compilations land in the cache the timing process reads.
+From an empty cache that takes minutes per family; with ``TRITON_CACHE_DIR`` naming the cache of an earlier run of the
+same versions on the same kind of GPU (it holds fla's autotuning results too), seconds.
 Figures are printed as measured; each worker writes its figures beside ``--out`` (check-N.json, warm_up-N.json,
 speed.json) after every family, and ``--out`` gathers them with the versions.
 """
