@@ -4,7 +4,7 @@ heads (and query/key channels) masked, in float32 and bfloat16; cached greedy de
 pass; and prefill and decode speed against the source loaded with its stock class.
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
-        [--variants heads] [--rounds 7]
+        [--variants heads] [--rounds 7] [--pairs 101]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
 1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
@@ -22,13 +22,13 @@ Phase one checks the families in worker processes side by side (Triton compiles 
 share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the kernels it shares
 with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one
 family at a time, the folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill
-of 4 x 2048 tokens and greedy decoding at batch 16 (64 new tokens after 256), then the kernel launches and GPU time
-of one prefill. Before the timing, worker processes side by side run each family's workloads once (building the
-folders the check phase did not build), so that Triton's compilations land in the cache the timing process reads.
-From an empty cache that takes minutes per family; with ``TRITON_CACHE_DIR`` naming the cache of an earlier run of the
-same versions on the same kind of GPU (it holds fla's autotuning results too), seconds.
-Figures are printed as measured; each worker writes its figures beside ``--out`` (check-N.json, warm_up-N.json,
-speed.json) after every family, and ``--out`` gathers them with the versions.
+of 4 x 2048 tokens (in rounds, then in alternating single calls) and greedy decoding at batch 16 (64 new tokens
+after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side by side
+run each family's workloads once (building the folders the check phase did not build), so that Triton's compilations
+land in the cache the timing process reads. From an empty cache that takes minutes per family; with
+``TRITON_CACHE_DIR`` naming the cache of an earlier run of the same versions on the same kind of GPU (it holds fla's
+autotuning results too), seconds. Figures are printed as measured; each worker writes its figures beside ``--out``
+(check-N.json, warm_up-N.json, speed.json) after every family, and ``--out`` gathers them with the versions.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ SPEED_VARIANTS = ("heads", "channels")
 and autotunes fla's kernels again."""
 PREFILL_ROUNDS = 7
 """Rounds of prefill timing per family (``--rounds``): host-bound prefills vary from round to round."""
+PREFILL_PAIRS = 101
+"""Turns of the alternating prefill measure (``--pairs``): each model prefills once per turn, in turns, so that a
+burst of host noise falls on both sides of a pair, and the median of the pairs' ratios is read."""
 BUILT = "built"
 """The file ``build_folders`` leaves in a family's folder once every model folder of it is written."""
 PROMPT, NEW_TOKENS, DECODE_BATCH = 256, 64, 16
@@ -344,12 +347,30 @@ def warm_up(name: str, work: Path) -> str:
     return done
 
 
+def alternating_prefills(runners: dict, inputs: dict, turns: int) -> dict[str, list[float]]:
+    """Seconds of ``turns`` prefills of ``inputs[v]`` by each runner v, one call each per turn (order reversed every
+    turn), each CUDA-synchronised."""
+    import torch
+
+    names = list(runners)
+    seconds = {v: [] for v in names}
+    for turn in range(turns):
+        for v in names if turn % 2 == 0 else names[::-1]:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            runners[v].prefill(inputs[v])
+            torch.cuda.synchronize()
+            seconds[v].append(time.perf_counter() - start)
+    return seconds
+
+
 def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5 calls (ratios of the
     medians of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary
     from round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds``
-    (median)."""
+    (median); then prefill in ``PREFILL_PAIRS`` alternating turns (``alternating_prefills``: the median of the
+    ratios of calls made one after the other, and its quartiles)."""
     import torch
     from bench_inference import profiled, timed
 
@@ -378,6 +399,9 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
         figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[len(values[v]["decode"]) // 2]
         figures[v][f"decode_b{DECODE_BATCH}_rounds_tok_s"] = values[v]["decode"]
         figures[v]["decode_graphs"] = graph_counts(runners[v].model)
+    alternating = alternating_prefills(runners, prefill, PREFILL_PAIRS)
+    for v in names:
+        figures[v]["prefill_4x2048_alternating_s"] = sorted(alternating[v])[PREFILL_PAIRS // 2]
     for v, runner in runners.items():
         figures[v]["prefill_4x2048_profile"] = profiled(lambda: runner.prefill(prefill[v]))
     for v in names[1:]:
@@ -386,6 +410,9 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
                                                  / figures["source"]["prefill_4x2048_best_s"])
         paired = sorted(a / b for a, b in zip(values[v]["prefill"], values["source"]["prefill"]))
         figures[v]["prefill_paired_time_ratio"] = paired[rounds // 2]
+        ratios = sorted(a / b for a, b in zip(alternating[v], alternating["source"]))
+        figures[v]["prefill_alternating_time_ratio"] = ratios[PREFILL_PAIRS // 2]
+        figures[v]["prefill_alternating_quartiles"] = [ratios[PREFILL_PAIRS // 4], ratios[3 * PREFILL_PAIRS // 4]]
         figures[v]["decode_time_ratio"] = (figures["source"][f"decode_b{DECODE_BATCH}_tok_s"]
                                            / figures[v][f"decode_b{DECODE_BATCH}_tok_s"])
     log(f"{name} speed: {json.dumps(figures)}")
@@ -423,7 +450,7 @@ def run_worker(names: list[str], work: Path, out: Path, task) -> None:
 
 
 def main() -> None:
-    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
     parser.add_argument("--out", type=Path, required=True)
@@ -435,12 +462,16 @@ def main() -> None:
     parser.add_argument("--variants", default="heads,channels",
                         help="the folders the speed phase times (heads: shortens the warm-up)")
     parser.add_argument("--rounds", type=int, default=PREFILL_ROUNDS, help="rounds of prefill timing per family")
+    parser.add_argument("--pairs", type=int, default=PREFILL_PAIRS,
+                        help="turns of the alternating prefill measure per family")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
-    SPEED_VARIANTS, PREFILL_ROUNDS = tuple(args.variants.split(",")), args.rounds
+    SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS = tuple(args.variants.split(",")), args.rounds, args.pairs
+    if PREFILL_ROUNDS < 1 or PREFILL_PAIRS < 1:
+        parser.error("--rounds and --pairs take positive counts")
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
@@ -470,7 +501,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
-               "prefill_rounds": PREFILL_ROUNDS,
+               "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS,
                "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
@@ -504,7 +535,7 @@ def main() -> None:
         side_by_side("--warm-worker", "warm_up")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
                                   str(args.work), "--out", str(parts["speed"]), "--variants", args.variants,
-                                  "--rounds", str(args.rounds)])
+                                  "--rounds", str(args.rounds), "--pairs", str(args.pairs)])
         results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")
