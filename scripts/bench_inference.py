@@ -114,19 +114,32 @@ def build(work: Path, small: bool, stock: bool, synthetic: bool, results: dict, 
         log(f"compress prune ({name}): {time.perf_counter() - start:.1f} s, {compilations(cache)} compilations so far")
 
 
-def timed(fn, repeat: int = 3) -> float:
-    """Median seconds of ``fn`` (CUDA-synchronised), after one untimed call."""
+def seconds_of(fn) -> float:
+    """Seconds of one call of ``fn``, the GPU synchronised before and after it."""
     import torch
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time.perf_counter() - start
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Median seconds of ``fn`` (``seconds_of``), after one untimed call."""
+    fn()
+    times = sorted(seconds_of(fn) for _ in range(repeat))
+    return times[len(times) // 2]
+
+
+def in_turns(runners: dict, names: list[str], turns: int, measure) -> dict[str, list]:
+    """name -> [measure(name, runners[name]) of every turn], the names measured one after another in each turn, in
+    the reverse order every other turn."""
+    values = {name: [] for name in names}
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            values[name].append(measure(name, runners[name]))
+    return values
 
 
 class Runner:
@@ -236,21 +249,14 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
         for batch in batches or [1]:
             runner.generate(runner.tokens(batch, PROMPT), 4)
 
-    def in_turns(measure) -> dict[str, list]:
-        """name -> [measure(name, runner) of every round]."""
-        values = {name: [] for name in names}
-        for turn in range(rounds):
-            for name in names if turn % 2 == 0 else names[::-1]:
-                values[name].append(measure(name, runners[name]))
-        return values
-
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
     for batch, length in PREFILL_SHAPES if "prefill" in points else []:
         key = f"prefill_{batch}x{length}_s"
         ids = {name: runner.tokens(batch, length) for name, runner in runners.items()}
-        for name, values in in_turns(lambda n, r: timed(lambda: r.prefill(ids[n]), repeat=3)).items():
+        prefills = in_turns(runners, names, rounds, lambda n, r: timed(lambda: r.prefill(ids[n]), repeat=3))
+        for name, values in prefills.items():
             results[name][key] = median(values)
             results[name][f"{key}_rounds"] = values
         save()
@@ -268,7 +274,7 @@ def measure_side_by_side(folders: list[Path], rounds: int, results: dict, save, 
             full = timed(lambda: runner.generate(prompt, NEW_TOKENS), repeat=1)
             return batch * (NEW_TOKENS - 1) / (full - one), (torch.cuda.max_memory_allocated() - base) / 2**30
 
-        for name, values in in_turns(decode).items():
+        for name, values in in_turns(runners, names, rounds, decode).items():
             results[name][f"decode_b{batch}_graphs_so_far"] = graph_counts(runners[name].model)
             results[name][key] = median([rate for rate, _ in values])
             results[name][f"{key}_rounds"] = [rate for rate, _ in values]

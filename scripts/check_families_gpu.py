@@ -347,32 +347,15 @@ def warm_up(name: str, work: Path) -> str:
     return done
 
 
-def alternating_prefills(runners: dict, inputs: dict, turns: int) -> dict[str, list[float]]:
-    """Seconds of ``turns`` prefills of ``inputs[v]`` by each runner v, one call each per turn (order reversed every
-    turn), each CUDA-synchronised."""
-    import torch
-
-    names = list(runners)
-    seconds = {v: [] for v in names}
-    for turn in range(turns):
-        for v in names if turn % 2 == 0 else names[::-1]:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            runners[v].prefill(inputs[v])
-            torch.cuda.synchronize()
-            seconds[v].append(time.perf_counter() - start)
-    return seconds
-
-
 def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
     """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5 calls (ratios of the
     medians of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary
     from round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds``
-    (median); then prefill in ``PREFILL_PAIRS`` alternating turns (``alternating_prefills``: the median of the
-    ratios of calls made one after the other, and its quartiles)."""
+    (median); then prefill in ``PREFILL_PAIRS`` turns of one call each (the median of the ratios of calls made one
+    after the other, and its quartiles)."""
     import torch
-    from bench_inference import profiled, timed
+    from bench_inference import in_turns, profiled, seconds_of, timed
 
     rounds = PREFILL_ROUNDS
     runners = speed_runners(name, work)
@@ -399,7 +382,7 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
         figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[len(values[v]["decode"]) // 2]
         figures[v][f"decode_b{DECODE_BATCH}_rounds_tok_s"] = values[v]["decode"]
         figures[v]["decode_graphs"] = graph_counts(runners[v].model)
-    alternating = alternating_prefills(runners, prefill, PREFILL_PAIRS)
+    alternating = in_turns(runners, names, PREFILL_PAIRS, lambda v, r: seconds_of(lambda: r.prefill(prefill[v])))
     for v in names:
         figures[v]["prefill_4x2048_alternating_s"] = sorted(alternating[v])[PREFILL_PAIRS // 2]
     for v, runner in runners.items():

@@ -1,0 +1,83 @@
+"""The speed scripts' bookkeeping, without a GPU: models measured in turns, and the ratios ``check_families_gpu.py``
+derives from its timings (a stand-in clock makes every call's time known)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+class StandIn:
+    """A runner whose calls advance ``clock`` by ``cost`` seconds per prefill (a tenth per generated token)."""
+
+    def __init__(self, name: str, cost: float, clock: list[float], calls: list[str]):
+        self.name, self.cost, self.clock, self.calls = name, cost, clock, calls
+        self.model = torch.nn.Linear(1, 1)
+
+    def tokens(self, batch: int, length: int) -> tuple[int, int]:
+        return batch, length
+
+    def prefill(self, ids) -> None:
+        self.calls.append(self.name)
+        self.clock[0] += self.cost
+
+    def generate(self, ids, new_tokens: int) -> None:
+        self.clock[0] += self.cost * 0.1 * new_tokens
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    """(bench_inference, check_families_gpu) with the GPU's synchronisation a no-op and a stand-in clock."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_inference
+    import check_families_gpu
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_inference, "profiled", lambda fn: {})
+    return bench_inference, check_families_gpu, clock
+
+
+def test_models_are_measured_in_turns_in_the_reverse_order_every_other_turn(scripts):
+    bench_inference, _, clock = scripts
+    calls: list[str] = []
+    runners = {name: StandIn(name, cost, clock, calls) for name, cost in (("source", 2.0), ("heads", 1.5))}
+    seconds = bench_inference.in_turns(runners, list(runners), 3,
+                                       lambda name, runner: bench_inference.seconds_of(lambda: runner.prefill(None)))
+    assert calls == ["source", "heads", "heads", "source", "source", "heads"]
+    assert seconds == {"source": [2.0] * 3, "heads": [1.5] * 3}
+
+
+def test_the_speed_phase_reports_the_folder_against_the_source(scripts, monkeypatch):
+    """Every prefill ratio, the alternating one and its quartiles among them, is the folder's time over the
+    source's (a swapped ratio would read 4/3)."""
+    _, check_families_gpu, clock = scripts
+    calls: list[str] = []
+    runners = {name: StandIn(name, cost, clock, calls) for name, cost in (("source", 0.02), ("heads", 0.015))}
+    monkeypatch.setattr(check_families_gpu, "speed_runners", lambda name, work: runners)
+    monkeypatch.setattr(check_families_gpu, "PREFILL_ROUNDS", 3)
+    monkeypatch.setattr(check_families_gpu, "PREFILL_PAIRS", 5)
+    figures = check_families_gpu.measure_speed("stand-in", Path("unused"))["heads"]
+    for key in ("prefill_time_ratio", "prefill_best_time_ratio", "prefill_paired_time_ratio",
+                "prefill_alternating_time_ratio", "decode_time_ratio"):
+        assert figures[key] == pytest.approx(0.75), key
+    assert figures["prefill_alternating_quartiles"] == pytest.approx([0.75, 0.75])
+    assert figures["prefill_4x2048_alternating_s"] == pytest.approx(0.015)
+    assert calls[-10:] == ["source", "heads", "heads", "source"] * 2 + ["source", "heads"]  # the alternating turns
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--pairs"])
+def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, option):
+    work, out = tmp_path / "work", tmp_path / "out" / "results.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
+                             str(out), option, "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--rounds and --pairs take positive counts" in result.stderr, result.stderr
+    assert not work.exists() and not out.parent.exists()
