@@ -472,10 +472,8 @@ def main() -> None:
                 results.setdefault("cold", {})[folder.name] = measure(folder, work / f"triton-{folder.name}")
                 save()
     if args.phase in ("warm", "both"):
-        if os.environ.get("TRITON_CACHE_DIR"):  # what the cold processes compiled, so that warming up is quick
-            for folder in folders:
-                if (work / f"triton-{folder.name}").is_dir():
-                    shutil.copytree(work / f"triton-{folder.name}", os.environ["TRITON_CACHE_DIR"], dirs_exist_ok=True)
+        # the cold processes' caches are not merged into this one's: both warm phases that did so (runs 13 and 23)
+        # died of a segmentation fault in their first prefill
         measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save,
                              tuple(args.points.split(",")), args.eager_copy)
     for part in ("cold", "warm"):
