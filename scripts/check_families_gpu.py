@@ -4,7 +4,7 @@ heads (and query/key channels) masked, in float32 and bfloat16; cached greedy de
 pass; and prefill and decode speed against the source loaded with its stock class.
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
-        [--variants heads] [--rounds 7] [--pairs 101]
+        [--variants heads] [--rounds 7] [--pairs 101] [--prefill-batch 4]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
 1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
@@ -22,7 +22,7 @@ Phase one checks the families in worker processes side by side (Triton compiles 
 share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the kernels it shares
 with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one
 family at a time, the folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill
-of 4 x 2048 tokens (in rounds, then in alternating single calls) and greedy decoding at batch 16 (64 new tokens
+of 4 x 2048 tokens (``--prefill-batch`` sequences of 2048; more make it less bound by the host) (in rounds, then in alternating single calls) and greedy decoding at batch 16 (64 new tokens
 after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side by side
 run each family's workloads once (building the folders the check phase did not build), so that Triton's compilations
 land in the cache the timing process reads. From an empty cache that takes minutes per family; with
@@ -63,6 +63,8 @@ KEPT_CHANNELS = 64
 SPEED_VARIANTS = ("heads", "channels")
 """The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
 and autotunes fla's kernels again."""
+PREFILL_BATCH, PREFILL_LENGTH = 4, 2048
+"""The prefill timed (``--prefill-batch`` sequences of 2048 tokens); its figures are named ``prefill_BxT_...``."""
 PREFILL_ROUNDS = 7
 """Rounds of prefill timing per family (``--rounds``): host-bound prefills vary from round to round."""
 PREFILL_PAIRS = 101
@@ -338,7 +340,7 @@ def warm_up(name: str, work: Path) -> str:
     started = time.time()
     runners = speed_runners(name, work)
     for runner in runners.values():
-        runner.prefill(runner.tokens(4, 2048))
+        runner.prefill(runner.tokens(PREFILL_BATCH, PREFILL_LENGTH))
         runner.generate(runner.tokens(DECODE_BATCH, PROMPT), 4)
     del runners, runner
     torch.cuda.empty_cache()
@@ -348,7 +350,7 @@ def warm_up(name: str, work: Path) -> str:
 
 
 def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
-    """Prefill 4 x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
+    """Prefill ``PREFILL_BATCH`` x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
     turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5 calls (ratios of the
     medians of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary
     from round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds``
@@ -357,10 +359,10 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
     import torch
     from bench_inference import in_turns, profiled, seconds_of, timed
 
-    rounds = PREFILL_ROUNDS
+    rounds, key = PREFILL_ROUNDS, f"prefill_{PREFILL_BATCH}x{PREFILL_LENGTH}"
     runners = speed_runners(name, work)
     figures = {variant: {"class": type(r.model).__name__} for variant, r in runners.items()}
-    prefill = {v: r.tokens(4, 2048) for v, r in runners.items()}
+    prefill = {v: r.tokens(PREFILL_BATCH, PREFILL_LENGTH) for v, r in runners.items()}
     prompts = {v: r.tokens(DECODE_BATCH, PROMPT) for v, r in runners.items()}
     for v, runner in runners.items():  # autotune every shape first (compiled already if warm_up ran)
         runner.prefill(prefill[v])
@@ -376,21 +378,21 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
                 full = timed(lambda: runner.generate(prompts[v], NEW_TOKENS), repeat=1)
                 values[v]["decode"].append(DECODE_BATCH * (NEW_TOKENS - 1) / (full - one))
     for v in names:
-        figures[v]["prefill_4x2048_s"] = sorted(values[v]["prefill"])[rounds // 2]
-        figures[v]["prefill_4x2048_best_s"] = min(values[v]["prefill"])
-        figures[v]["prefill_4x2048_rounds_s"] = values[v]["prefill"]  # in the order measured: how noisy the host is
+        figures[v][f"{key}_s"] = sorted(values[v]["prefill"])[rounds // 2]
+        figures[v][f"{key}_best_s"] = min(values[v]["prefill"])
+        figures[v][f"{key}_rounds_s"] = values[v]["prefill"]  # in the order measured: how noisy the host is
         figures[v][f"decode_b{DECODE_BATCH}_tok_s"] = sorted(values[v]["decode"])[len(values[v]["decode"]) // 2]
         figures[v][f"decode_b{DECODE_BATCH}_rounds_tok_s"] = values[v]["decode"]
         figures[v]["decode_graphs"] = graph_counts(runners[v].model)
     alternating = in_turns(runners, names, PREFILL_PAIRS, lambda v, r: seconds_of(lambda: r.prefill(prefill[v])))
     for v in names:
-        figures[v]["prefill_4x2048_alternating_s"] = sorted(alternating[v])[PREFILL_PAIRS // 2]
+        figures[v][f"{key}_alternating_s"] = sorted(alternating[v])[PREFILL_PAIRS // 2]
     for v, runner in runners.items():
-        figures[v]["prefill_4x2048_profile"] = profiled(lambda: runner.prefill(prefill[v]))
+        figures[v][f"{key}_profile"] = profiled(lambda: runner.prefill(prefill[v]))
     for v in names[1:]:
-        figures[v]["prefill_time_ratio"] = figures[v]["prefill_4x2048_s"] / figures["source"]["prefill_4x2048_s"]
-        figures[v]["prefill_best_time_ratio"] = (figures[v]["prefill_4x2048_best_s"]
-                                                 / figures["source"]["prefill_4x2048_best_s"])
+        figures[v]["prefill_time_ratio"] = figures[v][f"{key}_s"] / figures["source"][f"{key}_s"]
+        figures[v]["prefill_best_time_ratio"] = (figures[v][f"{key}_best_s"]
+                                                 / figures["source"][f"{key}_best_s"])
         paired = sorted(a / b for a, b in zip(values[v]["prefill"], values["source"]["prefill"]))
         figures[v]["prefill_paired_time_ratio"] = paired[rounds // 2]
         ratios = sorted(a / b for a, b in zip(alternating[v], alternating["source"]))
@@ -433,7 +435,7 @@ def run_worker(names: list[str], work: Path, out: Path, task) -> None:
 
 
 def main() -> None:
-    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
     parser.add_argument("--out", type=Path, required=True)
@@ -447,14 +449,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=PREFILL_ROUNDS, help="rounds of prefill timing per family")
     parser.add_argument("--pairs", type=int, default=PREFILL_PAIRS,
                         help="turns of the alternating prefill measure per family")
+    parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, help="sequences of 2048 tokens prefilled")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
     SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS = tuple(args.variants.split(",")), args.rounds, args.pairs
-    if PREFILL_ROUNDS < 1 or PREFILL_PAIRS < 1:
-        parser.error("--rounds and --pairs take positive counts")
+    PREFILL_BATCH = args.prefill_batch
+    if min(PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH) < 1:
+        parser.error("--rounds, --pairs and --prefill-batch take positive counts")
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
@@ -484,7 +488,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
-               "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS,
+               "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS, "prefill_batch": PREFILL_BATCH,
                "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
@@ -502,7 +506,7 @@ def main() -> None:
         started = time.time()
         workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
                                       "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE, "--variants",
-                                      args.variants,
+                                      args.variants, "--prefill-batch", str(args.prefill_batch),
                                       *["--no-cpu"] * args.no_cpu]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
@@ -518,7 +522,8 @@ def main() -> None:
         side_by_side("--warm-worker", "warm_up")
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
                                   str(args.work), "--out", str(parts["speed"]), "--variants", args.variants,
-                                  "--rounds", str(args.rounds), "--pairs", str(args.pairs)])
+                                  "--rounds", str(args.rounds), "--pairs", str(args.pairs),
+                                  "--prefill-batch", str(args.prefill_batch)])
         results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")

@@ -71,13 +71,15 @@ def test_the_speed_phase_reports_the_folder_against_the_source(scripts, monkeypa
         assert figures[key] == pytest.approx(0.75), key
     assert figures["prefill_alternating_quartiles"] == pytest.approx([0.75, 0.75])
     assert figures["prefill_4x2048_alternating_s"] == pytest.approx(0.015)
+    monkeypatch.setattr(check_families_gpu, "PREFILL_BATCH", 16)  # --prefill-batch: the figures say which prefill
+    assert "prefill_16x2048_alternating_s" in check_families_gpu.measure_speed("stand-in", Path("unused"))["heads"]
     assert calls[-10:] == ["source", "heads", "heads", "source"] * 2 + ["source", "heads"]  # the alternating turns
 
 
-@pytest.mark.parametrize("option", ["--rounds", "--pairs"])
+@pytest.mark.parametrize("option", ["--rounds", "--pairs", "--prefill-batch"])
 def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, option):
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
     result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
                              str(out), option, "0"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--rounds and --pairs take positive counts" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--rounds, --pairs and --prefill-batch take positive counts" in result.stderr, result.stderr
     assert not work.exists() and not out.parent.exists()
