@@ -4,11 +4,12 @@ heads (and query/key channels) masked, in float32 and bfloat16; cached greedy de
 pass; and prefill and decode speed against the source loaded with its stock class.
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
-        [--variants heads] [--rounds 7] [--pairs 101] [--prefill-batch 4]
+        [--variants heads] [--rounds 7] [--pairs 101] [--prefill-batch 4] [--fla-width 1024] [--fla-layers 3]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
 1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
-ungrouped). Two folders per family are cut from it: ``heads`` (an uneven plan, different in every layer, grouped
+ungrouped). ``--fla-width`` and ``--fla-layers`` make the fla models wider (heads of 128 filling the width) and
+deeper: small ones leave their prefill bound by the host's launches, larger ones by the GPU's work. Two folders per family are cut from it: ``heads`` (an uneven plan, different in every layer, grouped
 layers getting uneven groups) and ``channels`` (the same heads, and 64 of the 128 query/key channels of every kept
 key head chosen at random; not for Kimi Linear, whose channel removal is refused). ``qwen3_next_dense`` and
 ``kimi_linear_dense`` are the MoE models with every MLP dense (no expert choice for rounding to flip). In float32
@@ -57,8 +58,10 @@ HYBRID = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hid
               linear_conv_kernel_dim=4, max_position_embeddings=8192, tie_word_embeddings=False,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shared_expert_intermediate_size=512)
-FLA = dict(hidden_size=1024, num_hidden_layers=3, vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False,
-           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FLA = dict(vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FLA_WIDTH, FLA_LAYERS = 1024, 3
+"""The fla models' hidden size and layers (``--fla-width``, ``--fla-layers``); their heads are of 128 and, but for
+fla's grouped Gated DeltaNet and KDA (key heads: half as many), as many as the width holds."""
 KEPT_CHANNELS = 64
 SPEED_VARIANTS = ("heads", "channels")
 """The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
@@ -102,14 +105,14 @@ def config(name: str):
             linear_num_heads=8, linear_head_dim=128, linear_conv_kernel_dim=4,
             first_k_dense_replace=4 if name.endswith("_dense") else 1,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if name == "gated_deltanet":
-        return AutoConfig.for_model("gated_deltanet", **FLA, num_heads=4, num_v_heads=8, head_dim=128, expand_v=1.0)
-    if name == "kda":
-        return AutoConfig.for_model("kda", **FLA, num_heads=4, num_v_heads=8, head_dim=128, expand_v=1.0)
+    heads = FLA_WIDTH // 128
+    fla = dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)
+    if name in ("gated_deltanet", "kda"):
+        return AutoConfig.for_model(name, **fla, num_heads=heads // 2, num_v_heads=heads, head_dim=128, expand_v=1.0)
     if name == "delta_net":
-        return AutoConfig.for_model("delta_net", **FLA, num_heads=8, expand_k=1.0, expand_v=1.0, use_gate=True)
+        return AutoConfig.for_model("delta_net", **fla, num_heads=heads, expand_k=1.0, expand_v=1.0, use_gate=True)
     if name == "gla":
-        return AutoConfig.for_model("gla", **FLA, num_heads=4, expand_k=0.5, expand_v=0.5)
+        return AutoConfig.for_model("gla", **fla, num_heads=heads // 2, expand_k=0.5, expand_v=0.5)
     raise SystemExit(f"unknown family {name}")
 
 
@@ -435,7 +438,7 @@ def run_worker(names: list[str], work: Path, out: Path, task) -> None:
 
 
 def main() -> None:
-    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH, FLA_WIDTH, FLA_LAYERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
     parser.add_argument("--out", type=Path, required=True)
@@ -450,15 +453,21 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=PREFILL_PAIRS,
                         help="turns of the alternating prefill measure per family")
     parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, help="sequences of 2048 tokens prefilled")
+    parser.add_argument("--fla-width", type=int, default=FLA_WIDTH,
+                        help="hidden size of the fla models (a multiple of 256: heads of 128)")
+    parser.add_argument("--fla-layers", type=int, default=FLA_LAYERS, help="layers of the fla models")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
     SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS = tuple(args.variants.split(",")), args.rounds, args.pairs
-    PREFILL_BATCH = args.prefill_batch
-    if min(PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH) < 1:
-        parser.error("--rounds, --pairs and --prefill-batch take positive counts")
+    PREFILL_BATCH, FLA_WIDTH, FLA_LAYERS = args.prefill_batch, args.fla_width, args.fla_layers
+    if min(PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH, FLA_LAYERS) < 1:
+        parser.error("--rounds, --pairs, --prefill-batch and --fla-layers take positive counts")
+    if FLA_WIDTH < 256 or FLA_WIDTH % 256:
+        parser.error(f"--fla-width takes a positive multiple of 256 (heads of 128, half as many key heads), not "
+                     f"{FLA_WIDTH}")
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
@@ -489,7 +498,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
                "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS, "prefill_batch": PREFILL_BATCH,
-               "shape": {"hybrid": HYBRID, "moe": MOE, "fla": FLA}, "check": {}, "warm_up": {}, "speed": {}}
+               "shape": {"hybrid": HYBRID, "moe": MOE,
+                         "fla": dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)}, "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
         args.out.write_text(json.dumps(results, indent=2))
@@ -501,12 +511,14 @@ def main() -> None:
             figures[f"worker {part.stem}"] = f"failed: exit status {returncode}"
         return figures
 
+    sizes = ["--fla-width", str(FLA_WIDTH), "--fla-layers", str(FLA_LAYERS)]
+
     def side_by_side(flag: str, key: str) -> None:
         """One worker process per group of families, all at once; their figures gathered into results[key]."""
         started = time.time()
         workers = [(subprocess.Popen([sys.executable, __file__, flag, ",".join(group), "--work", str(args.work),
                                       "--out", str(parts[f"{key}-{i}"]), "--device", DEVICE, "--variants",
-                                      args.variants, "--prefill-batch", str(args.prefill_batch),
+                                      args.variants, "--prefill-batch", str(args.prefill_batch), *sizes,
                                       *["--no-cpu"] * args.no_cpu]), i)
                    for i, group in enumerate(groups) if group]
         for process, i in workers:
@@ -523,7 +535,7 @@ def main() -> None:
         process = subprocess.run([sys.executable, __file__, "--speed-worker", ",".join(wanted), "--work",
                                   str(args.work), "--out", str(parts["speed"]), "--variants", args.variants,
                                   "--rounds", str(args.rounds), "--pairs", str(args.pairs),
-                                  "--prefill-batch", str(args.prefill_batch)])
+                                  "--prefill-batch", str(args.prefill_batch), *sizes])
         results["speed"] = gather(parts["speed"], process.returncode)
         save()
     log(f"wrote {args.out}")

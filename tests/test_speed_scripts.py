@@ -76,10 +76,41 @@ def test_the_speed_phase_reports_the_folder_against_the_source(scripts, monkeypa
     assert calls[-10:] == ["source", "heads", "heads", "source"] * 2 + ["source", "heads"]  # the alternating turns
 
 
-@pytest.mark.parametrize("option", ["--rounds", "--pairs", "--prefill-batch"])
+@pytest.mark.parametrize("option", ["--rounds", "--pairs", "--prefill-batch", "--fla-layers"])
 def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, option):
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
     result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
                              str(out), option, "0"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--rounds, --pairs and --prefill-batch take positive counts" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--rounds, --pairs, --prefill-batch and --fla-layers take positive counts" in result.stderr, result.stderr
     assert not work.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("width", ["0", "1000"])
+def test_an_fla_width_without_whole_head_pairs_is_refused_before_anything_is_written(tmp_path, width):
+    work, out = tmp_path / "work", tmp_path / "out" / "results.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
+                             str(out), "--fla-width", width], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"multiple of 256 (heads of 128, half as many key heads), not {width}" in \
+        result.stderr, result.stderr
+    assert not work.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda", "delta_net", "gla"])
+def test_wider_fla_models_keep_heads_of_128(scripts, monkeypatch, name):
+    pytest.importorskip("fla")
+    _, check_families_gpu, _ = scripts
+    from transformers import AutoModelForCausalLM
+
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+
+    monkeypatch.setattr(check_families_gpu, "FLA_WIDTH", 512)
+    monkeypatch.setattr(check_families_gpu, "FLA_LAYERS", 2)
+    config = check_families_gpu.config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mixers = linear_layers(model, family_for(config))
+    assert config.hidden_size == 512 and len(mixers) == 2
+    for mixer in mixers.values():
+        assert (mixer.head_k_dim, mixer.head_v_dim, mixer.num_v_heads) == (128, 128, 4 if name in (
+            "gated_deltanet", "kda", "delta_net") else 2)
