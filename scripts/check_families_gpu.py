@@ -6,15 +6,16 @@ pass; and prefill and decode speed against the source loaded with its stock clas
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
         [--variants heads] [--rounds 7] [--pairs 101] [--prefill-batch 4] [--fla-width 1024] [--fla-layers 3]
 
-Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size
-1024, vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128,
-ungrouped). ``--fla-width`` and ``--fla-layers`` make the fla models wider (heads of 128 filling the width) and
-deeper: small ones leave their prefill bound by the host's launches, larger ones by the GPU's work. Two folders per family are cut from it: ``heads`` (an uneven plan, different in every layer, grouped
-layers getting uneven groups) and ``channels`` (the same heads, and 64 of the 128 query/key channels of every kept
-key head chosen at random; not for Kimi Linear, whose channel removal is refused). ``qwen3_next_dense`` and
-``kimi_linear_dense`` are the MoE models with every MLP dense (no expert choice for rounding to flip). In float32
-each side is also compared with itself on the CPU (the shipped PyTorch path), to tell which side a GPU difference
-comes from (``--no-cpu``: not, which shortens the check), and a left-padded prompt decodes as it does alone.
+Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size 1024,
+vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128, ungrouped).
+``--fla-width`` and ``--fla-layers`` make the fla models wider (heads of 128 filling the width) and deeper: small
+ones leave their prefill bound by the host's launches, larger ones by the GPU's work. Two folders per family are cut
+from it: ``heads`` (an uneven plan, different in every layer, grouped layers getting uneven groups) and ``channels``
+(the same heads, and 64 of the 128 query/key channels of every kept key head chosen at random; not for Kimi Linear,
+whose channel removal is refused). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP
+dense (no expert choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
+shipped PyTorch path), to tell which side a GPU difference comes from (``--no-cpu``: not, which shortens the check),
+and a left-padded prompt decodes as it does alone.
 
 Run it once per transformers version to check the versions ``pyproject.toml`` admits (each on ``PYTHONPATH``, the
 figures record which one ran).
@@ -23,13 +24,14 @@ Phase one checks the families in worker processes side by side (Triton compiles 
 share kernels in one worker (fla Gated DeltaNet apart: its model class compiles much besides the kernels it shares
 with the Qwen group, and warms up beside it rather than after it). Phase two measures speed in one process, one
 family at a time, the folders of a family (``--variants``: heads, channels or both) in turns (bf16, eager): prefill
-of 4 x 2048 tokens (``--prefill-batch`` sequences of 2048; more make it less bound by the host) (in rounds, then in alternating single calls) and greedy decoding at batch 16 (64 new tokens
-after 256), then the kernel launches and GPU time of one prefill. Before the timing, worker processes side by side
-run each family's workloads once (building the folders the check phase did not build), so that Triton's compilations
-land in the cache the timing process reads. From an empty cache that takes minutes per family; with
-``TRITON_CACHE_DIR`` naming the cache of an earlier run of the same versions on the same kind of GPU (it holds fla's
-autotuning results too), seconds. Figures are printed as measured; each worker writes its figures beside ``--out``
-(check-N.json, warm_up-N.json, speed.json) after every family, and ``--out`` gathers them with the versions.
+of 4 x 2048 tokens (``--prefill-batch`` sets the 4: more make it less bound by the host), in rounds and then in
+alternating single calls, and greedy decoding at batch 16 (64 new tokens after 256), then the kernel launches and
+GPU time of one prefill. Before the timing, worker processes side by side run each family's workloads once (building
+the folders the check phase did not build), so that Triton's compilations land in the cache the timing process
+reads. From an empty cache that takes minutes per family; with ``TRITON_CACHE_DIR`` naming the cache of an earlier
+run of the same versions on the same kind of GPU (it holds fla's autotuning results too), seconds. Figures are
+printed as measured; each worker writes its figures beside ``--out`` (check-N.json, warm_up-N.json, speed.json)
+after every family, and ``--out`` gathers them with the versions.
 """
 
 from __future__ import annotations
@@ -353,12 +355,12 @@ def warm_up(name: str, work: Path) -> str:
 
 
 def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
-    """Prefill ``PREFILL_BATCH`` x 2048 and decode rate at batch 16 of the source (stock class) and each pruned folder, measured in
-    turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5 calls (ratios of the
-    medians of the rounds, of the best rounds, and the median of the ratios within a round: host-bound prefills vary
-    from round to round, and a round's two sides run seconds apart), decoding in the first ``decode_rounds``
-    (median); then prefill in ``PREFILL_PAIRS`` turns of one call each (the median of the ratios of calls made one
-    after the other, and its quartiles)."""
+    """Prefill ``PREFILL_BATCH`` x 2048 and decode rate at batch 16 of the source (stock class) and each pruned
+    folder, measured in turns (order reversed every round): prefill in ``PREFILL_ROUNDS`` rounds of the median of 5
+    calls (ratios of the medians of the rounds, of the best rounds, and the median of the ratios within a round:
+    host-bound prefills vary from round to round, and a round's two sides run seconds apart), decoding in the first
+    ``decode_rounds`` (median); then prefill in ``PREFILL_PAIRS`` turns of one call each (the median of the ratios
+    of calls made one after the other, and its quartiles)."""
     import torch
     from bench_inference import in_turns, profiled, seconds_of, timed
 
@@ -499,7 +501,8 @@ def main() -> None:
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
                "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS, "prefill_batch": PREFILL_BATCH,
                "shape": {"hybrid": HYBRID, "moe": MOE,
-                         "fla": dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)}, "check": {}, "warm_up": {}, "speed": {}}
+                         "fla": dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)},
+               "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
         args.out.write_text(json.dumps(results, indent=2))

@@ -81,7 +81,8 @@ def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, optio
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
     result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
                              str(out), option, "0"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--rounds, --pairs, --prefill-batch and --fla-layers take positive counts" in result.stderr, result.stderr
+    message = "--rounds, --pairs, --prefill-batch and --fla-layers take positive counts"
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not work.exists() and not out.parent.exists()
 
 
