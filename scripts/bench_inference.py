@@ -300,10 +300,12 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunc
 
 def on_device(events) -> list:
     """The device-side events (kernels, copies, memsets) of a profile's ``key_averages()``. Each CPU operator also
-    carries the device time of the kernels it launched, so a sum over every event counts those kernels twice."""
+    carries the device time of the kernels it launched, so a sum over every event counts those kernels twice; and a
+    ``record_function`` range (``MEASURED``) appears on the device too, as a user annotation spanning the kernels
+    launched inside it, first to last (PyTorch's own tables leave those out of device totals, as this does)."""
     from torch.autograd import DeviceType
 
-    return [e for e in events if e.device_type == DeviceType.CUDA]
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",

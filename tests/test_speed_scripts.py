@@ -76,6 +76,20 @@ def test_the_speed_phase_reports_the_folder_against_the_source(scripts, monkeypa
     assert calls[-10:] == ["source", "heads", "heads", "source"] * 2 + ["source", "heads"]  # the alternating turns
 
 
+def test_the_gpu_time_of_a_profile_sums_kernels_not_the_range_around_them(scripts):
+    """A ``record_function`` range shows on the device as a user annotation spanning its kernels: summed with them,
+    the profile's GPU time would count that span on top of the kernels (about the call's wall time)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench_inference, _, _ = scripts
+    kernel = SimpleNamespace(key="chunk_fwd_kernel_o", device_type=DeviceType.CUDA, is_user_annotation=False)
+    span = SimpleNamespace(key=bench_inference.MEASURED, device_type=DeviceType.CUDA, is_user_annotation=True)
+    operator = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, is_user_annotation=False)
+    assert bench_inference.on_device([operator, span, kernel]) == [kernel]
+
+
 @pytest.mark.parametrize("option", ["--rounds", "--pairs", "--prefill-batch", "--fla-layers"])
 def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, option):
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
