@@ -128,8 +128,11 @@ def test_padded_positions_leave_the_others_unchanged(config_name):
 
 def fla_gates(name: str, mixer, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The decay and write strength of fla's layer definitions, written out from its parameters: hidden [B, T, D] ->
-    GLA: (gk [B, T, H, d_k],); the delta rules: (g [B, T, H] or [B, T, H, d_k], beta [B, T, H])."""
+    GLA: (gk [B, T, H, d_k],); DeltaNet: (beta [B, T, H],); the gated delta rules: (g [B, T, H] or [B, T, H, d_k],
+    beta [B, T, H])."""
     batch, length, _ = hidden.shape
+    if name.startswith("delta_net"):
+        return (mixer.b_proj(hidden).sigmoid() * (2.0 if mixer.allow_neg_eigval else 1.0),)
     if name.startswith("gla"):
         gk = F.logsigmoid(mixer.gk_proj(hidden).reshape(batch, length, mixer.num_heads, -1))
         gk = gk / mixer.gate_logit_normalizer
@@ -144,10 +147,11 @@ def fla_gates(name: str, mixer, hidden: torch.Tensor) -> tuple[torch.Tensor, ...
     return -rate * F.softplus(mixer.a_proj(hidden) + mixer.dt_bias), beta
 
 
-@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "gla", "gla_conv_relu", "kda_gva", "kda_safe_gate"])
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "gla", "gla_conv_relu", "kda_gva", "kda_safe_gate",
+                                         "delta_net", "delta_net_relu_sum"])
 def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
-    """The decay (and beta) the shipped forward hands its recurrence equal fla's formulas on the layer's input (GLA's
-    clamp set where it binds)."""
+    """The decay (and beta; DeltaNet's beta alone) the shipped forward hands its recurrence equal fla's formulas on the
+    layer's input (GLA's clamp set where it binds)."""
     model = tiny_fla_model(config_name)
     mixer = model.model.layers[1].attn
     if config_name == "gla_conv_relu":
@@ -160,6 +164,8 @@ def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     if not config_name.startswith("gla"):  # the decay arrives head-major, so packing takes a view (CPU's logsigmoid,
         assert gates[0].transpose(1, 2).is_contiguous()  # GLA's, returns contiguous memory; CUDA's keeps it)
+    if len(gates) > 1:  # and so does beta
+        assert gates[1].transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "kda_gva", "kda_safe_gate"])

@@ -23,6 +23,7 @@ from .fla_layers import (
     register_classes,
     route_to_torch,
 )
+from .packed_heads import sigmoid_head_major
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -63,7 +64,7 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
             q, k = F.elu(q) + 1, F.elu(k) + 1
         if self.qk_norm == "sum":
             q, k = (F.normalize(x.float(), p=1, dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
-        beta = self.b_proj(hidden_states).sigmoid() if self.use_beta else torch.ones_like(q[..., 0])
+        beta = sigmoid_head_major(self.b_proj(hidden_states)) if self.use_beta else torch.ones_like(q[..., 0])
         if self.allow_neg_eigval:
             beta = beta * 2.0
         out, final_state = self.recurrence(
