@@ -62,8 +62,9 @@ HYBRID = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hid
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shared_expert_intermediate_size=512)
 FLA = dict(vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FLA_WIDTH, FLA_LAYERS = 1024, 3
-"""The fla models' hidden size and layers (``--fla-width``, ``--fla-layers``); their heads are of 128 and, but for
-fla's grouped Gated DeltaNet and KDA (key heads: half as many), as many as the width holds."""
+"""The fla models' hidden size and layers (``--fla-width``, ``--fla-layers``). Their heads are of 128: width / 128
+value heads (Gated DeltaNet and KDA over half as many key heads), GLA's width / 256 (its keys and values are half the
+width), so that a width of 768 gives GLA the 3 heads the uneven plan needs."""
 KEPT_CHANNELS = 64
 SPEED_VARIANTS = ("heads", "channels")
 """The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
@@ -456,7 +457,7 @@ def main() -> None:
                         help="turns of the alternating prefill measure per family")
     parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, help="sequences of 2048 tokens prefilled")
     parser.add_argument("--fla-width", type=int, default=FLA_WIDTH,
-                        help="hidden size of the fla models (a multiple of 256: heads of 128)")
+                        help="hidden size of the fla models (a multiple of 256 from 768: heads of 128)")
     parser.add_argument("--fla-layers", type=int, default=FLA_LAYERS, help="layers of the fla models")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
@@ -467,8 +468,8 @@ def main() -> None:
     PREFILL_BATCH, FLA_WIDTH, FLA_LAYERS = args.prefill_batch, args.fla_width, args.fla_layers
     if min(PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH, FLA_LAYERS) < 1:
         parser.error("--rounds, --pairs, --prefill-batch and --fla-layers take positive counts")
-    if FLA_WIDTH < 256 or FLA_WIDTH % 256:
-        parser.error(f"--fla-width takes a positive multiple of 256 (heads of 128, half as many key heads), not "
+    if FLA_WIDTH < 768 or FLA_WIDTH % 256:
+        parser.error(f"--fla-width takes a multiple of 256 from 768 (heads of 128, at least 3 in every family), not "
                      f"{FLA_WIDTH}")
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")

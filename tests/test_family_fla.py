@@ -162,8 +162,8 @@ def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
     assert len(gates) == len(expected)
     for got, want in zip(gates, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    if not config_name.startswith("gla"):  # the decay arrives head-major, so packing takes a view (CPU's logsigmoid,
-        assert gates[0].transpose(1, 2).is_contiguous()  # GLA's, returns contiguous memory; CUDA's keeps it)
+    if not config_name.startswith("gla"):  # the decay (DeltaNet: beta) arrives head-major, so packing takes a view
+        assert gates[0].transpose(1, 2).is_contiguous()  # (GLA's comes from CPU's logsigmoid: contiguous memory)
     if len(gates) > 1:  # and so does beta
         assert gates[1].transpose(1, 2).is_contiguous()
 

@@ -100,18 +100,20 @@ def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, optio
     assert not work.exists() and not out.parent.exists()
 
 
-@pytest.mark.parametrize("width", ["0", "1000"])
+@pytest.mark.parametrize("width", ["512", "1000"])
 def test_an_fla_width_without_whole_head_pairs_is_refused_before_anything_is_written(tmp_path, width):
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
     result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
                              str(out), "--fla-width", width], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and f"multiple of 256 (heads of 128, half as many key heads), not {width}" in \
-        result.stderr, result.stderr
+    assert result.returncode == 2 and f"multiple of 256 from 768 (heads of 128, at least 3 in every family), not " \
+        f"{width}" in result.stderr, result.stderr
     assert not work.exists() and not out.parent.exists()
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "delta_net", "gla"])
-def test_wider_fla_models_keep_heads_of_128(scripts, monkeypatch, name):
+def test_the_narrowest_fla_models_keep_heads_of_128_and_a_valid_uneven_plan(scripts, monkeypatch, name):
+    """At the narrowest width accepted, every fla model has heads of 128, as many as the width holds, and the
+    uneven plan keeps in every layer distinct heads of the layer, not all of them and at least one."""
     pytest.importorskip("fla")
     _, check_families_gpu, _ = scripts
     from transformers import AutoModelForCausalLM
@@ -119,13 +121,15 @@ def test_wider_fla_models_keep_heads_of_128(scripts, monkeypatch, name):
     from compressor.families import family_for
     from compressor.layers import linear_layers
 
-    monkeypatch.setattr(check_families_gpu, "FLA_WIDTH", 512)
-    monkeypatch.setattr(check_families_gpu, "FLA_LAYERS", 2)
+    monkeypatch.setattr(check_families_gpu, "FLA_WIDTH", 768)
+    monkeypatch.setattr(check_families_gpu, "FLA_LAYERS", 3)
     config = check_families_gpu.config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     mixers = linear_layers(model, family_for(config))
-    assert config.hidden_size == 512 and len(mixers) == 2
+    assert config.hidden_size == 768 and len(mixers) == 3
     for mixer in mixers.values():
-        assert (mixer.head_k_dim, mixer.head_v_dim, mixer.num_v_heads) == (128, 128, 4 if name in (
-            "gated_deltanet", "kda", "delta_net") else 2)
+        assert (mixer.head_k_dim, mixer.head_v_dim, mixer.num_v_heads) == (128, 128, 3 if name == "gla" else 6)
+    for index, kept in check_families_gpu.uneven_plan(model).items():
+        heads = mixers[index].num_v_heads
+        assert 0 < len(kept) < heads and kept == sorted(set(kept)) and set(kept) <= set(range(heads)), (index, kept)
