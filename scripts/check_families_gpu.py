@@ -375,14 +375,15 @@ def measure_speed(name: str, work: Path, decode_rounds: int = 3) -> dict:
         runner.generate(prompts[v], 4)
     names = list(runners)
     values = {v: {"prefill": [], "decode": []} for v in names}
-    for turn in range(rounds):
-        for v in names if turn % 2 == 0 else names[::-1]:
-            runner = runners[v]
-            values[v]["prefill"].append(timed(lambda: runner.prefill(prefill[v]), repeat=5))
-            if turn < decode_rounds:
-                one = timed(lambda: runner.generate(prompts[v], 1), repeat=1)
-                full = timed(lambda: runner.generate(prompts[v], NEW_TOKENS), repeat=1)
-                values[v]["decode"].append(DECODE_BATCH * (NEW_TOKENS - 1) / (full - one))
+
+    def turn(v: str, runner) -> None:  # a prefill round, and decoding in the first decode_rounds turns
+        values[v]["prefill"].append(timed(lambda: runner.prefill(prefill[v]), repeat=5))
+        if len(values[v]["decode"]) < decode_rounds:
+            one = timed(lambda: runner.generate(prompts[v], 1), repeat=1)
+            full = timed(lambda: runner.generate(prompts[v], NEW_TOKENS), repeat=1)
+            values[v]["decode"].append(DECODE_BATCH * (NEW_TOKENS - 1) / (full - one))
+
+    in_turns(runners, names, rounds, turn)
     for v in names:
         figures[v][f"{key}_s"] = sorted(values[v]["prefill"])[rounds // 2]
         figures[v][f"{key}_best_s"] = min(values[v]["prefill"])

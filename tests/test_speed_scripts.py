@@ -65,12 +65,17 @@ def test_the_speed_phase_reports_the_folder_against_the_source(scripts, monkeypa
     monkeypatch.setattr(check_families_gpu, "speed_runners", lambda name, work: runners)
     monkeypatch.setattr(check_families_gpu, "PREFILL_ROUNDS", 3)
     monkeypatch.setattr(check_families_gpu, "PREFILL_PAIRS", 5)
+    figures = check_families_gpu.measure_speed("stand-in", Path("unused"), decode_rounds=2)["heads"]
+    assert len(figures["decode_b16_rounds_tok_s"]) == 2  # decoding in the first rounds only
     figures = check_families_gpu.measure_speed("stand-in", Path("unused"))["heads"]
     for key in ("prefill_time_ratio", "prefill_best_time_ratio", "prefill_paired_time_ratio",
                 "prefill_alternating_time_ratio", "decode_time_ratio"):
         assert figures[key] == pytest.approx(0.75), key
     assert figures["prefill_alternating_quartiles"] == pytest.approx([0.75, 0.75])
     assert figures["prefill_4x2048_alternating_s"] == pytest.approx(0.015)
+    assert len(figures["prefill_4x2048_rounds_s"]) == 3 and len(figures["decode_b16_rounds_tok_s"]) == 3
+    rounds = calls[2 : 2 + 2 * 3 * 6]  # after the warm-up call of each: 3 rounds of 1 + 5 prefills per model
+    assert rounds[::6] == ["source", "heads", "heads", "source", "source", "heads"], rounds
     monkeypatch.setattr(check_families_gpu, "PREFILL_BATCH", 16)  # --prefill-batch: the figures say which prefill
     assert "prefill_16x2048_alternating_s" in check_families_gpu.measure_speed("stand-in", Path("unused"))["heads"]
     assert calls[-10:] == ["source", "heads", "heads", "source"] * 2 + ["source", "heads"]  # the alternating turns
