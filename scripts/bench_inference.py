@@ -10,8 +10,9 @@ script) in WORK/source, prunes it with ``compress prune --state-reduction 0.389 
 statistics, untimed) and once with ``--layout stock``, then measures the three folders. Steps already done in WORK
 (recorded in WORK/results.json) are skipped, so a run cut short goes on where it stopped.
 
-Phase ``cold``: every folder in a fresh process with an empty Triton cache of its own (WORK/triton-NAME): the first
-prefill and the first ``generate``, compilation included, and the number of Triton compilations each left behind.
+Phase ``build`` stops once the folders are written (the prunes' times recorded). Phase ``cold``: every folder in a
+fresh process with an empty Triton cache of its own (WORK/triton-NAME): the first prefill and the first
+``generate``, compilation included, and the number of Triton compilations each left behind.
 Phase ``warm``: every folder loaded in one process and measured in turns, the order reversed every round (ratios
 side by side, not across processes or machines): prefill of 1 x 8192 and 4 x 2048 tokens, eager greedy decoding of
 128 new tokens after a 512-token prompt at batch 1, 16, 64 and 256 (decode rate: the 127 tokens after the first,
@@ -317,8 +318,9 @@ MEASURED = "bench_inference.measured"
 
 def profiled(fn) -> dict:
     """Kernel launches and GPU kernel time of one call of ``fn`` (after one untimed call), the host calls inside it
-    that wait for the GPU, the kernels launched most often, and, unprofiled, the time the host took to return from
-    ``fn`` against the time until the GPU finished (close together: the host, not the GPU, sets the pace)."""
+    that wait for the GPU, the kernels launched most often and those with the most GPU time (ms, launches), and,
+    unprofiled, the time the host took to return from ``fn`` against the time until the GPU finished (close
+    together: the host, not the GPU, sets the pace)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -342,7 +344,9 @@ def profiled(fn) -> dict:
             "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
             "host_ms": round((returned - started) * 1e3, 3), "wall_ms": round((finished - started) * 1e3, 3),
             "waits": {name: waits.count(name) for name in sorted(set(waits))},
-            "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12]}
+            "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12],
+            "most_gpu_time": [(e.key[:60], round(e.self_device_time_total / 1e3, 3), e.count)
+                              for e in sorted(kernels, key=lambda e: -e.self_device_time_total)][:16]}
 
 
 def decode_step(runner: Runner, batch: int) -> dict:
@@ -424,8 +428,9 @@ def main() -> None:
     parser.add_argument("--no-stock", action="store_true", help="with --build: no stock-layout folder")
     parser.add_argument("--synthetic-stats", action="store_true",
                         help="with --build: prune from random statistics (no calibration, no prune timing)")
-    parser.add_argument("--phase", choices=["cold", "warm", "both"], default="both",
-                        help="cold: first calls, a fresh process per folder; warm: every folder in one process")
+    parser.add_argument("--phase", choices=["cold", "warm", "both", "build"], default="both",
+                        help="cold: first calls, a fresh process per folder; warm: every folder in one process; "
+                             "build: with --build, the folders (and the prunes' times) only")
     parser.add_argument("--rounds", type=int, default=3, help="turns of the warm measurements (median)")
     parser.add_argument("--points", default=",".join(POINTS),
                         help="warm phase: what to measure: prefill, steps, decode batch sizes (a 10-minute device "
@@ -439,6 +444,8 @@ def main() -> None:
     args = parser.parse_args()
     if any(point not in POINTS[:2] and not (point.isdigit() and int(point) > 0) for point in args.points.split(",")):
         parser.error(f"--points takes prefill, steps and decode batch sizes, got {args.points}")
+    if args.phase == "build" and not args.build:
+        parser.error("--phase build needs --build WORK")
     if args.expected_ratios:
         print(json.dumps(expected_decode_ratios(args.folders)))
         return
@@ -461,6 +468,8 @@ def main() -> None:
         args.build.mkdir(parents=True, exist_ok=True)
         build(args.build, args.small, not args.no_stock, args.synthetic_stats, results, save)
         folders = [args.build / name for name in ("source", "pruned", "pruned-stock")[: 2 if args.no_stock else 3]]
+    if args.phase == "build":
+        return
     names = [folder.name for folder in folders]
     if "expected_decode_time_ratio" not in results:  # in a child: it registers compressor's classes
         child = subprocess.run([sys.executable, __file__, *map(str, folders), "--expected-ratios", "--out", "-"],

@@ -30,9 +30,10 @@ def fla_tuners() -> dict[str, object]:
     return {tuner.kernel_name: tuner for tuner in tuners if tuner is not None}
 
 
-def test_configurations_are_recorded_for_the_h200():
-    assert {path.stem for path in H200.glob("*.json")} >= {"chunk_fwd_kernel_o", "recompute_w_u_fwd_kernel",
-                                                          "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"}
+@pytest.mark.parametrize("gpu", ["NVIDIA_H200", "NVIDIA_H100_80GB_HBM3"])
+def test_configurations_are_recorded_for_the_h200_and_the_h100(gpu):
+    assert {path.stem for path in (RECORDED / gpu).glob("*.json")} >= {
+        "chunk_fwd_kernel_o", "recompute_w_u_fwd_kernel", "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"}
 
 
 @pytest.mark.parametrize("path", RECORDED_FILES, ids=lambda path: f"{path.parent.name}/{path.stem}")
