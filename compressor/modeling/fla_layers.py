@@ -263,15 +263,17 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
 
     def heads(self, q, k, v):
         """Split into heads, q and k repeated per value head by ``value_to_key``, head-major and tiling one block
-        (which ``packed_heads.normalised_pair`` normalises in one launch): one copy where value head j reads key head
-        j, else one gather of their concatenation (``queries_and_keys``):
+        (which ``packed_heads.normalised_pair`` normalises in one launch): one copy of each into its half of the
+        block where value head j reads key head j, else those copies and one gather of both (``gathered_heads``):
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        if self.value_to_key == list(range(self.num_k_heads)):  # as many value heads as key heads, in order
-            heads = (x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2) for x in (q, k))
-            q, k = torch.stack(tuple(heads)).transpose(2, 3)
-        else:
-            q, k = self.queries_and_keys(torch.cat([q, k], dim=-1), v.device)
+        block = q.new_empty(2, batch, self.num_k_heads, length, self.head_k_dim)
+        for half, x in enumerate((q, k)):  # block[half], a view autograd lets copy_ write (unbind's views are not)
+            block[half].copy_(x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2))
+        if self.value_to_key != list(range(self.num_k_heads)):  # not as many value heads as key heads, in order
+            gathered = self.gathered_heads(block.view(2 * batch, self.num_k_heads, length, self.head_k_dim))
+            block = gathered.view(2, batch, self.num_v_heads, length, self.head_k_dim)
+        q, k = block.transpose(2, 3)
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):

@@ -118,7 +118,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
                 f"{self.num_k_heads} key heads for {self.num_v_heads} value heads"
             )
         self.value_to_key = list(value_to_key)
-        self._index_cache: dict[torch.device, torch.Tensor] = {}
+        self._index_cache: dict = {}  # device -> key_index; (device, count) -> slab_index
         self._decode_graph = DecodeGraph()
 
     @classmethod
@@ -135,13 +135,38 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
                 self._index_cache[device] = torch.tensor(self.value_to_key, dtype=torch.long, device=device)
         return self._index_cache[device]
 
+    def slab_index(self, count: int, device: torch.device) -> torch.Tensor:
+        """Long tensor [count·H_v]: for slab i of ``count`` groups of key heads laid out one after another, the
+        position of the key head that each value head reads, i·H_k + ``value_to_key[j]`` (made once per device
+        and count, outside CUDA graph capture)."""
+        key = (device, count)
+        if key not in self._index_cache:
+            with torch.inference_mode(False):
+                index = (torch.arange(count, device=device)[:, None] * self.num_k_heads
+                         + self.key_index(device)).reshape(-1)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return index
+            self._index_cache[key] = index
+        return self._index_cache[key]
+
+    def gathered_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        """Key heads [P, H_k, T, d] (any strides) -> value heads [P, H_v, T, d], contiguous, value head j a copy of
+        key head ``value_to_key[j]``. The key heads are made contiguous (a copy unless they are) and gathered as
+        whole slabs of T·d elements along the first dimension, the one a GPU gathers at memory speed: along a later
+        dimension of a strided view, ``index_select`` is several times slower (``scripts/bench_head_gather.py``)."""
+        groups, _, length, width = heads.shape
+        slabs = heads.contiguous().view(-1, length * width)
+        gathered = slabs.index_select(0, self.slab_index(groups, heads.device))
+        return gathered.view(groups, self.num_v_heads, length, width)
+
     def queries_and_keys(self, query_key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
         ``value_to_key[j]``, both head-major (so that the recurrence packs heads as sequences without a copy) and from
-        one gather, so that they tile one block of memory."""
+        one gather (``gathered_heads``), so that they tile one block of memory."""
         batch, length, _ = query_key.shape
         heads = query_key.reshape(batch, length, 2, self.num_k_heads, self.head_k_dim).permute(2, 0, 3, 1, 4)
-        query, key = heads.index_select(2, self.key_index(device)).transpose(2, 3)
+        gathered = self.gathered_heads(heads.reshape(2 * batch, self.num_k_heads, length, self.head_k_dim))
+        query, key = gathered.view(2, batch, self.num_v_heads, length, self.head_k_dim).transpose(2, 3)
         return query, key
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
