@@ -141,7 +141,7 @@ def variants(batch: int) -> dict:
             stock.in_proj_qkvz(hidden), stock.in_proj_ba(hidden)),
         "projections: shipped": lambda: shipped.project(hidden),
         "queries and keys: shipped gather": lambda: shipped.queries_and_keys(
-            qkvz[..., : 2 * shipped.key_dim], hidden.device),
+            qkvz[..., : 2 * shipped.key_dim]),
         "gates": lambda: -stock.A_log.float().exp() * F.softplus(ba[..., :heads].float() + stock.dt_bias),
     }, (stock, shipped, hidden, caches)
 

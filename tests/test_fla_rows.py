@@ -90,7 +90,7 @@ def mixer_queries_and_keys(batch: int = 2, tokens: int = 7) -> tuple[torch.Tenso
     mixer.layer_idx, mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim = 0, 3, 5, 4
     mixer.set_value_to_key([2, 0, 0, 1, 2])
     query_key = torch.randn(batch, tokens, 2 * 3 * 4, generator=torch.Generator().manual_seed(5))
-    return mixer.queries_and_keys(query_key, query_key.device)
+    return mixer.queries_and_keys(query_key)
 
 
 def counted(calls: list) -> callable:
@@ -228,7 +228,7 @@ def test_a_kernel_that_reads_nb_in_its_body_is_not_launched():
 @pytest.mark.parametrize("value_to_key", [[0, 1, 2, 3, 4, 5], [2, 0, 0, 1, 2, 1]], ids=["one-to-one", "gathered"])
 def test_fla_mixers_split_queries_and_keys_head_major_into_one_block(value_to_key, monkeypatch):
     """fla's own layers project queries and keys apart; ``heads`` must hand value head j key head
-    ``value_to_key[j]``, head-major, in one block that fla's l2norm kernel normalises in one launch: copied once
+    ``value_to_key[j]``, head-major, in one block that fla's l2norm kernel normalises in one launch: copied into it
     where value head j reads key head j, gathered once otherwise."""
     pytest.importorskip("fla")
     from tiny_fla import tiny_fla_model
@@ -237,7 +237,7 @@ def test_fla_mixers_split_queries_and_keys_head_major_into_one_block(value_to_ke
     mixer.num_heads = 3 if len(set(value_to_key)) == 3 else 6
     mixer.set_value_to_key(value_to_key)
     if mixer.num_heads == 6:
-        monkeypatch.setattr(mixer, "queries_and_keys", lambda *args: pytest.fail("gathered, not copied"))
+        monkeypatch.setattr(mixer, "gathered_heads", lambda *args: pytest.fail("gathered, not copied"))
     generator = torch.Generator().manual_seed(2)
     q, k = (torch.randn(2, 5, mixer.num_heads * 8, generator=generator) for _ in "qk")
     v = torch.randn(2, 5, 6 * mixer.head_v_dim, generator=generator)

@@ -385,7 +385,7 @@ def test_one_gather_of_queries_and_keys_reads_the_mapped_key_heads_and_stays_hea
     mixer.layer_idx, mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim = 0, 3, 5, 4
     mixer.set_value_to_key([2, 0, 0, 1, 2])
     query_key = torch.randn(2, 7, 2 * 3 * 4, generator=torch.Generator().manual_seed(5))
-    query, key = mixer.queries_and_keys(query_key, query_key.device)
+    query, key = mixer.queries_and_keys(query_key)
     for got, part in ((query, query_key[..., :12]), (key, query_key[..., 12:])):
         expected = part.reshape(2, 7, 3, 4)[:, :, [2, 0, 0, 1, 2]]
         assert torch.equal(got, expected)

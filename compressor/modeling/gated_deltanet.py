@@ -138,7 +138,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
     def slab_index(self, count: int, device: torch.device) -> torch.Tensor:
         """Long tensor [count·H_v]: for slab i of ``count`` groups of key heads laid out one after another, the
         position of the key head that each value head reads, i·H_k + ``value_to_key[j]`` (made once per device
-        and count, outside CUDA graph capture)."""
+        and count and kept, except when first asked for inside CUDA graph capture; ``key_index`` must be kept
+        before then: it copies from the host)."""
         key = (device, count)
         if key not in self._index_cache:
             with torch.inference_mode(False):
@@ -154,12 +155,12 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         key head ``value_to_key[j]``. The key heads are made contiguous (a copy unless they are) and gathered as
         whole slabs of T·d elements along the first dimension, the one a GPU gathers at memory speed: along a later
         dimension of a strided view, ``index_select`` is several times slower (``scripts/bench_head_gather.py``)."""
-        groups, _, length, width = heads.shape
-        slabs = heads.contiguous().view(-1, length * width)
+        groups, key_heads, length, width = heads.shape
+        slabs = heads.contiguous().view(groups * key_heads, length * width)
         gathered = slabs.index_select(0, self.slab_index(groups, heads.device))
         return gathered.view(groups, self.num_v_heads, length, width)
 
-    def queries_and_keys(self, query_key: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries_and_keys(self, query_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
         ``value_to_key[j]``, both head-major (so that the recurrence packs heads as sequences without a copy) and from
         one gather (``gathered_heads``), so that they tile one block of memory."""
@@ -242,7 +243,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         mixed_qkv = mixed_qkv.transpose(1, 2)
 
         query_key, value = torch.split(mixed_qkv, [2 * self.key_dim, self.value_dim], dim=-1)
-        query, key = self.queries_and_keys(query_key, hidden_states.device)
+        query, key = self.queries_and_keys(query_key)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         beta, g = self.write_strength(b), self.decay(a)
 
