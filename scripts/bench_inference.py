@@ -344,9 +344,18 @@ def profiled(fn) -> dict:
             "gpu_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
             "host_ms": round((returned - started) * 1e3, 3), "wall_ms": round((finished - started) * 1e3, 3),
             "waits": {name: waits.count(name) for name in sorted(set(waits))},
-            "most_launched": [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:12],
-            "most_gpu_time": [(e.key[:60], round(e.self_device_time_total / 1e3, 3), e.count)
-                              for e in sorted(kernels, key=lambda e: -e.self_device_time_total)][:16]}
+            "most_launched": most_launched(kernels, 12), "most_gpu_time": most_gpu_time(kernels, 16)}
+
+
+def most_launched(kernels: list, count: int) -> list[tuple[str, int]]:
+    """(name, launches) of the ``count`` device events of ``on_device`` launched most often."""
+    return [(e.key[:60], e.count) for e in sorted(kernels, key=lambda e: -e.count)][:count]
+
+
+def most_gpu_time(kernels: list, count: int) -> list[tuple[str, float, int]]:
+    """(name, GPU ms, launches) of the ``count`` device events of ``on_device`` with the most GPU time."""
+    return [(e.key[:60], round(e.self_device_time_total / 1e3, 3), e.count)
+            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)][:count]
 
 
 def decode_step(runner: Runner, batch: int) -> dict:
@@ -366,9 +375,7 @@ def decode_step(runner: Runner, batch: int) -> dict:
         totals[new] = (sum(e.count for e in events if e.key in LAUNCHES),
                        sum(e.self_device_time_total for e in on_gpu) / 1e3)
         if new == 16:
-            top = [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count)
-                   for e in sorted(on_gpu, key=lambda e: -e.self_device_time_total)[:8]]
-            kernels = [(e.key[:60], e.count) for e in sorted(on_gpu, key=lambda e: -e.count)][:16]
+            top, kernels = most_gpu_time(on_gpu, 8), most_launched(on_gpu, 16)
     return {"launches": round((totals[16][0] - totals[1][0]) / 15, 1),
             "gpu_ms": round((totals[16][1] - totals[1][1]) / 15, 3),
             "wall_ms": round((wall[16] - wall[1]) / 15 * 1e3, 3), "top_gpu_16_tokens": top,

@@ -95,6 +95,24 @@ def test_the_gpu_time_of_a_profile_sums_kernels_not_the_range_around_them(script
     assert bench_inference.on_device([operator, span, kernel]) == [kernel]
 
 
+def test_profiles_list_the_kernels_with_the_most_gpu_time_and_launches(scripts):
+    from types import SimpleNamespace
+
+    bench_inference, _, _ = scripts
+    kernels = [SimpleNamespace(key=name, count=count, self_device_time_total=us)
+               for name, count, us in (("gather", 4, 2060.0), ("copy", 8, 770.0), ("norm", 3, 200.0))]
+    assert bench_inference.most_gpu_time(kernels, 2) == [("gather", 2.06, 4), ("copy", 0.77, 8)]
+    assert bench_inference.most_launched(kernels, 2) == [("copy", 8), ("gather", 4)]
+
+
+def test_the_build_phase_without_a_build_folder_is_refused(tmp_path):
+    out = tmp_path / "out" / "results.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_inference.py"), "--phase", "build", "--out",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--phase build needs --build WORK" in result.stderr, result.stderr
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize("option", ["--rounds", "--pairs", "--prefill-batch", "--fla-layers"])
 def test_a_count_below_one_is_refused_before_anything_is_written(tmp_path, option):
     work, out = tmp_path / "work", tmp_path / "out" / "results.json"
