@@ -171,3 +171,52 @@ def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_re
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert (got[1].data_ptr() == state.data_ptr()) != grad
+
+
+CHANNEL_GATE_INTERPRETED = """
+import torch
+import torch.nn.functional as F
+from compressor.modeling.channel_gate import channel_gate
+
+generator = torch.Generator().manual_seed(0)
+for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 70, 2, 128, torch.float32),
+                                           (3, 1, 4, 16, torch.float32)):
+    f = (4 * torch.randn(batch, length, heads, width, generator=generator)).to(dtype)
+    f[0, 0, 0, :2] = torch.tensor([30.0, -30.0])  # both sides of the softplus threshold
+    bias = torch.randn(heads, width, generator=generator)
+    rate = torch.rand(heads, generator=generator) + 0.1
+    x = f.float() + bias
+    for lower_bound, expected in ((None, -rate[:, None] * F.softplus(x)),
+                                  (-5.0, -5.0 * torch.sigmoid(rate[:, None] * x))):
+        got = channel_gate(f, bias, rate, lower_bound)
+        assert got.dtype == torch.float32 and got.shape == f.shape and got.transpose(1, 2).is_contiguous()
+        error = ((got - expected).abs() / (expected.abs() + 1e-6)).max().item()
+        assert error < 1e-4, (batch, length, heads, width, lower_bound, error)
+assert channel_gate(torch.empty(2, 0, 3, 8), torch.zeros(3, 8), torch.ones(3), None).shape == (2, 0, 3, 8)
+print("ok")
+"""
+
+
+def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
+    """KDA's decay kernel (``channel_gate.py``) run by Triton's interpreter against PyTorch's formula: lengths that are
+    not a multiple of its token block, key head sizes that are not powers of two, bf16 and float32 inputs, both gate
+    forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1)."""
+    pytest.importorskip("triton")
+    run_interpreted(CHANNEL_GATE_INTERPRETED)
+
+
+def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
+    """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
+    parameters, not under autograd."""
+    from compressor.modeling import channel_gate
+
+    pytest.importorskip("triton")
+    f = torch.randn(1, 4, 2, 8)
+    assert not channel_gate.takes(f, torch.float32)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert channel_gate.takes(f, torch.float32)
+        assert not channel_gate.takes(f, torch.float64)
+        assert not channel_gate.takes(f.transpose(1, 2), torch.float32)
+    with torch.enable_grad():
+        assert not channel_gate.takes(f, torch.float32)

@@ -18,6 +18,7 @@ from fla.models.kda import KDAConfig, KDAForCausalLM
 from fla.modules import ShortConvolution
 from torch import nn
 
+from . import channel_gate
 from .fla_layers import (
     FlaMixerMixin,
     PrunedFlaForCausalLMMixin,
@@ -62,7 +63,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
         is) and head-major (on CUDA it packs as a view): -exp(A_log) · softplus(f + dt_bias), or fla's bounded gate
         lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes it. Outside autograd
-        the parameters' part is ``kept`` and the result written head-major."""
+        the parameters' part is ``kept`` and the result written head-major, on a GPU in one launch
+        (``channel_gate``)."""
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
 
         def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +72,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
             return self.dt_bias.to(dtype).view(self.num_v_heads, self.head_k_dim), rate, -rate
 
         bias, rate, negative_rate = self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
+        if channel_gate.takes(f, dtype):
+            return channel_gate.channel_gate(f, bias, rate, self.lower_bound)
         if torch.is_grad_enabled():
             f = head_major(f, dtype) + bias
             return (f * rate).sigmoid() * self.lower_bound if self.lower_bound is not None else F.softplus(f) * -rate
