@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fla_lookups import looked_up_afresh
 from triton_interpreter import run_interpreted, skip_where_the_interpreter_fails_on
 
@@ -220,3 +221,20 @@ def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypat
         assert not channel_gate.takes(f.transpose(1, 2), torch.float32)
     with torch.enable_grad():
         assert not channel_gate.takes(f, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
+    """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32."""
+    pytest.importorskip("triton")
+    from compressor.modeling.channel_gate import channel_gate
+
+    generator = torch.Generator().manual_seed(0)
+    f = (4 * torch.randn(2, 300, 5, 128, generator=generator)).to(torch.bfloat16).cuda()
+    bias, rate = torch.randn(5, 128, generator=generator).cuda(), (torch.rand(5, generator=generator) + 0.1).cuda()
+    x = f.float() + bias
+    expected = -rate[:, None] * F.softplus(x) if lower_bound is None else lower_bound * torch.sigmoid(rate[:, None] * x)
+    got = channel_gate(f, bias, rate, lower_bound)
+    assert got.transpose(1, 2).is_contiguous()
+    assert ((got - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-4

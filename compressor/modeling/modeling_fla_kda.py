@@ -18,7 +18,8 @@ from fla.models.kda import KDAConfig, KDAForCausalLM
 from fla.modules import ShortConvolution
 from torch import nn
 
-from . import channel_gate
+from .channel_gate import channel_gate
+from .channel_gate import takes as channel_gate_takes
 from .fla_layers import (
     FlaMixerMixin,
     PrunedFlaForCausalLMMixin,
@@ -72,8 +73,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
             return self.dt_bias.to(dtype).view(self.num_v_heads, self.head_k_dim), rate, -rate
 
         bias, rate, negative_rate = self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
-        if channel_gate.takes(f, dtype):
-            return channel_gate.channel_gate(f, bias, rate, self.lower_bound)
+        if channel_gate_takes(f, dtype):
+            return channel_gate(f, bias, rate, self.lower_bound)
         if torch.is_grad_enabled():
             f = head_major(f, dtype) + bias
             return (f * rate).sigmoid() * self.lower_bound if self.lower_bound is not None else F.softplus(f) * -rate
