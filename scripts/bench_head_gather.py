@@ -5,16 +5,23 @@
 q [B, T, H_k, d] (a projection's output, token-major) -> [B, H_v, T, d] head-major, value head j reading key head
 ``index[j]`` (an uneven index, as after pruning), bf16, B = 16, T = 2048, H_k = 8, d = 128, H_v = 14; and the
 head-major copy of the same q without a gather; and queries and keys of one fused projection [B, T, 2·H_k·d]
-gathered into [2, B, H_v, T, d] (the transformers mixers' ``queries_and_keys``). Each: the median of 50 calls timed with CUDA events.
+gathered into [2, B, H_v, T, d] (the transformers mixers' ``queries_and_keys``); ``head_gather_kernel`` and
+``pair_head_gather_kernel`` are the shipped kernel (``compressor/modeling/head_gather.py``). Each: the median of 50
+calls timed with CUDA events.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compressor.modeling.head_gather import gather_heads  # noqa: E402
 
 
 def gpu_ms(fn, repeat: int = 50) -> float:
@@ -59,6 +66,7 @@ def main() -> None:
             out=out.view(batch, -1, length * dim)),
         "token_rows_index_select": lambda: torch.index_select(
             q.view(-1, dim), 0, rows, out=out.view(-1, dim)),
+        "head_gather_kernel": lambda: gather_heads([heads], index, out=out[None]),
     }
     pair = torch.randn(batch, length, 2 * key_heads * dim, device="cuda", dtype=torch.bfloat16)  # queries, keys
     pair_heads = pair.view(batch, length, 2, key_heads, dim).permute(2, 0, 3, 1, 4)  # [2, B, H_k, T, d]
@@ -80,6 +88,7 @@ def main() -> None:
             out=pair_out.view(2 * batch, -1, length * dim)),
         "pair_token_rows_index_select": lambda: torch.index_select(
             pair.view(-1, dim), 0, pair_rows, out=pair_out.view(-1, dim)),
+        "pair_head_gather_kernel": lambda: gather_heads(pair_heads.unbind(0), index, out=pair_out),
     }
     figures = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "shape": dict(batch=batch, length=length, key_heads=key_heads, dim=dim, value_heads=len(index))}

@@ -455,3 +455,101 @@ def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_refere
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert (got[1].data_ptr() == state.data_ptr()) != grad
+
+
+HEAD_GATHER_INTERPRETED = """
+import torch
+from compressor.modeling.head_gather import gather_heads
+
+generator = torch.Generator().manual_seed(0)
+index = torch.tensor([2, 0, 0, 1, 2])
+for dtype in (torch.float32, torch.bfloat16):
+    q, k = (torch.randn(3, 37, 3 * 96, generator=generator).to(dtype) for _ in "qk")  # fla's projections [B, T, H_k·d]
+    conv = torch.randn(2, 2 * 3 * 96, 45, generator=generator).to(dtype)[..., 5:]  # a convolution's [B, C, T], offset
+    layouts = {
+        "token-major, two tensors": [x.view(3, 37, 3, 96).transpose(1, 2) for x in (q, k)],
+        "channel-major, two halves": conv.transpose(1, 2).reshape(2, 40, 2, 3, 96).permute(2, 0, 3, 1, 4).unbind(0),
+        "one group, one token": [q[:, 5:6].view(3, 1, 3, 96).transpose(1, 2)],
+    }
+    for name, groups in layouts.items():
+        got = gather_heads(groups, index)
+        assert got.is_contiguous() and got.dtype == dtype, name
+        assert torch.equal(got, torch.stack(groups)[:, :, index]), name
+    out = torch.full((2, 2, 5, 40, 96), float("nan"), dtype=dtype)
+    assert gather_heads(layouts["channel-major, two halves"], index, out=out) is out and not out.isnan().any()
+assert gather_heads([torch.empty(2, 3, 0, 8)], index).shape == (1, 2, 5, 0, 8)
+# an out of another shape; two layouts
+for groups, out in ((layouts["token-major, two tensors"], torch.empty(2, 3, 5, 96, 37)),
+                    ([q.view(3, 37, 3, 96).transpose(1, 2), k.view(3, 37, 3, 96).transpose(1, 2).contiguous()], None)):
+    try:
+        gather_heads(groups, index, out=out)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("gather_heads wrote what it cannot")
+print("ok")
+"""
+
+
+def test_the_head_gather_kernel_copies_the_mapped_key_heads_from_any_layout():
+    """``head_gather.py``'s kernel run by Triton's interpreter: queries and keys as two tensors read token-major (fla's
+    projections), as two halves of one channel-major block from an offset (transformers' convolution), one group of
+    one decode token; a length that is not a multiple of its token block, a head size that is not a power of two;
+    every value head must equal its key head exactly, head-major. A wrong stride, offset, group or index moves whole
+    heads."""
+    pytest.importorskip("triton")
+    run_interpreted(HEAD_GATHER_INTERPRETED)
+
+
+def test_the_head_gather_kernel_takes_gpu_tensors_of_one_layout_outside_autograd_only(monkeypatch):
+    from compressor.modeling import head_gather
+
+    pytest.importorskip("triton")
+    q, k = torch.randn(2, 2, 4, 3, 8).unbind()
+    assert not head_gather.takes([q, k])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert head_gather.takes([q, k]) and head_gather.takes([q])
+        assert not head_gather.takes([q, k.transpose(1, 2).contiguous().transpose(1, 2)])  # another layout
+        assert not head_gather.takes([q, k.half()]) and not head_gather.takes([q, q, q])
+        assert not head_gather.takes([torch.randn(2, 4, 3, 512)])
+    with torch.enable_grad():
+        assert not head_gather.takes([q, k])
+
+
+@pytest.mark.parametrize("cuda_path", [False, True], ids=["pytorch", "kernel"])
+def test_a_mixer_gathers_its_key_heads_the_same_way_on_either_path(cuda_path, monkeypatch):
+    """``gathered_heads`` through the kernel (``head_gather.gather_heads``, replaced by PyTorch here; the kernel
+    itself is tested above) and through PyTorch's slab gather: the same value heads, one contiguous block."""
+    from compressor.modeling import gated_deltanet
+    from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
+
+    mixer = PrunableGatedDeltaNetMixin()
+    mixer.layer_idx, mixer.num_k_heads, mixer.num_v_heads, mixer.head_k_dim = 0, 3, 5, 4
+    mixer.set_value_to_key([2, 0, 0, 1, 2])
+    groups = torch.randn(2, 7, 2, 3, 4, generator=torch.Generator().manual_seed(3)).permute(2, 0, 3, 1, 4).unbind(0)
+    calls = []
+    if cuda_path:
+        monkeypatch.setattr(gated_deltanet, "gather_takes", lambda groups: True)
+        monkeypatch.setattr(gated_deltanet, "gather_heads", lambda groups, index: calls.append(index.tolist()) or
+                            torch.stack(groups)[:, :, index].contiguous())
+    with torch.no_grad():
+        got = mixer.gathered_heads(groups)
+    assert got.is_contiguous() and torch.equal(got, torch.stack(groups)[:, :, [2, 0, 0, 1, 2]])
+    assert calls == ([[2, 0, 0, 1, 2]] if cuda_path else [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_head_gather_kernel_on_cuda_copies_the_mapped_key_heads():
+    """The kernel compiled for a GPU: bf16 key heads of 128, queries and keys token-major and channel-major, 300
+    tokens."""
+    pytest.importorskip("triton")
+    from compressor.modeling.head_gather import gather_heads
+
+    generator = torch.Generator().manual_seed(0)
+    index = torch.tensor([3, 0, 0, 1, 2, 3, 3], device="cuda")
+    q, k = (torch.randn(2, 300, 4 * 128, generator=generator).to(torch.bfloat16).cuda() for _ in "qk")
+    conv = torch.randn(2, 2 * 4 * 128, 303, generator=generator).to(torch.bfloat16).cuda()[..., 3:]
+    for groups in ([x.view(2, 300, 4, 128).transpose(1, 2) for x in (q, k)],
+                   conv.transpose(1, 2).reshape(2, 300, 2, 4, 128).permute(2, 0, 3, 1, 4).unbind(0)):
+        assert torch.equal(gather_heads(groups, index), torch.stack(groups)[:, :, index])

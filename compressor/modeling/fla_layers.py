@@ -264,14 +264,14 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
     def heads(self, q, k, v):
         """Split into heads, q and k repeated per value head by ``value_to_key``, head-major and tiling one block
         (which ``packed_heads.normalised_pair`` normalises in one launch): one stacking copy where value head j reads
-        key head j, else that copy and one gather of both (``gathered_heads``):
+        key head j, else their gather into one block (``gathered_heads``):
         (q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v])."""
         batch, length, _ = v.shape
-        heads = (x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2) for x in (q, k))
-        block = torch.stack(tuple(heads))  # [2, B, H_k, T, d_k]
-        if self.value_to_key != list(range(self.num_k_heads)):  # not as many value heads as key heads, in order
-            gathered = self.gathered_heads(block.view(2 * batch, self.num_k_heads, length, self.head_k_dim))
-            block = gathered.view(2, batch, self.num_v_heads, length, self.head_k_dim)
+        heads = tuple(x.reshape(batch, length, self.num_k_heads, self.head_k_dim).transpose(1, 2) for x in (q, k))
+        if self.value_to_key == list(range(self.num_k_heads)):  # as many value heads as key heads, in order
+            block = torch.stack(heads)  # [2, B, H_k, T, d_k]
+        else:
+            block = self.gathered_heads(heads)  # [2, B, H_v, T, d_k]
         q, k = block.transpose(2, 3)
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 

@@ -1,12 +1,13 @@
 """A Gated DeltaNet token mixer whose value heads may map to key heads in any order, and whose layers may differ.
 
-Shipped inside every output folder (imports only torch, transformers and, optionally, fla). The mixin sits on
+Shipped inside every output folder (imports only torch, transformers and, optionally, fla and triton). The mixin sits on
 top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its forward so that
 
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
 * CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
   ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states);
-* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``);
+* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``) and copy key heads to the value
+  heads that read them in one kernel (``gathered_heads``);
 * a decode step on CUDA replays a recorded CUDA graph of itself where it can (``decode_graph.py``).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
@@ -15,7 +16,7 @@ Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' he
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -30,6 +31,8 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
 from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
 from .gated_delta import gated_delta_rule
+from .head_gather import gather_heads
+from .head_gather import takes as gather_takes
 from .packed_heads import head_major, head_major_like, sigmoid_head_major
 
 T = TypeVar("T")
@@ -150,15 +153,19 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
             self._index_cache[key] = index
         return self._index_cache[key]
 
-    def gathered_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        """Key heads [P, H_k, T, d] (any strides) -> value heads [P, H_v, T, d], contiguous, value head j a copy of
-        key head ``value_to_key[j]``. The key heads are made contiguous (a copy unless they are) and gathered as
-        whole slabs of T·d elements along the first dimension, the one a GPU gathers at memory speed: along a later
-        dimension of a strided view, ``index_select`` is several times slower (``scripts/bench_head_gather.py``)."""
-        groups, key_heads, length, width = heads.shape
-        slabs = heads.contiguous().view(groups * key_heads, length * width)
-        gathered = slabs.index_select(0, self.slab_index(groups, heads.device))
-        return gathered.view(groups, self.num_v_heads, length, width)
+    def gathered_heads(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Key heads of G groups (queries, keys), each [B, H_k, T, d] (any strides) -> value heads [G, B, H_v, T, d],
+        contiguous, value head j a copy of key head ``value_to_key[j]``. On a GPU outside autograd, one launch that
+        reads the key heads where they lie (``head_gather.gather_heads``); otherwise the groups stacked head-major,
+        then whole slabs of T·d elements gathered along the first dimension, the one PyTorch gathers at memory
+        speed: along a later dimension of a strided view, ``index_select`` is several times slower
+        (``scripts/bench_head_gather.py``)."""
+        batch, key_heads, length, width = groups[0].shape
+        if gather_takes(groups):
+            return gather_heads(groups, self.key_index(groups[0].device))
+        slabs = torch.stack(tuple(groups)).view(len(groups) * batch * key_heads, length * width)
+        gathered = slabs.index_select(0, self.slab_index(len(groups) * batch, slabs.device))
+        return gathered.view(len(groups), batch, self.num_v_heads, length, width)
 
     def queries_and_keys(self, query_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
@@ -166,8 +173,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         one gather (``gathered_heads``), so that they tile one block of memory."""
         batch, length, _ = query_key.shape
         heads = query_key.reshape(batch, length, 2, self.num_k_heads, self.head_k_dim).permute(2, 0, 3, 1, 4)
-        gathered = self.gathered_heads(heads.reshape(2 * batch, self.num_k_heads, length, self.head_k_dim))
-        query, key = gathered.view(2, batch, self.num_v_heads, length, self.head_k_dim).transpose(2, 3)
+        query, key = self.gathered_heads(heads.unbind(0)).transpose(2, 3)
         return query, key
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
