@@ -470,19 +470,27 @@ for dtype in (torch.float32, torch.bfloat16):
         "token-major, two tensors": [x.view(3, 37, 3, 96).transpose(1, 2) for x in (q, k)],
         "channel-major, two halves": conv.transpose(1, 2).reshape(2, 40, 2, 3, 96).permute(2, 0, 3, 1, 4).unbind(0),
         "one group, one token": [q[:, 5:6].view(3, 1, 3, 96).transpose(1, 2)],
+        "channel-major, whole blocks of tokens": conv.transpose(1, 2)[:, 8:].reshape(2, 32, 2, 3, 96).permute(
+            2, 0, 3, 1, 4).unbind(0),
     }
     for name, groups in layouts.items():
         got = gather_heads(groups, index)
         assert got.is_contiguous() and got.dtype == dtype, name
         assert torch.equal(got, torch.stack(groups)[:, :, index]), name
     out = torch.full((2, 2, 5, 40, 96), float("nan"), dtype=dtype)
-    assert gather_heads(layouts["channel-major, two halves"], index, out=out) is out and not out.isnan().any()
+    assert gather_heads(layouts["channel-major, two halves"], index, out=out) is out
+    assert torch.equal(out, torch.stack(layouts["channel-major, two halves"])[:, :, index])
 assert gather_heads([torch.empty(2, 3, 0, 8)], index).shape == (1, 2, 5, 0, 8)
-# an out of another shape; two layouts
-for groups, out in ((layouts["token-major, two tensors"], torch.empty(2, 3, 5, 96, 37)),
-                    ([q.view(3, 37, 3, 96).transpose(1, 2), k.view(3, 37, 3, 96).transpose(1, 2).contiguous()], None)):
+heads = layouts["token-major, two tensors"]
+for groups, index_given, out in (
+    (heads, index, torch.empty(2, 3, 5, 96, 37)),  # an out of another shape
+    ([heads[0], heads[1].contiguous()], index, None),  # two layouts
+    (heads * 2, index, None),  # four groups
+    (heads, index[::2], None),  # a strided index
+    (heads, index.float(), None),
+):
     try:
-        gather_heads(groups, index, out=out)
+        gather_heads(groups, index_given, out=out)
     except ValueError:
         pass
     else:
@@ -494,7 +502,8 @@ print("ok")
 def test_the_head_gather_kernel_copies_the_mapped_key_heads_from_any_layout():
     """``head_gather.py``'s kernel run by Triton's interpreter: queries and keys as two tensors read token-major (fla's
     projections), as two halves of one channel-major block from an offset (transformers' convolution), one group of
-    one decode token; a length that is not a multiple of its token block, a head size that is not a power of two;
+    one decode token; lengths that are and are not a multiple of its token block, a head size that is not a power of
+    two;
     every value head must equal its key head exactly, head-major. A wrong stride, offset, group or index moves whole
     heads."""
     pytest.importorskip("triton")
@@ -509,7 +518,7 @@ def test_the_head_gather_kernel_takes_gpu_tensors_of_one_layout_outside_autograd
     assert not head_gather.takes([q, k])
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
-        assert head_gather.takes([q, k]) and head_gather.takes([q])
+        assert head_gather.takes([q, k]) and head_gather.takes([q]) and not head_gather.takes([])
         assert not head_gather.takes([q, k.transpose(1, 2).contiguous().transpose(1, 2)])  # another layout
         assert not head_gather.takes([q, k.half()]) and not head_gather.takes([q, q, q])
         assert not head_gather.takes([torch.randn(2, 4, 3, 512)])
@@ -518,9 +527,10 @@ def test_the_head_gather_kernel_takes_gpu_tensors_of_one_layout_outside_autograd
 
 
 @pytest.mark.parametrize("cuda_path", [False, True], ids=["pytorch", "kernel"])
-def test_a_mixer_gathers_its_key_heads_the_same_way_on_either_path(cuda_path, monkeypatch):
-    """``gathered_heads`` through the kernel (``head_gather.gather_heads``, replaced by PyTorch here; the kernel
-    itself is tested above) and through PyTorch's slab gather: the same value heads, one contiguous block."""
+def test_a_mixer_hands_the_kernel_its_key_index_or_gathers_slabs_itself(cuda_path, monkeypatch):
+    """``gathered_heads``: where ``head_gather`` takes the groups, it hands them and the layer's value-to-key index
+    to the kernel (replaced here by PyTorch's indexing: the kernel is tested above) and returns its block; otherwise
+    PyTorch's slab gather gives the same value heads, one contiguous block."""
     from compressor.modeling import gated_deltanet
     from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
 
@@ -553,3 +563,67 @@ def test_the_head_gather_kernel_on_cuda_copies_the_mapped_key_heads():
     for groups in ([x.view(2, 300, 4, 128).transpose(1, 2) for x in (q, k)],
                    conv.transpose(1, 2).reshape(2, 300, 2, 4, 128).permute(2, 0, 3, 1, 4).unbind(0)):
         assert torch.equal(gather_heads(groups, index), torch.stack(groups)[:, :, index])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_head_gather_kernel_on_cuda_writes_past_two_to_the_31st_element():
+    """Offsets in 64 bits: the second value head's last tokens lie past element 2³¹ of the output (3.2 GB on the GPU)."""
+    pytest.importorskip("triton")
+    from compressor.modeling.head_gather import gather_heads
+
+    length = 2**31 // (2 * 128) + 64
+    heads = torch.empty(1, 1, length, 128, dtype=torch.bfloat16, device="cuda")
+    heads[:, :, -64:] = torch.randn(64, 128, device="cuda").to(torch.bfloat16)
+    out = gather_heads([heads], torch.tensor([0, 0], device="cuda"))
+    assert out[0, 0, 1, -64:].data_ptr() - out.data_ptr() > 2**31 * out.element_size()
+    assert torch.equal(out[0, 0, 1, -64:], heads[0, 0, -64:])
+
+
+def hopper_loads(kernel, types: dict[str, str], constants: dict[str, object]) -> set[str]:
+    """The global loads of a Triton kernel compiled (on the CPU, through ptxas) for an H100 (sm_90), as a launch on
+    tensors aligned to 16 bytes compiles it: ``types`` gives the runtime arguments' Triton types (pointers, and
+    integers the kernel lets Triton specialise, divisible by 16), ``constants`` the compile-time ones (an integer
+    argument equal to 1 among them, as Triton specialises it)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    signature = {name: types.get(name, "constexpr") for name in names}
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name, kind in types.items()
+               if kind.startswith("*") or (kind == "i32" and name not in kernel.do_not_specialize)}
+    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm.get("cubin"), "ptxas made no binary"
+    return set(re.findall(r"ld\.global[.\w]*", compiled.asm["ptx"]))
+
+
+@pytest.mark.parametrize("layout", ["token-major", "channel-major"])
+def test_the_head_gather_kernel_compiles_for_an_h100_with_vector_loads(layout):
+    """Triton's interpreter runs what its compiler may refuse: the kernel compiled for sm_90 as a prefill launches it
+    (length a multiple of the token block), its key heads loaded 16 bytes at a time, in both layouts (Triton
+    vectorises only along a dimension it knows contiguous, aligned and unmasked)."""
+    pytest.importorskip("triton")
+    from compressor.modeling.head_gather import BLOCK_TOKENS, head_gather_kernel
+
+    pointers = dict(first="*bf16", second="*bf16", index="*i64", out="*bf16")
+    counts = dict(T="i32", B="i32", HV="i32", NT="i32", s_b="i32", s_h="i32")
+    unit = "s_c" if layout == "token-major" else "s_t"
+    strided = {"s_t" if layout == "token-major" else "s_c": "i32"}
+    loads = hopper_loads(head_gather_kernel, {**pointers, **counts, **strided},
+                         {unit: 1, "D": 128, "BT": BLOCK_TOKENS, "BD": 128, "WHOLE_BLOCKS": True})
+    assert "ld.global.v4.b32" in loads, loads
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(bounded):
+    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: f loaded 16 bytes at a time."""
+    pytest.importorskip("triton")
+    from compressor.modeling.channel_gate import BLOCK_TOKENS, channel_gate_kernel
+
+    types = dict(f="*bf16", bias="*fp32", rate="*fp32", out="*fp32", lower_bound="fp32", T="i32", H="i32", NT="i32")
+    loads = hopper_loads(channel_gate_kernel, types, {"K": 128, "BT": BLOCK_TOKENS, "BK": 128, "BOUNDED": bounded})
+    assert "ld.global.v4.b32" in loads, loads

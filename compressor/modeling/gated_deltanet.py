@@ -155,11 +155,11 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
 
     def gathered_heads(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
         """Key heads of G groups (queries, keys), each [B, H_k, T, d] (any strides) -> value heads [G, B, H_v, T, d],
-        contiguous, value head j a copy of key head ``value_to_key[j]``. On a GPU outside autograd, one launch that
-        reads the key heads where they lie (``head_gather.gather_heads``); otherwise the groups stacked head-major,
-        then whole slabs of T·d elements gathered along the first dimension, the one PyTorch gathers at memory
-        speed: along a later dimension of a strided view, ``index_select`` is several times slower
-        (``scripts/bench_head_gather.py``)."""
+        contiguous, value head j a copy of key head ``value_to_key[j]``. Where ``head_gather.takes`` them (on a GPU
+        outside autograd, two groups of one layout), one launch that reads the key heads where they lie
+        (``head_gather.gather_heads``); otherwise the groups stacked head-major, then whole slabs of T·d elements
+        gathered along the first dimension, the one PyTorch gathers at memory speed: along a later dimension of a
+        strided view, ``index_select`` is several times slower (``scripts/bench_head_gather.py``)."""
         batch, key_heads, length, width = groups[0].shape
         if gather_takes(groups):
             return gather_heads(groups, self.key_index(groups[0].device))
