@@ -6,6 +6,7 @@ import pytest
 import torch
 from fla_lookups import looked_up_afresh
 from tiny_models import recurrence_inputs, tiny_model
+from hopper import hopper_loads
 from triton_interpreter import run_interpreted, skip_where_the_interpreter_fails_on
 
 from compressor.modeling.gated_delta import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule_torch
@@ -577,28 +578,6 @@ def test_the_head_gather_kernel_on_cuda_writes_past_two_to_the_31st_element():
     out = gather_heads([heads], torch.tensor([0, 0], device="cuda"))
     assert out[0, 0, 1, -64:].data_ptr() - out.data_ptr() > 2**31 * out.element_size()
     assert torch.equal(out[0, 0, 1, -64:], heads[0, 0, -64:])
-
-
-def hopper_loads(kernel, types: dict[str, str], constants: dict[str, object]) -> set[str]:
-    """The global loads of a Triton kernel compiled (on the CPU, through ptxas) for an H100 (sm_90), as a launch on
-    tensors aligned to 16 bytes compiles it: ``types`` gives the runtime arguments' Triton types (pointers, and
-    integers the kernel lets Triton specialise, divisible by 16), ``constants`` the compile-time ones (an integer
-    argument equal to 1 among them, as Triton specialises it)."""
-    import re
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(kernel.arg_names)
-    signature = {name: types.get(name, "constexpr") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name, kind in types.items()
-               if kind.startswith("*") or (kind == "i32" and name not in kernel.do_not_specialize)}
-    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                       constexprs={(names.index(name),): value for name, value in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert compiled.asm.get("cubin"), "ptxas made no binary"
-    return set(re.findall(r"ld\.global[.\w]*", compiled.asm["ptx"]))
 
 
 @pytest.mark.parametrize("layout", ["token-major", "channel-major"])

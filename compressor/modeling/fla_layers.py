@@ -20,7 +20,9 @@ from fla.modules.activations import ACT2FN as FLA_ACT2FN
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .fla_rows import gated_norm_kernel, gated_rms_normalised, takes
+from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
+from .head_norm import rms_normalised
+from .head_norm import takes as head_norm_takes
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
 from .stock_dispatch import HubKernelsOffByDefault
 
@@ -40,9 +42,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
 
 
 class TorchRoutedRMSNorm(RMSNorm):
-    """fla's RMSNorm (optionally adding a residual first, ``prenorm`` returning the sum too)."""
+    """fla's RMSNorm (optionally adding a residual first, ``prenorm`` returning the sum too). A recurrence's
+    head-major output on CUDA outside autograd takes ``head_norm.rms_normalised``, which reads it as it lies."""
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        if residual is None and not prenorm and self.weight is not None and self.bias is None and head_norm_takes(x):
+            return rms_normalised(x, self.weight, self.eps)
         if x.is_cuda:
             return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         summed = working(x) if residual is None else working(x) + working(residual)
@@ -54,10 +59,14 @@ class TorchRoutedRMSNorm(RMSNorm):
 
 class TorchRoutedFusedRMSNormGated(FusedRMSNormGated):
     """fla's gated RMSNorm: rmsnorm(x) · w · act(g), act = swish (silu) or sigmoid. On CUDA, outside autograd and
-    without a residual, fla's kernel launched once on the rows (``fla_rows.gated_rms_normalised``: the same kernel,
-    none of the wrappers of fla's public function); otherwise fla's module."""
+    without a residual, one launch: a recurrence's head-major output through ``head_norm.rms_normalised``, which
+    reads it as it lies, other rows through fla's kernel (``fla_rows.gated_rms_normalised``: the same kernel, none of
+    the wrappers of fla's public function); otherwise fla's module."""
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if (residual is None and not prenorm and self.weight is not None and self.bias is None
+                and self.activation in GATE_ACTIVATIONS and head_norm_takes(x, g)):
+            return rms_normalised(x, self.weight, self.eps, g, self.activation)
         if (x.is_cuda and residual is None and not prenorm and self.weight is not None and self.bias is None
                 and takes(x) and gated_norm_kernel() is not None):
             width = x.shape[-1]

@@ -6,8 +6,8 @@ top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
 * CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
   ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states);
-* outside autograd, CUDA tensors take fla's fused gated norm (``gated_rms_norm``) and copy key heads to the value
-  heads that read them in one kernel (``gathered_heads``);
+* outside autograd, CUDA tensors take a fused gated norm in one launch (``gated_rms_norm``) and copy key heads to
+  the value heads that read them in one kernel (``gathered_heads``);
 * a decode step on CUDA replays a recorded CUDA graph of itself where it can (``decode_graph.py``).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
@@ -33,6 +33,8 @@ from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised,
 from .gated_delta import gated_delta_rule
 from .head_gather import gather_heads
 from .head_gather import takes as gather_takes
+from .head_norm import rms_normalised
+from .head_norm import takes as head_norm_takes
 from .packed_heads import head_major, head_major_like, sigmoid_head_major
 
 T = TypeVar("T")
@@ -71,20 +73,27 @@ def causal_conv1d_step(
 
 
 def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [N, d_v] -> [N, d_v] in x's dtype (``norm``:
-    the layer's stock RMSNormGated). Float64 rows off a GPU take the same formula in float64 (the stock forward
-    computes in float32, whose row sums round differently for different numbers of rows). CUDA tensors outside
-    autograd take fla's fused kernel in one launch (``fla_rows.gated_rms_normalised``, where the stock forward
-    launches about a dozen; it keeps float32 until the end, where the stock forward rounds to x's dtype before the
-    weight), unless the recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared). Everything else: the stock
-    forward."""
+    """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [B, T, H_v, d_v] -> [B, T, H_v, d_v] in x's
+    dtype (``norm``: the layer's stock RMSNormGated). Float64 rows off a GPU take the same formula in float64 (the
+    stock forward computes in float32, whose row sums round differently for different numbers of rows). CUDA tensors
+    outside autograd take one launch (where the stock forward launches about a dozen; it keeps float32 until the end,
+    where the stock forward rounds to x's dtype before the weight): the recurrence's head-major output through
+    ``head_norm.rms_normalised``, which reads it as it lies, other rows through fla's fused kernel
+    (``fla_rows.gated_rms_normalised``), unless the recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared).
+    Everything else: the stock forward."""
     if x.dtype == torch.float64 and not x.is_cuda:
         normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return norm.weight * normalised * ACT2FN[norm.activation](gate)
-    if (not gated_delta.HAS_FLA or not takes(x) or norm.activation not in GATE_ACTIVATIONS
-            or gated_norm_kernel() is None):
+    if not gated_delta.HAS_FLA or norm.activation not in GATE_ACTIVATIONS:
         return norm(x, gate)
-    return gated_rms_normalised(x.contiguous(), gate.contiguous(), norm.weight, norm.variance_epsilon, norm.activation)
+    if head_norm_takes(x, gate):
+        return rms_normalised(x, norm.weight, norm.variance_epsilon, gate, norm.activation)
+    if not takes(x) or gated_norm_kernel() is None:
+        return norm(x, gate)
+    width = x.shape[-1]
+    rows = gated_rms_normalised(x.reshape(-1, width).contiguous(), gate.reshape(-1, width).contiguous(), norm.weight,
+                                norm.variance_epsilon, norm.activation)
+    return rows.view(x.shape)
 
 
 def canonical_value_to_key(num_value_heads: int, num_key_heads: int) -> list[int]:
@@ -258,7 +267,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
             cache.update_recurrent_state(final_state, self.layer_idx)
         out = self.scaled(out)
 
-        out = gated_rms_norm(self.norm, out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        out = gated_rms_norm(self.norm, out, z.reshape(batch, length, -1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, length, -1))
 
 
