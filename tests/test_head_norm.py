@@ -79,7 +79,8 @@ def test_the_head_norm_refuses_what_its_kernel_would_misread(case):
 
 @pytest.mark.parametrize("activation", ["", "silu"])
 def test_the_head_norm_kernel_compiles_for_an_h100_with_vector_loads(activation):
-    """The kernel compiled for sm_90 as the shipped code launches it: rows of 128 loaded 16 bytes at a time."""
+    """The kernel compiled for sm_90 as the shipped code launches it: rows of 128 loaded 16 bytes at a time, x's and
+    the gate's as well as the weight's (no load of fewer bytes)."""
     pytest.importorskip("triton")
     from compressor.modeling.fla_rows import GATED_NORM_CONFIG
     from compressor.modeling.head_norm import head_norm_kernel
@@ -88,7 +89,7 @@ def test_the_head_norm_kernel_compiles_for_an_h100_with_vector_loads(activation)
                  **{name: "i32" for name in ("sx_b", "sx_t", "sx_h", "sg_b", "sg_t", "sg_h")})
     loads = hopper_loads(head_norm_kernel, types, {"D": 128, "BD": 128, "BR": GATED_NORM_CONFIG["BT"],
                                                    "ACTIVATION": activation}, GATED_NORM_CONFIG["num_warps"])
-    assert "ld.global.v4.b32" in loads, loads
+    assert loads == {"ld.global.v4.b32"}, loads
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -109,3 +110,21 @@ def test_the_head_norm_on_cuda_equals_fla_on_copied_rows(activation):
         got = rms_normalised(x, norm.weight, norm.eps, None if activation is None else gate, activation)
         expected = norm(x.contiguous()) if activation is None else norm(x.contiguous(), gate)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_head_norm_on_cuda_reads_and_writes_past_two_to_the_31st_element():
+    """Offsets in 64 bits: the last rows of a head-major input lie past element 2³¹, as do their normalised copies in
+    token order (4.3 GB in, 4.3 GB out, on the GPU)."""
+    pytest.importorskip("triton")
+    from compressor.modeling.head_norm import rms_normalised
+
+    length = 2**31 // (2 * 128) + 64
+    x = torch.empty(1, 2, length, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    x[0, -64:] = torch.randn(64, 2, 128, device="cuda").to(torch.bfloat16)
+    weight = torch.randn(128, device="cuda")
+    got = rms_normalised(x, weight, 1e-6)
+    assert got[0, -64:].data_ptr() - got.data_ptr() > 2**31 * got.element_size()
+    rows = x[0, -64:].float()
+    expected = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(got[0, -64:], expected.to(torch.bfloat16), rtol=1e-2, atol=1e-2)

@@ -73,13 +73,14 @@ def causal_conv1d_step(
 
 
 def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``norm(x, gate)`` = weight · x / rms(x) · silu(gate) for x, gate [B, T, H_v, d_v] -> [B, T, H_v, d_v] in x's
-    dtype (``norm``: the layer's stock RMSNormGated). Float64 rows off a GPU take the same formula in float64 (the
-    stock forward computes in float32, whose row sums round differently for different numbers of rows). CUDA tensors
-    outside autograd take one launch (where the stock forward launches about a dozen; it keeps float32 until the end,
-    where the stock forward rounds to x's dtype before the weight): the recurrence's head-major output through
-    ``head_norm.rms_normalised``, which reads it as it lies, other rows through fla's fused kernel
-    (``fla_rows.gated_rms_normalised``), unless the recurrences are kept off fla (``gated_delta.HAS_FLA`` cleared).
+    """``norm(x, gate)`` = weight · x / rms(x) · act(gate) (act: the norm's activation) for x, gate [..., d_v] ->
+    [..., d_v] in x's dtype (``norm``: the layer's stock RMSNormGated). Float64 rows off a GPU take the same formula
+    in float64 (the stock forward computes in float32, whose row sums round differently for different numbers of
+    rows). CUDA tensors outside autograd take one launch (where the stock forward launches about a dozen; it keeps
+    float32 until the end, where the stock forward rounds to x's dtype before the weight): the recurrence's
+    head-major output through ``head_norm.rms_normalised``, which reads it as it lies, other rows through fla's
+    fused kernel (``fla_rows.gated_rms_normalised``), unless the recurrences are kept off fla
+    (``gated_delta.HAS_FLA`` cleared).
     Everything else: the stock forward."""
     if x.dtype == torch.float64 and not x.is_cuda:
         normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
