@@ -19,6 +19,8 @@ from . import kda
 from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
+from .head_norm import rms_normalised
+from .head_norm import takes as head_norm_takes
 from .kda import kimi_delta_attention
 from .packed_heads import sigmoid_head_major
 from .stock_dispatch import HubKernelsOffByDefault, StockExpertsDispatch
@@ -115,7 +117,16 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
             cache.update_recurrent_state(final_state, self.layer_idx)
 
         gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(shape)
-        return self.o_proj(self.o_norm(out, gate).reshape(batch, length, -1))
+        return self.o_proj(self.output_norm(out, gate).reshape(batch, length, -1))
+
+    def output_norm(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The stock gated norm (``o_norm``: in float32 until the end, times sigmoid(gate)) of out, gate [B, T, H, d]
+        -> [B, T, H, d]: the recurrence's head-major output on CUDA outside autograd in one launch of
+        ``head_norm.rms_normalised``, which computes the same formula where the rows lie (the stock module launches
+        a kernel per operation and reads token-ordered rows); anything else through the stock module."""
+        if self.o_norm.activation == "sigmoid" and head_norm_takes(out, gate):
+            return rms_normalised(out, self.o_norm.weight, self.o_norm.variance_epsilon, gate, "sigmoid")
+        return self.o_norm(out, gate)
 
 
 FIELDS = {"num_key_heads": "linear_num_heads", "num_value_heads": "linear_num_heads", "key_dim": "linear_head_dim",
