@@ -206,6 +206,35 @@ def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 
 
+KIMI_DECAY_INTERPRETED = """
+import sys
+import torch
+sys.path[:0] = ["tests"]
+from emulated_cuda import cuda_path
+from tiny_hybrids import tiny_hybrid
+from compressor.modeling.modeling_kimi_linear import PrunedKimiDeltaAttention
+
+model = tiny_hybrid("kimi_linear")
+layer = PrunedKimiDeltaAttention.adopt(model.model.layers[0].self_attn)
+hidden = torch.randn(2, 37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    expected = layer.forget_gate(hidden)
+    with cuda_path():
+        got = layer.channel_decay(hidden)
+assert got.shape == expected.shape and got.transpose(1, 2).is_contiguous()  # head-major: the kernel wrote it
+error = ((got - expected).abs() / (expected.abs() + 1e-6)).max().item()
+assert error < 1e-4 and expected.abs().max() > 1e-2, error
+print("ok")
+"""
+
+
+def test_kimi_linears_decay_on_the_cuda_path_equals_its_stock_forget_gate():
+    """Kimi Linear's KDA layer computes its stock forget gate's decay through ``channel_gate`` on its CUDA path (run
+    by Triton's interpreter), written head-major: the same values as the stock module's."""
+    pytest.importorskip("triton")
+    run_interpreted(KIMI_DECAY_INTERPRETED)
+
+
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
     """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
     parameters, not under autograd."""

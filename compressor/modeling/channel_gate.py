@@ -1,14 +1,15 @@
 """KDA's per-channel log decay in one launch, written head-major.
 
-Shipped inside KDA output folders (imports only torch and, where installed, triton). The packed layout
-(``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch computes
--exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size, where fla's stock KDA
-layer fuses the gate into its chunked sum (a kernel that reads ``A_log`` and ``dt_bias`` by head index, which the
-packed layout does not have). ``channel_gate`` launches one Triton kernel that reads f token-major in its own dtype
-and writes g head-major in float32. Neither the head count, the batch nor the length is a compile-time constant:
-one compilation per key head size and gate form, one fixed configuration, no autotuning. The softplus is
-PyTorch's (log1p(exp(x)) up to 20, x above: fla's log(1 + exp(x)) loses the small values of very negative x), the
-bounded gate fla's, lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
+Shipped inside KDA output folders, fla's and Kimi Linear's (imports only torch and, where installed, triton). The
+packed layout (``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch
+computes -exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size (Kimi Linear's
+stock forget gate in about ten), where fla's stock KDA layer fuses the gate into its chunked sum (a kernel that
+reads ``A_log`` and ``dt_bias`` by head index, which the packed layout does not have). ``channel_gate`` launches one
+Triton kernel that reads f token-major in its own dtype and writes g head-major in float32. Neither the head count,
+the batch nor the length is a compile-time constant: one compilation per key head size and gate form, one fixed
+configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's
+log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log)
+· (f + dt_bias)).
 
 Shapes: f [B, T, H, K] contiguous; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32; returns
 [B, T, H, K] float32, head-major (``.transpose(1, 2)`` contiguous). CPU tensors only under Triton's interpreter.

@@ -16,6 +16,8 @@ from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinear
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention, KimiLinearForCausalLM
 
 from . import kda
+from .channel_gate import channel_gate
+from .channel_gate import takes as channel_gate_takes
 from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
@@ -110,7 +112,7 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
         shape = (batch, length, self.num_heads, self.head_dim)
         query, key, value = (x.reshape(shape) for x in mixed_qkv.transpose(1, 2).split(self.qkv_dim, dim=-1))
 
-        g = self.forget_gate(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
+        g = self.channel_decay(hidden_states)  # [B, T, H, d_k] log decay per channel, float32
         beta = sigmoid_head_major(self.b_proj(hidden_states))
         out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)  # states: float32, or float64
         if cache is not None:
@@ -118,6 +120,20 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
 
         gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(shape)
         return self.o_proj(self.output_norm(out, gate).reshape(batch, length, -1))
+
+    def channel_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The stock forget gate's log decay -exp(A_log) · softplus(f + dt_bias) [B, T, H, d] float32, f the low-rank
+        projection of hidden [B, T, D]: on a GPU outside autograd in one launch of ``channel_gate``, which writes it
+        head-major (the recurrence packs it as a view), where the stock module launches about ten kernels over
+        float32 temporaries of that size; otherwise the stock module."""
+        gate = self.forget_gate
+        if not hidden_states.is_cuda or torch.is_grad_enabled():
+            return gate(hidden_states)
+        f = gate.f_b_proj(gate.f_a_proj(hidden_states)).view(*hidden_states.shape[:2], gate.num_heads, gate.head_dim)
+        if not channel_gate_takes(f, torch.float32):
+            return gate(hidden_states)
+        bias = gate.dt_bias.float().view(gate.num_heads, gate.head_dim)
+        return channel_gate(f, bias, gate.A_log.float().exp().view(gate.num_heads), None)
 
     def output_norm(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The stock gated norm (``o_norm``: in float32 until the end, times sigmoid(gate)) of out, gate [B, T, H, d]
