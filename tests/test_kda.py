@@ -222,8 +222,8 @@ with torch.no_grad():
     with cuda_path():
         got = layer.channel_decay(hidden)
 assert got.shape == expected.shape and got.transpose(1, 2).is_contiguous()  # head-major: the kernel wrote it
-error = ((got - expected).abs() / (expected.abs() + 1e-6)).max().item()
-assert error < 1e-4 and expected.abs().max() > 1e-2, error
+torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the stock softplus rounds tiny values to 0
+assert expected.abs().max() > 1e-2
 print("ok")
 """
 

@@ -123,11 +123,12 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
 
     def channel_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The stock forget gate's log decay -exp(A_log) · softplus(f + dt_bias) [B, T, H, d] float32, f the low-rank
-        projection of hidden [B, T, D]: on a GPU outside autograd in one launch of ``channel_gate``, which writes it
-        head-major (the recurrence packs it as a view), where the stock module launches about ten kernels over
-        float32 temporaries of that size; otherwise the stock module."""
+        projection of hidden [B, T, D]: on a GPU outside autograd, unless accelerate hooks the gate, in one launch of
+        ``channel_gate``, which writes it head-major (the recurrence packs it as a view) and whose softplus is
+        log1p's (equal up to float32 rounding; the stock module's log(1 + exp(x)) rounds tiny values to 0), where the
+        stock module launches about ten kernels over float32 temporaries of that size; otherwise the stock module."""
         gate = self.forget_gate
-        if not hidden_states.is_cuda or torch.is_grad_enabled():
+        if not hidden_states.is_cuda or torch.is_grad_enabled() or hasattr(gate, "_hf_hook"):
             return gate(hidden_states)
         f = gate.f_b_proj(gate.f_a_proj(hidden_states)).view(*hidden_states.shape[:2], gate.num_heads, gate.head_dim)
         if not channel_gate_takes(f, torch.float32):
