@@ -235,6 +235,40 @@ def test_kimi_linears_decay_on_the_cuda_path_equals_its_stock_forget_gate():
     run_interpreted(KIMI_DECAY_INTERPRETED)
 
 
+KIMI_OUTPUT_NORM_INTERPRETED = """
+import sys
+import torch
+sys.path[:0] = ["tests"]
+from emulated_cuda import cuda_path
+from tiny_hybrids import tiny_hybrid
+from compressor.modeling.modeling_kimi_linear import PrunedKimiDeltaAttention
+
+model = tiny_hybrid("kimi_linear")
+layer = PrunedKimiDeltaAttention.adopt(model.model.layers[0].self_attn)
+generator = torch.Generator().manual_seed(0)
+heads, width = layer.num_heads, layer.head_dim
+with torch.no_grad():
+    layer.o_norm.weight.copy_(1 + torch.randn(width, generator=generator))
+out = torch.randn(2, heads, 37, width, generator=generator).transpose(1, 2)  # head-major, as the recurrence returns
+gate = 3 * torch.randn(2, 37, heads, width, generator=generator)
+with torch.no_grad():
+    expected = layer.o_norm(out, gate)
+    layer.o_norm.forward = None  # the CUDA path must not fall back to the stock module
+    with cuda_path():
+        got = layer.output_norm(out, gate)
+assert got.shape == expected.shape and got.is_contiguous()
+torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_kimi_linears_output_norm_on_the_cuda_path_equals_its_stock_gated_norm():
+    """Kimi Linear's KDA layer normalises the recurrence's head-major output through ``head_norm`` on its CUDA path
+    (run by Triton's interpreter), without its stock module: the same values as the stock sigmoid-gated norm."""
+    pytest.importorskip("triton")
+    run_interpreted(KIMI_OUTPUT_NORM_INTERPRETED)
+
+
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
     """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
     parameters, not under autograd."""
