@@ -25,8 +25,9 @@ the next is counted:
 The counted prefill is the second of its shape, as in a warm benchmark: what fla derives from a tensor once and caches
 by its identity (e.g. chunk indices from ``cu_seqlens``, where none are passed) is not counted.
 
-Printed as measured, one JSON line per family; ``--detail`` adds the operators and kernels whose counts differ from
-the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s speed phase) and times it;
+Each family is counted in a process of its own (in one process, caches an earlier family filled, fla's and
+``_sequence_index``'s, evict what a later one would reuse, and its counts rise). Printed as measured, one JSON line
+per family; ``--detail`` adds the operators and kernels whose counts differ from the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s speed phase) and times it;
 this counts what the code asks for, and runs anywhere. It does not time the host: on the CPU, PyTorch's operators
 compute, and on the meta device their shape functions run instead, neither as a GPU's host spends its time.
 """
@@ -38,6 +39,7 @@ import collections
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,12 +232,17 @@ def main() -> None:
         parser.error(f"unknown families {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     if os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("run under TRITON_INTERPRET=1 (Triton's interpreter runs fla's kernels on the CPU)")
+    families = args.families.split(",")
+    if len(families) > 1:  # caches of an earlier family (fla's, ``_sequence_index``'s) would be evicted: raise counts
+        for name in families:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--families", name], check=True)
+        return
     from transformers.integrations import hub_kernels
 
     hub_kernels._PACKAGE_SUPPORTED_DEVICES["fla"] += ("cpu",)  # the stock classes call fla, as on a GPU
     import torch
 
-    for name in args.families.split(","):
+    for name in families:
         variants, layers = models(name)
         if args.public:
             variants["pruned_public"] = WithPublicFunctions(variants["pruned"])
