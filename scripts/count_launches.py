@@ -27,9 +27,10 @@ by its identity (e.g. chunk indices from ``cu_seqlens``, where none are passed) 
 
 Each family is counted in a process of its own (in one process, caches an earlier family filled, fla's and
 ``_sequence_index``'s, evict what a later one would reuse, and its counts rise). Printed as measured, one JSON line
-per family; ``--detail`` adds the operators and kernels whose counts differ from the source's. The GPU's profiler counts what a GPU launches (``check_families_gpu.py``'s speed phase) and times it;
-this counts what the code asks for, and runs anywhere. It does not time the host: on the CPU, PyTorch's operators
-compute, and on the meta device their shape functions run instead, neither as a GPU's host spends its time.
+per family; ``--detail`` adds the operators and kernels whose counts differ from the source's. The GPU's profiler
+counts what a GPU launches (``check_families_gpu.py``'s speed phase) and times it; this counts what the code asks
+for, and runs anywhere. It does not time the host: on the CPU, PyTorch's operators compute, and on the meta device
+their shape functions run instead, neither as a GPU's host spends its time.
 """
 
 from __future__ import annotations
