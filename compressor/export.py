@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from importlib import resources
@@ -128,11 +129,29 @@ def streamed_weights(loaded, plan, settings) -> Callable[[Path], object]:
                                         settings.max_shard_size)
 
 
+def parameter_dtypes(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """The dtype a floating-point parameter of ``model`` (by name) has once loaded in ``dtype``: float32 where the
+    class keeps it so (``_keep_in_fp32_modules_strict`` in float16 and bfloat16, ``_keep_in_fp32_modules`` in
+    float16; patterns searched in the name, ``*`` any text, as transformers' loading matches them), else ``dtype``."""
+    globs = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        globs |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        globs |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not globs:
+        return lambda name: dtype
+    pattern = re.compile("|".join(glob.replace("*", ".*") for glob in sorted(globs)))
+    return lambda name: torch.float32 if pattern.search(name) else dtype
+
+
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point parameters (not buffers such as rotary frequencies) to ``dtype``, as loading does."""
-    for parameter in model.parameters():
+    """Cast floating-point parameters (not buffers such as rotary frequencies) to ``dtype``, as loading does: those
+    the class keeps in float32 (``parameter_dtypes``) to float32, so that a source's float32 values (Kimi Linear's
+    ``dt_bias`` and router) are saved unrounded."""
+    dtype_of = parameter_dtypes(model, dtype)
+    for name, parameter in model.named_parameters():
         if parameter.is_floating_point():
-            parameter.data = parameter.data.to(dtype)
+            parameter.data = parameter.data.to(dtype_of(name))
     model.config.dtype = dtype
 
 

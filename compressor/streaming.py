@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CompressorError
+from .export import parameter_dtypes
 from .families import Family, kept_indices
 from .layers import PruningPlan, head_layout, linear_layers
 from .slicing import slim
@@ -66,17 +67,19 @@ def output_tensors(pruned: nn.Module, save_dtype: torch.dtype, buffer_dtypes: di
                    ) -> dict[str, torch.Tensor]:
     """The meta tensors ``save_pretrained`` would write for ``pruned`` (a meta model): tied weights once, the
     family's weight conversions reverted (per-expert tensors, original names), floating parameters in
-    ``save_dtype`` and buffers in ``buffer_dtypes`` (their dtype in the source files)."""
+    ``save_dtype`` (float32 where the class keeps them so: ``export.parameter_dtypes``) and buffers in
+    ``buffer_dtypes`` (their dtype in the source files)."""
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     parameters = {name for name, _ in pruned.named_parameters(remove_duplicate=False)}
+    dtype_of = parameter_dtypes(pruned, save_dtype)
     state = {}
     for name, tensor in pruned.state_dict().items():
         if name not in parameters:
             dtype = buffer_dtypes.get(name, tensor.dtype)
         else:
-            dtype = save_dtype if tensor.is_floating_point() else tensor.dtype
+            dtype = dtype_of(name) if tensor.is_floating_point() else tensor.dtype
         state[name] = torch.empty(tensor.shape, dtype=dtype, device="meta")
     state = remove_tied_weights_from_state_dict(state, pruned)
     return revert_weight_conversion(pruned, state)

@@ -121,3 +121,43 @@ def test_kimi_uniform_plans_write_a_stock_config(tmp_path):
     assert model.config.architectures == ["KimiLinearForCausalLM"]
     model.config.save_pretrained(tmp_path)
     assert "linear_value_to_key_head" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_kimi_float32_parameters_are_saved_unrounded(tmp_path):
+    """Kimi Linear keeps ``dt_bias`` and its routers in float32 in a bfloat16 checkpoint
+    (``_keep_in_fp32_modules_strict``): the pruned folder stores the kept values in float32, unrounded, as
+    loading gives them (Kimi Linear exports from memory only)."""
+    from conftest import invoke
+    from safetensors.torch import load_file, save_file
+    from tiny_hybrids import EVAL_TEXT, saved_tiny_hybrid
+
+    source = saved_tiny_hybrid("kimi_linear", tmp_path / "source")
+    weights = load_file(source / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point():
+            kept = any(part in name for part in ("dt_bias", "moe.gate.weight", "e_score_correction_bias"))
+            weights[name] = torch.randn(tensor.shape, generator=generator).to(torch.float32 if kept else torch.bfloat16)
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    float32 = sorted(name for name, tensor in weights.items() if tensor.dtype == torch.float32)
+    assert any("dt_bias" in name for name in float32) and any("moe.gate.weight" in name for name in float32)
+    out = tmp_path / "pruned"
+    result = invoke("prune", source, "--out", out, "--state-reduction", 0.4, "--method", "norm", "--remove", "low",
+                    "--samples", 2, "--seq-len", 64, "--device", "cpu", "--eval", EVAL_TEXT,
+                    "--eval-samples", 1, "--eval-seq-len", 64)
+    assert result.exit_code == 0, result.output
+    written = {}
+    for file in out.glob("*.safetensors"):
+        written.update(load_file(file))
+    layers = json.loads((out / "compression.json").read_text())["layers"]
+    for name in float32:
+        assert written[name].dtype == torch.float32, name
+        if "dt_bias" in name:
+            layer = name.split(".")[2]
+            expected = weights[name].view(6, 8)[layers[layer]["kept_heads"]].flatten()
+        else:
+            expected = weights[name]
+        assert torch.equal(written[name], expected), name
+    assert all(t.dtype == torch.bfloat16 for n, t in written.items() if n not in float32 and t.is_floating_point())
