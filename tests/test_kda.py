@@ -206,36 +206,7 @@ def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 
 
-KIMI_DECAY_INTERPRETED = """
-import sys
-import torch
-sys.path[:0] = ["tests"]
-from emulated_cuda import cuda_path
-from tiny_hybrids import tiny_hybrid
-from compressor.modeling.modeling_kimi_linear import PrunedKimiDeltaAttention
-
-model = tiny_hybrid("kimi_linear")
-layer = PrunedKimiDeltaAttention.adopt(model.model.layers[0].self_attn)
-hidden = torch.randn(2, 37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    expected = layer.forget_gate(hidden)
-    with cuda_path():
-        got = layer.channel_decay(hidden)
-assert got.shape == expected.shape and got.transpose(1, 2).is_contiguous()  # head-major: the kernel wrote it
-torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the stock softplus rounds tiny values to 0
-assert expected.abs().max() > 1e-2
-print("ok")
-"""
-
-
-def test_kimi_linears_decay_on_the_cuda_path_equals_its_stock_forget_gate():
-    """Kimi Linear's KDA layer computes its stock forget gate's decay through ``channel_gate`` on its CUDA path (run
-    by Triton's interpreter), written head-major: the same values as the stock module's."""
-    pytest.importorskip("triton")
-    run_interpreted(KIMI_DECAY_INTERPRETED)
-
-
-KIMI_OUTPUT_NORM_INTERPRETED = """
+KIMI_MODULES_INTERPRETED = """
 import sys
 import torch
 sys.path[:0] = ["tests"]
@@ -247,6 +218,16 @@ model = tiny_hybrid("kimi_linear")
 layer = PrunedKimiDeltaAttention.adopt(model.model.layers[0].self_attn)
 generator = torch.Generator().manual_seed(0)
 heads, width = layer.num_heads, layer.head_dim
+
+hidden = torch.randn(2, 37, model.config.hidden_size, generator=generator)
+with torch.no_grad():
+    expected = layer.forget_gate(hidden)
+    with cuda_path():
+        got = layer.channel_decay(hidden)
+assert got.shape == expected.shape and got.transpose(1, 2).is_contiguous()  # head-major: the kernel wrote it
+torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the stock softplus rounds tiny values to 0
+assert expected.abs().max() > 1e-2
+
 with torch.no_grad():
     layer.o_norm.weight.copy_(1 + torch.randn(width, generator=generator))
 out = torch.randn(2, heads, 37, width, generator=generator).transpose(1, 2)  # head-major, as the recurrence returns
@@ -262,11 +243,12 @@ print("ok")
 """
 
 
-def test_kimi_linears_output_norm_on_the_cuda_path_equals_its_stock_gated_norm():
-    """Kimi Linear's KDA layer normalises the recurrence's head-major output through ``head_norm`` on its CUDA path
-    (run by Triton's interpreter), without its stock module: the same values as the stock sigmoid-gated norm."""
+def test_kimi_linears_decay_and_output_norm_on_the_cuda_path_equal_its_stock_modules():
+    """Kimi Linear's KDA layer on its CUDA path (run by Triton's interpreter, in one process): its decay through
+    ``channel_gate``, written head-major, equals its stock forget gate's; its output norm of the recurrence's
+    head-major output through ``head_norm``, with the stock module barred, equals the stock sigmoid-gated norm."""
     pytest.importorskip("triton")
-    run_interpreted(KIMI_OUTPUT_NORM_INTERPRETED)
+    run_interpreted(KIMI_MODULES_INTERPRETED)
 
 
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
