@@ -235,7 +235,7 @@ def main() -> None:
         parser.error("run under TRITON_INTERPRET=1 (Triton's interpreter runs fla's kernels on the CPU)")
     families = args.families.split(",")
     if len(families) > 1:  # caches of an earlier family (fla's, ``_sequence_index``'s) would be evicted: raise counts
-        for name in families:
+        for name in families:  # the last --families given is the one argparse keeps
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--families", name], check=True)
         return
     from transformers.integrations import hub_kernels

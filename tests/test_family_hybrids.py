@@ -156,7 +156,8 @@ def test_kimi_float32_parameters_are_saved_unrounded(tmp_path):
         assert written[name].dtype == torch.float32, name
         if "dt_bias" in name:
             layer = name.split(".")[2]
-            expected = weights[name].view(6, 8)[layers[layer]["kept_heads"]].flatten()
+            per_head = weights[name].view(config["linear_num_heads"], config["linear_head_dim"])
+            expected = per_head[layers[layer]["kept_heads"]].flatten()
         else:
             expected = weights[name]
         assert torch.equal(written[name], expected), name

@@ -156,3 +156,19 @@ def test_the_narrowest_fla_models_keep_heads_of_128_and_a_valid_uneven_plan(scri
     for index, kept in check_families_gpu.uneven_plan(model).items():
         heads = mixers[index].num_v_heads
         assert 0 < len(kept) < heads and kept == sorted(set(kept)) and set(kept) <= set(range(heads)), (index, kept)
+
+
+def test_count_launches_counts_each_family_in_a_process_of_its_own(monkeypatch):
+    """Several families: one child process per family, each given that family alone (in one process, caches of an
+    earlier family are evicted and a later one's counts rise); nothing is counted in the parent."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import count_launches
+
+    children = []
+    monkeypatch.setattr(count_launches.subprocess, "run", lambda argv, check: children.append(argv))
+    monkeypatch.setattr(count_launches, "models", lambda name: pytest.fail("the parent counted a family"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sys, "argv", ["count_launches.py", "--families", "gla,delta_net", "--length", "32"])
+    count_launches.main()
+    assert [argv[-2:] for argv in children] == [["--families", "gla"], ["--families", "delta_net"]]  # the last wins
+    assert all(argv[1] == count_launches.__file__ and argv[2:6] == sys.argv[1:] for argv in children)

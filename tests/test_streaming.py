@@ -16,12 +16,12 @@ from synthetic import MEASURING_ENV, RSS, synthetic_source
 from tiny_hybrids import saved_tiny_hybrid, tiny_hybrid
 from tiny_models import PLANS, tiny_model
 
-from compressor.export import cast_parameters, write_model
+from compressor.export import cast_parameters, parameter_dtypes, write_model
 from compressor.families import family_for
 from compressor.layers import PruningPlan, linear_layers
 from compressor.loading import load_structure
 from compressor.slicing import slim
-from compressor.streaming import Slice, write_weights
+from compressor.streaming import Slice, output_tensors, write_weights
 
 
 def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -81,6 +81,25 @@ def test_the_streamed_weights_are_the_in_memory_ones(name, tmp_path):
     assert_same_weights(memory, streamed)
     assert len(set(weight_map.values())) > 3 and any(removed.values())  # several shards; heads removed
 
+
+
+def test_both_writers_keep_in_float32_what_the_class_keeps_in_float32():
+    """transformers' loading rule, as ``export.parameter_dtypes`` applies it to both writers: the strict list in
+    bfloat16 and float16, the other list in float16 only; every other floating parameter in the checkpoint's dtype."""
+    model = tiny_model("qwen3_5")
+    model._keep_in_fp32_modules_strict, model._keep_in_fp32_modules = {"A_log"}, {"dt_bias"}
+    dtype_of = parameter_dtypes(model, torch.bfloat16)
+    assert dtype_of("model.layers.0.linear_attn.A_log") == torch.float32
+    assert dtype_of("model.layers.0.linear_attn.dt_bias") == torch.bfloat16
+    assert parameter_dtypes(model, torch.float16)("model.layers.0.linear_attn.dt_bias") == torch.float32
+    assert parameter_dtypes(model, torch.float32)("model.layers.0.linear_attn.A_log") == torch.float32
+    streamed = output_tensors(model, torch.bfloat16, {})
+    cast_parameters(model, torch.bfloat16)
+    in_memory = dict(model.named_parameters())
+    a_logs = [name for name in in_memory if name.endswith("A_log")]
+    assert a_logs and all(in_memory[name].dtype == streamed[name].dtype == torch.float32 for name in a_logs)
+    others = [name for name in in_memory if not name.endswith("A_log")]
+    assert all(in_memory[name].dtype == streamed[name].dtype == torch.bfloat16 for name in others if name in streamed)
 
 def fla_plan(name: str) -> dict[int, list[int]]:
     from tiny_fla import plans_for
