@@ -236,7 +236,9 @@ def main() -> None:
     families = args.families.split(",")
     if len(families) > 1:  # caches of an earlier family (fla's, ``_sequence_index``'s) would be evicted: raise counts
         for name in families:  # the last --families given is the one argparse keeps
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--families", name], check=True)
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--families", name])
+            if child.returncode:
+                sys.exit(f"counting {name} failed (exit status {child.returncode}; its error is above)")
         return
     from transformers.integrations import hub_kernels
 

@@ -253,19 +253,21 @@ def test_kimi_linears_decay_and_output_norm_on_the_cuda_path_equal_its_stock_mod
 
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
     """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
-    parameters, not under autograd."""
+    parameters, not under autograd, not key heads wider than ``MAX_KEY_DIM`` (Kimi Linear asks ``runs`` before it
+    projects f)."""
     from compressor.modeling import channel_gate
 
     pytest.importorskip("triton")
     f = torch.randn(1, 4, 2, 8)
-    assert not channel_gate.takes(f, torch.float32)
+    assert not channel_gate.takes(f, torch.float32) and not channel_gate.runs(f, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
-        assert channel_gate.takes(f, torch.float32)
+        assert channel_gate.takes(f, torch.float32) and channel_gate.runs(f, channel_gate.MAX_KEY_DIM)
+        assert not channel_gate.runs(f, channel_gate.MAX_KEY_DIM + 1)
         assert not channel_gate.takes(f, torch.float64)
         assert not channel_gate.takes(f.transpose(1, 2), torch.float32)
     with torch.enable_grad():
-        assert not channel_gate.takes(f, torch.float32)
+        assert not channel_gate.takes(f, torch.float32) and not channel_gate.runs(f, 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

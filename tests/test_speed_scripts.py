@@ -165,10 +165,19 @@ def test_count_launches_counts_each_family_in_a_process_of_its_own(monkeypatch):
     import count_launches
 
     children = []
-    monkeypatch.setattr(count_launches.subprocess, "run", lambda argv, check: children.append(argv))
+
+    def child(argv):
+        children.append(argv)
+        return subprocess.CompletedProcess(argv, 3 if argv[-1] == "kda_gva" else 0)
+
+    monkeypatch.setattr(count_launches.subprocess, "run", child)
     monkeypatch.setattr(count_launches, "models", lambda name: pytest.fail("the parent counted a family"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(sys, "argv", ["count_launches.py", "--families", "gla,delta_net", "--length", "32"])
     count_launches.main()
     assert [argv[-2:] for argv in children] == [["--families", "gla"], ["--families", "delta_net"]]  # the last wins
     assert all(argv[1] == count_launches.__file__ and argv[2:6] == sys.argv[1:] for argv in children)
+    monkeypatch.setattr(sys, "argv", ["count_launches.py", "--families", "kda_gva,gla"])
+    with pytest.raises(SystemExit, match="counting kda_gva failed \\(exit status 3;"):  # one sentence, no traceback
+        count_launches.main()
+    assert children[-1][-1] == "kda_gva"  # no family after the failed one

@@ -34,11 +34,16 @@ MAX_KEY_DIM = 256
 """The widest key heads ``takes`` lets through (a program holds BLOCK_TOKENS x K values)."""
 
 
+def runs(x: torch.Tensor, width: int) -> bool:
+    """Whether ``channel_gate`` runs now for key heads of ``width`` channels computed from x (any tensor on their
+    device): x on a GPU, outside autograd (the kernel has no backward), width ≤ ``MAX_KEY_DIM``, triton importable."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled() and width <= MAX_KEY_DIM
+
+
 def takes(f: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``channel_gate`` computes the decay of f [B, T, H, K] in ``dtype``: on a GPU, outside autograd (the
-    kernel has no backward), float32, contiguous f, K ≤ ``MAX_KEY_DIM``, triton importable."""
-    return (triton is not None and f.is_cuda and not torch.is_grad_enabled() and dtype == torch.float32
-            and f.is_contiguous() and f.shape[-1] <= MAX_KEY_DIM)
+    """Whether ``channel_gate`` computes the decay of f [B, T, H, K] in ``dtype``: where it ``runs``, float32,
+    contiguous f."""
+    return runs(f, f.shape[-1]) and dtype == torch.float32 and f.is_contiguous()
 
 
 def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None) -> torch.Tensor:

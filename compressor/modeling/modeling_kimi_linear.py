@@ -17,7 +17,7 @@ from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDelta
 
 from . import kda
 from .channel_gate import channel_gate
-from .channel_gate import takes as channel_gate_takes
+from .channel_gate import runs as channel_gate_runs
 from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_kda_in_place
 from .gated_deltanet import causal_conv1d, causal_conv1d_step, global_head_counts, install_mixers
@@ -128,11 +128,9 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
         log1p's (equal up to float32 rounding; the stock module's log(1 + exp(x)) rounds tiny values to 0), where the
         stock module launches about ten kernels over float32 temporaries of that size; otherwise the stock module."""
         gate = self.forget_gate
-        if not hidden_states.is_cuda or torch.is_grad_enabled() or hasattr(gate, "_hf_hook"):
+        if not channel_gate_runs(hidden_states, gate.head_dim) or hasattr(gate, "_hf_hook"):
             return gate(hidden_states)
         f = gate.f_b_proj(gate.f_a_proj(hidden_states)).view(*hidden_states.shape[:2], gate.num_heads, gate.head_dim)
-        if not channel_gate_takes(f, torch.float32):
-            return gate(hidden_states)
         bias = gate.dt_bias.float().view(gate.num_heads, gate.head_dim)
         return channel_gate(f, bias, gate.A_log.float().exp().view(gate.num_heads), None)
 
