@@ -10,10 +10,11 @@ candidate runs).
 A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven
 plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels). Its masked copy runs the
 PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the CUDA path too. Printed:
-the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of a
-LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a cached greedy
-generation), whether the generated tokens are the same, the logit scale, and how many times a direct chunked forward
-was called without and with autograd.
+the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of all but the
+last token of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
+greedy generation that starts from the cache of the prefill without autograd: the prompt's last token, then two
+generated ones, all decode steps), whether the generated tokens are the same, the logit scale, and how many times a
+direct chunked forward was called without and with autograd.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def cuda_path():
 
 
 def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
-    """The differences above for a prompt of ``length`` tokens whose second row is left-padded (a forward under
-    autograd takes all but the last token); ``channels``: the plan also removes 6 of each key head's 16 query/key
-    channels; ``dtype``: the models' (float32 or bfloat16)."""
+    """The differences above for a prompt of ``length`` tokens whose second row is left-padded (the prefills take
+    all but the last token, ``generate`` the rest from the cache); ``channels``: the plan also removes 6 of each key
+    head's 16 query/key channels; ``dtype``: the models' (float32 or bfloat16)."""
     model, kept, vocabulary = tiny(name)
     plan = PruningPlan(kept=kept)
     if channels:
@@ -120,23 +121,25 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     prompt[1, :PADDING], mask[1, :PADDING] = 0, 0
     settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=0)
-    real = mask.bool()  # logits are compared at the prompt's tokens, not at its padding
+    real = mask[:, :-1].bool()  # logits are compared at the prompt's tokens, not at its padding
+    start = dict(input_ids=prompt[:, :-1], attention_mask=mask[:, :-1])
     with cuda_path() if dtype == torch.bfloat16 else contextlib.nullcontext():
-        expected_autograd = masked(prompt[:, :-1], attention_mask=mask[:, :-1]).logits.detach().float()
+        expected_autograd = masked(**start).logits.detach().float()
         with torch.no_grad():
-            expected = masked(prompt, attention_mask=mask).logits.float()
-            reference = masked.generate(prompt, **settings)
+            expected = masked(**start, use_cache=True)
+            reference = masked.generate(prompt, past_key_values=expected.past_key_values, **settings)
     counts = {}
     with cuda_path(), counted_direct_forwards(counts):
         with torch.no_grad():
-            prefill = model(prompt, attention_mask=mask).logits
-            generated = model.generate(prompt, **settings)
+            prefill = model(**start, use_cache=True)
+            generated = model.generate(prompt, past_key_values=prefill.past_key_values, **settings)
         no_grad = dict(counts)
-        autograd = model(prompt[:, :-1], attention_mask=mask[:, :-1]).logits.detach()  # fla's public functions
+        autograd = model(**start).logits.detach()  # fla's public functions
+    expected = expected.logits.float()
     return dict(
         model=name, layers=len(kept),
-        prefill=(prefill.float() - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
-        autograd=(autograd.float() - expected_autograd)[real[:, :-1]].abs().max().item(),
+        prefill=(prefill.logits.float() - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
+        autograd=(autograd.float() - expected_autograd)[real].abs().max().item(),
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
