@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable
 from importlib import resources
@@ -132,16 +131,19 @@ def streamed_weights(loaded, plan, settings) -> Callable[[Path], object]:
 def parameter_dtypes(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
     """The dtype a floating-point parameter of ``model`` (by name) has once loaded in ``dtype``: float32 where the
     class keeps it so (``_keep_in_fp32_modules_strict`` in float16 and bfloat16, ``_keep_in_fp32_modules`` in
-    float16; patterns searched in the name, ``*`` any text, as transformers' loading matches them), else ``dtype``."""
-    globs = set()
-    if dtype in (torch.float16, torch.bfloat16):
-        globs |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if dtype == torch.float16:
-        globs |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if not globs:
+    float16), else ``dtype``; transformers' own loading plan and pattern matching."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
         return lambda name: dtype
-    pattern = re.compile("|".join(glob.replace("*", ".*") for glob in sorted(globs)))
-    return lambda name: torch.float32 if pattern.search(name) else dtype
+    pattern, globs, _ = build_glob_alternation(list(plan))
+
+    def dtype_of(name: str) -> torch.dtype:
+        match = pattern.search(name)
+        return plan[globs[match.lastgroup]] if match else dtype
+
+    return dtype_of
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

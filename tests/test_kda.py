@@ -251,6 +251,34 @@ def test_kimi_linears_decay_and_output_norm_on_the_cuda_path_equal_its_stock_mod
     run_interpreted(KIMI_MODULES_INTERPRETED)
 
 
+def test_kimi_linears_decay_takes_the_stock_gate_once_where_the_kernel_cannot_serve(monkeypatch):
+    """On its CUDA path Kimi Linear's decay goes through ``channel_gate`` (the gate's projections computed once),
+    except where accelerate hooks the forget gate or the key heads are wider than the kernel takes: then through the
+    stock gate alone, its projections not computed twice."""
+    from tiny_hybrids import tiny_hybrid
+
+    from compressor.modeling import channel_gate, modeling_kimi_linear
+
+    pytest.importorskip("triton")
+    model = tiny_hybrid("kimi_linear")
+    layer = modeling_kimi_linear.PrunedKimiDeltaAttention.adopt(model.model.layers[0].self_attn)
+    kernel_calls, projections = [], []
+    monkeypatch.setattr(modeling_kimi_linear, "channel_gate", lambda *arguments: kernel_calls.append(arguments))
+    layer.forget_gate.f_a_proj.register_forward_hook(lambda *arguments: projections.append(1))
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        layer.channel_decay(hidden)
+        assert (len(kernel_calls), len(projections)) == (1, 1)
+        layer.forget_gate._hf_hook = object()
+        assert layer.channel_decay(hidden).shape == (1, 5, layer.num_heads, layer.head_dim)
+        assert (len(kernel_calls), len(projections)) == (1, 2)
+        del layer.forget_gate._hf_hook
+        monkeypatch.setattr(channel_gate, "MAX_KEY_DIM", layer.head_dim - 1)
+        assert layer.channel_decay(hidden).shape == (1, 5, layer.num_heads, layer.head_dim)
+        assert (len(kernel_calls), len(projections)) == (1, 3)
+
+
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
     """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
     parameters, not under autograd, not key heads wider than ``MAX_KEY_DIM`` (Kimi Linear asks ``runs`` before it
