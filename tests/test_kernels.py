@@ -379,6 +379,113 @@ def test_the_write_strength_is_written_head_major_outside_autograd():
     torch.testing.assert_close(b.grad, (b.sigmoid() * (1 - b.sigmoid())).detach())
 
 
+HEAD_GATE_INTERPRETED = """
+import torch
+import torch.nn.functional as F
+from compressor.modeling.head_gate import head_gates, rows_of
+
+generator = torch.Generator().manual_seed(0)
+for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0), (1, 70, 5, torch.float32, 2.0),
+                                                (3, 1, 4, torch.bfloat16, 2.0)):
+    a = (4 * torch.randn(batch, length, 2 * heads + 1, generator=generator)).to(dtype)[..., heads:2 * heads]
+    b = (4 * torch.randn(batch, length, heads, generator=generator)).to(dtype)  # a: tokens 2H + 1 apart, at an offset
+    a[0, 0, :2] = torch.tensor([30.0, -30.0])  # both sides of the softplus threshold
+    bias = torch.randn(heads, generator=generator)
+    scale = -(torch.rand(heads, generator=generator) + 0.1)
+    assert rows_of(a) and rows_of(b) and not a.is_contiguous() and b.is_contiguous()
+    g, beta = head_gates(a, b, bias, scale, beta_scale)
+    expected = scale * F.softplus(a.float() + bias)
+    assert g.dtype == torch.float32 and g.shape == a.shape and g.transpose(1, 2).is_contiguous()
+    assert ((g - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-5, (batch, length, heads)
+    assert beta.dtype == dtype and beta.shape == b.shape and beta.transpose(1, 2).is_contiguous()
+    # within one rounding of the dtype (the interpreter's bf16 casts need not round to nearest as a GPU's do)
+    torch.testing.assert_close(beta.float(), beta_scale * b.float().sigmoid(), atol=0,
+                               rtol=1e-6 if dtype == torch.float32 else 2 ** -7)
+empty = torch.empty(2, 0, 3)
+assert all(x.shape == (2, 0, 3) for x in head_gates(empty, empty, torch.zeros(3), torch.ones(3)))
+print("ok")
+"""
+
+
+def test_the_head_gate_kernel_equals_pytorch_and_writes_head_major():
+    """Gated DeltaNet's decay and write-strength kernel (``head_gate.py``) run by Triton's interpreter against
+    PyTorch's formulas: a a strided view of a wider projection (at an offset), b contiguous, lengths that are not a multiple
+    of its token block, a single token, bf16 and float32, beta scaled by 1 and 2; results head-major. A wrong offset
+    or stride of an input, an output or a parameter moves values by O(1)."""
+    pytest.importorskip("triton")
+    run_interpreted(HEAD_GATE_INTERPRETED)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_head_gate_on_cuda_equals_pytorch():
+    """The kernel compiled for a GPU: a bf16 strided view of a fused projection and a contiguous b, 3000 tokens of 48
+    heads, against PyTorch's formulas (beta rounded once to bf16, as PyTorch's sigmoid rounds it)."""
+    pytest.importorskip("triton")
+    from compressor.modeling.head_gate import head_gates
+
+    generator = torch.Generator().manual_seed(0)
+    a = (4 * torch.randn(2, 3000, 97, generator=generator)).to(torch.bfloat16).cuda()[..., 48:96]
+    b = (4 * torch.randn(2, 3000, 48, generator=generator)).to(torch.bfloat16).cuda()
+    bias, scale = torch.randn(48, generator=generator).cuda(), -(torch.rand(48, generator=generator) + 0.1).cuda()
+    g, beta = head_gates(a, b, bias, scale, 2.0)
+    expected = scale * torch.nn.functional.softplus(a.float() + bias)
+    assert g.transpose(1, 2).is_contiguous() and beta.transpose(1, 2).is_contiguous()
+    assert ((g - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-5
+    assert (beta.float() - (2 * b.sigmoid()).float()).abs().max() <= 2 ** -7
+
+
+def gated_deltanet_mixer(name: str) -> torch.nn.Module:
+    """The first Gated DeltaNet mixer of a tiny model under the shipped class: Qwen3.5, OLMo-Hybrid (beta in (0, 2)) or
+    fla's (beta in (0, 2))."""
+    if name == "olmo_hybrid":
+        from tiny_hybrids import tiny_hybrid
+
+        return tiny_hybrid(name).model.layers[0].linear_attn
+    if name == "gated_deltanet":
+        from tiny_fla import tiny_fla_model
+
+        return tiny_fla_model("gated_deltanet_gva", allow_neg_eigval=True).model.layers[0].attn
+    return tiny_model(name).model.layers[0].linear_attn
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "gated_deltanet"])
+def test_the_mixers_take_both_gates_from_one_kernel_on_a_gpu_outside_autograd(name, monkeypatch):
+    """On the CUDA path, outside autograd, a mixer's beta and g come from one ``head_gates`` call with its kept decay
+    parameters and its beta scale (2 where negative eigenvalues are allowed); under autograd from PyTorch, with the
+    same values."""
+    pytest.importorskip("triton")
+    from compressor.modeling import gated_deltanet, head_gate
+
+    mixer = gated_deltanet_mixer(name)
+    assert isinstance(mixer, gated_deltanet.PrunableGatedDeltaNetMixin)
+    heads = mixer.num_v_heads
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 5, heads, generator=generator), torch.randn(2, 5, heads, generator=generator)
+    with torch.no_grad():
+        expected = mixer.write_strength(b), mixer.decay(a)
+    assert mixer.beta_scale == (1.0 if name == "qwen3_5" else 2.0)
+    torch.testing.assert_close(expected[0], mixer.beta_scale * b.sigmoid())
+    calls = []
+
+    def kernel(*arguments):
+        calls.append(arguments)
+        return expected[1], expected[0]
+
+    monkeypatch.setattr(gated_deltanet, "head_gates", kernel)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with torch.no_grad():
+        assert head_gate.takes(a, b, torch.float32) and not head_gate.takes(a, b, torch.float64)
+        assert not head_gate.takes(a.transpose(0, 1), b, torch.float32) and not head_gate.takes(a, b[:, :3], torch.float32)
+        beta, g = mixer.gates(a, b)
+        assert all(x is y for x, y in zip(calls[0][2:4], mixer.decay_parameters(torch.float32)))
+    assert beta is expected[0] and g is expected[1] and len(calls) == 1
+    assert calls[0][0] is a and calls[0][1] is b and calls[0][4] == mixer.beta_scale
+    beta, g = mixer.gates(a, b)  # under autograd: PyTorch
+    assert len(calls) == 1
+    torch.testing.assert_close(beta, expected[0]) and torch.testing.assert_close(g, expected[1])
+
+
 def test_one_gather_of_queries_and_keys_reads_the_mapped_key_heads_and_stays_head_major():
     from compressor.modeling.gated_deltanet import PrunableGatedDeltaNetMixin
 

@@ -6,8 +6,9 @@ top of a transformers GatedDeltaNet class (Qwen3.5, Qwen3-Next) and replaces its
 * value head j reads key head ``value_to_key[j]`` (an explicit map after uneven pruning; j // r otherwise);
 * CPU tensors use the PyTorch recurrence and CUDA tensors fla's kernels (see ``gated_delta.py``), called as
   ``self.recurrence`` (calibration swaps it on an instance for a form that also returns the chunk states);
-* outside autograd, CUDA tensors take a fused gated norm in one launch (``gated_rms_norm``) and copy key heads to
-  the value heads that read them in one kernel (``gathered_heads``);
+* outside autograd, CUDA tensors take a fused gated norm in one launch (``gated_rms_norm``), copy key heads to
+  the value heads that read them in one kernel (``gathered_heads``) and compute beta and the decay in one
+  (``gates``);
 * a decode step on CUDA replays a recorded CUDA graph of itself where it can (``decode_graph.py``).
 
 Per-layer head counts come from ``config.per_layer_config[i]`` (transformers' heterogeneous config).
@@ -31,6 +32,8 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
 from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
 from .gated_delta import gated_delta_rule
+from .head_gate import head_gates
+from .head_gate import takes as head_gate_takes
 from .head_gather import gather_heads
 from .head_gather import takes as gather_takes
 from .head_norm import rms_normalised
@@ -190,15 +193,32 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
         raise NotImplementedError
 
+    def gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beta, g) [B, T, H_v] from the b and a projections (``write_strength`` and ``decay``), head-major; on a GPU
+        outside autograd both in one launch (``head_gate.head_gates``)."""
+        dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
+        if head_gate_takes(a, b, dtype):
+            bias, rate = self.decay_parameters(dtype)
+            g, beta = head_gates(a, b, bias, rate, self.beta_scale)
+            return beta, g
+        return self.write_strength(b), self.decay(a)
+
+    @property
+    def beta_scale(self) -> float:
+        """2 where the layer allows negative eigenvalues (beta in (0, 2): fla's and OLMo-Hybrid's
+        ``allow_neg_eigval``), else 1."""
+        return 2.0 if getattr(self, "allow_neg_eigval", False) else 1.0
+
     def write_strength(self, b: torch.Tensor) -> torch.Tensor:
-        """beta [B, T, H_v] from the b projection: sigmoid(b), head-major (``sigmoid_head_major``; families with
-        negative eigenvalues override it)."""
-        return sigmoid_head_major(b)
+        """beta [B, T, H_v] from the b projection: ``beta_scale`` · sigmoid(b), head-major (``sigmoid_head_major``)."""
+        beta = sigmoid_head_major(b)
+        return beta * self.beta_scale if self.beta_scale != 1.0 else beta
 
     def decay(self, a: torch.Tensor) -> torch.Tensor:
         """The log decay g = -exp(A_log) · softplus(a + dt_bias) [B, T, H_v] from the a projection [B, T, H_v], in
         float32 (float64 where dt_bias is), head-major: on CUDA it packs as a view. Outside autograd it takes three
-        launches, the parameters' part kept by ``decay_parameters``."""
+        launches (``gates`` one, with beta, where ``head_gate`` runs), the parameters' part kept by
+        ``decay_parameters``."""
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
         bias, rate = self.decay_parameters(dtype)
         if torch.is_grad_enabled():
@@ -261,7 +281,7 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         query_key, value = torch.split(mixed_qkv, [2 * self.key_dim, self.value_dim], dim=-1)
         query, key = self.queries_and_keys(query_key)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        beta, g = self.write_strength(b), self.decay(a)
+        beta, g = self.gates(a, b)
 
         out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)
         if cache is not None:

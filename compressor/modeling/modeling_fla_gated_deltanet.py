@@ -63,10 +63,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         if conv_states is None:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self.heads(q, k, v)
-        beta = self.write_strength(self.b_proj(hidden_states))
-        if self.allow_neg_eigval:
-            beta = beta * 2.0
-        g = self.decay(self.a_proj(hidden_states))
+        beta, g = self.gates(self.a_proj(hidden_states), self.b_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

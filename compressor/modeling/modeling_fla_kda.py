@@ -94,8 +94,6 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         q, k, v = self.heads(q, k, v)
         g = self.channel_decay(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
         beta = self.write_strength(self.b_proj(hidden_states))
-        if self.allow_neg_eigval:
-            beta = beta * 2.0
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,

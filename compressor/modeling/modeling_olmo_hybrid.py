@@ -28,10 +28,6 @@ class PrunedOlmoHybridGatedDeltaNet(PrunableGatedDeltaNetMixin, OlmoHybridGatedD
         mixed_qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
         return mixed_qkv, self.g_proj(hidden_states), self.b_proj(hidden_states), self.a_proj(hidden_states)
 
-    def write_strength(self, b):
-        beta = super().write_strength(b)
-        return beta * 2.0 if self.allow_neg_eigval else beta
-
 
 class PrunedOlmoHybridForCausalLM(HubKernelsOffByDefault, OlmoHybridForCausalLM):
     """OlmoHybridForCausalLM whose linear-attention layers read their heads from ``config.per_layer_config``."""
