@@ -1,13 +1,16 @@
 """Where the host's time goes in one prefill of a small hybrid model, on a GPU: the source with its stock class, the
 same source with the shipped class (every layer unpruned, under the shipped forward), and the pruned folders.
 
-    python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5]
+    python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5] [--rounds 3]
+        [--no-profile]
 
 The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
 ``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for
-three rounds; the host's time to return from the ten calls and the wall time until the GPU finished are printed and
-written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace, or waits inside the
-call). Then cProfile of 20 prefills of each variant, the functions with the most own and cumulative time written to
+``--rounds`` rounds; the host's time to return from the ten calls and the wall time until the GPU finished, per
+prefill, are printed and written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace,
+or waits inside the call), then each variant's wall time over the source's in the same round, and their median.
+``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward". Then (unless
+``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time written to
 ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the unprofiled
 times, read the profile for where the calls go).
 """
@@ -18,6 +21,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,8 +38,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="a new folder for the models")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--family", default="qwen3_5", choices=[f for g in check_families_gpu.WORKERS for f in g])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ten prefills per variant")
+    parser.add_argument("--no-profile", action="store_true", help="time only; no cProfile (shortens the run)")
     args = parser.parse_args()
-    outputs = [args.out_dir / f"profile_prefill_host_{args.family}.{suffix}" for suffix in ("log", "txt")]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    outputs = [args.out_dir / f"profile_prefill_host_{args.family}.{suffix}"
+               for suffix in ("log", "txt")[: 1 if args.no_profile else 2]]
     taken = [str(path) for path in outputs if path.exists()]
     if taken:
         parser.error(f"will not overwrite {', '.join(taken)}: move them or choose another --out-dir")
@@ -56,8 +65,9 @@ def main() -> None:
     for variant, runner in runners.items():
         for _ in range(3):
             runner.prefill(ids[variant])
-    for turn in range(3):
-        line = []
+    ratios = {variant: [] for variant in runners if variant != "source"}
+    for turn in range(args.rounds):
+        line, walls = [], {}
         for variant, runner in list(runners.items())[:: 1 if turn % 2 == 0 else -1]:
             torch.cuda.synchronize()
             started = time.perf_counter()
@@ -66,9 +76,16 @@ def main() -> None:
             returned = time.perf_counter()
             torch.cuda.synchronize()
             finished = time.perf_counter()
+            walls[variant] = finished - started
             line.append(f"{variant} host {(returned - started) * 100:.2f} wall {(finished - started) * 100:.2f} ms")
         say(f"round {turn} " + " | ".join(line))
+        for variant in ratios:
+            ratios[variant].append(walls[variant] / walls["source"])
+    for variant, values in ratios.items():
+        say(f"{variant} / source: " + " ".join(f"{r:.3f}" for r in values) + f" (median {statistics.median(values):.3f})")
     log.close()
+    if args.no_profile:
+        return
     with open(outputs[1], "w") as out:
         for variant, runner in runners.items():
             profiler = cProfile.Profile()
