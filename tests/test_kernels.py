@@ -388,11 +388,12 @@ generator = torch.Generator().manual_seed(0)
 for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0), (1, 70, 5, torch.float32, 2.0),
                                                 (3, 1, 4, torch.bfloat16, 2.0)):
     a = (4 * torch.randn(batch, length, 2 * heads + 1, generator=generator)).to(dtype)[..., heads:2 * heads]
-    b = (4 * torch.randn(batch, length, heads, generator=generator)).to(dtype)  # a: tokens 2H + 1 apart, at an offset
+    b = (4 * torch.randn(batch, length, heads + 3, generator=generator)).to(dtype)[..., :heads]
+    # a: tokens 2H + 1 apart, at an offset; b: tokens H + 3 apart
     a[0, 0, :2] = torch.tensor([30.0, -30.0])  # both sides of the softplus threshold
     bias = torch.randn(heads, generator=generator)
     scale = -(torch.rand(heads, generator=generator) + 0.1)
-    assert rows_of(a) and rows_of(b) and not a.is_contiguous() and b.is_contiguous()
+    assert rows_of(a) and rows_of(b) and a.stride(1) != b.stride(1) and heads not in (a.stride(1), b.stride(1))
     g, beta = head_gates(a, b, bias, scale, beta_scale)
     expected = scale * F.softplus(a.float() + bias)
     assert g.dtype == torch.float32 and g.shape == a.shape and g.transpose(1, 2).is_contiguous()
@@ -403,14 +404,24 @@ for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0)
                                rtol=1e-6 if dtype == torch.float32 else 2 ** -7)
 empty = torch.empty(2, 0, 3)
 assert all(x.shape == (2, 0, 3) for x in head_gates(empty, empty, torch.zeros(3), torch.ones(3)))
+g, beta = head_gates(torch.tensor([[[float("nan"), 1.0]]]), torch.zeros(1, 1, 2), torch.zeros(2), -torch.ones(2))
+assert g[0, 0, 0].isnan() and not g[0, 0, 1].isnan()  # NaN stays NaN, as in F.softplus
+misread = torch.randn(2, 9, 3)[:, :5]  # batch entries 9 tokens apart, not 5
+try:
+    head_gates(misread, misread, torch.zeros(3), torch.ones(3))
+except ValueError:
+    pass
+else:
+    raise AssertionError("a layout the kernel misreads was taken")
 print("ok")
 """
 
 
 def test_the_head_gate_kernel_equals_pytorch_and_writes_head_major():
     """Gated DeltaNet's decay and write-strength kernel (``head_gate.py``) run by Triton's interpreter against
-    PyTorch's formulas: a a strided view of a wider projection (at an offset), b contiguous, lengths that are not a multiple
-    of its token block, a single token, bf16 and float32, beta scaled by 1 and 2; results head-major. A wrong offset
+    PyTorch's formulas: a and b strided views of wider projections (a at an offset; tokens apart by other strides than
+    each other's and than the head count), lengths that are not a multiple of its token block, a single token, bf16 and
+    float32, beta scaled by 1 and 2, NaN kept; results head-major; a layout it would misread refused. A wrong offset
     or stride of an input, an output or a parameter moves values by O(1)."""
     pytest.importorskip("triton")
     run_interpreted(HEAD_GATE_INTERPRETED)
@@ -476,14 +487,23 @@ def test_the_mixers_take_both_gates_from_one_kernel_on_a_gpu_outside_autograd(na
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with torch.no_grad():
         assert head_gate.takes(a, b, torch.float32) and not head_gate.takes(a, b, torch.float64)
-        assert not head_gate.takes(a.transpose(0, 1), b, torch.float32) and not head_gate.takes(a, b[:, :3], torch.float32)
+        assert not head_gate.takes(a, b[:, :3], torch.float32) and not head_gate.takes(a.double(), b, torch.float32)
+        longer = torch.randn(2, 9, heads)
+        for misread in (longer[:, :5],  # batch entries 9 tokens apart, not 5
+                        torch.randn(2, 5, 2 * heads)[..., ::2],  # heads 2 apart
+                        torch.randn(5, 2, heads).transpose(0, 1)):  # tokens apart by more than the batch entries
+            assert misread.shape == a.shape and not head_gate.takes(misread, b, torch.float32)
+            assert not head_gate.takes(a, misread, torch.float32)
+        one_token = torch.randn(1, 2, heads).transpose(0, 1)  # T = 1, batch entries H apart, token stride 2H
+        assert one_token.stride(0) != one_token.stride(1) and not head_gate.rows_of(one_token)
         beta, g = mixer.gates(a, b)
         assert all(x is y for x, y in zip(calls[0][2:4], mixer.decay_parameters(torch.float32)))
     assert beta is expected[0] and g is expected[1] and len(calls) == 1
     assert calls[0][0] is a and calls[0][1] is b and calls[0][4] == mixer.beta_scale
     beta, g = mixer.gates(a, b)  # under autograd: PyTorch
     assert len(calls) == 1
-    torch.testing.assert_close(beta, expected[0]) and torch.testing.assert_close(g, expected[1])
+    torch.testing.assert_close(beta, expected[0])
+    torch.testing.assert_close(g, expected[1])
 
 
 def test_one_gather_of_queries_and_keys_reads_the_mapped_key_heads_and_stays_head_major():

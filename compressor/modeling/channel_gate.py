@@ -84,7 +84,7 @@ if triton is not None:
         if BOUNDED:
             y = lower_bound * tl.sigmoid(a * x)
         else:  # softplus as PyTorch's: log1p(exp(x)) (Goldberg's form of log1p: no log(1 + e) that rounds e away)
-            e = tl.exp(tl.minimum(x, 20.0))
+            e = tl.exp(tl.minimum(x, 20.0, propagate_nan=tl.PropagateNan.ALL))
             u = 1.0 + e
             y = -a * tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
         tl.store(out + (i_bh * T + o_t[:, None]) * K + o_k[None, :], y, mask=mask)
