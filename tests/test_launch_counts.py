@@ -1,7 +1,7 @@
 """What a prefill asks a GPU to launch, counted on the CPU (``scripts/count_launches.py``: the shipped forward's CUDA
 path under Triton's interpreter): the shipped class launches no more than transformers' stock class, enters no
-more Python functions, and never makes the host wait for the device. (fla's families launch a few copies more per
-layer than their stock classes, the packed layout's: ``docs/benchmarks.md``.)"""
+more Python functions, and never makes the host wait for the device. (fla's Gated DeltaNet launches one copy more
+per layer than its stock class, v's into the packed layout; KDA also β's sigmoid: ``docs/benchmarks.md``.)"""
 
 from __future__ import annotations
 
