@@ -147,12 +147,13 @@ def fla_gates(name: str, mixer, hidden: torch.Tensor) -> tuple[torch.Tensor, ...
     return -rate * F.softplus(mixer.a_proj(hidden) + mixer.dt_bias), beta
 
 
-@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "gla", "gla_conv_relu", "kda_gva", "kda_safe_gate",
-                                         "delta_net", "delta_net_relu_sum"])
+@pytest.mark.parametrize("config_name", ["gated_deltanet_gva", "gated_deltanet_gva+neg", "gla", "gla_conv_relu",
+                                         "kda_gva", "kda_safe_gate", "delta_net", "delta_net_relu_sum"])
 def test_the_gates_reaching_the_recurrence_are_fla_s(config_name):
     """The decay (and beta; DeltaNet's beta alone) the shipped forward hands its recurrence equal fla's formulas on the
-    layer's input (GLA's clamp set where it binds)."""
-    model = tiny_fla_model(config_name)
+    layer's input (GLA's clamp set where it binds; "+neg": beta in (0, 2), scaled once)."""
+    name, _, negative = config_name.partition("+")
+    model = tiny_fla_model(name, **({"allow_neg_eigval": True} if negative else {}))
     mixer = model.model.layers[1].attn
     if config_name == "gla_conv_relu":
         mixer.clamp_min = -0.05

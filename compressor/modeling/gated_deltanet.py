@@ -211,8 +211,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
 
     def write_strength(self, b: torch.Tensor) -> torch.Tensor:
         """beta [B, T, H_v] from the b projection: ``beta_scale`` · sigmoid(b), head-major (``sigmoid_head_major``)."""
-        beta = sigmoid_head_major(b)
-        return beta * self.beta_scale if self.beta_scale != 1.0 else beta
+        beta, scale = sigmoid_head_major(b), self.beta_scale
+        return beta if scale == 1.0 else beta * scale
 
     def decay(self, a: torch.Tensor) -> torch.Tensor:
         """The log decay g = -exp(A_log) · softplus(a + dt_bias) [B, T, H_v] from the a projection [B, T, H_v], in
