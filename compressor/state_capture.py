@@ -71,38 +71,40 @@ def _selected(result: tuple, chunk_index: torch.Tensor | None) -> tuple:
     return out, final, states if chunk_index is None else states.index_select(2, chunk_index)
 
 
-def gated_delta_rule_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_index=None):
+def gated_delta_rule_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None,
+                                 chunk_index=None):
     """:func:`gated_delta_rule` returning ``(o, final state or None, chunk states)``."""
     if q.is_cuda and HAS_FLA_STATES:
         return chunk_gated_delta_rule_fla_states(q, k, v, g, beta, initial_state=initial_state,
-                                                 output_final_state=output_final_state, chunk_index=chunk_index)
+                                                 output_final_state=output_final_state, scale=scale,
+                                                 chunk_index=chunk_index)
     with strict_float32():
         return _selected(chunk_gated_delta_rule_torch(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=True, return_chunk_states=True), chunk_index)
 
 
-def delta_rule_with_states(q, k, v, beta, use_qk_l2norm, initial_state=None, output_final_state=False,
+def delta_rule_with_states(q, k, v, beta, use_qk_l2norm, initial_state=None, output_final_state=False, scale=None,
                            chunk_index=None):
     """:func:`delta_rule` returning ``(o, final state or None, chunk states)``."""
     with strict_float32():
         return _selected(chunk_delta_rule_torch(
-            q, k, v, beta, initial_state=initial_state, output_final_state=output_final_state,
+            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True), chunk_index)
 
 
-def gla_with_states(q, k, v, gk, initial_state=None, output_final_state=False, chunk_index=None):
+def gla_with_states(q, k, v, gk, initial_state=None, output_final_state=False, scale=None, chunk_index=None):
     """:func:`gla` returning ``(o, final state or None, chunk states)``."""
     with strict_float32():
-        return _selected(chunk_gla_torch(q, k, v, gk, initial_state=initial_state,
+        return _selected(chunk_gla_torch(q, k, v, gk, scale=scale, initial_state=initial_state,
                                          output_final_state=output_final_state, return_chunk_states=True), chunk_index)
 
 
-def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_index=None):
+def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None, chunk_index=None):
     """:func:`kimi_delta_attention` returning ``(o, final state or None, chunk states)``."""
     with strict_float32():
         return _selected(chunk_kda_torch(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=True, return_chunk_states=True), chunk_index)
 
 
@@ -146,10 +148,12 @@ def chunk_gated_delta_rule_fla_states(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    scale: float | None = None,
     chunk_size: int = 64,
     chunk_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """fla's chunked forward (q/k L2-normalised inside) on CUDA tensors, with its chunk states in strict float32.
+    """fla's chunked forward at ``scale`` (None: d_k^-0.5; q/k L2-normalised inside) on CUDA tensors, with its
+    chunk states in strict float32.
 
     The inputs are taken in float32 and, while fla computes the states, Triton's float32 dot products run in
     :func:`states_dot_precision` (float32 accuracy, not plain TF32), so the states carry no bf16 rounding or TF32
@@ -177,7 +181,8 @@ def chunk_gated_delta_rule_fla_states(
         )
     finally:
         language.fp32_default = previous
-    out = _fla_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5, chunk_size=chunk_size)
+    out = _fla_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                     chunk_size=chunk_size)
     # h[:, i] is the state before chunk i: the state after chunk i is h[:, i + 1], after the last one ``final``.
     if chunk_index is None:
         chunk_states = torch.cat([h[:, 1:], final[:, None]], dim=1)

@@ -3,13 +3,16 @@ counted on the CPU: a proxy, needing no GPU, for the host-bound prefills of smal
 host its Python and dispatch path.
 
     TRITON_INTERPRET=1 python scripts/count_launches.py [--families qwen3_5,gla] [--length 80] [--detail] [--public]
+        [--channels]
 
 Each family's tiny model (``tests/emulated_cuda.py``: heads of 16, the uneven plan, bfloat16) runs on its CUDA path
 under Triton's interpreter, as the emulated CUDA tests run it: the source (the unpruned weights in the stock class,
 transformers' or fla's), the same weights in the shipped class (``unpruned``), the pruned model, and with
 ``--public`` the pruned model through fla's public chunked functions instead of the direct forwards
-(``pruned_public``). One prefill of 2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each model up, and
-the next is counted:
+(``pruned_public``), and with ``--channels`` a model pruned by the same heads and 6 of each key head's 16
+query/key channels (``pruned_channels``; not Kimi Linear, whose layers cannot hold fewer, nor DeltaNet, whose tiny
+model's heads have 8). One prefill of
+2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each model up, and the next is counted:
 
 - ``triton``: launches of Triton kernels (fla's, the shipped row kernels);
 - ``torch``: PyTorch operators that launch a kernel on a GPU (every operator but views and uninitialised
@@ -170,15 +173,18 @@ class WithPublicFunctions:
                 module.direct = direct
 
 
-def models(name: str) -> tuple[dict, int]:
+def models(name: str, channels: bool = False) -> tuple[dict, int]:
     """({"source": the source in its stock class, "unpruned": the source in the shipped class, "pruned": the pruned
-    model}, all bfloat16 and in eval mode; the number of linear-attention layers)."""
+    model, with ``channels`` "pruned_channels": pruned by the same heads and query/key channels, where its heads have
+    more than it keeps}, all bfloat16 and in eval mode; the number of linear-attention layers)."""
     import copy
 
     import emulated_cuda
     import torch
+    from test_key_channels import random_channels
 
     from compressor.families import family_for
+    from compressor.key_channels import kept_key_dim
     from compressor.layers import PruningPlan, linear_layers
     from compressor.slicing import slim, stock_base
 
@@ -187,11 +193,18 @@ def models(name: str) -> tuple[dict, int]:
     source = stock(pruned.config)
     source.load_state_dict(pruned.state_dict())
     unpruned = copy.deepcopy(pruned)
-    slim(pruned, family_for(pruned.config), PruningPlan(kept=kept))
     variants = dict(source=source, unpruned=unpruned, pruned=pruned)
+    family, kept_channels = family_for(pruned.config), kept_key_dim(16, 0.4)
+    if (channels and family.key_channels_refused is None
+            and all(mixer.head_k_dim > kept_channels for mixer in linear_layers(pruned, family).values())):
+        variants["pruned_channels"] = copy.deepcopy(pruned)
+        plan = PruningPlan(kept=kept)
+        plan.channels = random_channels(pruned, kept_channels)
+        slim(variants["pruned_channels"], family, plan)
+    slim(pruned, family, PruningPlan(kept=kept))
     for model in variants.values():
         model.to(torch.bfloat16).eval()
-    for model in (unpruned, pruned):
+    for model in list(variants.values())[1:]:
         for mixer in linear_layers(model, family_for(model.config)).values():
             mixer.use_decode_graph = False
     return variants, len(kept)
@@ -227,6 +240,8 @@ def main() -> None:
     parser.add_argument("--public", action="store_true",
                         help="also the pruned model through fla's public functions (pruned_public), not the direct "
                              "forwards beneath their wrappers")
+    parser.add_argument("--channels", action="store_true",
+                        help="also a model pruned by query/key channels besides the heads (pruned_channels)")
     args = parser.parse_args()
     unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
     if unknown:
@@ -246,7 +261,7 @@ def main() -> None:
     import torch
 
     for name in families:
-        variants, layers = models(name)
+        variants, layers = models(name, channels=args.channels)
         if args.public:
             variants["pruned_public"] = WithPublicFunctions(variants["pruned"])
         vocabulary = min(variants["source"].config.vocab_size, 96)

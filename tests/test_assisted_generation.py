@@ -55,8 +55,9 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 def writing_over_the_initial_state(recurrence):
     """``recurrence`` whose one-token steps write the new state over the initial one, as fla's step does on CUDA."""
 
-    def step(q, k, v, g, beta, initial_state=None, output_final_state=False):
-        out, final = recurrence(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state)
+    def step(q, k, v, g, beta, initial_state=None, output_final_state=False, **options):
+        out, final = recurrence(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                                **options)
         if q.shape[1] == 1 and initial_state is not None and final is not None:
             return out, initial_state.copy_(final)
         return out, final

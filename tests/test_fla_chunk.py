@@ -106,7 +106,8 @@ g = -0.1 * torch.rand(1, tokens, 1, generator=generator)  # log decay per token 
 g_channels = torch.nn.functional.logsigmoid(torch.randn(1, tokens, 1, width, generator=generator)) / 4  # KDA's, GLA's
 state = 0.1 * torch.randn(count, 1, width, value_width, generator=generator)
 index = sequence_index(count, length, q.device)
-packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
+scale = 0.15  # not 32^-0.5: a layer whose query/key channels were cut (the calls without states take the default)
+packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"], scale=scale)
 chunks = dict(chunk_indices=index["chunk_indices"])
 # (direct forward, fla's public function, PyTorch reference, the gates they take), by the name the test gives
 forwards = dict(
@@ -134,7 +135,7 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         for sequence in range(count):
             part = slice(sequence * length, (sequence + 1) * length)
             expected = reference(*(x[:, part] for x in arguments), initial_state=state[sequence:sequence + 1],
-                                 output_final_state=True)
+                                 output_final_state=True, scale=scale)
             assert (out[:, part].float() - expected[0].float()).abs().max() < tolerance, (direct.__name__, dtype)
             assert (final[sequence:sequence + 1] - expected[1]).abs().max() < tolerance, (direct.__name__, dtype)
 print("ok")
@@ -145,10 +146,10 @@ print("ok")
                          ids=["delta-rules-and-gla", "kda"])
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
-    each equals fla's public function bit for bit, with and without initial and final states (DeltaNet's refuses
-    float32; KDA's only with them: its kernels run slowly here, outside the fast subset, and its call without states
-    runs the same helper as the delta rules'), and the PyTorch reference (to bfloat16's rounding) on each packed
-    sequence."""
+    each equals fla's public function bit for bit, with initial and final states at a query scale other than
+    d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; KDA's only with them: its kernels run
+    slowly here, outside the fast subset, and its call without states runs the same helper as the delta rules'),
+    and the PyTorch reference (to bfloat16's rounding) on each packed sequence."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
     run_interpreted(f"NAMES = {names!r}\n" + DIRECT_FORWARDS_INTERPRETED)

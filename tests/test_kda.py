@@ -109,7 +109,7 @@ v = torch.randn(3, 1, 5, 48, generator=generator)[..., :20]  # a slice of a wide
 g = -torch.rand(3, 1, 5, 12, generator=generator)  # a log decay per key channel
 beta = torch.rand(3, 1, 5, generator=generator)
 options = dict(initial_state=torch.randn(3, 5, 12, 20, generator=generator), output_final_state=True,
-               use_qk_l2norm_in_kernel=True)
+               use_qk_l2norm_in_kernel=True, scale=0.2)  # not 12^-0.5: a layer whose query/key channels were cut
 expected = naive_recurrent_kda(q, k, v, g, beta, **options)
 got = heads_as_batch(fused_recurrent_kda, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
 for name, a, b in zip(("output", "state"), got, expected):
@@ -125,8 +125,8 @@ print("ok")
 
 def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
     """The CUDA decode step's calls of fla's KDA step (heads as batch entries, through fla's public function and
-    with the state written over itself), run on the CPU by Triton's interpreter: fla's argument names, shapes and
-    state layout as the shipped code assumes."""
+    with the state written over itself), run on the CPU by Triton's interpreter, at a query scale other than
+    d_k^-0.5: fla's argument names, shapes and state layout as the shipped code assumes."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("the token loop of fla's KDA step")
     run_interpreted(KDA_STEP_THROUGH_FLA)

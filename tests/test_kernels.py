@@ -169,7 +169,7 @@ q, k = (torch.randn(3, 5, 1, 12, generator=generator).transpose(1, 2) for _ in r
 v = torch.randn(3, 1, 5, 48, generator=generator)[..., :20]  # a slice of a wider tensor
 g, beta = -torch.rand(3, 1, 5, generator=generator), torch.rand(3, 1, 5, generator=generator)
 options = dict(initial_state=torch.randn(3, 5, 12, 20, generator=generator), output_final_state=True,
-               use_qk_l2norm_in_kernel=True)
+               use_qk_l2norm_in_kernel=True, scale=0.2)  # not 12^-0.5: a layer whose query/key channels were cut
 expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)
 for pack in (heads_as_batch, heads_as_sequences):
     got = pack(fused_recurrent_gated_delta_rule, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
@@ -187,7 +187,8 @@ print("ok")
 def test_the_decode_step_through_flas_own_kernel_equals_the_reference():
     """The CUDA decode step's calls of fla's kernel (heads as batch entries, through fla's public function and
     launched with the state written over itself; heads as sequences beside them), run on the CPU by Triton's
-    interpreter: fla's argument names, shapes and state layout as the shipped code assumes."""
+    interpreter, at a query scale other than d_k^-0.5: fla's argument names, shapes and state layout as the shipped
+    code assumes."""
     pytest.importorskip("fla.ops.gated_delta_rule")
     skip_where_the_interpreter_fails_on("the token loop of fla's gated delta rule step")
     run_interpreted(DECODE_STEP_THROUGH_FLA)

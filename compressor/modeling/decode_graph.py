@@ -133,6 +133,10 @@ class RecordedDecodeSteps:
     recurrence: Callable
     _decode_graph: DecodeGraph
 
+    query_scale: float | None = None
+    """The queries' scale when it is not the kernels' d_k^-0.5: a layer with removed query/key channels keeps the
+    scale of its source's d_k, which ``recur`` passes to the recurrence."""
+
     use_decode_graph: bool = True
     """Whether decode steps on CUDA replay a recorded CUDA graph where they can; set it to False on a model's mixers
     to run every step eagerly."""
@@ -148,7 +152,7 @@ class RecordedDecodeSteps:
         raise NotImplementedError
 
     def recur(self, q, k, v, g, beta, recurrent_state, cache):
-        """``self.recurrence`` over q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H(, K)] from
+        """``self.recurrence`` at ``query_scale`` over q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H(, K)] from
         ``recurrent_state`` [B, H, K, V] (None: zeros). Returns (o [B, T, H, V], what ``cache`` takes: the final state
         [B, H, K, V], None without cache or state).
 
@@ -163,14 +167,15 @@ class RecordedDecodeSteps:
         if keep == 0:
             initial = recurrent_state.clone() if recording and recurrent_state is not None else recurrent_state
             return self.recurrence(q, k, v, g, beta, initial_state=initial,
-                                   output_final_state=cache is not None or recurrent_state is not None)
+                                   output_final_state=cache is not None or recurrent_state is not None,
+                                   scale=self.query_scale)
         split = q.shape[1] - keep
         spans = [(0, split)] * (split > 0) + [(t, t + 1) for t in range(split, q.shape[1])]
         outputs, states, state = [], [], recurrent_state
         for start, end in spans:
             out, state = self.recurrence(*(x[:, start:end] for x in (q, k, v, g, beta)),
                                          initial_state=None if state is None else state.clone(),
-                                         output_final_state=True)
+                                         output_final_state=True, scale=self.query_scale)
             outputs.append(out)
             if end > split:
                 states.append(state)

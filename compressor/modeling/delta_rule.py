@@ -79,13 +79,14 @@ def delta_rule(
     use_qk_l2norm: bool,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence; outside autograd the chunked form
-    beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise (and for float32 prefill on CUDA: fla 0.6's chunked
-    delta rule refuses float32).
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5): fla on CUDA tensors (every head a packed sequence;
+    outside autograd the chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise (and for float32
+    prefill on CUDA: fla 0.6's chunked delta rule refuses float32).
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
-                   use_qk_l2norm_in_kernel=use_qk_l2norm)
+                   use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA and (single_step or q.dtype != torch.float32):
         if single_step:

@@ -133,57 +133,57 @@ def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
+    use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_gated_delta_rule`` at its default scale d_k^-0.5, for q and k normalised already
+    """fla's ``chunk_gated_delta_rule`` at ``scale`` (None: d_k^-0.5), for q and k normalised already
     (``use_qk_l2norm_in_kernel`` must be False), through ``gated_delta_forward()``, which returns
     (g, o, A, final state, initial state, g's input).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     return _delta_rule(gated_delta_forward(), (1, 3), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
-                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
+                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale)
 
 
 def chunk_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
+    use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_delta_rule`` at its default scale d_k^-0.5, for q and k normalised already
+    """fla's ``chunk_delta_rule`` at ``scale`` (None: d_k^-0.5), for q and k normalised already
     (``use_qk_l2norm_in_kernel`` must be False), through ``delta_forward()``, which returns (o, A, final state).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     return _delta_rule(delta_forward(), (0, 2), dict(q=q, k=k, v=v, beta=beta), initial_state, output_final_state,
-                       cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel)
+                       cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale)
 
 
 def chunk_kda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None, cu_seqlens_cpu: torch.Tensor | None = None,
-    chunk_indices: torch.Tensor | None = None, use_qk_l2norm_in_kernel: bool = False,
+    chunk_indices: torch.Tensor | None = None, use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_kda`` at its default scale d_k^-0.5 (g: per-channel log decay [1, N, 1, K], beta after its
+    """fla's ``chunk_kda`` at ``scale`` (None: d_k^-0.5; g: per-channel log decay [1, N, 1, K], beta after its
     sigmoid), for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False) and a float32 initial state
     (as ``chunk_kda`` requires), through ``kda_forward()``, which returns (o, final state, g's cumulative sum, …).
     Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
     return _delta_rule(kda_forward(), (0, 1), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
-                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel,
+                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale,
                        cu_seqlens_cpu=cu_seqlens_cpu)
 
 
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
                 initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
-                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, **options):
-    """``forward(**inputs, …, **options)`` on contiguous inputs and on q's device; (o in q's dtype, final state) from
-    the ``positions`` of its results."""
+                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, scale: float | None, **options):
+    """``forward(**inputs, scale, …, **options)`` (None: d_k^-0.5) on contiguous inputs and on q's device; (o in q's
+    dtype, final state) from the ``positions`` of its results."""
     if use_qk_l2norm_in_kernel:
         raise ValueError("the direct chunked forward takes queries and keys normalised already")
     inputs = {name: x.contiguous() for name, x in inputs.items()}
     with launching_on(inputs["q"]):
         results = forward(
-            **inputs, scale=inputs["k"].shape[-1] ** -0.5,
+            **inputs, scale=inputs["k"].shape[-1] ** -0.5 if scale is None else scale,
             initial_state=None if initial_state is None else initial_state.contiguous(),
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, **options,
         )
@@ -194,9 +194,9 @@ def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Ten
 def chunk_gla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
-    cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor,
+    cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_gla`` at its default scale d_k^-0.5 on packed sequences of one length (g: per-channel log decay
+    """fla's ``chunk_gla`` at ``scale`` (None: d_k^-0.5) on packed sequences of one length (g: per-channel log decay
     [1, N, 1, K]), through the pieces of ``gla_forward()``, with its chunk states computed as fla's ``chunk_fwd_h``
     computes them but for the number of chunks, which such sequences give on the host (``chunk_indices``' rows):
     ``chunk_fwd_h`` reads it from the GPU (``.item()``), a wait for every queued kernel in every layer.
@@ -205,7 +205,7 @@ def chunk_gla(
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     _, length, heads, key_dim = k.shape
     value_dim, sequences, chunks = v.shape[-1], cu_seqlens.shape[0] - 1, chunk_indices.shape[0]
-    scale = key_dim**-0.5
+    scale = key_dim**-0.5 if scale is None else scale
     with launching_on(q):
         g = cumsum(g, CHUNK_SIZE, scale=cumulative_scale, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
         states = k.new_empty(1, chunks, heads, key_dim, value_dim)

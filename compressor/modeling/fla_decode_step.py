@@ -43,7 +43,7 @@ def kernel():
     return found if tuple(getattr(found, "arg_names", ())) == KERNEL_ARGUMENTS else None
 
 
-KDA_STEP_ARGUMENTS = frozenset({"initial_state", "output_final_state", "inplace_final_state",
+KDA_STEP_ARGUMENTS = frozenset({"scale", "initial_state", "output_final_state", "inplace_final_state",
                                  "use_qk_l2norm_in_kernel", "out"})
 """Arguments of fla 0.6's ``fused_recurrent_kda_fwd`` that ``kda_step_in_place`` passes beside q, k, v, g, beta."""
 
@@ -88,8 +88,9 @@ def launching_on(x: torch.Tensor):
 def step_in_place(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor, output_final_state: bool = True, use_qk_l2norm_in_kernel: bool = True,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla's ``fused_recurrent_gated_delta_rule`` for one token with its default scale d_k^-0.5 and q/k
+    """fla's ``fused_recurrent_gated_delta_rule`` for one token at ``scale`` (None: d_k^-0.5) with q/k
     L2-normalised in the kernel (``use_qk_l2norm_in_kernel`` must be True), writing the new state over
     ``initial_state`` (``output_final_state`` must be True). CPU tensors only under Triton's interpreter.
     Returns ``(o [N, 1, 1, V], initial_state)``."""
@@ -103,9 +104,10 @@ def step_in_place(
     with launching_on(v):
         kernel()[(-(-value_dim // block_v) * count,)](
             q=q, k=k, v=v, g=g, gk=None, gv=None, beta=beta, A_log=None, dt_bias=None, o=out, h0=initial_state,
-            ht=initial_state, cu_seqlens=None, scale=key_dim**-0.5, T=1, H=1, HV=1, K=key_dim, V=value_dim,
-            BK=next_power_of_2(key_dim), BV=block_v, USE_QK_L2NORM_IN_KERNEL=True, IS_BETA_HEADWISE=True,
-            STATE_V_FIRST=False, APPLY_BETA_SIGMOID=False, ALLOW_NEG_EIGVAL=False, num_warps=1, num_stages=3,
+            ht=initial_state, cu_seqlens=None, scale=key_dim**-0.5 if scale is None else scale, T=1, H=1, HV=1,
+            K=key_dim, V=value_dim, BK=next_power_of_2(key_dim), BV=block_v, USE_QK_L2NORM_IN_KERNEL=True,
+            IS_BETA_HEADWISE=True, STATE_V_FIRST=False, APPLY_BETA_SIGMOID=False, ALLOW_NEG_EIGVAL=False, num_warps=1,
+            num_stages=3,
         )
     return out, initial_state
 
@@ -113,8 +115,9 @@ def step_in_place(
 def kda_step_in_place(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor, output_final_state: bool = True, use_qk_l2norm_in_kernel: bool = True,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla's ``fused_recurrent_kda`` for one token with its default scale d_k^-0.5 and q/k L2-normalised in the
+    """fla's ``fused_recurrent_kda`` for one token at ``scale`` (None: d_k^-0.5) with q/k L2-normalised in the
     kernel (``use_qk_l2norm_in_kernel`` must be True), writing the new state over ``initial_state``
     (``output_final_state`` must be True). CPU tensors only under Triton's interpreter.
     Returns ``(o [N, 1, 1, V], initial_state)``."""
@@ -122,5 +125,6 @@ def kda_step_in_place(
         raise ValueError("kda_step_in_place returns the state it updates and normalises q and k in the kernel")
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     with launching_on(v):
-        return kda_step()(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
-                          inplace_final_state=True, use_qk_l2norm_in_kernel=True, out=torch.empty_like(v))
+        return kda_step()(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                          output_final_state=True, inplace_final_state=True, use_qk_l2norm_in_kernel=True,
+                          out=torch.empty_like(v))

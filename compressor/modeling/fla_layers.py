@@ -285,10 +285,8 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):
-        """Update the cache, then the query scale, the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] ->
-        [B, T, D]."""
+        """Update the cache, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] -> [B, T, D]."""
         batch, length = out.shape[:2]
-        out = self.scaled(out)
         update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
         if self.use_gate:
             gate = self.g_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)

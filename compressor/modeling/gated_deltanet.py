@@ -112,17 +112,6 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
     """(q, k [B, T, H_v, d_k], v [B, T, H_v, d_v], g, beta [B, T, H_v], initial_state, output_final_state) ->
     (o [B, T, H_v, d_v], final state [B, H_v, d_k, d_v] or None)."""
 
-    query_scale: float | None = None
-    """The queries' scale when it is not the kernels' d_k^-0.5: a layer with removed query/key channels keeps the
-    scale of its source's d_k (see ``scaled``)."""
-
-    def scaled(self, out: torch.Tensor) -> torch.Tensor:
-        """The recurrence's output [B, T, H_v, d_v] at ``query_scale``. Every output of these recurrences is
-        scale · Sᵀq with a state S that does not depend on q, so rescaling the output equals scaling the queries."""
-        if self.query_scale is None:
-            return out
-        return out * (self.query_scale * self.head_k_dim**0.5)
-
     def set_value_to_key(self, value_to_key: list[int] | None) -> None:
         """Set which key head each value head reads (None: the stock j // r grouping); drops the recorded decode
         graph, which read the old head indices (made once per device)."""
@@ -286,7 +275,6 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         out, final_state = self.recur(query, key, value, g, beta, recurrent_state, cache)
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
-        out = self.scaled(out)
 
         out = gated_rms_norm(self.norm, out, z.reshape(batch, length, -1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, length, -1))

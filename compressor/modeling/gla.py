@@ -103,11 +103,13 @@ def gla(
     gk: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence: fla on CUDA tensors (every head a packed sequence; outside autograd the chunked form
-    beneath fla's wrappers and without its read of the GPU, ``fla_chunk.chunk_gla``), PyTorch otherwise.
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5): fla on CUDA tensors (every head a packed sequence;
+    outside autograd the chunked form beneath fla's wrappers and without its read of the GPU,
+    ``fla_chunk.chunk_gla``), PyTorch otherwise.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
-    options = dict(initial_state=initial_state, output_final_state=output_final_state)
+    options = dict(initial_state=initial_state, output_final_state=output_final_state, scale=scale)
     single_step = q.shape[1] == 1 and initial_state is not None
     if q.is_cuda and HAS_FLA:
         if single_step:

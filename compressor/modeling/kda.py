@@ -132,10 +132,11 @@ def kimi_delta_attention(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence, with q/k L2-normalised inside: fla on CUDA tensors (every head a packed sequence, or
-    for one decode token a batch entry: see ``packed_heads.py``; outside autograd the chunked form beneath fla's
-    wrappers, ``fla_chunk.py``), PyTorch otherwise.
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside: fla on CUDA tensors
+    (every head a packed sequence, or for one decode token a batch entry: see ``packed_heads.py``; outside autograd
+    the chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
@@ -143,7 +144,8 @@ def kimi_delta_attention(
     None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
-    options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
+    options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+                   scale=scale)
     if q.is_cuda and HAS_FLA:
         if single_step:
             step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent

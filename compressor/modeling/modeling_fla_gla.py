@@ -75,10 +75,9 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         out, final_state = self.recurrence(
             q, k, v, gk,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache),
+            output_final_state=bool(use_cache), scale=self.query_scale,
         )
         update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
-        out = self.scaled(out)
         if self.use_output_gate and self.fuse_norm_and_gate:
             gate = self.g_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_v_dim)
             out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)

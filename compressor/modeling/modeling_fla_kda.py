@@ -97,7 +97,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache),
+            output_final_state=bool(use_cache), scale=self.query_scale,
         )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
