@@ -10,9 +10,9 @@ The models are those of ``check_families_gpu.py`` (random weights, head size 128
 prefill, are printed and written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace,
 or waits inside the call), then each variant's wall time over the source's in the same round, and their median.
 ``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward". Then (unless
-``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time written to
-``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the unprofiled
-times, read the profile for where the calls go).
+``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time
+written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the
+unprofiled times, read the profile for where the calls go).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main() -> None:
         for variant in ratios:
             ratios[variant].append(walls[variant] / walls["source"])
     for variant, values in ratios.items():
-        say(f"{variant} / source: " + " ".join(f"{r:.3f}" for r in values) + f" (median {statistics.median(values):.3f})")
+        rounds = " ".join(f"{ratio:.3f}" for ratio in values)
+        say(f"{variant} / source: {rounds} (median {statistics.median(values):.3f})")
     log.close()
     if args.no_profile:
         return

@@ -31,3 +31,34 @@ def test_the_shipped_prefill_launches_no_more_than_the_stock_one_and_never_waits
     assert counts["unpruned"]["syncs"] == counts["pruned"]["syncs"] == 0, counts
     assert total["pruned"] <= total["unpruned"] <= total["source"], counts
     assert 0 < counts["pruned"]["python_calls"] <= counts["source"]["python_calls"], counts  # the host's own work
+
+
+CHANNEL_VARIANTS = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import count_launches
+
+for name, expected in (("gla", True), ("delta_net", False), ("kimi_linear", False)):
+    variants, _ = count_launches.models(name, channels=True)
+    assert ("pruned_channels" in variants) == expected, name
+    if expected:
+        from compressor.families import family_for
+        from compressor.layers import linear_layers
+
+        heads, channels = (linear_layers(variants[v], family_for(variants[v].config)) for v in ("pruned",
+                                                                                             "pruned_channels"))
+        assert [m.num_v_heads for m in heads.values()] == [m.num_v_heads for m in channels.values()], name
+        assert all(m.query_scale is None and m.head_k_dim == 16 for m in heads.values()), name
+        assert all(m.query_scale == 16**-0.5 and m.head_k_dim == 10 for m in channels.values()), name
+print("ok")
+"""
+
+
+def test_count_launches_cuts_channels_only_where_a_family_and_its_heads_allow():
+    """``--channels``: a variant cut by the same heads and 10 of 16 query/key channels at the source's query scale
+    (GLA), none where the tiny model's heads have 8 channels (DeltaNet) or the family refuses channel cuts (Kimi
+    Linear)."""
+    pytest.importorskip("fla.ops.gla")
+    result = subprocess.run([sys.executable, "-c", CHANNEL_VARIANTS, str(ROOT / "scripts"), str(ROOT / "tests")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=interpreted_environment())
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -181,3 +181,42 @@ def test_count_launches_counts_each_family_in_a_process_of_its_own(monkeypatch):
     with pytest.raises(SystemExit, match="counting kda_gva failed \\(exit status 3;"):  # one sentence, no traceback
         count_launches.main()
     assert children[-1][-1] == "kda_gva"  # no family after the failed one
+
+
+def test_profile_prefill_host_times_every_variant_in_turns_and_reports_its_ratio_to_the_source(
+        scripts, monkeypatch, tmp_path):
+    """``--rounds 2 --no-profile``: each round times ten prefills of every variant, in reversed order every other
+    round; each variant's line gives its time over the source's per round and their median (a swapped ratio would
+    read 1.25 or 2); only the log is written."""
+    _, check_families_gpu, clock = scripts
+    import compressor
+    import profile_prefill_host
+
+    calls: list[str] = []
+    costs = (("source", 0.010), ("heads", 0.008), ("channels", 0.005))
+    monkeypatch.setattr(check_families_gpu, "speed_runners",
+                        lambda name, work: {name: StandIn(name, cost, clock, calls) for name, cost in costs})
+    monkeypatch.setattr(profile_prefill_host, "Runner", lambda folder: StandIn("source_shipped", 0.009, clock, calls))
+    monkeypatch.setattr(compressor, "register", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["profile_prefill_host.py", "--work", str(tmp_path / "work"), "--out-dir",
+                                      str(tmp_path / "out"), "--rounds", "2", "--no-profile"])
+    profile_prefill_host.main()
+    order = ["source", "heads", "channels", "source_shipped"]
+    assert calls[12:] == [name for name in order for _ in range(10)] + [name for name in order[::-1] for _ in range(10)]
+    log = (tmp_path / "out" / "profile_prefill_host_qwen3_5.log").read_text().splitlines()
+    assert log[-3:] == ["heads / source: 0.800 0.800 (median 0.800)", "channels / source: 0.500 0.500 (median 0.500)",
+                        "source_shipped / source: 0.900 0.900 (median 0.900)"]
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["profile_prefill_host_qwen3_5.log"]
+
+
+@pytest.mark.parametrize("arguments, message", [(["--rounds", "0"], "--rounds must be at least 1"),
+                                                (["--no-profile"], "will not overwrite")])
+def test_profile_prefill_host_refuses_a_bad_count_and_an_existing_log(tmp_path, arguments, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "profile_prefill_host_qwen3_5.log").write_text("an earlier run's figures\n")
+    result = subprocess.run([sys.executable, str(SCRIPTS / "profile_prefill_host.py"), "--work", str(tmp_path / "work"),
+                             "--out-dir", str(out), *arguments], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert (out / "profile_prefill_host_qwen3_5.log").read_text() == "an earlier run's figures\n"
+    assert not (tmp_path / "work").exists()
