@@ -158,7 +158,8 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
 @pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
 def test_the_direct_forward_equals_fla_public_function(rule):
-    """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16."""
+    """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16, a query
+    scale other than d_k^-0.5."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.kda import chunk_kda
@@ -178,7 +179,7 @@ def test_the_direct_forward_equals_fla_public_function(rule):
              "kda": dict(g=torch.nn.functional.logsigmoid(random(1, tokens, 1, width)) / 16)}[rule]
     state = random(count, 1, width, width) * 0.1
     index = sequence_index(count, length, q.device)
-    inputs = dict(q=q, k=k, v=v, beta=beta, **gates)
+    inputs = dict(q=q, k=k, v=v, beta=beta, scale=0.05, **gates)
     public, direct = {"gated-delta-rule": (chunk_gated_delta_rule, fla_chunk.chunk_gated_delta_rule),
                       "delta-rule": (chunk_delta_rule, fla_chunk.chunk_delta_rule),
                       "kda": (chunk_kda, fla_chunk.chunk_kda)}[rule]
@@ -192,8 +193,8 @@ def test_the_direct_forward_equals_fla_public_function(rule):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
 def test_the_direct_gla_forward_equals_fla_public_function():
-    """GLA's per-channel decay on packed heads (5 of 130 tokens), an initial state, bf16; the number of chunks from
-    the host instead of the GPU."""
+    """GLA's per-channel decay on packed heads (5 of 130 tokens), an initial state, bf16, a query scale other than
+    d_k^-0.5; the number of chunks from the host instead of the GPU."""
     from fla.ops.gla import chunk_gla
 
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -205,9 +206,9 @@ def test_the_direct_gla_forward_equals_fla_public_function():
     state = torch.randn(count, 1, width, width, device="cuda", generator=generator) * 0.1
     index = sequence_index(count, length, q.device)
     with torch.no_grad():
-        expected = chunk_gla(q=q, k=k, v=v, g=g, initial_state=state, output_final_state=True,
+        expected = chunk_gla(q=q, k=k, v=v, g=g, scale=0.05, initial_state=state, output_final_state=True,
                              cu_seqlens=index["cu_seqlens"])
-        got = fla_chunk.chunk_gla(q=q, k=k, v=v, g=g, initial_state=state, output_final_state=True,
+        got = fla_chunk.chunk_gla(q=q, k=k, v=v, g=g, scale=0.05, initial_state=state, output_final_state=True,
                                   cu_seqlens=index["cu_seqlens"], chunk_indices=index["chunk_indices"],
                                   chunk_offsets=index["chunk_offsets"])
     assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])

@@ -154,8 +154,8 @@ def test_the_kda_step_writes_in_place_only_through_the_fla_function_it_was_writt
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode step runs on CUDA tensors")
 def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_reference():
-    """kimi_delta_attention's CUDA decode step: the reference's output and state, the state written over the
-    cache's tensor outside autograd, and a new state with autograd on."""
+    """kimi_delta_attention's CUDA decode step at a query scale other than d_k^-0.5: the reference's output and
+    state, the state written over the cache's tensor outside autograd, and a new state with autograd on."""
     pytest.importorskip("fla")
     generator = torch.Generator().manual_seed(4)
     q, k = (torch.randn(2, 1, 3, 12, generator=generator).cuda() for _ in range(2))
@@ -164,11 +164,11 @@ def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_re
     beta = torch.rand(2, 1, 3, generator=generator).cuda()
     initial = torch.randn(2, 3, 12, 20, generator=generator).cuda()
     expected = naive_recurrent_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
-                                   use_qk_l2norm_in_kernel=True)
+                                   use_qk_l2norm_in_kernel=True, scale=0.2)
     for grad in (False, True):
         state = initial.clone()
         with torch.set_grad_enabled(grad):
-            got = kimi_delta_attention(q, k, v, g, beta, initial_state=state, output_final_state=True)
+            got = kimi_delta_attention(q, k, v, g, beta, initial_state=state, output_final_state=True, scale=0.2)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert (got[1].data_ptr() == state.data_ptr()) != grad

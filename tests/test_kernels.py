@@ -565,8 +565,9 @@ def test_the_in_place_decode_step_is_taken_only_with_the_kernel_it_was_written_f
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode step runs on CUDA tensors")
 def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_reference():
-    """gated_delta_rule's CUDA decode step: the reference's output and state, the state written over the cache's
-    tensor outside autograd, and a new state with autograd on."""
+    """gated_delta_rule's CUDA decode step at a query scale other than d_k^-0.5 (a channel-cut layer's): the
+    reference's output and state, the state written over the cache's tensor outside autograd, and a new state with
+    autograd on."""
     pytest.importorskip("fla")
     from compressor.modeling.gated_delta import gated_delta_rule
 
@@ -576,11 +577,11 @@ def test_the_cuda_decode_step_writes_the_state_over_itself_and_equals_the_refere
     g, beta = (-0.3 * torch.rand(2, 1, 3, generator=generator)).cuda(), torch.rand(2, 1, 3, generator=generator).cuda()
     initial = torch.randn(2, 3, 12, 20, generator=generator).cuda()
     expected = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial, output_final_state=True,
-                                                use_qk_l2norm_in_kernel=True)
+                                                use_qk_l2norm_in_kernel=True, scale=0.2)
     for grad in (False, True):
         state = initial.clone()
         with torch.set_grad_enabled(grad):
-            got = gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+            got = gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True, scale=0.2)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert (got[1].data_ptr() == state.data_ptr()) != grad
