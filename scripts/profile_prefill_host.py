@@ -2,7 +2,7 @@
 same source with the shipped class (every layer unpruned, under the shipped forward), and the pruned folders.
 
     python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5] [--rounds 3]
-        [--no-profile]
+        [--no-profile] [--kernels]
 
 The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
 ``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for
@@ -12,7 +12,10 @@ or waits inside the call), then each variant's wall time over the source's in th
 ``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward". Then (unless
 ``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time
 written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the
-unprofiled times, read the profile for where the calls go).
+unprofiled times, read the profile for where the calls go). With ``--kernels``, PyTorch's profiler then records
+one prefill of each variant on the GPU: its launches and GPU kernel time, and the kernels whose GPU time differs most
+from the source's (by name; ms per prefill), printed and written to ``DIR/profile_prefill_host_FAMILY_kernels.json``:
+whether a variant's extra time is the GPU's work or the host's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
 import sys
@@ -30,7 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import check_families_gpu  # noqa: E402
-from bench_inference import Runner  # noqa: E402
+from bench_inference import Runner, on_device  # noqa: E402
+
+DIFFERENCES = 12
+"""Kernels listed per variant with ``--kernels``: those whose GPU time differs most from the source's."""
 
 
 def main() -> None:
@@ -40,11 +47,16 @@ def main() -> None:
     parser.add_argument("--family", default="qwen3_5", choices=[f for g in check_families_gpu.WORKERS for f in g])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of ten prefills per variant")
     parser.add_argument("--no-profile", action="store_true", help="time only; no cProfile (shortens the run)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also record each variant's GPU kernel time per kernel and compare it with the source's")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     outputs = [args.out_dir / f"profile_prefill_host_{args.family}.{suffix}"
                for suffix in ("log", "txt")[: 1 if args.no_profile else 2]]
+    kernels_out = args.out_dir / f"profile_prefill_host_{args.family}_kernels.json"
+    if args.kernels:
+        outputs.append(kernels_out)
     taken = [str(path) for path in outputs if path.exists()]
     if taken:
         parser.error(f"will not overwrite {', '.join(taken)}: move them or choose another --out-dir")
@@ -84,6 +96,15 @@ def main() -> None:
     for variant, values in ratios.items():
         rounds = " ".join(f"{ratio:.3f}" for ratio in values)
         say(f"{variant} / source: {rounds} (median {statistics.median(values):.3f})")
+    if args.kernels:
+        times = {variant: kernel_times(lambda: runner.prefill(ids[variant])) for variant, runner in runners.items()}
+        report = {variant: summary(times[variant], None if variant == "source" else times["source"])
+                  for variant in runners}
+        for variant, figures in report.items():
+            say(f"{variant} kernels: {figures['launches']} launches, GPU {figures['gpu_ms']:.3f} ms per prefill")
+            for name, ms, source_ms in figures.get("differing_from_source", []):
+                say(f"  {ms - source_ms:+.3f} ms  {name} ({source_ms:.3f} -> {ms:.3f})")
+        kernels_out.write_text(json.dumps(report, indent=1) + "\n")
     log.close()
     if args.no_profile:
         return
@@ -100,6 +121,34 @@ def main() -> None:
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(45)
                 out.write(f"===== {variant} by {key} (20 prefills) =====\n{text.getvalue()}\n")
+
+
+def kernel_times(prefill) -> dict[str, tuple[float, int]]:
+    """{kernel name: (GPU ms, launches)} of one call of ``prefill`` under PyTorch's profiler (after one untimed
+    call), from its device-side events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefill()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill()
+        torch.cuda.synchronize()
+    return {e.key: (e.self_device_time_total / 1e3, e.count) for e in on_device(prof.key_averages())}
+
+
+def summary(times: dict[str, tuple[float, int]], source: dict[str, tuple[float, int]] | None) -> dict:
+    """A variant's launches and GPU ms from ``kernel_times``, and given the source's, the ``DIFFERENCES`` kernels
+    whose GPU time differs most from the source's: [name, ms, source's ms], largest difference first (a kernel only
+    one of them runs counts 0 ms in the other)."""
+    figures = {"launches": sum(count for _, count in times.values()),
+               "gpu_ms": round(sum(ms for ms, _ in times.values()), 3)}
+    if source is not None:
+        names = sorted(times.keys() | source.keys(),
+                       key=lambda name: -abs(times.get(name, (0.0, 0))[0] - source.get(name, (0.0, 0))[0]))
+        figures["differing_from_source"] = [[name[:80], round(times.get(name, (0.0, 0))[0], 4),
+                                             round(source.get(name, (0.0, 0))[0], 4)]
+                                            for name in names[:DIFFERENCES]]
+    return figures
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ derives from its timings (a stand-in clock makes every call's time known)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -207,6 +208,41 @@ def test_profile_prefill_host_times_every_variant_in_turns_and_reports_its_ratio
     assert log[-3:] == ["heads / source: 0.800 0.800 (median 0.800)", "channels / source: 0.500 0.500 (median 0.500)",
                         "source_shipped / source: 0.900 0.900 (median 0.900)"]
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["profile_prefill_host_qwen3_5.log"]
+
+
+def test_profile_prefill_host_compares_each_variants_kernels_with_the_sources(scripts, monkeypatch, tmp_path):
+    """``--kernels``: one profiled prefill per variant; each variant's launches and GPU time, and the kernels whose
+    GPU time differs most from the source's, largest difference first, a kernel that only one of them runs at 0 ms
+    in the other; the source lists none."""
+    _, check_families_gpu, clock = scripts
+    import compressor
+    import profile_prefill_host
+
+    calls: list[str] = []
+    costs = (("source", 0.010), ("heads", 0.008))
+    monkeypatch.setattr(check_families_gpu, "speed_runners",
+                        lambda name, work: {name: StandIn(name, cost, clock, calls) for name, cost in costs})
+    monkeypatch.setattr(profile_prefill_host, "Runner", lambda folder: StandIn("source_shipped", 0.009, clock, calls))
+    monkeypatch.setattr(compressor, "register", lambda: None)
+    kernels = {"source": {"chunk": (2.0, 3), "gate": (0.5, 3), "norm": (0.25, 3)},
+               "heads": {"chunk": (1.5, 3), "gate": (0.5, 3), "copy": (0.125, 3)},
+               "source_shipped": {"chunk": (2.0, 3), "gate": (0.75, 3), "norm": (0.25, 3)}}
+
+    def kernel_times(prefill):
+        prefill()
+        return kernels[calls[-1]]
+
+    monkeypatch.setattr(profile_prefill_host, "kernel_times", kernel_times)
+    monkeypatch.setattr(sys, "argv", ["profile_prefill_host.py", "--work", str(tmp_path / "work"), "--out-dir",
+                                      str(tmp_path / "out"), "--rounds", "1", "--no-profile", "--kernels"])
+    profile_prefill_host.main()
+    report = json.loads((tmp_path / "out" / "profile_prefill_host_qwen3_5_kernels.json").read_text())
+    assert report["source"] == {"launches": 9, "gpu_ms": 2.75}
+    assert report["heads"]["gpu_ms"] == 2.125 and report["heads"]["differing_from_source"] == [
+        ["chunk", 1.5, 2.0], ["norm", 0.0, 0.25], ["copy", 0.125, 0.0], ["gate", 0.5, 0.5]]
+    assert report["source_shipped"]["differing_from_source"][0] == ["gate", 0.75, 0.5]
+    log = (tmp_path / "out" / "profile_prefill_host_qwen3_5.log").read_text()
+    assert "source_shipped kernels: 9 launches, GPU 3.000 ms per prefill" in log and "-0.500 ms  chunk" in log
 
 
 @pytest.mark.parametrize("arguments, message", [(["--rounds", "0"], "--rounds must be at least 1"),
