@@ -792,6 +792,9 @@ def importing_torch(process: subprocess.Popen) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory map (Linux)")
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                    reason="these tests run with SIGINT ignored (a background job of a script), as compress then "
+                           "keeps it")
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     """The signal lands while torch loads; it takes effect once no import runs, which on a loaded machine can be after
     the weights' progress bar has started (a bar is not an error line)."""
