@@ -11,8 +11,8 @@ transformers' or fla's), the same weights in the shipped class (``unpruned``), t
 ``--public`` the pruned model through fla's public chunked functions instead of the direct forwards
 (``pruned_public``), and with ``--channels`` a model pruned by the same heads and 6 of each key head's 16
 query/key channels (``pruned_channels``; not Kimi Linear, whose layers cannot hold fewer, nor DeltaNet, whose tiny
-model's heads have 8). One prefill of
-2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each model up, and the next is counted:
+model's heads have 8). One prefill of 2 x LENGTH tokens (``logits_to_keep=1``, no padding) warms each model up, and
+the next is counted:
 
 - ``triton``: launches of Triton kernels (fla's, the shipped row kernels);
 - ``torch``: PyTorch operators that launch a kernel on a GPU (every operator but views and uninitialised

@@ -6,10 +6,10 @@ computes g = -exp(A_log) · softplus(a + dt_bias) in three launches and beta = s
 beta where negative eigenvalues are allowed), where fla's stock layer fuses both into its chunked kernels (which read
 ``A_log`` and ``dt_bias`` by head index, which the packed layout does not have). ``head_gates`` launches one Triton
 kernel that reads a and b token-major in their own dtype (views of one fused projection too: tokens ``a.stride(1)``
-and ``b.stride(1)`` apart) and writes g in float32 and beta in b's dtype, head-major. Neither the head count, the batch, the length nor a stride is a compile-time
-constant: one compilation per dtype, one fixed configuration, no autotuning. The softplus is PyTorch's form
-(log1p(exp(x)) up to 20, x above; NaN stays NaN), the sigmoid computed in float32 and rounded once, as PyTorch's
-(equal to a few float32 ulps: Triton's exp is not PyTorch's).
+and ``b.stride(1)`` apart) and writes g in float32 and beta in b's dtype, head-major. Neither the head count, the
+batch, the length nor a stride is a compile-time constant: one compilation per dtype, one fixed configuration, no
+autotuning. The softplus is PyTorch's form (log1p(exp(x)) up to 20, x above; NaN stays NaN), the sigmoid computed in
+float32 and rounded once, as PyTorch's (equal to a few float32 ulps: Triton's exp is not PyTorch's).
 
 Shapes: a, b [B, T, H] (unit stride over heads, batch entries T tokens apart); dt_bias and scale = -exp(A_log) [H],
 contiguous, float32; returns (g [B, T, H] float32, beta [B, T, H] in b's dtype), both head-major
