@@ -177,7 +177,8 @@ def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_re
 CHANNEL_GATE_INTERPRETED = """
 import torch
 import torch.nn.functional as F
-from compressor.modeling.channel_gate import channel_gate
+from compressor.modeling.channel_gate import LOG2_E, channel_gate, chunk_cumulative
+from compressor.modeling.packed_heads import CHUNK_SIZE
 
 generator = torch.Generator().manual_seed(0)
 for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 70, 2, 128, torch.float32),
@@ -193,6 +194,12 @@ for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 7
         assert got.dtype == torch.float32 and got.shape == f.shape and got.transpose(1, 2).is_contiguous()
         error = ((got - expected).abs() / (expected.abs() + 1e-6)).max().item()
         assert error < 1e-4, (batch, length, heads, width, lower_bound, error)
+        chunks = F.pad(got, (0, 0, 0, 0, 0, -length % CHUNK_SIZE)).view(batch, -1, CHUNK_SIZE, heads, width)
+        sums = chunks.cumsum(2).view(batch, -1, heads, width)[:, :length] * LOG2_E
+        for g in (got, got.contiguous()):  # head-major, as channel_gate writes it, and token-major
+            cumulative = chunk_cumulative(g)
+            assert cumulative.shape == g.shape and cumulative.transpose(1, 2).is_contiguous()
+            torch.testing.assert_close(cumulative, sums, rtol=1e-5, atol=1e-5)
 assert channel_gate(torch.empty(2, 0, 3, 8), torch.zeros(3, 8), torch.ones(3), None).shape == (2, 0, 3, 8)
 g = channel_gate(torch.tensor([float("nan"), 1.0]).view(1, 1, 1, 2), torch.zeros(1, 2), torch.ones(1), None)
 assert g[0, 0, 0, 0].isnan() and not g[0, 0, 0, 1].isnan()  # NaN stays NaN, as in F.softplus
@@ -203,7 +210,9 @@ print("ok")
 def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     """KDA's decay kernel (``channel_gate.py``) run by Triton's interpreter against PyTorch's formula: lengths that are
     not a multiple of its token block, key head sizes that are not powers of two, bf16 and float32 inputs, both gate
-    forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1)."""
+    forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1).
+    Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major, against PyTorch's
+    cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end."""
     pytest.importorskip("triton")
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 

@@ -726,12 +726,18 @@ def test_the_head_gather_kernel_compiles_for_an_h100_with_vector_loads(layout):
     assert "ld.global.v4.b32" in loads, loads
 
 
-@pytest.mark.parametrize("bounded", [False, True])
-def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(bounded):
-    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: f loaded 16 bytes at a time."""
+@pytest.mark.parametrize("form", ["softplus", "bounded", "chunk-sums"])
+def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
+    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: bf16 f, or for the chunk-local sums float32 g,
+    loaded 16 bytes at a time."""
     pytest.importorskip("triton")
     from compressor.modeling.channel_gate import BLOCK_TOKENS, channel_gate_kernel
+    from compressor.modeling.packed_heads import CHUNK_SIZE
 
-    types = dict(f="*bf16", bias="*fp32", rate="*fp32", out="*fp32", lower_bound="fp32", T="i32", H="i32", NT="i32")
-    loads = hopper_loads(channel_gate_kernel, types, {"K": 128, "BT": BLOCK_TOKENS, "BK": 128, "BOUNDED": bounded})
+    gated = form != "chunk-sums"
+    types = dict(f="*bf16" if gated else "*fp32", bias="*fp32", rate="*fp32", out="*fp32", lower_bound="fp32",
+                 scale="fp32", T="i32", H="i32", NT="i32", s_b="i32", s_t="i32", s_h="i32")
+    constants = {"K": 128, "BT": BLOCK_TOKENS if gated else CHUNK_SIZE, "BK": 128, "GATED": gated,
+                 "BOUNDED": form == "bounded", "CUMULATIVE": not gated}
+    loads = hopper_loads(channel_gate_kernel, types, constants)
     assert "ld.global.v4.b32" in loads, loads

@@ -1,18 +1,23 @@
-"""KDA's per-channel log decay in one launch, written head-major.
+"""KDA's per-channel log decay in one launch, written head-major; and its chunk-local cumulative sums, the form fla's
+chunked KDA kernels read.
 
 Shipped inside KDA output folders, fla's and Kimi Linear's (imports only torch and, where installed, triton). The
 packed layout (``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch
 computes -exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size (Kimi Linear's
 stock forget gate in about ten), where fla's stock KDA layer fuses the gate into its chunked sum (a kernel that
 reads ``A_log`` and ``dt_bias`` by head index, which the packed layout does not have). ``channel_gate`` launches one
-Triton kernel that reads f token-major in its own dtype and writes g head-major in float32. Neither the head count,
-the batch nor the length is a compile-time constant: one compilation per key head size and gate form, one fixed
-configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's
-log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log)
-· (f + dt_bias)).
+Triton kernel that reads f token-major in its own dtype and writes g head-major in float32. ``chunk_cumulative``
+runs the same kernel without the gate and with the chunked sum: g's running sums within each chunk of
+``CHUNK_SIZE`` tokens, times log2(e), as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with
+no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
+pruned model's layers). Neither the head count, the batch nor the length is a compile-time constant: one
+compilation per key head size, gate form and layout divisibility, one fixed configuration, no autotuning. The
+softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's log(1 + exp(x)) lose the small
+values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
 
-Shapes: f [B, T, H, K] contiguous; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32; returns
-[B, T, H, K] float32, head-major (``.transpose(1, 2)`` contiguous). CPU tensors only under Triton's interpreter.
+Shapes: f [B, T, H, K] contiguous; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32; g [B, T, H, K]
+float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)`` contiguous).
+CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .fla_decode_step import launching_on, next_power_of_2
+from .packed_heads import CHUNK_SIZE
 
 try:  # KDA folders run on fla, which needs triton; without it the caller computes in PyTorch
     import triton
@@ -28,7 +34,10 @@ except ImportError:
     triton = None
 
 BLOCK_TOKENS = 32
-"""Tokens per program: with 4 warps and K = 128, 32 values per thread."""
+"""Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (``chunk_cumulative``'s
+programs take one chunk each)."""
+LOG2_E = 1.4426950216
+"""log2(e) as fla writes it (``RCP_LN2``): its chunked kernels take the decay's sums in base 2."""
 NUM_WARPS = 4
 MAX_KEY_DIM = 256
 """The widest key heads ``takes`` lets through (a program holds BLOCK_TOKENS x K values)."""
@@ -49,17 +58,34 @@ def takes(f: torch.Tensor, dtype: torch.dtype) -> bool:
 def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None) -> torch.Tensor:
     """-rate · softplus(f + bias), or lower_bound · sigmoid(rate · (f + bias)) where ``lower_bound`` is given, per
     value head h and key channel: f [B, T, H, K], bias [H, K], rate [H] -> [B, T, H, K] float32, head-major."""
-    batch, length, heads, width = f.shape
+    heads, width = f.shape[2:]
     if bias.shape != (heads, width) or rate.numel() != heads or not (bias.is_contiguous() and rate.is_contiguous()):
         raise ValueError(f"channel_gate takes a contiguous bias [{heads}, {width}] and rate [{heads}]")
-    out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=f.device)
+    return _launch(f, bias, rate, lower_bound, gated=True, block=BLOCK_TOKENS)
+
+
+def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
+    """The running sums of g [B, T, H, K] (float32, unit channel stride, any order of the other dimensions) over the
+    tokens of each chunk of ``CHUNK_SIZE`` (restarting at every multiple of it), times ``LOG2_E``:
+    [B, T, H, K] float32, head-major."""
+    if g.dtype != torch.float32 or g.stride(-1) != 1:
+        raise ValueError("chunk_cumulative takes float32 g with unit channel stride")
+    return _launch(g, g, g, None, gated=False, block=CHUNK_SIZE)
+
+
+def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None, gated: bool,
+            block: int) -> torch.Tensor:
+    """One launch of ``channel_gate_kernel`` over x [B, T, H, K], ``block`` tokens a program (the chunk size: the
+    running sums)."""
+    batch, length, heads, width = x.shape
+    out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
     if out.numel():
-        chunks = -(-length // BLOCK_TOKENS)
-        with launching_on(f):
+        chunks = -(-length // block)
+        with launching_on(x):
             channel_gate_kernel[(chunks * batch * heads,)](
-                f, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), length, heads, chunks,
-                K=width, BT=BLOCK_TOKENS, BK=next_power_of_2(width), BOUNDED=lower_bound is not None,
-                num_warps=NUM_WARPS,
+                x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
+                *(x.stride(i) for i in range(3)), K=width, BT=block, BK=next_power_of_2(width), GATED=gated,
+                BOUNDED=lower_bound is not None, CUMULATIVE=not gated, num_warps=NUM_WARPS,
             )
     return out.transpose(1, 2)
 
@@ -67,10 +93,11 @@ def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_
 if triton is not None:
 
     @triton.jit(do_not_specialize=["T", "H", "NT"])
-    def channel_gate_kernel(f, bias, rate, out, lower_bound, T, H, NT, K: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BOUNDED: tl.constexpr):
-        """One program per BT tokens of one (sequence, head): f read at ((b·T + t)·H + h)·K + k, g written at
-        ((b·H + h)·T + t)·K + k."""
+    def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, s_b, s_t, s_h, K: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, BOUNDED: tl.constexpr,
+                            CUMULATIVE: tl.constexpr):
+        """One program per BT tokens of one (sequence, head): f read at b·s_b + t·s_t + h·s_h + k, the result written
+        at ((b·H + h)·T + t)·K + k; with CUMULATIVE, its running sum over the program's tokens, times ``scale``."""
         i_bh = tl.program_id(0).to(tl.int64) // NT
         i_t = tl.program_id(0).to(tl.int64) % NT
         i_b, i_h = i_bh // H, i_bh % H
@@ -78,13 +105,16 @@ if triton is not None:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         mask = (o_t < T)[:, None] & m_k[None, :]
-        x = tl.load(f + ((i_b * T + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32) + tl.load(bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
-        a = tl.load(rate + i_h).to(tl.float32)
-        if BOUNDED:
-            y = lower_bound * tl.sigmoid(a * x)
-        else:  # softplus as PyTorch's: log1p(exp(x)) (Goldberg's form of log1p: no log(1 + e) that rounds e away)
-            e = tl.exp(tl.minimum(x, 20.0, propagate_nan=tl.PropagateNan.ALL))
-            u = 1.0 + e
-            y = -a * tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
+        y = tl.load(f + i_b * s_b + o_t[:, None] * s_t + i_h * s_h + o_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            x = y + tl.load(bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+            a = tl.load(rate + i_h).to(tl.float32)
+            if BOUNDED:
+                y = lower_bound * tl.sigmoid(a * x)
+            else:  # softplus as PyTorch's: log1p(exp(x)) (Goldberg's form of log1p: no log(1 + e) that rounds e away)
+                e = tl.exp(tl.minimum(x, 20.0, propagate_nan=tl.PropagateNan.ALL))
+                u = 1.0 + e
+                y = -a * tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
+        if CUMULATIVE:  # rows past T follow the last token: they change no sum of the tokens before them
+            y = tl.cumsum(y, axis=0) * scale
         tl.store(out + (i_bh * T + o_t[:, None]) * K + o_k[None, :], y, mask=mask)

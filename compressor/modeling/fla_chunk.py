@@ -13,7 +13,8 @@ otherwise.
 
 Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for KDA and
 GLA, [1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
-[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``.
+[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``. KDA's forward takes the
+same sequences as a batch instead, [S, T, 1, ·] (the same memory: ``packed_heads.heads_as_batch``).
 """
 
 from __future__ import annotations
@@ -38,20 +39,28 @@ DELTA_PARAMETERS = (
 )
 """The parameters of fla 0.6's ``chunk_delta_rule_fwd``, in order."""
 
-KDA_PARAMETERS = (
-    "q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state", "state_v_first", "cu_seqlens",
-    "cu_seqlens_cpu", "chunk_indices", "chunk_size", "safe_gate", "lower_bound", "use_gate_in_kernel", "A_log",
-    "dt_bias", "disable_recompute", "return_intermediate_states", "cp_context", "use_graph", "chunk_offsets",
+GLA_OUTPUT_PARAMETERS = (
+    "q", "v", "g", "A", "h", "scale", "state_v_first", "cu_seqlens", "chunk_size", "chunk_indices", "use_graph",
 )
-"""The parameters of fla 0.6's ``chunk_kda_fwd``, in order."""
+"""The parameters of fla 0.6's ``chunk_gla_fwd_o_gk`` (the output of GLA's and KDA's chunked forwards), in order."""
+
+KDA_PARAMETERS = {
+    ("fla.ops.kda.chunk_intra", "chunk_kda_fwd_intra"): (
+        "q", "k", "v", "gk", "beta", "scale", "cu_seqlens", "chunk_size", "chunk_indices", "safe_gate", "lower_bound",
+        "disable_recompute", "use_graph"),
+    ("fla.ops.common.chunk_delta_h", "chunk_gated_delta_rule_fwd_h"): (
+        "k", "w", "u", "g", "gk", "initial_state", "output_final_state", "chunk_size", "save_new_value",
+        "state_v_first", "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "chunk_offsets"),
+    ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): GLA_OUTPUT_PARAMETERS,
+}
+"""The parameters of the pieces of fla 0.6's ``chunk_kda_fwd`` that ``chunk_kda`` calls, in order."""
 
 GLA_PARAMETERS = {
     ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector"): (
         "g", "chunk_size", "reverse", "scale", "cu_seqlens", "output_dtype", "chunk_indices", "use_graph", "kwargs"),
     ("fla.ops.gla.chunk", "chunk_gla_fwd_intra_gk"): (
         "q", "k", "g", "scale", "cu_seqlens", "chunk_size", "chunk_indices"),
-    ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): (
-        "q", "v", "g", "A", "h", "scale", "state_v_first", "cu_seqlens", "chunk_size", "chunk_indices", "use_graph"),
+    ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): GLA_OUTPUT_PARAMETERS,
 }
 """The parameters of the pieces of fla 0.6's ``chunk_gla_fwd`` that ``chunk_gla`` calls, in order."""
 
@@ -90,8 +99,10 @@ def delta_forward():
 
 @lru_cache(maxsize=1)
 def kda_forward():
-    """fla's ``chunk_kda_fwd`` if its parameters are ``KDA_PARAMETERS``, else None."""
-    return fla_function("fla.ops.kda.chunk_fwd", "chunk_kda_fwd", KDA_PARAMETERS)
+    """(fla's ``chunk_kda_fwd_intra``, ``chunk_gated_delta_rule_fwd_h``, ``chunk_gla_fwd_o_gk``) if each takes the
+    parameters ``KDA_PARAMETERS`` names, else None."""
+    pieces = tuple(fla_function(module, name, parameters) for (module, name), parameters in KDA_PARAMETERS.items())
+    return None if None in pieces else pieces
 
 
 @lru_cache(maxsize=1)
@@ -159,23 +170,39 @@ def chunk_delta_rule(
 def chunk_kda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, cu_seqlens_cpu: torch.Tensor | None = None,
-    chunk_indices: torch.Tensor | None = None, use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
+    use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_kda`` at ``scale`` (None: d_k^-0.5; g: per-channel log decay [1, N, 1, K], beta after its
-    sigmoid), for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False) and a float32 initial state
-    (as ``chunk_kda`` requires), through ``kda_forward()``, which returns (o, final state, g's cumulative sum, …).
-    Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    """fla's chunked KDA forward at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens, from
+    the decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative``, in place of the cumulative sum that
+    ``chunk_kda_fwd`` computes first), through the pieces of ``kda_forward()``: the intra-chunk system, the chunk
+    states, the output. q and k are normalised already (``use_qk_l2norm_in_kernel`` must be False), beta is after
+    its sigmoid, the initial state float32 (as ``chunk_kda`` requires). As a batch rather than packed sequences, no
+    kernel searches its sequence by token or reads sequence boundaries, and no kernel takes the batch size as a
+    compile-time constant; the states are computed value-first, as fla's KDA layer asks (the layout its kernels are
+    tuned for), and taken and returned key-first.
+
+    Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V].
+    Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    if use_qk_l2norm_in_kernel:
+        raise ValueError("the direct chunked forward takes queries and keys normalised already")
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
-    return _delta_rule(kda_forward(), (0, 1), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
-                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale,
-                       cu_seqlens_cpu=cu_seqlens_cpu)
+    intra, states, output = kda_forward()
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    with launching_on(q):
+        w, u, _, keys, scores, _ = intra(q=q, k=k, v=v, gk=g, beta=beta, scale=scale, chunk_size=CHUNK_SIZE)
+        h, new_values, final = states(
+            k=keys, w=w, u=u, gk=g, output_final_state=output_final_state, chunk_size=CHUNK_SIZE, state_v_first=True,
+            initial_state=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
+        )
+        o = output(q=q, v=new_values, g=g, A=scores, h=h, scale=scale, chunk_size=CHUNK_SIZE, state_v_first=True)
+    return o.to(q.dtype), None if final is None else final.transpose(-1, -2).contiguous()
 
 
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
                 initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
-                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, scale: float | None, **options):
+                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, scale: float | None):
     """``forward(**inputs, scale, …, **options)`` (None: d_k^-0.5) on contiguous inputs and on q's device; (o in q's
     dtype, final state) from the ``positions`` of its results."""
     if use_qk_l2norm_in_kernel:
@@ -185,7 +212,7 @@ def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Ten
         results = forward(
             **inputs, scale=inputs["k"].shape[-1] ** -0.5 if scale is None else scale,
             initial_state=None if initial_state is None else initial_state.contiguous(),
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, **options,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         )
     out, final = (results[position] for position in positions)
     return out.to(inputs["q"].dtype), final

@@ -25,6 +25,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from . import channel_gate
 from .fla_chunk import chunk_kda as unwrapped_chunk
 from .fla_chunk import direct, kda_forward
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
@@ -135,8 +136,9 @@ def kimi_delta_attention(
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside: fla on CUDA tensors
-    (every head a packed sequence, or for one decode token a batch entry: see ``packed_heads.py``; outside autograd
-    the chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise.
+    (every head a packed sequence, or a batch entry of its own: see ``packed_heads.py``; outside autograd the chunked
+    form beneath fla's wrappers, ``fla_chunk.py``, from g's chunk-local sums by ``channel_gate.chunk_cumulative``),
+    PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
@@ -153,8 +155,9 @@ def kimi_delta_attention(
         q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if direct(q, kda_forward):
-            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices", "cu_seqlens_cpu"), **options)
+        if direct(q, kda_forward) and channel_gate.runs(g, g.shape[-1]) and g.dtype == torch.float32:
+            per_head["g"] = channel_gate.chunk_cumulative(g)
+            return heads_as_batch(unwrapped_chunk, per_head, **options)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
