@@ -40,12 +40,14 @@ LOG2_E = 1.4426950216
 """log2(e) as fla writes it (``RCP_LN2``): its chunked kernels take the decay's sums in base 2."""
 NUM_WARPS = 4
 MAX_KEY_DIM = 256
-"""The widest key heads ``takes`` lets through (a program holds BLOCK_TOKENS x K values)."""
+"""The widest key heads ``runs`` lets through (a program holds BLOCK_TOKENS x K values, or CHUNK_SIZE x K for the
+chunk sums)."""
 
 
 def runs(x: torch.Tensor, width: int) -> bool:
-    """Whether ``channel_gate`` runs now for key heads of ``width`` channels computed from x (any tensor on their
-    device): x on a GPU, outside autograd (the kernel has no backward), width ≤ ``MAX_KEY_DIM``, triton importable."""
+    """Whether ``channel_gate`` and ``chunk_cumulative`` run now for key heads of ``width`` channels computed from x
+    (any tensor on their device): x on a GPU, outside autograd (the kernel has no backward), width ≤ ``MAX_KEY_DIM``,
+    triton importable."""
     return triton is not None and x.is_cuda and not torch.is_grad_enabled() and width <= MAX_KEY_DIM
 
 

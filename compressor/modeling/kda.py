@@ -25,11 +25,17 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from . import channel_gate
+from .channel_gate import chunk_cumulative
+from .channel_gate import runs as channel_gate_runs
 from .fla_chunk import chunk_kda as unwrapped_chunk
 from .fla_chunk import direct, kda_forward
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
 from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
+
+MAX_BATCH_ENTRIES = 65_535
+"""The most heads (batch x value heads) the direct chunked forward takes as batch entries: fla's kernels put the
+batch in the second or third dimension of their grids, which CUDA caps at 65,535. More take fla's public function,
+every head a packed sequence."""
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -155,8 +161,9 @@ def kimi_delta_attention(
         q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if direct(q, kda_forward) and channel_gate.runs(g, g.shape[-1]) and g.dtype == torch.float32:
-            per_head["g"] = channel_gate.chunk_cumulative(g)
+        if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and g.stride(-1) == 1
+                and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES):
+            per_head["g"] = chunk_cumulative(per_head["g"])
             return heads_as_batch(unwrapped_chunk, per_head, **options)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:

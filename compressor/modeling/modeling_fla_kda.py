@@ -62,10 +62,10 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
 
     def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
         """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
-        is) and head-major (on CUDA it packs as a view): -exp(A_log) · softplus(f + dt_bias), or fla's bounded gate
-        lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes it. Outside autograd
-        the parameters' part is ``kept`` and the result written head-major, on a GPU in one launch
-        (``channel_gate``)."""
+        is) and head-major (on CUDA the recurrence reads it without a copy): -exp(A_log) · softplus(f + dt_bias), or
+        fla's bounded gate lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes
+        it. Outside autograd the parameters' part is ``kept`` and the result written head-major, on a GPU in one
+        launch (``channel_gate``)."""
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
 
         def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ class PrunedKimiDeltaAttention(RecordedDecodeSteps, KimiLinearDeltaAttention):
     def channel_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The stock forget gate's log decay -exp(A_log) · softplus(f + dt_bias) [B, T, H, d] float32, f the low-rank
         projection of hidden [B, T, D]: on a GPU outside autograd, unless accelerate hooks the gate, in one launch of
-        ``channel_gate``, which writes it head-major (the recurrence packs it as a view) and whose softplus is
+        ``channel_gate``, which writes it head-major (the recurrence reads it without a copy) and whose softplus is
         log1p's (equal up to float32 rounding; the stock module's log(1 + exp(x)) rounds tiny values to 0), where the
         stock module launches about ten kernels over float32 temporaries of that size; otherwise the stock module."""
         gate = self.forget_gate

@@ -13,9 +13,10 @@ launched with a constant count (``normalised``, ``fla_rows.py``).
 
 Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H] (per-head gates, beta) are packed
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
-contiguous, as the mixers produce them) pack without a copy. A single decode token needs no sequence boundaries
-where the kernel takes the batch size as an ordinary argument: ``heads_as_batch`` hands such a kernel B·H one-head
-batch entries instead, which spares every step the varlen bookkeeping.
+contiguous, as the mixers produce them) pack without a copy. Kernels that take the batch size as an ordinary argument
+need no sequence boundaries: ``heads_as_batch`` hands such a kernel B·H one-head batch entries instead (the same
+memory), which spares it the varlen bookkeeping: a decode token's step, and KDA's chunked forward
+(``fla_chunk.chunk_kda``).
 """
 
 from __future__ import annotations
