@@ -82,11 +82,12 @@ def test_agrees_with_the_references_of_fla_and_transformers(inputs):
     assert (ours - hf_out).abs().max() < 1e-4 and (ours_final - hf_final).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("limit, taken", [(6, "direct"), (5, "public")])
-def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, taken):
+@pytest.mark.parametrize("limit, strided, taken", [(6, False, "direct"), (5, False, "public"), (6, True, "public")])
+def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, strided, taken):
     """On the CUDA path outside autograd the chunked forward runs its B·H heads as batch entries, which fla's kernels
-    put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, fla's public function with every head a
-    packed sequence. Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
+    put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a decay whose channels are not
+    adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a packed sequence.
+    Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
     pytest.importorskip("fla.ops.kda")
     calls = []
 
@@ -103,12 +104,24 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
     monkeypatch.setattr(kda, "channel_gate_runs", lambda x, width: True)
     q, k, v = (torch.randn(2, 70, 3, 8) for _ in "qkv")
     g, beta = -torch.rand(2, 70, 3, 8), torch.rand(2, 70, 3)
+    if strided:
+        g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
         out, _ = kimi_delta_attention(q, k, v, g, beta)
     monkeypatch.undo()
     assert calls == [(taken, (6, 70, 1, 8) if taken == "direct" else (1, 420, 1, 8))]
     assert torch.equal(out, v)
+
+
+def test_the_chunk_sums_refuse_a_decay_they_cannot_read():
+    """``chunk_cumulative`` reads float32 rows of adjacent channels: anything else is refused before a launch."""
+    from compressor.modeling.channel_gate import chunk_cumulative
+
+    g = -torch.rand(1, 70, 2, 8)
+    for unreadable in (g.double(), g.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        with pytest.raises(ValueError, match="float32 g with unit channel stride"):
+            chunk_cumulative(unreadable)
 
 
 def test_cpu_tensors_never_reach_fla(inputs, monkeypatch):

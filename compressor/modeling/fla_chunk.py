@@ -140,6 +140,12 @@ def direct(x: torch.Tensor, forward) -> bool:
             and not torch.compiler.is_compiling() and forward() is not None)
 
 
+def refuse_normalising(use_qk_l2norm_in_kernel: bool) -> None:
+    """Refuse what the direct forwards do not do: normalise queries and keys (their callers hand them normalised)."""
+    if use_qk_l2norm_in_kernel:
+        raise ValueError("the direct chunked forward takes queries and keys normalised already")
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
@@ -183,8 +189,7 @@ def chunk_kda(
 
     Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V].
     Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
-    if use_qk_l2norm_in_kernel:
-        raise ValueError("the direct chunked forward takes queries and keys normalised already")
+    refuse_normalising(use_qk_l2norm_in_kernel)
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
     intra, states, output = kda_forward()
@@ -203,10 +208,9 @@ def chunk_kda(
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
                 initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
                 chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, scale: float | None):
-    """``forward(**inputs, scale, …, **options)`` (None: d_k^-0.5) on contiguous inputs and on q's device; (o in q's
-    dtype, final state) from the ``positions`` of its results."""
-    if use_qk_l2norm_in_kernel:
-        raise ValueError("the direct chunked forward takes queries and keys normalised already")
+    """``forward(**inputs, scale, …)`` (None: d_k^-0.5) on contiguous inputs and on q's device; (o in q's dtype,
+    final state) from the ``positions`` of its results."""
+    refuse_normalising(use_qk_l2norm_in_kernel)
     inputs = {name: x.contiguous() for name, x in inputs.items()}
     with launching_on(inputs["q"]):
         results = forward(

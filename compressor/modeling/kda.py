@@ -161,7 +161,7 @@ def kimi_delta_attention(
         q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and g.stride(-1) == 1
+        if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and per_head["g"].stride(-1) == 1
                 and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES):
             per_head["g"] = chunk_cumulative(per_head["g"])
             return heads_as_batch(unwrapped_chunk, per_head, **options)
