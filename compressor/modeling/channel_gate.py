@@ -10,14 +10,16 @@ Triton kernel that reads f token-major in its own dtype and writes g head-major 
 runs the same kernel without the gate and with the chunked sum: g's running sums within each chunk of
 ``CHUNK_SIZE`` tokens, times log2(e), as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with
 no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
-pruned model's layers). Neither the head count, the batch nor the length is a compile-time constant: one
-compilation per key head size, gate form and layout divisibility, one fixed configuration, no autotuning. The
-softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's log(1 + exp(x)) lose the small
-values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
+pruned model's layers). ``channel_gate(..., cumulative=True)`` computes both in one launch, the decay held in
+registers between them, as fla's stock layer computes its gate inside its cumulative sum. Neither the head count,
+the batch nor the length is a compile-time constant: one compilation per key head size, gate form and layout
+divisibility, one fixed configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above:
+fla's and Kimi Linear's log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's,
+lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
 
-Shapes: f [B, T, H, K] contiguous; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32; g [B, T, H, K]
-float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)`` contiguous).
-CPU tensors only under Triton's interpreter.
+Shapes: f [B, T, H, K] with unit channel stride; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32;
+g [B, T, H, K] float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)``
+contiguous). CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ except ImportError:
     triton = None
 
 BLOCK_TOKENS = 32
-"""Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (``chunk_cumulative``'s
-programs take one chunk each)."""
+"""Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (the chunk sums' programs
+take one chunk each)."""
 LOG2_E = 1.4426950216
 """log2(e) as fla writes it (``RCP_LN2``): its chunked kernels take the decay's sums in base 2."""
 NUM_WARPS = 4
@@ -57,13 +59,17 @@ def takes(f: torch.Tensor, dtype: torch.dtype) -> bool:
     return runs(f, f.shape[-1]) and dtype == torch.float32 and f.is_contiguous()
 
 
-def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None) -> torch.Tensor:
+def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None,
+                 cumulative: bool = False) -> torch.Tensor:
     """-rate · softplus(f + bias), or lower_bound · sigmoid(rate · (f + bias)) where ``lower_bound`` is given, per
-    value head h and key channel: f [B, T, H, K], bias [H, K], rate [H] -> [B, T, H, K] float32, head-major."""
+    value head h and key channel: f [B, T, H, K] (unit channel stride), bias [H, K], rate [H] -> [B, T, H, K]
+    float32, head-major. With ``cumulative``, ``chunk_cumulative`` of that decay instead, from the same launch."""
     heads, width = f.shape[2:]
     if bias.shape != (heads, width) or rate.numel() != heads or not (bias.is_contiguous() and rate.is_contiguous()):
         raise ValueError(f"channel_gate takes a contiguous bias [{heads}, {width}] and rate [{heads}]")
-    return _launch(f, bias, rate, lower_bound, gated=True, block=BLOCK_TOKENS)
+    if f.stride(-1) != 1:
+        raise ValueError("channel_gate takes f with unit channel stride")
+    return _launch(f, bias, rate, lower_bound, gated=True, cumulative=cumulative)
 
 
 def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
@@ -72,14 +78,15 @@ def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
     [B, T, H, K] float32, head-major."""
     if g.dtype != torch.float32 or g.stride(-1) != 1:
         raise ValueError("chunk_cumulative takes float32 g with unit channel stride")
-    return _launch(g, g, g, None, gated=False, block=CHUNK_SIZE)
+    return _launch(g, g, g, None, gated=False, cumulative=True)
 
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None, gated: bool,
-            block: int) -> torch.Tensor:
-    """One launch of ``channel_gate_kernel`` over x [B, T, H, K], ``block`` tokens a program (the chunk size: the
-    running sums)."""
+            cumulative: bool) -> torch.Tensor:
+    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: ``BLOCK_TOKENS`` tokens a program, or a chunk of
+    ``CHUNK_SIZE`` for the running sums."""
     batch, length, heads, width = x.shape
+    block = CHUNK_SIZE if cumulative else BLOCK_TOKENS
     out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
     if out.numel():
         chunks = -(-length // block)
@@ -87,7 +94,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound
             channel_gate_kernel[(chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
                 *(x.stride(i) for i in range(3)), K=width, BT=block, BK=next_power_of_2(width), GATED=gated,
-                BOUNDED=lower_bound is not None, CUMULATIVE=not gated, num_warps=NUM_WARPS,
+                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=NUM_WARPS,
             )
     return out.transpose(1, 2)
 
