@@ -48,16 +48,17 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
     def num_v_heads(self) -> int:
         return self.num_heads
 
+    def unconvolved(self, q, k, v):
+        """Without short convolutions: silu on v, and on q and k for the silu feature map."""
+        if self.qk_activation == "silu":
+            q, k = F.silu(q), F.silu(k)
+        return q, k, F.silu(v)
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
-        if conv_states is None:  # without convolutions: silu on v, and on q and k for the silu feature map
-            v = F.silu(v)
-            if self.qk_activation == "silu":
-                q, k = F.silu(q), F.silu(k)
-        q, k, v = self.heads(q, k, v)
+        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
         if self.qk_activation == "relu":
             q, k = q.relu(), k.relu()
         elif self.qk_activation == "elu":

@@ -10,7 +10,6 @@ AutoConfig imports it first).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
@@ -59,10 +58,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
-        if conv_states is None:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = self.heads(q, k, v)
+        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
         beta, g = self.gates(self.a_proj(hidden_states), self.b_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,

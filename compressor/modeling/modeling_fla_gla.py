@@ -62,13 +62,16 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
             decay = torch.div(F.logsigmoid(gk), self.gate_logit_normalizer, out=head_major_like(gk, torch.float32))
         return decay if self.clamp_min is None else decay.clamp_min(self.clamp_min)
 
+    def unconvolved(self, q, k, v):
+        """Without short convolutions the projections go on as they are (the feature map comes after ``heads``)."""
+        return q, k, v
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
-        q, k, v = self.heads(q, k, v)
+        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
         gk = self.key_decay(self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim))
         if self.feature_map_fn is not None:
             q, k = (activation(self.feature_map_fn, x) for x in (q, k))

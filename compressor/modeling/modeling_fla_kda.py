@@ -107,10 +107,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.convolved_qkv(hidden_states, last_state, use_cache)
-        if conv_states is None:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = self.heads(q, k, v)
+        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
         g, gate = self.decay_inputs(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads,
                                                                         self.head_k_dim))
         beta = self.write_strength(self.b_proj(hidden_states))

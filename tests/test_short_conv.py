@@ -1,0 +1,187 @@
+"""fla's short convolutions written per value head, head-major (``short_conv.py``), and the fla mixers that take
+them on a GPU outside autograd (``FlaMixerMixin.qkv_heads``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hopper import hopper_loads
+from triton_interpreter import run_interpreted
+
+CONVOLUTIONS_INTERPRETED = """
+import sys
+import torch
+sys.path[:0] = ["tests"]
+from triton_interpreter import run_fla_chunked_kernels
+import fla.modules.causal_conv1d
+run_fla_chunked_kernels()
+from fla.modules import ShortConvolution
+from compressor.modeling.short_conv import convolved_heads, final_state
+
+generator = torch.Generator().manual_seed(0)
+# (batch, tokens, key heads, head size, taps, dtype, index, bias, cache, activation): lengths that are not a multiple
+# of the token block, one shorter than the taps (the cache's inputs reach the last token), a head size that is not
+# a power of two, value heads that repeat, skip and reorder key heads
+for batch, length, heads, width, taps, dtype, index, bias, cache, act in (
+        (2, 37, 3, 16, 4, torch.float32, [0, 0, 1, 2, 2, 2], True, True, "silu"),
+        (1, 70, 2, 24, 4, torch.bfloat16, [1, 0], False, False, "silu"),
+        (2, 3, 2, 8, 4, torch.float32, [1, 1], False, True, None),
+        (1, 40, 2, 16, 3, torch.bfloat16, [0, 1], True, True, None)):
+    channels = heads * width
+    convs = [ShortConvolution(channels, taps, bias=bias, activation=act).to(dtype) for _ in "qk"]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.normal_(generator=generator)
+    xs = [torch.randn(batch, length, channels, generator=generator).to(dtype) for _ in "qk"]
+    caches = [torch.randn(batch, channels, taps, generator=generator).to(dtype) if cache else None for _ in "qk"]
+    index = torch.tensor(index)
+    with torch.no_grad():
+        got = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches, index, width,
+                              act is not None)
+        assert got.shape == (2, batch, len(index), length, width) and got.dtype == dtype and got.is_contiguous()
+        for group, (conv, x, cache) in enumerate(zip(convs, xs, caches)):
+            expected, new_cache = conv(x, cache=cache, output_final_state=True)
+            expected = expected.view(batch, length, heads, width)[:, :, index].transpose(1, 2)
+            assert torch.equal(got[group], expected), (length, dtype, group, (got[group] - expected).abs().max())
+            assert torch.equal(final_state(x, cache, taps), new_cache), (length, dtype, group)
+        one = convolved_heads(xs[1:], [convs[1].weight.squeeze(1)], [convs[1].bias], caches[1:], index, width,
+                              act is not None)
+        assert torch.equal(one[0], got[1])
+
+x = torch.zeros(1, 5, 8)
+w, index = torch.zeros(8, 4), torch.tensor([0, 1])
+for arguments in (([x, torch.zeros(1, 5, 16)], [w, w], [None, None], [None, None], index, 4),  # shapes differ
+                  ([x.transpose(1, 2).contiguous().transpose(1, 2)], [w], [None], [None], index, 4),  # strided
+                  ([x], [w[:, :3]], [None], [None], index, 4),  # taps of another shape
+                  ([x, x], [w, w], [torch.zeros(8), None], [None, None], index, 4),  # one bias of two
+                  ([x], [w], [None], [torch.zeros(1, 8, 3)], index, 4),  # a cache of other taps
+                  ([x], [w], [None], [None], index.float(), 4),  # a float index
+                  ([x], [w], [None], [None], index, 3)):  # channels not a whole number of heads
+    try:
+        convolved_heads(*arguments, True)
+    except ValueError:
+        continue
+    raise AssertionError("convolved_heads convolved what it cannot")
+print("ok")
+"""
+
+
+def test_convolved_heads_equal_flas_convolution_then_the_heads_gathered():
+    """``short_conv``'s kernel run by Triton's interpreter against fla's ``ShortConvolution`` (its Triton kernel,
+    also interpreted) and a gather of its output's heads: bit for bit in float32 and bf16, with and without bias,
+    cache and silu, 3 and 4 taps, lengths below the taps and across token blocks, value heads repeating, skipping
+    and reordering key heads; the new cache (``final_state``) equal to fla's; one group as the second of two;
+    inputs it cannot read refused. A wrong tap, offset, state position or head moves values by O(1)."""
+    pytest.importorskip("fla.modules.causal_conv1d")
+    run_interpreted(CONVOLUTIONS_INTERPRETED)
+
+
+MIXERS_INTERPRETED = """
+import sys
+import torch
+sys.path[:0] = ["tests"]
+from emulated_cuda import cuda_path
+from tiny_fla import tiny_fla_model
+from tiny_fla import plans_for
+from compressor.layers import PruningPlan, linear_layers
+from compressor.families import family_for
+from compressor.modeling import fla_layers, short_conv
+from compressor.slicing import slim
+
+calls = []
+fla_layers.convolved_heads = lambda *arguments: calls.append(1) or short_conv.convolved_heads(*arguments)
+generator = torch.Generator().manual_seed(0)
+for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet"):  # uneven groups in kda_gva's first layer
+    model = tiny_fla_model(name)
+    slim(model, family_for(model.config), PruningPlan(kept=plans_for(name)["uneven"]))
+    mixer = linear_layers(model, family_for(model.config))[0]
+    hidden = torch.randn(2, 37, model.config.hidden_size, generator=generator)
+    width = mixer.q_conv1d.kernel_size[0]
+    caches = {"conv_state": tuple(torch.randn(2, conv.weight.shape[0], width, generator=generator)
+                                  for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d))}
+    for last_state, use_cache in ((None, False), (caches, True)):
+        with torch.no_grad(), cuda_path():
+            before = len(calls)
+            got = mixer.qkv_heads(hidden, last_state, use_cache)
+            assert len(calls) == before + 2, name  # queries and keys in one launch, values in another
+            mixer.heads = type(mixer).heads.__get__(mixer)  # as a mask wraps it: the convolutions and heads apart
+            expected = mixer.qkv_heads(hidden, last_state, use_cache)
+            del mixer.heads
+            assert len(calls) == before + 2, name
+        for a, b in zip(got[:3], expected[:3]):
+            assert a.shape == b.shape and torch.equal(a, b), (name, use_cache, (a - b).abs().max())
+        assert got[0].transpose(1, 2).is_contiguous() and got[2].transpose(1, 2).is_contiguous()  # head-major
+        for a, b in zip(got[3], expected[3], strict=True):
+            assert (a is None) == (b is None) == (not use_cache) and (a is None or torch.equal(a, b)), (name, "cache")
+print("ok")
+"""
+
+
+def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads_do():
+    """A pruned fla mixer on its CUDA path (Triton's interpreter, every tensor reporting ``is_cuda``): its queries,
+    keys and values from ``qkv_heads`` through the fused convolutions (two launches) equal the ones through fla's
+    convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, with and without a cache, and the
+    new caches equal: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet."""
+    pytest.importorskip("fla.modules.causal_conv1d")
+    run_interpreted(MIXERS_INTERPRETED)
+
+
+def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(monkeypatch):
+    """``short_conv.takes``: CUDA tensors outside autograd, more than one token, fla's own activations (silu or none;
+    queries' and keys' the same), one number of taps, parameters in the inputs' dtype, no accelerate hook."""
+    pytest.importorskip("triton")
+    from fla.modules import ShortConvolution
+
+    from compressor.modeling import short_conv
+
+    convs = [ShortConvolution(16, 4, activation=act) for act in ("silu", "silu", "silu")]
+    x = torch.randn(1, 5, 16)
+    assert not short_conv.takes(x, convs, (8, 8))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert short_conv.takes(x, convs, (8, 8))
+        assert not short_conv.takes(x[:, :1], convs, (8, 8))  # a decode step: fla's, which writes its cache in place
+        assert not short_conv.takes(x, convs, (8, short_conv.MAX_HEAD_DIM + 1))
+        assert not short_conv.takes(x.double(), convs, (8, 8))
+        assert short_conv.takes(x, [convs[0], convs[1], ShortConvolution(16, 4, activation=None)], (8, 8))
+        assert not short_conv.takes(x, [convs[0], ShortConvolution(16, 4, activation=None), convs[2]], (8, 8))
+        assert not short_conv.takes(x, [convs[0], convs[1], ShortConvolution(16, 3)], (8, 8))
+        convs[2]._hf_hook = object()
+        assert not short_conv.takes(x, convs, (8, 8))
+        del convs[2]._hf_hook
+    with torch.enable_grad():
+        assert not short_conv.takes(x, convs, (8, 8))
+
+
+@pytest.mark.parametrize("form", ["silu-bias", "state"])
+def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
+    """``short_conv``'s kernel compiled for sm_90 from bf16 inputs of heads of 128: the inputs loaded 16 bytes at a
+    time."""
+    pytest.importorskip("triton")
+    from compressor.modeling.short_conv import BLOCK_TOKENS, short_conv_kernel
+
+    pointers = dict.fromkeys(("x0", "x1", "taps0", "taps1", "bias0", "bias1", "state0", "state1", "out"), "*bf16")
+    types = dict(pointers, index="*i64", T="i32", B="i32", HV="i32", NT="i32", C="i32", s_b="i32", s_t="i32")
+    constants = {"D": 128, "W": 4, "BT": BLOCK_TOKENS, "BD": 128, "HAS_BIAS": form == "silu-bias",
+                 "HAS_STATE": form == "state", "SILU": form == "silu-bias"}
+    assert "ld.global.v4.b32" in hopper_loads(short_conv_kernel, types, constants)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_convolved_heads_on_cuda_equal_flas_convolution():
+    """The kernel compiled for a GPU: bf16 queries and keys of 300 tokens, 4 key heads of 128 read by 6 value heads,
+    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit."""
+    from fla.modules import ShortConvolution
+
+    from compressor.modeling.short_conv import convolved_heads
+
+    generator = torch.Generator().manual_seed(0)
+    convs = [ShortConvolution(512, 4, activation="silu").cuda().to(torch.bfloat16) for _ in "qk"]
+    xs = [torch.randn(2, 300, 512, generator=generator).to(torch.bfloat16).cuda() for _ in "qk"]
+    caches = [torch.randn(2, 512, 4, generator=generator).to(torch.bfloat16).cuda() for _ in "qk"]
+    index = torch.tensor([0, 0, 1, 3, 2, 2], device="cuda")
+    with torch.no_grad():
+        got = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128, True)
+        for group, (conv, x, cache) in enumerate(zip(convs, xs, caches)):
+            expected = conv(x, cache=cache)[0].view(2, 300, 4, 128)[:, :, index].transpose(1, 2)
+            assert torch.equal(got[group], expected)
