@@ -106,8 +106,10 @@ def final_state(x: torch.Tensor, state: torch.Tensor | None, width: int) -> torc
     """The cache after the convolution of x [B, T, C] from ``state`` [B, C, W] (None: zeros): the last ``width``
     inputs of each channel, [B, C, W] contiguous, in x's dtype."""
     recent = x[:, -width:].transpose(1, 2)  # [B, C, min(T, W)]
+    if recent.shape[-1] == width:
+        return recent.contiguous()
     if state is None:
-        return F.pad(recent, (width - recent.shape[-1], 0)).contiguous()
+        return F.pad(recent, (width - recent.shape[-1], 0))
     return torch.cat([state[..., recent.shape[-1]:].to(x.dtype), recent], dim=-1)
 
 
