@@ -254,7 +254,7 @@ from compressor.modeling.packed_heads import CHUNK_SIZE
 
 generator = torch.Generator().manual_seed(0)
 for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 70, 2, 128, torch.float32),
-                                           (3, 1, 4, 16, torch.float32)):
+                                           (3, 1, 4, 40, torch.float32)):  # 40: a last block of channels in part
     f = (4 * torch.randn(batch, length, heads, width, generator=generator)).to(dtype)
     f[0, 0, 0, :2] = torch.tensor([30.0, -30.0])  # both sides of the softplus threshold
     bias = torch.randn(heads, width, generator=generator)

@@ -38,6 +38,11 @@ except ImportError:
 BLOCK_TOKENS = 32
 """Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (the chunk sums' programs
 take one chunk each)."""
+SUM_BLOCK_CHANNELS = 32
+"""Channels per program where the kernel sums by chunk (a program sums CHUNK_SIZE x SUM_BLOCK_CHANNELS values), as
+fla's gate-fused cumulative sum splits the channels (``scripts/tune_project_kernels.py`` times the choices)."""
+SUM_NUM_WARPS = 2
+"""Warps per program where the kernel sums by chunk."""
 LOG2_E = 1.4426950216
 """log2(e) as fla writes it (``RCP_LN2``): its chunked kernels take the decay's sums in base 2."""
 NUM_WARPS = 4
@@ -83,35 +88,38 @@ def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None, gated: bool,
             cumulative: bool) -> torch.Tensor:
-    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: ``BLOCK_TOKENS`` tokens a program, or a chunk of
-    ``CHUNK_SIZE`` for the running sums."""
+    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: ``BLOCK_TOKENS`` tokens and every channel a
+    program, or for the running sums a chunk of ``CHUNK_SIZE`` tokens and ``SUM_BLOCK_CHANNELS`` channels."""
     batch, length, heads, width = x.shape
-    block = CHUNK_SIZE if cumulative else BLOCK_TOKENS
+    tokens, channels, warps = ((CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS)
+                               if cumulative else (BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS))
     out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
     if out.numel():
-        chunks = -(-length // block)
+        chunks, channel_blocks = -(-length // tokens), -(-width // channels)
         with launching_on(x):
-            channel_gate_kernel[(chunks * batch * heads,)](
+            channel_gate_kernel[(channel_blocks * chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
-                *(x.stride(i) for i in range(3)), K=width, BT=block, BK=next_power_of_2(width), GATED=gated,
-                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=NUM_WARPS,
+                channel_blocks, *(x.stride(i) for i in range(3)), K=width, BT=tokens, BK=channels, GATED=gated,
+                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
             )
     return out.transpose(1, 2)
 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["T", "H", "NT"])
-    def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, s_b, s_t, s_h, K: tl.constexpr,
+    @triton.jit(do_not_specialize=["T", "H", "NT", "NK"])
+    def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, NK, s_b, s_t, s_h, K: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, BOUNDED: tl.constexpr,
                             CUMULATIVE: tl.constexpr):
-        """One program per BT tokens of one (sequence, head): f read at b·s_b + t·s_t + h·s_h + k, the result written
-        at ((b·H + h)·T + t)·K + k; with CUMULATIVE, its running sum over the program's tokens, times ``scale``."""
-        i_bh = tl.program_id(0).to(tl.int64) // NT
-        i_t = tl.program_id(0).to(tl.int64) % NT
+        """One program per BT tokens and BK channels (one of NK blocks) of one (sequence, head): f read at
+        b·s_b + t·s_t + h·s_h + k, the result written at ((b·H + h)·T + t)·K + k; with CUMULATIVE, its running sum
+        over the program's tokens, times ``scale``."""
+        i_k = tl.program_id(0).to(tl.int64) % NK
+        i_bht = tl.program_id(0).to(tl.int64) // NK
+        i_bh, i_t = i_bht // NT, i_bht % NT
         i_b, i_h = i_bh // H, i_bh % H
         o_t = i_t * BT + tl.arange(0, BT)
-        o_k = tl.arange(0, BK)
+        o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         mask = (o_t < T)[:, None] & m_k[None, :]
         y = tl.load(f + i_b * s_b + o_t[:, None] * s_t + i_h * s_h + o_k[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -1,0 +1,114 @@
+"""Time the configurations of two of the project's kernels at the sizes a prefill hands them, beside the fla kernels
+they replace, to choose the ones they launch with: KDA's decay with its chunk sums (``channel_gate.py``:
+``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``) and the short convolutions written per head (``short_conv.py``:
+``BLOCK_TOKENS``, ``NUM_WARPS``).
+
+    python scripts/tune_project_kernels.py --out results.json
+
+Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels (bf16 input,
+float32 output, the softplus gate); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
+launch, then the values) and of 16 read by 32, heads of 128, 4 taps, bf16. fla's stock pieces beside them: its
+gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned) and its three convolutions (``causal_conv1d``,
+autotuned; the head copies that followed them are not counted). ``triton.testing.do_bench`` times the GPU between
+events around each call (microseconds), printed as measured, written at the end. Needs a CUDA GPU and fla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SHAPES = [(4, 2048), (1, 8192)]
+"""(batch, tokens) of the prefills."""
+HEADS = [(4, 8), (16, 32)]
+"""(key heads, value heads) of the layers."""
+WIDTH, TAPS = 128, 4
+
+
+def gate_candidates(batch: int, length: int, heads: int) -> dict:
+    """{name: call} for KDA's decay with its chunk sums at [batch, length, heads, 128]."""
+    from fla.ops.kda.gate import kda_gate_chunk_cumsum
+
+    from compressor.modeling import channel_gate
+
+    f = torch.randn(batch, length, heads, WIDTH, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(heads, WIDTH, device="cuda")
+    a_log = torch.randn(heads, device="cuda")
+    rate = a_log.exp().contiguous()
+    calls = {"fla kda_gate_chunk_cumsum (autotuned)": lambda: kda_gate_chunk_cumsum(
+        f, a_log, chunk_size=64, scale=channel_gate.LOG2_E, dt_bias=bias.view(-1))}
+
+    def configured(channels, warps):
+        def call():
+            channel_gate.SUM_BLOCK_CHANNELS, channel_gate.SUM_NUM_WARPS = channels, warps
+            channel_gate.channel_gate(f, bias, rate, None, cumulative=True)
+        return call
+
+    for channels, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
+        calls[json.dumps({"SUM_BLOCK_CHANNELS": channels, "SUM_NUM_WARPS": warps})] = configured(channels, warps)
+    return calls
+
+
+def convolution_candidates(batch: int, length: int, key_heads: int, value_heads: int) -> dict:
+    """{name: call} for the convolutions of queries, keys [batch, length, key_heads·128] and values
+    [batch, length, value_heads·128]."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    from compressor.modeling import short_conv
+
+    def inputs(heads):
+        return (torch.randn(batch, length, heads * WIDTH, device="cuda", dtype=torch.bfloat16),
+                torch.randn(heads * WIDTH, TAPS, device="cuda", dtype=torch.bfloat16))
+
+    (q, q_taps), (k, k_taps), (v, v_taps) = inputs(key_heads), inputs(key_heads), inputs(value_heads)
+    index = torch.arange(value_heads, device="cuda") // (value_heads // key_heads)
+    values = torch.arange(value_heads, device="cuda")
+    calls = {"fla causal_conv1d x 3 (autotuned)": lambda: [
+        causal_conv1d(x=x, weight=w, activation="silu") for x, w in ((q, q_taps), (k, k_taps), (v, v_taps))]}
+
+    def configured(tokens, warps):
+        def call():
+            short_conv.BLOCK_TOKENS, short_conv.NUM_WARPS = tokens, warps
+            short_conv.convolved_heads([q, k], [q_taps, k_taps], [None, None], [None, None], index, WIDTH, True)
+            short_conv.convolved_heads([v], [v_taps], [None], [None], values, WIDTH, True)
+        return call
+
+    for tokens, warps in itertools.product([16, 32, 64], [2, 4, 8]):
+        calls[json.dumps({"BLOCK_TOKENS": tokens, "NUM_WARPS": warps})] = configured(tokens, warps)
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"will not overwrite {args.out}")
+    if not torch.cuda.is_available():
+        sys.exit("tune_project_kernels.py needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    cases = [(f"channel_gate {batch}x{length}, {value_heads} heads", gate_candidates(batch, length, value_heads))
+             for (batch, length), (_, value_heads) in itertools.product(SHAPES, HEADS)]
+    cases += [(f"short_conv {batch}x{length}, {key_heads}/{value_heads} heads",
+               convolution_candidates(batch, length, key_heads, value_heads))
+              for (batch, length), (key_heads, value_heads) in itertools.product(SHAPES, HEADS)]
+    with torch.no_grad():
+        for case, calls in cases:
+            times = {name: round(do_bench(call, warmup=5, rep=25) * 1e3, 1) for name, call in calls.items()}
+            results[case] = times
+            best = min(times, key=times.get)
+            print(f"{case}: best {best} {times[best]} us; " + "; ".join(f"{n} {t}" for n, t in times.items()),
+                  flush=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
