@@ -91,7 +91,7 @@ from compressor.slicing import slim
 calls = []
 fla_layers.convolved_heads = lambda *arguments: calls.append(1) or short_conv.convolved_heads(*arguments)
 generator = torch.Generator().manual_seed(0)
-for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet"):  # uneven groups in kda_gva's first layer
+for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet", "gla_conv_relu"):  # kda_gva: uneven groups
     model = tiny_fla_model(name)
     slim(model, family_for(model.config), PruningPlan(kept=plans_for(name)["uneven"]))
     mixer = linear_layers(model, family_for(model.config))[0]
@@ -121,7 +121,8 @@ def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads
     """A pruned fla mixer on its CUDA path (Triton's interpreter, every tensor reporting ``is_cuda``): its queries,
     keys and values from ``qkv_heads`` through the fused convolutions (two launches) equal the ones through fla's
     convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, with and without a cache, and the
-    new caches equal: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet."""
+    new caches equal: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet, GLA
+    with convolutions."""
     pytest.importorskip("fla.modules.causal_conv1d")
     run_interpreted(MIXERS_INTERPRETED)
 
