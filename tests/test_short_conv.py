@@ -97,8 +97,8 @@ for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet", "gla_conv_relu")
     mixer = linear_layers(model, family_for(model.config))[0]
     hidden = torch.randn(2, 37, model.config.hidden_size, generator=generator)
     width = mixer.q_conv1d.kernel_size[0]
-    caches = {"conv_state": tuple(torch.randn(2, conv.weight.shape[0], width, generator=generator)
-                                  for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d))}
+    caches = {"conv_state": tuple(torch.randn(2, width, conv.weight.shape[0], generator=generator).transpose(1, 2)
+                                  for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d))}  # any layout
     for last_state, use_cache in ((None, False), (caches, True)):
         with torch.no_grad(), cuda_path():
             before = len(calls)
