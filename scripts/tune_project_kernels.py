@@ -1,7 +1,7 @@
 """Time the configurations of two of the project's kernels at the sizes a prefill hands them, beside the fla kernels
-they replace, to choose the ones they launch with: KDA's decay with its chunk sums (``channel_gate.py``:
-``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``) and the short convolutions written per head (``short_conv.py``:
-``BLOCK_TOKENS``, ``NUM_WARPS``).
+they replace, to choose the ones they launch with: KDA's decay and its chunk sums (``channel_gate.py``, two
+launches; the sums' ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``) and the short convolutions written per head
+(``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
 
     python scripts/tune_project_kernels.py --out results.json
 
@@ -9,7 +9,8 @@ Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value 
 float32 output, the softplus gate); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
 launch, then the values) and of 16 read by 32, heads of 128, 4 taps, bf16. fla's stock pieces beside them: its
 gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned) and its three convolutions (``causal_conv1d``,
-autotuned; the head copies that followed them are not counted). ``triton.testing.do_bench`` times the GPU between
+autotuned; the head copies that followed them are not counted; its Python wrappers can take longer than the GPU's
+work at these sizes, which this timing then measures). ``triton.testing.do_bench`` times the GPU between
 events around each call (microseconds), printed as measured, written at the end. Needs a CUDA GPU and fla.
 """
 
@@ -32,7 +33,7 @@ WIDTH, TAPS = 128, 4
 
 
 def gate_candidates(batch: int, length: int, heads: int) -> dict:
-    """{name: call} for KDA's decay with its chunk sums at [batch, length, heads, 128]."""
+    """{name: call} for KDA's decay and its chunk sums at [batch, length, heads, 128]."""
     from fla.ops.kda.gate import kda_gate_chunk_cumsum
 
     from compressor.modeling import channel_gate
@@ -47,7 +48,7 @@ def gate_candidates(batch: int, length: int, heads: int) -> dict:
     def configured(channels, warps):
         def call():
             channel_gate.SUM_BLOCK_CHANNELS, channel_gate.SUM_NUM_WARPS = channels, warps
-            channel_gate.channel_gate(f, bias, rate, None, cumulative=True)
+            channel_gate.chunk_cumulative(channel_gate.channel_gate(f, bias, rate, None))
         return call
 
     for channels, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):

@@ -82,10 +82,13 @@ def test_agrees_with_the_references_of_fla_and_transformers(inputs):
     assert (ours - hf_out).abs().max() < 1e-4 and (ours_final - hf_final).abs().max() < 1e-4
 
 
-def stand_in_kernels(monkeypatch, limit: int) -> list:
-    """fla's KDA forwards replaced by stand-ins that record (name, v's shape) and return v; at most ``limit`` batch
-    entries for the direct forward; the CUDA path taken for CPU tensors (``torch.Tensor.is_cuda`` stays patched
-    until ``monkeypatch.undo()``). Returns the record."""
+@pytest.mark.parametrize("limit, strided, taken", [(6, False, "direct"), (5, False, "public"), (6, True, "public")])
+def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, strided, taken):
+    """On the CUDA path outside autograd the chunked forward runs its B·H heads as batch entries, which fla's kernels
+    put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a decay whose channels are not
+    adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a packed sequence.
+    Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
+    pytest.importorskip("fla.ops.kda")
     calls = []
 
     def kernel(name):
@@ -99,49 +102,16 @@ def stand_in_kernels(monkeypatch, limit: int) -> list:
     monkeypatch.setattr(kda, "normalised_pair", lambda q, k: (q, k))
     monkeypatch.setattr(kda, "chunk_cumulative", lambda g: g)
     monkeypatch.setattr(kda, "channel_gate_runs", lambda x, width: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    return calls
-
-
-@pytest.mark.parametrize("limit, strided, taken", [(6, False, "direct"), (5, False, "public"), (6, True, "public")])
-def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, strided, taken):
-    """On the CUDA path outside autograd the chunked forward runs its B·H heads as batch entries, which fla's kernels
-    put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a decay whose channels are not
-    adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a packed sequence.
-    Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
-    pytest.importorskip("fla.ops.kda")
     q, k, v = (torch.randn(2, 70, 3, 8) for _ in "qkv")
     g, beta = -torch.rand(2, 70, 3, 8), torch.rand(2, 70, 3)
     if strided:
         g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
-    calls = stand_in_kernels(monkeypatch, limit)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
         out, _ = kimi_delta_attention(q, k, v, g, beta)
     monkeypatch.undo()
     assert calls == [(taken, (6, 70, 1, 8) if taken == "direct" else (1, 420, 1, 8))]
     assert torch.equal(out, v)
-
-
-@pytest.mark.parametrize("limit, taken, cumulative", [(6, "direct", True), (5, "public", False)])
-def test_a_prefill_handed_the_gates_input_computes_the_decay_once(monkeypatch, limit, taken, cumulative):
-    """Handed f and the gate's parameters (``gate=``), the direct forward takes the decay's chunk sums from one launch
-    of ``channel_gate`` (``cumulative=True``), fla's public function the decay itself; nothing else computes it. On
-    a CPU tensor, where the kernel does not run, the gate is refused."""
-    pytest.importorskip("fla.ops.kda")
-    q, k, v, f = (torch.randn(2, 70, 3, 8) for _ in "qkvf")
-    beta, gate = torch.rand(2, 70, 3), (torch.zeros(3, 8), torch.ones(3, 1), None)
-    with pytest.raises(ValueError, match="only where channel_gate runs"):
-        kimi_delta_attention(q, k, v, f, beta, gate=gate)
-    launches = []
-    monkeypatch.setattr(kda, "channel_gate", lambda *arguments, cumulative=False: launches.append(
-        (arguments, cumulative)) or -arguments[0].float())
-    calls = stand_in_kernels(monkeypatch, limit)
-    monkeypatch.setattr(kda, "chunk_cumulative", None)  # not called: the gate's launch sums
-    with torch.no_grad():
-        kimi_delta_attention(q, k, v, f, beta, gate=gate)
-    monkeypatch.undo()
-    assert [name for name, _ in calls] == [taken]
-    assert len(launches) == 1 and launches[0][0] == (f, *gate) and launches[0][1] == cumulative
 
 
 def test_the_chunk_sums_refuse_a_decay_they_cannot_read():
@@ -272,8 +242,6 @@ for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 7
             cumulative = chunk_cumulative(g)
             assert cumulative.shape == g.shape and cumulative.transpose(1, 2).is_contiguous()
             torch.testing.assert_close(cumulative, sums, rtol=1e-5, atol=1e-5)
-        fused = channel_gate(f, bias, rate, lower_bound, cumulative=True)  # the gate and its sums in one launch
-        assert fused.transpose(1, 2).is_contiguous() and torch.equal(fused, chunk_cumulative(got))
 assert channel_gate(torch.empty(2, 0, 3, 8), torch.zeros(3, 8), torch.ones(3), None).shape == (2, 0, 3, 8)
 try:
     channel_gate(torch.zeros(1, 4, 8, 2).transpose(2, 3), torch.zeros(2, 8), torch.ones(2), None)
@@ -291,8 +259,8 @@ def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     not a multiple of its token block, key head sizes that are not powers of two, bf16 and float32 inputs, both gate
     forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1).
     Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major, against PyTorch's
-    cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end; the gate and its sums from one
-    launch (``cumulative=True``) bit for bit equal to the two launches; f whose channels are not adjacent refused."""
+    cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths whose channels fill
+    one, several and part of a block of the sums' programs; f whose channels are not adjacent refused."""
     pytest.importorskip("triton")
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 
@@ -370,35 +338,6 @@ def test_kimi_linears_decay_takes_the_stock_gate_once_where_the_kernel_cannot_se
         assert (len(kernel_calls), len(projections)) == (1, 3)
 
 
-def test_the_fla_kda_layer_hands_its_own_recurrence_the_gates_input_where_the_kernel_runs(monkeypatch):
-    """fla KDA's layer hands the recurrence f and the gate's parameters (``gate=``: the recurrence computes the decay
-    with its chunk sums in one launch) only on the CUDA path, outside autograd, and only to the class's own
-    recurrence: a recurrence that calibration or a mask puts on the instance gets the decay, as on the CPU."""
-    from tiny_fla import tiny_fla_model
-
-    from compressor.modeling.modeling_fla_kda import PrunedFlaKDA
-
-    pytest.importorskip("triton")
-    layer = tiny_fla_model("kda_safe_gate").model.layers[0].attn
-    assert isinstance(layer, PrunedFlaKDA)
-    f = torch.randn(1, 5, layer.num_v_heads, layer.head_k_dim)
-    monkeypatch.setattr(layer, "channel_decay", lambda f: "the decay")
-    with torch.no_grad():
-        assert layer.decay_inputs(f) == ("the decay", {})
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-        g, options = layer.decay_inputs(f)
-        bias, rate, lower_bound = options.pop("gate")
-        assert g is f and not options and lower_bound == layer.lower_bound == -5.0
-        assert bias.shape == f.shape[2:] and rate.numel() == layer.num_v_heads
-        torch.testing.assert_close(rate.view(-1), layer.A_log.float().exp())
-        layer.recurrence = lambda *arguments, **options: None
-        assert layer.decay_inputs(f) == ("the decay", {})
-        del layer.recurrence
-    with torch.enable_grad():
-        assert layer.decay_inputs(f) == ("the decay", {})
-
-
 def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypatch):
     """Which inputs ``channel_gate.takes``: CUDA-shaped, float32, outside autograd; not CPU tensors, not float64
     parameters, not under autograd, not key heads wider than ``MAX_KEY_DIM`` (Kimi Linear asks ``runs`` before it
@@ -421,10 +360,9 @@ def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
-    """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32;
-    the gate and its chunk sums from one launch equal to the two launches, bit for bit."""
+    """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32."""
     pytest.importorskip("triton")
-    from compressor.modeling.channel_gate import channel_gate, chunk_cumulative
+    from compressor.modeling.channel_gate import channel_gate
 
     generator = torch.Generator().manual_seed(0)
     f = (4 * torch.randn(2, 300, 5, 128, generator=generator)).to(torch.bfloat16).cuda()
@@ -434,4 +372,3 @@ def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
     got = channel_gate(f, bias, rate, lower_bound)
     assert got.transpose(1, 2).is_contiguous()
     assert ((got - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-4
-    assert torch.equal(channel_gate(f, bias, rate, lower_bound, cumulative=True), chunk_cumulative(got))

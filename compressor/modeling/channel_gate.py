@@ -10,10 +10,9 @@ Triton kernel that reads f token-major in its own dtype and writes g head-major 
 runs the same kernel without the gate and with the chunked sum: g's running sums within each chunk of
 ``CHUNK_SIZE`` tokens, times log2(e), as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with
 no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
-pruned model's layers). ``channel_gate(..., cumulative=True)`` computes both in one launch, the decay held in
-registers between them, as fla's stock layer computes its gate inside its cumulative sum. Neither the head count,
-the batch nor the length is a compile-time constant: one compilation per key head size, gate form and layout
-divisibility, one fixed configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above:
+pruned model's layers); its programs split the channels, as fla's do. Neither the head count, the batch nor the
+length is a compile-time constant: one compilation per key head size, gate form and layout divisibility, one fixed
+configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above:
 fla's and Kimi Linear's log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's,
 lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
 
@@ -64,17 +63,16 @@ def takes(f: torch.Tensor, dtype: torch.dtype) -> bool:
     return runs(f, f.shape[-1]) and dtype == torch.float32 and f.is_contiguous()
 
 
-def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None,
-                 cumulative: bool = False) -> torch.Tensor:
+def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None) -> torch.Tensor:
     """-rate · softplus(f + bias), or lower_bound · sigmoid(rate · (f + bias)) where ``lower_bound`` is given, per
     value head h and key channel: f [B, T, H, K] (unit channel stride), bias [H, K], rate [H] -> [B, T, H, K]
-    float32, head-major. With ``cumulative``, ``chunk_cumulative`` of that decay instead, from the same launch."""
+    float32, head-major."""
     heads, width = f.shape[2:]
     if bias.shape != (heads, width) or rate.numel() != heads or not (bias.is_contiguous() and rate.is_contiguous()):
         raise ValueError(f"channel_gate takes a contiguous bias [{heads}, {width}] and rate [{heads}]")
     if f.stride(-1) != 1:
         raise ValueError("channel_gate takes f with unit channel stride")
-    return _launch(f, bias, rate, lower_bound, gated=True, cumulative=cumulative)
+    return _launch(f, bias, rate, lower_bound, gated=True, cumulative=False)
 
 
 def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .channel_gate import channel_gate, chunk_cumulative
+from .channel_gate import chunk_cumulative
 from .channel_gate import runs as channel_gate_runs
 from .fla_chunk import chunk_kda as unwrapped_chunk
 from .fla_chunk import direct, kda_forward
@@ -140,47 +140,32 @@ def kimi_delta_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
-    gate: tuple[torch.Tensor, torch.Tensor, float | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside: fla on CUDA tensors
     (every head a packed sequence, or a batch entry of its own: see ``packed_heads.py``; outside autograd the chunked
     form beneath fla's wrappers, ``fla_chunk.py``, from g's chunk-local sums by ``channel_gate.chunk_cumulative``),
     PyTorch otherwise.
 
-    ``gate``: (bias [H, K], rate [H], lower_bound), where g is the gate's input f [B, T, H, K] instead of the log
-    decay, which is then ``channel_gate(g, *gate)`` (only where that kernel ``runs``); the chunked form beneath fla's
-    wrappers takes the decay's chunk-local sums from the same launch, as fla's stock layer does with its
-    ``use_gate_in_kernel``.
-
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
     see ``fla_decode_step.py``) and returns that tensor. Returns ``(o [B, T, H, V], final state [B, H, K, V] or
     None)``.
     """
-    if gate is not None and not channel_gate_runs(g, g.shape[-1]):
-        raise ValueError("kimi_delta_attention computes the decay from its gate's input only where channel_gate runs")
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
                    scale=scale)
-    if q.is_cuda and HAS_FLA and not single_step:
-        q, k = normalised_pair(q, k)
-        options["use_qk_l2norm_in_kernel"] = False
-        decay = g.float() if gate is None else None
-        if (direct(q, kda_forward) and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES
-                and (decay is None or (channel_gate_runs(g, g.shape[-1]) and decay.stride(-1) == 1))):
-            chunk_sums = chunk_cumulative(decay) if decay is not None else channel_gate(g, *gate, cumulative=True)
-            return heads_as_batch(unwrapped_chunk, dict(q=q, k=k, v=v, g=chunk_sums, beta=beta), **options)
-        per_head = dict(q=q, k=k, v=v, g=decay if decay is not None else channel_gate(g, *gate), beta=beta)
-        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
-    g = _decay(g, gate)
     if q.is_cuda and HAS_FLA:
-        step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent
-        return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
+        if single_step:
+            step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent
+            return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
+        q, k = normalised_pair(q, k)
+        per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
+        options["use_qk_l2norm_in_kernel"] = False
+        if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and per_head["g"].stride(-1) == 1
+                and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES):
+            per_head["g"] = chunk_cumulative(per_head["g"])
+            return heads_as_batch(unwrapped_chunk, per_head, **options)
+        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
     return chunk_kda_torch(q, k, v, g, beta, **options)[:2]
-
-
-def _decay(g: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor, float | None] | None) -> torch.Tensor:
-    """The log decay [B, T, H, K] from ``kimi_delta_attention``'s g and ``gate``: g itself, or the gate of it."""
-    return g if gate is None else channel_gate(g, *gate)

@@ -60,47 +60,28 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
                 self.k_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
         route_to_torch(self)
 
-    @property
-    def decay_dtype(self) -> torch.dtype:
-        """The decay's dtype: float32, or float64 where dt_bias is."""
-        return torch.promote_types(self.dt_bias.dtype, torch.float32)
-
-    def decay_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dt_bias [H_v, d_k], exp(A_log) [H_v, 1], -exp(A_log) [H_v, 1]), ``kept``, in ``decay_dtype``; exp(A_log)
-        computed in float32, as fla computes it."""
-        dtype = self.decay_dtype
+    def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
+        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
+        is) and head-major (on CUDA the recurrence reads it without a copy): -exp(A_log) · softplus(f + dt_bias), or
+        fla's bounded gate lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes
+        it. Outside autograd the parameters' part is ``kept`` and the result written head-major, on a GPU in one
+        launch (``channel_gate``)."""
+        dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
 
         def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             rate = self.A_log.float().exp()[:, None].to(dtype)  # [H_v, 1]
             return self.dt_bias.to(dtype).view(self.num_v_heads, self.head_k_dim), rate, -rate
 
-        return self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
-
-    def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
-        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
-        is) and head-major (on CUDA the recurrence reads it without a copy): -exp(A_log) · softplus(f + dt_bias), or
-        fla's bounded gate lower_bound · sigmoid(exp(A_log) · (f + dt_bias)). Outside autograd written head-major,
-        on a GPU in one launch (``channel_gate``)."""
-        bias, rate, negative_rate = self.decay_parameters()
-        if channel_gate_takes(f, bias.dtype):
+        bias, rate, negative_rate = self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
+        if channel_gate_takes(f, dtype):
             return channel_gate(f, bias, rate, self.lower_bound)
         if torch.is_grad_enabled():
-            f = head_major(f, bias.dtype) + bias
+            f = head_major(f, dtype) + bias
             return (f * rate).sigmoid() * self.lower_bound if self.lower_bound is not None else F.softplus(f) * -rate
-        out = head_major_like(f, bias.dtype)
+        out = head_major_like(f, dtype)
         if self.lower_bound is not None:
             return torch.mul((f + bias).mul_(rate).sigmoid_(), self.lower_bound, out=out)
         return torch.mul(F.softplus(f + bias), negative_rate, out=out)
-
-    def decay_inputs(self, f: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(g, options) for the recurrence from the f projection f [B, T, H_v, d_k]: where the class's own recurrence
-        runs and ``channel_gate`` takes f, f itself and the gate's parameters (``gate=``), from which the recurrence
-        computes the decay, on its chunked path in the launch that sums it by chunk; otherwise ``channel_decay(f)``
-        and none (a recurrence that calibration or a mask wraps sees the decay)."""
-        if self.recurrence is type(self).recurrence and channel_gate_takes(f, self.decay_dtype):
-            bias, rate, _ = self.decay_parameters()
-            return f, {"gate": (bias, rate, self.lower_bound)}
-        return self.channel_decay(f), {}
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
@@ -108,13 +89,12 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
         q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
-        g, gate = self.decay_inputs(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads,
-                                                                        self.head_k_dim))
+        g = self.channel_decay(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
         beta = self.write_strength(self.b_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache), scale=self.query_scale, **gate,
+            output_final_state=bool(use_cache), scale=self.query_scale,
         )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
