@@ -12,9 +12,9 @@ runs the same kernel without the gate and with the chunked sum: g's running sums
 no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
 pruned model's layers); its programs split the channels, as fla's do. Neither the head count, the batch nor the
 length is a compile-time constant: one compilation per key head size, gate form and layout divisibility, one fixed
-configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above:
-fla's and Kimi Linear's log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's,
-lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
+configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's
+log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) ·
+(f + dt_bias)).
 
 Shapes: f [B, T, H, K] with unit channel stride; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32;
 g [B, T, H, K] float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)``
