@@ -286,7 +286,8 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         """``qkv_heads`` for layers with short convolutions, through ``short_conv.convolved_heads``: q and k convolved
         into one block [2, B, H_v, T, d_k] (value head j convolving key head ``value_to_key[j]``), v into
         [1, B, H_v, T, d_v]; the new caches (``short_conv.final_state``) where ``use_cache``, else Nones."""
-        parts = [(x, conv.weight.squeeze(1), conv.bias, None if cache is None else cache.contiguous()) for x, conv, cache in zip(projections, convs, caches)]
+        parts = [(x, conv.weight.squeeze(1), conv.bias, None if cache is None else cache.contiguous())
+                 for x, conv, cache in zip(projections, convs, caches)]
         key_part, value_part = (tuple(zip(*group)) for group in (parts[:2], parts[2:]))
         block = convolved_heads(*key_part, self.key_index(projections[0].device), self.head_k_dim,
                                 convs[0].activation is not None)

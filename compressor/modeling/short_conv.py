@@ -141,7 +141,8 @@ if triton is not None:
                           D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr):
         """One program per BT tokens of one (group, sequence, value head j): group g's (x0, taps0, ... for g = 0;
-        x1, ... for g = 1) convolution of key head index[j]'s channels, written at (((g·B + b)·HV + j)·T + t)·D + c."""
+        x1, ... for g = 1) convolution of key head index[j]'s channels, written at
+        (((g·B + b)·HV + j)·T + t)·D + c."""
         i_gbj = tl.program_id(0).to(tl.int64) // NT
         i_t = tl.program_id(0).to(tl.int64) % NT
         i_gb, i_j = i_gbj // HV, i_gbj % HV
