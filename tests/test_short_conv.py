@@ -77,6 +77,7 @@ def test_convolved_heads_equal_flas_convolution_then_the_heads_gathered():
 
 
 MIXERS_INTERPRETED = """
+import itertools
 import sys
 import torch
 sys.path[:0] = ["tests"]
@@ -95,11 +96,11 @@ for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet", "gla_conv_relu")
     model = tiny_fla_model(name)
     slim(model, family_for(model.config), PruningPlan(kept=plans_for(name)["uneven"]))
     mixer = linear_layers(model, family_for(model.config))[0]
-    hidden = torch.randn(2, 37, model.config.hidden_size, generator=generator)
+    hiddens = [torch.randn(2, length, model.config.hidden_size, generator=generator) for length in (37, 3)]
     width = mixer.q_conv1d.kernel_size[0]
     caches = {"conv_state": tuple(torch.randn(2, width, conv.weight.shape[0], generator=generator).transpose(1, 2)
                                   for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d))}  # any layout
-    for last_state, use_cache in ((None, False), (caches, True)):
+    for hidden, (last_state, use_cache) in itertools.product(hiddens, ((None, False), (None, True), (caches, True))):
         with torch.no_grad(), cuda_path():
             before = len(calls)
             got = mixer.qkv_heads(hidden, last_state, use_cache)
@@ -120,16 +121,18 @@ print("ok")
 def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads_do():
     """A pruned fla mixer on its CUDA path (Triton's interpreter, every tensor reporting ``is_cuda``): its queries,
     keys and values from ``qkv_heads`` through the fused convolutions (two launches) equal the ones through fla's
-    convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, with and without a cache, and the
-    new caches equal: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet, GLA
-    with convolutions."""
+    convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, over 37 tokens and over 3 (fewer
+    than the taps), keeping no cache, and keeping one that starts empty or from given caches (any layout), whose new
+    caches equal fla's: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet,
+    GLA with convolutions."""
     pytest.importorskip("fla.modules.causal_conv1d")
     run_interpreted(MIXERS_INTERPRETED)
 
 
 def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(monkeypatch):
     """``short_conv.takes``: CUDA tensors outside autograd, more than one token, fla's own activations (silu or none;
-    queries' and keys' the same), one number of taps, parameters in the inputs' dtype, no accelerate hook."""
+    queries' and keys' the same), one number of taps, parameters in the inputs' dtype, no hook on a convolution
+    (accelerate's or another)."""
     pytest.importorskip("triton")
     from fla.modules import ShortConvolution
 
@@ -150,6 +153,10 @@ def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(
         convs[2]._hf_hook = object()
         assert not short_conv.takes(x, convs, (8, 8))
         del convs[2]._hf_hook
+        handle = convs[1].register_forward_pre_hook(lambda module, args: None)  # it would not fire
+        assert not short_conv.takes(x, convs, (8, 8))
+        handle.remove()
+        assert short_conv.takes(x, convs, (8, 8))
     with torch.enable_grad():
         assert not short_conv.takes(x, convs, (8, 8))
 

@@ -299,11 +299,15 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         return q, k, values[0].transpose(1, 2), states
 
     def value_index(self, device: torch.device) -> torch.Tensor:
-        """Long tensor [H_v]: 0, 1, ..., H_v - 1 (each value head convolves its own channels), kept per device."""
+        """Long tensor [H_v]: 0, 1, ..., H_v - 1 (each value head convolves its own channels), kept per device
+        (except when first asked for inside CUDA graph capture, as ``slab_index``)."""
         key = ("values", device)
         if key not in self._index_cache:
             with torch.inference_mode(False):
-                self._index_cache[key] = torch.arange(self.num_v_heads, device=device)
+                index = torch.arange(self.num_v_heads, device=device)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return index
+            self._index_cache[key] = index
         return self._index_cache[key]
 
     def heads(self, q, k, v):

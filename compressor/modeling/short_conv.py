@@ -11,8 +11,8 @@ at a value head that reads that key head, head-major; q and k in one launch, int
 ``packed_heads.normalised_pair`` normalises in one launch, as after ``heads``), v in another. fla's convolution
 kernel takes the channel count as a compile-time constant and autotunes for each (a pruned model would compile it
 once per width its layers keep); here neither the head counts, the batch, the length nor the width is one: a
-compilation per head size, number of taps, dtype and form (bias, initial state, activation), one configuration,
-no autotuning. The arithmetic is fla's: the W products summed in float32 in order, then the bias, then silu,
+compilation per head size, number of taps, dtype, form (bias, initial state, activation) and divisibility of the
+strides and addresses by 16 (Triton's specialisation), one configuration, no autotuning. The arithmetic is fla's: the W products summed in float32 in order, then the bias, then silu,
 rounded once to the input's dtype.
 
 Shapes: one or two groups (queries, keys) of inputs x [B, T, H_k·d] (unit channel stride, the same strides), their
@@ -51,14 +51,15 @@ def takes(x: torch.Tensor, convolutions: Sequence[torch.nn.Module], head_dims: S
     ``ShortConvolution`` modules of queries, keys and values (``convolutions``), heads of ``head_dims`` channels:
     on a GPU, outside autograd (the kernel has no backward), triton importable, more than one token (a decode step
     keeps fla's, which writes the cache in place), one number of taps ≤ ``MAX_TAPS``, silu or no activation, one
-    for queries and keys, heads ≤ ``MAX_HEAD_DIM`` channels, parameters on x's device and in x's dtype, no
-    accelerate hook."""
+    for queries and keys, heads ≤ ``MAX_HEAD_DIM`` channels, parameters on x's device and in x's dtype, no hook on
+    a convolution (accelerate's, or any other that its forward would run)."""
     first, second = convolutions[:2]
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.shape[1] > 1
             and max(head_dims) <= MAX_HEAD_DIM and first.kernel_size[0] <= MAX_TAPS
             and first.activation == second.activation
             and all(conv.kernel_size == first.kernel_size and conv.activation in ("silu", "swish", None)
-                    and not hasattr(conv, "_hf_hook") and conv.weight.device == x.device
+                    and not (hasattr(conv, "_hf_hook") or conv._forward_hooks or conv._forward_pre_hooks)
+                    and conv.weight.device == x.device
                     and conv.weight.dtype == x.dtype for conv in convolutions))
 
 
