@@ -161,6 +161,21 @@ def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(
         assert not short_conv.takes(x, convs, (8, 8))
 
 
+def test_the_value_index_is_not_kept_when_first_made_inside_graph_capture(monkeypatch):
+    """``value_index`` (the fused convolution's index of the values) made inside CUDA graph capture is returned but
+    not kept (a captured tensor is written only by the graph's replay), as ``slab_index``; made outside, it is kept."""
+    from tiny_fla import tiny_fla_model
+
+    mixer = tiny_fla_model("gated_deltanet").model.layers[0].attn
+    capturing = {"now": True}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["now"])
+    monkeypatch.setattr(torch, "arange", lambda count, device: object())  # no CUDA here
+    cuda = torch.device("cuda")
+    assert mixer.value_index(cuda) is not mixer.value_index(cuda)
+    capturing["now"] = False
+    assert mixer.value_index(cuda) is mixer.value_index(cuda)
+
+
 @pytest.mark.parametrize("form", ["silu-bias", "state"])
 def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
     """``short_conv``'s kernel compiled for sm_90 from bf16 inputs of heads of 128: the inputs loaded 16 bytes at a

@@ -72,7 +72,7 @@ def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_
         raise ValueError(f"channel_gate takes a contiguous bias [{heads}, {width}] and rate [{heads}]")
     if f.stride(-1) != 1:
         raise ValueError("channel_gate takes f with unit channel stride")
-    return _launch(f, bias, rate, lower_bound, gated=True, cumulative=False)
+    return _launch(f, bias, rate, lower_bound, gated=True)
 
 
 def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
@@ -81,16 +81,16 @@ def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
     [B, T, H, K] float32, head-major."""
     if g.dtype != torch.float32 or g.stride(-1) != 1:
         raise ValueError("chunk_cumulative takes float32 g with unit channel stride")
-    return _launch(g, g, g, None, gated=False, cumulative=True)
+    return _launch(g, g, g, None, gated=False)
 
 
-def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None, gated: bool,
-            cumulative: bool) -> torch.Tensor:
-    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: ``BLOCK_TOKENS`` tokens and every channel a
-    program, or for the running sums a chunk of ``CHUNK_SIZE`` tokens and ``SUM_BLOCK_CHANNELS`` channels."""
+def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None,
+            gated: bool) -> torch.Tensor:
+    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: the gate, ``BLOCK_TOKENS`` tokens and every
+    channel a program; or the running sums, a chunk of ``CHUNK_SIZE`` tokens and ``SUM_BLOCK_CHANNELS`` channels."""
     batch, length, heads, width = x.shape
-    tokens, channels, warps = ((CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS)
-                               if cumulative else (BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS))
+    tokens, channels, warps = ((BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS) if gated
+                               else (CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS))
     out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
     if out.numel():
         chunks, channel_blocks = -(-length // tokens), -(-width // channels)
@@ -98,7 +98,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound
             channel_gate_kernel[(channel_blocks * chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
                 channel_blocks, *(x.stride(i) for i in range(3)), K=width, BT=tokens, BK=channels, GATED=gated,
-                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
+                BOUNDED=lower_bound is not None, CUMULATIVE=not gated, num_warps=warps,
             )
     return out.transpose(1, 2)
 
