@@ -72,16 +72,16 @@ def _selected(result: tuple, chunk_index: torch.Tensor | None) -> tuple:
 
 
 def gated_delta_rule_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None,
-                                 chunk_index=None):
+                                 use_qk_l2norm=True, chunk_index=None):
     """:func:`gated_delta_rule` returning ``(o, final state or None, chunk states)``."""
     if q.is_cuda and HAS_FLA_STATES:
         return chunk_gated_delta_rule_fla_states(q, k, v, g, beta, initial_state=initial_state,
                                                  output_final_state=output_final_state, scale=scale,
-                                                 chunk_index=chunk_index)
+                                                 use_qk_l2norm=use_qk_l2norm, chunk_index=chunk_index)
     with strict_float32():
         return _selected(chunk_gated_delta_rule_torch(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=True, return_chunk_states=True), chunk_index)
+            use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True), chunk_index)
 
 
 def delta_rule_with_states(q, k, v, beta, use_qk_l2norm, initial_state=None, output_final_state=False, scale=None,
@@ -100,12 +100,13 @@ def gla_with_states(q, k, v, gk, initial_state=None, output_final_state=False, s
                                          output_final_state=output_final_state, return_chunk_states=True), chunk_index)
 
 
-def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None, chunk_index=None):
+def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None, use_qk_l2norm=True,
+                    chunk_index=None):
     """:func:`kimi_delta_attention` returning ``(o, final state or None, chunk states)``."""
     with strict_float32():
         return _selected(chunk_kda_torch(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=True, return_chunk_states=True), chunk_index)
+            use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True), chunk_index)
 
 
 WITH_STATES: dict[Callable, Callable] = {
@@ -149,11 +150,12 @@ def chunk_gated_delta_rule_fla_states(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    use_qk_l2norm: bool = True,
     chunk_size: int = 64,
     chunk_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """fla's chunked forward at ``scale`` (None: d_k^-0.5; q/k L2-normalised inside) on CUDA tensors, with its
-    chunk states in strict float32.
+    """fla's chunked forward at ``scale`` (None: d_k^-0.5; q/k L2-normalised inside unless ``use_qk_l2norm`` is
+    False) on CUDA tensors, with its chunk states in strict float32.
 
     The inputs are taken in float32 and, while fla computes the states, Triton's float32 dot products run in
     :func:`states_dot_precision` (float32 accuracy, not plain TF32), so the states carry no bf16 rounding or TF32
@@ -172,7 +174,8 @@ def chunk_gated_delta_rule_fla_states(
     previous = language.fp32_default
     language.fp32_default = states_dot_precision(q.device)
     try:  # the L2 norm reads q and k in their own dtype and writes them in float32 (no copy in float32 first)
-        q, k = (_fla_l2norm(x.contiguous(), output_dtype=torch.float32)[0] for x in (q, k))
+        q, k = (_fla_l2norm(x.contiguous(), output_dtype=torch.float32)[0] if use_qk_l2norm else x.float().contiguous()
+                for x in (q, k))
         g = _fla_cumsum(g.float().contiguous(), chunk_size=chunk_size, scale=_RCP_LN2)
         w, u, _ = _fla_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk_size)
         h, v_new, final = _fla_fwd_h(

@@ -7,10 +7,11 @@ launches; the sums' ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``) and the short con
 
 Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels (bf16 input,
 float32 output, the softplus gate); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
-launch, then the values) and of 16 read by 32, heads of 128, 4 taps, bf16. fla's stock pieces beside them: its
-gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned) and its three convolutions (``causal_conv1d``,
-autotuned; the head copies that followed them are not counted; its Python wrappers can take longer than the GPU's
-work at these sizes, which this timing then measures). ``triton.testing.do_bench`` times the GPU between
+launch, normalised as for Gated DeltaNet and KDA, then the values) and of 16 read by 32, heads of 128, 4 taps,
+bf16. fla's stock pieces beside them: its gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned) and its three
+convolutions (``causal_conv1d``, autotuned) with the L2 norms of queries and keys (``l2norm_fwd``; the head copies
+that followed them are not counted; its Python wrappers can take longer than the GPU's work at these sizes, which
+this timing then measures). ``triton.testing.do_bench`` times the GPU between
 events around each call (microseconds), printed as measured, written at the end. Needs a CUDA GPU and fla.
 """
 
@@ -60,8 +61,10 @@ def convolution_candidates(batch: int, length: int, key_heads: int, value_heads:
     """{name: call} for the convolutions of queries, keys [batch, length, key_heads·128] and values
     [batch, length, value_heads·128]."""
     from fla.modules.causal_conv1d import causal_conv1d
+    from fla.modules.norm.l2norm import l2norm_fwd
 
     from compressor.modeling import short_conv
+    from compressor.modeling.packed_heads import L2_EPS
 
     def inputs(heads):
         return (torch.randn(batch, length, heads * WIDTH, device="cuda", dtype=torch.bfloat16),
@@ -70,13 +73,19 @@ def convolution_candidates(batch: int, length: int, key_heads: int, value_heads:
     (q, q_taps), (k, k_taps), (v, v_taps) = inputs(key_heads), inputs(key_heads), inputs(value_heads)
     index = torch.arange(value_heads, device="cuda") // (value_heads // key_heads)
     values = torch.arange(value_heads, device="cuda")
-    calls = {"fla causal_conv1d x 3 (autotuned)": lambda: [
-        causal_conv1d(x=x, weight=w, activation="silu") for x, w in ((q, q_taps), (k, k_taps), (v, v_taps))]}
+
+    def stock():
+        q_out, k_out, _ = (causal_conv1d(x=x, weight=w, activation="silu")[0]
+                           for x, w in ((q, q_taps), (k, k_taps), (v, v_taps)))
+        return [l2norm_fwd(x.view(batch, length, key_heads, WIDTH)) for x in (q_out, k_out)]
+
+    calls = {"fla causal_conv1d x 3 and l2norm_fwd x 2 (autotuned)": stock}
 
     def configured(tokens, warps):
         def call():
             short_conv.BLOCK_TOKENS, short_conv.NUM_WARPS = tokens, warps
-            short_conv.convolved_heads([q, k], [q_taps, k_taps], [None, None], [None, None], index, WIDTH, True)
+            short_conv.convolved_heads([q, k], [q_taps, k_taps], [None, None], [None, None], index, WIDTH, True,
+                                       L2_EPS)
             short_conv.convolved_heads([v], [v_taps], [None], [None], values, WIDTH, True)
         return call
 

@@ -16,6 +16,7 @@ from triton_interpreter import run_fla_chunked_kernels
 import fla.modules.causal_conv1d
 run_fla_chunked_kernels()
 from fla.modules import ShortConvolution
+from compressor.modeling.fla_rows import l2_normalised
 from compressor.modeling.short_conv import convolved_heads, final_state
 
 generator = torch.Generator().manual_seed(0)
@@ -47,6 +48,10 @@ for batch, length, heads, width, taps, dtype, index, bias, cache, act in (
         one = convolved_heads(xs[1:], [convs[1].weight.squeeze(1)], [convs[1].bias], caches[1:], index, width,
                               act is not None)
         assert torch.equal(one[0], got[1])
+        normalised = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches, index,
+                                     width, act is not None, 1e-6)
+        expected = l2_normalised(got.reshape(-1, width)).view(got.shape)  # fla's l2norm kernel after the convolution
+        assert torch.equal(normalised, expected), (length, dtype, (normalised - expected).abs().max())
 
 x = torch.zeros(1, 5, 8)
 w, index = torch.zeros(8, 4), torch.tensor([0, 1])
@@ -71,7 +76,8 @@ def test_convolved_heads_equal_flas_convolution_then_the_heads_gathered():
     also interpreted) and a gather of its output's heads: bit for bit in float32 and bf16, with and without bias,
     cache and silu, 3 and 4 taps, lengths below the taps and across token blocks, value heads repeating, skipping
     and reordering key heads; the new cache (``final_state``) equal to fla's; one group as the second of two;
-    inputs it cannot read refused. A wrong tap, offset, state position or head moves values by O(1)."""
+    normalising, equal to fla's l2norm kernel run on the convolution; inputs it cannot read refused. A wrong tap,
+    offset, state position or head moves values by O(1)."""
     pytest.importorskip("fla.modules.causal_conv1d")
     run_interpreted(CONVOLUTIONS_INTERPRETED)
 
@@ -87,12 +93,15 @@ from tiny_fla import plans_for
 from compressor.layers import PruningPlan, linear_layers
 from compressor.families import family_for
 from compressor.modeling import fla_layers, short_conv
+from compressor.modeling.packed_heads import normalised_pair
 from compressor.slicing import slim
 
 calls = []
 fla_layers.convolved_heads = lambda *arguments: calls.append(1) or short_conv.convolved_heads(*arguments)
 generator = torch.Generator().manual_seed(0)
-for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet", "gla_conv_relu"):  # kda_gva: uneven groups
+normalising = {"kda_gva": True, "delta_net_relu_sum": False, "gated_deltanet": True, "gla_conv_relu": False,
+               "delta_net": True}
+for name in normalising:  # kda_gva: uneven groups
     model = tiny_fla_model(name)
     slim(model, family_for(model.config), PruningPlan(kept=plans_for(name)["uneven"]))
     mixer = linear_layers(model, family_for(model.config))[0]
@@ -105,12 +114,20 @@ for name in ("kda_gva", "delta_net_relu_sum", "gated_deltanet", "gla_conv_relu")
             before = len(calls)
             got = mixer.qkv_heads(hidden, last_state, use_cache)
             assert len(calls) == before + 2, name  # queries and keys in one launch, values in another
+            mixer.recurrence = type(mixer).recurrence  # as a capture wraps it: not normalised
+            unnormalised = mixer.qkv_heads(hidden, last_state, use_cache)
+            del mixer.recurrence
+            assert len(calls) == before + 4 and unnormalised[4] is False, name
             mixer.heads = type(mixer).heads.__get__(mixer)  # as a mask wraps it: the convolutions and heads apart
             expected = mixer.qkv_heads(hidden, last_state, use_cache)
             del mixer.heads
-            assert len(calls) == before + 2, name
-        for a, b in zip(got[:3], expected[:3]):
+            assert len(calls) == before + 4 and expected[4] is False, name
+            assert got[4] is normalising[name], name
+            if got[4]:
+                expected = (*normalised_pair(*expected[:2]), *expected[2:])
+        for i, (a, b, c) in enumerate(zip(got[:3], expected[:3], unnormalised[:3])):
             assert a.shape == b.shape and torch.equal(a, b), (name, use_cache, (a - b).abs().max())
+            assert torch.equal(a, c) == (i == 2 or not got[4]), (name, i)  # only q and k normalised, where they are
         assert got[0].transpose(1, 2).is_contiguous() and got[2].transpose(1, 2).is_contiguous()  # head-major
         for a, b in zip(got[3], expected[3], strict=True):
             assert (a is None) == (b is None) == (not use_cache) and (a is None or torch.equal(a, b)), (name, "cache")
@@ -121,10 +138,12 @@ print("ok")
 def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads_do():
     """A pruned fla mixer on its CUDA path (Triton's interpreter, every tensor reporting ``is_cuda``): its queries,
     keys and values from ``qkv_heads`` through the fused convolutions (two launches) equal the ones through fla's
-    convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, over 37 tokens and over 3 (fewer
-    than the taps), keeping no cache, and keeping one that starts empty or from given caches (any layout), whose new
-    caches equal fla's: KDA with uneven groups, DeltaNet whose queries and keys take no activation, Gated DeltaNet,
-    GLA with convolutions."""
+    convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, then L2-normalised by fla's kernel
+    where the recurrence normalises them right after the convolutions (KDA, Gated DeltaNet, DeltaNet with silu; not
+    DeltaNet with relu, nor GLA), and not normalised where a capture wraps the recurrence; over 37 tokens and over 3
+    (fewer than the taps), keeping no cache, and keeping one that starts empty or from given caches (any layout),
+    whose new caches equal fla's: KDA with uneven groups, DeltaNet whose queries and keys take no activation or
+    silu, Gated DeltaNet, GLA with convolutions."""
     pytest.importorskip("fla.modules.causal_conv1d")
     run_interpreted(MIXERS_INTERPRETED)
 
@@ -193,9 +212,11 @@ def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_convolved_heads_on_cuda_equal_flas_convolution():
     """The kernel compiled for a GPU: bf16 queries and keys of 300 tokens, 4 key heads of 128 read by 6 value heads,
-    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit."""
+    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit; normalising, against fla's l2norm
+    kernel after it, within one rounding of bf16 (the sum of squares may add in another order)."""
     from fla.modules import ShortConvolution
 
+    from compressor.modeling.fla_rows import l2_normalised
     from compressor.modeling.short_conv import convolved_heads
 
     generator = torch.Generator().manual_seed(0)
@@ -208,3 +229,10 @@ def test_convolved_heads_on_cuda_equal_flas_convolution():
         for group, (conv, x, cache) in enumerate(zip(convs, xs, caches)):
             expected = conv(x, cache=cache)[0].view(2, 300, 4, 128)[:, :, index].transpose(1, 2)
             assert torch.equal(got[group], expected)
+        normalised = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128, True,
+                                     1e-6)
+        expected = l2_normalised(got.reshape(-1, 128)).view(got.shape)
+        difference = (normalised.float() - expected.float()).abs().max().item()
+        print(f"normalised in the convolution vs fla's l2norm: max difference {difference:.3g}, "
+              f"{(normalised != expected).float().mean().item():.3%} of values differ")
+        torch.testing.assert_close(normalised, expected, rtol=2**-8, atol=2**-14)

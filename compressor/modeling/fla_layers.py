@@ -24,6 +24,7 @@ from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised,
 from .head_norm import rms_normalised
 from .head_norm import takes as head_norm_takes
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
+from .packed_heads import L2_EPS
 from .short_conv import convolved_heads, final_state
 from .short_conv import takes as short_conv_takes
 from .stock_dispatch import HubKernelsOffByDefault
@@ -259,38 +260,46 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
             return hidden_states
         return hidden_states * attention_mask[:, -hidden_states.shape[1] :, None].to(hidden_states.dtype)
 
+    normalises_convolved_keys = True
+    """Whether the recurrence L2-normalises q and k as the short convolutions hand them (Gated DeltaNet, KDA);
+    DeltaNet and GLA override it."""
+
     def qkv_heads(self, hidden_states, last_state, use_cache):
         """(q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v], the three conv caches [B, ·, W] (None each
-        unless ``use_cache``), or None without convolutions) from hidden [B, T, D]:
-        the projections, their short convolutions (without them, ``unconvolved``), then ``heads``. Where
+        unless ``use_cache``) or None without convolutions, whether q and k are L2-normalised already) from hidden
+        [B, T, D]: the projections, their short convolutions (without them, ``unconvolved``), then ``heads``. Where
         ``short_conv.takes`` the convolutions and ``heads`` is the class's own (no mask wraps it), the convolutions
-        write the heads themselves, head-major, in two launches (``convolved_heads``)."""
+        write the heads themselves, head-major, in two launches (``convolved_heads``); the launch of q and k also
+        normalises them where the recurrence would (``normalises_convolved_keys``) and is the class's own (no
+        capture or mask wraps it, which must see them unnormalised)."""
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if not self.use_short_conv:
-            return (*self.heads(*self.unconvolved(q, k, v)), None)
+            return (*self.heads(*self.unconvolved(q, k, v)), None, False)
         caches = last_state["conv_state"] if last_state is not None else (None, None, None)
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         if "heads" not in vars(self) and short_conv_takes(q, convs, (self.head_k_dim, self.head_v_dim)):
-            return self.convolved_heads((q, k, v), convs, caches, use_cache)
+            normalise = self.normalises_convolved_keys and "recurrence" not in vars(self)
+            return (*self.convolved_heads((q, k, v), convs, caches, use_cache, normalise), normalise)
         (q, conv_q), (k, conv_k), (v, conv_v) = (
             conv(x, cache=cache, output_final_state=use_cache) for conv, x, cache in zip(convs, (q, k, v), caches)
         )
-        return (*self.heads(q, k, v), (conv_q, conv_k, conv_v))
+        return (*self.heads(q, k, v), (conv_q, conv_k, conv_v), False)
 
     def unconvolved(self, q, k, v):
         """The activations a layer without short convolutions applies to its projections q, k [B, T, H_k·d_k] and
         v [B, T, H_v·d_v] before ``heads``: silu on all three (Gated DeltaNet, KDA)."""
         return F.silu(q), F.silu(k), F.silu(v)
 
-    def convolved_heads(self, projections, convs, caches, use_cache):
+    def convolved_heads(self, projections, convs, caches, use_cache, normalise):
         """``qkv_heads`` for layers with short convolutions, through ``short_conv.convolved_heads``: q and k convolved
-        into one block [2, B, H_v, T, d_k] (value head j convolving key head ``value_to_key[j]``), v into
-        [1, B, H_v, T, d_v]; the new caches (``short_conv.final_state``) where ``use_cache``, else Nones."""
+        into one block [2, B, H_v, T, d_k] (value head j convolving key head ``value_to_key[j]``; L2-normalised with
+        fla's epsilon where ``normalise``), v into [1, B, H_v, T, d_v]; the new caches (``short_conv.final_state``)
+        where ``use_cache``, else Nones."""
         parts = [(x, conv.weight.squeeze(1), conv.bias, None if cache is None else cache.contiguous())
                  for x, conv, cache in zip(projections, convs, caches)]
         key_part, value_part = (tuple(zip(*group)) for group in (parts[:2], parts[2:]))
         block = convolved_heads(*key_part, self.key_index(projections[0].device), self.head_k_dim,
-                                convs[0].activation is not None)
+                                convs[0].activation is not None, L2_EPS if normalise else None)
         values = convolved_heads(*value_part, self.value_index(projections[0].device), self.head_v_dim,
                                  convs[2].activation is not None)
         q, k = block.transpose(2, 3)

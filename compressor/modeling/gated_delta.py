@@ -136,8 +136,10 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    use_qk_l2norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside: fla on CUDA tensors
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside (``use_qk_l2norm``; False
+    for q and k normalised already, as the fused short convolutions of fla's layer hand them): fla on CUDA tensors
     (every head a sequence, or for one decode token a batch entry: see ``packed_heads.py``; outside autograd the
     chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise.
 
@@ -147,13 +149,15 @@ def gated_delta_rule(
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
-    options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-                   scale=scale)
+    options = dict(initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
     if q.is_cuda and HAS_FLA:
         if single_step:
-            step = step_in_place if output_final_state and can_step_in_place(initial_state) else _fla_recurrent
+            in_place = use_qk_l2norm and output_final_state and can_step_in_place(initial_state)
+            step = step_in_place if in_place else _fla_recurrent
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
-        q, k = normalised_pair(q, k)
+        if use_qk_l2norm:
+            q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g, beta=beta)
         chunk = unwrapped_chunk if direct(q, gated_delta_forward) else _fla_chunk
         return heads_as_sequences(chunk, per_head, also=("chunk_indices",),

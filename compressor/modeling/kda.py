@@ -140,8 +140,10 @@ def kimi_delta_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    use_qk_l2norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside: fla on CUDA tensors
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside (``use_qk_l2norm``; False
+    for q and k normalised already, as the fused short convolutions of fla's layer hand them): fla on CUDA tensors
     (every head a packed sequence, or a batch entry of its own: see ``packed_heads.py``; outside autograd the chunked
     form beneath fla's wrappers, ``fla_chunk.py``, from g's chunk-local sums by ``channel_gate.chunk_cumulative``),
     PyTorch otherwise.
@@ -152,13 +154,15 @@ def kimi_delta_attention(
     None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
-    options = dict(initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-                   scale=scale)
+    options = dict(initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
     if q.is_cuda and HAS_FLA:
         if single_step:
-            step = kda_step_in_place if output_final_state and can_step_kda_in_place(initial_state) else _fla_recurrent
+            in_place = use_qk_l2norm and output_final_state and can_step_kda_in_place(initial_state)
+            step = kda_step_in_place if in_place else _fla_recurrent
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
-        q, k = normalised_pair(q, k)
+        if use_qk_l2norm:
+            q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
         if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and per_head["g"].stride(-1) == 1

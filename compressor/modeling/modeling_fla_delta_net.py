@@ -48,6 +48,11 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
     def num_v_heads(self) -> int:
         return self.num_heads
 
+    @property
+    def normalises_convolved_keys(self) -> bool:
+        """The L2 norm of q and k follows their convolutions directly where no relu or elu comes between."""
+        return self.qk_norm == "l2" and self.qk_activation in ("silu", "identity")
+
     def unconvolved(self, q, k, v):
         """Without short convolutions: silu on v, and on q and k for the silu feature map."""
         if self.qk_activation == "silu":
@@ -58,7 +63,7 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
+        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache)
         if self.qk_activation == "relu":
             q, k = q.relu(), k.relu()
         elif self.qk_activation == "elu":
@@ -69,7 +74,7 @@ class PrunedFlaDeltaNet(FlaMixerMixin, DeltaNet):
         if self.allow_neg_eigval:
             beta = beta * 2.0
         out, final_state = self.recurrence(
-            q, k, v, beta, use_qk_l2norm=self.qk_norm == "l2",
+            q, k, v, beta, use_qk_l2norm=self.qk_norm == "l2" and not normalised,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache), scale=self.query_scale,
         )

@@ -35,6 +35,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
     """fla's GatedLinearAttention layer built from a (per-layer) config; ``out_proj`` names fla's ``o_proj``."""
 
     recurrence = staticmethod(gla)
+    normalises_convolved_keys = False  # GLA's recurrence normalises neither queries nor keys
 
     def __init__(self, config, layer_idx: int):
         super().__init__(
@@ -71,7 +72,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
+        q, k, v, conv_states, _ = self.qkv_heads(hidden_states, last_state, use_cache)
         gk = self.key_decay(self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim))
         if self.feature_map_fn is not None:
             q, k = (activation(self.feature_map_fn, x) for x in (q, k))

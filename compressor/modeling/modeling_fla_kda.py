@@ -88,13 +88,13 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states = self.qkv_heads(hidden_states, last_state, use_cache)
+        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache)
         g = self.channel_decay(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
         beta = self.write_strength(self.b_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache), scale=self.query_scale,
+            output_final_state=bool(use_cache), scale=self.query_scale, use_qk_l2norm=not normalised,
         )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values

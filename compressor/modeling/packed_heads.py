@@ -28,12 +28,15 @@ import torch
 
 from .fla_rows import l2_normalised, l2norm_kernel, takes
 
+L2_EPS = 1e-6
+"""The epsilon of fla's L2 normalisation of queries and keys (``l2norm_fwd``'s default, which its layers take)."""
+
 CHUNK_SIZE = 64
 """The chunk size of fla's chunked kernels as the direct forwards run them (``fla_chunk``), for which
 ``chunk_indices`` and ``chunk_offsets`` are prepared (fla's public functions derive theirs from ``cu_seqlens_cpu``)."""
 
 
-def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def normalised(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """x / sqrt(sum x² + eps) over the last dimension, computed in float32 and returned in x's dtype, as fla's l2norm
     kernel computes it. x [B, T, H, ·] -> the same shape. CUDA tensors outside autograd with at most 512 channels take
     fla's kernel in one launch (``fla_rows.l2_normalised``, after a copy of rows that are not contiguous in
@@ -45,7 +48,7 @@ def normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (y * torch.rsqrt((y * y).sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = L2_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normalised(q), normalised(k))``; where fla's kernel runs and q and k tile one block of memory row by row (the
     two halves of a mixer's ``queries_and_keys``), in one launch over that block (``normalised_pair_by``)."""
     if takes(q) and takes(k) and l2norm_kernel() is not None:
@@ -53,7 +56,7 @@ def normalised_pair(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tupl
     return normalised(q, eps), normalised(k, eps)
 
 
-def normalised_by(normalise_rows: Callable, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def normalised_by(normalise_rows: Callable, x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """``normalised`` through ``normalise_rows`` (rows [N, D], contiguous -> normalised rows [N, D]), called on x's rows
     in head-major order. The rows are made contiguous first: fla's kernel reads row i at i·D from the first element,
     and a one-token slice of a head-major tensor (a rollback's first step, see
@@ -65,7 +68,7 @@ def normalised_by(normalise_rows: Callable, x: torch.Tensor, eps: float = 1e-6) 
 
 
 def normalised_pair_by(
-    normalise_rows: Callable, q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6
+    normalise_rows: Callable, q: torch.Tensor, k: torch.Tensor, eps: float = L2_EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``normalised_pair`` through ``normalise_rows`` (as ``normalised_by``): one call over the rows q and k tile
     (``shared_rows``), returned as the views of its output that q and k are of the memory, in their layouts;

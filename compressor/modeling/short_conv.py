@@ -7,12 +7,14 @@ or no activation); the recurrence then wants every value head's queries, keys an
 ([B, H_v, T, d]), with q and k repeated per value head that reads them. Convolving first and reordering after costs
 a copy of q and k (a stacking copy, or ``head_gather``) and one of v (the packed layout's). ``convolved_heads``
 convolves where it writes: each program convolves one key head's channels for a block of tokens and writes them
-at a value head that reads that key head, head-major; q and k in one launch, into one block (which
-``packed_heads.normalised_pair`` normalises in one launch, as after ``heads``), v in another. fla's convolution
-kernel takes the channel count as a compile-time constant and autotunes for each (a pruned model would compile it
-once per width its layers keep); here neither the head counts, the batch, the length nor the width is one: a
-compilation per head size, number of taps, dtype, form (bias, initial state, activation) and divisibility of the
-strides and addresses by 16 (Triton's specialisation), one configuration, no autotuning. The arithmetic is fla's: the W products summed in float32 in order, then the bias, then silu,
+at a value head that reads that key head, head-major; q and k in one launch, into one block, v in another. For
+recurrences that L2-normalise q and k, the launch of q and k normalises each head's row as it writes it, as fla's
+l2norm kernel would after it (otherwise ``packed_heads.normalised_pair``, a launch of its own, at the value heads'
+count). fla's convolution kernel takes the channel count as a compile-time constant and autotunes for each (a
+pruned model would compile it once per width its layers keep); here neither the head counts, the batch, the length
+nor the width is one: a compilation per head size, number of taps, dtype, form (bias, initial state, activation,
+normalisation) and divisibility of the strides and addresses by 16 (Triton's specialisation), one configuration, no
+autotuning. The arithmetic is fla's: the W products summed in float32 in order, then the bias, then silu,
 rounded once to the input's dtype.
 
 Shapes: one or two groups (queries, keys) of inputs x [B, T, H_k·d] (unit channel stride, the same strides), their
@@ -66,11 +68,14 @@ def takes(x: torch.Tensor, convolutions: Sequence[torch.nn.Module], head_dims: S
 def convolved_heads(
     inputs: Sequence[torch.Tensor], taps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
     states: Sequence[torch.Tensor | None], index: torch.Tensor, head_dim: int, silu: bool,
+    l2_eps: float | None = None,
 ) -> torch.Tensor:
     """out[g, b, j, t] = act(Σ_w taps[g][c, w] · x_g[b, t - W + 1 + w, c] + biases[g][c]) over the channels c of key
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
     None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous, in
-    x's dtype, in one launch."""
+    x's dtype, in one launch. With ``l2_eps``, every row out[g, b, j, t] [d] is then L2-normalised as fla's l2norm
+    kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
+    and keys of a recurrence that normalises them."""
     groups = len(inputs)
     first = inputs[0]
     batch, length, channels = first.shape
@@ -97,8 +102,9 @@ def convolved_heads(
             short_conv_kernel[(chunks * out.shape[:3].numel(),)](
                 first, inputs[-1], taps[0], taps[-1], biases[0] if bias else taps[0], biases[-1] if bias else taps[0],
                 states[0] if state else first, states[-1] if state else first, index, out, length, batch, heads,
-                chunks, channels, first.stride(0), first.stride(1), D=head_dim, W=width, BT=BLOCK_TOKENS,
-                BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state, SILU=silu, num_warps=NUM_WARPS,
+                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, D=head_dim,
+                W=width, BT=BLOCK_TOKENS, BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state, SILU=silu,
+                NORMALISE=l2_eps is not None, num_warps=NUM_WARPS,
             )
     return out
 
@@ -139,10 +145,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T", "B", "HV", "NT", "C"])
     def short_conv_kernel(x0, x1, taps0, taps1, bias0, bias1, state0, state1, index, out, T, B, HV, NT, C, s_b, s_t,
-                          D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr):
+                          eps, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
+                          NORMALISE: tl.constexpr):
         """One program per BT tokens of one (group, sequence, value head j): group g's (x0, taps0, ... for g = 0;
-        x1, ... for g = 1) convolution of key head index[j]'s channels, written at
+        x1, ... for g = 1) convolution of key head index[j]'s channels (NORMALISE: each token's rounded to out's
+        dtype, then L2-normalised in float32 as fla's l2norm_fwd_kernel), written at
         (((g·B + b)·HV + j)·T + t)·D + c."""
         i_gbj = tl.program_id(0).to(tl.int64) // NT
         i_t = tl.program_id(0).to(tl.int64) % NT
@@ -158,5 +166,8 @@ if triton is not None:
         else:
             y = _convolved(x1, taps1, bias1, state1, i_b, o_c, m_d, o_t, T, C, s_b, s_t, W, BT, BD, HAS_BIAS,
                            HAS_STATE, SILU)
+        if NORMALISE:
+            y = y.to(out.dtype.element_ty).to(tl.float32)
+            y = y * (1 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
         tl.store(out + (i_gbj * T + o_t[:, None]) * D + o_d[None, :], y.to(out.dtype.element_ty),
                  mask=(o_t < T)[:, None] & m_d[None, :])
