@@ -17,7 +17,7 @@ import fla.modules.causal_conv1d
 run_fla_chunked_kernels()
 from fla.modules import ShortConvolution
 from compressor.modeling.fla_rows import l2_normalised
-from compressor.modeling.short_conv import convolved_heads, final_state
+from compressor.modeling.short_conv import convolved_heads
 
 generator = torch.Generator().manual_seed(0)
 # (batch, tokens, key heads, head size, taps, dtype, index, bias, cache, activation): lengths that are not a multiple
@@ -37,19 +37,20 @@ for batch, length, heads, width, taps, dtype, index, bias, cache, act in (
     caches = [torch.randn(batch, channels, taps, generator=generator).to(dtype) if cache else None for _ in "qk"]
     index = torch.tensor(index)
     with torch.no_grad():
-        got = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches, index, width,
-                              act is not None)
+        got, states = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches,
+                                      index, width, act is not None, output_final_state=True)
         assert got.shape == (2, batch, len(index), length, width) and got.dtype == dtype and got.is_contiguous()
         for group, (conv, x, cache) in enumerate(zip(convs, xs, caches)):
             expected, new_cache = conv(x, cache=cache, output_final_state=True)
             expected = expected.view(batch, length, heads, width)[:, :, index].transpose(1, 2)
             assert torch.equal(got[group], expected), (length, dtype, group, (got[group] - expected).abs().max())
-            assert torch.equal(final_state(x, cache, taps), new_cache), (length, dtype, group)
-        one = convolved_heads(xs[1:], [convs[1].weight.squeeze(1)], [convs[1].bias], caches[1:], index, width,
-                              act is not None)
-        assert torch.equal(one[0], got[1])
-        normalised = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches, index,
-                                     width, act is not None, 1e-6)
+            assert states[group].is_contiguous() and torch.equal(states[group], new_cache), (length, dtype, group)
+        one, one_state = convolved_heads(xs[1:], [convs[1].weight.squeeze(1)], [convs[1].bias], caches[1:], index,
+                                         width, act is not None, output_final_state=True)
+        assert torch.equal(one[0], got[1]) and torch.equal(one_state[0], states[1])
+        normalised, none = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches,
+                                           index, width, act is not None, 1e-6)
+        assert none is None
         expected = l2_normalised(got.reshape(-1, width)).view(got.shape)  # fla's l2norm kernel after the convolution
         assert torch.equal(normalised, expected), (length, dtype, (normalised - expected).abs().max())
 
@@ -75,9 +76,9 @@ def test_convolved_heads_equal_flas_convolution_then_the_heads_gathered():
     """``short_conv``'s kernel run by Triton's interpreter against fla's ``ShortConvolution`` (its Triton kernel,
     also interpreted) and a gather of its output's heads: bit for bit in float32 and bf16, with and without bias,
     cache and silu, 3 and 4 taps, lengths below the taps and across token blocks, value heads repeating, skipping
-    and reordering key heads; the new cache (``final_state``) equal to fla's; one group as the second of two;
-    normalising, equal to fla's l2norm kernel run on the convolution; inputs it cannot read refused. A wrong tap,
-    offset, state position or head moves values by O(1)."""
+    and reordering key heads; the new caches written by the same launch equal to fla's; one group as the second of
+    two; normalising, equal to fla's l2norm kernel run on the convolution; inputs it cannot read refused. A wrong
+    tap, offset, state position or head moves values by O(1)."""
     pytest.importorskip("fla.modules.causal_conv1d")
     run_interpreted(CONVOLUTIONS_INTERPRETED)
 
@@ -97,7 +98,8 @@ from compressor.modeling.packed_heads import normalised_pair
 from compressor.slicing import slim
 
 calls = []
-fla_layers.convolved_heads = lambda *arguments: calls.append(1) or short_conv.convolved_heads(*arguments)
+fla_layers.convolved_heads = lambda *arguments, **options: (calls.append(1)
+                                                            or short_conv.convolved_heads(*arguments, **options))
 generator = torch.Generator().manual_seed(0)
 normalising = {"kda_gva": True, "delta_net_relu_sum": False, "gated_deltanet": True, "gla_conv_relu": False,
                "delta_net": True}
@@ -202,17 +204,19 @@ def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
     pytest.importorskip("triton")
     from compressor.modeling.short_conv import BLOCK_TOKENS, short_conv_kernel
 
-    pointers = dict.fromkeys(("x0", "x1", "taps0", "taps1", "bias0", "bias1", "state0", "state1", "out"), "*bf16")
-    types = dict(pointers, index="*i64", T="i32", B="i32", HV="i32", NT="i32", C="i32", s_b="i32", s_t="i32")
+    pointers = dict.fromkeys(("x0", "x1", "taps0", "taps1", "bias0", "bias1", "state0", "state1", "out", "new0",
+                              "new1"), "*bf16")
+    types = dict(pointers, index="*i64", T="i32", B="i32", HV="i32", NT="i32", C="i32", s_b="i32", s_t="i32",
+                 eps="fp32", NP="i32")
     constants = {"D": 128, "W": 4, "BT": BLOCK_TOKENS, "BD": 128, "HAS_BIAS": form == "silu-bias",
-                 "HAS_STATE": form == "state", "SILU": form == "silu-bias"}
+                 "HAS_STATE": form == "state", "SILU": form == "silu-bias", "NORMALISE": form == "state"}
     assert "ld.global.v4.b32" in hopper_loads(short_conv_kernel, types, constants)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_convolved_heads_on_cuda_equal_flas_convolution():
     """The kernel compiled for a GPU: bf16 queries and keys of 300 tokens, 4 key heads of 128 read by 6 value heads,
-    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit; normalising, against fla's l2norm
+    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit, the new caches too; normalising, against fla's l2norm
     kernel after it, within one rounding of bf16 (the sum of squares may add in another order)."""
     from fla.modules import ShortConvolution
 
@@ -225,12 +229,14 @@ def test_convolved_heads_on_cuda_equal_flas_convolution():
     caches = [torch.randn(2, 512, 4, generator=generator).to(torch.bfloat16).cuda() for _ in "qk"]
     index = torch.tensor([0, 0, 1, 3, 2, 2], device="cuda")
     with torch.no_grad():
-        got = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128, True)
+        got, states = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128, True,
+                                      output_final_state=True)
         for group, (conv, x, cache) in enumerate(zip(convs, xs, caches)):
-            expected = conv(x, cache=cache)[0].view(2, 300, 4, 128)[:, :, index].transpose(1, 2)
-            assert torch.equal(got[group], expected)
-        normalised = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128, True,
-                                     1e-6)
+            expected, new_cache = conv(x, cache=cache.clone(), output_final_state=True)
+            expected = expected.view(2, 300, 4, 128)[:, :, index].transpose(1, 2)
+            assert torch.equal(got[group], expected) and torch.equal(states[group], new_cache)
+        normalised, _ = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [None, None], caches, index, 128,
+                                        True, 1e-6)
         expected = l2_normalised(got.reshape(-1, 128)).view(got.shape)
         difference = (normalised.float() - expected.float()).abs().max().item()
         print(f"normalised in the convolution vs fla's l2norm: max difference {difference:.3g}, "

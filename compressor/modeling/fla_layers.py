@@ -25,7 +25,7 @@ from .head_norm import rms_normalised
 from .head_norm import takes as head_norm_takes
 from .gated_deltanet import PrunableGatedDeltaNetMixin, global_head_counts, install_mixers
 from .packed_heads import L2_EPS
-from .short_conv import convolved_heads, final_state
+from .short_conv import convolved_heads
 from .short_conv import takes as short_conv_takes
 from .stock_dispatch import HubKernelsOffByDefault
 
@@ -293,18 +293,18 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
     def convolved_heads(self, projections, convs, caches, use_cache, normalise):
         """``qkv_heads`` for layers with short convolutions, through ``short_conv.convolved_heads``: q and k convolved
         into one block [2, B, H_v, T, d_k] (value head j convolving key head ``value_to_key[j]``; L2-normalised with
-        fla's epsilon where ``normalise``), v into [1, B, H_v, T, d_v]; the new caches (``short_conv.final_state``)
+        fla's epsilon where ``normalise``), v into [1, B, H_v, T, d_v]; the new caches, written by the same launches,
         where ``use_cache``, else Nones."""
         parts = [(x, conv.weight.squeeze(1), conv.bias, None if cache is None else cache.contiguous())
                  for x, conv, cache in zip(projections, convs, caches)]
         key_part, value_part = (tuple(zip(*group)) for group in (parts[:2], parts[2:]))
-        block = convolved_heads(*key_part, self.key_index(projections[0].device), self.head_k_dim,
-                                convs[0].activation is not None, L2_EPS if normalise else None)
-        values = convolved_heads(*value_part, self.value_index(projections[0].device), self.head_v_dim,
-                                 convs[2].activation is not None)
+        block, key_states = convolved_heads(*key_part, self.key_index(projections[0].device), self.head_k_dim,
+                                            convs[0].activation is not None, L2_EPS if normalise else None,
+                                            output_final_state=use_cache)
+        values, value_states = convolved_heads(*value_part, self.value_index(projections[0].device), self.head_v_dim,
+                                               convs[2].activation is not None, output_final_state=use_cache)
         q, k = block.transpose(2, 3)
-        states = tuple(final_state(x, cache, conv.kernel_size[0]) if use_cache else None
-                       for x, conv, cache in zip(projections, convs, caches))
+        states = (*key_states, *value_states) if use_cache else (None, None, None)
         return q, k, values[0].transpose(1, 2), states
 
     def value_index(self, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .fla_decode_step import launching_on, next_power_of_2
 
@@ -68,14 +67,16 @@ def takes(x: torch.Tensor, convolutions: Sequence[torch.nn.Module], head_dims: S
 def convolved_heads(
     inputs: Sequence[torch.Tensor], taps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
     states: Sequence[torch.Tensor | None], index: torch.Tensor, head_dim: int, silu: bool,
-    l2_eps: float | None = None,
-) -> torch.Tensor:
+    l2_eps: float | None = None, output_final_state: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """out[g, b, j, t] = act(Σ_w taps[g][c, w] · x_g[b, t - W + 1 + w, c] + biases[g][c]) over the channels c of key
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
     None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous, in
     x's dtype, in one launch. With ``l2_eps``, every row out[g, b, j, t] [d] is then L2-normalised as fla's l2norm
     kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
-    and keys of a recurrence that normalises them."""
+    and keys of a recurrence that normalises them. With ``output_final_state``, the same launch also writes each
+    group's new cache [B, H_k·d, W] (contiguous, in x's dtype: the last W inputs of every channel, the start of
+    ``states[g]`` or zeros before the first token), returned as a tuple; None otherwise."""
     groups = len(inputs)
     first = inputs[0]
     batch, length, channels = first.shape
@@ -95,29 +96,23 @@ def convolved_heads(
         raise ValueError("convolved_heads takes a contiguous integer index [H_v] on the inputs' device")
     heads = index.numel()
     out = torch.empty(groups, batch, heads, length, head_dim, dtype=first.dtype, device=first.device)
+    new_states = tuple(torch.empty(batch, channels, width, dtype=first.dtype, device=first.device)
+                       for _ in range(groups)) if output_final_state else None
     if out.numel():
         chunks = -(-length // BLOCK_TOKENS)
+        convolving = chunks * out.shape[:3].numel()
+        caching = groups * batch * (channels // head_dim) if output_final_state else 0
         bias, state = biases[0] is not None, states[0] is not None
         with launching_on(first):
-            short_conv_kernel[(chunks * out.shape[:3].numel(),)](
+            short_conv_kernel[(convolving + caching,)](
                 first, inputs[-1], taps[0], taps[-1], biases[0] if bias else taps[0], biases[-1] if bias else taps[0],
-                states[0] if state else first, states[-1] if state else first, index, out, length, batch, heads,
-                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, D=head_dim,
-                W=width, BT=BLOCK_TOKENS, BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state, SILU=silu,
-                NORMALISE=l2_eps is not None, num_warps=NUM_WARPS,
+                states[0] if state else first, states[-1] if state else first, index, out,
+                new_states[0] if caching else first, new_states[-1] if caching else first, length, batch, heads,
+                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, convolving,
+                D=head_dim, W=width, BT=BLOCK_TOKENS, BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state,
+                SILU=silu, NORMALISE=l2_eps is not None, num_warps=NUM_WARPS,
             )
-    return out
-
-
-def final_state(x: torch.Tensor, state: torch.Tensor | None, width: int) -> torch.Tensor:
-    """The cache after the convolution of x [B, T, C] from ``state`` [B, C, W] (None: zeros): the last ``width``
-    inputs of each channel, [B, C, W] contiguous, in x's dtype."""
-    recent = x[:, -width:].transpose(1, 2)  # [B, C, min(T, W)]
-    if recent.shape[-1] == width:
-        return recent.contiguous()
-    if state is None:
-        return F.pad(recent, (width - recent.shape[-1], 0))
-    return torch.cat([state[..., recent.shape[-1]:].to(x.dtype), recent], dim=-1)
+    return out, new_states
 
 
 if triton is not None:
@@ -143,31 +138,54 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         return y
 
-    @triton.jit(do_not_specialize=["T", "B", "HV", "NT", "C"])
-    def short_conv_kernel(x0, x1, taps0, taps1, bias0, bias1, state0, state1, index, out, T, B, HV, NT, C, s_b, s_t,
-                          eps, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
+    @triton.jit
+    def _cached(x, state, new, i_b, o_c, m_c, T, C, s_b, s_t, W: tl.constexpr, HAS_STATE: tl.constexpr):
+        """new[i_b, o_c, w] = the input of channels o_c at token T - W + w of sequence i_b (read from ``state``,
+        the cache before the first token, where that is negative; zeros without one)."""
+        for i_w in tl.static_range(W):
+            o_x = T - W + i_w + 0 * o_c  # the token, for every channel
+            x_w = tl.load(x + i_b * s_b + o_x * s_t + o_c, mask=m_c & (o_x >= 0), other=0.0)
+            if HAS_STATE:
+                x_w = tl.where(o_x >= 0, x_w, tl.load(state + (i_b * C + o_c) * W + o_x + W,
+                                                      mask=m_c & (o_x < 0), other=0.0).to(x_w.dtype))
+            tl.store(new + (i_b * C + o_c) * W + i_w, x_w, mask=m_c)
+
+    @triton.jit(do_not_specialize=["T", "B", "HV", "NT", "C", "NP"])
+    def short_conv_kernel(x0, x1, taps0, taps1, bias0, bias1, state0, state1, index, out, new0, new1, T, B, HV, NT,
+                          C, s_b, s_t, eps, NP, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                          BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
                           NORMALISE: tl.constexpr):
-        """One program per BT tokens of one (group, sequence, value head j): group g's (x0, taps0, ... for g = 0;
-        x1, ... for g = 1) convolution of key head index[j]'s channels (NORMALISE: each token's rounded to out's
-        dtype, then L2-normalised in float32 as fla's l2norm_fwd_kernel), written at
-        (((g·B + b)·HV + j)·T + t)·D + c."""
-        i_gbj = tl.program_id(0).to(tl.int64) // NT
-        i_t = tl.program_id(0).to(tl.int64) % NT
-        i_gb, i_j = i_gbj // HV, i_gbj % HV
-        i_g, i_b = i_gb // B, i_gb % B
-        o_d = tl.arange(0, BD).to(tl.int64)
-        m_d = o_d < D
-        o_c = tl.load(index + i_j).to(tl.int64) * D + o_d
-        o_t = i_t * BT + tl.arange(0, BT)
-        if i_g == 0:
-            y = _convolved(x0, taps0, bias0, state0, i_b, o_c, m_d, o_t, T, C, s_b, s_t, W, BT, BD, HAS_BIAS,
-                           HAS_STATE, SILU)
+        """One program per BT tokens of one (group, sequence, value head j), the first NP: group g's (x0, taps0, ...
+        for g = 0; x1, ... for g = 1) convolution of key head index[j]'s channels (NORMALISE: each token's rounded
+        to out's dtype, then L2-normalised in float32 as fla's l2norm_fwd_kernel), written at
+        (((g·B + b)·HV + j)·T + t)·D + c; then any further programs, one per (group, sequence, key head): its
+        channels' new cache in new0 or new1 (``_cached``)."""
+        if tl.program_id(0) >= NP:
+            i_gbk = (tl.program_id(0) - NP).to(tl.int64)
+            i_gb, i_k = i_gbk // (C // D), i_gbk % (C // D)
+            i_g, i_b = i_gb // B, i_gb % B
+            o_d = tl.arange(0, BD).to(tl.int64)
+            if i_g == 0:
+                _cached(x0, state0, new0, i_b, i_k * D + o_d, o_d < D, T, C, s_b, s_t, W, HAS_STATE)
+            else:
+                _cached(x1, state1, new1, i_b, i_k * D + o_d, o_d < D, T, C, s_b, s_t, W, HAS_STATE)
         else:
-            y = _convolved(x1, taps1, bias1, state1, i_b, o_c, m_d, o_t, T, C, s_b, s_t, W, BT, BD, HAS_BIAS,
-                           HAS_STATE, SILU)
-        if NORMALISE:
-            y = y.to(out.dtype.element_ty).to(tl.float32)
-            y = y * (1 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
-        tl.store(out + (i_gbj * T + o_t[:, None]) * D + o_d[None, :], y.to(out.dtype.element_ty),
-                 mask=(o_t < T)[:, None] & m_d[None, :])
+            i_gbj = tl.program_id(0).to(tl.int64) // NT
+            i_t = tl.program_id(0).to(tl.int64) % NT
+            i_gb, i_j = i_gbj // HV, i_gbj % HV
+            i_g, i_b = i_gb // B, i_gb % B
+            o_d = tl.arange(0, BD).to(tl.int64)
+            m_d = o_d < D
+            o_c = tl.load(index + i_j).to(tl.int64) * D + o_d
+            o_t = i_t * BT + tl.arange(0, BT)
+            if i_g == 0:
+                y = _convolved(x0, taps0, bias0, state0, i_b, o_c, m_d, o_t, T, C, s_b, s_t, W, BT, BD, HAS_BIAS,
+                               HAS_STATE, SILU)
+            else:
+                y = _convolved(x1, taps1, bias1, state1, i_b, o_c, m_d, o_t, T, C, s_b, s_t, W, BT, BD, HAS_BIAS,
+                               HAS_STATE, SILU)
+            if NORMALISE:
+                y = y.to(out.dtype.element_ty).to(tl.float32)
+                y = y * (1 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
+            tl.store(out + (i_gbj * T + o_t[:, None]) * D + o_d[None, :], y.to(out.dtype.element_ty),
+                     mask=(o_t < T)[:, None] & m_d[None, :])
