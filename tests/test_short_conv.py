@@ -241,4 +241,4 @@ def test_convolved_heads_on_cuda_equal_flas_convolution():
         difference = (normalised.float() - expected.float()).abs().max().item()
         print(f"normalised in the convolution vs fla's l2norm: max difference {difference:.3g}, "
               f"{(normalised != expected).float().mean().item():.3%} of values differ")
-        torch.testing.assert_close(normalised, expected, rtol=2**-8, atol=2**-14)
+        torch.testing.assert_close(normalised, expected, rtol=2**-7, atol=2**-14)
