@@ -54,8 +54,13 @@ for batch, length, heads, width, taps, dtype, index, bias, cache, act in (
         expected = l2_normalised(got.reshape(-1, width)).view(got.shape)  # fla's l2norm kernel after the convolution
         assert torch.equal(normalised, expected), (length, dtype, (normalised - expected).abs().max())
 
-x = torch.zeros(1, 5, 8)
+x = torch.randn(1, 5, 8, generator=generator)
 w, index = torch.zeros(8, 4), torch.tensor([0, 1])
+state = torch.randn(1, 8, 4, generator=generator)
+with torch.no_grad():  # nothing to convolve: the caches are still written
+    _, (kept,) = convolved_heads([x[:, :0]], [w], [None], [state], index, 4, True, output_final_state=True)
+    _, (last,) = convolved_heads([x], [w], [None], [None], index[:0], 4, True, output_final_state=True)
+assert torch.equal(kept, state) and torch.equal(last, x[:, -4:].transpose(1, 2))
 for arguments in (([x, torch.zeros(1, 5, 16)], [w, w], [None, None], [None, None], index, 4),  # shapes differ
                   ([x.transpose(1, 2).contiguous().transpose(1, 2)], [w], [None], [None], index, 4),  # strided
                   ([x], [w[:, :3]], [None], [None], index, 4),  # taps of another shape
@@ -97,6 +102,14 @@ from compressor.modeling import fla_layers, short_conv
 from compressor.modeling.packed_heads import normalised_pair
 from compressor.slicing import slim
 
+class Reached(Exception):
+    pass
+
+
+def spy(*arguments, use_qk_l2norm, **options):  # a recurrence: what the forward tells it
+    raise Reached(use_qk_l2norm)
+
+
 calls = []
 fla_layers.convolved_heads = lambda *arguments, **options: (calls.append(1)
                                                             or short_conv.convolved_heads(*arguments, **options))
@@ -133,6 +146,23 @@ for name in normalising:  # kda_gva: uneven groups
         assert got[0].transpose(1, 2).is_contiguous() and got[2].transpose(1, 2).is_contiguous()  # head-major
         for a, b in zip(got[3], expected[3], strict=True):
             assert (a is None) == (b is None) == (not use_cache) and (a is None or torch.equal(a, b)), (name, "cache")
+    if name.startswith("gla"):
+        continue  # its recurrence normalises nothing
+    stock = type(mixer).recurrence
+    type(mixer).recurrence = staticmethod(spy)  # the class's own: the convolutions normalise where they may
+    told = []
+    for wrap in (False, True):
+        if wrap:
+            mixer.heads = type(mixer).heads.__get__(mixer)
+        try:
+            with torch.no_grad(), cuda_path():
+                mixer(hiddens[0])
+        except Reached as reached:
+            told.append(reached.args[0])
+        mixer.__dict__.pop("heads", None)
+    type(mixer).recurrence = stock
+    l2 = getattr(mixer, "qk_norm", "l2") == "l2"
+    assert told == [l2 and not normalising[name], l2], (name, told)  # never normalised twice, nor left unnormalised
 print("ok")
 """
 
@@ -142,7 +172,8 @@ def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads
     keys and values from ``qkv_heads`` through the fused convolutions (two launches) equal the ones through fla's
     convolutions and ``heads`` (taken where a mask wraps ``heads``) bit for bit, then L2-normalised by fla's kernel
     where the recurrence normalises them right after the convolutions (KDA, Gated DeltaNet, DeltaNet with silu; not
-    DeltaNet with relu, nor GLA), and not normalised where a capture wraps the recurrence; over 37 tokens and over 3
+    DeltaNet with relu, nor GLA), and not normalised where a capture wraps the recurrence, the forward then telling
+    the recurrence to normalise them where, and only where, the convolutions did not; over 37 tokens and over 3
     (fewer than the taps), keeping no cache, and keeping one that starts empty or from given caches (any layout),
     whose new caches equal fla's: KDA with uneven groups, DeltaNet whose queries and keys take no activation or
     silu, Gated DeltaNet, GLA with convolutions."""
@@ -209,7 +240,8 @@ def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
     types = dict(pointers, index="*i64", T="i32", B="i32", HV="i32", NT="i32", C="i32", s_b="i32", s_t="i32",
                  eps="fp32", NP="i32")
     constants = {"D": 128, "W": 4, "BT": BLOCK_TOKENS, "BD": 128, "HAS_BIAS": form == "silu-bias",
-                 "HAS_STATE": form == "state", "SILU": form == "silu-bias", "NORMALISE": form == "state"}
+                 "HAS_STATE": form == "state", "SILU": form == "silu-bias",
+                 "NORMALISE": form == "state"}
     assert "ld.global.v4.b32" in hopper_loads(short_conv_kernel, types, constants)
 
 

@@ -144,8 +144,9 @@ def gated_delta_rule(
     chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
-    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
-    see ``fla_decode_step.py``) and returns that tensor, which a cache's copy into itself then skips.
+    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
+    q and k normalised in its kernel; see ``fla_decode_step.py``) and returns that tensor, which a cache's copy into
+    itself then skips.
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None

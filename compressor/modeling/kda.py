@@ -149,9 +149,9 @@ def kimi_delta_attention(
     PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
-    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it;
-    see ``fla_decode_step.py``) and returns that tensor. Returns ``(o [B, T, H, V], final state [B, H, K, V] or
-    None)``.
+    fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
+    q and k normalised in its kernel; see ``fla_decode_step.py``) and returns that tensor. Returns ``(o [B, T, H,
+    V], final state [B, H, K, V] or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state,

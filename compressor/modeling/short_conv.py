@@ -20,7 +20,7 @@ rounded once to the input's dtype.
 Shapes: one or two groups (queries, keys) of inputs x [B, T, H_k·d] (unit channel stride, the same strides), their
 taps [H_k·d, W] (contiguous; ``ShortConvolution.weight`` [H_k·d, 1, W] squeezed), biases [H_k·d] or None, initial
 states [B, H_k·d, W] (the last W inputs: fla's cache layout) or None; index [H_v] (the key head of each value head)
--> out [G, B, H_v, T, d], contiguous. ``final_state``: the new cache [B, H_k·d, W]. CPU tensors only under Triton's
+-> out [G, B, H_v, T, d], contiguous, and where asked the new caches [B, H_k·d, W]. CPU tensors only under Triton's
 interpreter.
 """
 
@@ -98,10 +98,10 @@ def convolved_heads(
     out = torch.empty(groups, batch, heads, length, head_dim, dtype=first.dtype, device=first.device)
     new_states = tuple(torch.empty(batch, channels, width, dtype=first.dtype, device=first.device)
                        for _ in range(groups)) if output_final_state else None
-    if out.numel():
-        chunks = -(-length // BLOCK_TOKENS)
-        convolving = chunks * out.shape[:3].numel()
-        caching = groups * batch * (channels // head_dim) if output_final_state else 0
+    chunks = -(-length // BLOCK_TOKENS)
+    convolving = chunks * out.shape[:3].numel()
+    caching = groups * batch * (channels // head_dim) if output_final_state else 0
+    if convolving + caching:
         bias, state = biases[0] is not None, states[0] is not None
         with launching_on(first):
             short_conv_kernel[(convolving + caching,)](
