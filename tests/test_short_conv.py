@@ -183,8 +183,8 @@ def test_fla_mixers_on_the_cuda_path_convolve_into_their_heads_as_fla_then_heads
 
 def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(monkeypatch):
     """``short_conv.takes``: CUDA tensors outside autograd, more than one token, fla's own activations (silu or none;
-    queries' and keys' the same), one number of taps, parameters in the inputs' dtype, no hook on a convolution
-    (accelerate's or another)."""
+    queries' and keys' the same), biases on queries and keys both or neither, one number of taps, parameters in the
+    inputs' dtype, no hook on a convolution (accelerate's or another)."""
     pytest.importorskip("triton")
     from fla.modules import ShortConvolution
 
@@ -202,6 +202,9 @@ def test_the_fused_convolution_runs_on_a_gpu_outside_autograd_for_prefills_only(
         assert short_conv.takes(x, [convs[0], convs[1], ShortConvolution(16, 4, activation=None)], (8, 8))
         assert not short_conv.takes(x, [convs[0], ShortConvolution(16, 4, activation=None), convs[2]], (8, 8))
         assert not short_conv.takes(x, [convs[0], convs[1], ShortConvolution(16, 3)], (8, 8))
+        biased = ShortConvolution(16, 4, bias=True, activation="silu")
+        assert not short_conv.takes(x, [convs[0], biased, convs[2]], (8, 8))  # one launch takes both or neither
+        assert short_conv.takes(x, [convs[0], convs[1], biased], (8, 8))
         convs[2]._hf_hook = object()
         assert not short_conv.takes(x, convs, (8, 8))
         del convs[2]._hf_hook

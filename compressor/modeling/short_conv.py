@@ -52,12 +52,13 @@ def takes(x: torch.Tensor, convolutions: Sequence[torch.nn.Module], head_dims: S
     ``ShortConvolution`` modules of queries, keys and values (``convolutions``), heads of ``head_dims`` channels:
     on a GPU, outside autograd (the kernel has no backward), triton importable, more than one token (a decode step
     keeps fla's, which writes the cache in place), one number of taps ≤ ``MAX_TAPS``, silu or no activation, one
-    for queries and keys, heads ≤ ``MAX_HEAD_DIM`` channels, parameters on x's device and in x's dtype, no hook on
-    a convolution (accelerate's, or any other that its forward would run)."""
+    for queries and keys, and biases on both or neither (they share a launch), heads ≤ ``MAX_HEAD_DIM`` channels,
+    parameters on x's device and in x's dtype, no hook on a convolution (accelerate's, or any other that its
+    forward would run)."""
     first, second = convolutions[:2]
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.shape[1] > 1
             and max(head_dims) <= MAX_HEAD_DIM and first.kernel_size[0] <= MAX_TAPS
-            and first.activation == second.activation
+            and first.activation == second.activation and (first.bias is None) == (second.bias is None)
             and all(conv.kernel_size == first.kernel_size and conv.activation in ("silu", "swish", None)
                     and not (hasattr(conv, "_hf_hook") or conv._forward_hooks or conv._forward_pre_hooks)
                     and conv.weight.device == x.device
