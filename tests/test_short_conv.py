@@ -251,8 +251,9 @@ def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_convolved_heads_on_cuda_equal_flas_convolution():
     """The kernel compiled for a GPU: bf16 queries and keys of 300 tokens, 4 key heads of 128 read by 6 value heads,
-    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit, the new caches too; normalising, against fla's l2norm
-    kernel after it, within one rounding of bf16 (the sum of squares may add in another order)."""
+    with a cache, against fla's ``ShortConvolution`` and a gather, bit for bit, the new caches too; normalising,
+    against fla's l2norm kernel after it, within one rounding of bf16 (the sum of squares may add in another
+    order)."""
     from fla.modules import ShortConvolution
 
     from compressor.modeling.fla_rows import l2_normalised
@@ -277,3 +278,33 @@ def test_convolved_heads_on_cuda_equal_flas_convolution():
         print(f"normalised in the convolution vs fla's l2norm: max difference {difference:.3g}, "
               f"{(normalised != expected).float().mean().item():.3%} of values differ")
         torch.testing.assert_close(normalised, expected, rtol=2**-7, atol=2**-14)
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "kimi_delta_attention"])
+def test_recurrences_told_q_and_k_are_normalised_take_them_as_they_are(name):
+    """``use_qk_l2norm=False`` (what the forward passes after the fused convolutions normalised q and k): on the
+    PyTorch paths of the recurrence (a prefill, a decode step) and of its calibration form, q and k normalised
+    beforehand give what the default gives for them raw, and raw q and k are then not normalised."""
+    from compressor.modeling.gated_delta import gated_delta_rule
+    from compressor.modeling.kda import kimi_delta_attention
+    from compressor.state_capture import WITH_STATES
+
+    recurrence = {"gated_delta_rule": gated_delta_rule, "kimi_delta_attention": kimi_delta_attention}[name]
+    generator = torch.Generator().manual_seed(0)
+    q, k = (3 * torch.randn(2, 20, 3, 8, generator=generator) for _ in "qk")
+    v = torch.randn(2, 20, 3, 8, generator=generator)
+    decay_shape = (2, 20, 3, 8) if name == "kimi_delta_attention" else (2, 20, 3)
+    g, beta = -torch.rand(decay_shape, generator=generator), torch.rand(2, 20, 3, generator=generator)
+    unit_q, unit_k = (torch.nn.functional.normalize(x, dim=-1, eps=1e-6) for x in (q, k))
+    state = torch.randn(2, 3, 8, 8, generator=generator)
+    for length, initial in ((20, None), (1, state)):  # a prefill; a decode step
+        inputs = [x[:, :length] for x in (q, k, v, g, beta)]
+        unit = [x[:, :length] for x in (unit_q, unit_k)]
+        for form in (recurrence, WITH_STATES[recurrence]):
+            if form is not recurrence and length == 1:
+                continue  # calibration runs prefills only
+            expected = form(*inputs, initial_state=initial, output_final_state=True)
+            given = form(*unit, *inputs[2:], initial_state=initial, output_final_state=True, use_qk_l2norm=False)
+            raw = form(*inputs, initial_state=initial, output_final_state=True, use_qk_l2norm=False)
+            for a, b, c in zip(expected[:2], given[:2], raw[:2]):
+                assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-2), (form, length)

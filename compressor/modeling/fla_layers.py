@@ -309,15 +309,8 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
 
     def value_index(self, device: torch.device) -> torch.Tensor:
         """Long tensor [H_v]: 0, 1, ..., H_v - 1 (each value head convolves its own channels), kept per device
-        (except when first asked for inside CUDA graph capture, as ``slab_index``)."""
-        key = ("values", device)
-        if key not in self._index_cache:
-            with torch.inference_mode(False):
-                index = torch.arange(self.num_v_heads, device=device)
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return index
-            self._index_cache[key] = index
-        return self._index_cache[key]
+        (``kept_index``)."""
+        return self.kept_index(("values", device), device, lambda: torch.arange(self.num_v_heads, device=device))
 
     def heads(self, q, k, v):
         """Split into heads, q and k repeated per value head by ``value_to_key``, head-major and tiling one block

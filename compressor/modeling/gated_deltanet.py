@@ -123,7 +123,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
                 f"{self.num_k_heads} key heads for {self.num_v_heads} value heads"
             )
         self.value_to_key = list(value_to_key)
-        self._index_cache: dict = {}  # device -> key_index; (device, count) -> slab_index
+        # device -> key_index; (device, count) -> slab_index; ("values", device) -> value_index (fla's mixers)
+        self._index_cache: dict = {}
         self._decode_graph = DecodeGraph()
 
     @classmethod
@@ -145,11 +146,15 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         position of the key head that each value head reads, i·H_k + ``value_to_key[j]`` (made once per device
         and count and kept, except when first asked for inside CUDA graph capture; ``key_index`` must be kept
         before then: it copies from the host)."""
-        key = (device, count)
+        return self.kept_index((device, count), device, lambda: (
+            torch.arange(count, device=device)[:, None] * self.num_k_heads + self.key_index(device)).reshape(-1))
+
+    def kept_index(self, key, device: torch.device, make) -> torch.Tensor:
+        """The index tensor kept under ``key``, made by ``make()`` (outside inference mode) the first time; not kept
+        when first made inside CUDA graph capture (a captured tensor is written only by the graph's replay)."""
         if key not in self._index_cache:
             with torch.inference_mode(False):
-                index = (torch.arange(count, device=device)[:, None] * self.num_k_heads
-                         + self.key_index(device)).reshape(-1)
+                index = make()
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return index
             self._index_cache[key] = index
