@@ -21,13 +21,15 @@ def test_the_forward_functions_of_fla_0_6_are_found():
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
     from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
-    from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
+    from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused
+    from fla.ops.kda.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum_vector
 
     assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
     assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
-    assert fla_chunk.kda_forward() == (chunk_kda_fwd_intra, chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk)
+    assert fla_chunk.kda_forward() == (chunk_kda_fwd_kernel_inter_solve_fused, recompute_w_u_fwd,
+                                       chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk)
     assert fla_chunk.gla_forward() == (chunk_local_cumsum_vector, chunk_fwd_kernel_h, chunk_gla_fwd_intra_gk,
                                        chunk_gla_fwd_o_gk, RCP_LN2)
 
@@ -72,6 +74,25 @@ def test_kda_pieces_of_other_parameters_are_not_used(monkeypatch):
         monkeypatch.setattr(chunk_delta_h, "chunk_gated_delta_rule_fwd_h", lambda k, w, u, g, gk, initial_state: None)
         assert fla_chunk.kda_forward() is None
         assert not fla_chunk.direct(torch.zeros(1), fla_chunk.kda_forward)
+
+
+@pytest.mark.parametrize("change", ["arguments", "launch"])
+def test_a_kda_solve_kernel_of_other_arguments_or_launch_is_not_launched(monkeypatch, change):
+    """``chunk_kda`` launches fla's kernel of the scores between blocks and the solve itself, with the arguments it
+    names, leaving the key block to the kernel's autotuner: a kernel of other arguments, or whose autotuner does not
+    set that block, is not launched."""
+    from fla.ops.kda import chunk_intra
+    from triton.runtime.autotuner import Autotuner
+
+    tuner = chunk_intra.chunk_kda_fwd_kernel_inter_solve_fused
+    while not isinstance(tuner, Autotuner):
+        tuner = tuner.fn
+    with looked_up_afresh(fla_chunk.kda_forward, monkeypatch):
+        if change == "arguments":
+            monkeypatch.setattr(fla_chunk, "KDA_SOLVE_ARGUMENTS", fla_chunk.KDA_SOLVE_ARGUMENTS[:-1])
+        else:
+            monkeypatch.setattr(tuner, "configs", [type(c)({}, num_warps=c.num_warps) for c in tuner.configs])
+        assert fla_chunk.kda_forward() is None
 
 
 def test_the_direct_kda_forward_refuses_an_initial_state_that_is_not_float32():
@@ -134,9 +155,11 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         delta = reference is not recurrent_gla_torch
         arguments = (qd, kd, vd, *gates, *(bd,) * delta)
         extra = {chunk_gla: dict(chunk_offsets=index["chunk_offsets"])}.get(public, {})  # what the layers pass besides
-        if public is chunk_kda:  # a batch of the sequences, from the decay's chunk-local sums in base 2
+        as_batch = public in (chunk_kda, chunk_delta_rule)
+        if as_batch:  # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2
             batch = [x.view(count, length, *x.shape[2:]) for x in arguments]
-            batch[3] = chunk_cumulative(batch[3])
+            if public is chunk_kda:
+                batch[3] = chunk_cumulative(batch[3])
             out, final = direct(*batch, initial_state=state, output_final_state=True, scale=scale)
             out = out.view(1, tokens, 1, -1)
         else:
@@ -149,9 +172,11 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
             expected = public(*arguments, cu_seqlens=index["cu_seqlens"], scale=scale)
             assert torch.equal(stateless[0].view(expected[0].shape), expected[0]) and stateless[1] is None
         elif public is not chunk_kda and (public is not chunk_delta_rule or dtype != torch.float32):
-            stateless = direct(*arguments, cu_seqlens=index["cu_seqlens"], **chunks, **extra)
+            stateless = direct(*batch) if as_batch else direct(*arguments, cu_seqlens=index["cu_seqlens"], **chunks,
+                                                                **extra)
             expected = public(*arguments, cu_seqlens=index["cu_seqlens"])
-            assert torch.equal(stateless[0], expected[0]) and stateless[1] is None, (direct.__name__, dtype)
+            assert torch.equal(stateless[0].view(expected[0].shape), expected[0]) and stateless[1] is None, (
+                direct.__name__, dtype)
         for sequence in range(count):
             part = slice(sequence * length, (sequence + 1) * length)
             expected = reference(*(x[:, part] for x in arguments), initial_state=state[sequence:sequence + 1],
@@ -167,9 +192,9 @@ print("ok")
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
     each equals fla's public function bit for bit, with initial and final states at a query scale other than
-    d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; KDA's, as a batch of the sequences,
-    without them in float32 only: its kernels run slowly here, outside the fast subset), and the PyTorch reference
-    (to bfloat16's rounding) on each packed sequence."""
+    d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; DeltaNet's and KDA's take the
+    sequences as a batch; KDA's without states in float32 only: its kernels run slowly here, outside the fast
+    subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
     run_interpreted(f"NAMES = {names!r}\n" + DIRECT_FORWARDS_INTERPRETED)
@@ -179,10 +204,10 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
 @pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
 def test_the_direct_forward_equals_fla_public_function(rule):
     """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16, a query
-    scale other than d_k^-0.5: bit for bit. KDA's direct forward takes them as a batch with value-first states, so
-    other variants of fla's kernels, tuned on their own, run: within 2 % of the largest value, with and without
-    states (a wrong slice moves values by their own size; the interpreted test above checks it bit for bit against
-    the public function)."""
+    scale other than d_k^-0.5: bit for bit. DeltaNet's and KDA's direct forwards take them as a batch (KDA's with
+    value-first states), so other variants of fla's kernels, tuned on their own, run: within 2 % of the largest
+    value, with and without states (a wrong slice moves values by their own size; the interpreted test above checks
+    them bit for bit against the public function)."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.kda import chunk_kda
@@ -208,16 +233,17 @@ def test_the_direct_forward_equals_fla_public_function(rule):
                       "kda": (chunk_kda, fla_chunk.chunk_kda)}[rule]
     with torch.no_grad():
         expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
-        if rule == "kda":  # a batch of the sequences, from the decay's chunk-local sums in base 2
+        if rule != "gated-delta-rule":  # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2
             batch = {name: x.view(count, length, *x.shape[2:]) for name, x in inputs.items() if name != "scale"}
-            batch["g"] = chunk_cumulative(batch["g"])
+            if rule == "kda":
+                batch["g"] = chunk_cumulative(batch["g"])
             got = direct(**batch, scale=inputs["scale"], initial_state=state, output_final_state=True)
             got = (got[0].view(expected[0].shape), got[1])
         else:
             got = direct(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"],
                          chunk_indices=index["chunk_indices"])
     assert got[0].dtype == expected[0].dtype
-    if rule == "kda":  # other kernels' variants (no sequence boundaries, value-first states), tuned on their own
+    if rule != "gated-delta-rule":  # other variants of the kernels (no sequence boundaries), tuned on their own
         for a, b in zip(got, expected):
             assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
         with torch.no_grad():  # the prefill of a model without a cache: no states
@@ -300,3 +326,30 @@ def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkey
     assert len(calls) == model.config.num_hidden_layers
     model(ids)  # under autograd: fla's public function
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("limit, taken", [(6, "direct"), (5, "public")])
+def test_a_delta_rule_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, taken):
+    """DeltaNet's chunked forward on the CUDA path outside autograd runs its B·H heads as batch entries, which fla's
+    kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, fla's public function with every
+    head a packed sequence. Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
+    from compressor.modeling import delta_rule
+
+    calls = []
+
+    def kernel(name):
+        return lambda **arguments: calls.append((name, arguments["v"].shape)) or (arguments["v"], None)
+
+    monkeypatch.setattr(delta_rule, "HAS_FLA", True)
+    monkeypatch.setattr(delta_rule, "delta_forward", lambda: ())
+    monkeypatch.setattr(delta_rule, "MAX_BATCH_ENTRIES", limit)
+    monkeypatch.setattr(delta_rule, "unwrapped_chunk", kernel("direct"))
+    monkeypatch.setattr(delta_rule, "_fla_chunk", kernel("public"))
+    q, k, v = (torch.randn(2, 70, 3, 8).to(torch.bfloat16) for _ in "qkv")
+    beta = torch.rand(2, 70, 3).to(torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        out, _ = delta_rule.delta_rule(q, k, v, beta, use_qk_l2norm=False)
+    monkeypatch.undo()
+    assert calls == [(taken, (6, 70, 1, 8) if taken == "direct" else (1, 420, 1, 8))]
+    assert torch.equal(out, v)

@@ -219,7 +219,7 @@ def test_the_cuda_kda_decode_step_writes_the_state_over_itself_and_equals_the_re
 CHANNEL_GATE_INTERPRETED = """
 import torch
 import torch.nn.functional as F
-from compressor.modeling.channel_gate import LOG2_E, channel_gate, chunk_cumulative
+from compressor.modeling.channel_gate import LOG2_E, DecayGate, channel_gate, chunk_cumulative, gated_chunk_cumulative
 from compressor.modeling.packed_heads import CHUNK_SIZE
 
 generator = torch.Generator().manual_seed(0)
@@ -242,6 +242,8 @@ for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 7
             cumulative = chunk_cumulative(g)
             assert cumulative.shape == g.shape and cumulative.transpose(1, 2).is_contiguous()
             torch.testing.assert_close(cumulative, sums, rtol=1e-5, atol=1e-5)
+        fused = gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound))  # the decay never written
+        assert fused.transpose(1, 2).is_contiguous() and torch.equal(fused, chunk_cumulative(got))
 assert channel_gate(torch.empty(2, 0, 3, 8), torch.zeros(3, 8), torch.ones(3), None).shape == (2, 0, 3, 8)
 try:
     channel_gate(torch.zeros(1, 4, 8, 2).transpose(2, 3), torch.zeros(2, 8), torch.ones(2), None)
@@ -250,6 +252,39 @@ except ValueError:
     pass
 g = channel_gate(torch.tensor([float("nan"), 1.0]).view(1, 1, 1, 2), torch.zeros(1, 2), torch.ones(1), None)
 assert g[0, 0, 0, 0].isnan() and not g[0, 0, 0, 1].isnan()  # NaN stays NaN, as in F.softplus
+
+# fla's KDA mixer on the CUDA path: its own recurrence takes the gate's input, a wrapped one the decay
+import sys
+sys.path[:0] = ["tests"]
+from emulated_cuda import cuda_path
+from tiny_fla import tiny_fla_model
+from compressor.families import family_for
+from compressor.layers import linear_layers
+from compressor.modeling import channel_gate as gates
+from compressor.modeling import kda
+
+model = tiny_fla_model("kda_gva")
+mixer = linear_layers(model, family_for(model.config))[0]
+launched = []
+for name in ("channel_gate", "gated_chunk_cumulative", "chunk_cumulative"):
+    def counted(*arguments, kernel=getattr(gates, name), name=name):
+        launched.append(name)
+        return kernel(*arguments)
+    for module in (kda, sys.modules[type(mixer).__module__]):
+        if hasattr(module, name):
+            setattr(module, name, counted)
+hidden = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+outputs = {}
+for wrapped in (False, True):
+    if wrapped:
+        mixer.recurrence = type(mixer).recurrence  # as a capture wraps it: the decay written, then summed
+    del launched[:]
+    with torch.no_grad(), cuda_path():
+        outputs[wrapped] = mixer(hidden)[0]
+    mixer.__dict__.pop("recurrence", None)
+    expected = ["channel_gate", "chunk_cumulative"] if wrapped else ["gated_chunk_cumulative"]
+    assert launched == expected, (wrapped, launched)
+assert torch.equal(outputs[False], outputs[True])
 print("ok")
 """
 
@@ -260,7 +295,13 @@ def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1).
     Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major, against PyTorch's
     cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths whose channels fill
-    one, several and part of a block of the sums' programs; f whose channels are not adjacent refused."""
+    one, several and part of a block of the sums' programs; the gate and its sums in one launch
+    (``gated_chunk_cumulative``) bit for bit the two launches; f whose channels are not adjacent refused.
+
+    Then fla's KDA mixer on its CUDA path (every tensor reporting ``is_cuda``): it hands its own recurrence the
+    gate's input and parameters, and the recurrence computes the gate and its chunk-local sums in that one launch;
+    where a capture wraps the recurrence, the decay is written and then summed (two launches). The mixer's output
+    is the same bit for bit."""
     pytest.importorskip("triton")
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 
@@ -360,9 +401,11 @@ def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
-    """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32."""
+    """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32;
+    the gate and its chunk sums in one launch against the two launches (to float32's rounding: the compiler may
+    order the two programs' operations differently)."""
     pytest.importorskip("triton")
-    from compressor.modeling.channel_gate import channel_gate
+    from compressor.modeling.channel_gate import DecayGate, channel_gate, chunk_cumulative, gated_chunk_cumulative
 
     generator = torch.Generator().manual_seed(0)
     f = (4 * torch.randn(2, 300, 5, 128, generator=generator)).to(torch.bfloat16).cuda()
@@ -372,3 +415,79 @@ def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
     got = channel_gate(f, bias, rate, lower_bound)
     assert got.transpose(1, 2).is_contiguous()
     assert ((got - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-4
+    torch.testing.assert_close(gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound)), chunk_cumulative(got))
+
+
+DIAGONAL_BLOCKS_INTERPRETED = """
+import sys
+import torch
+sys.path[:0] = ["tests"]
+from triton_interpreter import run_fla_chunked_kernels
+run_fla_chunked_kernels()
+from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
+from compressor.modeling.channel_gate import chunk_cumulative
+from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
+
+generator = torch.Generator().manual_seed(0)
+for batch, length, width, dtype in ((2, 37, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, length, 1, width, generator=generator), dim=-1).to(dtype)
+            for _ in "qk")
+    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, 1, width, generator=generator)) / 4
+    g = chunk_cumulative(decay)  # the chunk-local sums in base 2, as the chunked forward reads them
+    beta = torch.rand(batch, length, 1, generator=generator).to(dtype)
+    written = {}
+    for name, write in (("fla", lambda *scores: chunk_kda_fwd_intra_token_parallel(
+                            q=q, k=k, gk=g, beta=beta, Aqk=scores[0], Akk=scores[1], scale=0.3, chunk_size=64,
+                            sub_chunk_size=BLOCK)),
+                        ("ours", lambda *scores: diagonal_blocks(q, k, g, beta, 0.3, *scores))):
+        scores = (torch.full((batch, length, 1, 64), float("nan"), dtype=dtype),
+                  torch.full((batch, length, 1, BLOCK), float("nan")))  # what is not written stays NaN
+        write(*scores)
+        written[name] = scores
+    for ours, fla in zip(written["ours"], written["fla"]):
+        torch.testing.assert_close(ours, fla, rtol=0, atol=0, equal_nan=True)
+        assert ours.isnan().float().mean() < 0.9  # something was written
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_diagonal_blocks_equal_flas_token_parallel_kernel():
+    """KDA's diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) run by Triton's interpreter against
+    fla's token-parallel kernel on the same batch of one-head entries: bit for bit, and the same entries written
+    (the rest left as they were); lengths that end inside a block and a chunk, key widths that are not powers of two,
+    bf16 and float32. A wrong row, column or offset moves values by O(1) or writes another entry."""
+    pytest.importorskip("fla.ops.kda")
+    run_interpreted(DIAGONAL_BLOCKS_INTERPRETED)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_diagonal_blocks_on_cuda_equal_flas_token_parallel_kernel():
+    """The kernel compiled for a GPU, against fla's token-parallel kernel on the same 12 one-head entries of 300
+    tokens, heads of 128, bf16: the same entries written, equal to float32's rounding before the scores are
+    rounded to bf16 (the two reduce each row's 128 products in their own order; the interpreted test above checks
+    them bit for bit)."""
+    pytest.importorskip("fla.ops.kda")
+    from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
+
+    from compressor.modeling.channel_gate import chunk_cumulative
+    from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (12, 300, 1, 128)
+    q, k = (F.normalize(torch.randn(shape, device="cuda", generator=generator), dim=-1).to(torch.bfloat16)
+            for _ in "qk")
+    g = chunk_cumulative(F.logsigmoid(torch.randn(shape, device="cuda", generator=generator)) / 16)
+    beta = torch.rand(shape[:3], device="cuda", generator=generator).to(torch.bfloat16)
+    written = []
+    for write in (lambda *scores: chunk_kda_fwd_intra_token_parallel(q=q, k=k, gk=g, beta=beta, Aqk=scores[0],
+                                                                      Akk=scores[1], scale=0.1, chunk_size=64,
+                                                                      sub_chunk_size=BLOCK),
+                  lambda *scores: diagonal_blocks(q, k, g, beta, 0.1, *scores)):
+        scores = (torch.full((*shape[:3], 64), float("nan"), device="cuda", dtype=torch.bfloat16),
+                  torch.full((*shape[:3], BLOCK), float("nan"), device="cuda"))
+        write(*scores)
+        written.append(scores)
+    (fla_aqk, fla_akk), (our_aqk, our_akk) = written
+    torch.testing.assert_close(our_akk, fla_akk, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(our_aqk.float(), fla_aqk.float(), rtol=2**-7, atol=1e-6, equal_nan=True)

@@ -10,7 +10,10 @@ Triton kernel that reads f token-major in its own dtype and writes g head-major 
 runs the same kernel without the gate and with the chunked sum: g's running sums within each chunk of
 ``CHUNK_SIZE`` tokens, times log2(e), as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with
 no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
-pruned model's layers); its programs split the channels, as fla's do. Neither the head count, the batch nor the
+pruned model's layers); its programs split the channels, as fla's do. ``gated_chunk_cumulative`` computes the gate
+and its chunked sum in the same programs, as fla's gate-fused sum does, and never writes the decay itself: what a
+recurrence told the gate (``DecayGate``) instead of the decay runs on its chunked path. Neither the head count, the
+batch nor the
 length is a compile-time constant: one compilation per key head size, gate form and layout divisibility, one fixed
 configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's
 log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) ·
@@ -22,6 +25,8 @@ contiguous). CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +55,15 @@ MAX_KEY_DIM = 256
 chunk sums)."""
 
 
+class DecayGate(NamedTuple):
+    """The parameters of the gate that makes KDA's log decay from its input f, ``channel_gate``'s: bias [H, K] and
+    rate [H] (or [H, 1]), contiguous, float32; lower_bound for the bounded gate, else None."""
+
+    bias: torch.Tensor
+    rate: torch.Tensor
+    lower_bound: float | None
+
+
 def runs(x: torch.Tensor, width: int) -> bool:
     """Whether ``channel_gate`` and ``chunk_cumulative`` run now for key heads of ``width`` channels computed from x
     (any tensor on their device): x on a GPU, outside autograd (the kernel has no backward), width ≤ ``MAX_KEY_DIM``,
@@ -67,12 +81,24 @@ def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_
     """-rate · softplus(f + bias), or lower_bound · sigmoid(rate · (f + bias)) where ``lower_bound`` is given, per
     value head h and key channel: f [B, T, H, K] (unit channel stride), bias [H, K], rate [H] -> [B, T, H, K]
     float32, head-major."""
+    _check(f, bias, rate)
+    return _launch(f, bias, rate, lower_bound, gated=True, cumulative=False)
+
+
+def gated_chunk_cumulative(f: torch.Tensor, gate: DecayGate) -> torch.Tensor:
+    """``chunk_cumulative(channel_gate(f, *gate))`` in one launch, the decay never written: f [B, T, H, K] (unit
+    channel stride) -> [B, T, H, K] float32, head-major."""
+    _check(f, gate.bias, gate.rate)
+    return _launch(f, gate.bias, gate.rate, gate.lower_bound, gated=True, cumulative=True)
+
+
+def _check(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor) -> None:
+    """Refuse a gate's input and parameters that the kernel does not read."""
     heads, width = f.shape[2:]
     if bias.shape != (heads, width) or rate.numel() != heads or not (bias.is_contiguous() and rate.is_contiguous()):
         raise ValueError(f"channel_gate takes a contiguous bias [{heads}, {width}] and rate [{heads}]")
     if f.stride(-1) != 1:
         raise ValueError("channel_gate takes f with unit channel stride")
-    return _launch(f, bias, rate, lower_bound, gated=True)
 
 
 def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
@@ -81,16 +107,17 @@ def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
     [B, T, H, K] float32, head-major."""
     if g.dtype != torch.float32 or g.stride(-1) != 1:
         raise ValueError("chunk_cumulative takes float32 g with unit channel stride")
-    return _launch(g, g, g, None, gated=False)
+    return _launch(g, g, g, None, gated=False, cumulative=True)
 
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None,
-            gated: bool) -> torch.Tensor:
-    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: the gate, ``BLOCK_TOKENS`` tokens and every
-    channel a program; or the running sums, a chunk of ``CHUNK_SIZE`` tokens and ``SUM_BLOCK_CHANNELS`` channels."""
+            gated: bool, cumulative: bool) -> torch.Tensor:
+    """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: the gate alone, ``BLOCK_TOKENS`` tokens and every
+    channel a program; the running sums (of x, or of its gate), a chunk of ``CHUNK_SIZE`` tokens and
+    ``SUM_BLOCK_CHANNELS`` channels."""
     batch, length, heads, width = x.shape
-    tokens, channels, warps = ((BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS) if gated
-                               else (CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS))
+    tokens, channels, warps = ((CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS)
+                               if cumulative else (BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS))
     out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
     if out.numel():
         chunks, channel_blocks = -(-length // tokens), -(-width // channels)
@@ -98,7 +125,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound
             channel_gate_kernel[(channel_blocks * chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
                 channel_blocks, *(x.stride(i) for i in range(3)), K=width, BT=tokens, BK=channels, GATED=gated,
-                BOUNDED=lower_bound is not None, CUMULATIVE=not gated, num_warps=warps,
+                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
             )
     return out.transpose(1, 2)
 

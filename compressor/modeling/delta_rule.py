@@ -24,7 +24,7 @@ except Exception:  # ImportError, or fla without triton
 
 from .fla_chunk import chunk_delta_rule as unwrapped_chunk
 from .fla_chunk import delta_forward, direct
-from .packed_heads import heads_as_sequences, normalised_pair
+from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, normalised_pair
 
 
 def _no_decay(beta: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,10 @@ def delta_rule(
     output_final_state: bool = False,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's recurrence at ``scale`` (None: d_k^-0.5): fla on CUDA tensors (every head a packed sequence;
-    outside autograd the chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise (and for float32
-    prefill on CUDA: fla 0.6's chunked delta rule refuses float32).
+    """The layer's recurrence at ``scale`` (None: d_k^-0.5): fla on CUDA tensors (every head a packed sequence; outside
+    autograd, up to ``MAX_BATCH_ENTRIES`` heads, a batch entry of its own through the chunked form beneath fla's
+    wrappers, ``fla_chunk.py``; see ``packed_heads.py``), PyTorch otherwise (and for float32 prefill on CUDA: fla
+    0.6's chunked delta rule refuses float32).
     Returns ``(o [B, T, H, V], final state [B, H, K, V] or None)``."""
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
@@ -95,8 +96,8 @@ def delta_rule(
             q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if direct(q, delta_forward):
-            return heads_as_sequences(unwrapped_chunk, per_head, also=("chunk_indices",), **options)
+        if direct(q, delta_forward) and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES:
+            return heads_as_batch(unwrapped_chunk, per_head, **options)
         return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
     if single_step:
         return recurrent_delta_rule_torch(q, k, v, beta, **options)

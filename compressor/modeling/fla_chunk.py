@@ -1,20 +1,20 @@
 """fla's chunked forward passes of the (gated) delta rule, KDA and GLA, beneath the wrappers of its public functions.
 
-Shipped inside output folders (imports only torch and ``fla_decode_step``'s launch helper; fla is looked up at the
-first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule``, ``chunk_kda`` and ``chunk_gla`` wrap
-their forward functions in an autograd Function that saves the inputs, a device guard that checks every argument,
-dtype casts for autocast, a backend dispatch and argument checks: host time that a small model's prefill spends in
-every layer, and that a forward outside autograd on inputs already packed (``packed_heads.heads_as_sequences``:
-contiguous, one device) does not need. GLA's forward also reads the number of chunks from the GPU for packed
-sequences, where ``chunk_gla`` takes it from the host. ``gated_delta_forward()``, ``delta_forward()``,
-``kda_forward()`` and ``gla_forward()`` find fla 0.6's functions where their parameters are the ones this code
-passes, else None; ``direct()`` says when the functions below may replace the public ones, which callers take
-otherwise.
+Shipped inside output folders (imports only torch, ``fla_decode_step``'s launch helper and ``kda_diagonal``; fla is
+looked up at the first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule``, ``chunk_kda`` and
+``chunk_gla`` wrap their forward functions in an autograd Function that saves the inputs, a device guard that checks
+every argument, dtype casts for autocast, a backend dispatch and argument checks: host time that a small model's
+prefill spends in every layer, and that a forward outside autograd on inputs already packed
+(``packed_heads.heads_as_sequences``: contiguous, one device) does not need. GLA's forward also reads the number of
+chunks from the GPU for packed sequences, where ``chunk_gla`` takes it from the host. ``gated_delta_forward()``,
+``delta_forward()``, ``kda_forward()`` and ``gla_forward()`` find fla 0.6's functions where their parameters are the
+ones this code passes, else None; ``direct()`` says when the functions below may replace the public ones, which
+callers take otherwise.
 
 Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for KDA and
 GLA, [1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
-[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``. KDA's forward takes the
-same sequences as a batch instead, [S, T, 1, ·] (the same memory: ``packed_heads.heads_as_batch``).
+[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``. DeltaNet's and KDA's
+forwards take the same sequences as a batch instead, [S, T, 1, ·] (the same memory: ``packed_heads.heads_as_batch``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from .fla_decode_step import launching_on
+from .kda_diagonal import BLOCK, diagonal_blocks
 from .packed_heads import CHUNK_SIZE
 
 GATED_DELTA_PARAMETERS = (
@@ -45,15 +46,24 @@ GLA_OUTPUT_PARAMETERS = (
 """The parameters of fla 0.6's ``chunk_gla_fwd_o_gk`` (the output of GLA's and KDA's chunked forwards), in order."""
 
 KDA_PARAMETERS = {
-    ("fla.ops.kda.chunk_intra", "chunk_kda_fwd_intra"): (
-        "q", "k", "v", "gk", "beta", "scale", "cu_seqlens", "chunk_size", "chunk_indices", "safe_gate", "lower_bound",
-        "disable_recompute", "use_graph"),
+    ("fla.ops.kda.wy_fast", "recompute_w_u_fwd"): (
+        "k", "v", "beta", "A", "gk", "q", "cu_seqlens", "chunk_indices", "use_graph"),
     ("fla.ops.common.chunk_delta_h", "chunk_gated_delta_rule_fwd_h"): (
         "k", "w", "u", "g", "gk", "initial_state", "output_final_state", "chunk_size", "save_new_value",
         "state_v_first", "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "chunk_offsets"),
     ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): GLA_OUTPUT_PARAMETERS,
 }
 """The parameters of the pieces of fla 0.6's ``chunk_kda_fwd`` that ``chunk_kda`` calls, in order."""
+
+KDA_SOLVE_ARGUMENTS = (
+    "q", "k", "g", "beta", "Aqk", "Akkd", "Akk", "scale", "cu_seqlens", "chunk_indices", "T", "H", "HV", "K", "BT",
+    "BC", "NC", "BK", "IS_VARLEN", "USE_SAFE_GATE", "USE_GRAPH",
+)
+"""The arguments of fla 0.6's ``chunk_kda_fwd_kernel_inter_solve_fused`` (the scores between a chunk's blocks, and
+the solve of its system), in order."""
+
+KDA_SOLVE_SET_BY_LAUNCH = {"BK", "IS_VARLEN"}
+"""The arguments of ``chunk_kda_fwd_kernel_inter_solve_fused`` that its autotuner and heuristics set."""
 
 GLA_PARAMETERS = {
     ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector"): (
@@ -99,10 +109,33 @@ def delta_forward():
 
 @lru_cache(maxsize=1)
 def kda_forward():
-    """(fla's ``chunk_kda_fwd_intra``, ``chunk_gated_delta_rule_fwd_h``, ``chunk_gla_fwd_o_gk``) if each takes the
-    parameters ``KDA_PARAMETERS`` names, else None."""
+    """(fla's ``chunk_kda_fwd_kernel_inter_solve_fused`` beneath its heuristics and autotuner's launch,
+    ``recompute_w_u_fwd``, ``chunk_gated_delta_rule_fwd_h``, ``chunk_gla_fwd_o_gk``) if the kernel takes
+    ``KDA_SOLVE_ARGUMENTS`` (its launch setting ``KDA_SOLVE_SET_BY_LAUNCH``) and each function the parameters
+    ``KDA_PARAMETERS`` names, else None."""
     pieces = tuple(fla_function(module, name, parameters) for (module, name), parameters in KDA_PARAMETERS.items())
-    return None if None in pieces else pieces
+    try:
+        from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused as solve
+    except Exception:  # no fla, or fla without triton
+        return None
+    if None in pieces or launch_arguments(solve) != (KDA_SOLVE_ARGUMENTS, KDA_SOLVE_SET_BY_LAUNCH):
+        return None
+    return (solve, *pieces)
+
+
+def launch_arguments(kernel) -> tuple[tuple[str, ...], set[str]]:
+    """(the arguments of the Triton kernel beneath ``kernel``'s heuristics and autotuners, in order; the ones that
+    every one of those sets)."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    set_by_launch = set()
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        if isinstance(kernel, Heuristics):
+            set_by_launch |= set(kernel.values)
+        else:
+            set_by_launch |= set.intersection(*(set(config.kwargs) for config in kernel.configs))
+        kernel = kernel.fn
+    return tuple(getattr(kernel, "arg_names", ())), set_by_launch
 
 
 @lru_cache(maxsize=1)
@@ -115,18 +148,10 @@ def gla_forward():
     try:
         from fla.ops.common.chunk_h import chunk_fwd_kernel_h
         from fla.ops.utils.constant import RCP_LN2
-        from triton.runtime.autotuner import Autotuner, Heuristics
     except Exception:  # no fla, or fla without triton
         return None
-    function, set_by_launch = chunk_fwd_kernel_h, set()
-    while isinstance(function, (Autotuner, Heuristics)):
-        if isinstance(function, Heuristics):
-            set_by_launch |= set(function.values)
-        else:
-            set_by_launch |= set.intersection(*(set(config.kwargs) for config in function.configs))
-        function = function.fn
-    if (None in pieces or tuple(getattr(function, "arg_names", ())) != STATES_KERNEL_ARGUMENTS
-            or not set_by_launch >= SET_BY_LAUNCH):
+    arguments, set_by_launch = launch_arguments(chunk_fwd_kernel_h)
+    if None in pieces or arguments != STATES_KERNEL_ARGUMENTS or not set_by_launch >= SET_BY_LAUNCH:
         return None
     cumsum, intra, out = pieces
     return cumsum, chunk_fwd_kernel_h, intra, out, RCP_LN2
@@ -163,14 +188,17 @@ def chunk_gated_delta_rule(
 def chunk_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_delta_rule`` at ``scale`` (None: d_k^-0.5), for q and k normalised already
-    (``use_qk_l2norm_in_kernel`` must be False), through ``delta_forward()``, which returns (o, A, final state).
-    Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    """fla's ``chunk_delta_rule`` at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens,
+    for q and k normalised already (``use_qk_l2norm_in_kernel`` must be False), through ``delta_forward()``, which
+    returns (o, A, final state). As a batch rather than packed sequences (none of its kernels takes the batch size as
+    a compile-time constant), no kernel reads sequence boundaries.
+
+    Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; beta [S, T, 1]; states [S, 1, K, V].
+    Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     return _delta_rule(delta_forward(), (0, 2), dict(q=q, k=k, v=v, beta=beta), initial_state, output_final_state,
-                       cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale)
+                       None, None, use_qk_l2norm_in_kernel, scale)
 
 
 def chunk_kda(
@@ -180,23 +208,34 @@ def chunk_kda(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's chunked KDA forward at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens, from
     the decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative``, in place of the cumulative sum that
-    ``chunk_kda_fwd`` computes first), through the pieces of ``kda_forward()``: the intra-chunk system, the chunk
-    states, the output. q and k are normalised already (``use_qk_l2norm_in_kernel`` must be False), beta is after
-    its sigmoid, the initial state float32 (as ``chunk_kda`` requires). As a batch rather than packed sequences, no
-    kernel searches its sequence by token or reads sequence boundaries, and no kernel takes the batch size as a
-    compile-time constant; the states are computed value-first, as fla's KDA layer asks (the layout its kernels are
-    tuned for), and taken and returned key-first.
+    ``chunk_kda_fwd`` computes first), through the pieces of ``kda_forward()``: the intra-chunk system (its 16-token
+    diagonal blocks by ``kda_diagonal.diagonal_blocks`` in place of fla's token-parallel kernel, which gives every token
+    of such a batch its own program), the chunk states, the output. q and k are normalised already
+    (``use_qk_l2norm_in_kernel`` must be False), beta is after its sigmoid, the initial state float32 (as ``chunk_kda``
+    requires). As a batch rather than packed sequences, no kernel searches its sequence by token or reads sequence
+    boundaries, and no kernel takes the batch size as a compile-time constant; the states are computed value-first, as
+    fla's KDA layer asks (the layout its kernels are tuned for), and taken and returned key-first.
 
     Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V].
     Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
     refuse_normalising(use_qk_l2norm_in_kernel)
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
-    intra, states, output = kda_forward()
+    solve, recompute, states, output = kda_forward()
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    batch, length, _, width = k.shape
+    scale = width**-0.5 if scale is None else scale
     with launching_on(q):
-        w, u, _, keys, scores, _ = intra(q=q, k=k, v=v, gk=g, beta=beta, scale=scale, chunk_size=CHUNK_SIZE)
+        scores = k.new_empty(batch, length, 1, CHUNK_SIZE)
+        system = k.new_zeros(batch, length, 1, CHUNK_SIZE)
+        blocks = k.new_empty(batch, length, 1, BLOCK, dtype=torch.float32)
+        diagonal_blocks(q, k, g, beta, scale, scores, blocks)
+        solve[(-(-length // CHUNK_SIZE), batch)](
+            q=q, k=k, g=g, beta=beta, Aqk=scores, Akkd=blocks, Akk=system, scale=scale, cu_seqlens=None,
+            chunk_indices=None, T=length, H=1, HV=1, K=width, BT=CHUNK_SIZE, BC=BLOCK, NC=CHUNK_SIZE // BLOCK,
+            USE_SAFE_GATE=False, USE_GRAPH=False,
+        )
+        w, u, _, keys = recompute(k=k, v=v, beta=beta, A=system, gk=g)
         h, new_values, final = states(
             k=keys, w=w, u=u, gk=g, output_final_state=output_final_state, chunk_size=CHUNK_SIZE, state_v_first=True,
             initial_state=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),

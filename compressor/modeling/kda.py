@@ -25,17 +25,12 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
-from .channel_gate import chunk_cumulative
+from .channel_gate import DecayGate, channel_gate, chunk_cumulative, gated_chunk_cumulative
 from .channel_gate import runs as channel_gate_runs
 from .fla_chunk import chunk_kda as unwrapped_chunk
 from .fla_chunk import direct, kda_forward
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
-from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
-
-MAX_BATCH_ENTRIES = 65_535
-"""The most heads (batch x value heads) the direct chunked forward takes as batch entries: fla's kernels put the
-batch in the second or third dimension of their grids, which CUDA caps at 65,535. More take fla's public function,
-every head a packed sequence."""
+from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, normalised_pair
 
 
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
@@ -141,12 +136,18 @@ def kimi_delta_attention(
     output_final_state: bool = False,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    decay_gate: DecayGate | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside (``use_qk_l2norm``; False
     for q and k normalised already, as the fused short convolutions of fla's layer hand them): fla on CUDA tensors
     (every head a packed sequence, or a batch entry of its own: see ``packed_heads.py``; outside autograd the chunked
     form beneath fla's wrappers, ``fla_chunk.py``, from g's chunk-local sums by ``channel_gate.chunk_cumulative``),
     PyTorch otherwise.
+
+    With ``decay_gate`` (only for CUDA tensors outside autograd, where ``channel_gate.takes`` the gate's input), g
+    is the gate's input f [B, T, H, K], from which the decay is computed here: on the direct chunked path straight
+    into its chunk-local sums, in one launch (``channel_gate.gated_chunk_cumulative``); elsewhere by
+    ``channel_gate``.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
@@ -156,6 +157,10 @@ def kimi_delta_attention(
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
+    chunked = (q.is_cuda and HAS_FLA and not single_step and direct(q, kda_forward) and g.stride(-1) == 1
+               and channel_gate_runs(g, g.shape[-1]) and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES)
+    if decay_gate is not None and not chunked:
+        g = channel_gate(g, *decay_gate)
     if q.is_cuda and HAS_FLA:
         if single_step:
             in_place = use_qk_l2norm and output_final_state and can_step_kda_in_place(initial_state)
@@ -163,13 +168,12 @@ def kimi_delta_attention(
             return heads_as_batch(step, dict(q=q, k=k, v=v, g=g.float(), beta=beta), **options)
         if use_qk_l2norm:
             q, k = normalised_pair(q, k)
-        per_head = dict(q=q, k=k, v=v, g=g.float(), beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if (direct(q, kda_forward) and channel_gate_runs(g, g.shape[-1]) and per_head["g"].stride(-1) == 1
-                and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES):
-            per_head["g"] = chunk_cumulative(per_head["g"])
-            return heads_as_batch(unwrapped_chunk, per_head, **options)
-        return heads_as_sequences(_fla_chunk, per_head, also=("cu_seqlens_cpu",), **options)
+        if chunked:
+            g = chunk_cumulative(g.float()) if decay_gate is None else gated_chunk_cumulative(g, decay_gate)
+            return heads_as_batch(unwrapped_chunk, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
+        return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, g=g.float(), beta=beta), also=("cu_seqlens_cpu",),
+                                  **options)
     if single_step:
         return naive_recurrent_kda(q, k, v, g, beta, **options)
     return chunk_kda_torch(q, k, v, g, beta, **options)[:2]

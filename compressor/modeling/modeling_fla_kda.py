@@ -18,7 +18,7 @@ from fla.models.kda import KDAConfig, KDAForCausalLM
 from fla.modules import ShortConvolution
 from torch import nn
 
-from .channel_gate import channel_gate
+from .channel_gate import DecayGate, channel_gate
 from .channel_gate import takes as channel_gate_takes
 from .fla_layers import (
     FlaMixerMixin,
@@ -60,19 +60,34 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
                 self.k_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
         route_to_torch(self)
 
-    def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
-        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
-        is) and head-major (on CUDA the recurrence reads it without a copy): -exp(A_log) · softplus(f + dt_bias), or
-        fla's bounded gate lower_bound · sigmoid(exp(A_log) · (f + dt_bias)); exp(A_log) in float32, as fla computes
-        it. Outside autograd the parameters' part is ``kept`` and the result written head-major, on a GPU in one
-        launch (``channel_gate``)."""
+    def decay_inputs(self, f: torch.Tensor) -> tuple[torch.Tensor, DecayGate | None]:
+        """What the recurrence takes for the decay, from the f projection f [B, T, H_v, d_k]: where the recurrence is
+        the class's own (no capture wraps it) and ``channel_gate`` takes f, (f, its gate), from which the recurrence
+        computes the decay (on its chunked path straight into the chunk-local sums its kernels read, in the same
+        launch); otherwise (``channel_decay(f)``, None)."""
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
+        if "recurrence" not in vars(self) and channel_gate_takes(f, dtype):
+            bias, rate, _ = self.decay_parameters(dtype)
+            return f, DecayGate(bias, rate, self.lower_bound)
+        return self.channel_decay(f), None
+
+    def decay_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dt_bias [H_v, d_k], exp(A_log) [H_v, 1] (computed in float32, as fla does), its negative) in ``dtype``,
+        ``kept`` outside autograd."""
 
         def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             rate = self.A_log.float().exp()[:, None].to(dtype)  # [H_v, 1]
             return self.dt_bias.to(dtype).view(self.num_v_heads, self.head_k_dim), rate, -rate
 
-        bias, rate, negative_rate = self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
+        return self.kept("decay", parameters, self.dt_bias, self.A_log, key=(dtype,))
+
+    def channel_decay(self, f: torch.Tensor) -> torch.Tensor:
+        """The log decay g [B, T, H_v, d_k] from the f projection f [B, T, H_v, d_k], in float32 (float64 where dt_bias
+        is) and head-major (on CUDA the recurrence reads it without a copy): -exp(A_log) · softplus(f + dt_bias), or
+        fla's bounded gate lower_bound · sigmoid(exp(A_log) · (f + dt_bias)). Outside autograd the result is
+        written head-major, on a GPU in one launch (``channel_gate``)."""
+        dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
+        bias, rate, negative_rate = self.decay_parameters(dtype)
         if channel_gate_takes(f, dtype):
             return channel_gate(f, bias, rate, self.lower_bound)
         if torch.is_grad_enabled():
@@ -89,12 +104,14 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
         q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache)
-        g = self.channel_decay(self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
+        g, decay_gate = self.decay_inputs(
+            self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
         beta = self.write_strength(self.b_proj(hidden_states))
         out, final_state = self.recurrence(
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache), scale=self.query_scale, use_qk_l2norm=not normalised,
+            **({} if decay_gate is None else dict(decay_gate=decay_gate)),
         )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values

@@ -15,8 +15,8 @@ Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
 contiguous, as the mixers produce them) pack without a copy. Kernels that take the batch size as an ordinary argument
 need no sequence boundaries: ``heads_as_batch`` hands such a kernel B·H one-head batch entries instead (the same
-memory), which spares it the varlen bookkeeping: a decode token's step, and KDA's chunked forward
-(``fla_chunk.chunk_kda``).
+memory), which spares it the varlen bookkeeping: a decode token's step, and DeltaNet's and KDA's chunked forwards
+(``fla_chunk.chunk_delta_rule``, ``fla_chunk.chunk_kda``), up to ``MAX_BATCH_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ L2_EPS = 1e-6
 CHUNK_SIZE = 64
 """The chunk size of fla's chunked kernels as the direct forwards run them (``fla_chunk``), for which
 ``chunk_indices`` and ``chunk_offsets`` are prepared (fla's public functions derive theirs from ``cu_seqlens_cpu``)."""
+
+
+MAX_BATCH_ENTRIES = 65_535
+"""The most heads (batch x heads) that ``heads_as_batch`` may hand a chunked forward: fla's chunked kernels put the
+batch in the second or third dimension of their grids, which CUDA caps at 65,535. More take fla's public function,
+every head a packed sequence."""
 
 
 def normalised(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
