@@ -2,7 +2,7 @@
 same source with the shipped class (every layer unpruned, under the shipped forward), and the pruned folders.
 
     python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5] [--rounds 3]
-        [--no-profile] [--kernels]
+        [--no-profile] [--kernels] [--variants heads,channels]
 
 The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
 ``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for
@@ -49,9 +49,16 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true", help="time only; no cProfile (shortens the run)")
     parser.add_argument("--kernels", action="store_true",
                         help="also record each variant's GPU kernel time per kernel and compare it with the source's")
+    parser.add_argument("--variants", default=",".join(check_families_gpu.SPEED_VARIANTS),
+                        help="the pruned folders profiled beside the source, comma-separated (empty: none; each "
+                             "folder of other key widths compiles and autotunes fla's kernels again)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not set(variants) <= set(check_families_gpu.SPEED_VARIANTS):
+        parser.error(f"--variants takes {', '.join(check_families_gpu.SPEED_VARIANTS)}")
+    check_families_gpu.SPEED_VARIANTS = variants
     outputs = [args.out_dir / f"profile_prefill_host_{args.family}.{suffix}"
                for suffix in ("log", "txt")[: 1 if args.no_profile else 2]]
     kernels_out = args.out_dir / f"profile_prefill_host_{args.family}_kernels.json"

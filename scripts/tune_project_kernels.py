@@ -1,14 +1,17 @@
-"""Time the configurations of two of the project's kernels at the sizes a prefill hands them, beside the fla kernels
-they replace, to choose the ones they launch with: KDA's decay and its chunk sums (``channel_gate.py``, two
-launches; the sums' ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``) and the short convolutions written per head
+"""Time the configurations of three of the project's kernels at the sizes a prefill hands them, beside the fla
+kernels they replace, to choose the ones they launch with: KDA's decay and its chunk sums in one launch
+(``channel_gate.gated_chunk_cumulative``: ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``), KDA's diagonal blocks of the
+intra-chunk scores (``kda_diagonal.py``: ``NUM_WARPS``) and the short convolutions written per head
 (``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
 
-    python scripts/tune_project_kernels.py --out results.json
+    python scripts/tune_project_kernels.py --out results.json [--cases channel_gate,kda_diagonal,short_conv]
 
 Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels (bf16 input,
 float32 output, the softplus gate); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
 launch, normalised as for Gated DeltaNet and KDA, then the values) and of 16 read by 32, heads of 128, 4 taps,
-bf16. fla's stock pieces beside them: its gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned) and its three
+bf16. fla's stock pieces beside them: its gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned), its
+token-parallel kernel of the diagonal blocks (autotuned) on the same heads laid out as batch entries and on the
+stock layout [B, T, H, K], and its three
 convolutions (``causal_conv1d``, autotuned) with the L2 norms of queries and keys (``l2norm_fwd``; the head copies
 that followed them are not counted; its Python wrappers can take longer than the GPU's work at these sizes, which
 this timing then measures). ``triton.testing.do_bench`` times the GPU between
@@ -49,11 +52,49 @@ def gate_candidates(batch: int, length: int, heads: int) -> dict:
     def configured(channels, warps):
         def call():
             channel_gate.SUM_BLOCK_CHANNELS, channel_gate.SUM_NUM_WARPS = channels, warps
-            channel_gate.chunk_cumulative(channel_gate.channel_gate(f, bias, rate, None))
+            channel_gate.gated_chunk_cumulative(f, channel_gate.DecayGate(bias, rate, None))
         return call
 
     for channels, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
         calls[json.dumps({"SUM_BLOCK_CHANNELS": channels, "SUM_NUM_WARPS": warps})] = configured(channels, warps)
+    return calls
+
+
+def diagonal_candidates(batch: int, length: int, heads: int) -> dict:
+    """{name: call} for KDA's diagonal blocks of [batch, length, heads, 128] queries and keys."""
+    from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
+
+    from compressor.modeling import kda_diagonal
+    from compressor.modeling.channel_gate import chunk_cumulative
+
+    def inputs(entries, per_entry):
+        q, k = (torch.nn.functional.normalize(torch.randn(entries, length, per_entry, WIDTH, device="cuda"), dim=-1)
+                .to(torch.bfloat16) for _ in "qk")
+        g = chunk_cumulative(torch.nn.functional.logsigmoid(torch.randn(entries, length, per_entry, WIDTH,
+                                                                         device="cuda")) / 16).contiguous()
+        beta = torch.rand(entries, length, per_entry, device="cuda").to(torch.bfloat16)
+        scores = (torch.empty(entries, length, per_entry, 64, device="cuda", dtype=torch.bfloat16),
+                  torch.empty(entries, length, per_entry, kda_diagonal.BLOCK, device="cuda"))
+        return q, k, g, beta, scores
+
+    batched, stock = inputs(batch * heads, 1), inputs(batch, heads)
+
+    def fla(q, k, g, beta, scores):
+        return lambda: chunk_kda_fwd_intra_token_parallel(q=q, k=k, gk=g, beta=beta, Aqk=scores[0], Akk=scores[1],
+                                                          scale=0.1, chunk_size=64, sub_chunk_size=kda_diagonal.BLOCK)
+
+    calls = {"fla token-parallel, heads as batch entries (autotuned)": fla(*batched),
+             "fla token-parallel, stock layout (autotuned)": fla(*stock)}
+
+    def configured(warps):
+        def call():
+            kda_diagonal.NUM_WARPS = warps
+            q, k, g, beta, scores = batched
+            kda_diagonal.diagonal_blocks(q, k, g, beta, 0.1, *scores)
+        return call
+
+    for warps in [1, 2, 4, 8]:
+        calls[json.dumps({"NUM_WARPS": warps})] = configured(warps)
     return calls
 
 
@@ -97,7 +138,12 @@ def convolution_candidates(batch: int, length: int, key_heads: int, value_heads:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", default="channel_gate,kda_diagonal,short_conv",
+                        help="the kernels to time, comma-separated")
     args = parser.parse_args()
+    chosen = set(args.cases.split(","))
+    if not chosen <= {"channel_gate", "kda_diagonal", "short_conv"}:
+        parser.error(f"unknown cases: {', '.join(sorted(chosen))}")
     if args.out.exists():
         parser.error(f"will not overwrite {args.out}")
     if not torch.cuda.is_available():
@@ -105,13 +151,15 @@ def main() -> None:
     from triton.testing import do_bench
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    cases = [(f"channel_gate {batch}x{length}, {value_heads} heads", gate_candidates(batch, length, value_heads))
-             for (batch, length), (_, value_heads) in itertools.product(SHAPES, HEADS)]
-    cases += [(f"short_conv {batch}x{length}, {key_heads}/{value_heads} heads",
-               convolution_candidates(batch, length, key_heads, value_heads))
-              for (batch, length), (key_heads, value_heads) in itertools.product(SHAPES, HEADS)]
+    candidates = {"channel_gate": lambda shape, heads: gate_candidates(*shape, heads[1]),
+                  "kda_diagonal": lambda shape, heads: diagonal_candidates(*shape, heads[1]),
+                  "short_conv": lambda shape, heads: convolution_candidates(*shape, *heads)}
+    cases = [(f"{name} {shape[0]}x{shape[1]}, {heads[0]}/{heads[1]} heads", make, shape, heads)
+             for name, make in candidates.items() if name in chosen
+             for shape, heads in itertools.product(SHAPES, HEADS)]
     with torch.no_grad():
-        for case, calls in cases:
+        for case, make, shape, heads in cases:
+            calls = make(shape, heads)
             times = {name: round(do_bench(call, warmup=5, rep=25) * 1e3, 1) for name, call in calls.items()}
             results[case] = times
             best = min(times, key=times.get)
