@@ -1,8 +1,8 @@
 """Time the configurations of three of the project's kernels at the sizes a prefill hands them, beside the fla
 kernels they replace, to choose the ones they launch with: KDA's decay and its chunk sums in one launch
 (``channel_gate.gated_chunk_cumulative``: ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``), KDA's diagonal blocks of the
-intra-chunk scores (``kda_diagonal.py``: ``NUM_WARPS``) and the short convolutions written per head
-(``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
+intra-chunk scores (``kda_diagonal.py``: ``BLOCK_ENTRIES``, ``NUM_WARPS``) and the short convolutions written per
+head (``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
 
     python scripts/tune_project_kernels.py --out results.json [--cases channel_gate,kda_diagonal,short_conv]
 
@@ -86,15 +86,15 @@ def diagonal_candidates(batch: int, length: int, heads: int) -> dict:
     calls = {"fla token-parallel, heads as batch entries (autotuned)": fla(*batched),
              "fla token-parallel, stock layout (autotuned)": fla(*stock)}
 
-    def configured(warps):
+    def configured(entries, warps):
         def call():
-            kda_diagonal.NUM_WARPS = warps
+            kda_diagonal.BLOCK_ENTRIES, kda_diagonal.NUM_WARPS = entries, warps
             q, k, g, beta, scores = batched
             kda_diagonal.diagonal_blocks(q, k, g, beta, 0.1, *scores)
         return call
 
-    for warps in [1, 2, 4, 8]:
-        calls[json.dumps({"NUM_WARPS": warps})] = configured(warps)
+    for entries, warps in itertools.product([1, 2, 4, 8], [1, 2, 4, 8]):
+        calls[json.dumps({"BLOCK_ENTRIES": entries, "NUM_WARPS": warps})] = configured(entries, warps)
     return calls
 
 

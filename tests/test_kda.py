@@ -429,7 +429,7 @@ from compressor.modeling.channel_gate import chunk_cumulative
 from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
 
 generator = torch.Generator().manual_seed(0)
-for batch, length, width, dtype in ((2, 37, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
+for batch, length, width, dtype in ((5, 21, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
     q, k = (torch.nn.functional.normalize(torch.randn(batch, length, 1, width, generator=generator), dim=-1).to(dtype)
             for _ in "qk")
     decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, 1, width, generator=generator)) / 4
@@ -455,8 +455,9 @@ print("ok")
 def test_the_diagonal_blocks_equal_flas_token_parallel_kernel():
     """KDA's diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) run by Triton's interpreter against
     fla's token-parallel kernel on the same batch of one-head entries: bit for bit, and the same entries written
-    (the rest left as they were); lengths that end inside a block and a chunk, key widths that are not powers of two,
-    bf16 and float32. A wrong row, column or offset moves values by O(1) or writes another entry."""
+    (the rest left as they were); batches of more and fewer entries than a program takes, lengths that end inside a
+    block and a chunk, key widths that are not powers of two, bf16 and float32. A wrong row, column or offset moves
+    values by O(1) or writes another entry."""
     pytest.importorskip("fla.ops.kda")
     run_interpreted(DIAGONAL_BLOCKS_INTERPRETED)
 

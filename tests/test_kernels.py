@@ -726,10 +726,10 @@ def test_the_head_gather_kernel_compiles_for_an_h100_with_vector_loads(layout):
     assert "ld.global.v4.b32" in loads, loads
 
 
-@pytest.mark.parametrize("form", ["softplus", "bounded", "chunk-sums"])
+@pytest.mark.parametrize("form", ["softplus", "bounded", "chunk-sums", "gated-chunk-sums"])
 def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
-    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: bf16 f, or for the chunk-local sums float32 g,
-    loaded 16 bytes at a time."""
+    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: bf16 f (for the gate, alone or with its chunk
+    sums), or for the chunk-local sums float32 g, loaded 16 bytes at a time."""
     pytest.importorskip("triton")
     from compressor.modeling.channel_gate import (
         BLOCK_TOKENS,
@@ -741,7 +741,7 @@ def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
     from compressor.modeling.packed_heads import CHUNK_SIZE
 
     gated = form != "chunk-sums"
-    cumulative = not gated
+    cumulative = form.endswith("chunk-sums")
     types = dict(f="*bf16" if gated else "*fp32", bias="*fp32", rate="*fp32", out="*fp32", lower_bound="fp32",
                  scale="fp32", T="i32", H="i32", NT="i32", NK="i32", s_b="i32", s_t="i32", s_h="i32")
     constants = {"K": 128, "BT": CHUNK_SIZE if cumulative else BLOCK_TOKENS,

@@ -42,10 +42,10 @@ except ImportError:
 BLOCK_TOKENS = 32
 """Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (the chunk sums' programs
 take one chunk each)."""
-SUM_BLOCK_CHANNELS = 32
+SUM_BLOCK_CHANNELS = 16
 """Channels per program where the kernel sums by chunk (a program sums CHUNK_SIZE x SUM_BLOCK_CHANNELS values), as
 fla's gate-fused cumulative sum splits the channels (``scripts/tune_project_kernels.py`` times the choices)."""
-SUM_NUM_WARPS = 2
+SUM_NUM_WARPS = 1
 """Warps per program where the kernel sums by chunk."""
 LOG2_E = 1.4426950216
 """log2(e) as fla writes it (``RCP_LN2``): its chunked kernels take the decay's sums in base 2."""

@@ -4,10 +4,10 @@ Shipped inside KDA output folders (imports only torch and, where installed, trit
 first computes, within every 16-token block of a chunk, the scores of each query and key with the keys before it
 under the per-channel decay between them: Aqk[i, j] = scale · Σ_c q_i,c k_j,c 2^(G_i,c - G_j,c) and
 Akk[i, j] = β_i Σ_c k_i,c k_j,c 2^(G_i,c - G_j,c) (j < i), G the decay's chunk-local sums in base 2. Its
-token-parallel kernel gives every token a program and every program a few heads of that token; where each head is a
-batch entry of its own (``packed_heads.heads_as_batch``), a program holds one row of one head and waits on a chain of
-16 dependent loads. ``diagonal_blocks`` computes the same sums, element by element and in the same order of
-operations, with one program per block of one head, which loads the block's queries, keys and decays once.
+token-parallel kernel gives every token a program and every program the same token of a few adjacent heads; where
+each head is a batch entry of its own (``packed_heads.heads_as_batch``), a head is all a program finds there.
+``diagonal_blocks`` runs the same computation, element by element and in the same order of operations, with each
+program taking the same token of ``BLOCK_ENTRIES`` adjacent batch entries, as fla's takes heads.
 
 Shapes (fla's, heads as batch entries): q, k [S, T, 1, K]; g [S, T, 1, K] float32; beta [S, T, 1]; Aqk
 [S, T, 1, BT] in k's dtype, written at the columns of each row's block up to the row's own token; Akk [S, T, 1, BLOCK]
@@ -28,7 +28,9 @@ except ImportError:
 
 BLOCK = 16
 """Tokens per diagonal block: fla's sub-chunk (``BC``), which its solve of the intra-chunk system reads."""
-NUM_WARPS = 4
+BLOCK_ENTRIES = 2
+"""Batch entries per program (fla's ``BH``; ``scripts/tune_project_kernels.py`` times the choices)."""
+NUM_WARPS = 1
 
 
 def diagonal_blocks(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
@@ -44,45 +46,38 @@ def diagonal_blocks(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: tor
         raise ValueError("diagonal_blocks takes contiguous tensors")
     if batch and length:
         with launching_on(k):
-            diagonal_blocks_kernel[(-(-length // BLOCK), batch)](
-                q, k, g, beta, Aqk, Akk, scale, length, K=width, BK=next_power_of_2(width), BT=chunk, BC=BLOCK,
-                num_warps=NUM_WARPS,
+            diagonal_blocks_kernel[(length, -(-batch // BLOCK_ENTRIES))](
+                q, k, g, beta, Aqk, Akk, scale, length, batch, K=width, BK=next_power_of_2(width), BT=chunk,
+                BC=BLOCK, BH=BLOCK_ENTRIES, num_warps=NUM_WARPS,
             )
 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["T"])
-    def diagonal_blocks_kernel(q, k, g, beta, Aqk, Akk, scale, T, K: tl.constexpr, BK: tl.constexpr,
-                               BT: tl.constexpr, BC: tl.constexpr):
-        """One program per block of BC tokens (program 0) of one batch entry (program 1): column j of the block's
-        scores from key j and decay j, for each j up to the block's last token, as fla's token-parallel kernel
-        computes row i's entry j."""
-        i_s, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        i_ts = i_s * BC
-        bos = i_b * T
-        o_i = tl.arange(0, BC)
-        o_t = i_ts + o_i
-        m_t = o_t < T
+    @triton.jit(do_not_specialize=["T", "S"])
+    def diagonal_blocks_kernel(q, k, g, beta, Aqk, Akk, scale, T, S, K: tl.constexpr, BK: tl.constexpr,
+                               BT: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+        """One program per token (program 0) of BH of the S batch entries (program 1): row i's entries j from the
+        start of its block up to i, as fla's token-parallel kernel computes them."""
+        i_t, i_bg = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        i_ts = i_t // BC * BC
+        o_b = i_bg * BH + tl.arange(0, BH)
+        m_b = o_b < S
         o_k = tl.arange(0, BK)
         m_k = o_k < K
-        rows = (bos + o_t)[:, None] * K + o_k[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + rows, mask=m_tk, other=0).to(tl.float32)
-        b_k = tl.load(k + rows, mask=m_tk, other=0).to(tl.float32)
-        b_g = tl.load(g + rows, mask=m_tk, other=0.0).to(tl.float32)
-        b_k = b_k * tl.load(beta + bos + o_t, mask=m_t, other=0.0).to(tl.float32)[:, None]
-        b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
-        b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
-        for j in range(0, tl.minimum(BC, T - i_ts)):
-            b_kj = tl.load(k + (bos + i_ts + j) * K + o_k, mask=m_k, other=0).to(tl.float32)
-            b_gj = tl.load(g + (bos + i_ts + j) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_kgj = tl.where(m_k[None, :], b_kj[None, :] * tl.math.exp2(b_g - b_gj[None, :]), 0.0)
+        m_bk = m_b[:, None] & m_k[None, :]
+        rows = o_b * T  # each entry's first token
+        p_i = (rows + i_t)[:, None] * K + o_k[None, :]
+        b_q = tl.load(q + p_i, mask=m_bk, other=0).to(tl.float32)
+        b_k = tl.load(k + p_i, mask=m_bk, other=0).to(tl.float32)
+        b_g = tl.load(g + p_i, mask=m_bk, other=0.0).to(tl.float32)
+        b_k = b_k * tl.load(beta + rows + i_t, mask=m_b, other=0.0).to(tl.float32)[:, None]
+        for j in range(i_ts, tl.minimum(i_t + 1, tl.minimum(T, i_ts + BC))):
+            p_j = (rows + j)[:, None] * K + o_k[None, :]
+            b_kj = tl.load(k + p_j, mask=m_bk, other=0).to(tl.float32)
+            b_gj = tl.load(g + p_j, mask=m_bk, other=0.0).to(tl.float32)
+            b_kgj = tl.where(m_k[None, :], b_kj * tl.math.exp2(b_g - b_gj), 0.0)
             b_aqk = tl.sum(b_q * b_kgj, axis=1) * scale
-            b_akk = tl.sum(b_k * b_kgj, axis=1) * tl.where(j < o_i, 1.0, 0.0)
-            b_Aqk = tl.where((o_i == j)[None, :], b_aqk[:, None], b_Aqk)
-            b_Akk = tl.where((o_i == j)[None, :], b_akk[:, None], b_Akk)
-        m_store = m_t[:, None] & (o_i[None, :] <= o_i[:, None])
-        out_rows = (bos + o_t)[:, None]
-        tl.store(Aqk + out_rows * BT + (i_ts % BT + o_i)[None, :], b_Aqk.to(Aqk.dtype.element_ty), mask=m_store)
-        tl.store(Akk + out_rows * BC + o_i[None, :], b_Akk.to(Akk.dtype.element_ty), mask=m_store)
+            b_akk = tl.sum(b_k * b_kgj, axis=1) * tl.where(j < i_t, 1.0, 0.0)
+            tl.store(Aqk + (rows + i_t) * BT + j % BT, b_aqk.to(Aqk.dtype.element_ty), mask=m_b)
+            tl.store(Akk + (rows + i_t) * BC + j - i_ts, b_akk.to(Akk.dtype.element_ty), mask=m_b)
