@@ -328,28 +328,55 @@ def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkey
     assert len(calls) == model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("limit, taken", [(6, "direct"), (5, "public")])
-def test_a_delta_rule_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, taken):
-    """DeltaNet's chunked forward on the CUDA path outside autograd runs its B·H heads as batch entries, which fla's
-    kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, fla's public function with every
-    head a packed sequence. Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
-    from compressor.modeling import delta_rule
+@pytest.mark.parametrize("rule, limit, strided, taken", [("delta-rule", 6, False, "direct"),
+                                                         ("delta-rule", 5, False, "public"),
+                                                         ("kda", 6, False, "direct"), ("kda", 5, False, "public"),
+                                                         ("kda", 6, True, "public"), ("kda-gate", 6, False, "direct"),
+                                                         ("kda-gate", 5, False, "public")])
+def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, rule, limit, strided, taken):
+    """DeltaNet's and KDA's chunked forwards on the CUDA path outside autograd run their B·H heads as batch entries,
+    which fla's kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a KDA decay whose
+    channels are not adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a
+    packed sequence. Handed the gate's input and parameters instead of the decay, KDA's recurrence sums the gate in
+    its own launch on the direct path, and elsewhere hands fla the decay the gate computes, never the input. Here
+    B·H = 6, the kernels stand-ins that record the batch and the decay they were handed."""
+    from compressor.modeling import delta_rule, kda
+    from compressor.modeling.channel_gate import DecayGate
 
-    calls = []
+    module = {"delta-rule": delta_rule, "kda": kda, "kda-gate": kda}[rule]
+    calls, decays, gates = [], [], []
 
     def kernel(name):
-        return lambda **arguments: calls.append((name, arguments["v"].shape)) or (arguments["v"], None)
+        return lambda **arguments: (calls.append((name, arguments["v"].shape)) or decays.append(arguments.get("g"))
+                                    or (arguments["v"], None))
 
-    monkeypatch.setattr(delta_rule, "HAS_FLA", True)
-    monkeypatch.setattr(delta_rule, "delta_forward", lambda: ())
-    monkeypatch.setattr(delta_rule, "MAX_BATCH_ENTRIES", limit)
-    monkeypatch.setattr(delta_rule, "unwrapped_chunk", kernel("direct"))
-    monkeypatch.setattr(delta_rule, "_fla_chunk", kernel("public"))
+    monkeypatch.setattr(module, "HAS_FLA", True)
+    monkeypatch.setattr(module, "MAX_BATCH_ENTRIES", limit)
+    monkeypatch.setattr(module, "unwrapped_chunk", kernel("direct"))
+    monkeypatch.setattr(module, "_fla_chunk", kernel("public"))
     q, k, v = (torch.randn(2, 70, 3, 8).to(torch.bfloat16) for _ in "qkv")
     beta = torch.rand(2, 70, 3).to(torch.bfloat16)
+    if rule.startswith("kda"):
+        monkeypatch.setattr(kda, "kda_forward", lambda: ())
+        monkeypatch.setattr(kda, "normalised_pair", lambda q, k: (q, k))
+        monkeypatch.setattr(kda, "chunk_cumulative", lambda g: g)
+        monkeypatch.setattr(kda, "channel_gate_runs", lambda x, width: True)
+        monkeypatch.setattr(kda, "channel_gate", lambda f, *gate: gates.append("gate") or f + 1)
+        monkeypatch.setattr(kda, "gated_chunk_cumulative", lambda f, gate: gates.append("gate and sums") or f + 2)
+        g = torch.zeros(2, 70, 3, 8) if rule == "kda-gate" else -torch.rand(2, 70, 3, 8)
+        if strided:
+            g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
+        gate = {"decay_gate": DecayGate(torch.zeros(3, 8), torch.ones(3), None)} if rule == "kda-gate" else {}
+        recurrence = lambda: kda.kimi_delta_attention(q, k, v, g, beta, **gate)  # noqa: E731
+    else:
+        monkeypatch.setattr(delta_rule, "delta_forward", lambda: ())
+        recurrence = lambda: delta_rule.delta_rule(q, k, v, beta, use_qk_l2norm=False)  # noqa: E731
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
-        out, _ = delta_rule.delta_rule(q, k, v, beta, use_qk_l2norm=False)
+        out, _ = recurrence()
     monkeypatch.undo()
     assert calls == [(taken, (6, 70, 1, 8) if taken == "direct" else (1, 420, 1, 8))]
     assert torch.equal(out, v)
+    if rule == "kda-gate":
+        assert gates == ["gate and sums" if taken == "direct" else "gate"]
+        assert (decays[0] == (2 if taken == "direct" else 1)).all()  # the decay (or its sums), not the gate's input

@@ -82,36 +82,14 @@ def test_agrees_with_the_references_of_fla_and_transformers(inputs):
     assert (ours - hf_out).abs().max() < 1e-4 and (ours_final - hf_final).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("limit, strided, taken", [(6, False, "direct"), (5, False, "public"), (6, True, "public")])
-def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, limit, strided, taken):
-    """On the CUDA path outside autograd the chunked forward runs its B·H heads as batch entries, which fla's kernels
-    put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a decay whose channels are not
-    adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a packed sequence.
-    Here B·H = 6, the kernels stand-ins that record the batch they were handed."""
-    pytest.importorskip("fla.ops.kda")
-    calls = []
+def test_a_decay_gate_under_autograd_is_refused():
+    """The gate's kernel has no backward: handed the gate's input instead of the decay under autograd, the recurrence
+    refuses before anything runs (the mixers hand it the gate outside autograd only)."""
+    from compressor.modeling.channel_gate import DecayGate
 
-    def kernel(name):
-        return lambda **arguments: calls.append((name, arguments["v"].shape)) or (arguments["v"], None)
-
-    monkeypatch.setattr(kda, "HAS_FLA", True)
-    monkeypatch.setattr(kda, "kda_forward", lambda: ())
-    monkeypatch.setattr(kda, "MAX_BATCH_ENTRIES", limit)
-    monkeypatch.setattr(kda, "unwrapped_chunk", kernel("direct"))
-    monkeypatch.setattr(kda, "_fla_chunk", kernel("public"))
-    monkeypatch.setattr(kda, "normalised_pair", lambda q, k: (q, k))
-    monkeypatch.setattr(kda, "chunk_cumulative", lambda g: g)
-    monkeypatch.setattr(kda, "channel_gate_runs", lambda x, width: True)
-    q, k, v = (torch.randn(2, 70, 3, 8) for _ in "qkv")
-    g, beta = -torch.rand(2, 70, 3, 8), torch.rand(2, 70, 3)
-    if strided:
-        g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    with torch.no_grad():
-        out, _ = kimi_delta_attention(q, k, v, g, beta)
-    monkeypatch.undo()
-    assert calls == [(taken, (6, 70, 1, 8) if taken == "direct" else (1, 420, 1, 8))]
-    assert torch.equal(out, v)
+    q = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="outside autograd only"):
+        kimi_delta_attention(q, q, q, q, q[..., 0], decay_gate=DecayGate(torch.zeros(1, 8), torch.ones(1), None))
 
 
 def test_the_chunk_sums_refuse_a_decay_they_cannot_read():

@@ -1,23 +1,21 @@
 """KDA's per-channel log decay in one launch, written head-major; and its chunk-local cumulative sums, the form fla's
 chunked KDA kernels read.
 
-Shipped inside KDA output folders, fla's and Kimi Linear's (imports only torch and, where installed, triton). The
-packed layout (``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch
-computes -exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size (Kimi Linear's
-stock forget gate in about ten), where fla's stock KDA layer fuses the gate into its chunked sum (a kernel that
-reads ``A_log`` and ``dt_bias`` by head index, which the packed layout does not have). ``channel_gate`` launches one
-Triton kernel that reads f token-major in its own dtype and writes g head-major in float32. ``chunk_cumulative``
-runs the same kernel without the gate and with the chunked sum: g's running sums within each chunk of
-``CHUNK_SIZE`` tokens, times log2(e), as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with
-no batch or head count as a compile-time constant (fla's takes both, and would compile once per head count of a
-pruned model's layers); its programs split the channels, as fla's do. ``gated_chunk_cumulative`` computes the gate
-and its chunked sum in the same programs, as fla's gate-fused sum does, and never writes the decay itself: what a
-recurrence told the gate (``DecayGate``) instead of the decay runs on its chunked path. Neither the head count, the
-batch nor the
-length is a compile-time constant: one compilation per key head size, gate form and layout divisibility, one fixed
-configuration, no autotuning. The softplus is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's
-log(1 + exp(x)) lose the small values of very negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) ·
-(f + dt_bias)).
+Shipped inside KDA output folders, fla's and Kimi Linear's (imports only torch and, where installed, triton). The packed
+layout (``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch computes
+-exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size (Kimi Linear's stock forget
+gate in about ten), where fla's stock KDA layer fuses the gate into its chunked sum (a kernel that reads ``A_log`` and
+``dt_bias`` by head index, which the packed layout does not have). ``channel_gate`` launches one Triton kernel that
+reads f token-major in its own dtype and writes g head-major in float32. ``chunk_cumulative`` runs the same kernel
+without the gate and with the chunked sum: g's running sums within each chunk of ``CHUNK_SIZE`` tokens, times log2(e),
+as fla's ``chunk_local_cumsum`` computes them for its chunked KDA, but with no batch or head count as a compile-time
+constant (fla's takes both, and would compile once per head count of a pruned model's layers); its programs split the
+channels, as fla's do. ``gated_chunk_cumulative`` computes the gate and its chunked sum in the same programs, as fla's
+gate-fused sum does, and never writes the decay itself: a recurrence handed the gate (``DecayGate``) instead of the
+decay calls it on its chunked path. Neither the head count, the batch nor the length is a compile-time constant: one
+compilation per key head size, gate form and layout divisibility, one fixed configuration, no autotuning. The softplus
+is PyTorch's (log1p(exp(x)) up to 20, x above: fla's and Kimi Linear's log(1 + exp(x)) lose the small values of very
+negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) · (f + dt_bias)).
 
 Shapes: f [B, T, H, K] with unit channel stride; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32;
 g [B, T, H, K] float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)``
@@ -44,7 +42,8 @@ BLOCK_TOKENS = 32
 take one chunk each)."""
 SUM_BLOCK_CHANNELS = 16
 """Channels per program where the kernel sums by chunk (a program sums CHUNK_SIZE x SUM_BLOCK_CHANNELS values), as
-fla's gate-fused cumulative sum splits the channels (``scripts/tune_project_kernels.py`` times the choices)."""
+fla's gate-fused cumulative sum splits the channels (``scripts/tune_project_kernels.py`` times the choices, for the
+gate with its sums; the sums alone take the same)."""
 SUM_NUM_WARPS = 1
 """Warps per program where the kernel sums by chunk."""
 LOG2_E = 1.4426950216

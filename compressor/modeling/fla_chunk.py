@@ -207,14 +207,15 @@ def chunk_kda(
     use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's chunked KDA forward at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens, from
-    the decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative``, in place of the cumulative sum that
-    ``chunk_kda_fwd`` computes first), through the pieces of ``kda_forward()``: the intra-chunk system (its 16-token
-    diagonal blocks by ``kda_diagonal.diagonal_blocks`` in place of fla's token-parallel kernel, which gives every token
-    of such a batch its own program), the chunk states, the output. q and k are normalised already
-    (``use_qk_l2norm_in_kernel`` must be False), beta is after its sigmoid, the initial state float32 (as ``chunk_kda``
-    requires). As a batch rather than packed sequences, no kernel searches its sequence by token or reads sequence
-    boundaries, and no kernel takes the batch size as a compile-time constant; the states are computed value-first, as
-    fla's KDA layer asks (the layout its kernels are tuned for), and taken and returned key-first.
+    the decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative`` or ``gated_chunk_cumulative``, in place of
+    the cumulative sum that ``chunk_kda_fwd`` computes first), through the pieces of ``kda_forward()``: the intra-chunk
+    system (its 16-token diagonal blocks by ``kda_diagonal.diagonal_blocks``, whose programs take a token of adjacent
+    batch entries where fla's token-parallel kernel takes adjacent heads, of which each entry here has one), the chunk
+    states, the output. q and k are normalised already (``use_qk_l2norm_in_kernel`` must be False), beta is after its
+    sigmoid, the initial state float32 (as ``chunk_kda`` requires). As a batch rather than packed sequences, no kernel
+    searches its sequence by token or reads sequence boundaries, and no kernel takes the batch size as a compile-time
+    constant; the states are computed value-first, as fla's KDA layer asks (the layout its kernels are tuned for), and
+    taken and returned key-first.
 
     Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V].
     Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""

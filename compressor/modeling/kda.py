@@ -157,6 +157,8 @@ def kimi_delta_attention(
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
                    use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
+    if decay_gate is not None and torch.is_grad_enabled():
+        raise ValueError("kimi_delta_attention takes a decay gate outside autograd only (its kernel has no backward)")
     chunked = (q.is_cuda and HAS_FLA and not single_step and direct(q, kda_forward) and g.stride(-1) == 1
                and channel_gate_runs(g, g.shape[-1]) and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES)
     if decay_gate is not None and not chunked:

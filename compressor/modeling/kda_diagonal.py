@@ -1,6 +1,7 @@
 """KDA's intra-chunk scores within each block of ``BLOCK`` tokens, for heads laid out as batch entries of one head.
 
-Shipped inside KDA output folders (imports only torch and, where installed, triton). fla's chunked KDA forward
+Shipped inside output folders with ``fla_chunk.py``, which imports it (imports only torch and, where installed,
+triton). fla's chunked KDA forward
 first computes, within every 16-token block of a chunk, the scores of each query and key with the keys before it
 under the per-channel decay between them: Aqk[i, j] = scale · Σ_c q_i,c k_j,c 2^(G_i,c - G_j,c) and
 Akk[i, j] = β_i Σ_c k_i,c k_j,c 2^(G_i,c - G_j,c) (j < i), G the decay's chunk-local sums in base 2. Its
@@ -31,6 +32,7 @@ BLOCK = 16
 BLOCK_ENTRIES = 2
 """Batch entries per program (fla's ``BH``; ``scripts/tune_project_kernels.py`` times the choices)."""
 NUM_WARPS = 1
+"""Warps per program (timed with ``BLOCK_ENTRIES``)."""
 
 
 def diagonal_blocks(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
