@@ -187,6 +187,31 @@ print("ok")
 """
 
 
+DIAGONAL_BLOCKS_INTERPRETED = """
+from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
+from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
+
+for batch, length, width, dtype in ((3, 37, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, length, 1, width, generator=generator), dim=-1).to(dtype)
+            for _ in "qk")
+    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, 1, width, generator=generator)) / 4
+    g = chunk_cumulative(decay)  # the chunk-local sums in base 2, as the chunked forward reads them
+    beta = torch.rand(batch, length, 1, generator=generator).to(dtype)
+    written = {}
+    for name, write in (("fla", lambda *scores: chunk_kda_fwd_intra_token_parallel(
+                            q=q, k=k, gk=g, beta=beta, Aqk=scores[0], Akk=scores[1], scale=0.3, chunk_size=64,
+                            sub_chunk_size=BLOCK)),
+                        ("ours", lambda *scores: diagonal_blocks(q, k, g, beta, 0.3, *scores))):
+        scores = (torch.full((batch, length, 1, 64), float("nan"), dtype=dtype),
+                  torch.full((batch, length, 1, BLOCK), float("nan")))  # what is not written stays NaN
+        write(*scores)
+        written[name] = scores
+    for ours, fla in zip(written["ours"], written["fla"]):
+        torch.testing.assert_close(ours, fla, rtol=0, atol=0, equal_nan=True)
+        assert ours.isnan().float().mean() < 0.9  # something was written
+"""
+
+
 @pytest.mark.parametrize("names", [("gated_delta", "delta", "gla"), pytest.param(("kda",), marks=pytest.mark.slow)],
                          ids=["delta-rules-and-gla", "kda"])
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
@@ -194,10 +219,19 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     each equals fla's public function bit for bit, with initial and final states at a query scale other than
     d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; DeltaNet's and KDA's take the
     sequences as a batch; KDA's without states in float32 only: its kernels run slowly here, outside the fast
-    subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence."""
+    subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence.
+
+    With KDA, its diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) against fla's token-parallel kernel
+    on the same batch of one-head entries: bit for bit, and the same entries written (the rest left as they were);
+    a batch of more entries than a program takes and not a multiple of them, a length that ends inside a block and
+    one that crosses a chunk, key widths that are not powers of two, bf16 and float32. A wrong row, column or offset
+    moves values by O(1) or writes another entry."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
-    run_interpreted(f"NAMES = {names!r}\n" + DIRECT_FORWARDS_INTERPRETED)
+    script = DIRECT_FORWARDS_INTERPRETED
+    if "kda" in names:
+        script = script.replace('print("ok")', DIAGONAL_BLOCKS_INTERPRETED + 'print("ok")')
+    run_interpreted(f"NAMES = {names!r}\n" + script)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")

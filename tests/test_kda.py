@@ -396,56 +396,12 @@ def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
     torch.testing.assert_close(gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound)), chunk_cumulative(got))
 
 
-DIAGONAL_BLOCKS_INTERPRETED = """
-import sys
-import torch
-sys.path[:0] = ["tests"]
-from triton_interpreter import run_fla_chunked_kernels
-run_fla_chunked_kernels()
-from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
-from compressor.modeling.channel_gate import chunk_cumulative
-from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
-
-generator = torch.Generator().manual_seed(0)
-for batch, length, width, dtype in ((5, 21, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
-    q, k = (torch.nn.functional.normalize(torch.randn(batch, length, 1, width, generator=generator), dim=-1).to(dtype)
-            for _ in "qk")
-    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, 1, width, generator=generator)) / 4
-    g = chunk_cumulative(decay)  # the chunk-local sums in base 2, as the chunked forward reads them
-    beta = torch.rand(batch, length, 1, generator=generator).to(dtype)
-    written = {}
-    for name, write in (("fla", lambda *scores: chunk_kda_fwd_intra_token_parallel(
-                            q=q, k=k, gk=g, beta=beta, Aqk=scores[0], Akk=scores[1], scale=0.3, chunk_size=64,
-                            sub_chunk_size=BLOCK)),
-                        ("ours", lambda *scores: diagonal_blocks(q, k, g, beta, 0.3, *scores))):
-        scores = (torch.full((batch, length, 1, 64), float("nan"), dtype=dtype),
-                  torch.full((batch, length, 1, BLOCK), float("nan")))  # what is not written stays NaN
-        write(*scores)
-        written[name] = scores
-    for ours, fla in zip(written["ours"], written["fla"]):
-        torch.testing.assert_close(ours, fla, rtol=0, atol=0, equal_nan=True)
-        assert ours.isnan().float().mean() < 0.9  # something was written
-print("ok")
-"""
-
-
-@pytest.mark.slow
-def test_the_diagonal_blocks_equal_flas_token_parallel_kernel():
-    """KDA's diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) run by Triton's interpreter against
-    fla's token-parallel kernel on the same batch of one-head entries: bit for bit, and the same entries written
-    (the rest left as they were); batches of more and fewer entries than a program takes, lengths that end inside a
-    block and a chunk, key widths that are not powers of two, bf16 and float32. A wrong row, column or offset moves
-    values by O(1) or writes another entry."""
-    pytest.importorskip("fla.ops.kda")
-    run_interpreted(DIAGONAL_BLOCKS_INTERPRETED)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_diagonal_blocks_on_cuda_equal_flas_token_parallel_kernel():
     """The kernel compiled for a GPU, against fla's token-parallel kernel on the same 12 one-head entries of 300
     tokens, heads of 128, bf16: the same entries written, equal to float32's rounding before the scores are
-    rounded to bf16 (the two reduce each row's 128 products in their own order; the interpreted test above checks
-    them bit for bit)."""
+    rounded to bf16 (the two reduce each row's 128 products in their own order; the interpreted test of the direct
+    forwards in ``test_fla_chunk.py`` checks them bit for bit)."""
     pytest.importorskip("fla.ops.kda")
     from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
 
