@@ -129,7 +129,7 @@ from triton_interpreter import run_fla_chunked_kernels
 
 run_fla_chunked_kernels()
 generator = torch.Generator().manual_seed(0)
-count, length, width, value_width = 2, 100, 32, 16  # each sequence one whole chunk and part of another; the
+count, length, width, value_width = 2, 70, 32, 16  # each sequence one whole chunk and part of another; the
 # second starts inside a chunk of the packed tokens
 tokens = count * length
 q, k = (torch.nn.functional.normalize(torch.randn(1, tokens, 1, width, generator=generator), dim=-1) for _ in "qk")
