@@ -34,6 +34,8 @@ SHAPES = [(4, 2048), (1, 8192)]
 HEADS = [(4, 8), (16, 32)]
 """(key heads, value heads) of the layers."""
 WIDTH, TAPS = 128, 4
+CASES = ("channel_gate", "kda_diagonal", "short_conv")
+"""The kernels ``--cases`` may name."""
 
 
 def gate_candidates(batch: int, length: int, heads: int) -> dict:
@@ -138,11 +140,10 @@ def convolution_candidates(batch: int, length: int, key_heads: int, value_heads:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cases", default="channel_gate,kda_diagonal,short_conv",
-                        help="the kernels to time, comma-separated")
+    parser.add_argument("--cases", default=",".join(CASES), help="the kernels to time, comma-separated")
     args = parser.parse_args()
     chosen = set(args.cases.split(","))
-    unknown = chosen - {"channel_gate", "kda_diagonal", "short_conv"}
+    unknown = chosen - set(CASES)
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     if args.out.exists():

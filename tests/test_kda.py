@@ -426,3 +426,18 @@ def test_the_diagonal_blocks_on_cuda_equal_flas_token_parallel_kernel():
     (fla_aqk, fla_akk), (our_aqk, our_akk) = written
     torch.testing.assert_close(our_akk, fla_akk, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(our_aqk.float(), fla_aqk.float(), rtol=2**-7, atol=1e-6, equal_nan=True)
+
+
+def test_the_diagonal_blocks_refuse_what_their_kernel_does_not_read():
+    """``kda_diagonal.diagonal_blocks`` takes one head per batch entry, chunks of a whole number of blocks and
+    contiguous tensors: anything else is refused before a launch."""
+    from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
+
+    q, g, beta = torch.zeros(2, 40, 1, 8), torch.zeros(2, 40, 1, 8), torch.zeros(2, 40, 1)
+    scores, blocks = torch.zeros(2, 40, 1, 64), torch.zeros(2, 40, 1, BLOCK)
+    for arguments, message in (((q.expand(2, 40, 2, 8), q, g, beta, 0.1, scores, blocks), "one head per batch entry"),
+                               ((q, q, g, beta, 0.1, torch.zeros(2, 40, 1, 40), blocks), "multiple of"),
+                               ((q, q.transpose(0, 1).contiguous().transpose(0, 1), g, beta, 0.1, scores, blocks),
+                                "contiguous")):
+        with pytest.raises(ValueError, match=message):
+            diagonal_blocks(*arguments)

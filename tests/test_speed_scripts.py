@@ -256,3 +256,40 @@ def test_profile_prefill_host_refuses_a_bad_count_and_an_existing_log(tmp_path, 
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert (out / "profile_prefill_host_qwen3_5.log").read_text() == "an earlier run's figures\n"
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("variants, expected", [("", ()), ("channels", ("channels",)), ("heads,bogus", None)])
+def test_profile_prefill_host_profiles_only_the_variants_asked_for(scripts, monkeypatch, tmp_path, variants,
+                                                                   expected):
+    """``--variants``: the pruned folders ``speed_runners`` builds runners for (none: the source and the shipped
+    class only); a variant it does not know is refused before anything is written."""
+    _, check_families_gpu, clock = scripts
+    import compressor
+    import profile_prefill_host
+
+    seen, calls = [], []
+    monkeypatch.setattr(check_families_gpu, "SPEED_VARIANTS", check_families_gpu.SPEED_VARIANTS)  # restored after
+    monkeypatch.setattr(check_families_gpu, "speed_runners", lambda name, work: seen.append(
+        check_families_gpu.SPEED_VARIANTS) or {"source": StandIn("source", 0.01, clock, calls)})
+    monkeypatch.setattr(profile_prefill_host, "Runner", lambda folder: StandIn("source_shipped", 0.009, clock, calls))
+    monkeypatch.setattr(compressor, "register", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["profile_prefill_host.py", "--work", str(tmp_path / "work"), "--out-dir",
+                                      str(tmp_path / "out"), "--rounds", "1", "--no-profile", "--variants", variants])
+    if expected is None:
+        with pytest.raises(SystemExit):
+            profile_prefill_host.main()
+        assert seen == [] and not (tmp_path / "out").exists()
+    else:
+        profile_prefill_host.main()
+        assert seen == [expected]
+
+
+def test_tune_project_kernels_refuses_an_unknown_case_by_name(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import tune_project_kernels
+
+    monkeypatch.setattr(sys, "argv", ["tune_project_kernels.py", "--out", str(tmp_path / "t.json"), "--cases",
+                                      "channel_gate,gates,conv"])
+    with pytest.raises(SystemExit):
+        tune_project_kernels.main()
+    assert "unknown cases: conv, gates" in capsys.readouterr().err and not (tmp_path / "t.json").exists()

@@ -1,14 +1,13 @@
 """KDA's intra-chunk scores within each block of ``BLOCK`` tokens, for heads laid out as batch entries of one head.
 
 Shipped inside output folders with ``fla_chunk.py``, which imports it (imports only torch and, where installed,
-triton). fla's chunked KDA forward
-first computes, within every 16-token block of a chunk, the scores of each query and key with the keys before it
-under the per-channel decay between them: Aqk[i, j] = scale · Σ_c q_i,c k_j,c 2^(G_i,c - G_j,c) and
-Akk[i, j] = β_i Σ_c k_i,c k_j,c 2^(G_i,c - G_j,c) (j < i), G the decay's chunk-local sums in base 2. Its
-token-parallel kernel gives every token a program and every program the same token of a few adjacent heads; where
-each head is a batch entry of its own (``packed_heads.heads_as_batch``), a head is all a program finds there.
-``diagonal_blocks`` runs the same computation, element by element and in the same order of operations, with each
-program taking the same token of ``BLOCK_ENTRIES`` adjacent batch entries, as fla's takes heads.
+triton). fla's chunked KDA forward first computes, within every 16-token block of a chunk, the scores of each query
+and key with the keys before it under the per-channel decay between them: Aqk[i, j] = scale · Σ_c q_i,c k_j,c
+2^(G_i,c - G_j,c) and Akk[i, j] = β_i Σ_c k_i,c k_j,c 2^(G_i,c - G_j,c) (j < i), G the decay's chunk-local sums in
+base 2. Its token-parallel kernel gives every token a program and every program the same token of a few adjacent
+heads; where each head is a batch entry of its own (``packed_heads.heads_as_batch``), a head is all a program finds
+there. ``diagonal_blocks`` runs the same computation, element by element and in the same order of operations, with
+each program taking the same token of ``BLOCK_ENTRIES`` adjacent batch entries, as fla's takes heads.
 
 Shapes (fla's, heads as batch entries): q, k [S, T, 1, K]; g [S, T, 1, K] float32; beta [S, T, 1]; Aqk
 [S, T, 1, BT] in k's dtype, written at the columns of each row's block up to the row's own token; Akk [S, T, 1, BLOCK]
