@@ -5,6 +5,7 @@ pass; and prefill and decode speed against the source loaded with its stock clas
 
     python scripts/check_families_gpu.py --work DIR --out results.json [--families a,b] [--phase check]
         [--variants heads] [--rounds 7] [--pairs 101] [--prefill-batch 4] [--fla-width 1024] [--fla-layers 3]
+        [--fla-group 2]
 
 Each family's model has 4 layers (hybrids: linear, full attention, linear, linear; fla: 3 linear), hidden size 1024,
 vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA: 8 and 4 heads of 128, ungrouped).
@@ -12,7 +13,8 @@ vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA
 ones leave their prefill bound by the host's launches, larger ones by the GPU's work. Two folders per family are cut
 from it: ``heads`` (an uneven plan, different in every layer, grouped layers getting uneven groups) and ``channels``
 (the same heads, and 64 of the 128 query/key channels of every kept key head chosen at random; not for Kimi Linear,
-whose channel removal is refused). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP
+whose channel removal is refused). ``--fla-group`` sets the value heads per key head of fla's Gated DeltaNet and KDA
+(1: ungrouped). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP
 dense (no expert choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
 shipped PyTorch path), to tell which side a GPU difference comes from (``--no-cpu``: not, which shortens the check),
 and a left-padded prompt decodes as it does alone.
@@ -61,10 +63,10 @@ HYBRID = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hid
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512, shared_expert_intermediate_size=512)
 FLA = dict(vocab_size=4096, hidden_ratio=2, fuse_cross_entropy=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FLA_WIDTH, FLA_LAYERS = 1024, 3
-"""The fla models' hidden size and layers (``--fla-width``, ``--fla-layers``). Their heads are of 128: width / 128
-value heads (Gated DeltaNet and KDA over half as many key heads), GLA's width / 256 (its keys and values are half the
-width), so that a width of 768 gives GLA the 3 heads the uneven plan needs."""
+FLA_WIDTH, FLA_LAYERS, FLA_GROUP = 1024, 3, 2
+"""The fla models' hidden size, layers and grouping (``--fla-width``, ``--fla-layers``, ``--fla-group``). Their heads
+are of 128: width / 128 value heads (Gated DeltaNet and KDA over FLA_GROUP times fewer key heads), GLA's width / 256
+(its keys and values are half the width), so that a width of 768 gives GLA the 3 heads the uneven plan needs."""
 KEPT_CHANNELS = 64
 SPEED_VARIANTS = ("heads", "channels")
 """The folders the speed phase times beside the source (``--variants``): each folder of other key widths compiles
@@ -111,7 +113,8 @@ def config(name: str):
     heads = FLA_WIDTH // 128
     fla = dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)
     if name in ("gated_deltanet", "kda"):
-        return AutoConfig.for_model(name, **fla, num_heads=heads // 2, num_v_heads=heads, head_dim=128, expand_v=1.0)
+        return AutoConfig.for_model(name, **fla, num_heads=heads // FLA_GROUP, num_v_heads=heads,
+                                    head_dim=128, expand_v=1.0)
     if name == "delta_net":
         return AutoConfig.for_model("delta_net", **fla, num_heads=heads, expand_k=1.0, expand_v=1.0, use_gate=True)
     if name == "gla":
@@ -442,7 +445,8 @@ def run_worker(names: list[str], work: Path, out: Path, task) -> None:
 
 
 def main() -> None:
-    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH, FLA_WIDTH, FLA_LAYERS
+    global DEVICE, CPU_COMPARISON, SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH
+    global FLA_WIDTH, FLA_LAYERS, FLA_GROUP
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder for the models (several GB)")
     parser.add_argument("--out", type=Path, required=True)
@@ -460,6 +464,8 @@ def main() -> None:
     parser.add_argument("--fla-width", type=int, default=FLA_WIDTH,
                         help="hidden size of the fla models (a multiple of 256 from 768: heads of 128)")
     parser.add_argument("--fla-layers", type=int, default=FLA_LAYERS, help="layers of the fla models")
+    parser.add_argument("--fla-group", type=int, default=FLA_GROUP,
+                        help="value heads per key head of fla's Gated DeltaNet and KDA (1: ungrouped)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warm-worker", help=argparse.SUPPRESS)
@@ -467,11 +473,14 @@ def main() -> None:
     DEVICE, CPU_COMPARISON = args.device, not args.no_cpu
     SPEED_VARIANTS, PREFILL_ROUNDS, PREFILL_PAIRS = tuple(args.variants.split(",")), args.rounds, args.pairs
     PREFILL_BATCH, FLA_WIDTH, FLA_LAYERS = args.prefill_batch, args.fla_width, args.fla_layers
+    FLA_GROUP = args.fla_group
     if min(PREFILL_ROUNDS, PREFILL_PAIRS, PREFILL_BATCH, FLA_LAYERS) < 1:
         parser.error("--rounds, --pairs, --prefill-batch and --fla-layers take positive counts")
     if FLA_WIDTH < 768 or FLA_WIDTH % 256:
         parser.error(f"--fla-width takes a multiple of 256 from 768 (heads of 128, at least 3 in every family), not "
                      f"{FLA_WIDTH}")
+    if FLA_GROUP < 1 or (FLA_WIDTH // 128) % FLA_GROUP:
+        parser.error(f"--fla-group takes a divisor of the {FLA_WIDTH // 128} value heads, not {FLA_GROUP}")
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):
@@ -503,7 +512,8 @@ def main() -> None:
     results = {"versions": versions() if DEVICE == "cuda" else package_versions(), "speed_variants": SPEED_VARIANTS,
                "prefill_rounds": PREFILL_ROUNDS, "prefill_pairs": PREFILL_PAIRS, "prefill_batch": PREFILL_BATCH,
                "shape": {"hybrid": HYBRID, "moe": MOE,
-                         "fla": dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS)},
+                         "fla": dict(FLA, hidden_size=FLA_WIDTH, num_hidden_layers=FLA_LAYERS,
+                                     value_heads_per_key_head=FLA_GROUP)},
                "check": {}, "warm_up": {}, "speed": {}}
 
     def save():
@@ -516,7 +526,7 @@ def main() -> None:
             figures[f"worker {part.stem}"] = f"failed: exit status {returncode}"
         return figures
 
-    sizes = ["--fla-width", str(FLA_WIDTH), "--fla-layers", str(FLA_LAYERS)]
+    sizes = ["--fla-width", str(FLA_WIDTH), "--fla-layers", str(FLA_LAYERS), "--fla-group", str(FLA_GROUP)]
 
     def side_by_side(flag: str, key: str) -> None:
         """One worker process per group of families, all at once; their figures gathered into results[key]."""

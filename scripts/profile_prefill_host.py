@@ -2,11 +2,12 @@
 same source with the shipped class (every layer unpruned, under the shipped forward), and the pruned folders.
 
     python scripts/profile_prefill_host.py --work NEW_FOLDER --out-dir DIR [--family qwen3_5] [--rounds 3]
-        [--no-profile] [--kernels] [--variants heads,channels]
+        [--no-profile] [--kernels] [--variants heads,channels] [--fla-group 2]
 
 The models are those of ``check_families_gpu.py`` (random weights, head size 128, 3 or 4 layers, bf16), built in
-``--work``. Each variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for
-``--rounds`` rounds; the host's time to return from the ten calls and the wall time until the GPU finished, per
+``--work`` (``--fla-group``: value heads per key head of fla's Gated DeltaNet and KDA, 1 for ungrouped). Each
+variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reversed every round), for ``--rounds``
+rounds; the host's time to return from the ten calls and the wall time until the GPU finished, per
 prefill, are printed and written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace,
 or waits inside the call), then each variant's wall time over the source's in the same round, and their median.
 ``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward". Then (unless
@@ -52,9 +53,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(check_families_gpu.SPEED_VARIANTS),
                         help="the pruned folders profiled beside the source, comma-separated (empty: none; each "
                              "folder of other key widths compiles and autotunes fla's kernels again)")
+    parser.add_argument("--fla-group", type=int, default=check_families_gpu.FLA_GROUP,
+                        help="value heads per key head of fla's Gated DeltaNet and KDA (1: ungrouped)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    value_heads = check_families_gpu.FLA_WIDTH // 128
+    if args.fla_group < 1 or value_heads % args.fla_group:
+        parser.error(f"--fla-group takes a divisor of the {value_heads} value heads, not {args.fla_group}")
+    check_families_gpu.FLA_GROUP = args.fla_group
     variants = tuple(v for v in args.variants.split(",") if v)
     if not set(variants) <= set(check_families_gpu.SPEED_VARIANTS):
         parser.error(f"--variants takes {', '.join(check_families_gpu.SPEED_VARIANTS)}")

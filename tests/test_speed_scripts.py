@@ -134,6 +134,24 @@ def test_an_fla_width_without_whole_head_pairs_is_refused_before_anything_is_wri
     assert not work.exists() and not out.parent.exists()
 
 
+def test_an_fla_group_that_does_not_divide_the_value_heads_is_refused_before_anything_is_written(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out" / "results.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "check_families_gpu.py"), "--work", str(work), "--out",
+                             str(out), "--fla-group", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--fla-group takes a divisor of the 8 value heads, not 3" in result.stderr
+    assert not work.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_the_fla_group_sets_the_value_heads_per_key_head_of_gated_deltanet_and_kda(scripts, monkeypatch, group):
+    pytest.importorskip("fla")  # registers fla's configs
+    _, check_families_gpu, _ = scripts
+    monkeypatch.setattr(check_families_gpu, "FLA_GROUP", group)
+    for name in ("gated_deltanet", "kda"):
+        config = check_families_gpu.config(name)
+        assert (config.num_heads, config.num_v_heads, config.head_dim) == (8 // group, 8, 128)
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "kda", "delta_net", "gla"])
 def test_the_narrowest_fla_models_keep_heads_of_128_and_a_valid_uneven_plan(scripts, monkeypatch, name):
     """At the narrowest width accepted, every fla model has heads of 128, as many as the width holds, and the
@@ -246,7 +264,8 @@ def test_profile_prefill_host_compares_each_variants_kernels_with_the_sources(sc
 
 
 @pytest.mark.parametrize("arguments, message", [(["--rounds", "0"], "--rounds must be at least 1"),
-                                                (["--no-profile"], "will not overwrite")])
+                                                (["--no-profile"], "will not overwrite"),
+                                                (["--fla-group", "3"], "--fla-group takes a divisor of the 8 value")])
 def test_profile_prefill_host_refuses_a_bad_count_and_an_existing_log(tmp_path, arguments, message):
     out = tmp_path / "out"
     out.mkdir()
