@@ -101,12 +101,16 @@ def gla_with_states(q, k, v, gk, initial_state=None, output_final_state=False, s
 
 
 def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=False, scale=None, use_qk_l2norm=True,
-                    chunk_index=None):
-    """:func:`kimi_delta_attention` returning ``(o, final state or None, chunk states)``."""
+                    state_v_first=False, chunk_index=None):
+    """:func:`kimi_delta_attention` returning ``(o, final state or None, chunk states)``: the initial and final states
+    in the caller's layout (value-first with ``state_v_first``), the chunk states key-first."""
+    if state_v_first and initial_state is not None:
+        initial_state = initial_state.transpose(-1, -2)
     with strict_float32():
-        return _selected(chunk_kda_torch(
+        out, final, states = _selected(chunk_kda_torch(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True), chunk_index)
+    return out, final.transpose(-1, -2) if state_v_first and final is not None else final, states
 
 
 WITH_STATES: dict[Callable, Callable] = {

@@ -204,7 +204,7 @@ def chunk_delta_rule(
 def chunk_kda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
+    use_qk_l2norm_in_kernel: bool = False, scale: float | None = None, state_v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's chunked KDA forward at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens, from
     the decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative`` or ``gated_chunk_cumulative``, in place of
@@ -215,14 +215,17 @@ def chunk_kda(
     sigmoid, the initial state float32 (as ``chunk_kda`` requires). As a batch rather than packed sequences, no kernel
     searches its sequence by token or reads sequence boundaries, and no kernel takes the batch size as a compile-time
     constant; the states are computed value-first, as fla's KDA layer asks (the layout its kernels are tuned for), and
-    taken and returned key-first.
+    taken and returned value-first with ``state_v_first``, else key-first (transposed, a copy each).
 
-    Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V].
-    Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V], or
+    [S, 1, V, K] with ``state_v_first``.
+    Returns ``(o [S, T, 1, V] in q's dtype, final state float32 or None)``."""
     refuse_normalising(use_qk_l2norm_in_kernel)
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
     solve, recompute, states, output = kda_forward()
+    if initial_state is not None and not state_v_first:
+        initial_state = initial_state.transpose(-1, -2)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     batch, length, _, width = k.shape
     scale = width**-0.5 if scale is None else scale
@@ -239,10 +242,12 @@ def chunk_kda(
         w, u, _, keys = recompute(k=k, v=v, beta=beta, A=system, gk=g)
         h, new_values, final = states(
             k=keys, w=w, u=u, gk=g, output_final_state=output_final_state, chunk_size=CHUNK_SIZE, state_v_first=True,
-            initial_state=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
+            initial_state=None if initial_state is None else initial_state.contiguous(),
         )
         o = output(q=q, v=new_values, g=g, A=scores, h=h, scale=scale, chunk_size=CHUNK_SIZE, state_v_first=True)
-    return o.to(q.dtype), None if final is None else final.transpose(-1, -2).contiguous()
+    if final is not None and not state_v_first:
+        final = final.transpose(-1, -2).contiguous()
+    return o.to(q.dtype), final
 
 
 def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],

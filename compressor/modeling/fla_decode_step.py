@@ -44,7 +44,7 @@ def kernel():
 
 
 KDA_STEP_ARGUMENTS = frozenset({"scale", "initial_state", "output_final_state", "inplace_final_state",
-                                 "use_qk_l2norm_in_kernel", "out"})
+                                 "use_qk_l2norm_in_kernel", "out", "state_v_first"})
 """Arguments of fla 0.6's ``fused_recurrent_kda_fwd`` that ``kda_step_in_place`` passes beside q, k, v, g, beta."""
 
 
@@ -115,11 +115,11 @@ def step_in_place(
 def kda_step_in_place(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor, output_final_state: bool = True, use_qk_l2norm_in_kernel: bool = True,
-    scale: float | None = None,
+    scale: float | None = None, state_v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fla's ``fused_recurrent_kda`` for one token at ``scale`` (None: d_k^-0.5) with q/k L2-normalised in the
-    kernel (``use_qk_l2norm_in_kernel`` must be True), writing the new state over ``initial_state``
-    (``output_final_state`` must be True). CPU tensors only under Triton's interpreter.
+    kernel (``use_qk_l2norm_in_kernel`` must be True), writing the new state over ``initial_state`` ([N, 1, V, K]
+    with ``state_v_first``; ``output_final_state`` must be True). CPU tensors only under Triton's interpreter.
     Returns ``(o [N, 1, 1, V], initial_state)``."""
     if not (output_final_state and use_qk_l2norm_in_kernel):
         raise ValueError("kda_step_in_place returns the state it updates and normalises q and k in the kernel")
@@ -127,4 +127,4 @@ def kda_step_in_place(
     with launching_on(v):
         return kda_step()(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                           output_final_state=True, inplace_final_state=True, use_qk_l2norm_in_kernel=True,
-                          out=torch.empty_like(v))
+                          out=torch.empty_like(v), state_v_first=state_v_first)

@@ -137,6 +137,7 @@ def kimi_delta_attention(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     decay_gate: DecayGate | None = None,
+    state_v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside (``use_qk_l2norm``; False
     for q and k normalised already, as the fused short convolutions of fla's layer hand them): fla on CUDA tensors
@@ -149,10 +150,14 @@ def kimi_delta_attention(
     into its chunk-local sums, in one launch (``channel_gate.gated_chunk_cumulative``); elsewhere by
     ``channel_gate``.
 
+    States are [B, H, K, V], or with ``state_v_first`` [B, H, V, K]: the layout of fla's KDA layer's cache, in which
+    fla's chunked kernels compute them (the key-first layout costs a transposing copy of each state on the chunked
+    path; the PyTorch forms transpose them instead).
+
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
     q and k normalised in its kernel; see ``fla_decode_step.py``) and returns that tensor. Returns ``(o [B, T, H,
-    V], final state [B, H, K, V] or None)``.
+    V], final state or None)``.
     """
     single_step = q.shape[1] == 1 and initial_state is not None
     options = dict(initial_state=initial_state, output_final_state=output_final_state,
@@ -164,6 +169,7 @@ def kimi_delta_attention(
     if decay_gate is not None and not chunked:
         g = channel_gate(g, *decay_gate)
     if q.is_cuda and HAS_FLA:
+        options["state_v_first"] = state_v_first
         if single_step:
             in_place = use_qk_l2norm and output_final_state and can_step_kda_in_place(initial_state)
             step = kda_step_in_place if in_place else _fla_recurrent
@@ -176,6 +182,10 @@ def kimi_delta_attention(
             return heads_as_batch(unwrapped_chunk, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
         return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, g=g.float(), beta=beta), also=("cu_seqlens_cpu",),
                                   **options)
+    if state_v_first and initial_state is not None:
+        options["initial_state"] = initial_state.transpose(-1, -2)
     if single_step:
-        return naive_recurrent_kda(q, k, v, g, beta, **options)
-    return chunk_kda_torch(q, k, v, g, beta, **options)[:2]
+        out, final = naive_recurrent_kda(q, k, v, g, beta, **options)
+    else:
+        out, final = chunk_kda_torch(q, k, v, g, beta, **options)[:2]
+    return out, final.transpose(-1, -2) if state_v_first and final is not None else final

@@ -2,7 +2,8 @@
 
 Shipped in output folders (auto_map). Per-layer head counts come from ``config.per_layer_config[i]``
 (``num_heads`` key heads, ``num_v_heads`` value heads, ``value_to_key_head``: the key head of each value head
-when the stock grouping j // r does not describe it). The decay has one entry per value head and key channel.
+when the stock grouping j // r does not describe it). The decay has one entry per value head and key channel. The
+cache keeps each state value-first ([B, H_v, d_v, d_k]), as fla's layer keeps it and its chunked kernels compute it.
 
 Importing this file registers its model class for fla's config and for the per-layer config below (auto_map's
 AutoConfig imports it first).
@@ -38,6 +39,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
 
     use_gate = True  # the output gate (g_proj, sigmoid) is not optional in KDA
     recurrence = staticmethod(kimi_delta_attention)
+    state_v_first = True  # the layout of the states the recurrence takes and returns, and the cache keeps
 
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
@@ -111,7 +113,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
             q, k, v, g, beta,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache), scale=self.query_scale, use_qk_l2norm=not normalised,
-            **({} if decay_gate is None else dict(decay_gate=decay_gate)),
+            state_v_first=self.state_v_first, **({} if decay_gate is None else dict(decay_gate=decay_gate)),
         )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
