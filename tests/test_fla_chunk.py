@@ -168,6 +168,10 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
             expected = public(*arguments, **packed)
             assert torch.equal(out, expected[0]) and torch.equal(final, expected[1]), (direct.__name__, dtype)
         if public is chunk_kda and dtype == torch.float32:  # once: KDA's kernels run slowly here
+            value_first = direct(*batch, initial_state=state.transpose(-1, -2).contiguous(), output_final_state=True,
+                                 scale=scale, state_v_first=True)  # the layout fla's KDA layer keeps its cache in
+            assert torch.equal(value_first[0].view(out.shape), out)
+            assert torch.equal(value_first[1], final.transpose(-1, -2))
             stateless = direct(*batch, scale=scale)
             expected = public(*arguments, cu_seqlens=index["cu_seqlens"], scale=scale)
             assert torch.equal(stateless[0].view(expected[0].shape), expected[0]) and stateless[1] is None
@@ -238,9 +242,9 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
 @pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
 def test_the_direct_forward_equals_fla_public_function(rule):
     """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16, a query
-    scale other than d_k^-0.5: bit for bit. DeltaNet's and KDA's direct forwards take them as a batch (KDA's with
-    value-first states), so other variants of fla's kernels, tuned on their own, run: within 2 % of the largest
-    value, with and without states (a wrong slice moves values by their own size; the interpreted test above checks
+    scale other than d_k^-0.5: bit for bit. DeltaNet's and KDA's direct forwards take them as a batch (KDA's
+    computing its states value-first), so other variants of fla's kernels, tuned on their own, run: within 2 % of
+    the largest value, with and without states (a wrong slice moves values by their own size; the interpreted test above checks
     them bit for bit against the public function)."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule

@@ -128,6 +128,7 @@ def test_calibration_states_end_in_the_cached_state(config_name):
     for index, mixer in mixers.items():
         assert captured[index].shape == (2, mixer.num_v_heads, 3, mixer.head_k_dim, mixer.head_v_dim)
         kept = cache[index]["recurrent_state"]
-        if getattr(mixer, "state_v_first", False):  # KDA's cache keeps them value-first, as fla's layer does
+        if config_name.startswith("kda"):  # value-first, as fla's own KDA layer keeps them (here d_v != d_k)
+            assert kept.shape[-2:] == (mixer.head_v_dim, mixer.head_k_dim) != (mixer.head_k_dim, mixer.head_v_dim)
             kept = kept.transpose(-1, -2)
         assert (captured[index][:, :, -1] - kept).abs().max() < 1e-5

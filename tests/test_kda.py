@@ -115,6 +115,21 @@ def test_cpu_tensors_never_reach_fla(inputs, monkeypatch):
     assert step.shape == (2, 1, 3, 8)
 
 
+@pytest.mark.parametrize("length", [1, 70], ids=["step", "chunked"])
+def test_value_first_states_are_the_key_first_ones_transposed(inputs, length):
+    """With ``state_v_first`` the recurrence takes and returns its states [B, H, V, K] (fla's KDA layer's layout):
+    from the key-first call's initial state transposed, the same output and that call's final state transposed
+    (CPU: the step for one token, the chunked form for more; K = 16, V = 8)."""
+    inputs = [x[:, :length] for x in inputs]
+    initial = 0.1 * torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(3))
+    out, final = kimi_delta_attention(*inputs, initial_state=initial, output_final_state=True)
+    got, got_final = kimi_delta_attention(*inputs, initial_state=initial.transpose(-1, -2).contiguous(),
+                                          output_final_state=True, state_v_first=True)
+    assert got_final.shape == (2, 3, 8, 16)  # sums over a transposed state may round otherwise: to float32's rounding
+    torch.testing.assert_close(got, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_final, final.transpose(-1, -2), rtol=1e-6, atol=1e-6)
+
+
 KDA_STEP_THROUGH_FLA = """
 import torch
 from fla.ops.kda import fused_recurrent_kda
@@ -139,6 +154,13 @@ got = heads_as_batch(kda_step_in_place, dict(q=q, k=k, v=v, g=g, beta=beta), **{
 for name, a, b in zip(("output", "state"), got, expected):
     assert a.shape == b.shape and (a - b).abs().max() < 1e-5, ("in place", name, (a - b).abs().max())
 assert got[1].data_ptr() == state.data_ptr() and (state - expected[1]).abs().max() < 1e-5  # over the old one
+value_first = dict(options, initial_state=options["initial_state"].transpose(-1, -2).contiguous(), state_v_first=True)
+got = heads_as_batch(fused_recurrent_kda, dict(q=q, k=k, v=v, g=g, beta=beta), **value_first)
+assert (got[0] - expected[0]).abs().max() < 1e-5 and (got[1].transpose(-1, -2) - expected[1]).abs().max() < 1e-5
+state = value_first["initial_state"].clone()
+got = heads_as_batch(kda_step_in_place, dict(q=q, k=k, v=v, g=g, beta=beta), **{**value_first, "initial_state": state})
+assert (got[0] - expected[0]).abs().max() < 1e-5 and got[1].data_ptr() == state.data_ptr()
+assert (state.transpose(-1, -2) - expected[1]).abs().max() < 1e-5
 print("ok")
 """
 
@@ -146,7 +168,8 @@ print("ok")
 def test_the_kda_decode_step_through_flas_own_functions_equals_the_reference():
     """The CUDA decode step's calls of fla's KDA step (heads as batch entries, through fla's public function and
     with the state written over itself), run on the CPU by Triton's interpreter, at a query scale other than
-    d_k^-0.5: fla's argument names, shapes and state layout as the shipped code assumes."""
+    d_k^-0.5, with key-first and value-first states: fla's argument names, shapes and state layouts as the shipped
+    code assumes."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("the token loop of fla's KDA step")
     run_interpreted(KDA_STEP_THROUGH_FLA)

@@ -12,7 +12,7 @@ functions.
 
 Shapes (heads as batch entries, see ``packed_heads.heads_as_batch``): q, k [N, 1, 1, K]; v [N, 1, 1, V]; g (log
 decay) [N, 1, 1] (gated delta rule) or [N, 1, 1, K] (KDA, per key channel); beta [N, 1, 1]; state [N, 1, K, V]
-float32, contiguous.
+float32, contiguous (KDA's also value-first, [N, 1, V, K]).
 """
 
 from __future__ import annotations

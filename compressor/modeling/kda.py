@@ -7,7 +7,7 @@ rule with one decay per key channel instead of one per head:
 The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes (fla's): q, k [B, T, H, K]; v [B, T, H, V]; g (log decay per key channel) [B, T, H, K]; beta [B, T, H];
-states [B, H, K, V].
+states [B, H, K, V] (``kimi_delta_attention`` also takes them value-first, [B, H, V, K]).
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def kimi_delta_attention(
     ``channel_gate``.
 
     States are [B, H, K, V], or with ``state_v_first`` [B, H, V, K]: the layout of fla's KDA layer's cache, in which
-    fla's chunked kernels compute them (the key-first layout costs a transposing copy of each state on the chunked
-    path; the PyTorch forms transpose them instead).
+    the direct chunked forward computes them (key-first, it transposes the initial and the final state, a copy each;
+    fla's public functions take either layout; the PyTorch forms transpose them).
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
