@@ -168,10 +168,10 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
             expected = public(*arguments, **packed)
             assert torch.equal(out, expected[0]) and torch.equal(final, expected[1]), (direct.__name__, dtype)
         if public is chunk_kda and dtype == torch.float32:  # once: KDA's kernels run slowly here
-            value_first = direct(*batch, initial_state=state.transpose(-1, -2).contiguous(), output_final_state=True,
-                                 scale=scale, state_v_first=True)  # the layout fla's KDA layer keeps its cache in
-            assert torch.equal(value_first[0].view(out.shape), out)
-            assert torch.equal(value_first[1], final.transpose(-1, -2))
+            value_first = direct(*(x[1:] for x in batch), initial_state=state[1:].transpose(-1, -2).contiguous(),
+                                 output_final_state=True, scale=scale, state_v_first=True)  # fla's KDA cache layout
+            assert torch.equal(value_first[0].view(1, length, 1, -1), out[:, length:])  # the second sequence's
+            assert torch.equal(value_first[1], final[1:].transpose(-1, -2))
             stateless = direct(*batch, scale=scale)
             expected = public(*arguments, cu_seqlens=index["cu_seqlens"], scale=scale)
             assert torch.equal(stateless[0].view(expected[0].shape), expected[0]) and stateless[1] is None
