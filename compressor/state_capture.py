@@ -26,7 +26,7 @@ from .modeling import gated_delta
 from .modeling.delta_rule import chunk_delta_rule_torch, delta_rule
 from .modeling.gated_delta import chunk_gated_delta_rule_torch, gated_delta_rule
 from .modeling.gla import chunk_gla_torch, gla
-from .modeling.kda import chunk_kda_torch, kimi_delta_attention
+from .modeling.kda import chunk_kda_torch, kimi_delta_attention, swapped
 
 try:  # fla's chunked forward, step by step, to read the chunk states it computes (private API of fla 0.6)
     import triton as _triton
@@ -104,13 +104,12 @@ def kda_with_states(q, k, v, g, beta, initial_state=None, output_final_state=Fal
                     state_v_first=False, chunk_index=None):
     """:func:`kimi_delta_attention` returning ``(o, final state or None, chunk states)``: the initial and final states
     in the caller's layout (value-first with ``state_v_first``), the chunk states key-first."""
-    if state_v_first and initial_state is not None:
-        initial_state = initial_state.transpose(-1, -2)
     with strict_float32():
         out, final, states = _selected(chunk_kda_torch(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True), chunk_index)
-    return out, final.transpose(-1, -2) if state_v_first and final is not None else final, states
+            q, k, v, g, beta, scale=scale, initial_state=swapped(initial_state, state_v_first),
+            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm, return_chunk_states=True),
+            chunk_index)
+    return out, swapped(final, state_v_first), states
 
 
 WITH_STATES: dict[Callable, Callable] = {

@@ -14,8 +14,8 @@ ones leave their prefill bound by the host's launches, larger ones by the GPU's 
 from it: ``heads`` (an uneven plan, different in every layer, grouped layers getting uneven groups) and ``channels``
 (the same heads, and 64 of the 128 query/key channels of every kept key head chosen at random; not for Kimi Linear,
 whose channel removal is refused). ``--fla-group`` sets the value heads per key head of fla's Gated DeltaNet and KDA
-(1: ungrouped). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP
-dense (no expert choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
+(1: ungrouped). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP dense (no expert
+choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
 shipped PyTorch path), to tell which side a GPU difference comes from (``--no-cpu``: not, which shortens the check),
 and a left-padded prompt decodes as it does alone.
 
@@ -120,6 +120,13 @@ def config(name: str):
     if name == "gla":
         return AutoConfig.for_model("gla", **fla, num_heads=heads // 2, expand_k=0.5, expand_v=0.5)
     raise SystemExit(f"unknown family {name}")
+
+
+def group_refusal(width: int, group: int) -> str | None:
+    """Why ``--fla-group`` cannot group the value heads of fla models of hidden size ``width`` (None: it can)."""
+    if group < 1 or (width // 128) % group:
+        return f"--fla-group takes a divisor of the {width // 128} value heads, not {group}"
+    return None
 
 
 def log(message: str) -> None:
@@ -479,8 +486,8 @@ def main() -> None:
     if FLA_WIDTH < 768 or FLA_WIDTH % 256:
         parser.error(f"--fla-width takes a multiple of 256 from 768 (heads of 128, at least 3 in every family), not "
                      f"{FLA_WIDTH}")
-    if FLA_GROUP < 1 or (FLA_WIDTH // 128) % FLA_GROUP:
-        parser.error(f"--fla-group takes a divisor of the {FLA_WIDTH // 128} value heads, not {FLA_GROUP}")
+    if group_refusal(FLA_WIDTH, FLA_GROUP):
+        parser.error(group_refusal(FLA_WIDTH, FLA_GROUP))
     if not set(SPEED_VARIANTS) <= {"heads", "channels"}:
         parser.error(f"--variants takes heads and channels, not {args.variants}")
     for names, task in ((args.worker, check_family), (args.warm_worker, warm_up), (args.speed_worker, measure_speed)):

@@ -58,9 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    value_heads = check_families_gpu.FLA_WIDTH // 128
-    if args.fla_group < 1 or value_heads % args.fla_group:
-        parser.error(f"--fla-group takes a divisor of the {value_heads} value heads, not {args.fla_group}")
+    if check_families_gpu.group_refusal(check_families_gpu.FLA_WIDTH, args.fla_group):
+        parser.error(check_families_gpu.group_refusal(check_families_gpu.FLA_WIDTH, args.fla_group))
     check_families_gpu.FLA_GROUP = args.fla_group
     variants = tuple(v for v in args.variants.split(",") if v)
     if not set(variants) <= set(check_families_gpu.SPEED_VARIANTS):

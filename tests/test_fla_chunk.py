@@ -244,8 +244,8 @@ def test_the_direct_forward_equals_fla_public_function(rule):
     """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16, a query
     scale other than d_k^-0.5: bit for bit. DeltaNet's and KDA's direct forwards take them as a batch (KDA's
     computing its states value-first), so other variants of fla's kernels, tuned on their own, run: within 2 % of
-    the largest value, with and without states (a wrong slice moves values by their own size; the interpreted test above checks
-    them bit for bit against the public function)."""
+    the largest value, with and without states (a wrong slice moves values by their own size; the interpreted test
+    above checks them bit for bit against the public function)."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.kda import chunk_kda

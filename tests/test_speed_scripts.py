@@ -288,19 +288,22 @@ def test_profile_prefill_host_profiles_only_the_variants_asked_for(scripts, monk
 
     seen, calls = [], []
     monkeypatch.setattr(check_families_gpu, "SPEED_VARIANTS", check_families_gpu.SPEED_VARIANTS)  # restored after
+    monkeypatch.setattr(check_families_gpu, "FLA_GROUP", check_families_gpu.FLA_GROUP)
     monkeypatch.setattr(check_families_gpu, "speed_runners", lambda name, work: seen.append(
-        check_families_gpu.SPEED_VARIANTS) or {"source": StandIn("source", 0.01, clock, calls)})
+        (check_families_gpu.SPEED_VARIANTS, check_families_gpu.FLA_GROUP))
+        or {"source": StandIn("source", 0.01, clock, calls)})
     monkeypatch.setattr(profile_prefill_host, "Runner", lambda folder: StandIn("source_shipped", 0.009, clock, calls))
     monkeypatch.setattr(compressor, "register", lambda: None)
     monkeypatch.setattr(sys, "argv", ["profile_prefill_host.py", "--work", str(tmp_path / "work"), "--out-dir",
-                                      str(tmp_path / "out"), "--rounds", "1", "--no-profile", "--variants", variants])
+                                      str(tmp_path / "out"), "--rounds", "1", "--no-profile", "--variants", variants,
+                                      "--fla-group", "4"])
     if expected is None:
         with pytest.raises(SystemExit):
             profile_prefill_host.main()
         assert seen == [] and not (tmp_path / "out").exists()
     else:
         profile_prefill_host.main()
-        assert seen == [expected]
+        assert seen == [(expected, 4)]  # the models are built with the value heads per key head asked for
 
 
 def test_tune_project_kernels_refuses_an_unknown_case_by_name(monkeypatch, tmp_path, capsys):

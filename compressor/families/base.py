@@ -86,8 +86,9 @@ class Mixer(Protocol):
     ``recurrence`` is the shipped dispatcher the forward pass calls, (q, k, v, ..., initial_state,
     output_final_state) -> (o [B, T, H_v, d_v], final state [B, H_v, d_k, d_v] or None; fla's KDA mixer, whose
     ``state_v_first`` is True, keeps and passes them value-first, [B, H_v, d_v, d_k], as fla's own layer does);
-    calibration replaces it on an instance to read the chunk states (``compressor.state_capture``). ``adopt(module, value_to_key)`` makes a
-    stock module of the family's architecture one of these, in place, with that head map (None: the stock one).
+    calibration replaces it on an instance to read the chunk states (``compressor.state_capture``).
+    ``adopt(module, value_to_key)`` makes a stock module of the family's architecture one of these, in place, with
+    that head map (None: the stock one).
     """
 
     layer_idx: int

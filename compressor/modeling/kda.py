@@ -33,6 +33,12 @@ from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
 from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, normalised_pair
 
 
+def swapped(state: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
+    """A state [..., V, K] as [..., K, V] (or back: the swap is its own inverse, a view) where ``state_v_first``;
+    otherwise the state as it is (None stays None)."""
+    return state.transpose(-1, -2) if state_v_first and state is not None else state
+
+
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
     """Copies in working precision, [B, H, T, ·] layout, q/k normalised and q scaled."""
     working = torch.promote_types(v.dtype, torch.float32)
@@ -182,10 +188,9 @@ def kimi_delta_attention(
             return heads_as_batch(unwrapped_chunk, dict(q=q, k=k, v=v, g=g, beta=beta), **options)
         return heads_as_sequences(_fla_chunk, dict(q=q, k=k, v=v, g=g.float(), beta=beta), also=("cu_seqlens_cpu",),
                                   **options)
-    if state_v_first and initial_state is not None:
-        options["initial_state"] = initial_state.transpose(-1, -2)
+    options["initial_state"] = swapped(initial_state, state_v_first)
     if single_step:
         out, final = naive_recurrent_kda(q, k, v, g, beta, **options)
     else:
         out, final = chunk_kda_torch(q, k, v, g, beta, **options)[:2]
-    return out, final.transpose(-1, -2) if state_v_first and final is not None else final
+    return out, swapped(final, state_v_first)
