@@ -14,7 +14,8 @@ the largest logit differences of the pruned model on the CUDA path from the mask
 last token of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
 greedy generation that starts from the cache of the prefill without autograd: the prompt's last token, then two
 generated ones, all decode steps), whether the generated tokens are the same, the logit scale, and how many times a
-direct chunked forward was called without and with autograd.
+direct chunked forward was called without and with autograd, and how many layers of the prefill took fla's layout of
+value heads that share key heads (``packed_heads.key_heads_as_sequences``).
 """
 
 from __future__ import annotations
@@ -79,11 +80,19 @@ def counted_direct_forwards(counts: dict[str, int]):
 
     for module, forward in zip(modules, originals):
         module.unwrapped_chunk = counting(forward)
+    shared = modules[0].key_heads_as_sequences
+
+    def shared_spy(*args, **kwargs):
+        counts["shared_keys"] = counts.get("shared_keys", 0) + 1
+        return shared(*args, **kwargs)
+
+    modules[0].key_heads_as_sequences = shared_spy
     try:
         yield
     finally:
         for module, forward in zip(modules, originals):
             module.unwrapped_chunk = forward
+        modules[0].key_heads_as_sequences = shared
 
 
 @contextlib.contextmanager
@@ -143,6 +152,7 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
+        shared_keys=no_grad.get("shared_keys", 0),
     )
 
 

@@ -16,12 +16,18 @@ from triton_interpreter import ROOT, interpreted_environment, skip_where_the_int
 TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slice or argument moves logits by O(1)
 SLOW = pytest.mark.slow  # the fast subset keeps two: a Gated DeltaNet of transformers' and fla's GLA
 
+SHARED_KEY_LAYERS = {"gated_deltanet_gva": 1}
+"""Layers whose prefill takes fla's layout of value heads that share key heads (every key head keeps all its value
+heads), by model: the last layer of fla's grouped Gated DeltaNet. The other grouped families copy key heads per value
+head."""
+
 MODELS = [
     ("qwen3_5", 80, "heads", "float32"),
     ("gla", 80, "channels", "float32"),  # one value head per key head: queries and keys split in one copy
     pytest.param("qwen3_next_moe", 80, "channels", "float32", marks=SLOW),  # grouped projections, uneven groups
     pytest.param("olmo_hybrid", 80, "heads", "float32", marks=SLOW),  # negative eigenvalues (beta in (0, 2))
-    pytest.param("gated_deltanet_gva", 80, "heads", "float32", marks=SLOW),  # value heads share key heads
+    # value heads share key heads; the plan keeps every head of the last layer, which takes fla's layout for them
+    pytest.param("gated_deltanet_gva", 80, "heads", "float32", marks=SLOW),
     pytest.param("gated_deltanet", 80, "heads", "float32", marks=SLOW),  # one value head per key head
     pytest.param("delta_net", 80, "heads", "bfloat16", marks=SLOW),  # fla's DeltaNet kernels refuse float32
     pytest.param("kda_gva", 20, "heads", "float32", marks=SLOW),  # KDA's kernels: slow under the interpreter
@@ -35,7 +41,8 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     64-token chunk and part of the next; KDA's 19) with and without autograd, then ``generate`` from the cache of
     the prefill without autograd: three decode steps, greedy; the plan removes heads, or heads and query/key
     channels. The direct chunked forward runs in every layer of that prefill, never under autograd, and not again in
-    ``generate`` (it would if the cache were ignored). In bfloat16 the masked model runs the same path, and the
+    ``generate`` (it would if the cache were ignored). Layers of fla's Gated DeltaNet that keep every value head of
+    their key heads take fla's layout for them (``SHARED_KEY_LAYERS``). In bfloat16 the masked model runs the same path, and the
     logits are equal."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
@@ -51,3 +58,4 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     assert figures["same_tokens"] and max(figures["steps"]) <= tolerance, figures
     assert figures["direct_without_grad"] == figures["layers"], figures
     assert figures["direct_with_grad"] == 0, figures
+    assert figures["shared_keys"] == SHARED_KEY_LAYERS.get(name, 0), figures

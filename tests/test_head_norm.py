@@ -28,6 +28,13 @@ for width, dtype in ((128, torch.float32), (20, torch.bfloat16)):  # 20: the ker
         assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype, activation
         error = ((got.float() - expected).abs() / (expected.abs() + 1e-3)).max().item()
         assert error < (1e-5 if dtype == torch.float32 else 2**-7), (width, activation, error)
+    # r = 3 value heads per key head, as fla lays them out ([B, H_k, T, r, D] memory): the same rows, in order
+    shared = torch.randn(2, 1, 7, 3, width, generator=generator).to(dtype)
+    x = shared.transpose(1, 2)  # [B, T, H_k, r, D]
+    expected = rms_normalised(x.reshape(2, 7, 3, width).contiguous().transpose(1, 2).contiguous().transpose(1, 2),
+                              weight, 1e-6, gate, "silu")
+    got = rms_normalised(x, weight, 1e-6, gate.view(x.shape), "silu")
+    assert got.shape == x.shape and got.is_contiguous() and torch.equal(got.view(expected.shape), expected), width
 assert rms_normalised(torch.empty(2, 0, 3, 8), torch.ones(8), 1e-6).shape == (2, 0, 3, 8)
 print("ok")
 """
@@ -85,8 +92,8 @@ def test_the_head_norm_kernel_compiles_for_an_h100_with_vector_loads(activation)
     from compressor.modeling.fla_rows import GATED_NORM_CONFIG
     from compressor.modeling.head_norm import head_norm_kernel
 
-    types = dict(x="*bf16", g="*bf16", w="*fp32", y="*bf16", eps="fp32", N="i32", T="i32", H="i32",
-                 **{name: "i32" for name in ("sx_b", "sx_t", "sx_h", "sg_b", "sg_t", "sg_h")})
+    types = dict(x="*bf16", g="*bf16", w="*fp32", y="*bf16", eps="fp32", N="i32", T="i32", H="i32", R="i32",
+                 **{name: "i32" for name in ("sx_b", "sx_t", "sx_h", "sx_r", "sg_b", "sg_t", "sg_h", "sg_r")})
     loads = hopper_loads(head_norm_kernel, types, {"D": 128, "BD": 128, "BR": GATED_NORM_CONFIG["BT"],
                                                    "ACTIVATION": activation}, GATED_NORM_CONFIG["num_warps"])
     assert loads == {"ld.global.v4.b32"}, loads

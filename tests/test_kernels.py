@@ -403,6 +403,11 @@ for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0)
     # within one rounding of the dtype (the interpreter's bf16 casts need not round to nearest as a GPU's do)
     torch.testing.assert_close(beta.float(), beta_scale * b.float().sigmoid(), atol=0,
                                rtol=1e-6 if dtype == torch.float32 else 2 ** -7)
+    if heads % 2 == 0:  # two heads per key head, interleaved token by token (fla's layout for shared key heads)
+        shared = head_gates(a, b, bias, scale, beta_scale, values_per_key=2)
+        for got, flat in zip(shared, (g, beta)):
+            assert got.shape == (batch, length, heads // 2, 2) and got.transpose(1, 2).is_contiguous()
+            assert torch.equal(got.reshape(flat.shape), flat), (batch, length, heads)
 empty = torch.empty(2, 0, 3)
 assert all(x.shape == (2, 0, 3) for x in head_gates(empty, empty, torch.zeros(3), torch.ones(3)))
 g, beta = head_gates(torch.tensor([[[float("nan"), 1.0]]]), torch.zeros(1, 1, 2), torch.zeros(2), -torch.ones(2))

@@ -53,6 +53,13 @@ for batch, length, heads, width, taps, dtype, index, bias, cache, act in (
         assert none is None
         expected = l2_normalised(got.reshape(-1, width)).view(got.shape)  # fla's l2norm kernel after the convolution
         assert torch.equal(normalised, expected), (length, dtype, (normalised - expected).abs().max())
+        if len(index) % heads == 0 and len(index) > heads:  # r value heads per key head, fla's layout for them
+            ratio = len(index) // heads
+            shared, _ = convolved_heads(xs, [c.weight.squeeze(1) for c in convs], [c.bias for c in convs], caches,
+                                        index, width, act is not None, values_per_key=ratio)
+            assert shared.shape == (2, batch, heads, length, ratio, width) and shared.is_contiguous()
+            as_heads = shared.permute(0, 1, 2, 4, 3, 5).reshape(got.shape)  # head j at [j // r, :, j % r]
+            assert torch.equal(as_heads, got), (length, dtype)
 
 x = torch.randn(1, 5, 8, generator=generator)
 w, index = torch.zeros(8, 4), torch.tensor([0, 1])
@@ -241,7 +248,7 @@ def test_the_short_conv_kernel_compiles_for_an_h100_with_vector_loads(form):
     pointers = dict.fromkeys(("x0", "x1", "taps0", "taps1", "bias0", "bias1", "state0", "state1", "out", "new0",
                               "new1"), "*bf16")
     types = dict(pointers, index="*i64", T="i32", B="i32", HV="i32", NT="i32", C="i32", s_b="i32", s_t="i32",
-                 eps="fp32", NP="i32")
+                 eps="fp32", NP="i32", R="i32")
     constants = {"D": 128, "W": 4, "BT": BLOCK_TOKENS, "BD": 128, "HAS_BIAS": form == "silu-bias",
                  "HAS_STATE": form == "state", "SILU": form == "silu-bias",
                  "NORMALISE": form == "state"}

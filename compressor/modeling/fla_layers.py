@@ -264,22 +264,24 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
     """Whether the recurrence L2-normalises q and k as the short convolutions hand them (Gated DeltaNet, KDA);
     DeltaNet and GLA override it."""
 
-    def qkv_heads(self, hidden_states, last_state, use_cache):
+    def qkv_heads(self, hidden_states, last_state, use_cache, values_per_key: int = 1):
         """(q [B, T, H_v, d_k], k [B, T, H_v, d_k], v [B, T, H_v, d_v], the three conv caches [B, ·, W] (None each
         unless ``use_cache``) or None without convolutions, whether q and k are L2-normalised already) from hidden
         [B, T, D]: the projections, their short convolutions (without them, ``unconvolved``), then ``heads``. Where
         ``short_conv.takes`` the convolutions and ``heads`` is the class's own (no mask wraps it), the convolutions
         write the heads themselves, head-major, in two launches (``convolved_heads``); the launch of q and k also
         normalises them where the recurrence would (``normalises_convolved_keys``) and is the class's own (no
-        capture or mask wraps it, which must see them unnormalised)."""
+        capture or mask wraps it, which must see them unnormalised). ``values_per_key`` = r > 1 (where
+        ``shared_key_ratio`` gave it): q and k [B, T, H_k, d_k], once per key head, and v [B, T, H_k, r, d_v], fla's
+        layout for value heads that share key heads."""
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if not self.use_short_conv:
             return (*self.heads(*self.unconvolved(q, k, v)), None, False)
         caches = last_state["conv_state"] if last_state is not None else (None, None, None)
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        if "heads" not in vars(self) and short_conv_takes(q, convs, (self.head_k_dim, self.head_v_dim)):
+        if values_per_key > 1 or self.convolves_heads(q):
             normalise = self.normalises_convolved_keys and "recurrence" not in vars(self)
-            return (*self.convolved_heads((q, k, v), convs, caches, use_cache, normalise), normalise)
+            return (*self.convolved_heads((q, k, v), convs, caches, use_cache, normalise, values_per_key), normalise)
         (q, conv_q), (k, conv_k), (v, conv_v) = (
             conv(x, cache=cache, output_final_state=use_cache) for conv, x, cache in zip(convs, (q, k, v), caches)
         )
@@ -290,19 +292,44 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         v [B, T, H_v·d_v] before ``heads``: silu on all three (Gated DeltaNet, KDA)."""
         return F.silu(q), F.silu(k), F.silu(v)
 
-    def convolved_heads(self, projections, convs, caches, use_cache, normalise):
+    def convolves_heads(self, projection: torch.Tensor) -> bool:
+        """Whether the short convolutions write the heads (``convolved_heads``) for a projection [B, T, ·]: where
+        ``short_conv.takes`` them and ``heads`` is the class's own (no mask wraps it)."""
+        return (self.use_short_conv and "heads" not in vars(self)
+                and short_conv_takes(projection, (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                     (self.head_k_dim, self.head_v_dim)))
+
+    def shared_key_ratio(self, projection: torch.Tensor) -> int:
+        """r = H_v / H_k where this forward may hand the recurrence value heads that share key heads in fla's layout
+        (``packed_heads.key_heads_as_sequences``, which reads each key head once): r > 1 value heads under every key
+        head in the stock grouping (value head j reads key head j // r), the short convolutions writing the heads
+        (``convolves_heads``) and the recurrence the class's own (a calibration capture or mask sees one head per value
+        head). Else 1. ``projection`` [B, T, ·]: any of the layer's projections; subclasses add what their
+        recurrence needs."""
+        ratio = self.num_v_heads // self.num_k_heads
+        if (ratio == 1 or "recurrence" in vars(self) or not self.normalises_convolved_keys
+                or self.value_to_key != [j // ratio for j in range(self.num_v_heads)]
+                or not self.convolves_heads(projection)):
+            return 1
+        return ratio
+
+    def convolved_heads(self, projections, convs, caches, use_cache, normalise, values_per_key: int = 1):
         """``qkv_heads`` for layers with short convolutions, through ``short_conv.convolved_heads``: q and k convolved
         into one block [2, B, H_v, T, d_k] (value head j convolving key head ``value_to_key[j]``; L2-normalised with
         fla's epsilon where ``normalise``), v into [1, B, H_v, T, d_v]; the new caches, written by the same launches,
-        where ``use_cache``, else Nones."""
+        where ``use_cache``, else Nones. With ``values_per_key`` = r > 1, q and k once per key head,
+        [2, B, H_k, T, d_k], and v [1, B, H_k, T, r, d_v]."""
+        device = projections[0].device
         parts = [(x, conv.weight.squeeze(1), conv.bias, None if cache is None else cache.contiguous())
                  for x, conv, cache in zip(projections, convs, caches)]
         key_part, value_part = (tuple(zip(*group)) for group in (parts[:2], parts[2:]))
-        block, key_states = convolved_heads(*key_part, self.key_index(projections[0].device), self.head_k_dim,
-                                            convs[0].activation is not None, L2_EPS if normalise else None,
-                                            output_final_state=use_cache)
-        values, value_states = convolved_heads(*value_part, self.value_index(projections[0].device), self.head_v_dim,
-                                               convs[2].activation is not None, output_final_state=use_cache)
+        key_index = self.key_index(device) if values_per_key == 1 else self.kept_index(
+            ("keys", device), device, lambda: torch.arange(self.num_k_heads, device=device))
+        block, key_states = convolved_heads(*key_part, key_index, self.head_k_dim, convs[0].activation is not None,
+                                            L2_EPS if normalise else None, output_final_state=use_cache)
+        values, value_states = convolved_heads(*value_part, self.value_index(device), self.head_v_dim,
+                                               convs[2].activation is not None, output_final_state=use_cache,
+                                               values_per_key=values_per_key)
         q, k = block.transpose(2, 3)
         states = (*key_states, *value_states) if use_cache else (None, None, None)
         return q, k, values[0].transpose(1, 2), states
@@ -327,11 +354,12 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         return q, k, v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
     def finish(self, out, hidden_states, past_key_values, final_state, conv_states):
-        """Update the cache, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] -> [B, T, D]."""
+        """Update the cache, then the (gated) output norm and ``o_proj``: out [B, T, H_v, d_v] or [B, T, H_k, r, d_v]
+        (``shared_key_ratio``) -> [B, T, D]."""
         batch, length = out.shape[:2]
         update_layer_cache(self, past_key_values, recurrent_state=final_state, conv_state=conv_states, offset=length)
         if self.use_gate:
-            gate = self.g_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)
+            gate = self.g_proj(hidden_states).reshape(out.shape)
             out = self.o_norm(out, gate)
         else:
             out = self.o_norm(out)

@@ -24,7 +24,7 @@ except Exception:  # ImportError, or fla without triton
 from .fla_chunk import chunk_gated_delta_rule as unwrapped_chunk
 from .fla_chunk import direct, gated_delta_forward
 from .fla_decode_step import can_step_in_place, step_in_place
-from .packed_heads import heads_as_batch, heads_as_sequences, normalised_pair
+from .packed_heads import heads_as_batch, heads_as_sequences, key_heads_as_sequences, normalised_pair
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -166,3 +166,18 @@ def gated_delta_rule(
     if single_step:
         return recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, **options)[:2]
+
+
+def shared_key_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked recurrence of value heads that share key heads, r per key head in the stock grouping, through fla's
+    direct chunked forward (``fla_chunk.chunk_gated_delta_rule``, which callers check with ``fla_chunk.direct``), in
+    fla's layout for them (``packed_heads.key_heads_as_sequences``: each key head read once, not copied per value
+    head). q and k are L2-normalised already.
+
+    Shapes: q, k [B, T, H_k, K]; v [B, T, H_k, r, V]; g, beta [B, T, H_k, r] (value head j at [..., j // r, j % r]);
+    states [B, H_k·r, K, V]. Returns ``(o [B, T, H_k, r, V], final state [B, H_k·r, K, V] float32 or None)``."""
+    return key_heads_as_sequences(unwrapped_chunk, dict(q=q, k=k), dict(v=v, g=g, beta=beta), initial_state,
+                                  also=("chunk_indices",), output_final_state=output_final_state, scale=scale)

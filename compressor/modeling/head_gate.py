@@ -53,34 +53,42 @@ def takes(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def head_gates(
-    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, beta_scale: float = 1.0
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, beta_scale: float = 1.0,
+    values_per_key: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g = scale · softplus(a + bias) in float32, beta = beta_scale · sigmoid(b) in b's dtype), per value head h:
-    a, b [B, T, H], bias and scale [H] -> two [B, T, H], head-major."""
+    a, b [B, T, H], bias and scale [H] -> two [B, T, H], head-major; with ``values_per_key`` = r > 1 (dividing H),
+    two [B, T, H / r, r] laid out as fla lays out r value heads that share a key head (``.transpose(1, 2)``
+    contiguous: the r heads interleaved token by token), head h at [:, :, h // r, h % r]."""
     batch, length, heads = a.shape
+    if values_per_key < 1 or heads % values_per_key:
+        raise ValueError(f"head_gates takes values_per_key dividing the {heads} heads, not {values_per_key}")
     if a.shape != b.shape or not (rows_of(a) and rows_of(b)):
         raise ValueError("head_gates takes a and b of one shape [B, T, H], unit stride over heads, batch entries T "
                          "tokens apart")
     if bias.shape != (heads,) or scale.shape != (heads,) or not (bias.is_contiguous() and scale.is_contiguous()):
         raise ValueError(f"head_gates takes a contiguous bias [{heads}] and scale [{heads}]")
-    g = torch.empty(batch, heads, length, dtype=torch.float32, device=a.device)
-    beta = torch.empty(batch, heads, length, dtype=b.dtype, device=b.device)
+    ratio = values_per_key
+    shape = (batch, heads, length) if ratio == 1 else (batch, heads // ratio, length, ratio)
+    g = torch.empty(shape, dtype=torch.float32, device=a.device)
+    beta = torch.empty(shape, dtype=b.dtype, device=b.device)
     if g.numel():
         chunks = -(-length // BLOCK_TOKENS)
         with launching_on(a):
             head_gate_kernel[(chunks * batch * heads,)](
-                a, b, bias, scale, g, beta, float(beta_scale), length, heads, chunks, a.stride(1), b.stride(1),
+                a, b, bias, scale, g, beta, float(beta_scale), length, heads, chunks, a.stride(1), b.stride(1), ratio,
                 BT=BLOCK_TOKENS, num_warps=NUM_WARPS,
             )
-    return g.transpose(1, 2), beta.transpose(1, 2)
+    return g.transpose(1, 2), beta.transpose(1, 2)  # [B, T, H] or [B, T, H / r, r]
 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["beta_scale", "T", "H", "NT", "SA", "SB"])
-    def head_gate_kernel(a, b, bias, scale, g, beta, beta_scale, T, H, NT, SA, SB, BT: tl.constexpr):
+    @triton.jit(do_not_specialize=["beta_scale", "T", "H", "NT", "SA", "SB", "R"])
+    def head_gate_kernel(a, b, bias, scale, g, beta, beta_scale, T, H, NT, SA, SB, R, BT: tl.constexpr):
         """One program per BT tokens of one (sequence, head): a read at (b·T + t)·SA + h, b at (b·T + t)·SB + h,
-        g and beta written at (b·H + h)·T + t."""
+        g and beta written at (i // R · T + t)·R + i % R, i = b·H + h (R heads interleaved token by token;
+        head-major for R = 1)."""
         i_bh = tl.program_id(0).to(tl.int64) // NT
         i_t = tl.program_id(0).to(tl.int64) % NT
         i_b, i_h = i_bh // H, i_bh % H
@@ -93,6 +101,7 @@ if triton is not None:
         u = 1.0 + e
         softplus = tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
         y = tl.load(scale + i_h).to(tl.float32) * softplus
-        tl.store(g + i_bh * T + o_t, y, mask=m_t)
+        o_out = ((i_bh // R) * T + o_t) * R + i_bh % R
+        tl.store(g + o_out, y, mask=m_t)
         w = tl.load(b + (i_b * T + o_t) * SB + i_h, mask=m_t, other=0.0).to(tl.float32)
-        tl.store(beta + i_bh * T + o_t, (beta_scale * tl.sigmoid(w)).to(beta.dtype.element_ty), mask=m_t)
+        tl.store(beta + o_out, (beta_scale * tl.sigmoid(w)).to(beta.dtype.element_ty), mask=m_t)

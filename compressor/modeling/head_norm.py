@@ -10,8 +10,9 @@ y · g · sigmoid(g) (swish, silu) or y · sigmoid(g), in float32, rounded to x'
 count, the batch nor the length is compiled in; the configuration is the one measured for fla's gated norm kernel,
 whose loop is the same (``fla_rows.GATED_NORM_CONFIG``), and nothing autotunes.
 
-Shapes: x, gate [B, T, H, D] (any strides but a contiguous last dimension), weight [D] -> [B, T, H, D], contiguous.
-CPU tensors only under Triton's interpreter.
+Shapes: x, gate [B, T, H, D] (any strides but a contiguous last dimension), weight [D] -> [B, T, H, D], contiguous;
+or x, gate [B, T, H_k, r, D], the output of value heads that share key heads as fla lays it out (r heads per key head
+interleaved token by token) -> [B, T, H_k, r, D], contiguous. CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ except ImportError:
 
 
 def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
-    """Whether ``rms_normalised`` takes x (and gate) [B, T, H, D]: on a GPU, outside autograd (the kernel has no
-    backward), rows of at most ``MAX_ROW_SIZE`` contiguous elements that are not in token order already (contiguous
-    rows go to fla's kernels, which read them as they lie), triton importable."""
-    return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 4
+    """Whether ``rms_normalised`` takes x (and gate) [B, T, H, D] or [B, T, H_k, r, D]: on a GPU, outside autograd
+    (the kernel has no backward), rows of at most ``MAX_ROW_SIZE`` contiguous elements that are not in token order
+    already (contiguous rows go to fla's kernels, which read them as they lie), triton importable."""
+    return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() in (4, 5)
             and x.shape[-1] <= MAX_ROW_SIZE and x.stride(-1) == 1 and not x.is_contiguous()
             and (gate is None or (gate.shape == x.shape and gate.stride(-1) == 1)))
 
@@ -40,22 +41,25 @@ def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
 def rms_normalised(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
                    activation: str | None = None) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) · weight over the last dimension, times act(gate) where a gate is given (act: one of
-    ``GATE_ACTIVATIONS``), in float32 until the end, in x's dtype: x, gate [B, T, H, D] (last dimension contiguous),
-    weight [D] contiguous -> [B, T, H, D] contiguous, in one launch."""
-    if x.dim() != 4 or x.stride(-1) != 1:
-        raise ValueError("rms_normalised takes x [B, T, H, D] with a contiguous last dimension")
+    ``GATE_ACTIVATIONS``), in float32 until the end, in x's dtype: x, gate [B, T, H, D] or [B, T, H_k, r, D] (last
+    dimension contiguous), weight [D] contiguous -> x's shape, contiguous, in one launch."""
+    if x.dim() not in (4, 5) or x.stride(-1) != 1:
+        raise ValueError("rms_normalised takes x [B, T, H, D] or [B, T, H_k, r, D] with a contiguous last dimension")
     if gate is not None and (gate.shape != x.shape or gate.stride(-1) != 1 or activation not in GATE_ACTIVATIONS):
         raise ValueError(f"rms_normalised takes a gate of x's shape, contiguous rows and one of {GATE_ACTIVATIONS}")
     if weight.shape != x.shape[-1:] or not weight.is_contiguous():
         raise ValueError("rms_normalised takes a contiguous weight [D]")
-    batch, length, heads, width = x.shape
+    batch, length, width = x.shape[0], x.shape[1], x.shape[-1]
+    ratio = x.shape[3] if x.dim() == 5 else 1
+    heads = x.shape[2] * ratio
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = batch * length * heads
     if rows:
         gated = x if gate is None else gate
+        strides = [(*t.stride()[:3], t.stride(3) if t.dim() == 5 else 0) for t in (x, gated)]
         with launching_on(x):
             head_norm_kernel[(-(-rows // GATED_NORM_CONFIG["BT"]),)](
-                x, gated, weight, out, eps, rows, length, heads, *x.stride()[:3], *gated.stride()[:3], D=width,
+                x, gated, weight, out, eps, rows, length, heads, ratio, *strides[0], *strides[1], D=width,
                 BD=next_power_of_2(width), BR=GATED_NORM_CONFIG["BT"], ACTIVATION=activation if gate is not None
                 else "", num_warps=GATED_NORM_CONFIG["num_warps"],
             )
@@ -64,25 +68,27 @@ def rms_normalised(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torc
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["N", "T", "H"])
-    def head_norm_kernel(x, g, w, y, eps, N, T, H, sx_b, sx_t, sx_h, sg_b, sg_t, sg_h, D: tl.constexpr,
-                         BD: tl.constexpr, BR: tl.constexpr, ACTIVATION: tl.constexpr):
-        """One program per BR rows in token order, row r = (b·T + t)·H + h: x read at b·sx_b + t·sx_t + h·sx_h, the
-        gate likewise through its strides (unread without ``ACTIVATION``), y written at r·D."""
+    @triton.jit(do_not_specialize=["N", "T", "H", "R"])
+    def head_norm_kernel(x, g, w, y, eps, N, T, H, R, sx_b, sx_t, sx_h, sx_r, sg_b, sg_t, sg_h, sg_r,
+                         D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACTIVATION: tl.constexpr):
+        """One program per BR rows in token order, row r = (b·T + t)·H + h, head h = i·R + j (R heads per key head;
+        R = 1 for 4-D x): x read at b·sx_b + t·sx_t + i·sx_h + j·sx_r, the gate likewise through its strides (unread
+        without ``ACTIVATION``), y written at r·D."""
         o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         i_h = o_r % H
         i_t = (o_r // H) % T
         i_b = o_r // H // T
+        i_k, i_j = i_h // R, i_h % R
         o_d = tl.arange(0, BD)
         m_d = o_d < D
         mask = (o_r < N)[:, None] & m_d[None, :]
-        b_x = tl.load(x + (i_b * sx_b + i_t * sx_t + i_h * sx_h)[:, None] + o_d[None, :], mask=mask,
+        b_x = tl.load(x + (i_b * sx_b + i_t * sx_t + i_k * sx_h + i_j * sx_r)[:, None] + o_d[None, :], mask=mask,
                       other=0.0).to(tl.float32)
         b_rstd = 1 / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
         b_w = tl.load(w + o_d, mask=m_d).to(tl.float32)
         b_y = b_x * b_rstd[:, None] * b_w[None, :]
         if ACTIVATION != "":
-            b_g = tl.load(g + (i_b * sg_b + i_t * sg_t + i_h * sg_h)[:, None] + o_d[None, :], mask=mask,
+            b_g = tl.load(g + (i_b * sg_b + i_t * sg_t + i_k * sg_h + i_j * sg_r)[:, None] + o_d[None, :], mask=mask,
                           other=0.0).to(tl.float32)
             if ACTIVATION == "sigmoid":
                 b_y = b_y * tl.sigmoid(b_g)

@@ -14,6 +14,7 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import get_layer_cache
 from fla.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from fla.modules import ShortConvolution
+import torch
 from torch import nn
 
 from .fla_layers import (
@@ -22,7 +23,10 @@ from .fla_layers import (
     register_classes,
     route_to_torch,
 )
-from .gated_delta import gated_delta_rule
+from .fla_chunk import direct, gated_delta_forward
+from .gated_delta import gated_delta_rule, shared_key_gated_delta_rule
+from .head_gate import head_gates
+from .head_gate import takes as head_gate_takes
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
           "value_to_key": "value_to_key_head", "query_scale": "query_scale"}
@@ -32,6 +36,14 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
     """fla's GatedDeltaNet layer; any number of value heads per key head; ``out_proj`` names fla's ``o_proj``."""
 
     recurrence = staticmethod(gated_delta_rule)
+
+    def shared_key_ratio(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """``FlaMixerMixin.shared_key_ratio`` where the gates (a, b [B, T, H_v]) take one ``head_gates`` launch in
+        float32 and fla's direct chunked forward runs (``shared_key_gated_delta_rule``), else 1."""
+        if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32))
+                and direct(a, gated_delta_forward) and a.shape[1] > 1):
+            return 1
+        return super().shared_key_ratio(a)
 
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
@@ -58,13 +70,17 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache)
-        beta, g = self.gates(self.a_proj(hidden_states), self.b_proj(hidden_states))
-        out, final_state = self.recurrence(
-            q, k, v, g, beta,
-            initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache), scale=self.query_scale, use_qk_l2norm=not normalised,
-        )
+        a, b = self.a_proj(hidden_states), self.b_proj(hidden_states)
+        ratio = self.shared_key_ratio(a, b)
+        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache, ratio)
+        options = dict(initial_state=last_state["recurrent_state"] if last_state is not None else None,
+                       output_final_state=bool(use_cache), scale=self.query_scale)
+        if ratio > 1:
+            g, beta = head_gates(a, b, *self.decay_parameters(torch.float32), self.beta_scale, ratio)
+            out, final_state = shared_key_gated_delta_rule(q, k, v, g, beta, **options)
+        else:
+            beta, g = self.gates(a, b)
+            out, final_state = self.recurrence(q, k, v, g, beta, **options, use_qk_l2norm=not normalised)
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
 

@@ -197,3 +197,31 @@ def heads_as_batch(
                            for name, x in per_head.items()}, initial_state=initial_state, **options)
     out = out.view(batch, heads, length, out.shape[-1]).transpose(1, 2)
     return out, None if final is None else final.view(batch, heads, *final.shape[2:])
+
+
+def key_heads_as_sequences(
+    kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
+    initial_state: torch.Tensor | None = None, also: tuple[str, ...] = (), **options
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``heads_as_sequences`` for value heads that share key heads, r per key head in the stock grouping (value head
+    j reads key head j // r), in fla's layout for them: every key head a sequence of one query/key head and r value
+    heads, so that the kernel reads each key head once where ``heads_as_sequences`` hands it a copy per value head
+    (r is the kernel's compile-time value-head count; the key heads, batch and length are not compiled in).
+
+    ``queries_keys`` maps argument names to q, k [B, T, H_k, K], packed to [1, B·H_k·T, 1, K]; ``per_value`` to
+    tensors [B, T, H_k, r, ·] or [B, T, H_k, r] (value head j at [:, :, j // r, j % r]), packed to [1, B·H_k·T, r, ·]
+    or [1, B·H_k·T, r]; initial state [B, H_v, K, V]. Inputs whose ``.transpose(1, 2)`` is contiguous (as the mixers
+    write them) pack without a copy. Returns ``(o [B, T, H_k, r, V], final state [B, H_v, K, V] or None)``; o is a
+    view whose ``.transpose(1, 2)`` is contiguous."""
+    batch, length, key_heads = per_value["v"].shape[:3]
+    ratio = per_value["v"].shape[3]
+    tokens = batch * key_heads * length
+    if initial_state is not None:
+        initial_state = initial_state.reshape(batch * key_heads, ratio, *initial_state.shape[2:])
+    index = sequence_index(batch * key_heads, length, per_value["v"].device)
+    packed = {name: x.transpose(1, 2).reshape(1, tokens, 1, x.shape[-1]) for name, x in queries_keys.items()}
+    packed |= {name: x.transpose(1, 2).reshape(1, tokens, *x.shape[3:]) for name, x in per_value.items()}
+    out, final = kernel(**packed, initial_state=initial_state, cu_seqlens=index["cu_seqlens"],
+                        **{name: index[name] for name in also}, **options)
+    out = out.view(batch, key_heads, length, ratio, out.shape[-1]).transpose(1, 2)
+    return out, None if final is None else final.view(batch, key_heads * ratio, *final.shape[2:])

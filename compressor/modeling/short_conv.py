@@ -68,7 +68,7 @@ def takes(x: torch.Tensor, convolutions: Sequence[torch.nn.Module], head_dims: S
 def convolved_heads(
     inputs: Sequence[torch.Tensor], taps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
     states: Sequence[torch.Tensor | None], index: torch.Tensor, head_dim: int, silu: bool,
-    l2_eps: float | None = None, output_final_state: bool = False,
+    l2_eps: float | None = None, output_final_state: bool = False, values_per_key: int = 1,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """out[g, b, j, t] = act(Σ_w taps[g][c, w] · x_g[b, t - W + 1 + w, c] + biases[g][c]) over the channels c of key
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
@@ -77,7 +77,9 @@ def convolved_heads(
     kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
     and keys of a recurrence that normalises them. With ``output_final_state``, the same launch also writes each
     group's new cache [B, H_k·d, W] (contiguous, in x's dtype: the last W inputs of every channel, the start of
-    ``states[g]`` or zeros before the first token), returned as a tuple; None otherwise."""
+    ``states[g]`` or zeros before the first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1
+    (dividing H_v), out is laid out as fla lays out r value heads that share a key head, r heads interleaved token by
+    token: [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
     groups = len(inputs)
     first = inputs[0]
     batch, length, channels = first.shape
@@ -96,11 +98,15 @@ def convolved_heads(
     if index.dim() != 1 or not index.is_contiguous() or index.device != first.device or index.is_floating_point():
         raise ValueError("convolved_heads takes a contiguous integer index [H_v] on the inputs' device")
     heads = index.numel()
-    out = torch.empty(groups, batch, heads, length, head_dim, dtype=first.dtype, device=first.device)
+    if values_per_key < 1 or heads % values_per_key:
+        raise ValueError(f"convolved_heads takes values_per_key dividing the {heads} heads, not {values_per_key}")
+    ratio = values_per_key
+    shape = (heads, length, head_dim) if ratio == 1 else (heads // ratio, length, ratio, head_dim)
+    out = torch.empty(groups, batch, *shape, dtype=first.dtype, device=first.device)
     new_states = tuple(torch.empty(batch, channels, width, dtype=first.dtype, device=first.device)
                        for _ in range(groups)) if output_final_state else None
     chunks = -(-length // BLOCK_TOKENS)
-    convolving = chunks * out.shape[:3].numel()
+    convolving = chunks * groups * batch * heads
     caching = groups * batch * (channels // head_dim) if output_final_state else 0
     if convolving + caching:
         bias, state = biases[0] is not None, states[0] is not None
@@ -109,7 +115,7 @@ def convolved_heads(
                 first, inputs[-1], taps[0], taps[-1], biases[0] if bias else taps[0], biases[-1] if bias else taps[0],
                 states[0] if state else first, states[-1] if state else first, index, out,
                 new_states[0] if caching else first, new_states[-1] if caching else first, length, batch, heads,
-                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, convolving,
+                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, convolving, ratio,
                 D=head_dim, W=width, BT=BLOCK_TOKENS, BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state,
                 SILU=silu, NORMALISE=l2_eps is not None, num_warps=NUM_WARPS,
             )
@@ -151,15 +157,16 @@ if triton is not None:
                                                       mask=m_c & (o_x < 0), other=0.0).to(x_w.dtype))
             tl.store(new + (i_b * C + o_c) * W + i_w, x_w, mask=m_c)
 
-    @triton.jit(do_not_specialize=["T", "B", "HV", "NT", "C", "NP"])
+    @triton.jit(do_not_specialize=["T", "B", "HV", "NT", "C", "NP", "R"])
     def short_conv_kernel(x0, x1, taps0, taps1, bias0, bias1, state0, state1, index, out, new0, new1, T, B, HV, NT,
-                          C, s_b, s_t, eps, NP, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                          C, s_b, s_t, eps, NP, R, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
                           BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr,
                           NORMALISE: tl.constexpr):
         """One program per BT tokens of one (group, sequence, value head j), the first NP: group g's (x0, taps0, ...
         for g = 0; x1, ... for g = 1) convolution of key head index[j]'s channels (NORMALISE: each token's rounded
-        to out's dtype, then L2-normalised in float32 as fla's l2norm_fwd_kernel), written at
-        (((g·B + b)·HV + j)·T + t)·D + c; then any further programs, one per (group, sequence, key head): its
+        to out's dtype, then L2-normalised in float32 as fla's l2norm_fwd_kernel), written at row
+        (i // R · T + t)·R + i % R, i = (g·B + b)·HV + j (R heads interleaved token by token; head-major for R = 1),
+        times D, plus c; then any further programs, one per (group, sequence, key head): its
         channels' new cache in new0 or new1 (``_cached``)."""
         if tl.program_id(0) >= NP:
             i_gbk = (tl.program_id(0) - NP).to(tl.int64)
@@ -188,5 +195,6 @@ if triton is not None:
             if NORMALISE:
                 y = y.to(out.dtype.element_ty).to(tl.float32)
                 y = y * (1 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
-            tl.store(out + (i_gbj * T + o_t[:, None]) * D + o_d[None, :], y.to(out.dtype.element_ty),
+            o_row = ((i_gbj // R) * T + o_t) * R + i_gbj % R
+            tl.store(out + o_row[:, None] * D + o_d[None, :], y.to(out.dtype.element_ty),
                      mask=(o_t < T)[:, None] & m_d[None, :])
