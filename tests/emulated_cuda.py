@@ -80,19 +80,24 @@ def counted_direct_forwards(counts: dict[str, int]):
 
     for module, forward in zip(modules, originals):
         module.unwrapped_chunk = counting(forward)
-    shared = modules[0].key_heads_as_sequences
+    shared = [(modules[0], "key_heads_as_sequences"), (modules[3], "key_heads_as_batch")]  # gated_delta, kda
+    shared_originals = [getattr(module, name) for module, name in shared]
 
-    def shared_spy(*args, **kwargs):
-        counts["shared_keys"] = counts.get("shared_keys", 0) + 1
-        return shared(*args, **kwargs)
+    def counting_shared(pack):
+        def spy(*args, **kwargs):
+            counts["shared_keys"] = counts.get("shared_keys", 0) + 1
+            return pack(*args, **kwargs)
+        return spy
 
-    modules[0].key_heads_as_sequences = shared_spy
+    for (module, name), pack in zip(shared, shared_originals):
+        setattr(module, name, counting_shared(pack))
     try:
         yield
     finally:
         for module, forward in zip(modules, originals):
             module.unwrapped_chunk = forward
-        modules[0].key_heads_as_sequences = shared
+        for (module, name), pack in zip(shared, shared_originals):
+            setattr(module, name, pack)
 
 
 @contextlib.contextmanager

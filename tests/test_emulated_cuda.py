@@ -16,10 +16,10 @@ from triton_interpreter import ROOT, interpreted_environment, skip_where_the_int
 TOLERANCE = 2e-4  # fla's float32 kernels against the PyTorch path; a wrong slice or argument moves logits by O(1)
 SLOW = pytest.mark.slow  # the fast subset keeps two: a Gated DeltaNet of transformers' and fla's GLA
 
-SHARED_KEY_LAYERS = {"gated_deltanet_gva": 1}
+SHARED_KEY_LAYERS = {"gated_deltanet_gva": 1, "kda_gva": 1}
 """Layers whose prefill takes fla's layout of value heads that share key heads (every key head keeps all its value
-heads), by model: the last layer of fla's grouped Gated DeltaNet. The other grouped families copy key heads per value
-head."""
+heads), by model: the last layer of fla's grouped Gated DeltaNet and KDA. The other grouped families copy key heads
+per value head."""
 
 MODELS = [
     ("qwen3_5", 80, "heads", "float32"),
@@ -41,9 +41,9 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     64-token chunk and part of the next; KDA's 19) with and without autograd, then ``generate`` from the cache of
     the prefill without autograd: three decode steps, greedy; the plan removes heads, or heads and query/key
     channels. The direct chunked forward runs in every layer of that prefill, never under autograd, and not again in
-    ``generate`` (it would if the cache were ignored). Layers of fla's Gated DeltaNet that keep every value head of
-    their key heads take fla's layout for them (``SHARED_KEY_LAYERS``). In bfloat16 the masked model runs the same path, and the
-    logits are equal."""
+    ``generate`` (it would if the cache were ignored). Layers of fla's Gated DeltaNet and KDA that keep every value
+    head of their key heads take fla's layout for them (``SHARED_KEY_LAYERS``). In bfloat16 the masked model runs the
+    same path, and the logits are equal."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
     script = Path(__file__).with_name("emulated_cuda.py")

@@ -195,19 +195,20 @@ DIAGONAL_BLOCKS_INTERPRETED = """
 from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_intra_token_parallel
 from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
 
-for batch, length, width, dtype in ((3, 37, 24, torch.bfloat16), (1, 70, 32, torch.float32)):
+for batch, length, width, dtype, heads in ((3, 37, 24, torch.bfloat16, 1), (1, 70, 32, torch.float32, 1),
+                                            (3, 37, 24, torch.bfloat16, 2)):  # 2 value heads share each key head
     q, k = (torch.nn.functional.normalize(torch.randn(batch, length, 1, width, generator=generator), dim=-1).to(dtype)
             for _ in "qk")
-    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, 1, width, generator=generator)) / 4
-    g = chunk_cumulative(decay)  # the chunk-local sums in base 2, as the chunked forward reads them
-    beta = torch.rand(batch, length, 1, generator=generator).to(dtype)
+    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, heads, width, generator=generator)) / 4
+    g = chunk_cumulative(decay).contiguous()  # the chunk-local sums in base 2, as the chunked forward reads them
+    beta = torch.rand(batch, length, heads, generator=generator).to(dtype)
     written = {}
     for name, write in (("fla", lambda *scores: chunk_kda_fwd_intra_token_parallel(
                             q=q, k=k, gk=g, beta=beta, Aqk=scores[0], Akk=scores[1], scale=0.3, chunk_size=64,
                             sub_chunk_size=BLOCK)),
                         ("ours", lambda *scores: diagonal_blocks(q, k, g, beta, 0.3, *scores))):
-        scores = (torch.full((batch, length, 1, 64), float("nan"), dtype=dtype),
-                  torch.full((batch, length, 1, BLOCK), float("nan")))  # what is not written stays NaN
+        scores = (torch.full((batch, length, heads, 64), float("nan"), dtype=dtype),
+                  torch.full((batch, length, heads, BLOCK), float("nan")))  # what is not written stays NaN
         write(*scores)
         written[name] = scores
     for ours, fla in zip(written["ours"], written["fla"]):

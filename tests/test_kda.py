@@ -245,6 +245,10 @@ for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 7
             torch.testing.assert_close(cumulative, sums, rtol=1e-5, atol=1e-5)
         fused = gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound))  # the decay never written
         assert fused.transpose(1, 2).is_contiguous() and torch.equal(fused, chunk_cumulative(got))
+        if heads % 2 == 0:  # two value heads per key head, interleaved token by token (fla's layout for them)
+            shared = gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound), values_per_key=2)
+            assert shared.shape == (batch, length, heads // 2, 2, width) and shared.transpose(1, 2).is_contiguous()
+            assert torch.equal(shared.reshape(fused.shape), fused)
 assert channel_gate(torch.empty(2, 0, 3, 8), torch.zeros(3, 8), torch.ones(3), None).shape == (2, 0, 3, 8)
 try:
     channel_gate(torch.zeros(1, 4, 8, 2).transpose(2, 3), torch.zeros(2, 8), torch.ones(2), None)
@@ -268,9 +272,9 @@ model = tiny_fla_model("kda_gva")
 mixer = linear_layers(model, family_for(model.config))[0]
 launched = []
 for name in ("channel_gate", "gated_chunk_cumulative", "chunk_cumulative"):
-    def counted(*arguments, kernel=getattr(gates, name), name=name):
+    def counted(*arguments, kernel=getattr(gates, name), name=name, **options):
         launched.append(name)
-        return kernel(*arguments)
+        return kernel(*arguments, **options)
     for module in (kda, sys.modules[type(mixer).__module__]):
         if hasattr(module, name):
             setattr(module, name, counted)
@@ -452,13 +456,13 @@ def test_the_diagonal_blocks_on_cuda_equal_flas_token_parallel_kernel():
 
 
 def test_the_diagonal_blocks_refuse_what_their_kernel_does_not_read():
-    """``kda_diagonal.diagonal_blocks`` takes one head per batch entry, chunks of a whole number of blocks and
+    """``kda_diagonal.diagonal_blocks`` takes one query/key head per batch entry, chunks of a whole number of blocks and
     contiguous tensors: anything else is refused before a launch."""
     from compressor.modeling.kda_diagonal import BLOCK, diagonal_blocks
 
     q, g, beta = torch.zeros(2, 40, 1, 8), torch.zeros(2, 40, 1, 8), torch.zeros(2, 40, 1)
     scores, blocks = torch.zeros(2, 40, 1, 64), torch.zeros(2, 40, 1, BLOCK)
-    for arguments, message in (((q.expand(2, 40, 2, 8), q, g, beta, 0.1, scores, blocks), "one head per batch entry"),
+    for arguments, message in (((q.expand(2, 40, 2, 8), q, g, beta, 0.1, scores, blocks), "one query/key head per"),
                                ((q, q, g, beta, 0.1, torch.zeros(2, 40, 1, 40), blocks), "multiple of"),
                                ((q, q.transpose(0, 1).contiguous().transpose(0, 1), g, beta, 0.1, scores, blocks),
                                 "contiguous")):

@@ -748,7 +748,7 @@ def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
     gated = form != "chunk-sums"
     cumulative = form.endswith("chunk-sums")
     types = dict(f="*bf16" if gated else "*fp32", bias="*fp32", rate="*fp32", out="*fp32", lower_bound="fp32",
-                 scale="fp32", T="i32", H="i32", NT="i32", NK="i32", s_b="i32", s_t="i32", s_h="i32")
+                 scale="fp32", T="i32", H="i32", NT="i32", NK="i32", s_b="i32", s_t="i32", s_h="i32", R="i32")
     constants = {"K": 128, "BT": CHUNK_SIZE if cumulative else BLOCK_TOKENS,
                  "BK": SUM_BLOCK_CHANNELS if cumulative else 128, "GATED": gated, "BOUNDED": form == "bounded",
                  "CUMULATIVE": cumulative}

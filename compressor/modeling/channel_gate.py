@@ -84,11 +84,14 @@ def channel_gate(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_
     return _launch(f, bias, rate, lower_bound, gated=True, cumulative=False)
 
 
-def gated_chunk_cumulative(f: torch.Tensor, gate: DecayGate) -> torch.Tensor:
+def gated_chunk_cumulative(f: torch.Tensor, gate: DecayGate, values_per_key: int = 1) -> torch.Tensor:
     """``chunk_cumulative(channel_gate(f, *gate))`` in one launch, the decay never written: f [B, T, H, K] (unit
-    channel stride) -> [B, T, H, K] float32, head-major."""
+    channel stride) -> [B, T, H, K] float32, head-major; with ``values_per_key`` = r > 1 (dividing H), [B, T, H / r,
+    r, K] laid out as fla lays out r value heads that share a key head (``.transpose(1, 2)`` contiguous: the r heads
+    interleaved token by token), head h at [:, :, h // r, h % r]."""
     _check(f, gate.bias, gate.rate)
-    return _launch(f, gate.bias, gate.rate, gate.lower_bound, gated=True, cumulative=True)
+    return _launch(f, gate.bias, gate.rate, gate.lower_bound, gated=True, cumulative=True,
+                   values_per_key=values_per_key)
 
 
 def _check(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor) -> None:
@@ -110,34 +113,39 @@ def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound: float | None,
-            gated: bool, cumulative: bool) -> torch.Tensor:
+            gated: bool, cumulative: bool, values_per_key: int = 1) -> torch.Tensor:
     """One launch of ``channel_gate_kernel`` over x [B, T, H, K]: the gate alone, ``BLOCK_TOKENS`` tokens and every
     channel a program; the running sums (of x, or of its gate), a chunk of ``CHUNK_SIZE`` tokens and
-    ``SUM_BLOCK_CHANNELS`` channels."""
+    ``SUM_BLOCK_CHANNELS`` channels. Written head-major, or with ``values_per_key`` = r > 1 as [B, H / r, T, r, K]."""
     batch, length, heads, width = x.shape
+    ratio = values_per_key
+    if ratio < 1 or heads % ratio:
+        raise ValueError(f"channel_gate takes values_per_key dividing the {heads} heads, not {ratio}")
     tokens, channels, warps = ((CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS)
                                if cumulative else (BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS))
-    out = torch.empty(batch, heads, length, width, dtype=torch.float32, device=x.device)
+    layout = (heads, length) if ratio == 1 else (heads // ratio, length, ratio)
+    out = torch.empty(batch, *layout, width, dtype=torch.float32, device=x.device)
     if out.numel():
         chunks, channel_blocks = -(-length // tokens), -(-width // channels)
         with launching_on(x):
             channel_gate_kernel[(channel_blocks * chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
-                channel_blocks, *(x.stride(i) for i in range(3)), K=width, BT=tokens, BK=channels, GATED=gated,
+                channel_blocks, *(x.stride(i) for i in range(3)), ratio, K=width, BT=tokens, BK=channels, GATED=gated,
                 BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
             )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)  # [B, T, H, K] or [B, T, H / r, r, K]
 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["T", "H", "NT", "NK"])
-    def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, NK, s_b, s_t, s_h, K: tl.constexpr,
+    @triton.jit(do_not_specialize=["T", "H", "NT", "NK", "R"])
+    def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, NK, s_b, s_t, s_h, R, K: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr, BOUNDED: tl.constexpr,
                             CUMULATIVE: tl.constexpr):
         """One program per BT tokens and BK channels (one of NK blocks) of one (sequence, head): f read at
-        b·s_b + t·s_t + h·s_h + k, the result written at ((b·H + h)·T + t)·K + k; with CUMULATIVE, its running sum
-        over the program's tokens, times ``scale``."""
+        b·s_b + t·s_t + h·s_h + k, the result written at ((i // R · T + t)·R + i % R)·K + k, i = b·H + h (R heads
+        interleaved token by token; head-major for R = 1); with CUMULATIVE, its running sum over the program's
+        tokens, times ``scale``."""
         i_k = tl.program_id(0).to(tl.int64) % NK
         i_bht = tl.program_id(0).to(tl.int64) // NK
         i_bh, i_t = i_bht // NT, i_bht % NT
@@ -158,4 +166,5 @@ if triton is not None:
                 y = -a * tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
         if CUMULATIVE:  # rows past T follow the last token: they change no sum of the tokens before them
             y = tl.cumsum(y, axis=0) * scale
-        tl.store(out + (i_bh * T + o_t[:, None]) * K + o_k[None, :], y, mask=mask)
+        o_row = ((i_bh // R) * T + o_t) * R + i_bh % R
+        tl.store(out + o_row[:, None] * K + o_k[None, :], y, mask=mask)

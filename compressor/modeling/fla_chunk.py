@@ -217,9 +217,10 @@ def chunk_kda(
     constant; the states are computed value-first, as fla's KDA layer asks (the layout its kernels are tuned for), and
     taken and returned value-first with ``state_v_first``, else key-first (transposed, a copy each).
 
-    Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; g [S, T, 1, K] float32; beta [S, T, 1]; states [S, 1, K, V], or
-    [S, 1, V, K] with ``state_v_first``.
-    Returns ``(o [S, T, 1, V] in q's dtype, final state float32 or None)``."""
+    Shapes: q, k [S, T, 1, K]; v [S, T, HV, V]; g [S, T, HV, K] float32; beta [S, T, HV]; states [S, HV, K, V], or
+    [S, HV, V, K] with ``state_v_first``. HV = 1 but where HV value heads share each entry's key head (fla's layout
+    for them, ``packed_heads.key_heads_as_batch``).
+    Returns ``(o [S, T, HV, V] in q's dtype, final state float32 or None)``."""
     refuse_normalising(use_qk_l2norm_in_kernel)
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise ValueError(f"KDA's initial state must be float32, as fla's chunk_kda requires, not {initial_state.dtype}")
@@ -228,15 +229,16 @@ def chunk_kda(
         initial_state = initial_state.transpose(-1, -2)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     batch, length, _, width = k.shape
+    heads = v.shape[2]
     scale = width**-0.5 if scale is None else scale
     with launching_on(q):
-        scores = k.new_empty(batch, length, 1, CHUNK_SIZE)
-        system = k.new_zeros(batch, length, 1, CHUNK_SIZE)
-        blocks = k.new_empty(batch, length, 1, BLOCK, dtype=torch.float32)
+        scores = k.new_empty(batch, length, heads, CHUNK_SIZE)
+        system = k.new_zeros(batch, length, heads, CHUNK_SIZE)
+        blocks = k.new_empty(batch, length, heads, BLOCK, dtype=torch.float32)
         diagonal_blocks(q, k, g, beta, scale, scores, blocks)
-        solve[(-(-length // CHUNK_SIZE), batch)](
+        solve[(-(-length // CHUNK_SIZE), batch * heads)](
             q=q, k=k, g=g, beta=beta, Aqk=scores, Akkd=blocks, Akk=system, scale=scale, cu_seqlens=None,
-            chunk_indices=None, T=length, H=1, HV=1, K=width, BT=CHUNK_SIZE, BC=BLOCK, NC=CHUNK_SIZE // BLOCK,
+            chunk_indices=None, T=length, H=1, HV=heads, K=width, BT=CHUNK_SIZE, BC=BLOCK, NC=CHUNK_SIZE // BLOCK,
             USE_SAFE_GATE=False, USE_GRAPH=False,
         )
         w, u, _, keys = recompute(k=k, v=v, beta=beta, A=system, gk=g)

@@ -30,7 +30,7 @@ from .channel_gate import runs as channel_gate_runs
 from .fla_chunk import chunk_kda as unwrapped_chunk
 from .fla_chunk import direct, kda_forward
 from .fla_decode_step import can_step_kda_in_place, kda_step_in_place
-from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, normalised_pair
+from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, key_heads_as_batch, normalised_pair
 
 
 def swapped(state: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
@@ -170,8 +170,8 @@ def kimi_delta_attention(
                    use_qk_l2norm_in_kernel=use_qk_l2norm, scale=scale)
     if decay_gate is not None and torch.is_grad_enabled():
         raise ValueError("kimi_delta_attention takes a decay gate outside autograd only (its kernel has no backward)")
-    chunked = (q.is_cuda and HAS_FLA and not single_step and direct(q, kda_forward) and g.stride(-1) == 1
-               and channel_gate_runs(g, g.shape[-1]) and q.shape[0] * v.shape[2] <= MAX_BATCH_ENTRIES)
+    chunked = (q.is_cuda and HAS_FLA and not single_step and direct_chunked(q, g.shape[-1], v.shape[2])
+               and g.stride(-1) == 1)
     if decay_gate is not None and not chunked:
         g = channel_gate(g, *decay_gate)
     if q.is_cuda and HAS_FLA:
@@ -194,3 +194,30 @@ def kimi_delta_attention(
     else:
         out, final = chunk_kda_torch(q, k, v, g, beta, **options)[:2]
     return out, swapped(final, state_v_first)
+
+
+def direct_chunked(q: torch.Tensor, key_dim: int, value_heads: int) -> bool:
+    """Whether a prefill of q [B, T, ·, ·] with ``value_heads`` value heads of ``key_dim`` key channels takes fla's
+    direct chunked forward, value heads as batch entries (``fla_chunk.direct``; its decay's sums by ``channel_gate``;
+    no more value heads than a grid holds, ``MAX_BATCH_ENTRIES``)."""
+    return (direct(q, kda_forward) and channel_gate_runs(q, key_dim)
+            and q.shape[0] * value_heads <= MAX_BATCH_ENTRIES)
+
+
+def shared_key_kda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, beta: torch.Tensor, decay_gate: DecayGate,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False, scale: float | None = None,
+    state_v_first: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked KDA of value heads that share key heads, r per key head in the stock grouping, through fla's direct
+    chunked forward (where ``direct_chunked``), in fla's layout for them (``packed_heads.key_heads_as_batch``: each
+    key head read once, not copied per value head), the decay's chunk-local sums computed from the gate's input f in
+    that layout (``channel_gate.gated_chunk_cumulative``). q and k are L2-normalised already; states as
+    ``kimi_delta_attention`` takes them.
+
+    Shapes: q, k [B, T, H_k, K]; v [B, T, H_k, r, V]; f [B, T, H_k·r, K] (unit channel stride); beta [B, T, H_k, r]
+    (value head j at [..., j // r, j % r]); states [B, H_k·r, K, V], or [B, H_k·r, V, K] with ``state_v_first``.
+    Returns ``(o [B, T, H_k, r, V], final state float32 or None)``."""
+    g = gated_chunk_cumulative(f, decay_gate, values_per_key=v.shape[3])
+    return key_heads_as_batch(unwrapped_chunk, dict(q=q, k=k), dict(v=v, g=g, beta=beta), initial_state,
+                              output_final_state=output_final_state, scale=scale, state_v_first=state_v_first)

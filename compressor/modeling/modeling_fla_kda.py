@@ -27,7 +27,7 @@ from .fla_layers import (
     register_classes,
     route_to_torch,
 )
-from .kda import kimi_delta_attention
+from .kda import direct_chunked, kimi_delta_attention, shared_key_kda
 from .packed_heads import head_major, head_major_like
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
@@ -100,21 +100,37 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
             return torch.mul((f + bias).mul_(rate).sigmoid_(), self.lower_bound, out=out)
         return torch.mul(F.softplus(f + bias), negative_rate, out=out)
 
+    def shared_key_ratio(self, f: torch.Tensor) -> int:
+        """``FlaMixerMixin.shared_key_ratio`` where the decay comes from its gate's input f [B, T, H_v, d_k] in the
+        chunked sums' launch (``decay_inputs``) and fla's direct chunked forward runs (``kda.shared_key_kda``), else
+        1."""
+        if f.shape[1] == 1 or not direct_chunked(f, self.head_k_dim, self.num_v_heads):
+            return 1
+        if not channel_gate_takes(f, torch.promote_types(self.dt_bias.dtype, torch.float32)):
+            return 1
+        return super().shared_key_ratio(f)
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache)
-        g, decay_gate = self.decay_inputs(
-            self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim))
-        beta = self.write_strength(self.b_proj(hidden_states))
-        out, final_state = self.recurrence(
-            q, k, v, g, beta,
-            initial_state=last_state["recurrent_state"] if last_state is not None else None,
-            output_final_state=bool(use_cache), scale=self.query_scale, use_qk_l2norm=not normalised,
-            state_v_first=self.state_v_first, **({} if decay_gate is None else dict(decay_gate=decay_gate)),
-        )
+        f = self.f_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_k_dim)
+        ratio = self.shared_key_ratio(f)
+        q, k, v, conv_states, normalised = self.qkv_heads(hidden_states, last_state, use_cache, ratio)
+        options = dict(initial_state=last_state["recurrent_state"] if last_state is not None else None,
+                       output_final_state=bool(use_cache), scale=self.query_scale, state_v_first=self.state_v_first)
+        b = self.b_proj(hidden_states)
+        if ratio > 1:
+            beta = self.write_strength(b.view(batch, length, self.num_k_heads, ratio))
+            gate = DecayGate(*self.decay_parameters(torch.float32)[:2], self.lower_bound)
+            out, final_state = shared_key_kda(q, k, v, f, beta, gate, **options)
+        else:
+            g, decay_gate = self.decay_inputs(f)
+            out, final_state = self.recurrence(
+                q, k, v, g, self.write_strength(b), **options, use_qk_l2norm=not normalised,
+                **({} if decay_gate is None else dict(decay_gate=decay_gate)),
+            )
         out = self.finish(out, hidden_states, past_key_values, final_state, conv_states)
         return out, None, past_key_values
 

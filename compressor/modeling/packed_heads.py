@@ -214,14 +214,30 @@ def key_heads_as_sequences(
     write them) pack without a copy. Returns ``(o [B, T, H_k, r, V], final state [B, H_v, K, V] or None)``; o is a
     view whose ``.transpose(1, 2)`` is contiguous."""
     batch, length, key_heads = per_value["v"].shape[:3]
-    ratio = per_value["v"].shape[3]
-    tokens = batch * key_heads * length
+    index = sequence_index(batch * key_heads, length, per_value["v"].device)
+    return _key_heads_packed(kernel, queries_keys, per_value, initial_state, (1, batch * key_heads * length),
+                             cu_seqlens=index["cu_seqlens"], **{name: index[name] for name in also}, **options)
+
+
+def key_heads_as_batch(
+    kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
+    initial_state: torch.Tensor | None = None, **options
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``key_heads_as_sequences`` with every key head a batch entry instead, [B·H_k, T, 1, K] and [B·H_k, T, r, ·]
+    (the same memory), for kernels that take the batch size as an ordinary argument, as ``heads_as_batch``."""
+    batch, length, key_heads = per_value["v"].shape[:3]
+    return _key_heads_packed(kernel, queries_keys, per_value, initial_state, (batch * key_heads, length), **options)
+
+
+def _key_heads_packed(kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
+                      initial_state: torch.Tensor | None, tokens: tuple[int, int], **options):
+    """``kernel`` on the key heads' tensors packed to [*tokens, 1, K] and the value heads' to [*tokens, r, ·] (tokens:
+    (1, B·H_k·T) or (B·H_k, T)); the returns of ``key_heads_as_sequences``."""
+    batch, length, key_heads, ratio = per_value["v"].shape[:4]
     if initial_state is not None:
         initial_state = initial_state.reshape(batch * key_heads, ratio, *initial_state.shape[2:])
-    index = sequence_index(batch * key_heads, length, per_value["v"].device)
-    packed = {name: x.transpose(1, 2).reshape(1, tokens, 1, x.shape[-1]) for name, x in queries_keys.items()}
-    packed |= {name: x.transpose(1, 2).reshape(1, tokens, *x.shape[3:]) for name, x in per_value.items()}
-    out, final = kernel(**packed, initial_state=initial_state, cu_seqlens=index["cu_seqlens"],
-                        **{name: index[name] for name in also}, **options)
+    packed = {name: x.transpose(1, 2).reshape(*tokens, 1, x.shape[-1]) for name, x in queries_keys.items()}
+    packed |= {name: x.transpose(1, 2).reshape(*tokens, *x.shape[3:]) for name, x in per_value.items()}
+    out, final = kernel(**packed, initial_state=initial_state, **options)
     out = out.view(batch, key_heads, length, ratio, out.shape[-1]).transpose(1, 2)
     return out, None if final is None else final.view(batch, key_heads * ratio, *final.shape[2:])

@@ -115,7 +115,8 @@ def convolved_heads(
                 first, inputs[-1], taps[0], taps[-1], biases[0] if bias else taps[0], biases[-1] if bias else taps[0],
                 states[0] if state else first, states[-1] if state else first, index, out,
                 new_states[0] if caching else first, new_states[-1] if caching else first, length, batch, heads,
-                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, convolving, ratio,
+                chunks, channels, first.stride(0), first.stride(1), 0.0 if l2_eps is None else l2_eps, convolving,
+                ratio,
                 D=head_dim, W=width, BT=BLOCK_TOKENS, BD=next_power_of_2(head_dim), HAS_BIAS=bias, HAS_STATE=state,
                 SILU=silu, NORMALISE=l2_eps is not None, num_warps=NUM_WARPS,
             )
