@@ -1,4 +1,4 @@
-"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels DTYPE``
+"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels|none DTYPE``
 (float32 or bfloat16) prints one JSON line.
 
 Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and
@@ -7,20 +7,23 @@ functions a GPU would: packed heads, the direct chunked forwards, fla's decode s
 show: CUDA graphs (decode graphs are switched off), streams, the tile configurations a GPU would choose (the first
 candidate runs).
 
-A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven
-plan of heads (and, for ``channels``, 10 of each key head's 16 query/key channels). Its masked copy runs the
-PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the CUDA path too. Printed:
+A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven plan of heads (and, for ``channels``,
+10 of each key head's 16 query/key channels; for ``none``, it is left as built: the shipped class on unpruned layers).
+Its masked copy runs the PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the
+CUDA path too. Printed:
 the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of all but the
 last token of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
 greedy generation that starts from the cache of the prefill without autograd: the prompt's last token, then two
 generated ones, all decode steps), whether the generated tokens are the same, the logit scale, and how many times a
-direct chunked forward was called without and with autograd, and how many layers of the prefill took fla's layout of
-value heads that share key heads (``packed_heads.key_heads_as_sequences``).
+direct chunked forward was called without and with autograd, and how many layers of the prefill ran in fla's own
+layout instead of packed heads (value heads that share key heads, ``packed_heads.key_heads_as_sequences`` and
+``key_heads_as_batch``; GLA's token-major layout, ``gla.token_major_gla``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -80,12 +83,13 @@ def counted_direct_forwards(counts: dict[str, int]):
 
     for module, forward in zip(modules, originals):
         module.unwrapped_chunk = counting(forward)
-    shared = [(modules[0], "key_heads_as_sequences"), (modules[3], "key_heads_as_batch")]  # gated_delta, kda
+    shared = [(modules[0], "key_heads_as_sequences"), (modules[3], "key_heads_as_batch"),  # gated_delta, kda
+              (importlib.import_module("compressor.modeling.modeling_fla_gla"), "token_major_gla")]
     shared_originals = [getattr(module, name) for module, name in shared]
 
     def counting_shared(pack):
         def spy(*args, **kwargs):
-            counts["shared_keys"] = counts.get("shared_keys", 0) + 1
+            counts["fla_layout"] = counts.get("fla_layout", 0) + 1
             return pack(*args, **kwargs)
         return spy
 
@@ -114,18 +118,22 @@ def cuda_path():
         torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
 
 
-def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
+def main(name: str, length: int, cut: str, dtype: torch.dtype) -> dict:
     """The differences above for a prompt of ``length`` tokens whose second row is left-padded (the prefills take
-    all but the last token, ``generate`` the rest from the cache); ``channels``: the plan also removes 6 of each key
-    head's 16 query/key channels; ``dtype``: the models' (float32 or bfloat16)."""
+    all but the last token, ``generate`` the rest from the cache); ``cut``: "heads" (the uneven plan), "channels"
+    (it also removes 6 of each key head's 16 query/key channels) or "none" (the model as built, against a copy of
+    itself on the PyTorch path); ``dtype``: the models' (float32 or bfloat16)."""
     model, kept, vocabulary = tiny(name)
     plan = PruningPlan(kept=kept)
-    if channels:
+    if cut == "none":
+        masked = copy.deepcopy(model)
+    elif cut == "channels":
         plan.channels = random_channels(model, kept_key_dim(16, 0.4))
         masked = channel_masked(model, kept, plan.channels)
     else:
         masked = tiny_models.masked_copy(model, kept)
-    slim(model, family_for(model.config), plan)
+    if cut != "none":
+        slim(model, family_for(model.config), plan)
     for each in (model, masked):
         each.to(dtype)
         for mixer in linear_layers(each, family_for(each.config)).values():
@@ -157,10 +165,9 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
-        shared_keys=no_grad.get("shared_keys", 0),
+        fla_layout=no_grad.get("fla_layout", 0),
     )
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), channels=sys.argv[3] == "channels",
-                          dtype=getattr(torch, sys.argv[4]))))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], dtype=getattr(torch, sys.argv[4]))))

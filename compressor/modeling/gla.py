@@ -22,7 +22,7 @@ except Exception:  # ImportError, or fla without triton
 
 from .fla_chunk import chunk_gla as unwrapped_chunk
 from .fla_chunk import direct, gla_forward
-from .packed_heads import heads_as_sequences
+from .packed_heads import heads_as_sequences, sequence_index
 
 
 def chunk_gla_torch(
@@ -121,3 +121,23 @@ def gla(
     if single_step:
         return recurrent_gla_torch(q, k, v, gk, **options)
     return chunk_gla_torch(q, k, v, gk, **options)[:2]
+
+
+def token_major_gla(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked recurrence through fla's direct chunked forward (``fla_chunk.chunk_gla``, which callers check with
+    ``fla_chunk.direct``) in fla's own layout: tokens major, each of the B sequences a packed sequence of H heads, H a
+    compile-time constant of fla's kernels (every distinct H compiles them once: callers keep it to one count per
+    model, ``PrunedFlaGLA.token_major_heads``). Nothing is copied into head-major order.
+
+    Shapes: q, k, gk [B, T, H, K] (gk float32), v [B, T, H, V], contiguous; states [B, H, K, V].
+    Returns ``(o [B, T, H, V], final state [B, H, K, V] float32 or None)``."""
+    batch, length, heads = v.shape[:3]
+    index = sequence_index(batch, length, v.device)
+    packed = (x.reshape(1, batch * length, heads, x.shape[-1]) for x in (q, k, v, gk))
+    out, final = unwrapped_chunk(*packed, initial_state, output_final_state, cu_seqlens=index["cu_seqlens"],
+                                 chunk_indices=index["chunk_indices"], chunk_offsets=index["chunk_offsets"],
+                                 scale=scale)
+    return out.view(batch, length, heads, out.shape[-1]), final

@@ -24,7 +24,9 @@ from .fla_layers import (
     register_classes,
     route_to_torch,
 )
-from .gla import gla
+from .fla_chunk import direct, gla_forward
+from .gated_deltanet import global_head_counts
+from .gla import gla, token_major_gla
 from .packed_heads import head_major, head_major_like
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_heads", "key_dim": "head_dim", "value_dim": "head_dim",
@@ -52,16 +54,31 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
     def num_v_heads(self) -> int:
         return self.num_heads
 
-    def key_decay(self, gk: torch.Tensor) -> torch.Tensor:
+    token_major_heads: int | None = None
+    """The head count whose prefill on a GPU runs in fla's own token-major layout (``token_major_gla``): the config's
+    global count, which the model class sets (None: none). Layers of any other count pack their heads as sequences
+    (``packed_heads``), so that one model compiles fla's kernels for at most two head counts."""
+
+    def key_decay(self, gk: torch.Tensor, token_major: bool = False) -> torch.Tensor:
         """The log decay of every key channel, logsigmoid(gk) / gate_logit_normalizer (clamped below at clamp_min)
         [B, T, H, d_k], from gk [B, T, H, d_k]: logsigmoid in gk's dtype, as fla's layer computes it, the rest in
-        float32, written head-major (on CUDA it packs as a view) by the division, in two launches as fla's layer
-        takes."""
+        float32, written head-major (on CUDA it packs as a view; in gk's layout where ``token_major``) by the
+        division, in two launches as fla's layer takes."""
         if torch.is_grad_enabled():
             decay = head_major(F.logsigmoid(gk), torch.float32) / self.gate_logit_normalizer
         else:
-            decay = torch.div(F.logsigmoid(gk), self.gate_logit_normalizer, out=head_major_like(gk, torch.float32))
+            out = torch.empty_like(gk, dtype=torch.float32) if token_major else head_major_like(gk, torch.float32)
+            decay = torch.div(F.logsigmoid(gk), self.gate_logit_normalizer, out=out)
         return decay if self.clamp_min is None else decay.clamp_min(self.clamp_min)
+
+    def runs_token_major(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this prefill of hidden [B, T, D] runs in fla's token-major layout (``token_major_gla``): a layer of
+        ``token_major_heads`` heads without short convolutions (whose kernels write the heads head-major already),
+        more than one token, fla's direct chunked forward (``fla_chunk.direct``), neither ``heads`` nor
+        ``recurrence`` replaced on the instance (masks and calibration captures see the packed layout)."""
+        return (self.num_heads == self.token_major_heads and not self.use_short_conv and hidden_states.shape[1] > 1
+                and "heads" not in vars(self) and "recurrence" not in vars(self)
+                and direct(hidden_states, gla_forward))
 
     def unconvolved(self, q, k, v):
         """Without short convolutions the projections go on as they are (the feature map comes after ``heads``)."""
@@ -72,11 +89,18 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
         hidden_states = self.unpadded(hidden_states, attention_mask)
         batch, length, _ = hidden_states.shape
         last_state = get_layer_cache(self, past_key_values)
-        q, k, v, conv_states, _ = self.qkv_heads(hidden_states, last_state, use_cache)
-        gk = self.key_decay(self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim))
+        token_major = self.runs_token_major(hidden_states)
+        if token_major:
+            q, k, v = (projection(hidden_states).view(batch, length, self.num_heads, -1)
+                       for projection in (self.q_proj, self.k_proj, self.v_proj))
+            conv_states = None
+        else:
+            q, k, v, conv_states, _ = self.qkv_heads(hidden_states, last_state, use_cache)
+        gk = self.key_decay(self.gk_proj(hidden_states).reshape(batch, length, self.num_heads, self.head_k_dim),
+                            token_major)
         if self.feature_map_fn is not None:
             q, k = (activation(self.feature_map_fn, x) for x in (q, k))
-        out, final_state = self.recurrence(
+        out, final_state = (token_major_gla if token_major else self.recurrence)(
             q, k, v, gk,
             initial_state=last_state["recurrent_state"] if last_state is not None else None,
             output_final_state=bool(use_cache), scale=self.query_scale,
@@ -98,6 +122,13 @@ class PrunedGLAForCausalLM(PrunedFlaForCausalLMMixin, GLAForCausalLM):
 
     mixer_class = PrunedFlaGLA
     head_fields = FIELDS
+
+    def __init__(self, config):
+        super().__init__(config)
+        with global_head_counts(config):
+            heads = config.num_heads
+        for layer in self.model.layers:
+            layer.attn.token_major_heads = heads
 
 
 GLAPerLayerConfig = register_classes(GLAConfig, PrunedGLAForCausalLM)
