@@ -141,6 +141,9 @@ def slim(model: nn.Module, family: Family, plan: PruningPlan) -> None:
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config
+    refresh = getattr(model, "refresh_layouts", None)  # what a shipped class reads from the whole config
+    if refresh is not None:
+        refresh()
 
 
 def planned_sizes(model: nn.Module, family: Family, plan: PruningPlan, dtype: torch.dtype) -> dict:

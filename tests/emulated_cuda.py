@@ -1,4 +1,4 @@
-"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels|none DTYPE``
+"""The shipped forward's CUDA path, run on the CPU: ``python emulated_cuda.py MODEL LENGTH heads|channels DTYPE``
 (float32 or bfloat16) prints one JSON line.
 
 Triton's interpreter runs fla's kernels on CPU tensors (``triton_interpreter.run_fla_chunked_kernels``), and
@@ -8,9 +8,8 @@ show: CUDA graphs (decode graphs are switched off), streams, the tile configurat
 candidate runs).
 
 A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven plan of heads (and, for ``channels``,
-10 of each key head's 16 query/key channels; for ``none``, it is left as built: the shipped class on unpruned layers).
-Its masked copy runs the PyTorch path in float32; in bfloat16, where the two paths round differently, it runs the
-CUDA path too. Printed:
+10 of each key head's 16 query/key channels). Its masked copy runs the PyTorch path in float32; in bfloat16, where
+the two paths round differently, it runs the CUDA path too. Printed:
 the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of all but the
 last token of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
 greedy generation that starts from the cache of the prefill without autograd: the prompt's last token, then two
@@ -23,7 +22,6 @@ layout instead of packed heads (value heads that share key heads, ``packed_heads
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import json
 import os
@@ -118,22 +116,18 @@ def cuda_path():
         torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
 
 
-def main(name: str, length: int, cut: str, dtype: torch.dtype) -> dict:
+def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     """The differences above for a prompt of ``length`` tokens whose second row is left-padded (the prefills take
-    all but the last token, ``generate`` the rest from the cache); ``cut``: "heads" (the uneven plan), "channels"
-    (it also removes 6 of each key head's 16 query/key channels) or "none" (the model as built, against a copy of
-    itself on the PyTorch path); ``dtype``: the models' (float32 or bfloat16)."""
+    all but the last token, ``generate`` the rest from the cache); ``channels``: the plan also removes 6 of each key
+    head's 16 query/key channels; ``dtype``: the models' (float32 or bfloat16)."""
     model, kept, vocabulary = tiny(name)
     plan = PruningPlan(kept=kept)
-    if cut == "none":
-        masked = copy.deepcopy(model)
-    elif cut == "channels":
+    if channels:
         plan.channels = random_channels(model, kept_key_dim(16, 0.4))
         masked = channel_masked(model, kept, plan.channels)
     else:
         masked = tiny_models.masked_copy(model, kept)
-    if cut != "none":
-        slim(model, family_for(model.config), plan)
+    slim(model, family_for(model.config), plan)
     for each in (model, masked):
         each.to(dtype)
         for mixer in linear_layers(each, family_for(each.config)).values():
@@ -170,4 +164,5 @@ def main(name: str, length: int, cut: str, dtype: torch.dtype) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], dtype=getattr(torch, sys.argv[4]))))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), channels=sys.argv[3] == "channels",
+                          dtype=getattr(torch, sys.argv[4]))))

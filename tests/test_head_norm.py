@@ -28,13 +28,16 @@ for width, dtype in ((128, torch.float32), (20, torch.bfloat16)):  # 20: the ker
         assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype, activation
         error = ((got.float() - expected).abs() / (expected.abs() + 1e-3)).max().item()
         assert error < (1e-5 if dtype == torch.float32 else 2**-7), (width, activation, error)
-    # r = 3 value heads per key head, as fla lays them out ([B, H_k, T, r, D] memory): the same rows, in order
-    shared = torch.randn(2, 1, 7, 3, width, generator=generator).to(dtype)
-    x = shared.transpose(1, 2)  # [B, T, H_k, r, D]
-    expected = rms_normalised(x.reshape(2, 7, 3, width).contiguous().transpose(1, 2).contiguous().transpose(1, 2),
-                              weight, 1e-6, gate, "silu")
-    got = rms_normalised(x, weight, 1e-6, gate.view(x.shape), "silu")
-    assert got.shape == x.shape and got.is_contiguous() and torch.equal(got.view(expected.shape), expected), width
+    # 2 key heads of r = 3 value heads each, as fla lays them out ([B, H_k, T, r, D] memory), a gate token-major
+    x = torch.randn(2, 2, 7, 3, width, generator=generator).to(dtype).transpose(1, 2)  # [B, T, H_k, r, D]
+    gate = torch.randn(2, 7, 2, 3, width, generator=generator).to(dtype)
+    heads = x.float().reshape(2, 7, 6, width)  # value head h = i·r + j, in token order
+    expected = (heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+                * F.silu(gate.float().reshape(2, 7, 6, width)))
+    got = rms_normalised(x, weight, 1e-6, gate, "silu")
+    assert got.shape == x.shape and got.is_contiguous()
+    error = ((got.float().reshape(expected.shape) - expected).abs() / (expected.abs() + 1e-3)).max().item()
+    assert error < (1e-5 if dtype == torch.float32 else 2**-7), (width, error)
 assert rms_normalised(torch.empty(2, 0, 3, 8), torch.ones(8), 1e-6).shape == (2, 0, 3, 8)
 print("ok")
 """

@@ -19,7 +19,8 @@ negative x), the bounded gate fla's, lower_bound · sigmoid(exp(A_log) · (f + d
 
 Shapes: f [B, T, H, K] with unit channel stride; dt_bias [H, K] and rate = exp(A_log) [H], contiguous, float32;
 g [B, T, H, K] float32 with unit channel stride; both return [B, T, H, K] float32, head-major (``.transpose(1, 2)``
-contiguous). CPU tensors only under Triton's interpreter.
+contiguous); ``gated_chunk_cumulative`` for r value heads per key head [B, T, H / r, r, K] in fla's layout for them
+(``values_per_key``). CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations

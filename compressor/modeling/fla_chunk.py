@@ -179,8 +179,9 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_gated_delta_rule`` at ``scale`` (None: d_k^-0.5), for q and k normalised already
     (``use_qk_l2norm_in_kernel`` must be False), through ``gated_delta_forward()``, which returns
-    (g, o, A, final state, initial state, g's input).
-    Returns ``(o [1, N, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
+    (g, o, A, final state, initial state, g's input). v, g and beta may hold HV value heads per query/key head
+    ([1, N, HV, ·], fla's layout for value heads that share key heads: ``packed_heads.key_heads_as_sequences``).
+    Returns ``(o [1, N, HV, V] in q's dtype, final state [S, HV, K, V] float32 or None)``, HV = 1 but there."""
     return _delta_rule(gated_delta_forward(), (1, 3), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
                        output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale)
 

@@ -304,8 +304,8 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
         (``packed_heads.key_heads_as_sequences``, which reads each key head once): r > 1 value heads under every key
         head in the stock grouping (value head j reads key head j // r), the short convolutions writing the heads
         (``convolves_heads``) and the recurrence the class's own (a calibration capture or mask sees one head per value
-        head). Else 1. ``projection`` [B, T, ·]: any of the layer's projections; subclasses add what their
-        recurrence needs."""
+        head). Else 1. ``projection`` [B, T, ...]: any projection of the layer's input (what ``short_conv.takes``
+        reads of it: device, dtype, length); subclasses add what their recurrence needs."""
         ratio = self.num_v_heads // self.num_k_heads
         if (ratio == 1 or "recurrence" in vars(self) or not self.normalises_convolved_keys
                 or self.value_to_key != [j // ratio for j in range(self.num_v_heads)]

@@ -204,7 +204,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         return 2.0 if getattr(self, "allow_neg_eigval", False) else 1.0
 
     def write_strength(self, b: torch.Tensor) -> torch.Tensor:
-        """beta [B, T, H_v] from the b projection: ``beta_scale`` · sigmoid(b), head-major (``sigmoid_head_major``)."""
+        """beta [B, T, H_v] from the b projection: ``beta_scale`` · sigmoid(b), head-major (``sigmoid_head_major``;
+        b [B, T, H_k, r] gives [B, T, H_k, r] in fla's layout for value heads that share key heads)."""
         beta, scale = sigmoid_head_major(b), self.beta_scale
         return beta if scale == 1.0 else beta * scale
 

@@ -13,7 +13,8 @@ float32 and rounded once, as PyTorch's (equal to a few float32 ulps: Triton's ex
 
 Shapes: a, b [B, T, H] (unit stride over heads, batch entries T tokens apart); dt_bias and scale = -exp(A_log) [H],
 contiguous, float32; returns (g [B, T, H] float32, beta [B, T, H] in b's dtype), both head-major
-(``.transpose(1, 2)`` contiguous). CPU tensors only under Triton's interpreter.
+(``.transpose(1, 2)`` contiguous), or for r value heads per key head both [B, T, H / r, r] in fla's layout for them
+(``values_per_key``). CPU tensors only under Triton's interpreter.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
 
     token_major_heads: int | None = None
     """The head count whose prefill on a GPU runs in fla's own token-major layout (``token_major_gla``): the config's
-    global count, which the model class sets (None: none). Layers of any other count pack their heads as sequences
+    global count, which the model class sets (``PrunedGLAForCausalLM.refresh_layouts``; None: none). Layers of any other count pack their heads as sequences
     (``packed_heads``), so that one model compiles fla's kernels for at most two head counts."""
 
     def key_decay(self, gk: torch.Tensor, token_major: bool = False) -> torch.Tensor:
@@ -125,8 +125,13 @@ class PrunedGLAForCausalLM(PrunedFlaForCausalLMMixin, GLAForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        with global_head_counts(config):
-            heads = config.num_heads
+        self.refresh_layouts()
+
+    def refresh_layouts(self) -> None:
+        """Give every layer the config's global head count as its ``token_major_heads`` (at build, and after
+        ``compressor.slicing.slim`` replaced the layers and the config)."""
+        with global_head_counts(self.config):
+            heads = self.config.num_heads
         for layer in self.model.layers:
             layer.attn.token_major_heads = heads
 

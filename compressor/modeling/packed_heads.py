@@ -127,8 +127,8 @@ def head_major_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 def sigmoid_head_major(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x) for x [B, T, H]: written head-major in one launch (``head_major_like``), in x's layout where autograd
-    records it (it takes no ``out``)."""
+    """sigmoid(x) for x [B, T, H] (or [B, T, H, ·]): written head-major in one launch (``head_major_like``), in x's
+    layout where autograd records it (it takes no ``out``)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return x.sigmoid()
     return torch.sigmoid(x, out=head_major_like(x))

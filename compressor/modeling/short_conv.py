@@ -20,7 +20,8 @@ rounded once to the input's dtype.
 Shapes: one or two groups (queries, keys) of inputs x [B, T, H_k·d] (unit channel stride, the same strides), their
 taps [H_k·d, W] (contiguous; ``ShortConvolution.weight`` [H_k·d, 1, W] squeezed), biases [H_k·d] or None, initial
 states [B, H_k·d, W] (the last W inputs: fla's cache layout) or None; index [H_v] (the key head of each value head)
--> out [G, B, H_v, T, d], contiguous, and where asked the new caches [B, H_k·d, W]. CPU tensors only under Triton's
+-> out [G, B, H_v, T, d], contiguous (or, for r value heads per key head in fla's layout for them, [G, B, H_v / r,
+T, r, d]: ``values_per_key``), and where asked the new caches [B, H_k·d, W]. CPU tensors only under Triton's
 interpreter.
 """
 
@@ -72,8 +73,8 @@ def convolved_heads(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """out[g, b, j, t] = act(Σ_w taps[g][c, w] · x_g[b, t - W + 1 + w, c] + biases[g][c]) over the channels c of key
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
-    None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous, in
-    x's dtype, in one launch. With ``l2_eps``, every row out[g, b, j, t] [d] is then L2-normalised as fla's l2norm
+    None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous (laid
+    out otherwise with ``values_per_key``, below), in x's dtype, in one launch. With ``l2_eps``, every row out[g, b, j, t] [d] is then L2-normalised as fla's l2norm
     kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
     and keys of a recurrence that normalises them. With ``output_final_state``, the same launch also writes each
     group's new cache [B, H_k·d, W] (contiguous, in x's dtype: the last W inputs of every channel, the start of
