@@ -9,14 +9,15 @@ candidate runs).
 
 A tiny model of MODEL (heads of 16 channels) is pruned in place with the uneven plan of heads (and, for ``channels``,
 10 of each key head's 16 query/key channels). Its masked copy runs the PyTorch path in float32; in bfloat16, where
-the two paths round differently, it runs the CUDA path too. Printed:
-the largest logit differences of the pruned model on the CUDA path from the masked copy (a prefill of all but the
-last token of a LENGTH-token prompt whose second row is left-padded, without and with autograd, and each step of a
-greedy generation that starts from the cache of the prefill without autograd: the prompt's last token, then two
-generated ones, all decode steps), whether the generated tokens are the same, the logit scale, and how many times a
-direct chunked forward was called without and with autograd, and how many layers of the prefill ran in fla's own
-layout instead of packed heads (value heads that share key heads, ``packed_heads.key_heads_as_sequences`` and
-``key_heads_as_batch``; GLA's token-major layout, ``gla.token_major_gla``).
+the two paths round differently, it runs the CUDA path too. Printed: the largest logit differences of the pruned
+model on the CUDA path from the masked copy (a prefill of all but the last token of a LENGTH-token prompt whose
+second row is left-padded, without autograd in two calls, the second continuing from the first's cache, and with
+autograd in one; each step of a greedy generation that starts from the cache of the prefill without autograd: the
+prompt's last token, then two generated ones, all decode steps), whether the generated tokens are the same, the
+logit scale, how many times a direct chunked forward was called without and with autograd, and how many layer calls
+of the prefill ran in fla's own layout instead of packed heads (value heads that share key heads,
+``packed_heads.key_heads_as_sequences`` and ``key_heads_as_batch``; GLA's token-major layout,
+``gla.token_major_gla``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ run_fla_chunked_kernels()
 WIDE = dict(linear_key_head_dim=16, linear_value_head_dim=16)
 PADDING = 7
 """Left padding of the prompt's second row."""
+CONTINUED = 9
+"""Tokens of the prefill's second call, which continues from the first's cache (the recurrences' initial states)."""
 RECURRENCES = ("gated_delta", "gla", "delta_rule", "kda")
 """The shipped modules whose recurrence calls a direct chunked forward (``unwrapped_chunk``)."""
 
@@ -116,6 +119,16 @@ def cuda_path():
         torch.Tensor.is_cuda, torch.cuda.device, torch.cuda.is_current_stream_capturing = saved
 
 
+def prefill_in_two(model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """(logits [B, T - 1, vocabulary], cache) of a prefill of all but the last token of ``prompt`` [B, T] (``mask``
+    its attention mask) in two chunked calls, the second ``CONTINUED`` tokens from the first's cache."""
+    split = prompt.shape[1] - 1 - CONTINUED
+    first = model(input_ids=prompt[:, :split], attention_mask=mask[:, :split], use_cache=True)
+    second = model(input_ids=prompt[:, split:-1], attention_mask=mask[:, :-1], past_key_values=first.past_key_values,
+                   use_cache=True)
+    return torch.cat([first.logits, second.logits], dim=1), second.past_key_values
+
+
 def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     """The differences above for a prompt of ``length`` tokens whose second row is left-padded (the prefills take
     all but the last token, ``generate`` the rest from the cache); ``channels``: the plan also removes 6 of each key
@@ -142,19 +155,19 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     with cuda_path() if dtype == torch.bfloat16 else contextlib.nullcontext():
         expected_autograd = masked(**start).logits.detach().float()
         with torch.no_grad():
-            expected = masked(**start, use_cache=True)
-            reference = masked.generate(prompt, past_key_values=expected.past_key_values, **settings)
+            expected, cache = prefill_in_two(masked, prompt, mask)
+            reference = masked.generate(prompt, past_key_values=cache, **settings)
     counts = {}
     with cuda_path(), counted_direct_forwards(counts):
         with torch.no_grad():
-            prefill = model(**start, use_cache=True)
-            generated = model.generate(prompt, past_key_values=prefill.past_key_values, **settings)
+            prefill, cache = prefill_in_two(model, prompt, mask)
+            generated = model.generate(prompt, past_key_values=cache, **settings)
         no_grad = dict(counts)
         autograd = model(**start).logits.detach()  # fla's public functions
-    expected = expected.logits.float()
+    expected = expected.float()
     return dict(
         model=name, layers=len(kept),
-        prefill=(prefill.logits.float() - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
+        prefill=(prefill.float() - expected)[real].abs().max().item(), scale=expected[real].abs().max().item(),
         autograd=(autograd.float() - expected_autograd)[real].abs().max().item(),
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
