@@ -37,14 +37,6 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
 
     recurrence = staticmethod(gated_delta_rule)
 
-    def shared_key_ratio(self, a: torch.Tensor, b: torch.Tensor) -> int:
-        """``FlaMixerMixin.shared_key_ratio`` where the gates (a, b [B, T, H_v]) take one ``head_gates`` launch in
-        float32 and fla's direct chunked forward runs (``shared_key_gated_delta_rule``), else 1."""
-        if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32))
-                and direct(a, gated_delta_forward) and a.shape[1] > 1):
-            return 1
-        return super().shared_key_ratio(a)
-
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
         num_v_heads = config.num_v_heads or num_heads
@@ -65,6 +57,14 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
                 self.q_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
                 self.k_conv1d = ShortConvolution(self.key_dim, self.conv_size, bias=self.conv_bias, activation="silu")
         route_to_torch(self)
+
+    def shared_key_ratio(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """``FlaMixerMixin.shared_key_ratio`` where the gates (a, b [B, T, H_v]) take one ``head_gates`` launch in
+        float32 and fla's direct chunked forward runs (``shared_key_gated_delta_rule``), else 1."""
+        if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32))
+                and direct(a, gated_delta_forward) and a.shape[1] > 1):
+            return 1
+        return super().shared_key_ratio(a)
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""

@@ -56,8 +56,9 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
 
     token_major_heads: int | None = None
     """The head count whose prefill on a GPU runs in fla's own token-major layout (``token_major_gla``): the config's
-    global count, which the model class sets (``PrunedGLAForCausalLM.refresh_layouts``; None: none). Layers of any other count pack their heads as sequences
-    (``packed_heads``), so that one model compiles fla's kernels for at most two head counts."""
+    global count, which the model class sets (``PrunedGLAForCausalLM.refresh_layouts``; None: none). Layers of any
+    other count pack their heads as sequences (``packed_heads``), so that one model compiles fla's kernels for at most
+    two head counts."""
 
     def key_decay(self, gk: torch.Tensor, token_major: bool = False) -> torch.Tensor:
         """The log decay of every key channel, logsigmoid(gk) / gate_logit_normalizer (clamped below at clamp_min)

@@ -104,9 +104,8 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
         """``FlaMixerMixin.shared_key_ratio`` where the decay comes from its gate's input f [B, T, H_v, d_k] in the
         chunked sums' launch (``decay_inputs``) and fla's direct chunked forward runs (``kda.shared_key_kda``), else
         1."""
-        if f.shape[1] == 1 or not direct_chunked(f, self.head_k_dim, self.num_v_heads):
-            return 1
-        if not channel_gate_takes(f, torch.promote_types(self.dt_bias.dtype, torch.float32)):
+        if (f.shape[1] == 1 or not direct_chunked(f, self.head_k_dim, self.num_v_heads)
+                or not channel_gate_takes(f, torch.promote_types(self.dt_bias.dtype, torch.float32))):
             return 1
         return super().shared_key_ratio(f)
 
