@@ -31,6 +31,7 @@ import torch
 
 from .fla_decode_step import launching_on, next_power_of_2
 from .packed_heads import CHUNK_SIZE
+from .shared_keys import checked_ratio, interleaved_shape
 
 try:  # KDA folders run on fla, which needs triton; without it the caller computes in PyTorch
     import triton
@@ -119,25 +120,23 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound
     channel a program; the running sums (of x, or of its gate), a chunk of ``CHUNK_SIZE`` tokens and
     ``SUM_BLOCK_CHANNELS`` channels. Written head-major, or with ``values_per_key`` = r > 1 as [B, H / r, T, r, K]."""
     batch, length, heads, width = x.shape
-    ratio = values_per_key
-    if ratio < 1 or heads % ratio:
-        raise ValueError(f"channel_gate takes values_per_key dividing the {heads} heads, not {ratio}")
+    ratio = checked_ratio(heads, values_per_key, "channel_gate")
     tokens, channels, warps = ((CHUNK_SIZE, min(SUM_BLOCK_CHANNELS, next_power_of_2(width)), SUM_NUM_WARPS)
                                if cumulative else (BLOCK_TOKENS, next_power_of_2(width), NUM_WARPS))
-    layout = (heads, length) if ratio == 1 else (heads // ratio, length, ratio)
-    out = torch.empty(batch, *layout, width, dtype=torch.float32, device=x.device)
+    out = torch.empty(batch, *interleaved_shape(heads, length, ratio), width, dtype=torch.float32, device=x.device)
     if out.numel():
         chunks, channel_blocks = -(-length // tokens), -(-width // channels)
         with launching_on(x):
             channel_gate_kernel[(channel_blocks * chunks * batch * heads,)](
                 x, bias, rate, out, 0.0 if lower_bound is None else float(lower_bound), LOG2_E, length, heads, chunks,
-                channel_blocks, *(x.stride(i) for i in range(3)), ratio, K=width, BT=tokens, BK=channels, GATED=gated,
-                BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
+                channel_blocks, *(x.stride(i) for i in range(3)), ratio, K=width, BT=tokens, BK=channels,
+                GATED=gated, BOUNDED=lower_bound is not None, CUMULATIVE=cumulative, num_warps=warps,
             )
     return out.transpose(1, 2)  # [B, T, H, K] or [B, T, H / r, r, K]
 
 
 if triton is not None:
+    from .shared_keys import interleaved_row
 
     @triton.jit(do_not_specialize=["T", "H", "NT", "NK", "R"])
     def channel_gate_kernel(f, bias, rate, out, lower_bound, scale, T, H, NT, NK, s_b, s_t, s_h, R, K: tl.constexpr,
@@ -167,5 +166,5 @@ if triton is not None:
                 y = -a * tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
         if CUMULATIVE:  # rows past T follow the last token: they change no sum of the tokens before them
             y = tl.cumsum(y, axis=0) * scale
-        o_row = ((i_bh // R) * T + o_t) * R + i_bh % R
+        o_row = interleaved_row(i_bh, o_t, T, R)
         tl.store(out + o_row[:, None] * K + o_k[None, :], y, mask=mask)

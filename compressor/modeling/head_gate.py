@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .fla_decode_step import launching_on
+from .shared_keys import checked_ratio, interleaved_shape
 
 try:  # Gated DeltaNet folders run on fla or PyTorch; without triton the caller computes in PyTorch
     import triton
@@ -62,15 +63,13 @@ def head_gates(
     two [B, T, H / r, r] laid out as fla lays out r value heads that share a key head (``.transpose(1, 2)``
     contiguous: the r heads interleaved token by token), head h at [:, :, h // r, h % r]."""
     batch, length, heads = a.shape
-    if values_per_key < 1 or heads % values_per_key:
-        raise ValueError(f"head_gates takes values_per_key dividing the {heads} heads, not {values_per_key}")
+    ratio = checked_ratio(heads, values_per_key, "head_gates")
     if a.shape != b.shape or not (rows_of(a) and rows_of(b)):
         raise ValueError("head_gates takes a and b of one shape [B, T, H], unit stride over heads, batch entries T "
                          "tokens apart")
     if bias.shape != (heads,) or scale.shape != (heads,) or not (bias.is_contiguous() and scale.is_contiguous()):
         raise ValueError(f"head_gates takes a contiguous bias [{heads}] and scale [{heads}]")
-    ratio = values_per_key
-    shape = (batch, heads, length) if ratio == 1 else (batch, heads // ratio, length, ratio)
+    shape = (batch, *interleaved_shape(heads, length, ratio))
     g = torch.empty(shape, dtype=torch.float32, device=a.device)
     beta = torch.empty(shape, dtype=b.dtype, device=b.device)
     if g.numel():
@@ -84,6 +83,7 @@ def head_gates(
 
 
 if triton is not None:
+    from .shared_keys import interleaved_row
 
     @triton.jit(do_not_specialize=["beta_scale", "T", "H", "NT", "SA", "SB", "R"])
     def head_gate_kernel(a, b, bias, scale, g, beta, beta_scale, T, H, NT, SA, SB, R, BT: tl.constexpr):
@@ -102,7 +102,7 @@ if triton is not None:
         u = 1.0 + e
         softplus = tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
         y = tl.load(scale + i_h).to(tl.float32) * softplus
-        o_out = ((i_bh // R) * T + o_t) * R + i_bh % R
+        o_out = interleaved_row(i_bh, o_t, T, R)
         tl.store(g + o_out, y, mask=m_t)
         w = tl.load(b + (i_b * T + o_t) * SB + i_h, mask=m_t, other=0.0).to(tl.float32)
         tl.store(beta + o_out, (beta_scale * tl.sigmoid(w)).to(beta.dtype.element_ty), mask=m_t)

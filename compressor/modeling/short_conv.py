@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .fla_decode_step import launching_on, next_power_of_2
+from .shared_keys import checked_ratio, interleaved_shape
 
 try:  # fla's families run on triton; without it the caller convolves through fla's module
     import triton
@@ -74,13 +75,13 @@ def convolved_heads(
     """out[g, b, j, t] = act(Σ_w taps[g][c, w] · x_g[b, t - W + 1 + w, c] + biases[g][c]) over the channels c of key
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
     None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous (laid
-    out otherwise with ``values_per_key``, below), in x's dtype, in one launch. With ``l2_eps``, every row out[g, b, j, t] [d] is then L2-normalised as fla's l2norm
-    kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
+    out otherwise with ``values_per_key``, below), in x's dtype, in one launch. With ``l2_eps``, every row
+    out[g, b, j, t] [d] is then L2-normalised as fla's l2norm kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
     and keys of a recurrence that normalises them. With ``output_final_state``, the same launch also writes each
     group's new cache [B, H_k·d, W] (contiguous, in x's dtype: the last W inputs of every channel, the start of
     ``states[g]`` or zeros before the first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1
     (dividing H_v), out is laid out as fla lays out r value heads that share a key head, r heads interleaved token by
-    token: [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
+    token (``shared_keys``): [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
     groups = len(inputs)
     first = inputs[0]
     batch, length, channels = first.shape
@@ -99,11 +100,9 @@ def convolved_heads(
     if index.dim() != 1 or not index.is_contiguous() or index.device != first.device or index.is_floating_point():
         raise ValueError("convolved_heads takes a contiguous integer index [H_v] on the inputs' device")
     heads = index.numel()
-    if values_per_key < 1 or heads % values_per_key:
-        raise ValueError(f"convolved_heads takes values_per_key dividing the {heads} heads, not {values_per_key}")
-    ratio = values_per_key
-    shape = (heads, length, head_dim) if ratio == 1 else (heads // ratio, length, ratio, head_dim)
-    out = torch.empty(groups, batch, *shape, dtype=first.dtype, device=first.device)
+    ratio = checked_ratio(heads, values_per_key, "convolved_heads")
+    out = torch.empty(groups, batch, *interleaved_shape(heads, length, ratio), head_dim, dtype=first.dtype,
+                      device=first.device)
     new_states = tuple(torch.empty(batch, channels, width, dtype=first.dtype, device=first.device)
                        for _ in range(groups)) if output_final_state else None
     chunks = -(-length // BLOCK_TOKENS)
@@ -125,6 +124,7 @@ def convolved_heads(
 
 
 if triton is not None:
+    from .shared_keys import interleaved_row
 
     @triton.jit
     def _convolved(x, taps, bias, state, i_b, o_c, m_c, o_t, T, C, s_b, s_t, W: tl.constexpr, BT: tl.constexpr,
@@ -197,6 +197,6 @@ if triton is not None:
             if NORMALISE:
                 y = y.to(out.dtype.element_ty).to(tl.float32)
                 y = y * (1 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
-            o_row = ((i_gbj // R) * T + o_t) * R + i_gbj % R
+            o_row = interleaved_row(i_gbj, o_t, T, R)
             tl.store(out + o_row[:, None] * D + o_d[None, :], y.to(out.dtype.element_ty),
                      mask=(o_t < T)[:, None] & m_d[None, :])
