@@ -315,3 +315,24 @@ def test_recurrences_told_q_and_k_are_normalised_take_them_as_they_are(name):
             raw = form(*inputs, initial_state=initial, output_final_state=True, use_qk_l2norm=False)
             for a, b, c in zip(expected[:2], given[:2], raw[:2]):
                 assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-2), (form, length)
+
+
+def test_a_value_head_ratio_that_does_not_divide_the_heads_is_refused():
+    """fla's layout of value heads that share key heads (``shared_keys``) takes r value heads per key head: the
+    kernels that write it refuse an r that does not divide the heads before launching anything."""
+    pytest.importorskip("triton")
+    from compressor.modeling.channel_gate import DecayGate, gated_chunk_cumulative
+    from compressor.modeling.head_gate import head_gates
+    from compressor.modeling.short_conv import convolved_heads
+
+    x, index = torch.zeros(1, 5, 8), torch.arange(6) // 3
+    calls = (
+        lambda: convolved_heads([x], [torch.zeros(8, 4)], [None], [None], index, 4, True, values_per_key=4),
+        lambda: head_gates(torch.zeros(1, 5, 6), torch.zeros(1, 5, 6), torch.zeros(6), torch.ones(6),
+                           values_per_key=4),
+        lambda: gated_chunk_cumulative(torch.zeros(1, 5, 6, 8), DecayGate(torch.zeros(6, 8), torch.ones(6), None),
+                                       values_per_key=4),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match="values_per_key dividing the 6 heads, not 4"):
+            call()
