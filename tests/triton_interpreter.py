@@ -62,9 +62,43 @@ def run_fla_chunked_kernels() -> None:
         return as_bfloat16(unary(self, as_float(arg), op).data) if is_bfloat16(arg) else unary(self, arg, op)
 
     builder.create_dot, builder.binary_op, builder.unary_op = create_dot, binary_op, unary_op
+    list_builtins_once()
     for name, module in list(sys.modules.items()):
         if name.startswith("fla.ops"):
             module.range = lambda *bounds: map(LoopIndex, builtins.range(*bounds))
+
+
+def list_builtins_once() -> None:
+    """Make Triton's interpreter find each package's builtins once (idempotent). At every kernel launch, and at
+    every call of a jitted helper inside one, its ``_patch_builtin(pkg, builder, scope)`` replaces each builtin of
+    ``pkg`` by one that computes on the host, finding them by ``inspect.getmembers``: most of the interpreter's own
+    time in fla's kernels. Here they are listed once per package; as before, a builtin already replaced (a helper
+    called inside a kernel) is left as it is."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._patch_builtin, "lists_builtins_once", False):
+        return
+    listed: dict[int, tuple[object, list[tuple[str, object]]]] = {}
+
+    def builtins_of(pkg) -> list[tuple[str, object]]:
+        if id(pkg) not in listed:  # the package is kept with its list, so its id is not reused
+            listed[id(pkg)] = pkg, [(name, member) for name, member in inspect.getmembers(pkg)
+                                    if tl.core.is_builtin(member)]
+        return listed[id(pkg)][1]
+
+    for pkg in (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base):  # listed before any is replaced
+        builtins_of(pkg)
+
+    def patch_builtin(pkg, builder, scope):
+        for name, member in builtins_of(pkg):
+            if getattr(pkg, name, None) is member:
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    patch_builtin.lists_builtins_once = True
+    interpreter._patch_builtin = patch_builtin
 
 
 def skip_where_the_interpreter_fails_on(what: str) -> None:
@@ -85,7 +119,9 @@ def interpreted_environment() -> dict[str, str]:
 
 
 def run_interpreted(script: str) -> None:
-    """Run ``script`` in a fresh process (``interpreted_environment``); it must print "ok" and nothing else."""
+    """Run ``script`` in a fresh process (``interpreted_environment``, ``list_builtins_once``); it must print "ok"
+    and nothing else."""
+    script = "import triton_interpreter\ntriton_interpreter.list_builtins_once()\n" + script
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=interpreted_environment())
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
