@@ -10,8 +10,9 @@ variant prefills 4 x 2048 tokens ten times in a row, in turns (the order reverse
 rounds; the host's time to return from the ten calls and the wall time until the GPU finished, per
 prefill, are printed and written to ``DIR/profile_prefill_host_FAMILY.log`` (close together: the host sets the pace,
 or waits inside the call), then each variant's wall time over the source's in the same round, and their median.
-``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward". Then (unless
-``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time
+``source_shipped`` is item 1's clause "an unpruned layer costs no more than the stock forward"; its logits are first
+compared with the stock class's on the same tokens (largest and mean difference, share of equal argmaxes). Then
+(unless ``--no-profile``) cProfile of 20 prefills of each variant, the functions with the most own and cumulative time
 written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls more than GPU work: compare the
 unprofiled times, read the profile for where the calls go). With ``--kernels``, PyTorch's profiler then records
 one prefill of each variant on the GPU: its launches and GPU kernel time, and the kernels whose GPU time differs most
@@ -90,6 +91,8 @@ def main() -> None:
     for variant, runner in runners.items():
         for _ in range(3):
             runner.prefill(ids[variant])
+    say("source_shipped vs source logits, bf16, 4 x 2048 tokens: "
+        + logits_against_stock(runners["source"].model, runners["source_shipped"].model, ids["source"]))
     ratios = {variant: [] for variant in runners if variant != "source"}
     for turn in range(args.rounds):
         line, walls = [], {}
@@ -134,6 +137,18 @@ def main() -> None:
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(45)
                 out.write(f"===== {variant} by {key} (20 prefills) =====\n{text.getvalue()}\n")
+
+
+def logits_against_stock(stock, shipped, ids) -> str:
+    """How far ``shipped``'s logits [B, T, vocabulary] lie from ``stock``'s on ``ids`` [B, T], two classes of the same
+    weights: the largest and mean absolute difference, the logit scale and the share of positions whose argmax is
+    equal (a wrong slice moves logits by their own size)."""
+    with torch.no_grad():
+        expected, got = (model(ids).logits.float() for model in (stock, shipped))
+    difference = (got - expected).abs()
+    return (f"max difference {difference.max().item():.3g}, mean {difference.mean().item():.3g}, logit scale "
+            f"{expected.abs().max().item():.3g}, argmax equal at "
+            f"{(got.argmax(-1) == expected.argmax(-1)).float().mean().item():.2%} of positions")
 
 
 def kernel_times(prefill) -> dict[str, tuple[float, int]]:

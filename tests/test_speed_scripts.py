@@ -35,10 +35,14 @@ class StandIn:
 
 @pytest.fixture
 def scripts(monkeypatch):
-    """(bench_inference, check_families_gpu) with the GPU's synchronisation a no-op and a stand-in clock."""
+    """(bench_inference, check_families_gpu) with the GPU's synchronisation a no-op and a stand-in clock;
+    ``profile_prefill_host`` compares no logits (its stand-in runners have none)."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_inference
     import check_families_gpu
+    import profile_prefill_host
+
+    monkeypatch.setattr(profile_prefill_host, "logits_against_stock", lambda stock, shipped, ids: "compared")
 
     clock = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
@@ -225,7 +229,31 @@ def test_profile_prefill_host_times_every_variant_in_turns_and_reports_its_ratio
     log = (tmp_path / "out" / "profile_prefill_host_qwen3_5.log").read_text().splitlines()
     assert log[-3:] == ["heads / source: 0.800 0.800 (median 0.800)", "channels / source: 0.500 0.500 (median 0.500)",
                         "source_shipped / source: 0.900 0.900 (median 0.900)"]
+    assert "source_shipped vs source logits, bf16, 4 x 2048 tokens: compared" in log
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["profile_prefill_host_qwen3_5.log"]
+
+
+def test_profile_prefill_host_compares_the_shipped_classs_logits_with_the_stock_ones(monkeypatch):
+    """Two models of the same weights: no difference and every argmax equal; one logit of one position moved past
+    the others: that difference, and one position in eight whose argmax differs."""
+    import types
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import profile_prefill_host
+
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    moved = logits.clone()
+    moved[1, 2, moved[1, 2].argmin()] += 100
+
+    def model(values):
+        return lambda ids: types.SimpleNamespace(logits=values[ids])
+
+    ids = torch.tensor([0, 1])
+    same = profile_prefill_host.logits_against_stock(model(logits), model(logits.clone()), ids)
+    scale = logits.abs().max().item()
+    assert same == f"max difference 0, mean 0, logit scale {scale:.3g}, argmax equal at 100.00% of positions"
+    differing = profile_prefill_host.logits_against_stock(model(logits), model(moved), ids)
+    assert differing.startswith("max difference 100, mean 2.5,") and differing.endswith("87.50% of positions")
 
 
 def test_profile_prefill_host_compares_each_variants_kernels_with_the_sources(scripts, monkeypatch, tmp_path):
