@@ -13,9 +13,11 @@ vocabulary 4096, and 4 key heads over 8 value heads of 128 (fla DeltaNet and GLA
 ones leave their prefill bound by the host's launches, larger ones by the GPU's work. Two folders per family are cut
 from it: ``heads`` (an uneven plan, different in every layer, grouped layers getting uneven groups) and ``channels``
 (the same heads, and 64 of the 128 query/key channels of every kept key head chosen at random; not for Kimi Linear,
-whose channel removal is refused). ``--fla-group`` sets the value heads per key head of fla's Gated DeltaNet and KDA
-(1: ungrouped). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every MLP dense (no expert
-choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
+whose channel removal is refused). fla's grouped Gated DeltaNet and KDA and its GLA get a third, ``fla_layout``,
+checked only: a plan under which every layer runs its prefill in fla's own layout on a GPU (whole key groups kept;
+GLA's every head kept and its query/key channels cut). ``--fla-group`` sets the value heads per key head of fla's
+Gated DeltaNet and KDA (1: ungrouped). ``qwen3_next_dense`` and ``kimi_linear_dense`` are the MoE models with every
+MLP dense (no expert choice for rounding to flip). In float32 each side is also compared with itself on the CPU (the
 shipped PyTorch path), to tell which side a GPU difference comes from (``--no-cpu``: not, which shortens the check),
 and a left-padded prompt decodes as it does alone.
 
@@ -146,6 +148,27 @@ def uneven_plan(model) -> dict[int, list[int]]:
     return kept
 
 
+def fla_layout_plan(model) -> tuple[dict[int, list[int]], dict[int, dict[int, list[int]]]] | None:
+    """(kept value heads per layer, kept query/key channels) of a plan under which every layer runs its GPU prefill
+    in fla's own layout, for the fla models that have one (None for the others): grouped Gated DeltaNet and KDA keep
+    whole key groups (each layer loses one key head and its value heads, another in each layer), GLA keeps every
+    head and ``KEPT_CHANNELS`` query/key channels of each."""
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+
+    mixers = linear_layers(model, family_for(model.config))
+    if model.config.model_type == "gla":
+        kept = {index: list(range(mixer.num_v_heads)) for index, mixer in mixers.items()}
+        return kept, random_channels(model, kept)
+    if model.config.model_type not in ("gated_deltanet", "kda") or FLA_GROUP == 1:
+        return None
+    kept = {}
+    for position, (index, mixer) in enumerate(mixers.items()):
+        keys = max(mixer.value_to_key) + 1
+        kept[index] = [h for h in range(mixer.num_v_heads) if mixer.value_to_key[h] != position % keys]
+    return kept, {}
+
+
 def random_channels(model, kept: dict[int, list[int]]) -> dict[int, dict[int, list[int]]]:
     """``KEPT_CHANNELS`` random query/key channels of every key head that a kept value head reads."""
     import torch
@@ -160,8 +183,9 @@ def random_channels(model, kept: dict[int, list[int]]) -> dict[int, dict[int, li
 
 
 def build_folders(name: str, work: Path):
-    """The float32 source model (shipped class) and its folders under work/name: source (saved as is), heads and
-    channels (written by the export). Returns (model, {variant: (kept, channels)})."""
+    """The float32 source model (shipped class) and its folders under work/name: source (saved as is), heads,
+    channels and, for the fla models that have one, fla_layout (``fla_layout_plan``; written by the export). Returns
+    (model, {variant: (kept, channels)})."""
     import copy
 
     import torch
@@ -183,6 +207,8 @@ def build_folders(name: str, work: Path):
     variants = {"heads": (kept, {})}
     if not name.startswith("kimi_linear"):
         variants["channels"] = (kept, random_channels(model, kept))
+    if fla_layout_plan(model) is not None:
+        variants["fla_layout"] = fla_layout_plan(model)
     model.save_pretrained(work / name / "source")
     for variant, (heads, channels) in variants.items():
         pruned = copy.deepcopy(model)

@@ -181,6 +181,44 @@ def test_the_narrowest_fla_models_keep_heads_of_128_and_a_valid_uneven_plan(scri
         assert 0 < len(kept) < heads and kept == sorted(set(kept)) and set(kept) <= set(range(heads)), (index, kept)
 
 
+@pytest.mark.parametrize("name, group", [("gated_deltanet", 2), ("kda", 4), ("gla", 2), ("gated_deltanet", 1),
+                                         ("delta_net", 2)])
+def test_the_fla_layout_plan_keeps_whole_key_groups_or_every_gla_head(scripts, monkeypatch, name, group):
+    """``fla_layout``: grouped Gated DeltaNet and KDA lose one whole key group per layer, the next one in each (every
+    kept key head keeps all its value heads: fla's own layout); GLA keeps every head and ``KEPT_CHANNELS``
+    distinct query/key channels of each; ungrouped layers and DeltaNet get no such plan."""
+    pytest.importorskip("fla")
+    _, check_families_gpu, _ = scripts
+    from transformers import AutoModelForCausalLM
+
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+
+    monkeypatch.setattr(check_families_gpu, "FLA_GROUP", group)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(check_families_gpu.config(name))
+    plan = check_families_gpu.fla_layout_plan(model)
+    if name == "delta_net" or group == 1:
+        assert plan is None
+        return
+    kept, channels = plan
+    mixers = linear_layers(model, family_for(model.config))
+    if name == "gla":
+        assert all(kept[index] == list(range(mixer.num_v_heads)) for index, mixer in mixers.items())
+        assert all(len(set(c)) == len(c) == check_families_gpu.KEPT_CHANNELS
+                   for layer in channels.values() for c in layer.values())
+        assert {index: sorted(layer) for index, layer in channels.items()} == kept
+        return
+    assert channels == {}
+    lost = []
+    for index, mixer in mixers.items():
+        keys = sorted({mixer.value_to_key[h] for h in kept[index]})
+        assert len(keys) == 8 // group - 1  # one key group gone
+        assert kept[index] == [h for h in range(8) if mixer.value_to_key[h] in keys]  # each kept one whole
+        lost.append(next(key for key in range(8 // group) if key not in keys))
+    assert lost == [position % (8 // group) for position in range(3)]  # another in each layer, in turn
+
+
 def test_count_launches_counts_each_family_in_a_process_of_its_own(monkeypatch):
     """Several families: one child process per family, each given that family alone (in one process, caches of an
     earlier family are evicted and a later one's counts rise); nothing is counted in the parent."""
