@@ -207,8 +207,9 @@ def build_folders(name: str, work: Path):
     variants = {"heads": (kept, {})}
     if not name.startswith("kimi_linear"):
         variants["channels"] = (kept, random_channels(model, kept))
-    if fla_layout_plan(model) is not None:
-        variants["fla_layout"] = fla_layout_plan(model)
+    fla_layout = fla_layout_plan(model)
+    if fla_layout is not None:
+        variants["fla_layout"] = fla_layout
     model.save_pretrained(work / name / "source")
     for variant, (heads, channels) in variants.items():
         pruned = copy.deepcopy(model)

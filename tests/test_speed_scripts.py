@@ -186,13 +186,16 @@ def test_the_narrowest_fla_models_keep_heads_of_128_and_a_valid_uneven_plan(scri
 def test_the_fla_layout_plan_keeps_whole_key_groups_or_every_gla_head(scripts, monkeypatch, name, group):
     """``fla_layout``: grouped Gated DeltaNet and KDA lose one whole key group per layer, the next one in each (every
     kept key head keeps all its value heads: fla's own layout); GLA keeps every head and ``KEPT_CHANNELS``
-    distinct query/key channels of each; ungrouped layers and DeltaNet get no such plan."""
+    distinct query/key channels of each; ungrouped layers and DeltaNet get no such plan. Sliced by it, every layer
+    is one that takes fla's layout on a GPU: r value heads under each key head in the stock grouping (j // r), or
+    GLA's global head count."""
     pytest.importorskip("fla")
     _, check_families_gpu, _ = scripts
     from transformers import AutoModelForCausalLM
 
     from compressor.families import family_for
-    from compressor.layers import linear_layers
+    from compressor.layers import PruningPlan, linear_layers
+    from compressor.slicing import slim
 
     monkeypatch.setattr(check_families_gpu, "FLA_GROUP", group)
     with torch.device("meta"):
@@ -202,21 +205,29 @@ def test_the_fla_layout_plan_keeps_whole_key_groups_or_every_gla_head(scripts, m
         assert plan is None
         return
     kept, channels = plan
-    mixers = linear_layers(model, family_for(model.config))
+    family = family_for(model.config)
+    mixers = linear_layers(model, family)
     if name == "gla":
         assert all(kept[index] == list(range(mixer.num_v_heads)) for index, mixer in mixers.items())
         assert all(len(set(c)) == len(c) == check_families_gpu.KEPT_CHANNELS
                    for layer in channels.values() for c in layer.values())
         assert {index: sorted(layer) for index, layer in channels.items()} == kept
-        return
-    assert channels == {}
-    lost = []
-    for index, mixer in mixers.items():
-        keys = sorted({mixer.value_to_key[h] for h in kept[index]})
-        assert len(keys) == 8 // group - 1  # one key group gone
-        assert kept[index] == [h for h in range(8) if mixer.value_to_key[h] in keys]  # each kept one whole
-        lost.append(next(key for key in range(8 // group) if key not in keys))
-    assert lost == [position % (8 // group) for position in range(3)]  # another in each layer, in turn
+    else:
+        assert channels == {}
+        lost = []
+        for index, mixer in mixers.items():
+            keys = sorted({mixer.value_to_key[h] for h in kept[index]})
+            assert len(keys) == 8 // group - 1  # one key group gone
+            assert kept[index] == [h for h in range(8) if mixer.value_to_key[h] in keys]  # each kept one whole
+            lost.append(next(key for key in range(8 // group) if key not in keys))
+        assert lost == [position % (8 // group) for position in range(3)]  # another in each layer, in turn
+    slim(model, family, PruningPlan(kept=kept, channels=channels))  # what the GPU's layout asks of the layers
+    for mixer in linear_layers(model, family).values():
+        if name == "gla":
+            assert mixer.num_heads == mixer.token_major_heads == 4 and not mixer.use_short_conv
+        else:
+            assert (mixer.num_k_heads, mixer.num_v_heads) == (8 // group - 1, 8 - group)
+            assert mixer.value_to_key == [j // group for j in range(8 - group)] and mixer.normalises_convolved_keys
 
 
 def test_count_launches_counts_each_family_in_a_process_of_its_own(monkeypatch):
@@ -273,7 +284,8 @@ def test_profile_prefill_host_times_every_variant_in_turns_and_reports_its_ratio
 
 def test_profile_prefill_host_compares_the_shipped_classs_logits_with_the_stock_ones(monkeypatch):
     """Two models of the same weights: no difference and every argmax equal; one logit of one position moved past
-    the others: that difference, and one position in eight whose argmax differs."""
+    the others and one of another moved down: the largest and mean absolute difference, the stock model's scale, and
+    one position in eight whose argmax differs."""
     import types
 
     monkeypatch.syspath_prepend(str(SCRIPTS))
@@ -282,6 +294,7 @@ def test_profile_prefill_host_compares_the_shipped_classs_logits_with_the_stock_
     logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
     moved = logits.clone()
     moved[1, 2, moved[1, 2].argmin()] += 100
+    moved[0, 1, moved[0, 1].argmin()] -= 50  # the argmax stays
 
     def model(values):
         return lambda ids: types.SimpleNamespace(logits=values[ids])
@@ -291,7 +304,7 @@ def test_profile_prefill_host_compares_the_shipped_classs_logits_with_the_stock_
     scale = logits.abs().max().item()
     assert same == f"max difference 0, mean 0, logit scale {scale:.3g}, argmax equal at 100.00% of positions"
     differing = profile_prefill_host.logits_against_stock(model(logits), model(moved), ids)
-    assert differing.startswith("max difference 100, mean 2.5,") and differing.endswith("87.50% of positions")
+    assert differing == f"max difference 100, mean 3.75, logit scale {scale:.3g}, argmax equal at 87.50% of positions"
 
 
 def test_profile_prefill_host_compares_each_variants_kernels_with_the_sources(scripts, monkeypatch, tmp_path):

@@ -81,6 +81,8 @@ def list_builtins_once() -> None:
 
     if getattr(interpreter._patch_builtin, "lists_builtins_once", False):
         return
+    if list(inspect.signature(interpreter._patch_builtin).parameters) != ["pkg", "builder", "scope"]:
+        return  # another Triton's interpreter, left as it is
     listed: dict[int, tuple[object, list[tuple[str, object]]]] = {}
 
     def builtins_of(pkg) -> list[tuple[str, object]]:
@@ -89,8 +91,9 @@ def list_builtins_once() -> None:
                                     if tl.core.is_builtin(member)]
         return listed[id(pkg)][1]
 
-    for pkg in (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base):  # listed before any is replaced
-        builtins_of(pkg)
+    for pkg in (tl, tl.core, tl.tensor, tl.math, getattr(tl.core, "tensor_descriptor_base", None)):
+        if pkg is not None:  # listed before any is replaced
+            builtins_of(pkg)
 
     def patch_builtin(pkg, builder, scope):
         for name, member in builtins_of(pkg):
@@ -121,7 +124,10 @@ def interpreted_environment() -> dict[str, str]:
 def run_interpreted(script: str) -> None:
     """Run ``script`` in a fresh process (``interpreted_environment``, ``list_builtins_once``); it must print "ok"
     and nothing else."""
-    script = "import triton_interpreter\ntriton_interpreter.list_builtins_once()\n" + script
+    lines = script.splitlines(keepends=True)
+    future = next((i for i, line in enumerate(lines) if not line.startswith("from __future__")), len(lines))
+    script = "".join([*lines[:future], "import triton_interpreter\ntriton_interpreter.list_builtins_once()\n",
+                      *lines[future:]])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=interpreted_environment())
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-3000:]
