@@ -76,10 +76,11 @@ def convolved_heads(
     head ``index[j]`` (``head_dim`` of them), positions before the first token read from ``states[g]`` (zeros where
     None), act silu or none: one or two groups of inputs x [B, T, H_k·d] -> out [G, B, H_v, T, d] contiguous (laid
     out otherwise with ``values_per_key``, below), in x's dtype, in one launch. With ``l2_eps``, every row
-    out[g, b, j, t] [d] is then L2-normalised as fla's l2norm kernel normalises the rounded convolution (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries
-    and keys of a recurrence that normalises them. With ``output_final_state``, the same launch also writes each
-    group's new cache [B, H_k·d, W] (contiguous, in x's dtype: the last W inputs of every channel, the start of
-    ``states[g]`` or zeros before the first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1
+    out[g, b, j, t] [d] is then L2-normalised as fla's l2norm kernel normalises the rounded convolution
+    (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries and keys of a recurrence that normalises
+    them. With ``output_final_state``, the same launch also writes each group's new cache [B, H_k·d, W]
+    (contiguous, in x's dtype: the last W inputs of every channel, the start of ``states[g]`` or zeros before the
+    first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1
     (dividing H_v), out is laid out as fla lays out r value heads that share a key head, r heads interleaved token by
     token (``shared_keys``): [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
     groups = len(inputs)
