@@ -80,9 +80,9 @@ def convolved_heads(
     (y / sqrt(Σ y² + l2_eps), y in float32 from x's dtype): the queries and keys of a recurrence that normalises
     them. With ``output_final_state``, the same launch also writes each group's new cache [B, H_k·d, W]
     (contiguous, in x's dtype: the last W inputs of every channel, the start of ``states[g]`` or zeros before the
-    first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1
-    (dividing H_v), out is laid out as fla lays out r value heads that share a key head, r heads interleaved token by
-    token (``shared_keys``): [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
+    first token), returned as a tuple; None otherwise. With ``values_per_key`` = r > 1 (dividing H_v), out is laid
+    out as fla lays out r value heads that share a key head, r heads interleaved token by token (``shared_keys``):
+    [G, B, H_v / r, T, r, d], contiguous, head j at [:, :, j // r, :, j % r]."""
     groups = len(inputs)
     first = inputs[0]
     batch, length, channels = first.shape
