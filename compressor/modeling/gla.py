@@ -132,7 +132,7 @@ def token_major_gla(
     compile-time constant of fla's kernels (every distinct H compiles them once: callers keep it to one count per
     model, ``PrunedFlaGLA.token_major_heads``). Nothing is copied into head-major order.
 
-    Shapes: q, k, gk [B, T, H, K] (gk float32), v [B, T, H, V], contiguous; states [B, H, K, V].
+    Shapes: q, k, gk [B, T, H, K], v [B, T, H, V], contiguous; states [B, H, K, V].
     Returns ``(o [B, T, H, V], final state [B, H, K, V] float32 or None)``."""
     batch, length, heads = v.shape[:3]
     index = sequence_index(batch, length, v.device)

@@ -62,13 +62,13 @@ class PrunedFlaGLA(FlaMixerMixin, GatedLinearAttention):
 
     def key_decay(self, gk: torch.Tensor, token_major: bool = False) -> torch.Tensor:
         """The log decay of every key channel, logsigmoid(gk) / gate_logit_normalizer (clamped below at clamp_min)
-        [B, T, H, d_k], from gk [B, T, H, d_k]: logsigmoid in gk's dtype, as fla's layer computes it, the rest in
-        float32, written head-major (on CUDA it packs as a view; in gk's layout where ``token_major``) by the
-        division, in two launches as fla's layer takes."""
+        [B, T, H, d_k], from gk [B, T, H, d_k], in gk's dtype as fla's layer computes it (fla's chunked forward sums it
+        in float32), written head-major by the division (on CUDA it packs as a view; in gk's layout where
+        ``token_major``)."""
         if torch.is_grad_enabled():
-            decay = head_major(F.logsigmoid(gk), torch.float32) / self.gate_logit_normalizer
+            decay = head_major(F.logsigmoid(gk)) / self.gate_logit_normalizer
         else:
-            out = torch.empty_like(gk, dtype=torch.float32) if token_major else head_major_like(gk, torch.float32)
+            out = torch.empty_like(gk) if token_major else head_major_like(gk)
             decay = torch.div(F.logsigmoid(gk), self.gate_logit_normalizer, out=out)
         return decay if self.clamp_min is None else decay.clamp_min(self.clamp_min)
 
