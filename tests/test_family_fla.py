@@ -181,6 +181,25 @@ def test_a_float64_model_hands_its_recurrence_a_float64_decay(config_name):
     torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("normalizer", [16, 3])
+def test_gla_s_key_decay_is_the_stock_layer_s_in_bfloat16(grad, normalizer):
+    """In bf16 GLA's decay is fla's layer's bit for bit, in bf16 (a power-of-two normalizer divides exactly, another
+    rounds as the stock layer rounds), with and without autograd, head-major where the packed layout takes it."""
+    mixer = tiny_fla_model("gla").to(torch.bfloat16).model.layers[1].attn
+    mixer.gate_logit_normalizer = normalizer
+    gk = torch.randn(2, 7, mixer.num_heads, mixer.head_k_dim, generator=torch.Generator().manual_seed(6))
+    gk = gk.to(torch.bfloat16)
+    with torch.set_grad_enabled(grad):
+        got = mixer.key_decay(gk)
+    expected = F.logsigmoid(gk) / normalizer
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert got.transpose(1, 2).is_contiguous()
+    with torch.no_grad():
+        token_major = mixer.key_decay(gk, token_major=True)
+    assert token_major.is_contiguous() and torch.equal(token_major, expected)
+
+
 @pytest.mark.parametrize("config_name", ["kda_gva", "kda_safe_gate"])
 def test_kda_s_decay_under_autograd_equals_the_one_outside_it(config_name):
     """KDA's decay takes one path under autograd (no ``out``, nothing kept) and another outside it; both must give
