@@ -18,11 +18,16 @@ logit scale, how many times a direct chunked forward was called without and with
 of the prefill ran in fla's own layout instead of packed heads (value heads that share key heads,
 ``packed_heads.key_heads_as_sequences`` and ``key_heads_as_batch``; GLA's token-major layout,
 ``gla.token_major_gla``).
+
+Before pruning, the shipped class and the stock class it extends (``slicing.stock_base``) run the model's unpruned
+weights on the same tokens on the CUDA path, without autograd: printed under ``stock``, their largest logit
+difference, the share of positions whose argmax agrees, and the calls of fla's own layout in the shipped prefill.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -42,7 +47,7 @@ from test_key_channels import channel_masked, random_channels  # noqa: E402
 from compressor.families import family_for  # noqa: E402
 from compressor.key_channels import kept_key_dim  # noqa: E402
 from compressor.layers import PruningPlan, linear_layers  # noqa: E402
-from compressor.slicing import slim  # noqa: E402
+from compressor.slicing import slim, stock_base  # noqa: E402
 
 for module in ("fla.ops.gla", "fla.ops.gated_delta_rule", "fla.ops.delta_rule", "fla.ops.kda"):
     importlib.import_module(module)
@@ -134,6 +139,8 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
     all but the last token, ``generate`` the rest from the cache); ``channels``: the plan also removes 6 of each key
     head's 16 query/key channels; ``dtype``: the models' (float32 or bfloat16)."""
     model, kept, vocabulary = tiny(name)
+    prompt = torch.randint(3, vocabulary, (2, length), generator=torch.Generator().manual_seed(0))
+    stock = against_stock(model, prompt, dtype)
     plan = PruningPlan(kept=kept)
     if channels:
         plan.channels = random_channels(model, kept_key_dim(16, 0.4))
@@ -145,7 +152,6 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
         each.to(dtype)
         for mixer in linear_layers(each, family_for(each.config)).values():
             mixer.use_decode_graph = False
-    prompt = torch.randint(3, vocabulary, (2, length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)
     prompt[1, :PADDING], mask[1, :PADDING] = 0, 0
     settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
@@ -172,8 +178,25 @@ def main(name: str, length: int, channels: bool, dtype: torch.dtype) -> dict:
         same_tokens=torch.equal(generated.sequences, reference.sequences),
         steps=[(a - b).float().abs().max().item() for a, b in zip(generated.logits, reference.logits)],
         direct_without_grad=no_grad.get("no_grad", 0), direct_with_grad=counts.get("grad", 0),
-        fla_layout=no_grad.get("fla_layout", 0),
+        fla_layout=no_grad.get("fla_layout", 0), stock=stock,
     )
+
+
+def against_stock(model: torch.nn.Module, prompt: torch.Tensor, dtype: torch.dtype) -> dict:
+    """The shipped class's unpruned ``model`` against the stock class on its weights, both in ``dtype`` on the CUDA
+    path: prompt [B, T] prefilled without autograd; ``model`` is left as it was."""
+    shipped = copy.deepcopy(model).to(dtype)
+    stock = stock_base(type(model))(model.config)
+    stock.load_state_dict(model.state_dict())
+    stock.to(dtype)
+    counts = {}
+    with cuda_path(), torch.no_grad():
+        with counted_direct_forwards(counts):
+            got = shipped(prompt).logits.float()
+        expected = stock(prompt).logits.float()
+    return dict(difference=(got - expected).abs().max().item(),
+                same_argmax=(got.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+                fla_layout=counts.get("fla_layout", 0))
 
 
 if __name__ == "__main__":

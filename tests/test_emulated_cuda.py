@@ -44,7 +44,8 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     prefill without autograd: three decode steps, greedy; the plan removes heads, or heads and query/key
     channels. The direct chunked forward runs in every layer of that prefill, never under autograd, and not again in
     ``generate`` (it would if the cache were ignored); the layers ``FLA_LAYOUT_LAYERS`` counts run in fla's own
-    layout. In bfloat16 the masked model runs the same path, and the logits are equal."""
+    layout. In bfloat16 the masked model runs the same path, and the logits are equal. Before pruning, the shipped
+    class gives the stock class's logits on the model's weights, both on the CUDA path (bfloat16: equal)."""
     pytest.importorskip("fla.ops.kda")
     skip_where_the_interpreter_fails_on("fla's chunked kernels")
     script = Path(__file__).with_name("emulated_cuda.py")
@@ -60,3 +61,6 @@ def test_the_cuda_path_of_a_pruned_model_equals_the_masked_model(name, length, p
     assert figures["direct_without_grad"] == 2 * figures["layers"], figures  # the prefill's two calls
     assert figures["direct_with_grad"] == 0, figures
     assert figures["fla_layout"] == 2 * FLA_LAYOUT_LAYERS.get(name, 0), figures
+    stock = figures["stock"]  # unpruned, every layer of the grouped fla models and GLA takes fla's own layout
+    assert stock["difference"] <= tolerance, stock
+    assert stock["fla_layout"] == (figures["layers"] if name in FLA_LAYOUT_LAYERS else 0), stock
