@@ -383,7 +383,7 @@ def test_the_write_strength_is_written_head_major_outside_autograd():
 HEAD_GATE_INTERPRETED = """
 import torch
 import torch.nn.functional as F
-from compressor.modeling.head_gate import head_gates, rows_of
+from compressor.modeling.head_gate import head_gates, rows_of, write_strengths
 
 generator = torch.Generator().manual_seed(0)
 for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0), (1, 70, 5, torch.float32, 2.0),
@@ -403,9 +403,15 @@ for batch, length, heads, dtype, beta_scale in ((2, 300, 3, torch.bfloat16, 1.0)
     # within one rounding of the dtype (the interpreter's bf16 casts need not round to nearest as a GPU's do)
     torch.testing.assert_close(beta.float(), beta_scale * b.float().sigmoid(), atol=0,
                                rtol=1e-6 if dtype == torch.float32 else 2 ** -7)
+    # beta in float32 (fla's layers), with g or alone: sigmoid(b) not rounded to b's dtype
+    g32, beta32 = head_gates(a, b, bias, scale, beta_scale, beta_dtype=torch.float32)
+    alone = write_strengths(b, beta_scale)
+    assert torch.equal(g32, g) and torch.equal(alone, beta32) and alone.transpose(1, 2).is_contiguous()
+    assert beta32.dtype == alone.dtype == torch.float32 and beta32.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(beta32, beta_scale * b.float().sigmoid(), atol=0, rtol=1e-6)
     if heads % 2 == 0:  # two heads per key head, interleaved token by token (fla's layout for shared key heads)
         shared = head_gates(a, b, bias, scale, beta_scale, values_per_key=2)
-        for got, flat in zip(shared, (g, beta)):
+        for got, flat in zip((*shared, write_strengths(b, beta_scale, values_per_key=2)), (g, beta, beta32)):
             assert got.shape == (batch, length, heads // 2, 2) and got.transpose(1, 2).is_contiguous()
             assert torch.equal(got.reshape(flat.shape), flat), (batch, length, heads)
 empty = torch.empty(2, 0, 3)
@@ -428,7 +434,8 @@ def test_the_head_gate_kernel_equals_pytorch_and_writes_head_major():
     PyTorch's formulas: a and b strided views of wider projections (a at an offset; tokens apart by other strides than
     each other's and than the head count), lengths that are not a multiple of its token block, a single token, bf16 and
     float32, beta scaled by 1 and 2, NaN kept; results head-major; a layout it would misread refused. A wrong offset
-    or stride of an input, an output or a parameter moves values by O(1)."""
+    or stride of an input, an output or a parameter moves values by O(1). beta written in float32 (with g, or alone
+    by ``write_strengths``) is sigmoid(b) unrounded, in the same layouts."""
     pytest.importorskip("triton")
     run_interpreted(HEAD_GATE_INTERPRETED)
 
@@ -484,8 +491,8 @@ def test_the_mixers_take_both_gates_from_one_kernel_on_a_gpu_outside_autograd(na
     torch.testing.assert_close(expected[0], mixer.beta_scale * b.sigmoid())
     calls = []
 
-    def kernel(*arguments):
-        calls.append(arguments)
+    def kernel(*arguments, beta_dtype):
+        calls.append((*arguments, beta_dtype))
         return expected[1], expected[0]
 
     monkeypatch.setattr(gated_deltanet, "head_gates", kernel)
@@ -505,11 +512,49 @@ def test_the_mixers_take_both_gates_from_one_kernel_on_a_gpu_outside_autograd(na
         beta, g = mixer.gates(a, b)
         assert all(x is y for x, y in zip(calls[0][2:4], mixer.decay_parameters(torch.float32)))
     assert beta is expected[0] and g is expected[1] and len(calls) == 1
-    assert calls[0][0] is a and calls[0][1] is b and calls[0][4] == mixer.beta_scale
+    assert calls[0][0] is a and calls[0][1] is b and calls[0][4] == mixer.beta_scale and calls[0][5] == b.dtype
     beta, g = mixer.gates(a, b)  # under autograd: PyTorch
     assert len(calls) == 1
     torch.testing.assert_close(beta, expected[0])
     torch.testing.assert_close(g, expected[1])
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "gated_deltanet", "kda"])
+def test_fla_s_layers_write_beta_in_float32_and_transformers_layers_in_b_s_dtype(name, monkeypatch):
+    """fla's stock layers hand b's logits to kernels that apply the sigmoid in float32; transformers' layers round
+    sigmoid(b) to b's dtype. From a bf16 b, each shipped mixer writes beta as its stock layer does, head-major (and in
+    fla's layout for value heads sharing key heads): in PyTorch, and on the CUDA path through one kernel (with g, or
+    alone for KDA, whose decay has its own)."""
+    pytest.importorskip("triton")
+    from compressor.modeling import gated_deltanet
+
+    if name == "kda":
+        from tiny_fla import tiny_fla_model
+
+        mixer = tiny_fla_model("kda_gva").model.layers[0].attn
+    else:
+        mixer = gated_deltanet_mixer(name)
+    in_float32 = name in ("gated_deltanet", "kda")
+    heads, scale = mixer.num_v_heads, mixer.beta_scale
+    b = (4 * torch.randn(2, 5, heads, generator=torch.Generator().manual_seed(5))).to(torch.bfloat16)
+    expected = scale * (b.float().sigmoid() if in_float32 else b.sigmoid().float())
+    with torch.no_grad():
+        beta, shared = mixer.write_strength(b), mixer.write_strength(b, 2)
+    assert beta.dtype == shared.dtype == (torch.float32 if in_float32 else torch.bfloat16)
+    assert beta.transpose(1, 2).is_contiguous() and shared.shape == (2, 5, heads // 2, 2)
+    assert shared.transpose(1, 2).is_contiguous() and torch.equal(shared.reshape(beta.shape), beta)
+    torch.testing.assert_close(beta.float(), expected, atol=0, rtol=0)
+    calls = []
+    monkeypatch.setattr(gated_deltanet, "head_gates",
+                        lambda *arguments, beta_dtype: calls.append(beta_dtype) or (expected, beta))
+    monkeypatch.setattr(gated_deltanet, "write_strengths", lambda *arguments: calls.append(arguments) or beta)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with torch.no_grad():
+        if name == "kda":
+            assert mixer.write_strength(b, 2) is beta and calls == [(b, scale, 2, torch.float32)]
+        else:
+            assert mixer.gates(b, b)[0] is beta and calls == [torch.float32 if in_float32 else torch.bfloat16]
 
 
 def test_one_gather_of_queries_and_keys_reads_the_mapped_key_heads_and_stays_head_major():

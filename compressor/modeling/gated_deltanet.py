@@ -32,8 +32,9 @@ from .decode_graph import DecodeGraph, RecordedDecodeSteps
 from .fla_decode_step import can_step_in_place
 from .fla_rows import GATE_ACTIVATIONS, gated_norm_kernel, gated_rms_normalised, takes
 from .gated_delta import gated_delta_rule
-from .head_gate import head_gates
+from .head_gate import head_gates, write_strengths
 from .head_gate import takes as head_gate_takes
+from .head_gate import takes_beta as head_gate_takes_beta
 from .head_gather import gather_heads
 from .head_gather import takes as gather_takes
 from .head_norm import rms_normalised
@@ -193,9 +194,17 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
         if head_gate_takes(a, b, dtype):
             bias, rate = self.decay_parameters(dtype)
-            g, beta = head_gates(a, b, bias, rate, self.beta_scale)
+            g, beta = head_gates(a, b, bias, rate, self.beta_scale, beta_dtype=self.beta_dtype(b))
             return beta, g
         return self.write_strength(b), self.decay(a)
+
+    beta_in_float32 = False
+    """Whether beta is written in float32 at least (fla's layers: their kernels apply the sigmoid in float32), or in
+    b's dtype (transformers' layers round sigmoid(b) to it)."""
+
+    def beta_dtype(self, b: torch.Tensor) -> torch.dtype:
+        """The dtype beta is written in from the b projection b (``beta_in_float32``)."""
+        return torch.promote_types(b.dtype, torch.float32) if self.beta_in_float32 else b.dtype
 
     @property
     def beta_scale(self) -> float:
@@ -203,10 +212,17 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         ``allow_neg_eigval``), else 1."""
         return 2.0 if getattr(self, "allow_neg_eigval", False) else 1.0
 
-    def write_strength(self, b: torch.Tensor) -> torch.Tensor:
-        """beta [B, T, H_v] from the b projection: ``beta_scale`` · sigmoid(b), head-major (``sigmoid_head_major``;
-        b [B, T, H_k, r] gives [B, T, H_k, r] in fla's layout for value heads that share key heads)."""
-        beta, scale = sigmoid_head_major(b), self.beta_scale
+    def write_strength(self, b: torch.Tensor, values_per_key: int = 1) -> torch.Tensor:
+        """beta [B, T, H_v] from the b projection [B, T, H_v]: ``beta_scale`` · sigmoid(b) in ``beta_dtype(b)``,
+        head-major, or [B, T, H_v / r, r] in fla's layout for r = ``values_per_key`` value heads that share key heads.
+        Where beta is written in another dtype than b's, one launch on a GPU (``head_gate.write_strengths``), else
+        ``sigmoid_head_major``."""
+        dtype, scale = self.beta_dtype(b), self.beta_scale
+        if dtype != b.dtype and head_gate_takes_beta(b):
+            return write_strengths(b, scale, values_per_key, dtype)
+        if values_per_key > 1:
+            b = b.unflatten(-1, (-1, values_per_key))
+        beta = sigmoid_head_major(b, dtype)
         return beta if scale == 1.0 else beta * scale
 
     def decay(self, a: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
     """fla's GatedDeltaNet layer; any number of value heads per key head; ``out_proj`` names fla's ``o_proj``."""
 
     recurrence = staticmethod(gated_delta_rule)
+    beta_in_float32 = True  # as fla's kernels apply the sigmoid
 
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
@@ -76,7 +77,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         options = dict(initial_state=last_state["recurrent_state"] if last_state is not None else None,
                        output_final_state=bool(use_cache), scale=self.query_scale)
         if ratio > 1:
-            g, beta = head_gates(a, b, *self.decay_parameters(torch.float32), self.beta_scale, ratio)
+            g, beta = head_gates(a, b, *self.decay_parameters(torch.float32), self.beta_scale, ratio, self.beta_dtype(b))
             out, final_state = shared_key_gated_delta_rule(q, k, v, g, beta, **options)
         else:
             beta, g = self.gates(a, b)

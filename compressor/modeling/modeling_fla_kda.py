@@ -40,6 +40,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
     use_gate = True  # the output gate (g_proj, sigmoid) is not optional in KDA
     recurrence = staticmethod(kimi_delta_attention)
     state_v_first = True  # the layout of the states the recurrence takes and returns, and the cache keeps
+    beta_in_float32 = True  # as fla's kernels apply the sigmoid
 
     def __init__(self, config, layer_idx: int):
         num_heads = config.num_heads
@@ -121,7 +122,7 @@ class PrunedFlaKDA(FlaMixerMixin, KimiDeltaAttention):
                        output_final_state=bool(use_cache), scale=self.query_scale, state_v_first=self.state_v_first)
         b = self.b_proj(hidden_states)
         if ratio > 1:
-            beta = self.write_strength(b.view(batch, length, self.num_k_heads, ratio))
+            beta = self.write_strength(b, ratio)
             gate = DecayGate(*self.decay_parameters(torch.float32)[:2], self.lower_bound)
             out, final_state = shared_key_kda(q, k, v, f, beta, gate, **options)
         else:

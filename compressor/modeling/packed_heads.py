@@ -126,12 +126,15 @@ def head_major_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return empty.transpose(1, 2)
 
 
-def sigmoid_head_major(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x) for x [B, T, H] (or [B, T, H, ·]): written head-major in one launch (``head_major_like``), in x's
-    layout where autograd records it (it takes no ``out``)."""
+def sigmoid_head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sigmoid(x) for x [B, T, H] (or [B, T, H, ·]) in ``dtype`` (by default x's): written head-major in one launch
+    (``head_major_like``), in x's layout where autograd records it (it takes no ``out``)."""
+    dtype = dtype or x.dtype
     if torch.is_grad_enabled() and x.requires_grad:
-        return x.sigmoid()
-    return torch.sigmoid(x, out=head_major_like(x))
+        return x.to(dtype).sigmoid()
+    if dtype == x.dtype:
+        return torch.sigmoid(x, out=head_major_like(x))
+    return head_major_like(x, dtype).copy_(x).sigmoid_()  # sigmoid(x, out=) would round to x's dtype first
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
