@@ -443,9 +443,10 @@ def test_the_head_gate_kernel_equals_pytorch_and_writes_head_major():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_head_gate_on_cuda_equals_pytorch():
     """The kernel compiled for a GPU: a bf16 strided view of a fused projection and a contiguous b, 3000 tokens of 48
-    heads, against PyTorch's formulas (beta rounded once to bf16, as PyTorch's sigmoid rounds it)."""
+    heads, against PyTorch's formulas (beta rounded once to bf16, as PyTorch's sigmoid rounds it; in float32 with g,
+    and alone, for fla's layers, also two value heads per key head)."""
     pytest.importorskip("triton")
-    from compressor.modeling.head_gate import head_gates
+    from compressor.modeling.head_gate import head_gates, write_strengths
 
     generator = torch.Generator().manual_seed(0)
     a = (4 * torch.randn(2, 3000, 97, generator=generator)).to(torch.bfloat16).cuda()[..., 48:96]
@@ -456,6 +457,11 @@ def test_the_head_gate_on_cuda_equals_pytorch():
     assert g.transpose(1, 2).is_contiguous() and beta.transpose(1, 2).is_contiguous()
     assert ((g - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-5
     assert (beta.float() - (2 * b.sigmoid()).float()).abs().max() <= 2 ** -7
+    g32, beta32 = head_gates(a, b, bias, scale, 2.0, values_per_key=2, beta_dtype=torch.float32)
+    alone = write_strengths(b, 2.0, values_per_key=2)
+    assert g32.shape == alone.shape == (2, 3000, 24, 2) and torch.equal(g32.reshape(g.shape), g)
+    assert torch.equal(beta32, alone) and alone.dtype == torch.float32 and alone.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(alone.reshape(b.shape), 2 * b.float().sigmoid(), atol=0, rtol=1e-6)
 
 
 def gated_deltanet_mixer(name: str) -> torch.nn.Module:
