@@ -188,13 +188,14 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
         """hidden [B, T, D] -> (qkv [B, T, 2·H_k·d_k + H_v·d_v], z [B, T, H_v·d_v], b [B, T, H_v], a [B, T, H_v])."""
         raise NotImplementedError
 
-    def gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gates(self, a: torch.Tensor, b: torch.Tensor, values_per_key: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(beta, g) [B, T, H_v] from the b and a projections (``write_strength`` and ``decay``), head-major; on a GPU
-        outside autograd both in one launch (``head_gate.head_gates``)."""
+        outside autograd both in one launch (``head_gate.head_gates``), which alone writes them for r =
+        ``values_per_key`` > 1 value heads per key head, as [B, T, H_v / r, r] in fla's layout for them."""
         dtype = torch.promote_types(self.dt_bias.dtype, torch.float32)
-        if head_gate_takes(a, b, dtype):
+        if values_per_key > 1 or head_gate_takes(a, b, dtype):
             bias, rate = self.decay_parameters(dtype)
-            g, beta = head_gates(a, b, bias, rate, self.beta_scale, beta_dtype=self.beta_dtype(b))
+            g, beta = head_gates(a, b, bias, rate, self.beta_scale, values_per_key, beta_dtype=self.beta_dtype(b))
             return beta, g
         return self.write_strength(b), self.decay(a)
 

@@ -95,9 +95,10 @@ def _launch(
     """``head_gate_kernel`` over b [B, T, H] and, where given, decay = (a [B, T, H], bias [H], scale [H]): (g or
     None, beta), both head-major (or interleaved, ``values_per_key``)."""
     batch, length, heads = b.shape
-    ratio = checked_ratio(heads, values_per_key, "head_gates")
+    ratio = checked_ratio(heads, values_per_key, "head_gates" if decay else "write_strengths")
     if not rows_of(b):
-        raise ValueError("head_gates takes b [B, T, H] with unit stride over heads and batch entries T tokens apart")
+        raise ValueError(f"{'head_gates' if decay else 'write_strengths'} takes b [B, T, H] with unit stride over "
+                         "heads and batch entries T tokens apart")
     shape = (batch, *interleaved_shape(heads, length, ratio))
     beta = torch.empty(shape, dtype=beta_dtype, device=b.device)
     g = None if decay is None else torch.empty(shape, dtype=torch.float32, device=b.device)

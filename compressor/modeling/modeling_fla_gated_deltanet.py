@@ -25,7 +25,6 @@ from .fla_layers import (
 )
 from .fla_chunk import direct, gated_delta_forward
 from .gated_delta import gated_delta_rule, shared_key_gated_delta_rule
-from .head_gate import head_gates
 from .head_gate import takes as head_gate_takes
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
@@ -77,7 +76,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         options = dict(initial_state=last_state["recurrent_state"] if last_state is not None else None,
                        output_final_state=bool(use_cache), scale=self.query_scale)
         if ratio > 1:
-            g, beta = head_gates(a, b, *self.decay_parameters(torch.float32), self.beta_scale, ratio, self.beta_dtype(b))
+            beta, g = self.gates(a, b, ratio)
             out, final_state = shared_key_gated_delta_rule(q, k, v, g, beta, **options)
         else:
             beta, g = self.gates(a, b)

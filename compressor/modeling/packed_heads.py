@@ -127,8 +127,9 @@ def head_major_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 def sigmoid_head_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """sigmoid(x) for x [B, T, H] (or [B, T, H, ·]) in ``dtype`` (by default x's): written head-major in one launch
-    (``head_major_like``), in x's layout where autograd records it (it takes no ``out``)."""
+    """sigmoid(x) for x [B, T, H] (or [B, T, H, ·]) in ``dtype`` (by default x's): written head-major
+    (``head_major_like``) in one launch, two in another dtype than x's; in x's layout where autograd records it (it
+    takes no ``out``)."""
     dtype = dtype or x.dtype
     if torch.is_grad_enabled() and x.requires_grad:
         return x.to(dtype).sigmoid()
