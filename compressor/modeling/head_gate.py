@@ -47,20 +47,18 @@ def rows_of(x: torch.Tensor) -> bool:
     return (x.shape[2] <= 1 or x.stride(2) == 1) and (x.shape[0] <= 1 or x.stride(0) == x.shape[1] * x.stride(1))
 
 
-def takes(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``head_gates`` computes g in ``dtype`` from a and b: float32, both on a GPU in 16- or 32-bit floats,
-    outside autograd (the kernel has no backward), triton importable, of one shape and laid out as ``rows_of`` reads
-    them."""
-    return (triton is not None and a.is_cuda and b.device == a.device and not torch.is_grad_enabled()
-            and dtype == torch.float32 and {a.dtype, b.dtype} <= INPUT_DTYPES and a.shape == b.shape
-            and rows_of(a) and rows_of(b))
-
-
 def takes_beta(b: torch.Tensor) -> bool:
-    """Whether ``write_strengths`` takes b: on a GPU in a 16- or 32-bit float, outside autograd, triton importable,
-    laid out as ``rows_of`` reads it."""
+    """Whether ``write_strengths`` takes b: on a GPU in a 16- or 32-bit float, outside autograd (the kernel has no
+    backward), triton importable, laid out as ``rows_of`` reads it."""
     return (triton is not None and b.is_cuda and not torch.is_grad_enabled() and b.dtype in INPUT_DTYPES
             and rows_of(b))
+
+
+def takes(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``head_gates`` computes g in ``dtype`` from a and b: float32, each as ``takes_beta`` takes it, on one
+    device and of one shape."""
+    return (dtype == torch.float32 and a.shape == b.shape and b.device == a.device and takes_beta(a)
+            and takes_beta(b))
 
 
 def head_gates(
