@@ -6,8 +6,9 @@ head (``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
 
     python scripts/tune_project_kernels.py --out results.json [--cases channel_gate,kda_diagonal,short_conv]
 
-Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels (bf16 input,
-float32 output, the softplus gate); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
+Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels, 2 per key head
+(bf16 input, float32 output; written interleaved as the grouped layer writes it, and head-major; the softplus gate,
+and the bounded one, whose arithmetic is cheaper); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
 launch, normalised as for Gated DeltaNet and KDA, then the values) and of 16 read by 32, heads of 128, 4 taps,
 bf16. fla's stock pieces beside them: its gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned), its
 token-parallel kernel of the diagonal blocks (autotuned) on the same heads laid out as batch entries and on the
@@ -38,27 +39,36 @@ CASES = ("channel_gate", "kda_diagonal", "short_conv")
 """The kernels ``--cases`` may name."""
 
 
-def gate_candidates(batch: int, length: int, heads: int) -> dict:
-    """{name: call} for KDA's decay and its chunk sums at [batch, length, heads, 128]."""
+def gate_candidates(batch: int, length: int, key_heads: int, value_heads: int) -> dict:
+    """{name: call} for KDA's decay and its chunk sums at [batch, length, value_heads, 128], written as the grouped
+    layer writes them (value_heads / key_heads heads per key head, interleaved) and head-major; the softplus gate and
+    the bounded one (a sigmoid: which of the kernel's time is its arithmetic)."""
     from fla.ops.kda.gate import kda_gate_chunk_cumsum
 
     from compressor.modeling import channel_gate
 
-    f = torch.randn(batch, length, heads, WIDTH, device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(heads, WIDTH, device="cuda")
-    a_log = torch.randn(heads, device="cuda")
+    f = torch.randn(batch, length, value_heads, WIDTH, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(value_heads, WIDTH, device="cuda")
+    a_log = torch.randn(value_heads, device="cuda")
     rate = a_log.exp().contiguous()
-    calls = {"fla kda_gate_chunk_cumsum (autotuned)": lambda: kda_gate_chunk_cumsum(
-        f, a_log, chunk_size=64, scale=channel_gate.LOG2_E, dt_bias=bias.view(-1))}
+    calls = {}
+    for bound in (None, -5.0):
+        form = "softplus" if bound is None else "bounded"
+        calls[f"fla kda_gate_chunk_cumsum, {form} (autotuned)"] = (
+            lambda bound=bound: kda_gate_chunk_cumsum(f, a_log, chunk_size=64, scale=channel_gate.LOG2_E,
+                                                      dt_bias=bias.view(-1), lower_bound=bound))
 
-    def configured(channels, warps):
+    def configured(channels, warps, ratio, bound):
         def call():
             channel_gate.SUM_BLOCK_CHANNELS, channel_gate.SUM_NUM_WARPS = channels, warps
-            channel_gate.gated_chunk_cumulative(f, channel_gate.DecayGate(bias, rate, None))
+            channel_gate.gated_chunk_cumulative(f, channel_gate.DecayGate(bias, rate, bound), values_per_key=ratio)
         return call
 
-    for channels, warps in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
-        calls[json.dumps({"SUM_BLOCK_CHANNELS": channels, "SUM_NUM_WARPS": warps})] = configured(channels, warps)
+    for ratio, bound in itertools.product(sorted({value_heads // key_heads, 1}, reverse=True), (None, -5.0)):
+        for channels, warps in itertools.product([16, 32, 64], [1, 2, 4]):
+            name = {"SUM_BLOCK_CHANNELS": channels, "SUM_NUM_WARPS": warps, "values_per_key": ratio,
+                    "gate": "softplus" if bound is None else "bounded"}
+            calls[json.dumps(name)] = configured(channels, warps, ratio, bound)
     return calls
 
 
@@ -153,7 +163,7 @@ def main() -> None:
     from triton.testing import do_bench
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    candidates = {"channel_gate": lambda shape, heads: gate_candidates(*shape, heads[1]),
+    candidates = {"channel_gate": lambda shape, heads: gate_candidates(*shape, *heads),
                   "kda_diagonal": lambda shape, heads: diagonal_candidates(*shape, heads[1]),
                   "short_conv": lambda shape, heads: convolution_candidates(*shape, *heads)}
     cases = [(f"{name} {shape[0]}x{shape[1]}, {heads[0]}/{heads[1]} heads", make, shape, heads)
