@@ -1,22 +1,23 @@
-"""Time the configurations of three of the project's kernels at the sizes a prefill hands them, beside the fla
+"""Time the configurations of four of the project's kernels at the sizes a prefill hands them, beside the fla
 kernels they replace, to choose the ones they launch with: KDA's decay and its chunk sums in one launch
 (``channel_gate.gated_chunk_cumulative``: ``SUM_BLOCK_CHANNELS``, ``SUM_NUM_WARPS``), KDA's diagonal blocks of the
-intra-chunk scores (``kda_diagonal.py``: ``BLOCK_ENTRIES``, ``NUM_WARPS``) and the short convolutions written per
-head (``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``).
+intra-chunk scores (``kda_diagonal.py``: ``BLOCK_ENTRIES``, ``NUM_WARPS``), the short convolutions written per
+head (``short_conv.py``: ``BLOCK_TOKENS``, ``NUM_WARPS``) and the gated output norm of rows where the recurrence
+leaves them (``head_norm.py``: ``BLOCK_ROWS``, ``NUM_WARPS``).
 
-    python scripts/tune_project_kernels.py --out results.json [--cases channel_gate,kda_diagonal,short_conv]
+    python scripts/tune_project_kernels.py --out results.json [--cases channel_gate,kda_diagonal,short_conv,head_norm]
 
-Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; KDA's gate over 8 and 32 value heads of 128 channels, 2 per key head
-(bf16 input, float32 output; written interleaved as the grouped layer writes it, and head-major; the softplus gate,
-and the bounded one, whose arithmetic is cheaper); the convolutions of 4 key heads read by 8 value heads (queries and keys in one
-launch, normalised as for Gated DeltaNet and KDA, then the values) and of 16 read by 32, heads of 128, 4 taps,
-bf16. fla's stock pieces beside them: its gate-fused chunk sum (``kda_gate_chunk_cumsum``, autotuned), its
-token-parallel kernel of the diagonal blocks (autotuned) on the same heads laid out as batch entries and on the
-stock layout [B, T, H, K], and its three
-convolutions (``causal_conv1d``, autotuned) with the L2 norms of queries and keys (``l2norm_fwd``; the head copies
-that followed them are not counted; its Python wrappers can take longer than the GPU's work at these sizes, which
-this timing then measures). ``triton.testing.do_bench`` times the GPU between
-events around each call (microseconds), printed as measured, written at the end. Needs a CUDA GPU and fla.
+Sizes: prefills of 4 x 2048 and 1 x 8192 tokens; layers of 4 key heads read by 8 value heads and of 16 read by 32,
+heads of 128, bf16. KDA's gate: float32 output, written interleaved (2 value heads per key head, as the grouped layer
+writes it) and head-major, the softplus gate and the bounded one (whose arithmetic is cheaper). The convolutions:
+queries and keys in one launch, normalised as for Gated DeltaNet and KDA, then the values, 4 taps. The norm: the
+sigmoid gate, rows interleaved and head-major. fla's stock pieces beside them: its gate-fused chunk sum
+(``kda_gate_chunk_cumsum``, autotuned), its token-parallel kernel of the diagonal blocks (autotuned) on the same heads
+laid out as batch entries and on the stock layout [B, T, H, K], its three convolutions (``causal_conv1d``,
+autotuned) with the L2 norms of queries and keys (``l2norm_fwd``; the head copies that followed them are not
+counted; its Python wrappers can take longer than the GPU's work at these sizes, which this timing then measures),
+and its ``FusedRMSNormGated`` on contiguous rows. ``triton.testing.do_bench`` times the GPU between events around
+each call (microseconds), printed as measured, written at the end. Needs a CUDA GPU and fla.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SHAPES = [(4, 2048), (1, 8192)]
 HEADS = [(4, 8), (16, 32)]
 """(key heads, value heads) of the layers."""
 WIDTH, TAPS = 128, 4
-CASES = ("channel_gate", "kda_diagonal", "short_conv")
+CASES = ("channel_gate", "kda_diagonal", "short_conv", "head_norm")
 """The kernels ``--cases`` may name."""
 
 
@@ -147,6 +148,34 @@ def convolution_candidates(batch: int, length: int, key_heads: int, value_heads:
     return calls
 
 
+def norm_candidates(batch: int, length: int, key_heads: int, value_heads: int) -> dict:
+    """{name: call} for the gated output norm of [batch, length, value_heads, 128] rows where the grouped layer's
+    recurrence leaves them (value_heads / key_heads per key head, interleaved; and head-major), beside fla's module on
+    the stock layer's contiguous rows."""
+    from fla.modules import FusedRMSNormGated
+
+    from compressor.modeling import head_norm
+
+    ratio = value_heads // key_heads
+    rows = torch.randn(batch, length, value_heads, WIDTH, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn_like(rows)
+    layouts = {ratio: rows.view(batch, key_heads, length, ratio, WIDTH).transpose(1, 2),
+               1: rows.view(batch, value_heads, length, WIDTH).transpose(1, 2)}
+    stock = FusedRMSNormGated(WIDTH, activation="sigmoid", eps=1e-6).to(device="cuda", dtype=torch.bfloat16)
+    calls = {"fla FusedRMSNormGated, contiguous rows (autotuned)": lambda: stock(rows, gate)}
+
+    def configured(block, warps, ratio):
+        def call():
+            head_norm.BLOCK_ROWS, head_norm.NUM_WARPS = block, warps
+            head_norm.rms_normalised(layouts[ratio], stock.weight, 1e-6, gate.view(layouts[ratio].shape), "sigmoid")
+        return call
+
+    for ratio, block, warps in itertools.product(sorted(layouts, reverse=True), [4, 8, 16, 32, 64], [1, 2, 4, 8]):
+        name = {"BLOCK_ROWS": block, "NUM_WARPS": warps, "values_per_key": ratio}
+        calls[json.dumps(name)] = configured(block, warps, ratio)
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -165,7 +194,8 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     candidates = {"channel_gate": lambda shape, heads: gate_candidates(*shape, *heads),
                   "kda_diagonal": lambda shape, heads: diagonal_candidates(*shape, heads[1]),
-                  "short_conv": lambda shape, heads: convolution_candidates(*shape, *heads)}
+                  "short_conv": lambda shape, heads: convolution_candidates(*shape, *heads),
+                  "head_norm": lambda shape, heads: norm_candidates(*shape, *heads)}
     cases = [(f"{name} {shape[0]}x{shape[1]}, {heads[0]}/{heads[1]} heads", make, shape, heads)
              for name, make in candidates.items() if name in chosen
              for shape, heads in itertools.product(SHAPES, HEADS)]

@@ -8,7 +8,7 @@ reads each row of x through x's strides (and of the gate through the gate's) and
 order, computed as fla's kernels compute them: y = x · rstd · weight with rstd = 1 / sqrt(mean(x²) + eps), then
 y · g · sigmoid(g) (swish, silu) or y · sigmoid(g), in float32, rounded to x's dtype at the end. Neither the head
 count, the batch nor the length is compiled in; the configuration is the one measured for fla's gated norm kernel,
-whose loop is the same (``fla_rows.GATED_NORM_CONFIG``), and nothing autotunes.
+whose loop is the same (``fla_rows.GATED_NORM_CONFIG``: ``BLOCK_ROWS``, ``NUM_WARPS``), and nothing autotunes.
 
 Shapes: x, gate [B, T, H, D] (any strides but a contiguous last dimension), weight [D] -> [B, T, H, D], contiguous;
 or x, gate [B, T, H_k, r, D], the output of value heads that share key heads as fla lays it out (r heads per key head
@@ -27,6 +27,10 @@ try:  # folders run where triton is absent too: the callers then normalise throu
     import triton.language as tl
 except ImportError:
     triton = None
+
+BLOCK_ROWS = GATED_NORM_CONFIG["BT"]
+"""Rows per program."""
+NUM_WARPS = GATED_NORM_CONFIG["num_warps"]
 
 
 def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
@@ -58,10 +62,10 @@ def rms_normalised(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torc
         gated = x if gate is None else gate
         strides = [(*t.stride()[:3], t.stride(3) if t.dim() == 5 else 0) for t in (x, gated)]
         with launching_on(x):
-            head_norm_kernel[(-(-rows // GATED_NORM_CONFIG["BT"]),)](
+            head_norm_kernel[(-(-rows // BLOCK_ROWS),)](
                 x, gated, weight, out, eps, rows, length, heads, ratio, *strides[0], *strides[1], D=width,
-                BD=next_power_of_2(width), BR=GATED_NORM_CONFIG["BT"], ACTIVATION=activation if gate is not None
-                else "", num_warps=GATED_NORM_CONFIG["num_warps"],
+                BD=next_power_of_2(width), BR=BLOCK_ROWS, ACTIVATION=activation if gate is not None else "",
+                num_warps=NUM_WARPS,
             )
     return out
 
