@@ -78,11 +78,10 @@ if triton is not None:
         """One program per BR rows in token order, row r = (b·T + t)·H + h, head h = i·R + j (R heads per key head;
         R = 1 for 4-D x): x read at b·sx_b + t·sx_t + i·sx_h + j·sx_r, the gate likewise through its strides (unread
         without ``ACTIVATION``), y written at r·D."""
-        o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        i_h = o_r % H
-        i_t = (o_r // H) % T
-        i_b = o_r // H // T
-        i_k, i_j = i_h // R, i_h % R
+        o_r = tl.program_id(0) * BR + tl.arange(0, BR)  # int32 (N < 2**31): 64-bit division is a long subroutine
+        i_h, i_bt = o_r % H, o_r // H
+        i_b, i_t = (i_bt // T).to(tl.int64), (i_bt % T).to(tl.int64)
+        i_k, i_j = (i_h // R).to(tl.int64), (i_h % R).to(tl.int64)
         o_d = tl.arange(0, BD)
         m_d = o_d < D
         mask = (o_r < N)[:, None] & m_d[None, :]
@@ -98,4 +97,4 @@ if triton is not None:
                 b_y = b_y * tl.sigmoid(b_g)
             else:
                 b_y = b_y * b_g * tl.sigmoid(b_g)
-        tl.store(y + o_r[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=mask)
+        tl.store(y + o_r.to(tl.int64)[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=mask)

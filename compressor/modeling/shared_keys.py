@@ -36,5 +36,6 @@ if triton is not None:
     @triton.jit
     def interleaved_row(i, t, T, R):
         """The row of token t (of T) of head i, counted over batch entries and heads (i = b·H + h), R heads per key
-        head: (i // R · T + t)·R + i % R; b·H·T + h·T + t (head-major) for R = 1."""
-        return ((i // R) * T + t) * R + i % R
+        head: (i // R · T + t)·R + i % R; b·H·T + h·T + t (head-major) for R = 1. In int64 whatever i's type (an
+        int32 i divides faster)."""
+        return ((i // R).to(tl.int64) * T + t) * R + i % R
