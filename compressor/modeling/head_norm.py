@@ -31,13 +31,17 @@ except ImportError:
 BLOCK_ROWS = GATED_NORM_CONFIG["BT"]
 """Rows per program."""
 NUM_WARPS = GATED_NORM_CONFIG["num_warps"]
+MAX_ROWS = 2**31 - 1024
+"""The kernel counts rows in int32."""
 
 
 def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
     """Whether ``rms_normalised`` takes x (and gate) [B, T, H, D] or [B, T, H_k, r, D]: on a GPU, outside autograd
-    (the kernel has no backward), rows of at most ``MAX_ROW_SIZE`` contiguous elements that are not in token order
-    already (contiguous rows go to fla's kernels, which read them as they lie), triton importable."""
+    (the kernel has no backward), fewer than ``MAX_ROWS`` rows of at most ``MAX_ROW_SIZE`` contiguous elements that
+    are not in token order already (contiguous rows go to fla's kernels, which read them as they lie), triton
+    importable."""
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() in (4, 5)
+            and x.numel() // max(x.shape[-1], 1) < MAX_ROWS
             and x.shape[-1] <= MAX_ROW_SIZE and x.stride(-1) == 1 and not x.is_contiguous()
             and (gate is None or (gate.shape == x.shape and gate.stride(-1) == 1)))
 
@@ -53,6 +57,8 @@ def rms_normalised(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torc
         raise ValueError(f"rms_normalised takes a gate of x's shape, contiguous rows and one of {GATE_ACTIVATIONS}")
     if weight.shape != x.shape[-1:] or not weight.is_contiguous():
         raise ValueError("rms_normalised takes a contiguous weight [D]")
+    if x.numel() // max(x.shape[-1], 1) >= MAX_ROWS:
+        raise ValueError(f"rms_normalised takes fewer than {MAX_ROWS} rows")
     batch, length, width = x.shape[0], x.shape[1], x.shape[-1]
     ratio = x.shape[3] if x.dim() == 5 else 1
     heads = x.shape[2] * ratio
