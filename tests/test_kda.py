@@ -236,7 +236,7 @@ for batch, length, heads, width, dtype in ((2, 37, 3, 96, torch.bfloat16), (1, 7
         got = channel_gate(f, bias, rate, lower_bound)
         assert got.dtype == torch.float32 and got.shape == f.shape and got.transpose(1, 2).is_contiguous()
         error = ((got - expected).abs() / (expected.abs() + 1e-6)).max().item()
-        assert error < 1e-4, (batch, length, heads, width, lower_bound, error)
+        assert error < 1e-5, (batch, length, heads, width, lower_bound, error)
         chunks = F.pad(got, (0, 0, 0, 0, 0, -length % CHUNK_SIZE)).view(batch, -1, CHUNK_SIZE, heads, width)
         sums = chunks.cumsum(2).view(batch, -1, heads, width)[:, :length] * LOG2_E
         for g in (got, got.contiguous()):  # head-major, as channel_gate writes it, and token-major
@@ -257,9 +257,12 @@ except ValueError:
     pass
 g = channel_gate(torch.tensor([float("nan"), 1.0]).view(1, 1, 1, 2), torch.zeros(1, 2), torch.ones(1), None)
 assert g[0, 0, 0, 0].isnan() and not g[0, 0, 0, 1].isnan()  # NaN stays NaN, as in F.softplus
+print("ok")
+"""
 
-# fla's KDA mixer on the CUDA path: its own recurrence takes the gate's input, a wrapped one the decay
+GATED_MIXER_INTERPRETED = """
 import sys
+import torch
 sys.path[:0] = ["tests"]
 from emulated_cuda import cuda_path
 from tiny_fla import tiny_fla_model
@@ -297,18 +300,23 @@ print("ok")
 def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     """KDA's decay kernel (``channel_gate.py``) run by Triton's interpreter against PyTorch's formula: lengths that are
     not a multiple of its token block, key head sizes that are not powers of two, bf16 and float32 inputs, both gate
-    forms; the result head-major. A wrong offset of the input, the output or the parameters moves values by O(1).
-    Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major, against PyTorch's
-    cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths whose channels fill
-    one, several and part of a block of the sums' programs; the gate and its sums in one launch
-    (``gated_chunk_cumulative``) bit for bit the two launches; f whose channels are not adjacent refused.
-
-    Then fla's KDA mixer on its CUDA path (every tensor reporting ``is_cuda``): it hands its own recurrence the
-    gate's input and parameters, and the recurrence computes the gate and its chunk-local sums in that one launch;
-    where a capture wraps the recurrence, the decay is written and then summed (two launches). The mixer's output
-    is the same bit for bit."""
+    forms, values on both sides of the softplus's series (to 1e-5 of the value: a wrong term of the series or a
+    wrong branch breaks it); the result head-major. A wrong offset of the input, the output or the parameters moves
+    values by O(1). Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major,
+    against PyTorch's cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths
+    whose channels fill one, several and part of a block of the sums' programs; the gate and its sums in one launch
+    (``gated_chunk_cumulative``) bit for bit the two launches; f whose channels are not adjacent refused."""
     pytest.importorskip("triton")
     run_interpreted(CHANNEL_GATE_INTERPRETED)
+
+
+def test_flas_kda_mixer_hands_its_recurrence_the_gate_and_a_wrapped_one_the_decay():
+    """fla's KDA mixer on its CUDA path (every tensor reporting ``is_cuda``), under Triton's interpreter: it hands its
+    own recurrence the gate's input and parameters, and the recurrence computes the gate and its chunk-local sums in
+    one launch; where a capture wraps the recurrence, the decay is written and then summed (two launches). The
+    mixer's output is the same bit for bit."""
+    skip_where_the_interpreter_fails_on("the chunked KDA kernels")
+    run_interpreted(GATED_MIXER_INTERPRETED)
 
 
 KIMI_MODULES_INTERPRETED = """
