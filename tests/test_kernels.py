@@ -785,8 +785,8 @@ def test_the_head_gather_kernel_compiles_for_an_h100_with_vector_loads(layout):
 
 @pytest.mark.parametrize("form", ["softplus", "bounded", "chunk-sums", "gated-chunk-sums"])
 def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
-    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90: bf16 f (for the gate, alone or with its chunk
-    sums), or for the chunk-local sums float32 g, loaded 16 bytes at a time."""
+    """KDA's decay kernel (``channel_gate.py``) compiled for sm_90 with the GPU's approximate log2: bf16 f (for the
+    gate, alone or with its chunk sums), or for the chunk-local sums float32 g, loaded 16 bytes at a time."""
     pytest.importorskip("triton")
     from compressor.modeling.channel_gate import (
         BLOCK_TOKENS,
@@ -803,6 +803,6 @@ def test_the_channel_gate_kernel_compiles_for_an_h100_with_vector_loads(form):
                  scale="fp32", T="i32", H="i32", NT="i32", NK="i32", s_b="i32", s_t="i32", s_h="i32", R="i32")
     constants = {"K": 128, "BT": CHUNK_SIZE if cumulative else BLOCK_TOKENS,
                  "BK": SUM_BLOCK_CHANNELS if cumulative else 128, "GATED": gated, "BOUNDED": form == "bounded",
-                 "CUMULATIVE": cumulative}
+                 "CUMULATIVE": cumulative, "FAST_LOG": True}
     loads = hopper_loads(channel_gate_kernel, types, constants, SUM_NUM_WARPS if cumulative else NUM_WARPS)
     assert "ld.global.v4.b32" in loads, loads

@@ -44,7 +44,7 @@ except ImportError:
 BLOCK_TOKENS = 32
 """Tokens per program of ``channel_gate``: with 4 warps and K = 128, 32 values per thread (the chunk sums' programs
 take one chunk each)."""
-SUM_BLOCK_CHANNELS = 16
+SUM_BLOCK_CHANNELS = 32
 """Channels per program where the kernel sums by chunk (a program sums CHUNK_SIZE x SUM_BLOCK_CHANNELS values), as
 fla's gate-fused cumulative sum splits the channels (``scripts/tune_project_kernels.py`` times the choices, for the
 gate with its sums; the sums alone take the same)."""
