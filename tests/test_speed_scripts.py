@@ -394,3 +394,34 @@ def test_tune_project_kernels_refuses_an_unknown_case_by_name(monkeypatch, tmp_p
     with pytest.raises(SystemExit):
         tune_project_kernels.main()
     assert "unknown cases: conv, gates" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+
+
+DIVIDING_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def divide(x, out, n, WIDE: tl.constexpr):
+    i = tl.program_id(0) * 128 + tl.arange(0, 128)
+    if WIDE:
+        i = i.to(tl.int64)
+    tl.store(out + i, tl.load(x + i // n + i % n))
+'''
+
+
+def test_count_instructions_counts_the_subroutine_calls_of_a_64_bit_division(monkeypatch, tmp_path):
+    """``count_instructions.py`` on a kernel that divides its 128 indices by a runtime integer: in int64 each
+    division is a call to a subroutine (and more instructions), in int32 inline."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "dividing_kernel.py").write_text(DIVIDING_KERNEL)
+    import count_instructions
+    from dividing_kernel import divide
+
+    types = dict(x="*fp32", out="*fp32", n="i32")
+    wide, narrow = (count_instructions.sass_counts(divide, types, {"WIDE": wide}, num_warps=1, values=128)
+                    for wide in (True, False))
+    assert wide["calls"] >= 1 and narrow["calls"] == 0, (wide, narrow)
+    assert wide["instructions"] > narrow["instructions"] and narrow["values_per_thread"] == 4
