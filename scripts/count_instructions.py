@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def jit_function(kernel):
     """The ``triton.JITFunction`` beneath a kernel's autotuner and heuristics."""
-    while not hasattr(kernel, "arg_names") or hasattr(kernel, "fn") and not hasattr(kernel, "do_not_specialize"):
+    from triton.runtime import JITFunction
+
+    while not isinstance(kernel, JITFunction):
         kernel = kernel.fn
     return kernel
 
