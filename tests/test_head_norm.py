@@ -138,3 +138,18 @@ def test_the_head_norm_on_cuda_reads_and_writes_past_two_to_the_31st_element():
     rows = x[0, -64:].float()
     expected = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
     torch.testing.assert_close(got[0, -64:], expected.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+def test_the_head_norm_refuses_more_rows_than_its_int32_count_holds(monkeypatch):
+    """The kernel counts rows in int32: ``takes`` declines 2**31 rows and ``rms_normalised`` refuses them (meta
+    tensors: no memory)."""
+    pytest.importorskip("triton")
+    from compressor.modeling import head_norm
+
+    x = torch.empty(2, 2**30, 1, 8, device="meta").transpose(0, 1)  # head-major rows, as a recurrence leaves them
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert head_norm.takes(x[: 2**29]) and not head_norm.takes(x)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="fewer than"):
+        head_norm.rms_normalised(x, torch.ones(8, device="meta"), 1e-6)

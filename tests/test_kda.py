@@ -257,6 +257,10 @@ except ValueError:
     pass
 g = channel_gate(torch.tensor([float("nan"), 1.0]).view(1, 1, 1, 2), torch.zeros(1, 2), torch.ones(1), None)
 assert g[0, 0, 0, 0].isnan() and not g[0, 0, 0, 1].isnan()  # NaN stays NaN, as in F.softplus
+x = torch.linspace(-80.0, 30.0, 200 * 128).view(1, 200, 1, 128)  # the series, the log and x, to float32's normal range
+exact = -F.softplus(x.double())
+error = ((channel_gate(x, torch.zeros(1, 128), torch.ones(1), None).double() - exact).abs() / exact.abs()).max()
+assert error < 2e-6, error.item()
 print("ok")
 """
 
@@ -300,8 +304,9 @@ print("ok")
 def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     """KDA's decay kernel (``channel_gate.py``) run by Triton's interpreter against PyTorch's formula: lengths that are
     not a multiple of its token block, key head sizes that are not powers of two, bf16 and float32 inputs, both gate
-    forms, values on both sides of the softplus's series (to 1e-5 of the value: a wrong term of the series or a
-    wrong branch breaks it); the result head-major. A wrong offset of the input, the output or the parameters moves
+    forms; the result head-major. The softplus on 25,600 values from -80 to 30 against float64, to 2e-6 of each
+    value however small (a term of the series dropped, its branch moved to 1/8, or tiny values flushed to 0 break
+    it). A wrong offset of the input, the output or the parameters moves
     values by O(1). Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major,
     against PyTorch's cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths
     whose channels fill one, several and part of a block of the sums' programs; the gate and its sums in one launch
@@ -416,7 +421,8 @@ def test_the_kda_decay_takes_the_kernel_on_a_gpu_outside_autograd_only(monkeypat
 def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
     """The kernel compiled for a GPU: bf16 f of 300 tokens, 5 heads of 128, against PyTorch's formula in float32;
     the gate and its chunk sums in one launch against the two launches (to float32's rounding: the compiler may
-    order the two programs' operations differently)."""
+    order the two programs' operations differently); the softplus, with the GPU's approximate log2, on 25,600 values
+    from -80 to 30 to 1e-5 of each against float64."""
     pytest.importorskip("triton")
     from compressor.modeling.channel_gate import DecayGate, channel_gate, chunk_cumulative, gated_chunk_cumulative
 
@@ -429,6 +435,11 @@ def test_the_channel_gate_on_cuda_equals_pytorch(lower_bound):
     assert got.transpose(1, 2).is_contiguous()
     assert ((got - expected).abs() / (expected.abs() + 1e-6)).max() < 1e-4
     torch.testing.assert_close(gated_chunk_cumulative(f, DecayGate(bias, rate, lower_bound)), chunk_cumulative(got))
+    if lower_bound is None:  # the GPU's approximate exp and log2, from -80 to 30 against float64
+        x = torch.linspace(-80.0, 30.0, 200 * 128, device="cuda").view(1, 200, 1, 128)
+        exact = -F.softplus(x.double())
+        got = channel_gate(x, torch.zeros(1, 128, device="cuda"), torch.ones(1, device="cuda"), None)
+        assert ((got.double() - exact).abs() / exact.abs()).max() < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -476,3 +487,13 @@ def test_the_diagonal_blocks_refuse_what_their_kernel_does_not_read():
                                 "contiguous")):
         with pytest.raises(ValueError, match=message):
             diagonal_blocks(*arguments)
+
+
+def test_the_channel_gate_refuses_a_token_stride_its_int32_offsets_would_overflow():
+    """Offsets within a program are int32: a token stride whose chunk of tokens reaches 2**31 elements is refused
+    before anything launches (meta tensors: no memory)."""
+    from compressor.modeling.channel_gate import chunk_cumulative
+
+    g = torch.empty_strided((1, 2, 1, 8), (2**26, 2**25, 8, 1), device="meta")
+    with pytest.raises(ValueError, match="token stride below"):
+        chunk_cumulative(g)

@@ -141,7 +141,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor, lower_bound
 
 
 if triton is not None:
-    from triton.language.extra.cuda import libdevice
+    from triton.language.extra import libdevice
 
     from .shared_keys import interleaved_row
 
