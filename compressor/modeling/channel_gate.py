@@ -154,7 +154,7 @@ if triton is not None:
         interleaved token by token; head-major for R = 1); with CUMULATIVE, its running sum over the program's
         tokens, times ``scale``. Offsets within the program are int32 (BT · s_t and BT · R · K below 2**31), its
         base int64; FAST_LOG takes log2 from the GPU's approximate instruction (not under Triton's interpreter)."""
-        i_k = tl.program_id(0) % NK  # the program's coordinates in int32 (the grid's size is), offsets in int64
+        i_k = tl.program_id(0) % NK  # the program's coordinates in int32 (the grid's size is), its base in int64
         i_bht = tl.program_id(0) // NK
         i_bh, i_t = i_bht // NT, i_bht % NT
         i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H

@@ -32,7 +32,12 @@ BLOCK_ROWS = GATED_NORM_CONFIG["BT"]
 """Rows per program."""
 NUM_WARPS = GATED_NORM_CONFIG["num_warps"]
 MAX_ROWS = 2**31 - 1024
-"""The kernel counts rows in int32."""
+"""The kernel counts rows in int32, a last program's past the end included (``BLOCK_ROWS`` ≤ 1024)."""
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """The rows of D elements that x [..., D] holds."""
+    return x.numel() // max(x.shape[-1], 1)
 
 
 def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
@@ -41,7 +46,7 @@ def takes(x: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
     are not in token order already (contiguous rows go to fla's kernels, which read them as they lie), triton
     importable."""
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() in (4, 5)
-            and x.numel() // max(x.shape[-1], 1) < MAX_ROWS
+            and rows_of(x) < MAX_ROWS
             and x.shape[-1] <= MAX_ROW_SIZE and x.stride(-1) == 1 and not x.is_contiguous()
             and (gate is None or (gate.shape == x.shape and gate.stride(-1) == 1)))
 
@@ -57,7 +62,7 @@ def rms_normalised(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torc
         raise ValueError(f"rms_normalised takes a gate of x's shape, contiguous rows and one of {GATE_ACTIVATIONS}")
     if weight.shape != x.shape[-1:] or not weight.is_contiguous():
         raise ValueError("rms_normalised takes a contiguous weight [D]")
-    if x.numel() // max(x.shape[-1], 1) >= MAX_ROWS:
+    if rows_of(x) >= MAX_ROWS:
         raise ValueError(f"rms_normalised takes fewer than {MAX_ROWS} rows")
     batch, length, width = x.shape[0], x.shape[1], x.shape[-1]
     ratio = x.shape[3] if x.dim() == 5 else 1
