@@ -16,7 +16,7 @@ autograd in one; each step of a greedy generation that starts from the cache of 
 prompt's last token, then two generated ones, all decode steps), whether the generated tokens are the same, the
 logit scale, how many times a direct chunked forward was called without and with autograd, and how many layer calls
 of the prefill ran in fla's own layout instead of packed heads (value heads that share key heads,
-``packed_heads.key_heads_as_sequences`` and ``key_heads_as_batch``; GLA's token-major layout,
+``packed_heads.key_heads_as_batch``; GLA's token-major layout,
 ``gla.token_major_gla``).
 
 Before pruning, the shipped class and the stock class it extends (``slicing.stock_base``) run the model's unpruned
@@ -89,7 +89,7 @@ def counted_direct_forwards(counts: dict[str, int]):
 
     for module, forward in zip(modules, originals):
         module.unwrapped_chunk = counting(forward)
-    shared = [(modules[0], "key_heads_as_sequences"), (modules[3], "key_heads_as_batch"),  # gated_delta, kda
+    shared = [(modules[0], "key_heads_as_batch"), (modules[3], "key_heads_as_batch"),  # gated_delta, kda
               (importlib.import_module("compressor.modeling.modeling_fla_gla"), "token_major_gla")]
     shared_originals = [getattr(module, name) for module, name in shared]
 

@@ -18,15 +18,17 @@ pytest.importorskip("fla")
 def test_the_forward_functions_of_fla_0_6_are_found():
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_h import chunk_fwd_kernel_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.gla.chunk import chunk_gla_fwd_intra_gk, chunk_gla_fwd_o_gk
     from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused
     from fla.ops.kda.wy_fast import recompute_w_u_fwd
     from fla.ops.utils.constant import RCP_LN2
     from fla.ops.utils.cumsum import chunk_local_cumsum_vector
 
-    assert fla_chunk.gated_delta_forward() is chunk_gated_delta_rule_fwd
+    assert fla_chunk.gated_delta_forward() == (chunk_gated_delta_rule_fwd_intra, chunk_gated_delta_rule_fwd_h,
+                                               chunk_fwd_o)
     assert fla_chunk.delta_forward() is chunk_delta_rule_fwd
     assert fla_chunk.kda_forward() == (chunk_kda_fwd_kernel_inter_solve_fused, recompute_w_u_fwd,
                                        chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk)
@@ -56,13 +58,13 @@ def test_a_gla_states_kernel_whose_launch_sets_less_is_not_launched(monkeypatch)
 
 
 def test_a_forward_function_of_other_parameters_is_not_used(monkeypatch):
-    from fla.ops.gated_delta_rule import chunk
+    from fla.ops.gated_delta_rule import chunk_fwd
 
-    def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size=64):
+    def chunk_gated_delta_rule_fwd_intra(k, v, g, beta, cu_seqlens=None, chunk_size=64):
         raise AssertionError("not to be called")
 
     with looked_up_afresh(fla_chunk.gated_delta_forward, monkeypatch):
-        monkeypatch.setattr(chunk, "chunk_gated_delta_rule_fwd", chunk_gated_delta_rule_fwd)
+        monkeypatch.setattr(chunk_fwd, "chunk_gated_delta_rule_fwd_intra", chunk_gated_delta_rule_fwd_intra)
         assert fla_chunk.gated_delta_forward() is None
         assert not fla_chunk.direct(torch.zeros(1), fla_chunk.gated_delta_forward)
 
@@ -155,11 +157,13 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         delta = reference is not recurrent_gla_torch
         arguments = (qd, kd, vd, *gates, *(bd,) * delta)
         extra = {chunk_gla: dict(chunk_offsets=index["chunk_offsets"])}.get(public, {})  # what the layers pass besides
-        as_batch = public in (chunk_kda, chunk_delta_rule)
-        if as_batch:  # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2
+        as_batch = public is not chunk_gla
+        if as_batch:  # a batch of the sequences; the gated rules' from the decay's chunk-local sums in base 2
             batch = [x.view(count, length, *x.shape[2:]) for x in arguments]
             if public is chunk_kda:
                 batch[3] = chunk_cumulative(batch[3])
+            elif public is chunk_gated_delta_rule:
+                batch[3] = chunk_cumulative(batch[3].unsqueeze(2)).squeeze(2)
             out, final = direct(*batch, initial_state=state, output_final_state=True, scale=scale)
             out = out.view(1, tokens, 1, -1)
         else:
@@ -222,8 +226,8 @@ for batch, length, width, dtype, heads in ((3, 37, 24, torch.bfloat16, 1), (1, 7
 def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
     each equals fla's public function bit for bit, with initial and final states at a query scale other than
-    d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; DeltaNet's and KDA's take the
-    sequences as a batch; KDA's without states in float32 only: its kernels run slowly here, outside the fast
+    d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; all but GLA's take the sequences as
+    a batch, the gated rules from their decay's chunk-local sums; KDA's without states in float32 only: its kernels run slowly here, outside the fast
     subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence.
 
     With KDA, its diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) against fla's token-parallel kernel
@@ -242,11 +246,12 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
 @pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
 def test_the_direct_forward_equals_fla_public_function(rule):
-    """Heads packed as sequences (6 of 200 tokens: not a whole number of chunks), an initial state, bf16, a query
-    scale other than d_k^-0.5: bit for bit. DeltaNet's and KDA's direct forwards take them as a batch (KDA's
-    computing its states value-first), so other variants of fla's kernels, tuned on their own, run: within 2 % of
-    the largest value, with and without states (a wrong slice moves values by their own size; the interpreted test
-    above checks them bit for bit against the public function)."""
+    """6 sequences of 200 tokens (not a whole number of chunks), an initial state, bf16, a query scale other than
+    d_k^-0.5, against fla's public function on them packed. The direct forwards take them as a batch (the gated
+    rules from their decay's chunk-local sums in base 2, KDA's computing its states value-first), so other variants
+    of fla's kernels, tuned on their own, run: within 2 % of the largest value, with and without states (a wrong
+    slice moves values by their own size; the interpreted test above checks them bit for bit against the public
+    function)."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.kda import chunk_kda
@@ -272,27 +277,23 @@ def test_the_direct_forward_equals_fla_public_function(rule):
                       "kda": (chunk_kda, fla_chunk.chunk_kda)}[rule]
     with torch.no_grad():
         expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
-        if rule != "gated-delta-rule":  # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2
-            batch = {name: x.view(count, length, *x.shape[2:]) for name, x in inputs.items() if name != "scale"}
-            if rule == "kda":
-                batch["g"] = chunk_cumulative(batch["g"])
-            got = direct(**batch, scale=inputs["scale"], initial_state=state, output_final_state=True)
-            got = (got[0].view(expected[0].shape), got[1])
-        else:
-            got = direct(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"],
-                         chunk_indices=index["chunk_indices"])
+        # a batch of the sequences; the gated rules' from the decay's chunk-local sums in base 2
+        batch = {name: x.view(count, length, *x.shape[2:]) for name, x in inputs.items() if name != "scale"}
+        if rule == "kda":
+            batch["g"] = chunk_cumulative(batch["g"])
+        elif rule == "gated-delta-rule":
+            batch["g"] = chunk_cumulative(batch["g"].unsqueeze(2)).squeeze(2)
+        got = direct(**batch, scale=inputs["scale"], initial_state=state, output_final_state=True)
+        got = (got[0].view(expected[0].shape), got[1])
     assert got[0].dtype == expected[0].dtype
-    if rule != "gated-delta-rule":  # other variants of the kernels (no sequence boundaries), tuned on their own
-        for a, b in zip(got, expected):
-            assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
-        with torch.no_grad():  # the prefill of a model without a cache: no states
-            expected = public(**inputs, cu_seqlens=index["cu_seqlens"])
-            stateless = direct(**batch, scale=inputs["scale"])
-        assert stateless[1] is None
-        assert (stateless[0].view(expected[0].shape).float() - expected[0].float()).abs().max() <= (
-            2e-2 * expected[0].float().abs().max())
-    else:
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for a, b in zip(got, expected):  # other variants of the kernels (no sequence boundaries), tuned on their own
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+    with torch.no_grad():  # the prefill of a model without a cache: no states
+        expected = public(**inputs, cu_seqlens=index["cu_seqlens"])
+        stateless = direct(**batch, scale=inputs["scale"])
+    assert stateless[1] is None
+    assert (stateless[0].view(expected[0].shape).float() - expected[0].float()).abs().max() <= (
+        2e-2 * expected[0].float().abs().max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels run on CUDA tensors")
@@ -367,22 +368,24 @@ def test_a_prefill_on_cuda_takes_the_direct_forward_outside_autograd_only(monkey
     assert len(calls) == model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("rule, limit, strided, taken", [("delta-rule", 6, False, "direct"),
+@pytest.mark.parametrize("rule, limit, strided, taken", [("gated-delta-rule", 6, False, "direct"),
+                                                         ("gated-delta-rule", 5, False, "public"),
+                                                         ("delta-rule", 6, False, "direct"),
                                                          ("delta-rule", 5, False, "public"),
                                                          ("kda", 6, False, "direct"), ("kda", 5, False, "public"),
                                                          ("kda", 6, True, "public"), ("kda-gate", 6, False, "direct"),
                                                          ("kda-gate", 5, False, "public")])
 def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(monkeypatch, rule, limit, strided, taken):
-    """DeltaNet's and KDA's chunked forwards on the CUDA path outside autograd run their B·H heads as batch entries,
-    which fla's kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a KDA decay whose
-    channels are not adjacent (which ``chunk_cumulative`` does not read), fla's public function with every head a
-    packed sequence. Handed the gate's input and parameters instead of the decay, KDA's recurrence sums the gate in
+    """The delta rules' and KDA's chunked forwards on the CUDA path outside autograd run their B·H heads as batch
+    entries, which fla's kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a KDA
+    decay whose channels are not adjacent (which ``chunk_cumulative`` does not read), fla's public function with
+    every head a packed sequence. Handed the gate's input and parameters instead of the decay, KDA's recurrence sums the gate in
     its own launch on the direct path, and elsewhere hands fla the decay the gate computes, never the input. Here
     B·H = 6, the kernels stand-ins that record the batch and the decay they were handed."""
-    from compressor.modeling import delta_rule, kda
+    from compressor.modeling import delta_rule, gated_delta, kda
     from compressor.modeling.channel_gate import DecayGate
 
-    module = {"delta-rule": delta_rule, "kda": kda, "kda-gate": kda}[rule]
+    module = {"gated-delta-rule": gated_delta, "delta-rule": delta_rule, "kda": kda, "kda-gate": kda}[rule]
     calls, decays, gates = [], [], []
 
     def kernel(name):
@@ -407,6 +410,12 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
             g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
         gate = {"decay_gate": DecayGate(torch.zeros(3, 8), torch.ones(3), None)} if rule == "kda-gate" else {}
         recurrence = lambda: kda.kimi_delta_attention(q, k, v, g, beta, **gate)  # noqa: E731
+    elif rule == "gated-delta-rule":
+        monkeypatch.setattr(gated_delta, "gated_delta_forward", lambda: ())
+        monkeypatch.setattr(gated_delta, "channel_gate_runs", lambda x, width: True)
+        monkeypatch.setattr(gated_delta, "chunk_cumulative", lambda g: g)
+        g = -torch.rand(2, 70, 3)
+        recurrence = lambda: gated_delta.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=False)  # noqa: E731
     else:
         monkeypatch.setattr(delta_rule, "delta_forward", lambda: ())
         recurrence = lambda: delta_rule.delta_rule(q, k, v, beta, use_qk_l2norm=False)  # noqa: E731

@@ -4,17 +4,17 @@ Shipped inside output folders (imports only torch, ``fla_decode_step``'s launch 
 looked up at the first call). fla's public ``chunk_gated_delta_rule``, ``chunk_delta_rule``, ``chunk_kda`` and
 ``chunk_gla`` wrap their forward functions in an autograd Function that saves the inputs, a device guard that checks
 every argument, dtype casts for autocast, a backend dispatch and argument checks: host time that a small model's
-prefill spends in every layer, and that a forward outside autograd on inputs already packed
-(``packed_heads.heads_as_sequences``: contiguous, one device) does not need. GLA's forward also reads the number of
-chunks from the GPU for packed sequences, where ``chunk_gla`` takes it from the host. ``gated_delta_forward()``,
+prefill spends in every layer, and that a forward outside autograd on inputs already packed (``packed_heads``:
+contiguous, one device) does not need. GLA's forward also reads the number of chunks from the GPU for packed
+sequences, where ``chunk_gla`` takes it from the host. ``gated_delta_forward()``,
 ``delta_forward()``, ``kda_forward()`` and ``gla_forward()`` find fla 0.6's functions where their parameters are the
 ones this code passes, else None; ``direct()`` says when the functions below may replace the public ones, which
 callers take otherwise.
 
-Shapes (heads packed as sequences): q, k [1, N, 1, K]; v [1, N, 1, V]; g (log decay) [1, N, 1] or, for KDA and
-GLA, [1, N, 1, K]; beta [1, N, 1]; states [S, 1, K, V] for S sequences; ``cu_seqlens`` [S + 1], ``chunk_indices``
-[⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from ``packed_heads.sequence_index``. DeltaNet's and KDA's
-forwards take the same sequences as a batch instead, [S, T, 1, ·] (the same memory: ``packed_heads.heads_as_batch``).
+Shapes: the (gated) delta rules and KDA take S one-head sequences of T tokens as a batch, q, k [S, T, 1, K], v
+[S, T, HV, V] (``packed_heads.heads_as_batch``); GLA takes them packed, q, k [1, N, 1, K], v [1, N, 1, V], g
+[1, N, 1, K], with ``cu_seqlens`` [S + 1], ``chunk_indices`` [⌈·/64⌉ chunks, 2] and ``chunk_offsets`` [S + 1] from
+``packed_heads.sequence_index``; states [S, HV, K, V].
 """
 
 from __future__ import annotations
@@ -29,11 +29,22 @@ from .fla_decode_step import launching_on
 from .kda_diagonal import BLOCK, diagonal_blocks
 from .packed_heads import CHUNK_SIZE
 
-GATED_DELTA_PARAMETERS = (
-    "q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state", "state_v_first", "cu_seqlens",
-    "cp_context", "chunk_indices", "use_gate_in_kernel", "A_log", "dt_bias", "chunk_size",
+STATES_PARAMETERS = (
+    "k", "w", "u", "g", "gk", "initial_state", "output_final_state", "chunk_size", "save_new_value", "state_v_first",
+    "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "chunk_offsets",
 )
-"""The parameters of fla 0.6's ``chunk_gated_delta_rule_fwd``, in order."""
+"""The parameters of fla 0.6's ``chunk_gated_delta_rule_fwd_h`` (the chunk states of the delta rules and KDA), in
+order."""
+
+GATED_DELTA_PARAMETERS = {
+    ("fla.ops.gated_delta_rule.chunk_fwd", "chunk_gated_delta_rule_fwd_intra"): (
+        "k", "v", "g", "beta", "cu_seqlens", "chunk_size", "chunk_indices"),
+    ("fla.ops.common.chunk_delta_h", "chunk_gated_delta_rule_fwd_h"): STATES_PARAMETERS,
+    ("fla.ops.common.chunk_o", "chunk_fwd_o"): (
+        "q", "k", "v", "h", "g", "g_gamma", "scale", "state_v_first", "cu_seqlens", "chunk_size", "chunk_indices"),
+}
+"""The parameters of the pieces of fla 0.6's ``chunk_gated_delta_rule_fwd`` that ``chunk_gated_delta_rule`` calls,
+in order."""
 
 DELTA_PARAMETERS = (
     "q", "k", "v", "beta", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_indices", "chunk_size",
@@ -48,9 +59,7 @@ GLA_OUTPUT_PARAMETERS = (
 KDA_PARAMETERS = {
     ("fla.ops.kda.wy_fast", "recompute_w_u_fwd"): (
         "k", "v", "beta", "A", "gk", "q", "cu_seqlens", "chunk_indices", "use_graph"),
-    ("fla.ops.common.chunk_delta_h", "chunk_gated_delta_rule_fwd_h"): (
-        "k", "w", "u", "g", "gk", "initial_state", "output_final_state", "chunk_size", "save_new_value",
-        "state_v_first", "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "chunk_offsets"),
+    ("fla.ops.common.chunk_delta_h", "chunk_gated_delta_rule_fwd_h"): STATES_PARAMETERS,
     ("fla.ops.gla.chunk", "chunk_gla_fwd_o_gk"): GLA_OUTPUT_PARAMETERS,
 }
 """The parameters of the pieces of fla 0.6's ``chunk_kda_fwd`` that ``chunk_kda`` calls, in order."""
@@ -97,8 +106,11 @@ def fla_function(module_name: str, name: str, parameters: tuple[str, ...]):
 
 @lru_cache(maxsize=1)
 def gated_delta_forward():
-    """fla's ``chunk_gated_delta_rule_fwd`` if its parameters are ``GATED_DELTA_PARAMETERS``, else None."""
-    return fla_function("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule_fwd", GATED_DELTA_PARAMETERS)
+    """(fla's ``chunk_gated_delta_rule_fwd_intra``, ``chunk_gated_delta_rule_fwd_h``, ``chunk_fwd_o``) if each takes
+    the parameters ``GATED_DELTA_PARAMETERS`` names, else None."""
+    pieces = tuple(fla_function(module, name, parameters)
+                   for (module, name), parameters in GATED_DELTA_PARAMETERS.items())
+    return None if None in pieces else pieces
 
 
 @lru_cache(maxsize=1)
@@ -174,16 +186,31 @@ def refuse_normalising(use_qk_l2norm_in_kernel: bool) -> None:
 def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ``chunk_gated_delta_rule`` at ``scale`` (None: d_k^-0.5), for q and k normalised already
-    (``use_qk_l2norm_in_kernel`` must be False), through ``gated_delta_forward()``, which returns
-    (g, o, A, final state, initial state, g's input). v, g and beta may hold HV value heads per query/key head
-    ([1, N, HV, ·], fla's layout for value heads that share key heads: ``packed_heads.key_heads_as_sequences``).
-    Returns ``(o [1, N, HV, V] in q's dtype, final state [S, HV, K, V] float32 or None)``, HV = 1 but there."""
-    return _delta_rule(gated_delta_forward(), (1, 3), dict(q=q, k=k, v=v, g=g, beta=beta), initial_state,
-                       output_final_state, cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel, scale)
+    """fla's chunked gated delta rule at ``scale`` (None: d_k^-0.5) over a batch of S one-head sequences of T tokens,
+    from the log decay's chunk-local sums in base 2 (``channel_gate.chunk_cumulative``, in place of the cumulative sum
+    that ``chunk_gated_delta_rule_fwd`` computes first, whose kernel takes the batch and head counts as compile-time
+    constants), through the pieces of ``gated_delta_forward()``: the intra-chunk system, the chunk states, the output.
+    q and k are normalised already (``use_qk_l2norm_in_kernel`` must be False), beta is after its sigmoid. As a batch
+    rather than packed sequences, no kernel searches its sequence by token or reads sequence boundaries, and no kernel
+    takes the batch size as a compile-time constant.
+
+    Shapes: q, k [S, T, 1, K]; v [S, T, HV, V]; g [S, T, HV] float32; beta [S, T, HV]; states [S, HV, K, V]. HV = 1
+    but where HV value heads share each entry's key head (fla's layout for them, ``packed_heads.key_heads_as_batch``).
+    Returns ``(o [S, T, HV, V] in q's dtype, final state [S, HV, K, V] float32 or None)``."""
+    refuse_normalising(use_qk_l2norm_in_kernel)
+    intra, states, output = gated_delta_forward()
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    with launching_on(q):
+        w, u, _ = intra(k=k, v=v, g=g, beta=beta, chunk_size=CHUNK_SIZE)
+        h, new_values, final = states(
+            k=k, w=w, u=u, g=g, output_final_state=output_final_state, chunk_size=CHUNK_SIZE,
+            initial_state=None if initial_state is None else initial_state.contiguous(),
+        )
+        o = output(q=q, k=k, v=new_values, h=h, g=g, scale=scale, chunk_size=CHUNK_SIZE)
+    return o.to(q.dtype), final
 
 
 def chunk_delta_rule(
@@ -198,8 +225,15 @@ def chunk_delta_rule(
 
     Shapes: q, k [S, T, 1, K]; v [S, T, 1, V]; beta [S, T, 1]; states [S, 1, K, V].
     Returns ``(o [S, T, 1, V] in q's dtype, final state [S, 1, K, V] float32 or None)``."""
-    return _delta_rule(delta_forward(), (0, 2), dict(q=q, k=k, v=v, beta=beta), initial_state, output_final_state,
-                       None, None, use_qk_l2norm_in_kernel, scale)
+    refuse_normalising(use_qk_l2norm_in_kernel)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    with launching_on(q):
+        out, _, final = delta_forward()(
+            q=q, k=k, v=v, beta=beta, scale=k.shape[-1] ** -0.5 if scale is None else scale,
+            initial_state=None if initial_state is None else initial_state.contiguous(),
+            output_final_state=output_final_state, cu_seqlens=None, chunk_indices=None,
+        )
+    return out.to(q.dtype), final
 
 
 def chunk_kda(
@@ -251,23 +285,6 @@ def chunk_kda(
     if final is not None and not state_v_first:
         final = final.transpose(-1, -2).contiguous()
     return o.to(q.dtype), final
-
-
-def _delta_rule(forward, positions: tuple[int, int], inputs: dict[str, torch.Tensor],
-                initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
-                chunk_indices: torch.Tensor | None, use_qk_l2norm_in_kernel: bool, scale: float | None):
-    """``forward(**inputs, scale, …)`` (None: d_k^-0.5) on contiguous inputs and on q's device; (o in q's dtype,
-    final state) from the ``positions`` of its results."""
-    refuse_normalising(use_qk_l2norm_in_kernel)
-    inputs = {name: x.contiguous() for name, x in inputs.items()}
-    with launching_on(inputs["q"]):
-        results = forward(
-            **inputs, scale=inputs["k"].shape[-1] ** -0.5 if scale is None else scale,
-            initial_state=None if initial_state is None else initial_state.contiguous(),
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-        )
-    out, final = (results[position] for position in positions)
-    return out.to(inputs["q"].dtype), final
 
 
 def chunk_gla(

@@ -301,7 +301,7 @@ class FlaMixerMixin(PrunableGatedDeltaNetMixin):
 
     def shared_key_ratio(self, projection: torch.Tensor) -> int:
         """r = H_v / H_k where this forward may hand the recurrence value heads that share key heads in fla's layout
-        (``packed_heads.key_heads_as_sequences``, which reads each key head once): r > 1 value heads under every key
+        (``packed_heads.key_heads_as_batch``, which reads each key head once): r > 1 value heads under every key
         head in the stock grouping (value head j reads key head j // r), the short convolutions writing the heads
         (``convolves_heads``) and the recurrence the class's own (a calibration capture or mask sees one head per value
         head). Else 1. ``projection`` [B, T, ...]: any projection of the layer's input (what ``short_conv.takes``

@@ -21,10 +21,12 @@ try:  # fla is optional: without it, CUDA tensors use the PyTorch reference too.
 except Exception:  # ImportError, or fla without triton
     HAS_FLA = False
 
+from .channel_gate import chunk_cumulative
+from .channel_gate import runs as channel_gate_runs
 from .fla_chunk import chunk_gated_delta_rule as unwrapped_chunk
 from .fla_chunk import direct, gated_delta_forward
 from .fla_decode_step import can_step_in_place, step_in_place
-from .packed_heads import heads_as_batch, heads_as_sequences, key_heads_as_sequences, normalised_pair
+from .packed_heads import MAX_BATCH_ENTRIES, heads_as_batch, heads_as_sequences, key_heads_as_batch, normalised_pair
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -140,8 +142,9 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's recurrence at ``scale`` (None: d_k^-0.5), with q/k L2-normalised inside (``use_qk_l2norm``; False
     for q and k normalised already, as the fused short convolutions of fla's layer hand them): fla on CUDA tensors
-    (every head a sequence, or for one decode token a batch entry: see ``packed_heads.py``; outside autograd the
-    chunked form beneath fla's wrappers, ``fla_chunk.py``), PyTorch otherwise.
+    (every head a packed sequence, or a batch entry of its own: see ``packed_heads.py``; outside autograd, up to
+    ``MAX_BATCH_ENTRIES`` heads, the chunked form beneath fla's wrappers, ``fla_chunk.py``, from g's chunk-local sums
+    by ``channel_gate.chunk_cumulative``), PyTorch otherwise.
 
     A single token with an initial state takes the recurrent step; longer inputs the chunked form. The step through
     fla writes the final state over ``initial_state`` where it can (float32 and contiguous, as a cache keeps it, and
@@ -160,12 +163,29 @@ def gated_delta_rule(
         if use_qk_l2norm:
             q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g, beta=beta)
-        chunk = unwrapped_chunk if direct(q, gated_delta_forward) else _fla_chunk
-        return heads_as_sequences(chunk, per_head, also=("chunk_indices",),
-                                  **{**options, "use_qk_l2norm_in_kernel": False})
+        options["use_qk_l2norm_in_kernel"] = False
+        if direct_chunked(q, q.shape[0] * v.shape[2]):
+            return heads_as_batch(summed_chunk, per_head, **options)
+        return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",), **options)
     if single_step:
         return recurrent_gated_delta_rule_torch(q, k, v, g, beta, **options)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, **options)[:2]
+
+
+def direct_chunked(x: torch.Tensor, entries: int) -> bool:
+    """Whether a prefill whose heads make ``entries`` batch entries (x: any tensor on its device) takes fla's direct
+    chunked forward (``fla_chunk.direct``; the decay's sums by ``channel_gate.chunk_cumulative``; no more entries than
+    a grid holds, ``MAX_BATCH_ENTRIES``)."""
+    return direct(x, gated_delta_forward) and channel_gate_runs(x, 1) and entries <= MAX_BATCH_ENTRIES
+
+
+def summed_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                 **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla_chunk.chunk_gated_delta_rule`` handed the log decay g [S, T, HV] itself, of which it first takes the
+    chunk-local sums in base 2 in one launch (``channel_gate.chunk_cumulative``, whose channels here are the HV value
+    heads of each entry)."""
+    sums = chunk_cumulative(g.float().unsqueeze(2)).squeeze(2)
+    return unwrapped_chunk(q=q, k=k, v=v, g=sums, beta=beta, **options)
 
 
 def shared_key_gated_delta_rule(
@@ -173,11 +193,11 @@ def shared_key_gated_delta_rule(
     initial_state: torch.Tensor | None = None, output_final_state: bool = False, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunked recurrence of value heads that share key heads, r per key head in the stock grouping, through fla's
-    direct chunked forward (``fla_chunk.chunk_gated_delta_rule``, which callers check with ``fla_chunk.direct``), in
-    fla's layout for them (``packed_heads.key_heads_as_sequences``: each key head read once, not copied per value
-    head). q and k are L2-normalised already.
+    direct chunked forward (``summed_chunk``, which callers check with ``direct_chunked``), in fla's layout for them
+    (``packed_heads.key_heads_as_batch``: each key head read once, not copied per value head). q and k are
+    L2-normalised already.
 
     Shapes: q, k [B, T, H_k, K]; v [B, T, H_k, r, V]; g, beta [B, T, H_k, r] (value head j at [..., j // r, j % r]);
     states [B, H_k·r, K, V]. Returns ``(o [B, T, H_k, r, V], final state [B, H_k·r, K, V] float32 or None)``."""
-    return key_heads_as_sequences(unwrapped_chunk, dict(q=q, k=k), dict(v=v, g=g, beta=beta), initial_state,
-                                  also=("chunk_indices",), output_final_state=output_final_state, scale=scale)
+    return key_heads_as_batch(summed_chunk, dict(q=q, k=k), dict(v=v, g=g, beta=beta), initial_state,
+                              output_final_state=output_final_state, scale=scale)

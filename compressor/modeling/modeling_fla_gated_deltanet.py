@@ -23,8 +23,7 @@ from .fla_layers import (
     register_classes,
     route_to_torch,
 )
-from .fla_chunk import direct, gated_delta_forward
-from .gated_delta import gated_delta_rule, shared_key_gated_delta_rule
+from .gated_delta import direct_chunked, gated_delta_rule, shared_key_gated_delta_rule
 from .head_gate import takes as head_gate_takes
 
 FIELDS = {"num_key_heads": "num_heads", "num_value_heads": "num_v_heads", "key_dim": "head_dim", "value_dim": "head_dim",
@@ -60,11 +59,11 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
 
     def shared_key_ratio(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """``FlaMixerMixin.shared_key_ratio`` where the gates (a, b [B, T, H_v]) take one ``head_gates`` launch in
-        float32 and fla's direct chunked forward runs (``shared_key_gated_delta_rule``), else 1."""
-        if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32))
-                and direct(a, gated_delta_forward) and a.shape[1] > 1):
+        float32 and fla's direct chunked forward runs on the key heads (``shared_key_gated_delta_rule``), else 1."""
+        if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32)) and a.shape[1] > 1):
             return 1
-        return super().shared_key_ratio(a)
+        ratio = super().shared_key_ratio(a)
+        return ratio if direct_chunked(a, a.shape[0] * a.shape[2] // ratio) else 1
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""

@@ -15,8 +15,8 @@ Shapes: per-head inputs x [B, T, H, ·] (q, k, v, per-channel gates) or [B, T, H
 to [1, B·H·T, 1, ·]; states [B, H, K, V] to [B·H, 1, K, V]. Inputs laid out head-major (``x.transpose(1, 2)``
 contiguous, as the mixers produce them) pack without a copy. Kernels that take the batch size as an ordinary argument
 need no sequence boundaries: ``heads_as_batch`` hands such a kernel B·H one-head batch entries instead (the same
-memory), which spares it the varlen bookkeeping: a decode token's step, and DeltaNet's and KDA's chunked forwards
-(``fla_chunk.chunk_delta_rule``, ``fla_chunk.chunk_kda``), up to ``MAX_BATCH_ENTRIES``.
+memory), which spares it the varlen bookkeeping: a decode token's step, and the chunked forwards of the (gated)
+delta rule and KDA (``fla_chunk``), up to ``MAX_BATCH_ENTRIES``.
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def heads_as_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``kernel(**per_head as [B·H, T, 1, ·] or [B·H, T, 1], initial_state=…, **options)``: every head a batch entry
     with one head, for kernels that do not take the batch size as a compile-time constant (fla's gated delta rule
-    and KDA steps, its chunked delta rule and the pieces of its chunked KDA: ``fla_chunk.chunk_delta_rule``,
-    ``fla_chunk.chunk_kda``). Arguments and returns as ``heads_as_sequences`` (without ``also``). The reshapes are
+    and KDA steps, its chunked delta rule and the pieces of its chunked gated delta rule and KDA:
+    ``fla_chunk.chunk_delta_rule``, ``chunk_gated_delta_rule``, ``chunk_kda``). Arguments and returns as ``heads_as_sequences`` (without ``also``). The reshapes are
     views of head-major inputs, and of any input for T = 1; others are copied into that order."""
     batch, length, heads = per_head["v"].shape[:3]
     if initial_state is not None:
@@ -203,45 +203,26 @@ def heads_as_batch(
     return out, None if final is None else final.view(batch, heads, *final.shape[2:])
 
 
-def key_heads_as_sequences(
-    kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
-    initial_state: torch.Tensor | None = None, also: tuple[str, ...] = (), **options
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``heads_as_sequences`` for value heads that share key heads, r per key head in the stock grouping (value head
-    j reads key head j // r), in fla's layout for them: every key head a sequence of one query/key head and r value
-    heads, so that the kernel reads each key head once where ``heads_as_sequences`` hands it a copy per value head
-    (r is the kernel's compile-time value-head count; the key heads, batch and length are not compiled in).
-
-    ``queries_keys`` maps argument names to q, k [B, T, H_k, K], packed to [1, B·H_k·T, 1, K]; ``per_value`` to
-    tensors [B, T, H_k, r, ·] or [B, T, H_k, r] (value head j at [:, :, j // r, j % r]), packed to [1, B·H_k·T, r, ·]
-    or [1, B·H_k·T, r]; initial state [B, H_v, K, V]. Inputs whose ``.transpose(1, 2)`` is contiguous (as the mixers
-    write them) pack without a copy. Returns ``(o [B, T, H_k, r, V], final state [B, H_v, K, V] or None)``; o is a
-    view whose ``.transpose(1, 2)`` is contiguous."""
-    batch, length, key_heads = per_value["v"].shape[:3]
-    index = sequence_index(batch * key_heads, length, per_value["v"].device)
-    return _key_heads_packed(kernel, queries_keys, per_value, initial_state, (1, batch * key_heads * length),
-                             cu_seqlens=index["cu_seqlens"], **{name: index[name] for name in also}, **options)
-
-
 def key_heads_as_batch(
     kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
     initial_state: torch.Tensor | None = None, **options
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``key_heads_as_sequences`` with every key head a batch entry instead, [B·H_k, T, 1, K] and [B·H_k, T, r, ·]
-    (the same memory), for kernels that take the batch size as an ordinary argument, as ``heads_as_batch``."""
-    batch, length, key_heads = per_value["v"].shape[:3]
-    return _key_heads_packed(kernel, queries_keys, per_value, initial_state, (batch * key_heads, length), **options)
+    """``heads_as_batch`` for value heads that share key heads, r per key head in the stock grouping (value head j
+    reads key head j // r), in fla's layout for them: every key head a batch entry of one query/key head and r value
+    heads, so that the kernel reads each key head once where ``heads_as_batch`` hands it a copy per value head (r is
+    the kernel's compile-time value-head count; the key heads, batch and length are not compiled in).
 
-
-def _key_heads_packed(kernel: Callable, queries_keys: dict[str, torch.Tensor], per_value: dict[str, torch.Tensor],
-                      initial_state: torch.Tensor | None, tokens: tuple[int, int], **options):
-    """``kernel`` on the key heads' tensors packed to [*tokens, 1, K] and the value heads' to [*tokens, r, ·] (tokens:
-    (1, B·H_k·T) or (B·H_k, T)); the returns of ``key_heads_as_sequences``."""
+    ``queries_keys`` maps argument names to q, k [B, T, H_k, K], handed over as [B·H_k, T, 1, K]; ``per_value`` to
+    tensors [B, T, H_k, r, ·] or [B, T, H_k, r] (value head j at [:, :, j // r, j % r]), as [B·H_k, T, r, ·] or
+    [B·H_k, T, r]; initial state [B, H_v, K, V]. Inputs whose ``.transpose(1, 2)`` is contiguous (as the mixers
+    write them) are handed over without a copy. Returns ``(o [B, T, H_k, r, V], final state [B, H_v, K, V] or
+    None)``; o is a view whose ``.transpose(1, 2)`` is contiguous."""
     batch, length, key_heads, ratio = per_value["v"].shape[:4]
+    entries = batch * key_heads
     if initial_state is not None:
-        initial_state = initial_state.reshape(batch * key_heads, ratio, *initial_state.shape[2:])
-    packed = {name: x.transpose(1, 2).reshape(*tokens, 1, x.shape[-1]) for name, x in queries_keys.items()}
-    packed |= {name: x.transpose(1, 2).reshape(*tokens, *x.shape[3:]) for name, x in per_value.items()}
+        initial_state = initial_state.reshape(entries, ratio, *initial_state.shape[2:])
+    packed = {name: x.transpose(1, 2).reshape(entries, length, 1, x.shape[-1]) for name, x in queries_keys.items()}
+    packed |= {name: x.transpose(1, 2).reshape(entries, length, *x.shape[3:]) for name, x in per_value.items()}
     out, final = kernel(**packed, initial_state=initial_state, **options)
     out = out.view(batch, key_heads, length, ratio, out.shape[-1]).transpose(1, 2)
     return out, None if final is None else final.view(batch, key_heads * ratio, *final.shape[2:])
