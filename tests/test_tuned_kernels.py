@@ -212,8 +212,8 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
 
     tuner = fla_tuners()["chunk_fwd_kernel_o"]
     first, second = tuner.configs[:2]
-    float32_key, bfloat16_key = [tuple(entry["autotune_key"]) for entry in
-                                 json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values()]
+    float32_key, bfloat16_key = [tuple(entry["autotune_key"]) for entry in list(
+        json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values())[:2]]
     monkeypatch.setitem(tuner.cache, float32_key, first)
     recorder.write(recorder.chosen_configs(), tmp_path)
     content = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())
