@@ -123,7 +123,7 @@ from fla.ops.kda import chunk_kda
 from compressor.modeling import fla_chunk
 from compressor.modeling.channel_gate import chunk_cumulative
 from compressor.modeling.delta_rule import recurrent_delta_rule_torch
-from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch
+from compressor.modeling.gated_delta import recurrent_gated_delta_rule_torch, summed_chunk
 from compressor.modeling.gla import recurrent_gla_torch
 from compressor.modeling.kda import naive_recurrent_kda
 from compressor.modeling.packed_heads import sequence_index
@@ -146,7 +146,7 @@ packed = dict(initial_state=state, output_final_state=True, cu_seqlens=index["cu
 chunks = dict(chunk_indices=index["chunk_indices"])
 # (direct forward, fla's public function, PyTorch reference, the gates they take), by the name the test gives
 forwards = dict(
-    gated_delta=(fla_chunk.chunk_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule_torch, (g,)),
+    gated_delta=(summed_chunk, chunk_gated_delta_rule, recurrent_gated_delta_rule_torch, (g,)),  # from g's sums
     delta=(fla_chunk.chunk_delta_rule, chunk_delta_rule, recurrent_delta_rule_torch, ()),
     kda=(fla_chunk.chunk_kda, chunk_kda, naive_recurrent_kda, (g_channels,)),
     gla=(fla_chunk.chunk_gla, chunk_gla, recurrent_gla_torch, (g_channels,)),
@@ -158,12 +158,10 @@ for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
         arguments = (qd, kd, vd, *gates, *(bd,) * delta)
         extra = {chunk_gla: dict(chunk_offsets=index["chunk_offsets"])}.get(public, {})  # what the layers pass besides
         as_batch = public is not chunk_gla
-        if as_batch:  # a batch of the sequences; the gated rules' from the decay's chunk-local sums in base 2
+        if as_batch:  # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2
             batch = [x.view(count, length, *x.shape[2:]) for x in arguments]
             if public is chunk_kda:
                 batch[3] = chunk_cumulative(batch[3])
-            elif public is chunk_gated_delta_rule:
-                batch[3] = chunk_cumulative(batch[3].unsqueeze(2)).squeeze(2)
             out, final = direct(*batch, initial_state=state, output_final_state=True, scale=scale)
             out = out.view(1, tokens, 1, -1)
         else:
@@ -227,8 +225,9 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
     """The direct forwards on CPU tensors under Triton's interpreter, in float32 and bfloat16, d_k 32 and d_v 16:
     each equals fla's public function bit for bit, with initial and final states at a query scale other than
     d_k^-0.5, and without them at the default one (DeltaNet's refuses float32; all but GLA's take the sequences as
-    a batch, the gated rules from their decay's chunk-local sums; KDA's without states in float32 only: its kernels run slowly here, outside the fast
-    subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence.
+    a batch, the gated rules from their decay's chunk-local sums, which the gated delta rule's recurrence takes
+    itself, ``gated_delta.summed_chunk``; KDA's without states in float32 only: its kernels run slowly here, outside
+    the fast subset), and the PyTorch reference (to bfloat16's rounding) on each packed sequence.
 
     With KDA, its diagonal blocks of the intra-chunk scores (``kda_diagonal.py``) against fla's token-parallel kernel
     on the same batch of one-head entries: bit for bit, and the same entries written (the rest left as they were);
@@ -247,14 +246,16 @@ def test_the_direct_forwards_run_fla_kernels_as_its_public_functions_do(names):
 @pytest.mark.parametrize("rule", ["gated-delta-rule", "delta-rule", "kda"])
 def test_the_direct_forward_equals_fla_public_function(rule):
     """6 sequences of 200 tokens (not a whole number of chunks), an initial state, bf16, a query scale other than
-    d_k^-0.5, against fla's public function on them packed. The direct forwards take them as a batch (the gated
-    rules from their decay's chunk-local sums in base 2, KDA's computing its states value-first), so other variants
-    of fla's kernels, tuned on their own, run: within 2 % of the largest value, with and without states (a wrong
-    slice moves values by their own size; the interpreted test above checks them bit for bit against the public
-    function)."""
+    d_k^-0.5, against fla's public function on them packed. The direct forwards take them as a batch (the gated rules
+    from their decay's chunk-local sums in base 2, which ``gated_delta.summed_chunk`` takes itself, KDA's computing
+    its states value-first), so other variants of fla's kernels, tuned on their own, run: within 2 % of the largest
+    value, with and without states (a wrong slice moves values by their own size; the interpreted test above checks
+    them bit for bit against the public function)."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.kda import chunk_kda
+
+    from compressor.modeling.gated_delta import summed_chunk
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     count, length, width = 6, 200, 128
@@ -272,17 +273,16 @@ def test_the_direct_forward_equals_fla_public_function(rule):
     state = random(count, 1, width, width) * 0.1
     index = sequence_index(count, length, q.device)
     inputs = dict(q=q, k=k, v=v, beta=beta, scale=0.05, **gates)
-    public, direct = {"gated-delta-rule": (chunk_gated_delta_rule, fla_chunk.chunk_gated_delta_rule),
+    public, direct = {"gated-delta-rule": (chunk_gated_delta_rule, summed_chunk),
                       "delta-rule": (chunk_delta_rule, fla_chunk.chunk_delta_rule),
                       "kda": (chunk_kda, fla_chunk.chunk_kda)}[rule]
     with torch.no_grad():
         expected = public(**inputs, initial_state=state, output_final_state=True, cu_seqlens=index["cu_seqlens"])
-        # a batch of the sequences; the gated rules' from the decay's chunk-local sums in base 2
+        # a batch of the sequences; KDA's from the decay's chunk-local sums in base 2 (the gated delta rule's
+        # recurrence takes them itself)
         batch = {name: x.view(count, length, *x.shape[2:]) for name, x in inputs.items() if name != "scale"}
         if rule == "kda":
             batch["g"] = chunk_cumulative(batch["g"])
-        elif rule == "gated-delta-rule":
-            batch["g"] = chunk_cumulative(batch["g"].unsqueeze(2)).squeeze(2)
         got = direct(**batch, scale=inputs["scale"], initial_state=state, output_final_state=True)
         got = (got[0].view(expected[0].shape), got[1])
     assert got[0].dtype == expected[0].dtype
@@ -379,9 +379,10 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
     """The delta rules' and KDA's chunked forwards on the CUDA path outside autograd run their B·H heads as batch
     entries, which fla's kernels put in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``); beyond it, or for a KDA
     decay whose channels are not adjacent (which ``chunk_cumulative`` does not read), fla's public function with
-    every head a packed sequence. Handed the gate's input and parameters instead of the decay, KDA's recurrence sums the gate in
-    its own launch on the direct path, and elsewhere hands fla the decay the gate computes, never the input. Here
-    B·H = 6, the kernels stand-ins that record the batch and the decay they were handed."""
+    every head a packed sequence. The gated delta rule hands its direct forward the decay's chunk sums and fla's
+    public function the decay. Handed the gate's input and parameters instead of the decay, KDA's recurrence sums
+    the gate in its own launch on the direct path, and elsewhere hands fla the decay the gate computes, never the
+    input. Here B·H = 6, the kernels stand-ins that record the batch and the decay they were handed."""
     from compressor.modeling import delta_rule, gated_delta, kda
     from compressor.modeling.channel_gate import DecayGate
 
@@ -413,7 +414,7 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
     elif rule == "gated-delta-rule":
         monkeypatch.setattr(gated_delta, "gated_delta_forward", lambda: ())
         monkeypatch.setattr(gated_delta, "channel_gate_runs", lambda x, width: True)
-        monkeypatch.setattr(gated_delta, "chunk_cumulative", lambda g: g)
+        monkeypatch.setattr(gated_delta, "chunk_cumulative", lambda g: g + 2)  # the sums' stand-in
         g = -torch.rand(2, 70, 3)
         recurrence = lambda: gated_delta.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=False)  # noqa: E731
     else:
@@ -428,3 +429,31 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
     if rule == "kda-gate":
         assert gates == ["gate and sums" if taken == "direct" else "gate"]
         assert (decays[0] == (2 if taken == "direct" else 1)).all()  # the decay (or its sums), not the gate's input
+    if rule == "gated-delta-rule":
+        handed = g.transpose(1, 2).reshape(6, 70, 1)
+        assert torch.equal(decays[0], handed + 2 if taken == "direct" else handed.view(1, 420, 1))
+
+
+@pytest.mark.parametrize("limit, ratio", [(12, 2), (11, 1)])
+def test_value_heads_that_share_key_heads_count_every_value_head_against_the_grid_limit(monkeypatch, limit, ratio):
+    """fla's gated-delta kernels put batch x value heads in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``), also
+    where value heads share key heads and an entry holds one key head: a grouped layer (3 key over 6 value heads) takes
+    fla's layout for them up to that count (a batch of 2: 12), and the packed heads of the public function beyond."""
+    from tiny_fla import tiny_fla_model
+
+    from compressor.families import family_for
+    from compressor.layers import linear_layers
+    from compressor.modeling import gated_delta
+
+    model = tiny_fla_model("gated_deltanet_gva")
+    mixer = linear_layers(model, family_for(model.config))[0]
+    monkeypatch.setattr(gated_delta, "MAX_BATCH_ENTRIES", limit)
+    monkeypatch.setattr(gated_delta, "gated_delta_forward", lambda: ())
+    monkeypatch.setattr(gated_delta, "channel_gate_runs", lambda x, width: True)
+    monkeypatch.setattr(type(mixer), "convolves_heads", lambda self, projection: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        a = torch.zeros(2, 70, 6)
+        got = mixer.shared_key_ratio(a, a)
+    monkeypatch.undo()
+    assert got == ratio

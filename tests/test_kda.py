@@ -261,6 +261,10 @@ x = torch.linspace(-80.0, 30.0, 200 * 128).view(1, 200, 1, 128)  # the series, t
 exact = -F.softplus(x.double())
 error = ((channel_gate(x, torch.zeros(1, 128), torch.ones(1), None).double() - exact).abs() / exact.abs()).max()
 assert error < 2e-6, error.item()
+thin = -torch.rand(70, 6, generator=generator)  # one channel 6 apart: a gated-delta decay's heads as batch entries
+single = torch.as_strided(thin, (6, 70, 1, 1), (1, 6, 6, 6))
+sums = F.pad(single, (0, 0, 0, 0, 0, 58)).view(6, 2, CHUNK_SIZE, 1, 1).cumsum(2).view(6, 128, 1, 1)[:, :70] * LOG2_E
+torch.testing.assert_close(chunk_cumulative(single), sums, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
@@ -310,7 +314,8 @@ def test_the_channel_gate_kernel_equals_pytorch_and_writes_head_major():
     values by O(1). Its chunk-local sums (``chunk_cumulative``) of the decay, read head-major and token-major,
     against PyTorch's cumulative sum over each chunk of 64 tokens, one of which crosses a chunk's end, key widths
     whose channels fill one, several and part of a block of the sums' programs; the gate and its sums in one launch
-    (``gated_chunk_cumulative``) bit for bit the two launches; f whose channels are not adjacent refused."""
+    (``gated_chunk_cumulative``) bit for bit the two launches; f whose channels are not adjacent refused; a single
+    channel whose stride is not 1 (a gated-delta decay's heads as batch entries, one token of each) read."""
     pytest.importorskip("triton")
     run_interpreted(CHANNEL_GATE_INTERPRETED)
 

@@ -1,7 +1,7 @@
 """KDA's per-channel log decay in one launch, written head-major; and its chunk-local cumulative sums, the form fla's
-chunked KDA kernels read.
+chunked KDA and gated-delta kernels read.
 
-Shipped inside KDA output folders, fla's and Kimi Linear's (imports only torch and, where installed, triton). The packed
+Shipped inside KDA and Gated DeltaNet output folders (imports only torch and, where installed, triton). The packed
 layout (``packed_heads``) takes the decay g [B, T, H, K] as a view when it lies in head-major memory; PyTorch computes
 -exp(A_log) · softplus(f + dt_bias) in three launches over float32 temporaries of that size (Kimi Linear's stock forget
 gate in about ten), where fla's stock KDA layer fuses the gate into its chunked sum (a kernel that reads ``A_log`` and
@@ -108,10 +108,10 @@ def _check(f: torch.Tensor, bias: torch.Tensor, rate: torch.Tensor) -> None:
 
 
 def chunk_cumulative(g: torch.Tensor) -> torch.Tensor:
-    """The running sums of g [B, T, H, K] (float32, unit channel stride, any order of the other dimensions) over the
-    tokens of each chunk of ``CHUNK_SIZE`` (restarting at every multiple of it), times ``LOG2_E``:
-    [B, T, H, K] float32, head-major."""
-    if g.dtype != torch.float32 or g.stride(-1) != 1:
+    """The running sums of g [B, T, H, K] (float32, unit channel stride unless K = 1, any order of the other
+    dimensions) over the tokens of each chunk of ``CHUNK_SIZE`` (restarting at every multiple of it), times
+    ``LOG2_E``: [B, T, H, K] float32, head-major."""
+    if g.dtype != torch.float32 or (g.shape[-1] > 1 and g.stride(-1) != 1):
         raise ValueError("chunk_cumulative takes float32 g with unit channel stride")
     return _launch(g, g, g, None, gated=False, cumulative=True)
 

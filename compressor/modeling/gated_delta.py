@@ -1,8 +1,8 @@
 """Gated delta rule recurrences: a PyTorch reference for CPU tensors, fla's Triton kernels for CUDA tensors.
 
-Shipped inside every output folder (imports only torch and, optionally, fla). All functions take heads that are
-already aligned: queries and keys have one head per value head (grouped heads are expanded by the caller), so
-one signature serves every head layout.
+Shipped inside every output folder (imports only torch and, optionally, fla and triton). All functions but
+``shared_key_gated_delta_rule`` take heads that are already aligned: queries and keys have one head per value head
+(grouped heads are expanded by the caller), so one signature serves every head layout.
 The PyTorch forms compute in working precision: float32, or float64 for float64 inputs.
 
 Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay), beta [B, T, H]; states [B, H, K, V].
@@ -164,7 +164,7 @@ def gated_delta_rule(
             q, k = normalised_pair(q, k)
         per_head = dict(q=q, k=k, v=v, g=g, beta=beta)
         options["use_qk_l2norm_in_kernel"] = False
-        if direct_chunked(q, q.shape[0] * v.shape[2]):
+        if direct_chunked(q, q.shape[0], v.shape[2]):
             return heads_as_batch(summed_chunk, per_head, **options)
         return heads_as_sequences(_fla_chunk, per_head, also=("chunk_indices",), **options)
     if single_step:
@@ -172,11 +172,13 @@ def gated_delta_rule(
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, **options)[:2]
 
 
-def direct_chunked(x: torch.Tensor, entries: int) -> bool:
-    """Whether a prefill whose heads make ``entries`` batch entries (x: any tensor on its device) takes fla's direct
-    chunked forward (``fla_chunk.direct``; the decay's sums by ``channel_gate.chunk_cumulative``; no more entries than
-    a grid holds, ``MAX_BATCH_ENTRIES``)."""
-    return direct(x, gated_delta_forward) and channel_gate_runs(x, 1) and entries <= MAX_BATCH_ENTRIES
+def direct_chunked(x: torch.Tensor, batch: int, value_heads: int, values_per_entry: int = 1) -> bool:
+    """Whether a prefill of ``batch`` sequences of ``value_heads`` value heads, ``values_per_entry`` of them to each
+    batch entry (x: any tensor on its device), takes fla's direct chunked forward (``fla_chunk.direct``; the decay's
+    sums by ``channel_gate.chunk_cumulative``, its channels an entry's value heads; fla's kernels put every value
+    head of the batch in a grid dimension, so no more than ``MAX_BATCH_ENTRIES`` of them)."""
+    return (direct(x, gated_delta_forward) and channel_gate_runs(x, values_per_entry)
+            and batch * value_heads <= MAX_BATCH_ENTRIES)
 
 
 def summed_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

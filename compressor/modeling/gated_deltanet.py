@@ -177,8 +177,8 @@ class PrunableGatedDeltaNetMixin(RecordedDecodeSteps):
 
     def queries_and_keys(self, query_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries then keys [B, T, 2·H_k·d_k] -> q, k [B, T, H_v, d_k], value head j reading key head
-        ``value_to_key[j]``, both head-major (so that the recurrence packs heads as sequences without a copy) and from
-        one gather (``gathered_heads``), so that they tile one block of memory."""
+        ``value_to_key[j]``, both head-major (so that the recurrence hands its heads to fla's kernels without a copy)
+        and from one gather (``gathered_heads``), so that they tile one block of memory."""
         batch, length, _ = query_key.shape
         heads = query_key.reshape(batch, length, 2, self.num_k_heads, self.head_k_dim).permute(2, 0, 3, 1, 4)
         query, key = self.gathered_heads(heads.unbind(0)).transpose(2, 3)

@@ -63,7 +63,7 @@ class PrunedFlaGatedDeltaNet(FlaMixerMixin, GatedDeltaNet):
         if not (head_gate_takes(a, b, torch.promote_types(self.dt_bias.dtype, torch.float32)) and a.shape[1] > 1):
             return 1
         ratio = super().shared_key_ratio(a)
-        return ratio if direct_chunked(a, a.shape[0] * a.shape[2] // ratio) else 1
+        return ratio if direct_chunked(a, a.shape[0], a.shape[2], ratio) else 1
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
         """hidden [B, T, D] -> (out [B, T, D], None, cache)."""

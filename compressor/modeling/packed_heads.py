@@ -192,8 +192,9 @@ def heads_as_batch(
     """``kernel(**per_head as [B·H, T, 1, ·] or [B·H, T, 1], initial_state=…, **options)``: every head a batch entry
     with one head, for kernels that do not take the batch size as a compile-time constant (fla's gated delta rule
     and KDA steps, its chunked delta rule and the pieces of its chunked gated delta rule and KDA:
-    ``fla_chunk.chunk_delta_rule``, ``chunk_gated_delta_rule``, ``chunk_kda``). Arguments and returns as ``heads_as_sequences`` (without ``also``). The reshapes are
-    views of head-major inputs, and of any input for T = 1; others are copied into that order."""
+    ``fla_chunk.chunk_delta_rule``, ``chunk_gated_delta_rule``, ``chunk_kda``). Arguments and returns as
+    ``heads_as_sequences`` (without ``also``). The reshapes are views of head-major inputs, and of any input for
+    T = 1; others are copied into that order."""
     batch, length, heads = per_head["v"].shape[:3]
     if initial_state is not None:
         initial_state = initial_state.reshape(batch * heads, 1, *initial_state.shape[2:])
