@@ -438,7 +438,8 @@ def test_a_prefill_of_more_heads_than_a_grid_holds_takes_flas_public_function(mo
 def test_value_heads_that_share_key_heads_count_every_value_head_against_the_grid_limit(monkeypatch, limit, ratio):
     """fla's gated-delta kernels put batch x value heads in a grid dimension CUDA caps (``MAX_BATCH_ENTRIES``), also
     where value heads share key heads and an entry holds one key head: a grouped layer (3 key over 6 value heads) takes
-    fla's layout for them up to that count (a batch of 2: 12), and the packed heads of the public function beyond."""
+    fla's layout for them up to that count (a batch of 2: 12), and the packed heads of the public function beyond;
+    the chunk sums' kernel is asked for its 2 value heads per entry as channels."""
     from tiny_fla import tiny_fla_model
 
     from compressor.families import family_for
@@ -449,11 +450,12 @@ def test_value_heads_that_share_key_heads_count_every_value_head_against_the_gri
     mixer = linear_layers(model, family_for(model.config))[0]
     monkeypatch.setattr(gated_delta, "MAX_BATCH_ENTRIES", limit)
     monkeypatch.setattr(gated_delta, "gated_delta_forward", lambda: ())
-    monkeypatch.setattr(gated_delta, "channel_gate_runs", lambda x, width: True)
+    widths = []  # the channels the chunk sums take: an entry's value heads
+    monkeypatch.setattr(gated_delta, "channel_gate_runs", lambda x, width: widths.append(width) or True)
     monkeypatch.setattr(type(mixer), "convolves_heads", lambda self, projection: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with torch.no_grad():
         a = torch.zeros(2, 70, 6)
         got = mixer.shared_key_ratio(a, a)
     monkeypatch.undo()
-    assert got == ratio
+    assert got == ratio and widths == [2]
