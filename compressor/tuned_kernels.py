@@ -17,6 +17,7 @@ import functools
 import importlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from importlib import metadata
@@ -118,3 +119,27 @@ def recorded_fla_configs(folder: Path | None = None) -> Iterator[bool]:
             with _switch:
                 cache.FLA_CACHE_MODE = cache.FlaCacheMode.DISABLED
                 os.environ.pop("FLA_CONFIG_DIR", None)
+
+
+def autotuned_fla_configs() -> dict[str, dict]:
+    """The configurations fla's config-file kernels hold in this process, in fla's config-file form: kernel name ->
+    {"module": its fla module, "autotune_entries": {key hash: {"autotune_key": [...], "config": {...}}}}, one entry
+    for every autotuning key met so far (autotuned here, read from the Triton cache where fla caches its choices, or
+    taken from a config file). Empty without fla, or before any of its kernels ran."""
+    try:
+        from fla.ops.utils.cache import AutotuneKey
+    except Exception:  # fla absent, or a version without config files
+        return {}
+    kernels: dict[str, dict] = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "fla" or module is None:
+            continue
+        for value in list(vars(module).values()):
+            tuner = config_file_autotuner(value) if hasattr(value, "fn") else None
+            if tuner is None or tuner.fn.__module__ != name or not tuner.cache:
+                continue
+            entries = kernels.setdefault(tuner.kernel_name, {"module": name, "autotune_entries": {}})
+            for key, config in tuner.cache.items():
+                entries["autotune_entries"][AutotuneKey.key_hash(key)] = {
+                    "autotune_key": AutotuneKey.normalize_autotune_key(key), "config": as_recorded(config)}
+    return kernels

@@ -21,7 +21,10 @@ adds, then the kernel launches, GPU time and wall time of one decode step. Each 
 without ``auto_map`` (the source, a stock layout) must load with its stock class. The decode time ratio expected
 from the bytes each step moves is written beside, and the decode graphs each shipped model recorded and replayed so
 far; ``--eager-copy`` adds the last folder with shipped code a second time, its decode graphs off (NAME-eager).
-Figures are printed as measured and written to ``--out`` with the versions.
+Figures are printed as measured and written to ``--out`` with the versions and the launch configurations fla's
+config-file kernels held (``fla_configs``: after each folder's first calls; ``fla_configs_warm``: after the warm
+phase), since fla caches its autotuning choices in the Triton cache and a later process may run with an earlier
+one's.
 """
 
 from __future__ import annotations
@@ -197,6 +200,9 @@ def measure_cold(folder: Path, cache: Path) -> dict:
     result["cold_first_generate_b1_s"] = time.perf_counter() - start
     result["compilations_after_first_generate"] = compilations(cache)
     log(json.dumps(result))
+    from compressor.tuned_kernels import autotuned_fla_configs
+
+    result["fla_configs"] = autotuned_fla_configs()  # the choices the first calls made or read
     return result
 
 
@@ -494,6 +500,9 @@ def main() -> None:
         # died of a segmentation fault in their first prefill
         measure_side_by_side(folders, args.rounds, results.setdefault("warm", {}), save,
                              tuple(args.points.split(",")), args.eager_copy)
+        from compressor.tuned_kernels import autotuned_fla_configs
+
+        results["fla_configs_warm"] = autotuned_fla_configs()  # what the measured calls ran with
     for part in ("cold", "warm"):
         figures = results.get(part, {})
         if names[0] not in figures:

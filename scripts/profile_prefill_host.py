@@ -17,7 +17,9 @@ written to ``DIR/profile_prefill_host_FAMILY.txt`` (cProfile slows Python calls 
 unprofiled times, read the profile for where the calls go). With ``--kernels``, PyTorch's profiler then records
 one prefill of each variant on the GPU: its launches and GPU kernel time, and the kernels whose GPU time differs most
 from the source's (by name; ms per prefill), printed and written to ``DIR/profile_prefill_host_FAMILY_kernels.json``:
-whether a variant's extra time is the GPU's work or the host's.
+whether a variant's extra time is the GPU's work or the host's. That file also holds the launch configurations
+fla's config-file kernels ran with (``fla_configs``; fla caches its autotuning choices in the Triton cache, so they
+may come from an earlier process's shapes).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def main() -> None:
         parser.error(f"will not overwrite {', '.join(taken)}: move them or choose another --out-dir")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     import compressor
+    from compressor.tuned_kernels import autotuned_fla_configs
 
     compressor.register()
     runners = check_families_gpu.speed_runners(args.family, args.work)
@@ -120,6 +123,9 @@ def main() -> None:
             say(f"{variant} kernels: {figures['launches']} launches, GPU {figures['gpu_ms']:.3f} ms per prefill")
             for name, ms, source_ms in figures.get("differing_from_source", []):
                 say(f"  {ms - source_ms:+.3f} ms  {name} ({source_ms:.3f} -> {ms:.3f})")
+        report["fla_configs"] = autotuned_fla_configs()
+        say(f"fla configurations held: {sum(len(k['autotune_entries']) for k in report['fla_configs'].values())} "
+            f"keys of {len(report['fla_configs'])} kernels (in {kernels_out.name})")
         kernels_out.write_text(json.dumps(report, indent=1) + "\n")
     log.close()
     if args.no_profile:

@@ -16,43 +16,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["FLA_CACHE_MODE"] = "disabled"  # before fla is imported: every kernel autotunes (and, the variable
 # being set, compressor.tuned_kernels leaves fla alone)
-
-
-def fla_autotuners() -> Iterator[tuple[str, object]]:
-    """(module name, autotuner) of every fla kernel autotuned through fla's config files, in the fla modules this
-    process imported."""
-    from compressor.tuned_kernels import config_file_autotuner
-
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] != "fla" or module is None:
-            continue
-        for value in list(vars(module).values()):
-            tuner = config_file_autotuner(value) if hasattr(value, "fn") else None
-            if tuner is not None and tuner.fn.__module__ == name:
-                yield name, tuner
-
-
-def chosen_configs() -> dict[str, dict]:
-    """Kernel name -> the content of its fla config file: its module, and one entry (keyed by the hash of Triton's
-    autotuning key) for every key whose configuration autotuning chose in this process."""
-    from fla.ops.utils.cache import AutotuneKey
-
-    from compressor.tuned_kernels import as_recorded
-
-    kernels: dict[str, dict] = {}
-    for module, tuner in fla_autotuners():
-        if not tuner.cache:
-            continue
-        content = kernels.setdefault(tuner.kernel_name, {"module": module, "autotune_entries": {}})
-        for key, config in tuner.cache.items():
-            content["autotune_entries"][AutotuneKey.key_hash(key)] = {
-                "autotune_key": AutotuneKey.normalize_autotune_key(key), "config": as_recorded(config)}
-    return kernels
 
 
 def write(kernels: dict[str, dict], folder: Path) -> None:
@@ -97,10 +64,10 @@ def main() -> None:
     from fla.ops.utils.cache import get_gpu_info
 
     from compressor.cli import main as compress
-    from compressor.tuned_kernels import RECORDED
+    from compressor.tuned_kernels import RECORDED, autotuned_fla_configs
 
     compress.main(command, prog_name="compress", standalone_mode=False)
-    write(chosen_configs(), args.out or RECORDED / get_gpu_info())
+    write(autotuned_fla_configs(), args.out or RECORDED / get_gpu_info())
 
 
 if __name__ == "__main__":

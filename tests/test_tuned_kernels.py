@@ -215,7 +215,7 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     float32_key, bfloat16_key = [tuple(entry["autotune_key"]) for entry in list(
         json.loads((H200 / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values())[:2]]
     monkeypatch.setitem(tuner.cache, float32_key, first)
-    recorder.write(recorder.chosen_configs(), tmp_path)
+    recorder.write(tuned_kernels.autotuned_fla_configs(), tmp_path)
     content = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())
     assert content["module"] == "fla.ops.common.chunk_o" and tuned_kernels.fits_installed_fla(tmp_path)
     with recorded_fla_configs(tmp_path):
@@ -225,7 +225,7 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     del tuner.cache[float32_key]  # a second recording adds its keys and keeps the first's
     monkeypatch.setitem(tuner.cache, bfloat16_key, triton.Config(dict(second.kwargs), num_warps=second.num_warps,
                                                                  num_stages=second.num_stages))
-    recorder.write(recorder.chosen_configs(), tmp_path)
+    recorder.write(tuned_kernels.autotuned_fla_configs(), tmp_path)
     entries = json.loads((tmp_path / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"]
     assert set(entries) == {fla_cache.AutotuneKey.key_hash(key) for key in (float32_key, bfloat16_key)}
 
@@ -233,9 +233,9 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     foreign.mkdir()
     (foreign / "chunk_fwd_kernel_o.json").write_text('{"a user": "file"}')
     with pytest.raises(SystemExit, match="not a recorded configuration"):
-        recorder.write(recorder.chosen_configs(), foreign)
+        recorder.write(tuned_kernels.autotuned_fla_configs(), foreign)
     assert (foreign / "chunk_fwd_kernel_o.json").read_text() == '{"a user": "file"}'
     (foreign / "chunk_fwd_kernel_o.json").write_text("not json")
     with pytest.raises(SystemExit, match="not a recorded configuration"):
-        recorder.write(recorder.chosen_configs(), foreign)
+        recorder.write(tuned_kernels.autotuned_fla_configs(), foreign)
     assert (foreign / "chunk_fwd_kernel_o.json").read_text() == "not json"
