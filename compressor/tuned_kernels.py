@@ -4,7 +4,8 @@ cache is empty compiles one configuration for each recorded kernel instead of au
 fla reads such configurations itself (``fla.ops.utils.cache``: ``FLA_CACHE_MODE``, ``FLA_CONFIG_DIR``, one
 ``{kernel}.json`` per kernel, entries keyed by Triton's autotuning key). ``compressor/data/fla_configs/{GPU}/``
 holds the configurations autotuning chose on that GPU (fla's sanitised name of CUDA device 0, e.g.
-``NVIDIA_H200``) during a ``compress prune``, written by ``scripts/record_fla_configs.py``; each file also names
+``NVIDIA_H200``) during a ``compress prune`` (on the H200, those of the shipped prefill's batch layout are copied
+from its packed call's: docs/internals.md), written by ``scripts/record_fla_configs.py``; each file also names
 the fla version and the module of its kernel. A folder is used only under the fla version it was recorded with
 and only if every configuration in it is still one of its kernel's autotuning candidates (fla drops candidates
 that miscompile). Only kernels that fla autotunes through its config files can take one; the others autotune.

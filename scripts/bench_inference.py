@@ -22,8 +22,8 @@ without ``auto_map`` (the source, a stock layout) must load with its stock class
 from the bytes each step moves is written beside, and the decode graphs each shipped model recorded and replayed so
 far; ``--eager-copy`` adds the last folder with shipped code a second time, its decode graphs off (NAME-eager).
 Figures are printed as measured and written to ``--out`` with the versions and the launch configurations fla's
-config-file kernels held (``fla_configs``: after each folder's first calls; ``fla_configs_warm``: after the warm
-phase), since fla caches its autotuning choices in the Triton cache and a later process may run with an earlier
+config-file kernels held (``fla_configs``: after each folder's first calls; ``fla_configs_warm``, by ``--points``:
+after the warm phase): fla caches its autotuning choices in the Triton cache, so a process may run with an earlier
 one's.
 """
 
@@ -502,7 +502,8 @@ def main() -> None:
                              tuple(args.points.split(",")), args.eager_copy)
         from compressor.tuned_kernels import autotuned_fla_configs
 
-        results["fla_configs_warm"] = autotuned_fla_configs()  # what the measured calls ran with
+        results.setdefault("fla_configs_warm", {})[args.points] = autotuned_fla_configs()  # what these calls ran with
+        save()
     for part in ("cold", "warm"):
         figures = results.get(part, {})
         if names[0] not in figures:
