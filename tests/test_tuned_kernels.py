@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,16 @@ def test_the_recorder_writes_what_autotuning_chose_and_fla_reads_it_back(tmp_pat
     with pytest.raises(SystemExit, match="not a recorded configuration"):
         recorder.write(tuned_kernels.autotuned_fla_configs(), foreign)
     assert (foreign / "chunk_fwd_kernel_o.json").read_text() == "not json"
+
+
+def test_autotuned_configurations_list_what_a_kernel_holds_and_nothing_without_fla(monkeypatch):
+    tuner = fla_tuners()["chunk_fwd_kernel_o"]
+    key = tuple(recorded_entry("chunk_fwd_kernel_o")["autotune_key"])
+    monkeypatch.setitem(tuner.cache, key, tuner.configs[1])
+    held = tuned_kernels.autotuned_fla_configs()["chunk_fwd_kernel_o"]
+    assert held["module"] == "fla.ops.common.chunk_o"
+    assert held["autotune_entries"][fla_cache.AutotuneKey.key_hash(key)] == {
+        "autotune_key": list(key), "config": tuned_kernels.as_recorded(tuner.configs[1])}
+    json.dumps(held)  # written into the speed scripts' JSON as it is
+    monkeypatch.setitem(sys.modules, "fla.ops.utils.cache", None)  # fla absent: import fails
+    assert tuned_kernels.autotuned_fla_configs() == {}
